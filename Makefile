@@ -1,0 +1,38 @@
+# kubetune developer commands. `make test` and `make demo` work on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: help venv test test-fast lint crds check-crds demo bench-collector bench-trainer bench-operator clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+# torch first, pinned: the CPU wheel on disk satisfies the package's `torch>=` range, so pip
+# does not pull several GB of CUDA wheels (see shared/reference/environment.md).
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)  ## create .venv with kubetune (editable) and the dev tools
+
+test: $(STAMP)  ## run the whole test suite
+	$(BIN)/pytest
+
+lint: $(STAMP)  ## ruff on everything, mypy (strict) on the API package
+	$(BIN)/ruff check kubetune operator trainer collector tests bench
+	$(BIN)/mypy kubetune/api kubetune/cli.py kubetune/cli_util.py
+
+crds: $(STAMP)  ## regenerate crds/ (and the chart's copy) from kubetune/api/models.py
+	$(BIN)/python -m kubetune.api.crd_write
+
+demo:  ## run the demo job on the built-in local cluster
+	@echo "make demo: not available yet: the local cluster and operator are still being built (see README)." >&2
+	@exit 1
+
+clean:  ## remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

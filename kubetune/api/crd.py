@@ -1,0 +1,165 @@
+"""Generate the FineTuneJob CustomResourceDefinition from the pydantic models.
+
+`make crds` writes crds/finetunejob.yaml (and the chart's copy) with this; a test fails when the
+committed file differs from what the models generate, so the two cannot drift.
+
+Pydantic emits JSON Schema 2020-12; Kubernetes wants a *structural* OpenAPI v3.0 schema. The
+translation: inline every $ref, turn `Optional[X]` (anyOf X|null) into plain X, turn numeric
+`exclusiveMinimum` into OpenAPI 3.0's boolean form, drop `additionalProperties: false` (the API
+server prunes unknown fields; kubectl's strict validation rejects them), give nested objects with
+defaults a `default: {}` so the server fills in their fields, and fold docstrings onto one line.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import yaml
+
+from kubetune.api import models
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Where the job is in its life."},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.training.progress", "description": "Training steps done, in percent."},
+    {"name": "Step", "type": "integer", "jsonPath": ".status.training.step", "description": "Optimizer steps done."},
+    {"name": "Loss", "type": "string", "jsonPath": ".status.training.loss", "description": "Recent training loss."},
+    {"name": "ETA", "type": "integer", "jsonPath": ".status.training.etaSeconds", "description": "Estimated seconds left.", "priority": 1},
+    {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "description": "Failed trainer attempts."},
+    {"name": "Preemptions", "type": "integer", "jsonPath": ".status.preemptions", "description": "Preempted trainer attempts.", "priority": 1},
+    {"name": "Model", "type": "string", "jsonPath": ".status.modelUri", "description": "The published model.", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _translate(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, list):
+        return [_translate(item, defs) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    if "$ref" in node:
+        target = copy.deepcopy(defs[node.pop("$ref").split("/")[-1]])
+        # Field-level keys (description, default) win over the referenced model's own.
+        target.update(node)
+        node = target
+    if "anyOf" in node:
+        options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
+        if len(options) != 1:
+            raise ValueError(f"cannot express a union in a structural schema: {options}")
+        merged = dict(options[0])
+        if "$ref" in merged:
+            merged = _translate(merged, defs)
+        for key, value in node.items():
+            merged.setdefault(key, value)
+        merged.update({k: v for k, v in node.items() if k in ("description", "default")})
+        node = merged
+        if node.get("default", 0) is None:
+            del node["default"]
+    node.pop("title", None)
+    if node.get("additionalProperties") is False:
+        del node["additionalProperties"]
+    if "exclusiveMinimum" in node and not isinstance(node["exclusiveMinimum"], bool):
+        node["minimum"] = node.pop("exclusiveMinimum")
+        node["exclusiveMinimum"] = True
+    if "exclusiveMaximum" in node and not isinstance(node["exclusiveMaximum"], bool):
+        node["maximum"] = node.pop("exclusiveMaximum")
+        node["exclusiveMaximum"] = True
+    if "description" in node:
+        node["description"] = _one_line(node["description"])
+    if node.get("type") == "object" and "properties" not in node and "additionalProperties" not in node:
+        node["x-kubernetes-preserve-unknown-fields"] = True
+    for key in ("properties",):
+        if key in node:
+            node[key] = {name: _translate(child, defs) for name, child in node[key].items()}
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            node[key] = _translate(node[key], defs)
+    if "enum" in node and "type" not in node:
+        node["type"] = "string"
+    return node
+
+
+def _add_object_defaults(schema: dict[str, Any], model: type[models.ApiModel]) -> None:
+    """Sub-objects that the model fills in by default_factory get `default: {}` so the API server
+    applies their fields' defaults too (Kubernetes only defaults inside objects that exist)."""
+    for name, field in model.model_fields.items():
+        alias = field.alias or name
+        prop = schema["properties"][alias]
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, models.ApiModel):
+            if field.default_factory is not None:
+                prop["default"] = {}
+            _add_object_defaults(prop, annotation)
+        elif field.default_factory is list:
+            prop["default"] = []
+        elif field.default_factory is dict:
+            prop["default"] = {}
+
+
+def openapi_schema(model: type[models.ApiModel]) -> dict[str, Any]:
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    defs = raw.pop("$defs", {})
+    schema: dict[str, Any] = _translate(raw, defs)
+    _add_object_defaults(schema, model)
+    return schema
+
+
+def finetunejob_crd() -> dict[str, Any]:
+    spec_schema = openapi_schema(models.FineTuneJobSpec)
+    status_schema = openapi_schema(models.FineTuneJobStatus)
+    status_schema.pop("default", None)
+    root = {
+        "type": "object",
+        "description": _one_line(models.FineTuneJob.__doc__ or ""),
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string", "description": "APIVersion defines the versioned schema of this representation of an object."},
+            "kind": {"type": "string", "description": "Kind is a string value representing the REST resource this object represents."},
+            "metadata": {"type": "object"},
+            "spec": spec_schema,
+            "status": status_schema,
+        },
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{models.PLURAL}.{models.GROUP}",
+            "labels": {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/part-of": "kubetune"},
+        },
+        "spec": {
+            "group": models.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": models.KIND,
+                "listKind": f"{models.KIND}List",
+                "plural": models.PLURAL,
+                "singular": models.SINGULAR,
+                "shortNames": models.SHORT_NAMES,
+                "categories": models.CATEGORIES,
+            },
+            "versions": [
+                {
+                    "name": models.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {"openAPIV3Schema": root},
+                }
+            ],
+        },
+    }
+
+
+HEADER = "# Generated from kubetune/api/models.py by `make crds`. Do not edit by hand.\n"
+
+
+def render_crd_yaml() -> str:
+    return HEADER + yaml.safe_dump(finetunejob_crd(), sort_keys=False, width=100)

@@ -1,0 +1,105 @@
+"""Reading FineTuneJobs from YAML or dicts, with one-line errors that name the field."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from kubetune.api.models import FineTuneJob, FineTuneJobSpec
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message is one line and names the field."""
+
+
+class _KubeYamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads floats as Kubernetes (go-yaml) does: `1e-5` is a number, not the
+    string PyYAML's YAML 1.1 resolver makes of it."""
+
+
+_FLOAT = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")
+_KubeYamlLoader.yaml_implicit_resolvers = {
+    key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_KubeYamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+# Integers stay integers: the int resolver is tried first because it was registered first.
+
+
+def load_yaml_documents(text: str) -> list[Any]:
+    return [doc for doc in yaml.load_all(text, Loader=_KubeYamlLoader) if doc is not None]
+
+
+def format_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """The first problem as `field.path: what is wrong (what is allowed)`, on one line."""
+    first = error.errors(include_url=False)[0]
+    path = ".".join(str(part) for part in first["loc"] if not str(part).startswith("function-after"))
+    path = ".".join(p for p in [prefix, path] if p)
+    message = first["msg"]
+    ctx = first.get("ctx") or {}
+    if first["type"] == "literal_error" and "expected" in ctx:
+        message = f"must be one of {ctx['expected']}"
+    elif first["type"] == "extra_forbidden":
+        message = "unknown field"
+    elif first["type"] == "missing":
+        message = "required"
+    elif message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    got = first.get("input")
+    if first["type"] not in ("missing", "extra_forbidden") and not isinstance(got, (dict, list)):
+        message += f" (got {got!r})"
+    extra = len(error.errors()) - 1
+    if extra:
+        message += f"; and {extra} more problem{'s' if extra > 1 else ''}"
+    return f"{path}: {message}" if path else message
+
+
+def parse_finetunejob(obj: Any) -> FineTuneJob:
+    """Validate a FineTuneJob object (a dict as read from YAML or the API server)."""
+    if not isinstance(obj, dict):
+        raise SpecError(f"a FineTuneJob must be a mapping, got {type(obj).__name__}")
+    if obj.get("kind", "FineTuneJob") != "FineTuneJob":
+        raise SpecError(f"kind: must be FineTuneJob (got {obj.get('kind')!r})")
+    try:
+        return FineTuneJob.model_validate(obj)
+    except ValidationError as error:
+        raise SpecError(format_validation_error(error)) from None
+
+
+def parse_spec(spec: Any) -> FineTuneJobSpec:
+    """Validate just a FineTuneJob's spec, reporting paths as `spec.…`."""
+    try:
+        return FineTuneJobSpec.model_validate(spec)
+    except ValidationError as error:
+        raise SpecError(format_validation_error(error, prefix="spec")) from None
+
+
+def load_finetunejob(path: str | Path) -> FineTuneJob:
+    """Read one FineTuneJob from a YAML file (the first FineTuneJob document in it)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise SpecError(f"{path}: cannot read: {error.strerror}") from None
+    try:
+        documents = load_yaml_documents(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise SpecError(f"{path}:{where} is not valid YAML: {getattr(error, 'problem', error)}") from None
+    jobs = [d for d in documents if isinstance(d, dict) and d.get("kind") == "FineTuneJob"]
+    if not jobs:
+        raise SpecError(f"{path}: no FineTuneJob in this file")
+    try:
+        return parse_finetunejob(jobs[0])
+    except SpecError as error:
+        raise SpecError(f"{path}: {error}") from None
+
+
+def dump_spec(spec: FineTuneJobSpec) -> dict[str, Any]:
+    """The spec as the API would hold it: camelCase, defaults filled in."""
+    return spec.model_dump(by_alias=True, mode="json", exclude_none=True)

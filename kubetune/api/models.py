@@ -1,0 +1,545 @@
+"""The FineTuneJob v1alpha1 API as Python models: the one source of truth.
+
+The operator and every CLI parse, default and validate a spec with these models, and
+`kubetune.api.crd` generates `crds/finetunejob.yaml` from them. A field's docstring is its
+description in the CRD (and so in `kubectl explain`). Validation that JSON schema cannot say
+is written twice on purpose, once as a CEL rule for the API server (`x-kubernetes-validations`)
+and once as a pydantic validator for local runs; tests/test_api_crd.py checks that they agree.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+GROUP = "kubetune.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ["ftj"]
+CATEGORIES = ["kubetune", "all"]
+
+DATASET_SOURCES = ("unsplash", "google", "openverse", "wikimedia", "urls", "huggingface", "imagefolder")
+PHASES = ("Pending", "Collecting", "Training", "Suspended", "Succeeded", "Failed")
+
+NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
+S3Uri = Annotated[str, StringConstraints(pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$")]
+
+
+class ApiModel(BaseModel):
+    """Common settings: camelCase on the wire, no coercion, no unknown fields.
+
+    `strict` makes YAML's `no` (a boolean) an error for a string field instead of "False", and
+    `extra="forbid"` matches kubectl's strict field validation of unknown fields.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        alias_generator=to_camel,
+        populate_by_name=True,
+        use_attribute_docstrings=True,
+        validate_default=False,
+    )
+
+
+def validations(*rules: tuple[str, str]) -> dict[str, Any]:
+    """Pydantic json_schema_extra carrying CEL rules as (rule, message) pairs into the CRD."""
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message} for rule, message in rules]}
+
+
+# ---------------------------------------------------------------------------------------------
+# spec.dataset
+
+
+class SecretKeyRef(ApiModel):
+    """A key of a Secret in the FineTuneJob's namespace. Its value is passed to pods as a
+    secretKeyRef and never copied into the spec, status, logs or events."""
+
+    name: NonEmptyStr
+    """Name of the Secret."""
+    key: NonEmptyStr
+    """Key within the Secret whose value is used."""
+
+
+class PromptSearch(ApiModel):
+    """Common fields of the image-search sources."""
+
+    prompts: list[NonEmptyStr] = Field(min_length=1)
+    """Search queries. Each image found for a prompt is captioned with that prompt."""
+    images_per_prompt: int = Field(default=20, ge=1)
+    """How many images to keep for each prompt (after filtering and deduplication)."""
+
+
+class UnsplashSource(PromptSearch):
+    """Photos from the Unsplash Search API (`GET /search/photos`). Unsplash's guidelines
+    discourage using photos to train AI models: you must hold the right to do so."""
+
+    size: Literal["raw", "full", "regular", "small", "thumb"] = "regular"
+    """Which Unsplash size variant to download; `raw` is resized by Unsplash to the dataset
+    resolution, so no bandwidth is wasted."""
+    access_key_secret_ref: SecretKeyRef
+    """Secret key holding the Unsplash API access key (`Authorization: Client-ID`)."""
+
+
+class GoogleSource(PromptSearch):
+    """Images from the Google Custom Search JSON API (`searchType=image`; at most 100 results
+    per query)."""
+
+    images_per_prompt: int = Field(default=20, ge=1, le=100)
+    """How many images to keep for each prompt; the API returns at most 100 per query."""
+    api_key_secret_ref: SecretKeyRef
+    """Secret key holding the Custom Search API key."""
+    search_engine_id_secret_ref: SecretKeyRef
+    """Secret key holding the Programmable Search Engine id (`cx`)."""
+    safe_search: bool = True
+    """Ask Google to filter explicit results (`safe=active`)."""
+
+
+class OpenverseSource(PromptSearch):
+    """Openly licensed images from the Openverse search API."""
+
+    license_type: Literal["all", "all-cc", "commercial", "modification"] = "all"
+    """Openverse `license_type` filter: `commercial` allows commercial use, `modification`
+    allows derivatives."""
+    licenses: list[NonEmptyStr] = Field(default_factory=list)
+    """Openverse `license` filter, e.g. `by`, `by-sa`, `cc0`, `pdm`. Empty means any."""
+    client_id_secret_ref: SecretKeyRef | None = None
+    """Secret key holding an Openverse OAuth client id (raises the anonymous rate limit)."""
+    client_secret_secret_ref: SecretKeyRef | None = None
+    """Secret key holding the matching Openverse OAuth client secret."""
+
+
+class WikimediaSource(PromptSearch):
+    """Files from Wikimedia Commons through the MediaWiki API, with license and author."""
+
+    contact: str = ""
+    """Contact (e-mail or URL) added to the User-Agent, as Wikimedia's policy asks."""
+
+
+class UrlsSource(ApiModel):
+    """A list of image URLs with captions: JSON Lines, CSV or Parquet."""
+
+    uri: NonEmptyStr
+    """Where the list is: `s3://bucket/key`, `https://...` or a local path (for `kubetune run`)."""
+    format: Literal["auto", "jsonl", "csv", "parquet"] = "auto"
+    """File format; `auto` decides by the file extension."""
+    url_column: NonEmptyStr = "url"
+    """Column (or JSON key) holding the image URL."""
+    caption_column: NonEmptyStr = "caption"
+    """Column (or JSON key) holding the caption."""
+
+
+class HuggingFaceSource(ApiModel):
+    """A dataset on the Hugging Face Hub, read by streaming so a subset is not downloaded whole."""
+
+    name: NonEmptyStr
+    """Dataset repository id, e.g. `lambdalabs/naruto-blip-captions`."""
+    split: NonEmptyStr = "train"
+    """Split to read."""
+    revision: str = ""
+    """Git revision of the dataset repository; empty means the default branch."""
+    image_column: NonEmptyStr = "image"
+    """Column holding the image."""
+    caption_column: NonEmptyStr = "text"
+    """Column holding the caption."""
+    max_samples: int | None = Field(default=None, ge=1)
+    """Take at most this many rows."""
+    token_secret_ref: SecretKeyRef | None = None
+    """Secret key holding a Hugging Face token, for gated or private datasets."""
+
+
+class ImageFolderSource(ApiModel):
+    """An imagefolder that already exists (`metadata.jsonl` with `file_name` and `text`). It is
+    used as it is: no collector runs."""
+
+    uri: NonEmptyStr
+    """Folder holding `metadata.jsonl` (or `train/metadata.jsonl`), e.g. `s3://bucket/datasets/mine/`."""
+
+
+class Dataset(ApiModel):
+    """Where the training images and captions come from. Set exactly one source."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            (
+                "[" + ", ".join(f"has(self.{s})" for s in DATASET_SOURCES) + "].exists_one(x, x)",
+                "exactly one dataset source must be set: " + ", ".join(DATASET_SOURCES),
+            ),
+        )
+    )
+
+    unsplash: UnsplashSource | None = None
+    """Search Unsplash for each prompt."""
+    google: GoogleSource | None = None
+    """Search Google Images (Custom Search JSON API) for each prompt."""
+    openverse: OpenverseSource | None = None
+    """Search Openverse for each prompt."""
+    wikimedia: WikimediaSource | None = None
+    """Search Wikimedia Commons for each prompt."""
+    urls: UrlsSource | None = None
+    """Download a list of URLs with captions."""
+    huggingface: HuggingFaceSource | None = None
+    """Read a Hugging Face dataset."""
+    imagefolder: ImageFolderSource | None = None
+    """Use an existing imagefolder; nothing is collected."""
+    resolution: int = Field(default=512, ge=64, le=8192)
+    """Stored images are resized so their shorter side is this many pixels (aspect kept, never
+    upscaled)."""
+    min_size: int = Field(default=256, ge=1)
+    """Images whose shorter side is below this many pixels are skipped."""
+    dedupe: bool = True
+    """Drop exact duplicates (same decoded content)."""
+    near_dedupe: bool = False
+    """Also drop near-duplicates (same perceptual hash)."""
+    allow_private_network: bool = False
+    """Allow downloads from loopback, private and link-local addresses (off: protects cloud
+    metadata endpoints and in-cluster services)."""
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> Dataset:
+        if sum(getattr(self, s) is not None for s in DATASET_SOURCES) != 1:
+            raise ValueError("exactly one dataset source must be set: " + ", ".join(DATASET_SOURCES))
+        return self
+
+    @property
+    def source_name(self) -> str:
+        return next(s for s in DATASET_SOURCES if getattr(self, s) is not None)
+
+    @property
+    def source(self) -> ApiModel:
+        return getattr(self, self.source_name)  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------------------------------------
+# spec.model, spec.training
+
+
+class BaseModelSpec(ApiModel):
+    """The diffusers Stable Diffusion pipeline to start from."""
+
+    base: NonEmptyStr
+    """Hugging Face Hub id (e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`) or an `s3://`
+    folder holding a diffusers pipeline."""
+    revision: NonEmptyStr = "main"
+    """Hub revision (branch, tag or commit)."""
+    variant: str = ""
+    """Weights variant to load, e.g. `fp16`; empty loads the default weights."""
+    token_secret_ref: SecretKeyRef | None = None
+    """Secret key holding a Hugging Face token, for gated or private models."""
+
+
+class Training(ApiModel):
+    """Training settings: the flags of diffusers' train_text_to_image.py, flag for flag."""
+
+    method: Literal["full", "lora"] = "full"
+    """`full` fine-tunes the whole UNet; `lora` trains low-rank adapters (much less memory)."""
+    lora_rank: int = Field(default=4, ge=1)
+    """LoRA rank (method lora)."""
+    resolution: int = Field(default=512, ge=8, multiple_of=8)
+    """Training resolution in pixels; a multiple of 8."""
+    center_crop: bool = True
+    """Crop the center instead of a random crop."""
+    random_flip: bool = True
+    """Flip images horizontally at random."""
+    batch_size: int = Field(default=1, ge=1)
+    """Images per process per step (`--train_batch_size`)."""
+    gradient_accumulation_steps: int = Field(default=4, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: less memory, about 20% slower."""
+    mixed_precision: Literal["fp32", "fp16", "bf16"] = "bf16"
+    """Autocast precision; weights stay fp32. `fp32` is the original script's `no`."""
+    max_train_steps: int = Field(default=100, ge=1)
+    """Optimizer steps to train."""
+    learning_rate: float = Field(default=1e-5, gt=0)
+    """Peak learning rate."""
+    scale_lr: bool = False
+    """Multiply the learning rate by processes x batch size x accumulation steps."""
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    """Learning-rate schedule."""
+    lr_warmup_steps: int = Field(default=0, ge=0)
+    """Steps of linear warm-up."""
+    max_grad_norm: float = Field(default=1.0, ge=0)
+    """Gradient clipping norm; 0 disables clipping."""
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    """AdamW beta1."""
+    adam_beta2: float = Field(default=0.999, ge=0, lt=1)
+    """AdamW beta2."""
+    adam_weight_decay: float = Field(default=1e-2, ge=0)
+    """AdamW weight decay."""
+    adam_epsilon: float = Field(default=1e-8, gt=0)
+    """AdamW epsilon."""
+    use_ema: bool = True
+    """Keep an exponential moving average of the trained weights and publish it."""
+    allow_tf32: bool = True
+    """Allow TF32 matmuls and convolutions on Ampere and newer GPUs."""
+    compile: bool = False
+    """Compile the UNet with torch.compile (slower start, faster steps)."""
+    seed: int | None = Field(default=None, ge=0)
+    """Random seed; unset picks one and records it in the checkpoint."""
+    snr_gamma: float | None = Field(default=None, gt=0)
+    """Min-SNR loss weighting gamma (5.0 is the paper's choice); unset uses plain MSE."""
+    noise_offset: float = Field(default=0.0, ge=0)
+    """Noise offset (0.05-0.1 helps very dark or bright images)."""
+    prediction_type: Literal["", "epsilon", "v_prediction"] = ""
+    """Training target; empty keeps the scheduler's own."""
+    max_train_samples: int | None = Field(default=None, ge=1)
+    """Use at most this many images of the dataset."""
+    dataloader_num_workers: int = Field(default=2, ge=0)
+    """Data loading worker processes per training process."""
+    checkpoint_every_steps: int = Field(default=50, ge=1)
+    """Save a resumable checkpoint to storage every this many steps."""
+    checkpoints_to_keep: int = Field(default=2, ge=1)
+    """Keep this many most recent complete checkpoints."""
+    validation_prompts: list[NonEmptyStr] = Field(default_factory=list)
+    """Prompts rendered to sample images at every checkpoint and at the end."""
+    validation_every_steps: int | None = Field(default=None, ge=1)
+    """Render validation samples every this many steps; unset means at every checkpoint."""
+
+
+# ---------------------------------------------------------------------------------------------
+# spec.trainer, spec.collector, spec.storage, spec.runPolicy
+
+FreeForm = dict[str, Any]
+
+
+class PodSettings(ApiModel):
+    """Scheduling and resources of a component's pods."""
+
+    image: str = ""
+    """Container image; empty uses the operator's default for this component."""
+    resources: FreeForm = Field(default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    """Container resources (requests and limits), as in a Pod spec."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels the pods must match."""
+    tolerations: list[FreeForm] = Field(default_factory=list)
+    """Pod tolerations, as in a Pod spec."""
+    affinity: FreeForm = Field(default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    """Pod affinity, as in a Pod spec."""
+    priority_class_name: str = ""
+    """PriorityClass of the pods."""
+    service_account_name: str = ""
+    """ServiceAccount the pods run as (e.g. for IAM roles to reach S3)."""
+
+
+class Trainer(PodSettings):
+    """The distributed training pods: one pod per node, one process per GPU."""
+
+    nodes: int = Field(default=1, ge=1)
+    """Number of trainer pods (machines)."""
+    gpus_per_node: int = Field(default=1, ge=0)
+    """GPUs per pod (`nvidia.com/gpu`); 0 trains on CPU with one process per pod."""
+    shm_size: str = "8Gi"
+    """Size of the memory-backed /dev/shm (dataloader workers and NCCL need it)."""
+    port: int = Field(default=29500, ge=1024, le=65535)
+    """Rendezvous port of the rank-0 pod."""
+
+
+class Collector(PodSettings):
+    """The dataset collector pods."""
+
+    shards: int = Field(default=1, ge=1, le=256)
+    """Pods the collection is split across (an Indexed Job)."""
+    workers: int = Field(default=16, ge=1, le=256)
+    """Concurrent downloads per pod."""
+    timeout_seconds: float = Field(default=30.0, gt=0)
+    """Per-request timeout."""
+
+
+class CredentialsSecretRef(ApiModel):
+    """A Secret with the keys `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`."""
+
+    name: NonEmptyStr
+    """Name of the Secret."""
+
+
+class Storage(ApiModel):
+    """Where the job keeps everything it makes."""
+
+    uri: S3Uri = Field(json_schema_extra=validations(("self == oldSelf", "storage.uri is immutable")))
+    """`s3://bucket/prefix/`. The dataset, cache, checkpoints, samples, progress and the final
+    model live under it; deleting the FineTuneJob leaves them in place."""
+    endpoint: str = ""
+    """S3 endpoint URL for S3-compatible stores (MinIO, Ceph); empty uses AWS."""
+    region: str = ""
+    """S3 region; empty uses the SDK's default."""
+    credentials_secret_ref: CredentialsSecretRef | None = None
+    """Secret with S3 credentials; unset uses the pods' own identity (IRSA, instance role)."""
+
+
+class RunPolicy(ApiModel):
+    """How failures and time limits are handled."""
+
+    backoff_limit: int = Field(default=3, ge=0)
+    """Failed attempts allowed before the job fails. Preemptions are counted apart and do not
+    use this budget."""
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    """Fail the job when it has run this long."""
+    queue_name: str = ""
+    """Kueue LocalQueue; when set, child Jobs are created suspended for Kueue to admit."""
+
+
+class FineTuneJobSpec(ApiModel):
+    """What to collect, what to train, and where to keep it."""
+
+    suspend: bool = False
+    """Suspend the job: running pods stop, training later continues from its checkpoint."""
+    dataset: Dataset
+    """Training data source and image processing."""
+    model: BaseModelSpec
+    """The pipeline to fine-tune."""
+    training: Training = Field(default_factory=Training)
+    """Training hyperparameters."""
+    trainer: Trainer = Field(default_factory=Trainer)
+    """Training pods."""
+    collector: Collector = Field(default_factory=Collector)
+    """Collector pods."""
+    storage: Storage
+    """Where the job's artifacts are stored."""
+    run_policy: RunPolicy = Field(default_factory=RunPolicy)
+    """Retries, deadlines and queueing."""
+
+
+# ---------------------------------------------------------------------------------------------
+# status
+
+
+class Condition(ApiModel):
+    """A condition, as Kubernetes API conventions define it."""
+
+    type: NonEmptyStr
+    """Condition type, e.g. Ready, Succeeded, DatasetReady, Training."""
+    status: Literal["True", "False", "Unknown"]
+    """True, False or Unknown."""
+    reason: str = ""
+    """CamelCase reason for the last transition."""
+    message: str = ""
+    """Human-readable details."""
+    last_transition_time: datetime | None = None
+    """When the status last changed."""
+    observed_generation: int | None = None
+    """The spec generation this condition was set for."""
+
+
+class DatasetStatus(ApiModel):
+    """What the collector produced."""
+
+    uri: str = ""
+    """Where the dataset is."""
+    requested: int = 0
+    """Images asked for."""
+    kept: int = 0
+    """Images kept."""
+    skipped: dict[str, int] = Field(default_factory=dict)
+    """Skipped images by reason."""
+
+
+class TrainingStatus(ApiModel):
+    """Live training progress, from the trainer's progress.json."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    max_steps: int = 0
+    """Optimizer steps to do."""
+    progress: str = ""
+    """Percent done, e.g. `45%`."""
+    epoch: int = 0
+    """Current epoch."""
+    loss: str = ""
+    """Recent training loss (a string so that kubectl prints it as is)."""
+    images_per_second: str = ""
+    """Recent throughput over all processes."""
+    eta_seconds: int | None = None
+    """Estimated seconds left."""
+    latest_checkpoint: str = ""
+    """URI of the newest complete checkpoint."""
+    updated_at: datetime | None = None
+    """When this progress was last read."""
+
+
+class Attempt(ApiModel):
+    """One run of the trainer pods."""
+
+    index: int
+    """Attempt number, from 0."""
+    reason: str = ""
+    """Why it ended: Succeeded, Failed, Preempted, Suspended, or empty while running."""
+    start_step: int = 0
+    """Step it resumed from."""
+    end_step: int | None = None
+    """Step it reached."""
+    start_time: datetime | None = None
+    """When it started."""
+    end_time: datetime | None = None
+    """When it ended."""
+
+
+class FineTuneJobStatus(ApiModel):
+    """Observed state, written by the operator."""
+
+    phase: Literal["Pending", "Collecting", "Training", "Suspended", "Succeeded", "Failed"] = "Pending"
+    """Where the job is in its life."""
+    message: str = ""
+    """What is happening, or why it failed."""
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    """Conditions, keyed by type."""
+    observed_generation: int | None = None
+    """The spec generation last acted on."""
+    dataset: DatasetStatus | None = None
+    """Collected dataset."""
+    training: TrainingStatus | None = None
+    """Training progress."""
+    restarts: int = 0
+    """Failed trainer attempts (these use the backoff budget)."""
+    preemptions: int = 0
+    """Preempted trainer attempts (these do not)."""
+    attempts: list[Attempt] = Field(default_factory=list)
+    """Trainer attempts, oldest first."""
+    model_uri: str = ""
+    """The published diffusers model."""
+    samples_uri: str = ""
+    """Validation sample images."""
+    checkpoints_uri: str = ""
+    """Resumable checkpoints."""
+    start_time: datetime | None = None
+    """When the job started."""
+    completion_time: datetime | None = None
+    """When the job finished."""
+
+
+class ObjectMeta(BaseModel):
+    """The part of metadata kubetune reads; the rest is kept as it is."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = ""
+    namespace: str = ""
+    generation: int | None = None
+    uid: str = ""
+
+
+class FineTuneJob(ApiModel):
+    """A FineTuneJob: collect a captioned image dataset and fine-tune a Stable Diffusion model."""
+
+    api_version: Literal["kubetune.dev/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["FineTuneJob"] = KIND
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None
