@@ -1,0 +1,51 @@
+"""Local folders and S3 (moto's real HTTP server) behave the same through kubetune.storage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kubetune.storage import Store, join
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    if request.param == "local":
+        return Store(str(tmp_path / "root"))
+    bucket = request.getfixturevalue("s3_bucket")
+    return Store(f"s3://{bucket}/some/prefix/")
+
+
+def test_write_read_list_delete_roundtrip(store: Store, tmp_path: Path) -> None:
+    store.write_json("a/manifest.json", {"step": 3})
+    store.write_bytes("a/b/data.bin", b"\x00\x01")
+    store.write_bytes("ab.txt", b"sibling, not inside a/")
+    assert store.read_json("a/manifest.json") == {"step": 3}
+    assert list(store.list("a")) == ["a/b/data.bin", "a/manifest.json"]
+    assert sorted(store.list()) == ["a/b/data.bin", "a/manifest.json", "ab.txt"]
+    assert store.exists("a/b/data.bin") and not store.exists("a/missing")
+    store.download_tree("a", tmp_path / "copy")
+    assert (tmp_path / "copy" / "b" / "data.bin").read_bytes() == b"\x00\x01"
+    store.delete_prefix("a")
+    assert list(store.list()) == ["ab.txt"]
+
+
+def test_missing_key_is_file_not_found_naming_the_uri(store: Store) -> None:
+    with pytest.raises(FileNotFoundError, match="nothing-here.json"):
+        store.read_json("nothing-here.json")
+
+
+def test_upload_tree_and_child(store: Store, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "x.txt").write_text("x")
+    (src / "y.txt").write_text("y")
+    store.child("ckpt").upload_tree(src)
+    assert sorted(store.list("ckpt")) == ["ckpt/sub/x.txt", "ckpt/y.txt"]
+    assert store.child("ckpt").read_bytes("sub/x.txt") == b"x"
+
+
+def test_join() -> None:
+    assert join("s3://b/p/", "x/", "/y.json") == "s3://b/p/x/y.json"
+    assert join("/tmp/a", "") == "/tmp/a"
