@@ -100,6 +100,37 @@ def load_finetunejob(path: str | Path) -> FineTuneJob:
         raise SpecError(f"{path}: {error}") from None
 
 
+def read_spec_arg(value: str) -> FineTuneJobSpec:
+    """The `--spec` flag of `kubetune collect|train|run`: a YAML/JSON file holding a FineTuneJob
+    (or just its spec), `-` for standard input, or `env:NAME` for an environment variable, which
+    is how the operator hands the spec to its pods."""
+    import os
+    import sys
+
+    if value.startswith("env:"):
+        name = value[4:]
+        if name not in os.environ:
+            raise SpecError(f"--spec {value}: environment variable {name} is not set")
+        text, where = os.environ[name], f"${name}"
+    elif value == "-":
+        text, where = sys.stdin.read(), "stdin"
+    else:
+        try:
+            text, where = Path(value).read_text(), value
+        except OSError as error:
+            raise SpecError(f"--spec {value}: cannot read: {error.strerror}") from None
+    try:
+        documents = load_yaml_documents(text)
+    except yaml.YAMLError as error:
+        raise SpecError(f"--spec {where}: not valid YAML or JSON: {getattr(error, 'problem', error)}") from None
+    for document in documents:
+        if isinstance(document, dict) and document.get("kind") == "FineTuneJob":
+            return parse_finetunejob(document).spec
+    if len(documents) == 1 and isinstance(documents[0], dict):
+        return parse_spec(documents[0])
+    raise SpecError(f"--spec {where}: no FineTuneJob or spec found")
+
+
 def dump_spec(spec: FineTuneJobSpec) -> dict[str, Any]:
     """The spec as the API would hold it: camelCase, defaults filled in."""
     return spec.model_dump(by_alias=True, mode="json", exclude_none=True)

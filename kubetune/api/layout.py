@@ -1,0 +1,72 @@
+"""Contracts between the operator, the collector and the trainer, in one place.
+
+They meet only through the Kubernetes API and storage, so what they agree on is: where each artifact
+lives under `spec.storage.uri`, what the files in it hold, how the spec reaches a pod, and what an
+exit code means.
+
+Storage layout (the trainer's `--output_dir` is the storage URI itself, as in diffusers' script):
+
+    <storage>/
+      model_index.json, unet/, vae/, ...   the published diffusers pipeline (LoRA: the adapter)
+      progress.json                        live training progress (PROGRESS_FIELDS), rewritten often
+      dataset/manifest.json                written last by the collector: the dataset is complete
+      dataset/train/metadata.jsonl         imagefolder: file_name, text, source, url, license, author
+      dataset/train/*.jpg
+      dataset/README.md                    dataset card
+      cache/<key>/                         latent and text-embedding cache of the trainer
+      checkpoints/step-NNNNNNNN/manifest.json   written last: the checkpoint is complete
+      samples/step-NNNNNNNN/*.png, grid.png
+      logs/                                TensorBoard
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from kubetune.api.models import Dataset
+
+DATASET_DIR = "dataset"
+DATASET_MANIFEST = "dataset/manifest.json"
+CACHE_DIR = "cache"
+CHECKPOINTS_DIR = "checkpoints"
+SAMPLES_DIR = "samples"
+LOGS_DIR = "logs"
+PROGRESS_FILE = "progress.json"
+MANIFEST_FILE = "manifest.json"
+
+# progress.json keys (camelCase, like the API). `state` is one of PROGRESS_STATES.
+PROGRESS_FIELDS = (
+    "state", "step", "maxSteps", "epoch", "loss", "learningRate", "imagesPerSecond",
+    "etaSeconds", "latestCheckpoint", "updatedAt",
+)
+PROGRESS_STATES = ("loading", "caching", "training", "checkpointing", "publishing", "preempted", "succeeded", "failed")
+
+# The spec reaches pods in this environment variable as JSON (no secret values: only refs).
+SPEC_ENV = "KUBETUNE_SPEC"
+
+# Exit codes of `kubetune collect` and `kubetune train`.
+EXIT_OK = 0
+EXIT_FAILED = 1          # something went wrong that a retry may fix
+EXIT_INVALID = 2         # bad input (flags, spec, data, missing model): retrying cannot help
+EXIT_PREEMPTED = 75      # EX_TEMPFAIL: stopped by SIGTERM after saving a checkpoint; resume later
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """A short hash of the settings that decide a collected dataset's content.
+
+    The collector writes it into dataset/manifest.json as `fingerprint`; the operator skips
+    collection when a complete dataset with the same fingerprint is already there.
+    """
+    settings: dict[str, Any] = dataset.model_dump(by_alias=True, mode="json", exclude_none=True)
+    source = settings[dataset.source_name]
+    for key in list(source):
+        if key.endswith("SecretRef"):  # which Secret holds a key does not change the images
+            del source[key]
+    canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
