@@ -1,6 +1,13 @@
 """The FineTuneJob API: models (the source of truth), loading, CRD generation, shared contracts."""
 
-from kubetune.api.load import SpecError, dump_spec, load_finetunejob, parse_finetunejob, parse_spec, read_spec_arg
+from kubetune.api.load import (
+    SpecError,
+    dump_spec,
+    load_finetunejob,
+    parse_finetunejob,
+    parse_spec,
+    read_spec_arg,
+)
 from kubetune.api.models import (
     API_VERSION,
     GROUP,
