@@ -163,3 +163,63 @@ HEADER = "# Generated from kubetune/api/models.py by `make crds`. Do not edit by
 
 def render_crd_yaml() -> str:
     return HEADER + yaml.safe_dump(finetunejob_crd(), sort_keys=False, width=100)
+
+
+def _type_of(node: dict[str, Any]) -> str:
+    kind = node.get("type", "object")
+    if kind == "array":
+        return f"[]{_type_of(node.get('items', {}))}"
+    if kind == "object" and isinstance(node.get("additionalProperties"), dict):
+        return f"map[string]{_type_of(node['additionalProperties'])}"
+    return str(kind)
+
+
+def _constraints(node: dict[str, Any]) -> str:
+    parts = []
+    if "enum" in node:
+        parts.append("one of " + ", ".join(f"`{v}`" if v != "" else '`""`' for v in node["enum"]))
+    if "minimum" in node:
+        parts.append(f"{'>' if node.get('exclusiveMinimum') else '>='} {node['minimum']}")
+    if "maximum" in node:
+        parts.append(f"{'<' if node.get('exclusiveMaximum') else '<='} {node['maximum']}")
+    if "multipleOf" in node:
+        parts.append(f"multiple of {node['multipleOf']}")
+    if "minItems" in node:
+        parts.append(f"at least {node['minItems']} item(s)")
+    if "pattern" in node:
+        parts.append(f"matches `{node['pattern']}`")
+    for rule in node.get("x-kubernetes-validations", []):
+        parts.append(rule["message"])
+    return "; ".join(parts)
+
+
+def render_reference_markdown() -> str:
+    """docs/spec-reference.md: every spec field with type, default, constraints and description,
+    generated from the same CRD schema the API server enforces."""
+    root = finetunejob_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    lines = [
+        "# FineTuneJob spec reference",
+        "",
+        "<!-- Generated from kubetune/api/models.py by `make crds`. Do not edit by hand. -->",
+        "",
+        f"`apiVersion: {models.API_VERSION}`, `kind: {models.KIND}` (short name `ftj`). "
+        "Required fields are marked **required**; `kubectl explain ftj.spec.<field>` shows the same text.",
+        "",
+    ]
+    sections: list[tuple[str, dict[str, Any]]] = [("spec", root["properties"]["spec"]), ("status", root["properties"]["status"])]
+    while sections:
+        path, node = sections.pop(0)
+        lines += [f"## `{path}`", "", _one_line(node.get("description", "")), "", "| field | type | default | constraints | description |", "|---|---|---|---|---|"]
+        required = set(node.get("required", []))
+        nested = []
+        for name, child in node.get("properties", {}).items():
+            default = child.get("default")
+            shown = "" if default is None else f"`{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}`"
+            flag = " **required**" if name in required else ""
+            lines.append(f"| `{name}`{flag} | {_type_of(child)} | {shown} | {_constraints(child)} | {child.get('description', '')} |")
+            target = child.get("items") if child.get("type") == "array" else child
+            if isinstance(target, dict) and target.get("properties"):
+                nested.append((f"{path}.{name}" + ("[]" if child.get("type") == "array" else ""), target))
+        lines.append("")
+        sections = nested + sections
+    return "\n".join(lines).rstrip() + "\n"

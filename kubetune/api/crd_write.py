@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kubetune.api.crd import render_crd_yaml
+from kubetune.api.crd import render_crd_yaml, render_reference_markdown
 
 REPO = Path(__file__).resolve().parents[2]
 TARGETS = [REPO / "crds" / "finetunejob.yaml", REPO / "charts" / "kubetune" / "crds" / "finetunejob.yaml"]
+REFERENCE = REPO / "docs" / "spec-reference.md"
 
 
 def main() -> None:
@@ -17,6 +18,9 @@ def main() -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
             print(f"wrote {target.relative_to(REPO)}")
+    REFERENCE.parent.mkdir(exist_ok=True)
+    REFERENCE.write_text(render_reference_markdown())
+    print(f"wrote {REFERENCE.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

@@ -37,8 +37,12 @@ def load_yaml_documents(text: str) -> list[Any]:
 def format_validation_error(error: ValidationError, prefix: str = "") -> str:
     """The first problem as `field.path: what is wrong (what is allowed)`, on one line."""
     first = error.errors(include_url=False)[0]
-    path = ".".join(str(part) for part in first["loc"] if not str(part).startswith("function-after"))
-    path = ".".join(p for p in [prefix, path] if p)
+    path = prefix
+    for part in first["loc"]:
+        if isinstance(part, int):
+            path += f"[{part}]"  # list indices as Kubernetes writes them: tolerations[0]
+        elif not str(part).startswith("function-after"):
+            path = f"{path}.{part}" if path else str(part)
     message = first["msg"]
     ctx = first.get("ctx") or {}
     if first["type"] == "literal_error" and "expected" in ctx:
@@ -58,8 +62,19 @@ def format_validation_error(error: ValidationError, prefix: str = "") -> str:
     return f"{path}: {message}" if path else message
 
 
+def drop_nulls(value: Any) -> Any:
+    """Remove null map values, as the API server does for non-nullable fields before defaulting
+    (`seed: null` in YAML means "not set", exactly as on a cluster)."""
+    if isinstance(value, dict):
+        return {k: drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [drop_nulls(v) for v in value]
+    return value
+
+
 def parse_finetunejob(obj: Any) -> FineTuneJob:
     """Validate a FineTuneJob object (a dict as read from YAML or the API server)."""
+    obj = drop_nulls(obj)
     if not isinstance(obj, dict):
         raise SpecError(f"a FineTuneJob must be a mapping, got {type(obj).__name__}")
     if obj.get("kind", "FineTuneJob") != "FineTuneJob":
@@ -73,7 +88,7 @@ def parse_finetunejob(obj: Any) -> FineTuneJob:
 def parse_spec(spec: Any) -> FineTuneJobSpec:
     """Validate just a FineTuneJob's spec, reporting paths as `spec.…`."""
     try:
-        return FineTuneJobSpec.model_validate(spec)
+        return FineTuneJobSpec.model_validate(drop_nulls(spec))
     except ValidationError as error:
         raise SpecError(format_validation_error(error, prefix="spec")) from None
 

@@ -538,8 +538,8 @@ class ObjectMeta(BaseModel):
 class FineTuneJob(ApiModel):
     """A FineTuneJob: collect a captioned image dataset and fine-tune a Stable Diffusion model."""
 
-    api_version: Literal["kubetune.dev/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
-    kind: Literal["FineTuneJob"] = KIND
+    api_version: Literal["kubetune.dev/v1alpha1"] = Field(default="kubetune.dev/v1alpha1", alias="apiVersion")
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
     metadata: ObjectMeta = Field(default_factory=ObjectMeta)
     spec: FineTuneJobSpec
     status: FineTuneJobStatus | None = None

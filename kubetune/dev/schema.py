@@ -75,6 +75,11 @@ def _join(path: str, key: str | int) -> str:
 def _prune(schema: dict[str, Any], value: Any, path: str, unknown: list[str], root: bool = False) -> None:
     if isinstance(value, dict):
         properties = schema.get("properties")
+        # The API server drops nulls of non-nullable fields before defaulting (so a default applies).
+        for key in [k for k, v in value.items() if v is None]:
+            child_schema = (properties or {}).get(key) or schema.get("additionalProperties")
+            if not (isinstance(child_schema, dict) and child_schema.get("nullable")):
+                del value[key]
         if properties is not None and not schema.get("x-kubernetes-preserve-unknown-fields"):
             for key in list(value):
                 if key not in properties and not (root and key in ROOT_FIELDS):

@@ -1,0 +1,264 @@
+"""The FineTuneJob API: the CRD, the Python models and the examples agree, case for case.
+
+The CRD side is checked as the API server would check it (kubetune.dev.schema: jsonschema on the
+openAPIV3Schema, cel-python on the x-kubernetes-validations, pruning and defaulting), with unknown
+fields rejected as kubectl's default strict field validation does. The Python side is
+kubetune.api.load, which the operator and every CLI use.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune.api import crd, load
+from kubetune.api.load import SpecError, load_yaml_documents, parse_finetunejob
+from kubetune.dev.schema import validate_custom_resource
+
+REPO = Path(__file__).resolve().parents[2]
+CRD_FILE = REPO / "crds" / "finetunejob.yaml"
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def crd_doc() -> dict[str, Any]:
+    return yaml.safe_load(CRD_FILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def schema(crd_doc: dict[str, Any]) -> dict[str, Any]:
+    return crd_doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def crd_errors(schema: dict[str, Any], obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
+    result = validate_custom_resource(schema, obj, old)
+    return [e.message for e in result.errors] + [f'unknown field "{f}"' for f in result.unknown_fields]
+
+
+def model_error(obj: dict[str, Any]) -> str | None:
+    try:
+        parse_finetunejob(obj)
+    except SpecError as error:
+        return str(error)
+    return None
+
+
+def minimal() -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "t"},
+        "spec": {
+            "dataset": {"unsplash": {"prompts": ["a cat"], "accessKeySecretRef": {"name": "u", "key": "k"}}},
+            "model": {"base": "org/model"},
+            "storage": {"uri": "s3://bucket/prefix/"},
+        },
+    }
+
+
+# -- the CRD file ----------------------------------------------------------------------------------
+
+
+def test_crd_file_is_generated_from_the_models() -> None:
+    assert CRD_FILE.read_text() == crd.render_crd_yaml(), "run `make crds`"
+
+
+def test_crd_passes_kubernetes_validate_strict() -> None:
+    tool = Path(sys.executable).parent / "kubernetes-validate"
+    result = subprocess.run([str(tool), "--strict", str(CRD_FILE)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "passed" in result.stdout
+
+
+def _walk(node: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    found = [(path, node)]
+    for name, child in (node.get("properties") or {}).items():
+        found += _walk(child, f"{path}.{name}")
+    if isinstance(node.get("items"), dict):
+        found += _walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        found += _walk(node["additionalProperties"], f"{path}{{}}")
+    return found
+
+
+def test_crd_schema_is_structural_and_documented(schema: dict[str, Any]) -> None:
+    for path, node in _walk(schema):
+        # Structural: every node has a type (or says it preserves unknown fields), no unions.
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields") or node.get("x-kubernetes-int-or-string"), path
+        for forbidden in ("$ref", "anyOf", "oneOf", "allOf", "title", "const"):
+            assert forbidden not in node, f"{path} has {forbidden}"
+        assert not ("properties" in node and "additionalProperties" in node), path
+        # `kubectl explain` is useful: every field below the root says what it is.
+        is_field = path.count(".") >= 1 and not path.endswith("[]") and not path.endswith("{}")
+        if is_field and not path.startswith(".metadata"):
+            assert node.get("description"), f"{path} has no description"
+
+
+def test_crd_metadata_columns_and_subresources(crd_doc: dict[str, Any]) -> None:
+    spec = crd_doc["spec"]
+    assert spec["group"] == "kubetune.dev" and spec["scope"] == "Namespaced"
+    assert spec["names"]["kind"] == "FineTuneJob" and spec["names"]["plural"] == "finetunejobs"
+    assert "ftj" in spec["names"]["shortNames"] and spec["names"]["categories"]
+    version = spec["versions"][0]
+    assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
+    columns = {c["name"] for c in version["additionalPrinterColumns"]}
+    assert {"Phase", "Progress", "Step", "Loss", "Restarts", "Age"} <= columns
+
+
+# -- examples ----------------------------------------------------------------------------------------
+
+
+def test_there_is_an_example_per_source_plus_lora_and_multinode() -> None:
+    names = {p.stem for p in EXAMPLES}
+    assert {"unsplash", "google", "openverse", "wikimedia", "urls", "huggingface", "imagefolder", "lora", "multinode"} <= names
+    sources = {parse_finetunejob(load_yaml_documents(p.read_text())[0]).spec.dataset.source_name for p in EXAMPLES}
+    assert sources == {"unsplash", "google", "openverse", "wikimedia", "urls", "huggingface", "imagefolder"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_is_accepted_and_defaulted_alike(path: Path, schema: dict[str, Any]) -> None:
+    for obj in load_yaml_documents(path.read_text()):
+        if obj.get("kind") != "FineTuneJob":
+            continue
+        assert crd_errors(schema, obj) == []
+        assert model_error(obj) is None
+        server_view = validate_custom_resource(schema, obj).obj["spec"]
+        python_view = load.dump_spec(parse_finetunejob(obj).spec)
+        assert server_view == python_view, "the CRD and the models default differently"
+        assert path.read_text().lstrip().startswith("#"), "examples start with a comment for newcomers"
+
+
+# -- invalid specs from api.md ---------------------------------------------------------------------
+
+
+def _set(obj: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = obj
+    for part in parents:
+        node = node.setdefault(part, {})
+    if value is _DELETE:
+        node.pop(last, None)
+    else:
+        node[last] = value
+
+
+_DELETE = object()
+GOOGLE = {"prompts": ["x"], "apiKeySecretRef": {"name": "g", "key": "k"}, "searchEngineIdSecretRef": {"name": "g", "key": "c"}}
+
+INVALID = [
+    # (case id, dotted path to change, new value, the field the error must name)
+    ("no-source", "spec.dataset.unsplash", _DELETE, "spec.dataset"),
+    ("two-sources", "spec.dataset.google", GOOGLE, "spec.dataset"),
+    ("maxTrainSteps-0", "spec.training.maxTrainSteps", 0, "spec.training.maxTrainSteps"),
+    ("imagesPerPrompt-0", "spec.dataset.unsplash.imagesPerPrompt", 0, "spec.dataset.unsplash.imagesPerPrompt"),
+    ("checkpointsToKeep-0", "spec.training.checkpointsToKeep", 0, "spec.training.checkpointsToKeep"),
+    ("nodes-0", "spec.trainer.nodes", 0, "spec.trainer.nodes"),
+    ("gpusPerNode-negative", "spec.trainer.gpusPerNode", -1, "spec.trainer.gpusPerNode"),
+    ("learningRate-0", "spec.training.learningRate", 0, "spec.training.learningRate"),
+    ("learningRate-negative", "spec.training.learningRate", -1.0e-5, "spec.training.learningRate"),
+    ("storage-not-s3", "spec.storage.uri", "/data/models", "spec.storage.uri"),
+    ("storage-https", "spec.storage.uri", "https://bucket.example.com/x", "spec.storage.uri"),
+    ("mixedPrecision-yaml-no", "spec.training.mixedPrecision", False, "spec.training.mixedPrecision"),
+    ("mixedPrecision-string-no", "spec.training.mixedPrecision", "no", "spec.training.mixedPrecision"),
+    ("method-unknown", "spec.training.method", "dreambooth", "spec.training.method"),
+    ("unsplash-size-unknown", "spec.dataset.unsplash.size", "huge", "spec.dataset.unsplash.size"),
+    ("resolution-not-multiple-of-8", "spec.training.resolution", 500, "spec.training.resolution"),
+    ("model-base-missing", "spec.model.base", _DELETE, "spec.model.base"),
+    ("model-missing", "spec.model", _DELETE, "spec.model"),
+    ("storage-missing", "spec.storage", _DELETE, "spec.storage"),
+    ("type-steps-string", "spec.training.maxTrainSteps", "100", "spec.training.maxTrainSteps"),
+    ("type-bool-string", "spec.training.centerCrop", "yes", "spec.training.centerCrop"),
+    ("type-prompts-string", "spec.dataset.unsplash.prompts", "a cat", "spec.dataset.unsplash.prompts"),
+    ("type-nodes-float", "spec.trainer.nodes", 1.5, "spec.trainer.nodes"),
+    ("type-source-string", "spec.dataset.unsplash", "cats", "spec.dataset.unsplash"),
+    ("type-lr-bool", "spec.training.learningRate", True, "spec.training.learningRate"),
+    ("unknown-field", "spec.training.learningRat", 1.0e-4, "spec.training.learningRat"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "field"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_spec_is_rejected_by_both_naming_the_field(path: str, value: Any, field: str, schema: dict[str, Any]) -> None:
+    obj = minimal()
+    _set(obj, path, value)
+    server = crd_errors(schema, obj)
+    python = model_error(obj)
+    assert server, "the CRD accepted it"
+    assert python, "the models accepted it"
+    assert any(field in message for message in server), server
+    assert field in python, python
+    assert "\n" not in python
+
+
+def test_yaml_no_is_rejected_not_coerced(schema: dict[str, Any], tmp_path: Path) -> None:
+    text = yaml.safe_dump(minimal()) + ""
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(text.replace("spec:\n", "spec:\n  training:\n    mixedPrecision: no\n", 1))
+    with pytest.raises(SpecError, match=r"spec\.training\.mixedPrecision: must be one of 'fp32', 'fp16' or 'bf16' \(got False\)"):
+        load.load_finetunejob(spec_file)
+    obj = load_yaml_documents(spec_file.read_text())[0]
+    assert any("spec.training.mixedPrecision: Unsupported value: false" in m for m in crd_errors(schema, obj))
+
+
+def test_scientific_notation_is_a_number_as_in_kubernetes(tmp_path: Path) -> None:
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(minimal()).replace("spec:\n", "spec:\n  training:\n    learningRate: 1e-4\n", 1))
+    assert load.load_finetunejob(spec_file).spec.training.learning_rate == pytest.approx(1e-4)
+
+
+def test_storage_uri_is_immutable_on_update(schema: dict[str, Any]) -> None:
+    old = minimal()
+    new = copy.deepcopy(old)
+    assert crd_errors(schema, new, old) == []
+    new["spec"]["storage"]["uri"] = "s3://bucket/elsewhere/"
+    assert any("spec.storage.uri" in m and "immutable" in m for m in crd_errors(schema, new, old))
+
+
+# -- agreement on every field ----------------------------------------------------------------------
+
+PROBES: list[Any] = [True, False, 0, -1, 1, 7, 8, 2.5, "", "x", "s3://bucket/x", [], ["x"], {}, {"name": "a"}, None]
+
+
+def _spec_paths(node: dict[str, Any], path: str) -> list[str]:
+    paths = []
+    for name, child in (node.get("properties") or {}).items():
+        paths.append(f"{path}.{name}")
+        paths += _spec_paths(child, f"{path}.{name}")
+    return paths
+
+
+def test_models_and_crd_agree_on_every_field_and_value(schema: dict[str, Any]) -> None:
+    """Put each probe value at each spec field (all sources, every section) and require the same
+    verdict from both sides, and on rejection an error naming the same field."""
+    disagreements = []
+    for source, body in [("unsplash", None), ("google", GOOGLE), ("openverse", {"prompts": ["x"]}), ("wikimedia", {"prompts": ["x"]}),
+                         ("urls", {"uri": "s3://b/l.jsonl"}), ("huggingface", {"name": "org/ds"}), ("imagefolder", {"uri": "s3://b/d/"})]:
+        base = minimal()
+        if body is not None:
+            base["spec"]["dataset"] = {source: body}
+        spec_schema = schema["properties"]["spec"]
+        paths = [p for p in _spec_paths(spec_schema, "spec") if not p.startswith("spec.dataset.") or p.startswith(f"spec.dataset.{source}")
+                 or p.count(".") == 2]
+        for path in paths:
+            for value in PROBES:
+                obj = copy.deepcopy(base)
+                _set(obj, path, value)
+                server, python = crd_errors(schema, obj), model_error(obj)
+                if bool(server) != bool(python):
+                    disagreements.append(f"{path}={value!r}: crd={server} models={python}")
+                elif python and not any(python.split(":")[0] in m for m in server):
+                    disagreements.append(f"{path}={value!r}: crd names {server}, models name {python}")
+    assert not disagreements, f"{len(disagreements)} disagreements:\n" + "\n".join(disagreements[:40])
+
+
+def test_spec_reference_is_generated_from_the_crd() -> None:
+    reference = (REPO / "docs" / "spec-reference.md").read_text()
+    assert reference == crd.render_reference_markdown(), "run `make crds`"
+    for field in ("imagesPerPrompt", "mixedPrecision", "gpusPerNode", "backoffLimit", "accessKeySecretRef"):
+        assert f"`{field}`" in reference
+
