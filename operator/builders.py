@@ -1,0 +1,388 @@
+"""Kubernetes objects for a FineTuneJob, as pure functions: spec in, dicts out.
+
+Nothing here talks to a cluster, so every object the operator creates is unit-tested as data.
+Names are deterministic (a restarted operator finds what it created), every child carries an
+owner reference (deleting the FineTuneJob deletes it) and the same set of labels.
+
+Secrets never enter an object as a value: keys and S3 credentials reach pods only as
+`secretKeyRef` env entries, and the spec in `KUBETUNE_SPEC` holds only the references.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune.api.layout import EXIT_INVALID, EXIT_PREEMPTED, SPEC_ENV, dataset_fingerprint
+from kubetune.api.load import dump_spec
+from kubetune.api.models import API_VERSION, KIND, FineTuneJobSpec, PodSettings, SecretKeyRef
+
+# -- labels and annotations --------------------------------------------------------------------
+
+LABEL_JOB = "kubetune.dev/finetunejob"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_ATTEMPT = "kubetune.dev/restart"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "kubetune-operator"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+ANNOTATION_FINGERPRINT = "kubetune.dev/dataset-fingerprint"
+ANNOTATION_TRAINING_HASH = "kubetune.dev/training-hash"
+ANNOTATION_PREEMPTED_PODS = "kubetune.dev/preempted-pods"
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+COLLECTOR = "collector"
+TRAINER = "trainer"
+
+DEFAULT_COLLECTOR_IMAGE = "ghcr.io/kubetune/kubetune-collector:latest"
+DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/kubetune-trainer:latest"
+
+# Seconds a trainer pod gets between SIGTERM and SIGKILL: enough to finish the step and write a
+# checkpoint (the trainer exits 75 after it). The collector just stops between downloads.
+TRAINER_GRACE_SECONDS = 300
+COLLECTOR_GRACE_SECONDS = 30
+
+# A pod hostname is `<job>-<index>` and must be a DNS label (63 chars): keep room for
+# `-train-r99-255` after the base name.
+MAX_BASE_LENGTH = 40
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class Images:
+    """The operator's default images, used when a spec leaves `image` empty."""
+
+    collector: str = DEFAULT_COLLECTOR_IMAGE
+    trainer: str = DEFAULT_TRAINER_IMAGE
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The FineTuneJob a child belongs to."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+def base_name(name: str) -> str:
+    """The prefix of every child's name: the FineTuneJob's name when it is a short DNS label,
+    otherwise a shortened form with a hash so that it stays unique and deterministic (FineTuneJob
+    names may be 253 characters and contain dots; Service names and hostnames may not)."""
+    if len(name) <= MAX_BASE_LENGTH and _DNS_LABEL.match(name):
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    cleaned = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    if not cleaned or not cleaned[0].isalpha():
+        cleaned = "j" + cleaned
+    return f"{cleaned[: MAX_BASE_LENGTH - 9].rstrip('-')}-{digest}"
+
+
+def collector_job_name(name: str) -> str:
+    return f"{base_name(name)}-collect"
+
+
+def trainer_service_name(name: str) -> str:
+    return f"{base_name(name)}-train"
+
+
+def trainer_job_name(name: str, restart: int) -> str:
+    """`<name>-train` for the first trainer Job, `<name>-train-r<N>` after the N-th restart.
+
+    A new name per restart (instead of deleting and recreating `<name>-train`) means no waiting
+    for garbage collection before the next attempt, no clash with the old pods' hostnames, and
+    the failed attempt's pods and logs stay inspectable until the FineTuneJob is deleted.
+    """
+    return trainer_service_name(name) + (f"-r{restart}" if restart else "")
+
+
+def labels(name: str, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "kubetune",
+        "app.kubernetes.io/instance": base_name(name),
+        LABEL_COMPONENT: component,
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_JOB: base_name(name),
+    }
+
+
+def owner_reference(owner: Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": owner.name,
+        "uid": owner.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def metadata(owner: Owner, name: str, component: str, extra_labels: dict[str, str] | None = None,
+             annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": {**labels(owner.name, component), **(extra_labels or {})},
+        "ownerReferences": [owner_reference(owner)],
+    }
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+# -- environment -------------------------------------------------------------------------------
+
+
+def secret_env(variable: str, ref: SecretKeyRef) -> dict[str, Any]:
+    return {"name": variable, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
+def dataset_secret_refs(spec: FineTuneJobSpec) -> dict[str, SecretKeyRef]:
+    """Env variable -> Secret key the collector needs for the dataset source."""
+    dataset = spec.dataset
+    refs: dict[str, SecretKeyRef | None] = {}
+    if dataset.unsplash:
+        refs["UNSPLASH_ACCESS_KEY"] = dataset.unsplash.access_key_secret_ref
+    if dataset.google:
+        refs["GOOGLE_API_KEY"] = dataset.google.api_key_secret_ref
+        refs["GOOGLE_CSE_ID"] = dataset.google.search_engine_id_secret_ref
+    if dataset.openverse:
+        refs["OPENVERSE_CLIENT_ID"] = dataset.openverse.client_id_secret_ref
+        refs["OPENVERSE_CLIENT_SECRET"] = dataset.openverse.client_secret_secret_ref
+    if dataset.huggingface:
+        refs["HF_TOKEN"] = dataset.huggingface.token_secret_ref
+    return {variable: ref for variable, ref in refs.items() if ref is not None}
+
+
+def storage_secret_refs(spec: FineTuneJobSpec) -> dict[str, SecretKeyRef]:
+    creds = spec.storage.credentials_secret_ref
+    if creds is None:
+        return {}
+    return {key: SecretKeyRef(name=creds.name, key=key) for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+
+
+def model_secret_refs(spec: FineTuneJobSpec) -> dict[str, SecretKeyRef]:
+    ref = spec.model.token_secret_ref
+    return {"HF_TOKEN": ref} if ref else {}
+
+
+def secret_refs(spec: FineTuneJobSpec, component: str) -> dict[str, SecretKeyRef]:
+    """Every Secret key a component's pods read, by env variable."""
+    own = dataset_secret_refs(spec) if component == COLLECTOR else model_secret_refs(spec)
+    return {**own, **storage_secret_refs(spec)}
+
+
+def spec_json(spec: FineTuneJobSpec) -> str:
+    """The spec as pods receive it: camelCase JSON, defaults filled in, Secret *references* only."""
+    return json.dumps(dump_spec(spec), sort_keys=True, separators=(",", ":"))
+
+
+def env(spec: FineTuneJobSpec, owner: Owner, component: str) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = [
+        {"name": SPEC_ENV, "value": spec_json(spec)},
+        {"name": "KUBETUNE_FINETUNEJOB", "value": owner.name},
+        # Declared here (the Job controller adds it too) so `$(JOB_COMPLETION_INDEX)` in the
+        # command expands from an env entry the pod spec itself defines.
+        {"name": "JOB_COMPLETION_INDEX",
+         "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if component == TRAINER:  # torch's agent must stop its workers within the pod's grace period
+        entries.append({"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(TRAINER_GRACE_SECONDS - 30)})
+    if spec.storage.endpoint:
+        entries.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint})
+    if spec.storage.region:
+        entries.append({"name": "AWS_REGION", "value": spec.storage.region})
+        entries.append({"name": "AWS_DEFAULT_REGION", "value": spec.storage.region})
+    entries += [secret_env(variable, ref) for variable, ref in secret_refs(spec, component).items()]
+    return entries
+
+
+# -- pods and jobs -----------------------------------------------------------------------------
+
+
+def pod_failure_policy(container: str) -> dict[str, Any]:
+    """Preemption (eviction, node drain, or the program's own "preempted" exit code after it
+    saved a checkpoint) is not a failure; invalid input cannot be fixed by a retry."""
+    return {
+        "rules": [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {"action": "Ignore", "onExitCodes": {"containerName": container, "operator": "In", "values": [EXIT_PREEMPTED]}},
+            {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In", "values": [EXIT_INVALID]}},
+        ]
+    }
+
+
+def pod_scheduling(settings: PodSettings) -> dict[str, Any]:
+    """The pod-level scheduling fields a spec may set; unset ones are left out."""
+    pod: dict[str, Any] = {}
+    if settings.node_selector:
+        pod["nodeSelector"] = dict(settings.node_selector)
+    if settings.tolerations:
+        pod["tolerations"] = [dict(t) for t in settings.tolerations]
+    if settings.affinity:
+        pod["affinity"] = dict(settings.affinity)
+    if settings.priority_class_name:
+        pod["priorityClassName"] = settings.priority_class_name
+    if settings.service_account_name:
+        pod["serviceAccountName"] = settings.service_account_name
+    return pod
+
+
+def job(owner: Owner, name: str, component: str, *, completions: int, backoff_limit: int,
+        pod_spec: dict[str, Any], suspend: bool, queue_name: str,
+        annotations: dict[str, str] | None = None, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    job_labels = dict(extra_labels or {})
+    if queue_name:
+        job_labels[KUEUE_QUEUE_LABEL] = queue_name
+    pod_labels = {**labels(owner.name, component), **(extra_labels or {})}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata(owner, name, component, job_labels, annotations),
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": completions,
+            "parallelism": completions,
+            "backoffLimit": backoff_limit,
+            "podFailurePolicy": pod_failure_policy(component),
+            # Kueue admits a Job by unsuspending it, so with a queue every Job starts suspended.
+            "suspend": suspend or bool(queue_name),
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+        },
+    }
+
+
+def container(spec: FineTuneJobSpec, owner: Owner, component: str, image: str, command: list[str],
+              resources: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": component,
+        "image": image,
+        "command": command,
+        "env": env(spec, owner, component),
+        "resources": resources,
+        # A failed pod's last log lines become its termination message, which status shows.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def collector_job(spec: FineTuneJobSpec, owner: Owner, images: Images = Images()) -> dict[str, Any]:
+    """`<name>-collect`: an Indexed Job of `collector.shards` pods running `kubetune collect`."""
+    settings = spec.collector
+    pod_spec = {
+        "restartPolicy": "Never",  # podFailurePolicy requires it; the Job makes new pods
+        "enableServiceLinks": False,  # hundreds of Services would otherwise become env vars
+        "terminationGracePeriodSeconds": COLLECTOR_GRACE_SECONDS,
+        "containers": [
+            container(spec, owner, COLLECTOR, settings.image or images.collector,
+                      ["kubetune", "collect", "--spec", f"env:{SPEC_ENV}"], dict(settings.resources)),
+        ],
+        **pod_scheduling(settings),
+    }
+    return job(
+        owner, collector_job_name(owner.name), COLLECTOR,
+        completions=settings.shards, backoff_limit=spec.run_policy.backoff_limit, pod_spec=pod_spec,
+        suspend=spec.suspend, queue_name=spec.run_policy.queue_name,
+        annotations={ANNOTATION_FINGERPRINT: dataset_fingerprint(spec.dataset)},
+    )
+
+
+def trainer_service(spec: FineTuneJobSpec, owner: Owner) -> dict[str, Any]:
+    """Headless Service `<name>-train`: gives each trainer pod the stable DNS name
+    `<job>-<index>.<name>-train`, so rank 0 is reachable before any pod is ready."""
+    name = trainer_service_name(owner.name)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(owner, name, TRAINER),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_JOB: base_name(owner.name), LABEL_COMPONENT: TRAINER},
+            "ports": [{"name": "rendezvous", "port": spec.trainer.port, "targetPort": spec.trainer.port, "protocol": "TCP"}],
+        },
+    }
+
+
+def rank0_host(owner_name: str, restart: int) -> str:
+    """Rank 0's hostname: an Indexed Job's pod is named by host `<job>-<index>`, and setting
+    `subdomain` to the headless Service makes `<job>-0.<service>` resolve."""
+    return f"{trainer_job_name(owner_name, restart)}-0.{trainer_service_name(owner_name)}"
+
+
+def trainer_args() -> list[str]:
+    """The trainer's flags after `-m kubetune.trainer`. `latest` resumes from the newest
+    complete checkpoint when there is one, so a replaced pod or a new attempt continues."""
+    return ["--spec", f"env:{SPEC_ENV}", "--resume_from_checkpoint", "latest"]
+
+
+def trainer_command(spec: FineTuneJobSpec, owner_name: str, restart: int) -> list[str]:
+    """`python -m kubetune.launch` (which forwards SIGTERM to every process and exits 75 when the
+    trainers were preempted) around `accelerate launch <flags> -m kubetune.trainer --spec ...`."""
+    from kubetune.launch import accelerate_launch_command  # torch-free, owned by the trainer
+
+    launch = accelerate_launch_command(
+        spec.trainer.nodes,
+        spec.trainer.gpus_per_node,
+        "$(JOB_COMPLETION_INDEX)",
+        rank0_host(owner_name, restart),
+        spec.trainer.port,
+        trainer_args(),
+        mixed_precision=spec.training.mixed_precision,
+    )
+    return ["python", "-m", "kubetune.launch", *launch]
+
+
+def trainer_resources(spec: FineTuneJobSpec) -> dict[str, Any]:
+    resources = {kind: dict(values) for kind, values in spec.trainer.resources.items()}
+    gpus = spec.trainer.gpus_per_node
+    if gpus > 0:  # extended resources: the request must equal the limit
+        resources.setdefault("limits", {})["nvidia.com/gpu"] = gpus
+        resources.setdefault("requests", {})["nvidia.com/gpu"] = gpus
+    return resources
+
+
+def training_hash(spec: FineTuneJobSpec) -> str:
+    """Hash of what a running training depends on; a change after training started is reported
+    instead of silently mixing two configurations in one run."""
+    settings = {
+        "model": spec.model.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "training": spec.training.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "nodes": spec.trainer.nodes,
+        "gpusPerNode": spec.trainer.gpus_per_node,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def trainer_job(spec: FineTuneJobSpec, owner: Owner, restart: int = 0, images: Images = Images()) -> dict[str, Any]:
+    """`<name>-train[-rN]`: an Indexed Job of `trainer.nodes` pods, one accelerate launch each.
+
+    Its own backoffLimit is 0: a distributed gang must restart as a whole, which the Job
+    controller's per-pod retries cannot do, so the operator owns retries (attempts).
+    """
+    settings = spec.trainer
+    pod_spec = {
+        "restartPolicy": "Never",
+        "enableServiceLinks": False,
+        "subdomain": trainer_service_name(owner.name),
+        "terminationGracePeriodSeconds": TRAINER_GRACE_SECONDS,
+        "containers": [
+            {
+                **container(spec, owner, TRAINER, settings.image or images.trainer,
+                            trainer_command(spec, owner.name, restart), trainer_resources(spec)),
+                "ports": [{"name": "rendezvous", "containerPort": settings.port, "protocol": "TCP"}],
+                "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+            }
+        ],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}}],
+        **pod_scheduling(settings),
+    }
+    return job(
+        owner, trainer_job_name(owner.name, restart), TRAINER,
+        completions=settings.nodes, backoff_limit=0, pod_spec=pod_spec,
+        suspend=spec.suspend, queue_name=spec.run_policy.queue_name,
+        annotations={ANNOTATION_TRAINING_HASH: training_hash(spec)},
+        extra_labels={LABEL_ATTEMPT: str(restart)},
+    )
