@@ -1,0 +1,398 @@
+"""The operator's decisions, pass by pass, without a cluster: what a user sees in status and events."""
+
+from __future__ import annotations
+
+import copy
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from kubetune.operator import builders as b
+from kubetune.operator.decide import Decision, Observed, decide
+
+from kubetune.api.layout import dataset_fingerprint
+from kubetune.api.load import parse_spec
+
+T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+NAME = "shapes"
+
+UNSPLASH = {"unsplash": {"prompts": ["a circle"], "accessKeySecretRef": {"name": "unsplash", "key": "access-key"}}}
+
+
+def spec_dict(**overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "dataset": UNSPLASH,
+        "model": {"base": "s3://kubetune-dev/models/tiny-sd/"},
+        "storage": {"uri": "s3://bucket/shapes/"},
+        "runPolicy": {"backoffLimit": 2},
+    }
+    spec.update(overrides)
+    return spec
+
+
+class World:
+    """A FineTuneJob's observed state that passes of decide() update the way the API would:
+    created children appear, patches apply, status is written back."""
+
+    def __init__(self, **spec_overrides: Any) -> None:
+        self.spec = spec_dict(**spec_overrides)
+        self.status: dict[str, Any] = {}
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.pods: list[dict[str, Any]] = []
+        self.service = False
+        self.missing_secrets: list[str] = []
+        self.manifest: dict[str, Any] | None = None
+        self.progress: dict[str, Any] | None = None
+        self.now = T0
+        self.generation = 1
+        self.created: list[dict[str, Any]] = []
+
+    def observed(self) -> Observed:
+        return Observed(
+            name=NAME, namespace="default", uid="uid-1", generation=self.generation,
+            spec=parse_spec(self.spec), status=copy.deepcopy(self.status), now=self.now,
+            jobs=copy.deepcopy(self.jobs), pods=copy.deepcopy(self.pods), service_exists=self.service,
+            missing_secrets=list(self.missing_secrets), dataset_manifest=self.manifest, progress=self.progress,
+        )
+
+    def step(self, seconds: float = 5) -> Decision:
+        self.now += timedelta(seconds=seconds)
+        decision = decide(self.observed())
+        self.status = decision.status
+        for obj in decision.create:
+            self.created.append(obj)
+            if obj["kind"] == "Job":
+                assert obj["metadata"]["name"] not in self.jobs, "a Job was created twice"
+                self.jobs[obj["metadata"]["name"]] = copy.deepcopy(obj)
+            elif obj["kind"] == "Service":
+                self.service = True
+        for patch in decision.patch:
+            job = self.jobs[patch.name]
+            job["spec"].update(patch.body.get("spec", {}))
+            job["metadata"].setdefault("annotations", {}).update((patch.body.get("metadata") or {}).get("annotations", {}))
+        return decision
+
+    # what the cluster does
+
+    def finish_job(self, name: str, kind: str, message: str = "") -> None:
+        self.jobs[name]["status"] = {"conditions": [{"type": kind, "status": "True", "message": message}]}
+
+    def add_pod(self, job: str, exit_code: int | None = None, message: str = "", disrupted: bool = False,
+                phase: str | None = None, component: str = "trainer") -> None:
+        uid = f"pod-{len(self.pods)}"
+        status: dict[str, Any] = {"phase": phase or ("Running" if exit_code is None else "Failed" if exit_code else "Succeeded")}
+        if exit_code is not None:
+            status["containerStatuses"] = [{"name": component, "state": {"terminated": {"exitCode": exit_code, "message": message}}}]
+        if disrupted:
+            status["conditions"] = [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}]
+        self.pods.append({
+            "metadata": {"name": f"{job}-0-{uid}", "uid": uid, "creationTimestamp": f"2026-01-01T12:00:{len(self.pods):02d}Z",
+                         "labels": {"batch.kubernetes.io/job-name": job, b.LABEL_COMPONENT: component}},
+            "status": status,
+        })
+
+    def condition(self, kind: str) -> dict[str, Any]:
+        return next(c for c in self.status["conditions"] if c["type"] == kind)
+
+
+def reasons(decision: Decision) -> list[str]:
+    return [e.reason for e in decision.events]
+
+
+def good_manifest(spec: dict[str, Any], kept: int = 12) -> dict[str, Any]:
+    return {"fingerprint": dataset_fingerprint(parse_spec(spec).dataset), "requested": 20, "kept": kept,
+            "skipped": {"too_small": 8 if kept else 20}}
+
+
+def to_training(world: World) -> None:
+    """Collect, then start training (attempt 0)."""
+    world.step()
+    world.finish_job(f"{NAME}-collect", "Complete")
+    world.manifest = good_manifest(world.spec)
+    world.step()
+    assert world.status["phase"] == "Training"
+
+
+# -- collection --------------------------------------------------------------------------------
+
+
+def test_a_new_job_starts_collecting_with_a_collector_job() -> None:
+    world = World()
+    decision = world.step()
+    assert [o["metadata"]["name"] for o in decision.create] == ["shapes-collect"]
+    assert world.status["phase"] == "Collecting"
+    assert world.status["observedGeneration"] == 1 and world.status["startTime"]
+    assert world.condition("DatasetReady")["status"] == "False"
+    summary = world.condition("Succeeded")
+    assert summary["status"] == "Unknown" and summary["reason"] == "Collecting" and summary["observedGeneration"] == 1
+    assert reasons(decision) == ["CollectionStarted"]
+
+
+def test_a_second_pass_creates_nothing_and_posts_no_event() -> None:
+    world = World()
+    world.step()
+    first = world.condition("DatasetReady")["lastTransitionTime"]
+    again = world.step()
+    assert again.create == [] and again.patch == [] and again.events == []
+    assert world.condition("DatasetReady")["lastTransitionTime"] == first
+
+
+def test_collector_success_puts_the_manifest_counts_in_status_and_starts_training() -> None:
+    world = World()
+    to_training(world)
+    assert world.status["dataset"] == {"uri": "s3://bucket/shapes/dataset", "requested": 20, "kept": 12, "skipped": {"too_small": 8}}
+    assert world.condition("DatasetReady")["reason"] == "Collected"
+    assert set(world.jobs) == {"shapes-collect", "shapes-train"} and world.service
+    (attempt,) = world.status["attempts"]
+    assert attempt["index"] == 0 and attempt["startStep"] == 0 and attempt["reason"] == ""
+
+
+def test_imagefolder_skips_collection() -> None:
+    world = World(dataset={"imagefolder": {"uri": "s3://bucket/mine/"}})
+    decision = world.step()
+    assert {o["kind"] for o in decision.create} == {"Service", "Job"}
+    assert "shapes-collect" not in world.jobs and "shapes-train" in world.jobs
+    assert world.condition("DatasetReady")["reason"] == "ImageFolder"
+
+
+def test_an_existing_dataset_with_the_same_fingerprint_skips_collection() -> None:
+    world = World()
+    world.manifest = good_manifest(world.spec)
+    decision = world.step()
+    assert "shapes-collect" not in world.jobs and "shapes-train" in world.jobs
+    assert "DatasetFound" in reasons(decision)
+
+
+def test_a_dataset_from_other_settings_is_collected_again() -> None:
+    world = World()
+    world.manifest = {**good_manifest(world.spec), "fingerprint": "0123456789abcdef"}
+    world.step()
+    assert "shapes-collect" in world.jobs and "shapes-train" not in world.jobs
+
+
+def test_zero_images_kept_fails_with_an_actionable_message() -> None:
+    world = World()
+    world.step()
+    world.finish_job("shapes-collect", "Complete")
+    world.manifest = good_manifest(world.spec, kept=0)
+    decision = world.step()
+    assert world.status["phase"] == "Failed"
+    assert world.condition("Succeeded")["reason"] == "EmptyDataset"
+    assert "kept 0 images" in world.status["message"] and "too_small" in world.status["message"]
+    assert "shapes-train" not in world.jobs
+    assert [(e.type, e.reason) for e in decision.events] == [("Warning", "EmptyDataset")]
+
+
+def test_collector_invalid_input_fails_with_its_last_log_lines() -> None:
+    world = World()
+    world.step()
+    world.add_pod("shapes-collect", exit_code=2, component="collector",
+                  message="loading list\nspec.dataset.urls.uri: s3://lists/missing.jsonl does not exist")
+    world.finish_job("shapes-collect", "Failed", "Container collector failed with exit code 2 matching FailJob rule")
+    world.step()
+    assert world.status["phase"] == "Failed"
+    assert world.condition("Succeeded")["reason"] == "CollectorInvalidInput"
+    assert "s3://lists/missing.jsonl does not exist" in world.status["message"]
+
+
+def test_a_missing_secret_fails_by_name_before_anything_runs() -> None:
+    world = World()
+    world.missing_secrets = ["Secret 'unsplash' (spec.dataset.unsplash.accessKeySecretRef) not found"]
+    decision = world.step()
+    assert decision.create == []
+    assert world.status["phase"] == "Failed" and world.condition("Succeeded")["reason"] == "SecretNotFound"
+    assert "Secret 'unsplash'" in world.status["message"] and "namespace default" in world.status["message"]
+
+
+def test_an_invalid_spec_fails_with_the_field_named() -> None:
+    observed = World().observed()
+    observed.spec, observed.spec_error = None, "spec.training.resolution: must be a multiple of 8"
+    decision = decide(observed)
+    assert decision.phase == "Failed" and decision.create == []
+    assert "spec.training.resolution" in decision.status["message"]
+
+
+# -- training ----------------------------------------------------------------------------------
+
+
+def test_progress_json_becomes_live_training_status() -> None:
+    world = World()
+    to_training(world)
+    world.progress = {"state": "training", "step": 45, "maxSteps": 100, "epoch": 2, "loss": 0.123456,
+                      "imagesPerSecond": 18.25, "etaSeconds": 61.7, "latestCheckpoint": "s3://bucket/shapes/checkpoints/step-00000040"}
+    world.step()
+    training = world.status["training"]
+    assert training["step"] == 45 and training["maxSteps"] == 100 and training["progress"] == "45%"
+    assert training["loss"] == "0.1235" and training["imagesPerSecond"] == "18.2" and training["etaSeconds"] == 61
+    assert training["latestCheckpoint"].endswith("step-00000040")
+    assert world.condition("Training")["status"] == "True"
+    assert "step 45" in world.status["message"]
+
+
+def test_success_publishes_the_uris() -> None:
+    world = World()
+    to_training(world)
+    world.progress = {"state": "succeeded", "step": 100, "maxSteps": 100}
+    world.finish_job("shapes-train", "Complete")
+    decision = world.step()
+    status = world.status
+    assert status["phase"] == "Succeeded"
+    assert status["modelUri"] == "s3://bucket/shapes/"
+    assert status["samplesUri"] == "s3://bucket/shapes/samples/"
+    assert status["checkpointsUri"] == "s3://bucket/shapes/checkpoints/"
+    assert status["completionTime"] and status["training"]["progress"] == "100%"
+    assert world.condition("Succeeded")["status"] == "True"
+    assert status["attempts"][-1]["reason"] == "Succeeded" and status["attempts"][-1]["endStep"] == 100
+    assert reasons(decision) == ["Succeeded"]
+    assert world.step().events == []  # terminal: nothing more happens
+
+
+def test_a_failed_attempt_is_replaced_by_one_that_resumes_and_uses_the_budget() -> None:
+    world = World()
+    to_training(world)
+    world.progress = {"state": "training", "step": 30, "maxSteps": 100, "latestCheckpoint": "s3://bucket/shapes/checkpoints/step-00000020"}
+    world.add_pod("shapes-train", exit_code=1, message="Traceback...\nRuntimeError: NCCL timeout")
+    world.finish_job("shapes-train", "Failed", "Job has reached the specified backoff limit")
+    decision = world.step()
+    assert "AttemptFailed" in reasons(decision) and "NCCL timeout" in world.status["message"]
+    assert world.status["restarts"] == 1 and world.status["preemptions"] == 0
+    assert world.status["attempts"][0]["reason"] == "Failed" and world.status["attempts"][0]["endStep"] == 30
+    # the old attempt's pod is done, so the next pass starts attempt 1 in a new Job
+    decision = world.step()
+    assert [o["metadata"]["name"] for o in decision.create] == ["shapes-train-r1"]
+    assert world.status["attempts"][1]["startStep"] == 20 and world.status["phase"] == "Training"
+    assert "step-00000020" in world.status["message"]
+
+
+def test_backoff_exhausted_fails_the_job() -> None:
+    world = World()
+    to_training(world)
+    for restart in range(3):  # backoffLimit 2: the third failure is one too many
+        name = b.trainer_job_name(NAME, restart)
+        world.add_pod(name, exit_code=1, message=f"boom {restart}")
+        world.finish_job(name, "Failed")
+        world.step()
+        world.step()
+    assert world.status["phase"] == "Failed" and world.condition("Succeeded")["reason"] == "BackoffLimitExceeded"
+    assert "failed 3 time(s)" in world.status["message"] and "backoffLimit=2" in world.status["message"] and "boom 2" in world.status["message"]
+    assert world.status["restarts"] == 3
+    assert "shapes-train-r3" not in world.jobs
+
+
+def test_invalid_trainer_input_fails_without_retrying() -> None:
+    world = World()
+    to_training(world)
+    world.add_pod("shapes-train", exit_code=2, message="training.resolution: the dataset has no caption column 'text'")
+    world.finish_job("shapes-train", "Failed")
+    world.step()
+    assert world.status["phase"] == "Failed" and world.condition("Succeeded")["reason"] == "TrainerInvalidInput"
+    assert "caption column" in world.status["message"] and world.status["restarts"] == 1
+
+
+@pytest.mark.parametrize("how", ["exit75", "disruption", "progress"])
+def test_a_preempted_gang_restarts_without_using_the_budget(how: str) -> None:
+    world = World(trainer={"nodes": 2, "gpusPerNode": 0})
+    to_training(world)
+    world.progress = {"state": "preempted" if how == "progress" else "training", "step": 60, "maxSteps": 100,
+                      "latestCheckpoint": "s3://bucket/shapes/checkpoints/step-00000060"}
+    world.add_pod("shapes-train", exit_code=1, message="peer closed connection")  # rank 1 lost its peer
+    if how != "progress":
+        world.add_pod("shapes-train", exit_code=75 if how == "exit75" else 137, disrupted=how == "disruption")
+    world.finish_job("shapes-train", "Failed")
+    world.step()
+    world.step()
+    assert world.status["restarts"] == 0 and world.status["preemptions"] == 1
+    assert world.status["attempts"][0]["reason"] == "Preempted"
+    assert "shapes-train-r1" in world.jobs and world.status["attempts"][1]["startStep"] == 60
+
+
+def test_a_preempted_pod_of_a_running_multinode_attempt_stops_the_gang_and_restarts_it() -> None:
+    world = World(trainer={"nodes": 2, "gpusPerNode": 0})
+    to_training(world)
+    world.add_pod("shapes-train", phase="Running")
+    world.add_pod("shapes-train", exit_code=75)  # the Job ignores it and would replace only this rank
+    decision = world.step()
+    assert world.jobs["shapes-train"]["spec"]["suspend"] is True
+    assert world.status["attempts"][0]["reason"] == "Preempted" and world.status["preemptions"] == 1
+    assert "PodPreempted" in reasons(decision) and "Preempted" in reasons(decision)
+    # the running rank has not stopped yet: no second gang
+    assert world.step().create == []
+    assert "waiting for the previous attempt" in world.status["message"]
+    world.pods[0]["status"]["phase"] = "Failed"
+    assert [o["metadata"]["name"] for o in world.step().create] == ["shapes-train-r1"]
+    assert world.status["preemptions"] == 1 and world.status["restarts"] == 0
+
+
+def test_a_preempted_single_node_pod_is_replaced_in_place_and_counted_once() -> None:
+    world = World(trainer={"nodes": 1, "gpusPerNode": 1})
+    to_training(world)
+    world.add_pod("shapes-train", exit_code=75)
+    world.step()
+    world.add_pod("shapes-train", phase="Running")  # the Job's replacement
+    world.step()
+    world.step()
+    assert world.status["preemptions"] == 1 and world.status["restarts"] == 0
+    assert world.jobs["shapes-train"]["metadata"]["annotations"][b.ANNOTATION_PREEMPTED_PODS] == "pod-0"
+    assert world.status["phase"] == "Training" and len(world.status["attempts"]) == 1
+
+
+# -- suspend, queues, deadlines, changes -------------------------------------------------------
+
+
+def test_suspend_and_resume_a_training() -> None:
+    world = World()
+    to_training(world)
+    world.spec["suspend"] = True
+    world.generation = 2
+    decision = world.step()
+    assert world.jobs["shapes-train"]["spec"]["suspend"] is True and world.status["phase"] == "Suspended"
+    assert "Suspended" in reasons(decision) and world.condition("Suspended")["status"] == "True"
+    assert world.status["observedGeneration"] == 2
+    world.add_pod("shapes-train", exit_code=75)  # the pod stopped by the suspension is no preemption
+    world.step()
+    assert world.status["preemptions"] == 0
+    world.spec["suspend"] = False
+    decision = world.step()
+    assert world.jobs["shapes-train"]["spec"]["suspend"] is False and world.status["phase"] == "Training"
+    assert "Resumed" in reasons(decision) and world.condition("Suspended")["status"] == "False"
+    assert len(world.status["attempts"]) == 1
+
+
+def test_kueue_jobs_wait_for_admission_and_are_not_unsuspended_by_the_operator() -> None:
+    world = World(runPolicy={"queueName": "gpu-team"})
+    world.step()
+    job = world.jobs["shapes-collect"]
+    assert job["spec"]["suspend"] is True and job["metadata"]["labels"][b.KUEUE_QUEUE_LABEL] == "gpu-team"
+    decision = world.step()
+    assert decision.patch == []
+    assert "waiting for Kueue" in world.status["message"]
+
+
+def test_the_deadline_fails_the_job_and_stops_its_pods() -> None:
+    world = World(runPolicy={"activeDeadlineSeconds": 60})
+    to_training(world)
+    world.step(seconds=120)
+    assert world.status["phase"] == "Failed" and world.condition("Succeeded")["reason"] == "DeadlineExceeded"
+    assert "activeDeadlineSeconds=60" in world.status["message"]
+    assert world.jobs["shapes-train"]["spec"]["suspend"] is True
+
+
+def test_a_training_change_after_start_is_reported_not_applied() -> None:
+    world = World()
+    to_training(world)
+    world.spec["training"] = {"maxTrainSteps": 5000}
+    world.generation = 2
+    decision = world.step()
+    assert "SpecChangeIgnored" in reasons(decision)
+    assert "training" in world.condition("SpecChangeIgnored")["message"]
+    assert decision.create == []
+    assert world.step().events == []
+
+
+def test_the_trainer_job_is_recreated_if_deleted_by_hand() -> None:
+    world = World()
+    to_training(world)
+    del world.jobs["shapes-train"]
+    decision = world.step()
+    assert [o["metadata"]["name"] for o in decision.create] == ["shapes-train"]
+    assert len(world.status["attempts"]) == 1
