@@ -26,6 +26,7 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "validate": Command("kubetune.api.cli:validate_main", "check FineTuneJob files against the API, offline"),
     "crd": Command("kubetune.api.cli:crd_main", "print the FineTuneJob CustomResourceDefinition"),
+    "collect": Command("kubetune.collector.cli:main", "build a captioned image dataset (imagefolder) locally or in S3"),
 }
 
 
