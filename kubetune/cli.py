@@ -26,7 +26,9 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "validate": Command("kubetune.api.cli:validate_main", "check FineTuneJob files against the API, offline"),
     "crd": Command("kubetune.api.cli:crd_main", "print the FineTuneJob CustomResourceDefinition"),
+    "train": Command("kubetune.trainer.cli:main", "fine-tune a Stable Diffusion model (drop-in for diffusers' train_text_to_image.py)"),
     "collect": Command("kubetune.collector.cli:main", "build a captioned image dataset (imagefolder) locally or in S3"),
+    "operator": Command("kubetune.operator.cli:main", "run the FineTuneJob operator"),
 }
 
 

@@ -31,6 +31,7 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 ANNOTATION_FINGERPRINT = "kubetune.dev/dataset-fingerprint"
 ANNOTATION_TRAINING_HASH = "kubetune.dev/training-hash"
 ANNOTATION_PREEMPTED_PODS = "kubetune.dev/preempted-pods"
+ANNOTATION_OWNER = "kubetune.dev/finetunejob-name"  # the full name (labels hold at most 63 chars)
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
 COLLECTOR = "collector"
@@ -174,6 +175,26 @@ def secret_refs(spec: FineTuneJobSpec, component: str) -> dict[str, SecretKeyRef
     return {**own, **storage_secret_refs(spec)}
 
 
+def secret_ref_paths(spec: FineTuneJobSpec, component: str) -> list[tuple[str, SecretKeyRef]]:
+    """(field path, reference) of every Secret key a component needs, for error messages."""
+    paths: list[tuple[str, SecretKeyRef]] = []
+    if component == COLLECTOR:
+        source = spec.dataset.source_name
+        for field_name, value in spec.dataset.source:
+            if isinstance(value, SecretKeyRef):
+                paths.append((f"spec.dataset.{source}.{_camel(field_name)}", value))
+    elif spec.model.token_secret_ref:
+        paths.append(("spec.model.tokenSecretRef", spec.model.token_secret_ref))
+    for ref in storage_secret_refs(spec).values():
+        paths.append(("spec.storage.credentialsSecretRef", ref))
+    return paths
+
+
+def _camel(snake: str) -> str:
+    head, *rest = snake.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
 def spec_json(spec: FineTuneJobSpec) -> str:
     """The spec as pods receive it: camelCase JSON, defaults filled in, Secret *references* only."""
     return json.dumps(dump_spec(spec), sort_keys=True, separators=(",", ":"))
@@ -250,7 +271,7 @@ def job(owner: Owner, name: str, component: str, *, completions: int, backoff_li
             "podFailurePolicy": pod_failure_policy(component),
             # Kueue admits a Job by unsuspending it, so with a queue every Job starts suspended.
             "suspend": suspend or bool(queue_name),
-            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+            "template": {"metadata": {"labels": pod_labels, "annotations": {ANNOTATION_OWNER: owner.name}}, "spec": pod_spec},
         },
     }
 

@@ -67,7 +67,7 @@ class Observed:
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     pods: list[dict[str, Any]] = field(default_factory=list)
     service_exists: bool = False
-    missing_secrets: list[str] = field(default_factory=list)
+    secrets: dict[str, set[str] | None] = field(default_factory=dict)  # name -> its keys; None: missing
     dataset_manifest: dict[str, Any] | None = None
     progress: dict[str, Any] | None = None
     storage_error: str = ""
@@ -226,8 +226,21 @@ def training_status(progress: dict[str, Any], now: datetime) -> TrainingStatus:
         images_per_second=f"{float(rate):.3g}" if isinstance(rate, (int, float)) else str(rate or ""),
         eta_seconds=int(eta) if isinstance(eta, (int, float)) else None,
         latest_checkpoint=str(progress.get("latestCheckpoint") or ""),
-        updated_at=now,
+        # the trainer's own timestamp: status only changes when progress does
+        updated_at=_parse_time(progress.get("updatedAt")) or now,
     )
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(value, timezone.utc).replace(microsecond=0)
+    if isinstance(value, str) and value:
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).replace(microsecond=0)
+    return None
 
 
 def manifest_counts(manifest: dict[str, Any], uri: str) -> DatasetStatus:
@@ -343,9 +356,6 @@ class _Pass:
         if deadline and (o.now - self.status.start_time).total_seconds() > deadline:
             return self.fail("DeadlineExceeded", f"the job ran longer than runPolicy.activeDeadlineSeconds={deadline}; "
                                                  "raise it or lower training.maxTrainSteps")
-        if o.missing_secrets:
-            return self.fail("SecretNotFound", "; ".join(o.missing_secrets) + f" in namespace {o.namespace}: create it, "
-                                                                                 "then recreate the FineTuneJob")
         dataset_uri = self.dataset(spec)
         if dataset_uri is None:
             return self.finish() if self.status.phase != "Failed" else self.decision
@@ -361,6 +371,8 @@ class _Pass:
             self.condition("DatasetReady", "True", "ImageFolder", f"training on the existing imagefolder {uri}")
             return uri
         uri = storage.join(spec.storage.uri, DATASET_DIR)
+        if self.status.attempts and self.has_condition("DatasetReady", "True") and o.dataset_manifest is None:
+            return self.status.dataset.uri if self.status.dataset else uri  # ready before training started
         collect_name = b.collector_job_name(o.name)
         collector = o.jobs.get(collect_name)
         wanted = dataset_fingerprint(spec.dataset)
@@ -385,6 +397,8 @@ class _Pass:
         if o.storage_error:
             self.status.message = f"cannot read storage: {o.storage_error}"
             self.condition("DatasetReady", "Unknown", "StorageUnreachable", self.status.message)
+            return None
+        if self.secrets_missing(spec, b.COLLECTOR):
             return None
         if collector is None:
             self.decision.create.append(b.collector_job(spec, self.owner, o.images))
@@ -448,8 +462,26 @@ class _Pass:
         else:
             self.status.message = running_message
 
+    def secrets_missing(self, spec: FineTuneJobSpec, component: str) -> bool:
+        """Fail, naming the Secret and the field, when a Secret or key a component needs is missing.
+        Checked before every pass that runs the component: a pod with a missing Secret would
+        otherwise wait forever in CreateContainerConfigError."""
+        problems = []
+        for path, ref in b.secret_ref_paths(spec, component):
+            keys = self.o.secrets.get(ref.name)
+            if keys is None:
+                problems.append(f"Secret '{ref.name}' not found (referenced by {path})")
+            elif ref.key not in keys:
+                problems.append(f"Secret '{ref.name}' has no key '{ref.key}' (referenced by {path})")
+        if problems:
+            unique = list(dict.fromkeys(problems))
+            self.fail("SecretNotFound", "; ".join(unique) + f" in namespace {self.o.namespace}: create it, then recreate the FineTuneJob")
+        return bool(problems)
+
     def training(self, spec: FineTuneJobSpec) -> Decision:
         o = self.o
+        if self.secrets_missing(spec, b.TRAINER):
+            return self.decision
         if o.progress is not None:
             self.status.training = training_status(o.progress, o.now)
         if not o.service_exists:

@@ -40,7 +40,7 @@ class World:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.pods: list[dict[str, Any]] = []
         self.service = False
-        self.missing_secrets: list[str] = []
+        self.secrets: dict[str, set[str] | None] = {"unsplash": {"access-key"}}
         self.manifest: dict[str, Any] | None = None
         self.progress: dict[str, Any] | None = None
         self.now = T0
@@ -52,7 +52,7 @@ class World:
             name=NAME, namespace="default", uid="uid-1", generation=self.generation,
             spec=parse_spec(self.spec), status=copy.deepcopy(self.status), now=self.now,
             jobs=copy.deepcopy(self.jobs), pods=copy.deepcopy(self.pods), service_exists=self.service,
-            missing_secrets=list(self.missing_secrets), dataset_manifest=self.manifest, progress=self.progress,
+            secrets=copy.deepcopy(self.secrets), dataset_manifest=self.manifest, progress=self.progress,
         )
 
     def step(self, seconds: float = 5) -> Decision:
@@ -197,11 +197,24 @@ def test_collector_invalid_input_fails_with_its_last_log_lines() -> None:
 
 def test_a_missing_secret_fails_by_name_before_anything_runs() -> None:
     world = World()
-    world.missing_secrets = ["Secret 'unsplash' (spec.dataset.unsplash.accessKeySecretRef) not found"]
+    world.secrets = {}
     decision = world.step()
     assert decision.create == []
     assert world.status["phase"] == "Failed" and world.condition("Succeeded")["reason"] == "SecretNotFound"
-    assert "Secret 'unsplash'" in world.status["message"] and "namespace default" in world.status["message"]
+    assert world.status["message"] == ("Secret 'unsplash' not found (referenced by spec.dataset.unsplash.accessKeySecretRef) "
+                                       "in namespace default: create it, then recreate the FineTuneJob")
+
+
+def test_a_missing_key_or_trainer_secret_is_named_before_training() -> None:
+    world = World(model={"base": "m", "tokenSecretRef": {"name": "hf", "key": "token"}},
+                  storage={"uri": "s3://bucket/shapes/", "credentialsSecretRef": {"name": "s3"}})
+    world.secrets = {"unsplash": {"access-key"}, "s3": {"AWS_ACCESS_KEY_ID"}}
+    world.manifest = good_manifest(world.spec)
+    world.step()
+    assert world.status["phase"] == "Failed" and "shapes-train" not in world.jobs
+    message = world.status["message"]
+    assert "Secret 'hf' not found (referenced by spec.model.tokenSecretRef)" in message
+    assert "Secret 's3' has no key 'AWS_SECRET_ACCESS_KEY' (referenced by spec.storage.credentialsSecretRef)" in message
 
 
 def test_an_invalid_spec_fails_with_the_field_named() -> None:

@@ -1,0 +1,133 @@
+"""`kubetune operator`: run the FineTuneJob operator (kopf) against the current cluster.
+
+kopf watches FineTuneJobs and the Jobs and trainer pods the operator made; its handlers only
+queue the owning FineTuneJob, and the controller's workers reconcile it (see controller.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from kubetune.api.models import GROUP, PLURAL, VERSION
+from kubetune.cli_util import OneLineArgumentParser, OneLineError
+
+from . import builders as b
+
+log = logging.getLogger("kubetune.operator")
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = OneLineArgumentParser(prog=prog, description="Run the FineTuneJob operator.")
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=[], metavar="NS",
+                       help="watch this namespace (repeatable; a glob pattern works too)")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace (the default)")
+    parser.add_argument("--liveness-port", type=_port, default=8080, help="port of /healthz (0 disables it; default 8080)")
+    parser.add_argument("--metrics-port", type=_port, default=9090, help="port of Prometheus /metrics (0 disables it; default 9090)")
+    parser.add_argument("--collector-image", default=os.environ.get("KUBETUNE_COLLECTOR_IMAGE", b.DEFAULT_COLLECTOR_IMAGE),
+                        help="collector image when a spec sets none (env KUBETUNE_COLLECTOR_IMAGE)")
+    parser.add_argument("--trainer-image", default=os.environ.get("KUBETUNE_TRAINER_IMAGE", b.DEFAULT_TRAINER_IMAGE),
+                        help="trainer image when a spec sets none (env KUBETUNE_TRAINER_IMAGE)")
+    parser.add_argument("--workers", type=_positive, default=8, help="concurrent reconcile passes (default 8)")
+    parser.add_argument("--resync-seconds", type=float, default=10.0,
+                        help="how often unfinished jobs are re-checked: progress, deadlines (default 10)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logs")
+    return parser
+
+
+def _port(value: str) -> int:
+    port = int(value) if value.isdigit() else -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535 (got {value!r})")
+    return port
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1 (got {value!r})")
+    return int(value)
+
+
+def owner_of_job(body: dict[str, Any]) -> str | None:
+    for ref in body.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == "FineTuneJob" and ref.get("apiVersion", "").startswith(GROUP + "/"):
+            return str(ref["name"])
+    return None
+
+
+def register(controller: Any, verbose: bool = False) -> Any:
+    """kopf handlers on a registry of their own (importing this module registers nothing)."""
+    import kopf
+
+    registry = kopf.OperatorRegistry()
+    managed = {b.LABEL_MANAGED_BY: b.MANAGED_BY}
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.posting.enabled = False  # the operator posts its own Events, with its own reasons
+        settings.watching.server_timeout = 300
+        settings.networking.request_timeout = 60
+        controller.start()
+
+    @kopf.on.cleanup(registry=registry)
+    def stop(**_: Any) -> None:
+        controller.stop()
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    def finetunejob_event(event: dict[str, Any], **_: Any) -> None:
+        body = event.get("object") or {}
+        meta = body.get("metadata") or {}
+        controller.finetunejob_seen(meta.get("namespace", ""), meta.get("name", ""), body, deleted=event.get("type") == "DELETED")
+
+    @kopf.on.event("batch", "v1", "jobs", labels=managed, registry=registry)
+    def job_event(event: dict[str, Any], **_: Any) -> None:
+        body = event.get("object") or {}
+        owner = owner_of_job(body)
+        if owner:
+            controller.child_seen(body["metadata"]["namespace"], owner)
+
+    @kopf.on.event("", "v1", "pods", labels={**managed, b.LABEL_COMPONENT: b.TRAINER}, registry=registry)
+    def pod_event(event: dict[str, Any], **_: Any) -> None:
+        body = event.get("object") or {}
+        owner = ((body.get("metadata") or {}).get("annotations") or {}).get(b.ANNOTATION_OWNER)
+        if owner:
+            controller.child_seen(body["metadata"]["namespace"], owner, pod=body)
+
+    return registry
+
+
+def main(argv: Sequence[str], prog: str = "kubetune operator") -> int:
+    args = build_parser(prog).parse_args(list(argv))
+    import kopf
+
+    from .controller import Controller
+    from .kube import Kube, load_kube_config
+    from .metrics import Metrics
+
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON, log_refkey="object")
+    try:
+        api_client = load_kube_config()
+    except Exception as error:  # no kubeconfig, no in-cluster account
+        raise OneLineError(f"cannot reach Kubernetes: {str(error).splitlines()[0]}") from None
+    kube = Kube(api_client, b.Images(args.collector_image, args.trainer_image),
+                default_endpoint=os.environ.get("KUBETUNE_S3_ENDPOINT", ""), default_region=os.environ.get("KUBETUNE_S3_REGION", ""),
+                default_credentials_secret=os.environ.get("KUBETUNE_S3_CREDENTIALS_SECRET", ""))
+    metrics = Metrics()
+    if args.metrics_port:
+        metrics.serve(args.metrics_port)
+    controller = Controller(kube, metrics, workers=args.workers, resync_seconds=args.resync_seconds)
+    registry = register(controller)
+    namespaces = list(args.namespace)
+    log.info("starting: namespaces=%s", ",".join(namespaces) or "*")
+    kopf.run(
+        registry=registry,
+        standalone=True,  # one operator replica; no peering resource needed
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None,
+    )
+    return 0

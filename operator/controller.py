@@ -1,0 +1,181 @@
+"""One reconcile pass per FineTuneJob, run from a work queue.
+
+kopf watches FineTuneJobs, their Jobs and their trainer pods; every event only puts the
+FineTuneJob's key in a queue. Worker threads take keys off it and run
+`observe -> decide -> act -> report`. The queue is controller-runtime's pattern, written here
+because kopf has none: a key is in the queue at most once (a burst of events costs one pass), and
+never handled by two workers at the same time (passes of one FineTuneJob are serialized, so
+two passes cannot both start attempt N). A resync thread re-queues every unfinished FineTuneJob
+on a timer, which reads progress.json and enforces deadlines.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from .decide import decide
+from .kube import Kube, act, observe
+from .metrics import Metrics
+
+log = logging.getLogger("kubetune.operator")
+
+Key = tuple[str, str]  # (namespace, name)
+
+
+@dataclass
+class WorkQueue:
+    """Deduplicating queue: add() is cheap and idempotent, get() blocks for the next key that
+    no other worker holds; a key added while held is handled again once released."""
+
+    _pending: OrderedDict[Key, float] = field(default_factory=OrderedDict)
+    _held: set[Key] = field(default_factory=set)
+    _dirty: set[Key] = field(default_factory=set)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _closed: bool = False
+
+    def add(self, key: Key) -> None:
+        with self._cond:
+            if key in self._held:
+                self._dirty.add(key)
+            elif key not in self._pending:
+                self._pending[key] = time.monotonic()
+                self._cond.notify()
+
+    def get(self, timeout: float = 1.0) -> tuple[Key, float] | None:
+        with self._cond:
+            if not self._pending and not self._closed:
+                self._cond.wait(timeout)
+            if not self._pending:
+                return None
+            key, queued_at = self._pending.popitem(last=False)
+            self._held.add(key)
+            return key, queued_at
+
+    def done(self, key: Key) -> None:
+        with self._cond:
+            self._held.discard(key)
+            if key in self._dirty:
+                self._dirty.discard(key)
+                self._pending[key] = time.monotonic()
+                self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+
+@dataclass
+class Controller:
+    kube: Kube
+    metrics: Metrics
+    workers: int = 8
+    resync_seconds: float = 10.0
+    queue: WorkQueue = field(default_factory=WorkQueue)
+    known: dict[Key, str] = field(default_factory=dict)  # key -> last phase seen
+    _pods: dict[Key, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    _pods_lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    # -- triggers (called from kopf's handlers; never block) -----------------------------------
+
+    def finetunejob_seen(self, namespace: str, name: str, body: dict[str, Any], deleted: bool) -> None:
+        key = (namespace, name)
+        if deleted:
+            self.known.pop(key, None)
+            self.metrics.forget(key)
+            with self._pods_lock:
+                self._pods.pop(key, None)
+            return
+        self.known[key] = str((body.get("status") or {}).get("phase") or "Pending")
+        self.queue.add(key)
+
+    def child_seen(self, namespace: str, owner: str, pod: dict[str, Any] | None = None) -> None:
+        """A Job or pod of `owner` changed. A pod's last state is kept for the next pass: an
+        evicted pod is gone from the API soon after, and its exit code tells a preemption."""
+        key = (namespace, owner)
+        if pod is not None and pod.get("metadata", {}).get("uid"):
+            with self._pods_lock:
+                self._pods.setdefault(key, {})[pod["metadata"]["uid"]] = pod
+        self.queue.add(key)
+
+    # -- the pass ------------------------------------------------------------------------------
+
+    def reconcile(self, key: Key) -> None:
+        namespace, name = key
+        ftj = self.kube.get_finetunejob(namespace, name)
+        if ftj is None or ftj["metadata"].get("deletionTimestamp"):
+            return  # deleted: owner references take the children with it
+        with self._pods_lock:
+            extra = list(self._pods.get(key, {}).values())
+        observed = observe(self.kube, ftj, extra)
+        decision = decide(observed)
+        act(self.kube, ftj, decision)
+        with self._pods_lock:  # pods seen before this pass are now accounted for
+            held = self._pods.get(key, {})
+            for pod in extra:
+                held.pop(pod["metadata"]["uid"], None)
+        old = (ftj.get("status") or {})
+        self.known[key] = decision.phase
+        self.metrics.observe_pass(key, old, decision.status)
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            item = self.queue.get(timeout=0.5)
+            if item is None:
+                continue
+            key, queued_at = item
+            started = time.monotonic()
+            try:
+                self.reconcile(key)
+            except Exception as error:  # one bad pass must not stop the worker; it is retried
+                self.metrics.reconcile_errors.inc()
+                log.warning("reconcile failed, retrying: %s", _describe(error),
+                            extra={"k8s_ref": {"kind": "FineTuneJob", "namespace": key[0], "name": key[1]}})
+                self._retry_later(key)
+            finally:
+                self.metrics.reconcile_seconds.observe(time.monotonic() - started)
+                self.metrics.queue_wait_seconds.observe(started - queued_at)
+                self.queue.done(key)
+
+    def _retry_later(self, key: Key, delay: float = 2.0) -> None:
+        timer = threading.Timer(delay, self.queue.add, args=(key,))
+        timer.daemon = True
+        timer.start()
+
+    def _resync(self) -> None:
+        while not self._stop.wait(self.resync_seconds):
+            for key, phase in list(self.known.items()):
+                if phase not in ("Succeeded", "Failed"):
+                    self.queue.add(key)
+
+    def start(self) -> None:
+        for i in range(self.workers):
+            self._threads.append(threading.Thread(target=self._work, name=f"reconcile-{i}", daemon=True))
+        self._threads.append(threading.Thread(target=self._resync, name="resync", daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.queue.close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+
+def _describe(error: Exception) -> str:
+    status = getattr(error, "status", None)
+    if status:
+        return f"{type(error).__name__}: HTTP {status} {getattr(error, 'reason', '')}".strip()
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}"[:300]

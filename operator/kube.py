@@ -1,0 +1,273 @@
+"""The operator's side effects: observe a FineTuneJob's world through the Kubernetes API and S3,
+and carry out a Decision. Everything that decides lives in `decide`; this module only reads
+and writes, so that a pass is `observe -> decide -> act`.
+
+Secrets are read through the API by name (never listed); their values are used to build an S3
+client and are never logged, put in status or events, or kept anywhere but that client.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from kubetune import storage
+from kubetune.api.layout import DATASET_MANIFEST, PROGRESS_FILE
+from kubetune.api.load import SpecError, parse_spec
+from kubetune.api.models import GROUP, KIND, PLURAL, VERSION, FineTuneJobSpec
+
+from . import builders as b
+from .decide import Decision, Observed, now_utc
+
+log = logging.getLogger("kubetune.operator")
+
+
+def load_kube_config() -> Any:
+    """In-cluster config inside a pod, else $KUBECONFIG / ~/.kube/config."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = 32  # one connection per worker thread, and then some
+    return client.ApiClient(configuration)
+
+
+@dataclass
+class Kube:
+    """The few API calls the operator makes, on one thread-safe ApiClient."""
+
+    api_client: Any
+    images: b.Images = field(default_factory=b.Images)
+    default_endpoint: str = ""
+    default_region: str = ""
+    default_credentials_secret: str = ""  # Secret (in the job's namespace) for jobs that name none
+    _clients: dict[str, Any] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        from kubernetes import client
+
+        self.core = client.CoreV1Api(self.api_client)
+        self.batch = client.BatchV1Api(self.api_client)
+        self.custom = client.CustomObjectsApi(self.api_client)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)  # type: ignore[no-any-return]
+        except _api_exception() as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def children(self, namespace: str, name: str, uid: str, kind: str) -> list[dict[str, Any]]:
+        """Jobs or pods of this FineTuneJob (by label, then by owner uid for Jobs: a FineTuneJob
+        recreated under the same name must not adopt its predecessor's children)."""
+        selector = f"{b.LABEL_JOB}={b.base_name(name)}"
+        if kind == "Job":
+            items = self.batch.list_namespaced_job(namespace, label_selector=selector, _preload_content=False)
+        else:
+            items = self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
+        objects: list[dict[str, Any]] = json.loads(items.data)["items"]
+        if kind == "Job":
+            objects = [o for o in objects if any(r.get("uid") == uid for r in o["metadata"].get("ownerReferences") or [])]
+        return objects
+
+    def service_exists(self, namespace: str, name: str) -> bool:
+        try:
+            self.core.read_namespaced_service(b.trainer_service_name(name), namespace, _preload_content=False)
+            return True
+        except _api_exception() as error:
+            if error.status == 404:
+                return False
+            raise
+
+    def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A Secret's data (base64 values), or None when it does not exist."""
+        try:
+            response = self.core.read_namespaced_secret(name, namespace, _preload_content=False)
+        except _api_exception() as error:
+            if error.status in (403, 404):
+                return None
+            raise
+        secret = json.loads(response.data)
+        return {**(secret.get("data") or {}), **{k: base64.b64encode(v.encode()).decode() for k, v in (secret.get("stringData") or {}).items()}}
+
+    def store(self, spec: FineTuneJobSpec, secrets: dict[str, dict[str, str] | None]) -> storage.Store:
+        """The job's storage with the credentials of spec.storage.credentialsSecretRef (or the
+        operator's own identity). Clients are cached per endpoint and credentials: making one
+        costs tens of milliseconds and megabytes."""
+        endpoint = spec.storage.endpoint or self.default_endpoint or None
+        region = spec.storage.region or self.default_region or None
+        credentials = None
+        ref = spec.storage.credentials_secret_ref
+        data = secrets.get(ref.name if ref else self.default_credentials_secret)
+        if data and "AWS_ACCESS_KEY_ID" in data and "AWS_SECRET_ACCESS_KEY" in data:
+            credentials = (base64.b64decode(data["AWS_ACCESS_KEY_ID"]).decode(), base64.b64decode(data["AWS_SECRET_ACCESS_KEY"]).decode())
+        key = hashlib.sha256(json.dumps([endpoint, region, credentials]).encode()).hexdigest()
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                client = self._clients[key] = s3_client(endpoint, region, credentials)
+        return storage.Store(spec.storage.uri, endpoint, region, client)
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def create(self, namespace: str, obj: dict[str, Any]) -> bool:
+        """Create a child; False when it already exists (another pass or operator made it)."""
+        try:
+            if obj["kind"] == "Job":
+                self.batch.create_namespaced_job(namespace, obj, _preload_content=False)
+            elif obj["kind"] == "Service":
+                self.core.create_namespaced_service(namespace, obj, _preload_content=False)
+            else:
+                raise ValueError(f"cannot create a {obj['kind']}")
+        except _api_exception() as error:
+            if error.status == 409:
+                return False
+            raise
+        return True
+
+    def patch_job(self, namespace: str, name: str, body: dict[str, Any]) -> None:
+        self.batch.patch_namespaced_job(name, namespace, body, _preload_content=False)
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": status},
+            _content_type="application/merge-patch+json", _preload_content=False)
+
+    def post_event(self, ftj: dict[str, Any], kind: str, reason: str, message: str) -> None:
+        meta = ftj["metadata"]
+        now = now_utc().isoformat().replace("+00:00", "Z")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta.get("uid", "")},
+            "reason": reason,
+            "message": message[:1024],
+            "type": kind,
+            "source": {"component": b.MANAGED_BY},
+            "reportingComponent": b.MANAGED_BY,
+            "reportingInstance": os.environ.get("HOSTNAME", "kubetune-operator"),
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(meta["namespace"], event, _preload_content=False)
+        except Exception as error:  # an event lost is not worth failing the pass for
+            log.warning("cannot post event %s: %s", reason, _short(error))
+
+
+def s3_client(endpoint: str | None, region: str | None, credentials: tuple[str, str] | None) -> Any:
+    """kubetune.storage's client settings, with explicit credentials when the job has a Secret."""
+    if credentials is None:
+        return storage.s3_client(endpoint, region, max_pool_connections=16)
+    import boto3
+
+    client = storage.s3_client(endpoint, region, max_pool_connections=16)
+    return boto3.session.Session(aws_access_key_id=credentials[0], aws_secret_access_key=credentials[1]).client(
+        "s3", endpoint_url=client.meta.endpoint_url, region_name=client.meta.region_name, config=client.meta.config)
+
+
+def _api_exception() -> type[Exception]:
+    from kubernetes.client.exceptions import ApiException
+
+    return ApiException
+
+
+def _short(error: Exception) -> str:
+    status = getattr(error, "status", None)
+    reason = getattr(error, "reason", None)
+    if status:
+        return f"HTTP {status} {reason or ''}".strip()
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+# -- observe and act ---------------------------------------------------------------------------
+
+
+def observe(kube: Kube, ftj: dict[str, Any], extra_pods: list[dict[str, Any]], now: datetime | None = None) -> Observed:
+    """Everything decide() needs, read fresh: children, Secrets (presence and keys), the
+    dataset manifest and progress.json."""
+    meta = ftj["metadata"]
+    namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid", "")
+    status = ftj.get("status") or {}
+    observed = Observed(name=name, namespace=namespace, uid=uid, generation=meta.get("generation"), spec=None,
+                        status=status, now=now or now_utc(), images=kube.images)
+    try:
+        spec = observed.spec = parse_spec(ftj.get("spec"))
+    except SpecError as error:
+        observed.spec_error = str(error)
+        return observed
+    if status.get("phase") in ("Succeeded", "Failed"):
+        observed.jobs = {j["metadata"]["name"]: j for j in kube.children(namespace, name, uid, "Job")}
+        return observed  # nothing else matters once finished
+    observed.jobs = {j["metadata"]["name"]: j for j in kube.children(namespace, name, uid, "Job")}
+    pods = kube.children(namespace, name, uid, "Pod")
+    seen = {p["metadata"].get("uid") for p in pods}
+    observed.pods = pods + [p for p in extra_pods if p["metadata"].get("uid") not in seen]
+    wanted = {ref.name for component in (b.COLLECTOR, b.TRAINER) for _, ref in b.secret_ref_paths(spec, component)}
+    secret_values = {secret: kube.secret_data(namespace, secret) for secret in sorted(wanted)}
+    if not spec.storage.credentials_secret_ref and kube.default_credentials_secret:
+        secret_values[kube.default_credentials_secret] = kube.secret_data(namespace, kube.default_credentials_secret)
+    observed.secrets = {secret: (set(data) if data is not None else None) for secret, data in secret_values.items()}
+    training_started = bool(status.get("attempts"))
+    if training_started or b.trainer_job_name(name, 0) in observed.jobs:
+        observed.service_exists = kube.service_exists(namespace, name)
+    store = kube.store(spec, secret_values)
+    try:
+        if not spec.dataset.imagefolder and not training_started:
+            observed.dataset_manifest = _read_json(store, DATASET_MANIFEST)
+        if training_started or spec.dataset.imagefolder or observed.dataset_manifest:
+            observed.progress = _read_json(store, PROGRESS_FILE)
+    except storage.StorageError as error:
+        observed.storage_error = str(error)
+    return observed
+
+
+def _read_json(store: storage.Store, key: str) -> dict[str, Any] | None:
+    try:
+        value = store.read_json(key)
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:
+        return None  # being rewritten by a store that is not atomic: read it next pass
+    return value if isinstance(value, dict) else None
+
+
+def act(kube: Kube, ftj: dict[str, Any], decision: Decision) -> None:
+    """Create what is missing, apply patches, write status if it changed, post events."""
+    meta = ftj["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    for obj in decision.create:
+        if kube.create(namespace, obj):
+            log.info("created %s %s", obj["kind"], obj["metadata"]["name"], extra=_ref(namespace, name))
+    for patch in decision.patch:
+        kube.patch_job(namespace, patch.name, patch.body)
+    old = ftj.get("status") or {}
+    if decision.status != old:
+        # Merge patch: keys this pass dropped are set to null so that they disappear.
+        body = {**{key: None for key in old if key not in decision.status}, **decision.status}
+        kube.patch_status(namespace, name, body)
+    for event in decision.events:
+        kube.post_event(ftj, event.type, event.reason, event.message)
+        log.info("%s: %s", event.reason, event.message, extra=_ref(namespace, name))
+
+
+def _ref(namespace: str, name: str) -> dict[str, Any]:
+    return {"k8s_ref": {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "namespace": namespace, "name": name}}
