@@ -1,0 +1,158 @@
+"""Resumable checkpoints: complete and atomic, uploaded in the background.
+
+A checkpoint is a folder `checkpoints/step-NNNNNNNN/` under the output. Its `manifest.json`
+(files with sizes and SHA-256, step, samples seen, seed and the data position) is written last:
+a folder without it does not exist for `--resume_from_checkpoint latest`. Writing the files is
+the only part on the training path; hashing, the manifest, the upload to S3 and removing old
+checkpoints (only after a newer one is complete) run in a background thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetune.api.layout import CHECKPOINTS_DIR, MANIFEST_FILE, checkpoint_name
+from kubetune.storage import StorageError, Store
+
+log = logging.getLogger("kubetune.trainer")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class CheckpointRef:
+    name: str
+    step: int
+    store: Store          # the checkpoint folder
+    manifest: dict[str, Any]
+
+
+def _step_of(name: str) -> int | None:
+    for prefix in ("step-", "checkpoint-"):
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return int(name[len(prefix):])
+    return None
+
+
+def complete_checkpoints(output: Store) -> list[CheckpointRef]:
+    """Complete checkpoints under `output/checkpoints`, oldest first."""
+    found = []
+    for key in output.list(CHECKPOINTS_DIR):
+        parts = key.split("/")
+        if len(parts) == 3 and parts[2] == MANIFEST_FILE and _step_of(parts[1]) is not None:
+            folder = output.child(CHECKPOINTS_DIR, parts[1])
+            try:
+                manifest = folder.read_json(MANIFEST_FILE)
+            except (FileNotFoundError, ValueError, StorageError):
+                continue
+            found.append(CheckpointRef(parts[1], int(manifest["step"]), folder, manifest))
+    return sorted(found, key=lambda ref: ref.step)
+
+
+def find_checkpoint(output: Store, value: str) -> CheckpointRef | None:
+    """`latest`, a name under output/checkpoints (`step-N`, `checkpoint-N`), or a folder path/URI."""
+    if value == "latest":
+        refs = complete_checkpoints(output)
+        return refs[-1] if refs else None
+    folder = output.child(CHECKPOINTS_DIR, value) if _step_of(value) is not None and "/" not in value else Store(value)
+    try:
+        manifest = folder.read_json(MANIFEST_FILE)
+    except FileNotFoundError:
+        raise CheckpointError(f"--resume_from_checkpoint {value}: no complete checkpoint there "
+                              f"(no {MANIFEST_FILE})") from None
+    return CheckpointRef(folder.uri.rstrip("/").rsplit("/", 1)[-1], int(manifest["step"]), folder, manifest)
+
+
+def fetch(ref: CheckpointRef, staging: Path) -> Path:
+    """A local folder with the checkpoint's files, verified against its manifest."""
+    local = Path(ref.store.uri) if not ref.store.is_s3 else staging / "resume" / ref.name
+    for name, entry in ref.manifest["files"].items():
+        path = local / name
+        if ref.store.is_s3 and not (path.exists() and path.stat().st_size == entry["size"]):
+            ref.store.download_file(name, path)
+        if path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
+            raise CheckpointError(f"{ref.store.uri_of(name)}: size or hash differs from the manifest; "
+                                  "the checkpoint is damaged")
+    return local
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Checkpointer:
+    """Writes checkpoints into `staging` and publishes them to `output` in the background."""
+
+    def __init__(self, output: Store, staging: Path, keep: int | None) -> None:
+        self.output, self.keep = output, keep
+        self.local_root = Path(output.uri) if not output.is_s3 else staging
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-upload")
+        self._pending: list[Future[str]] = []
+        self.latest: str | None = None  # newest checkpoint known complete in the output
+
+    def folder(self, step: int) -> Path:
+        """A fresh, empty local folder for the checkpoint of `step` (files go in, then `commit`)."""
+        path = self.local_root / CHECKPOINTS_DIR / checkpoint_name(step)
+        if path.exists():
+            shutil.rmtree(path)  # an incomplete leftover of an interrupted save
+        path.mkdir(parents=True)
+        return path
+
+    def commit(self, path: Path, info: dict[str, Any]) -> None:
+        """Hash, write the manifest, upload and prune, in the background."""
+        self._pending = [f for f in self._pending if not f.done() or f.exception()]
+        self._pending.append(self._pool.submit(self._publish, path, info))
+
+    def _publish(self, path: Path, info: dict[str, Any]) -> str:
+        started = time.monotonic()
+        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(path.iterdir())
+                 if p.is_file() and p.name != MANIFEST_FILE}
+        manifest = {**info, "files": files, "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        local = Store(str(path))
+        if self.output.is_s3:
+            remote = self.output.child(CHECKPOINTS_DIR, path.name)
+            for name in files:
+                remote.upload_file(path / name, name)
+            remote.write_json(MANIFEST_FILE, manifest)  # last: now the checkpoint exists
+            local.write_json(MANIFEST_FILE, manifest)
+            for old in sorted((self.local_root / CHECKPOINTS_DIR).iterdir()):
+                if old != path and old.name < path.name:
+                    shutil.rmtree(old, ignore_errors=True)  # the S3 copy is the one that counts
+        else:
+            local.write_json(MANIFEST_FILE, manifest)
+        self.latest = path.name
+        self._prune()
+        log.info("checkpoint %s complete in %s (%.1fs in background)", path.name, self.output.uri_of(CHECKPOINTS_DIR),
+                 time.monotonic() - started)
+        return path.name
+
+    def _prune(self) -> None:
+        if self.keep is None:
+            return
+        refs = complete_checkpoints(self.output)
+        for ref in refs[: max(0, len(refs) - self.keep)]:
+            ref.store.delete(MANIFEST_FILE)  # first: a half-deleted checkpoint must not count
+            ref.store.delete_prefix("")
+
+    def wait(self) -> str | None:
+        """Block until every checkpoint is published; raise if one failed."""
+        for future in self._pending:
+            future.result()
+        self._pending = []
+        return self.latest
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

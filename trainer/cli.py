@@ -1,0 +1,75 @@
+"""`kubetune train`: parse flags (no torch yet), run, and turn every ending into an exit code
+(kubetune.api.layout: 0 ok, 1 retryable, 2 invalid input, 75 preempted) and one line."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kubetune.trainer.config import parse_config
+
+from kubetune.api import layout
+from kubetune.cli_util import OneLineError
+from kubetune.launch import EXIT_DIR_ENV
+
+
+def main(argv: Sequence[str], prog: str = "kubetune train") -> int:
+    try:
+        cfg = parse_config(argv, prog)
+    except OneLineError as error:
+        return _finish(prog, layout.EXIT_INVALID, str(error))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("diffusers", "transformers", "accelerate", "torch.distributed", "botocore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import torch
+    from kubetune.trainer.checkpoint import CheckpointError
+    from kubetune.trainer.data import DataError
+    from kubetune.trainer.train import TrainError, cuda_oom_message, run
+
+    from kubetune.storage import StorageError
+
+    try:
+        return _finish(prog, run(cfg))
+    except TrainError as error:
+        return _finish(prog, error.code, str(error), cfg.output_dir)
+    except (DataError, CheckpointError) as error:
+        return _finish(prog, layout.EXIT_INVALID, str(error), cfg.output_dir)
+    except torch.OutOfMemoryError:
+        return _finish(prog, layout.EXIT_INVALID, cuda_oom_message(cfg), cfg.output_dir)
+    except StorageError as error:
+        return _finish(prog, layout.EXIT_FAILED, str(error), cfg.output_dir)
+
+
+def _finish(prog: str, code: int, message: str = "", output_dir: str | None = None) -> int:
+    """Print the one-line error, mark progress failed, and leave the exit code for the supervisor."""
+    if message:
+        print(f"{prog}: error: {message}", file=sys.stderr)
+    if code not in (layout.EXIT_OK, layout.EXIT_PREEMPTED) and output_dir and _is_main():
+        _mark_failed(output_dir, message)
+    exit_dir = os.environ.get(EXIT_DIR_ENV)
+    if exit_dir and Path(exit_dir).is_dir():
+        (Path(exit_dir) / f"exit-{os.environ.get('RANK', '0')}").write_text(str(code))
+    return code
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _mark_failed(output_dir: str, message: str) -> None:
+    from kubetune.storage import StorageError, Store
+
+    store = Store(output_dir)
+    try:
+        progress = store.read_json(layout.PROGRESS_FILE)
+    except (FileNotFoundError, ValueError, StorageError):
+        progress = {}
+    progress.update(state="failed", message=message)
+    with contextlib.suppress(StorageError):
+        store.write_json(layout.PROGRESS_FILE, progress)

@@ -1,0 +1,133 @@
+"""The results: validation samples, the diffusers pipeline (or LoRA weights) at the root of the
+output, and a model card with the training settings and the dataset's sources and licenses."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from kubetune.trainer.config import TrainConfig
+from kubetune.trainer.data import TrainingData
+
+from kubetune.api.layout import SAMPLES_DIR, checkpoint_name
+from kubetune.storage import Store
+
+
+@torch.no_grad()
+def render_samples(pipeline: Any, prompts: list[str], resolution: int, seed: int, output: Store, step: int) -> list[str]:
+    """PNGs and a grid for `prompts` under samples/step-N/; returns the keys written."""
+    import io
+
+    from diffusers.utils import make_image_grid
+
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    images = [pipeline(p, num_inference_steps=20, height=resolution, width=resolution, generator=generator).images[0]
+              for p in prompts]
+    folder = f"{SAMPLES_DIR}/{checkpoint_name(step)}"
+    keys = []
+    for index, image in enumerate(images):
+        keys.append(f"{folder}/{index:02d}.png")
+        output.write_bytes(keys[-1], _png(image, io), "image/png")
+    columns = min(len(images), 4)
+    grid = make_image_grid(images + [images[-1].copy().point(lambda _: 0)] * (-len(images) % columns),
+                           rows=(len(images) + columns - 1) // columns, cols=columns)
+    output.write_bytes(f"{folder}/grid.png", _png(grid, io), "image/png")
+    output.write_json(f"{folder}/prompts.json", prompts)
+    return keys
+
+
+def _png(image: Any, io: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return bytes(buffer.getvalue())
+
+
+def write_pipeline(pipeline: Any, output: Store, staging: Path) -> None:
+    """save_pretrained into the output root; for S3 via a local folder, model_index.json last."""
+    if not output.is_s3:
+        pipeline.save_pretrained(output.uri, safe_serialization=True)
+        return
+    folder = staging / "publish"
+    shutil.rmtree(folder, ignore_errors=True)
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != "model_index.json":
+            output.upload_file(path, path.relative_to(folder).as_posix())
+    output.upload_file(folder / "model_index.json", "model_index.json")
+
+
+def write_lora(unet: Any, output: Store, staging: Path) -> None:
+    """pytorch_lora_weights.safetensors, loadable with `pipe.load_lora_weights(output)`."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = {k: v.detach().contiguous().float() for k, v in layers.items()}
+    folder = Path(output.uri) if not output.is_s3 else staging / "publish-lora"
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    if output.is_s3:
+        output.upload_tree(folder)
+
+
+def model_card(cfg: TrainConfig, data: TrainingData, images: int, skipped: int, steps: int, seed: int) -> str:
+    """README.md: what was trained, with which settings, on whose images under which licenses."""
+    lines = [
+        "---",
+        f"base_model: {cfg.pretrained_model_name_or_path}",
+        "library_name: diffusers",
+        "tags: [stable-diffusion, text-to-image, diffusers, kubetune" + (", lora" if cfg.method == "lora" else "") + "]",
+        "---",
+        "",
+        f"# Fine-tuned {cfg.pretrained_model_name_or_path}",
+        "",
+        f"Trained with kubetune ({'LoRA rank ' + str(cfg.rank) if cfg.method == 'lora' else 'full UNet fine-tune'}) "
+        f"on {images} images from `{data.description}`" + (f" ({skipped} unreadable images skipped)." if skipped else "."),
+        "",
+    ]
+    if cfg.method == "lora":
+        lines += ["```python", "from diffusers import StableDiffusionPipeline",
+                  f'pipe = StableDiffusionPipeline.from_pretrained("{cfg.pretrained_model_name_or_path}")',
+                  'pipe.load_lora_weights("<this folder>")', "```", ""]
+    else:
+        lines += ["```python", "from diffusers import StableDiffusionPipeline",
+                  'pipe = StableDiffusionPipeline.from_pretrained("<this folder>")', "```", ""]
+    settings = {
+        "steps": steps, "resolution": cfg.resolution, "center crop": cfg.center_crop, "random flip": cfg.random_flip,
+        "batch size per process": cfg.train_batch_size, "gradient accumulation": cfg.gradient_accumulation_steps,
+        "learning rate": cfg.learning_rate, "lr scheduler": cfg.lr_scheduler, "warm-up steps": cfg.lr_warmup_steps,
+        "max grad norm": cfg.max_grad_norm, "mixed precision": cfg.precision, "EMA": cfg.use_ema,
+        "gradient checkpointing": cfg.gradient_checkpointing, "SNR gamma": cfg.snr_gamma,
+        "noise offset": cfg.noise_offset, "prediction type": cfg.prediction_type or "scheduler default", "seed": seed,
+    }
+    lines += ["## Training settings", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in settings.items()]
+    lines += ["", "## Dataset", ""]
+    if cfg.spec_dataset:
+        source = next((k for k, v in cfg.spec_dataset.items() if isinstance(v, dict)), "")
+        prompts = cfg.spec_dataset.get(source, {}).get("prompts", [])
+        lines.append(f"Collected by kubetune from **{source}**" + (f" for the prompts: {', '.join(prompts)}." if prompts else "."))
+    if data.manifest:
+        for key in ("source", "fingerprint", "kept", "createdAt"):
+            if key in data.manifest:
+                lines.append(f"- {key}: {data.manifest[key]}")
+    licenses = Counter(str(r.get("license") or "unknown") for r in data.records)
+    sources = Counter(str(r["source"]) for r in data.records if r.get("source"))
+    if sources:
+        lines += ["", "Sources: " + ", ".join(f"{name} ({count})" for name, count in sources.most_common())]
+    if data.records:
+        lines += ["", "| license | images |", "|---|---|"] + [f"| {k} | {v} |" for k, v in licenses.most_common()]
+        credited = [r for r in data.records if r.get("url") or r.get("author")]
+        if credited:
+            lines += ["", "### Credits", ""]
+            for record in credited[:500]:
+                lines.append(f"- {record.get('file_name', '')}: {record.get('author') or 'unknown author'}"
+                             f"{', ' + str(record['license']) if record.get('license') else ''}"
+                             f"{', <' + str(record['url']) + '>' if record.get('url') else ''}")
+            if len(credited) > 500:
+                lines.append(f"- ... and {len(credited) - 500} more (see the dataset's metadata.jsonl)")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,629 @@
+"""Fine-tuning: load -> cache -> train -> checkpoint -> publish.
+
+`run` is the whole flow; the pieces below it are in the order it calls them. Every process
+(`accelerate launch` starts one per GPU) runs it; only the main process writes progress,
+checkpoints and the result.
+
+Data order and randomness are pure functions of (seed, position in the sample stream): the
+stream is the concatenation of seeded per-epoch permutations of the cached samples, step s
+takes the next `global batch` positions, and each position's latent sample, noise, timestep and
+flip come from a generator seeded by (seed, position). So a resumed run continues mid-epoch
+exactly, and N processes at the same global batch see the same samples and noise as one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from kubetune.trainer import cache as latent_cache
+from kubetune.trainer import publish
+from kubetune.trainer.checkpoint import Checkpointer, CheckpointRef, fetch, find_checkpoint
+from kubetune.trainer.config import TrainConfig
+from kubetune.trainer.data import (
+    TrainingData,
+    open_hub_dataset,
+    open_imagefolder,
+    select,
+)
+from kubetune.trainer.progress import Progress
+
+from kubetune.api import layout
+from kubetune.storage import Store, join
+
+log = logging.getLogger("kubetune.trainer")
+
+
+class TrainError(Exception):
+    """Ends training with `code` and a one-line message (no traceback)."""
+
+    def __init__(self, message: str, code: int = layout.EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def run(cfg: TrainConfig) -> int:
+    session = Session.start(cfg)
+    resume = session.resume_point()                                    # 0. where to continue from
+    model = load_model(cfg, session)                                   # 1. load
+    data, indices = load_data(cfg, session)
+    samples = load_cache(cfg, session, model, data, indices)           # 2. cache
+    if samples is None:
+        return session.preempted()
+    model.release_encoders(keep_on_cpu=bool(cfg.validation_prompts))
+    trainer = Trainer(cfg, session, model, samples, resume)
+    for step in trainer.steps():                                       # 3. train
+        stop = session.stopping()
+        if stop or step % cfg.checkpointing_steps == 0:
+            trainer.save_checkpoint()                                  # 4. checkpoint
+        if stop:
+            return session.preempted()
+        if cfg.validation_prompts and step % (cfg.validation_steps or cfg.checkpointing_steps) == 0:
+            trainer.render_samples()
+    trainer.publish(data, len(samples.mean), samples.skipped)          # 5. publish
+    return layout.EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# the run's surroundings: processes, storage, signals, progress
+
+
+@dataclass
+class Session:
+    cfg: TrainConfig
+    accelerator: Any
+    output: Store
+    staging: Path
+    progress: Progress
+    stop_requested: bool = False
+    seed: int = 0
+
+    @classmethod
+    def start(cls, cfg: TrainConfig) -> Session:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(mixed_precision=cfg.precision)
+        output = Store(cfg.output_dir)
+        staging = Path(cfg.output_dir) if not output.is_s3 else Path(os.environ.get(
+            "KUBETUNE_WORK_DIR", Path.home() / ".cache" / "kubetune" / "work" / _short_hash(cfg.output_dir)))
+        staging.mkdir(parents=True, exist_ok=True)
+        progress = Progress(output if accelerator.is_main_process else None, 0, cfg.progress_interval)
+        session = cls(cfg, accelerator, output, staging, progress)
+        signal.signal(signal.SIGTERM, session._on_sigterm)
+        progress.state("loading")
+        return session
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        log.warning("SIGTERM: finishing this step, then saving a checkpoint")
+        self.stop_requested = True
+
+    @property
+    def is_main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+    def stopping(self) -> bool:
+        """True on every process as soon as one of them was asked to stop."""
+        if self.accelerator.num_processes == 1:
+            return self.stop_requested
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.accelerator.device)
+        self.stop_requested = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        return self.stop_requested
+
+    def preempted(self) -> int:
+        self.progress.state("preempted")
+        return layout.EXIT_PREEMPTED
+
+    def resume_point(self) -> CheckpointRef | None:
+        """The checkpoint to continue from, and the seed (the checkpoint's, the flag's or a new one)."""
+        ref = find_checkpoint(self.output, self.cfg.resume_from_checkpoint) if self.cfg.resume_from_checkpoint else None
+        seed = ref.manifest["seed"] if ref else self.cfg.seed
+        if seed is None:
+            from accelerate.utils import broadcast_object_list
+
+            seed = broadcast_object_list([int.from_bytes(os.urandom(4), "little")])[0]
+        self.seed = int(seed)
+        if ref:
+            log.info("resuming from %s (step %d)", ref.store.uri, ref.step)
+        elif self.cfg.resume_from_checkpoint and self.cfg.resume_from_checkpoint != "latest":
+            raise TrainError(f"--resume_from_checkpoint {self.cfg.resume_from_checkpoint}: not found", layout.EXIT_INVALID)
+        return ref
+
+
+def _short_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. load
+
+
+@dataclass
+class Model:
+    path: Path
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any
+    fingerprint: str
+    scaling_factor: float = 0.18215
+
+    def release_encoders(self, keep_on_cpu: bool) -> None:
+        """Free the accelerator's memory of the VAE and text encoder once the cache is built."""
+        if keep_on_cpu:
+            self.vae.to("cpu", torch.float32)
+            self.text_encoder.to("cpu", torch.float32)
+        else:
+            self.vae = self.text_encoder = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def resolve_model_path(cfg: TrainConfig, session: Session) -> Path:
+    """A local diffusers folder for the model: as given, downloaded from S3, or from the Hub."""
+    name = cfg.pretrained_model_name_or_path
+    if Path(name).is_dir():
+        return Path(name)
+    cache_root = Path(cfg.cache_dir or Path.home() / ".cache" / "kubetune" / "models")
+    with session.accelerator.local_main_process_first():
+        if name.startswith("s3://"):
+            local = cache_root / _short_hash(name)
+            if not (local / ".complete").exists():
+                if not Store(name).exists("model_index.json"):
+                    raise TrainError(f"--pretrained_model_name_or_path {name}: no model_index.json there", layout.EXIT_INVALID)
+                Store(name).download_tree("", local)
+                (local / ".complete").touch()
+            return local
+        if name.startswith((".", "/")) or name.count("/") != 1:
+            raise TrainError(f"--pretrained_model_name_or_path {name}: no such folder (nor an s3:// URI or a hub id "
+                             "like org/name)", layout.EXIT_INVALID)
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(name, revision=cfg.revision, token=os.environ.get("HF_TOKEN") or None,
+                                          cache_dir=cfg.cache_dir,
+                                          ignore_patterns=["*.ckpt", "*.msgpack", "*.onnx", "*.h5", "*.pb", "*.onnx_data"]))
+        except Exception as error:
+            raise TrainError(f"--pretrained_model_name_or_path {name}: cannot download: {type(error).__name__}",
+                             layout.EXIT_INVALID) from None
+
+
+def load_model(cfg: TrainConfig, session: Session) -> Model:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = resolve_model_path(cfg, session)
+    if not (path / "model_index.json").exists() or not (path / "unet").is_dir():
+        raise TrainError(f"--pretrained_model_name_or_path {cfg.pretrained_model_name_or_path}: not a diffusers "
+                         "Stable Diffusion folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/)",
+                         layout.EXIT_INVALID)
+    variant = cfg.variant or None
+    try:
+        model = Model(
+            path=path,
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant),
+            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+            fingerprint=_weights_fingerprint(path),
+        )
+    except (OSError, ValueError) as error:
+        raise TrainError(f"--pretrained_model_name_or_path {cfg.pretrained_model_name_or_path}: cannot load: "
+                         f"{str(error).splitlines()[0]}", layout.EXIT_INVALID) from None
+    model.scaling_factor = float(model.vae.config.scaling_factor)
+    if cfg.prediction_type:
+        model.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
+    model.vae.requires_grad_(False)
+    model.text_encoder.requires_grad_(False)
+    return model
+
+
+def _weights_fingerprint(path: Path) -> str:
+    """What decides cached latents and text states: the VAE's and text encoder's files."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for sub in ("vae", "text_encoder", "tokenizer"):
+        for file in sorted((path / sub).glob("*")):
+            if file.is_file():
+                digest.update(file.name.encode())
+                with file.open("rb") as handle:
+                    while chunk := handle.read(8 << 20):
+                        digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def load_data(cfg: TrainConfig, session: Session) -> tuple[TrainingData, list[int]]:
+    source = cfg.train_data_dir if not cfg.dataset_name else cfg.dataset_name
+    assert source is not None
+    local_or_s3 = source.startswith("s3://") or Path(source).is_dir()
+    if local_or_s3:
+        data = open_imagefolder(source, cfg.image_column, cfg.caption_column)
+    else:
+        data = open_hub_dataset(source, cfg.dataset_config_name, cfg.image_column, cfg.caption_column, cfg.cache_dir)
+    return data, select(data, cfg.max_train_samples, session.seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. cache
+
+
+def cache_root(cfg: TrainConfig) -> str:
+    if cfg.latent_cache_dir:
+        return cfg.latent_cache_dir
+    data = (cfg.train_data_dir or "").rstrip("/")
+    if data and not cfg.dataset_name and data.rsplit("/", 1)[-1] == layout.DATASET_DIR:
+        return join(data.rsplit("/", 1)[0], layout.CACHE_DIR)  # beside <storage>/dataset
+    return join(cfg.output_dir, layout.CACHE_DIR)
+
+
+def load_cache(cfg: TrainConfig, session: Session, model: Model, data: TrainingData, indices: list[int]) -> Any | None:
+    accelerator = session.accelerator
+    vae_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32  # an fp16 VAE can overflow
+    text_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
+    settings = {
+        "version": latent_cache.CACHE_VERSION, "model": model.fingerprint, "data": data.fingerprint,
+        "samples": _short_hash(",".join(map(str, indices))), "resolution": cfg.resolution,
+        "centerCrop": cfg.center_crop, "randomFlip": cfg.random_flip, "interpolation": cfg.image_interpolation_mode,
+        "captionColumn": cfg.caption_column, "dtype": "float32" if cfg.precision == "no" else "float16",
+    }
+
+    def encoders() -> latent_cache.Encoders:
+        model.vae.to(accelerator.device, vae_dtype)
+        model.text_encoder.to(accelerator.device, text_dtype)
+        return latent_cache.Encoders(model.vae, model.text_encoder, model.tokenizer, accelerator.device, vae_dtype, text_dtype)
+
+    try:
+        return latent_cache.build_or_load(
+            Store(cache_root(cfg)), settings, data, indices, encoders, accelerator.process_index,
+            accelerator.num_processes, accelerator.wait_for_everyone, lambda: session.stop_requested,
+            session.progress.state, workers=max(4, cfg.dataloader_num_workers),
+        )
+    except InterruptedError:
+        return None  # stopped (SIGTERM) while caching: the chunks done so far are kept
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. train, 4. checkpoint, 5. publish
+
+
+@dataclass
+class Trainer:
+    cfg: TrainConfig
+    session: Session
+    model: Model
+    samples: Any
+    resume: CheckpointRef | None
+    step: int = 0
+    samples_seen: int = 0
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        cfg, accelerator = self.cfg, self.session.accelerator
+        self.device = accelerator.device
+        self.world = accelerator.num_processes
+        self.global_batch = cfg.train_batch_size * self.world * cfg.gradient_accumulation_steps
+        self.max_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(len(self.samples) / self.global_batch)
+        self.session.progress.max_steps = self.max_steps
+        self.session.progress.update(maxSteps=self.max_steps)
+        if cfg.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.unet = unet = self.model.unet  # the plain module; self.ddp is what runs forward
+        if cfg.method == "lora":
+            from peft import LoraConfig
+
+            unet.requires_grad_(False)
+            unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
+                                        target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        unet.train()
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.to(self.device)
+        if self.device.type == "cuda":
+            unet.to(memory_format=torch.channels_last)
+        self.params = [p for p in unet.parameters() if p.requires_grad]
+        for p in self.params:
+            p.data = p.data.float()  # fp32 master weights; autocast does the low-precision math
+        self.ema = None
+        if cfg.use_ema and cfg.method == "full":
+            from diffusers import UNet2DConditionModel
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.params, model_cls=UNet2DConditionModel, model_config=unet.config,
+                                foreach=cfg.foreach_ema)
+            if cfg.offload_ema:
+                self.ema.to("cpu")
+        lr = cfg.learning_rate * (self.global_batch if cfg.scale_lr else 1)
+        optimizer = torch.optim.AdamW(self.params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+                                      fused=self.device.type == "cuda")
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                          num_training_steps=self.max_steps)
+        runnable = torch.compile(unet) if cfg.compile else unet
+        self.ddp, self.optimizer = accelerator.prepare(runnable, optimizer)
+        self.checkpointer = Checkpointer(self.session.output, self.session.staging, cfg.checkpoints_total_limit)
+        self.writer = self._tensorboard()
+        if self.resume:
+            self._load_checkpoint(self.resume)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def steps(self) -> Iterator[int]:
+        """Run optimizer steps; yields after each one with the new step number."""
+        session, cfg = self.session, self.cfg
+        session.progress.state("training", step=self.step, epoch=self.samples_seen // len(self.samples))
+        accumulation = cfg.gradient_accumulation_steps
+        with torch.inference_mode(False):
+            while self.step < self.max_steps:
+                losses = []
+                for micro in range(accumulation):
+                    batch = self._batch(self._positions(micro))
+                    sync = micro == accumulation - 1
+                    with contextlib.nullcontext() if sync else self.session.accelerator.no_sync(self.ddp):
+                        loss = self._loss(batch)
+                        self.session.accelerator.backward(loss / accumulation)
+                    losses.append(loss.detach())
+                if cfg.max_grad_norm > 0:
+                    self.session.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self._ema_step()
+                self.step += 1
+                self.samples_seen += self.global_batch
+                self._report(torch.stack(losses).mean())
+                yield self.step
+
+    def _positions(self, micro: int) -> list[int]:
+        """Stream positions of this process's micro-batch `micro` of the current step."""
+        batch, rank = self.cfg.train_batch_size, self.session.accelerator.process_index
+        start = self.samples_seen + micro * batch * self.world + rank * batch
+        return list(range(start, start + batch))
+
+    def _batch(self, positions: list[int]) -> dict[str, torch.Tensor]:
+        """Latents sampled from the cached distributions, text states, noise and timesteps."""
+        cfg, cache, count = self.cfg, self.samples, len(self.samples)
+        timesteps_total = self.model.noise_scheduler.config.num_train_timesteps
+        rows = []
+        for position in positions:
+            index = int(_epoch_order(self.session.seed, position // count, count)[position % count])
+            g = torch.Generator().manual_seed((self.session.seed * 1_000_003 + position) % (2**63 - 1))
+            flip = bool(torch.rand(1, generator=g) < 0.5) and cfg.random_flip
+            mean, std = (cache.mean_flip, cache.std_flip) if flip else (cache.mean, cache.std)
+            shape = mean.shape[1:]
+            latent = mean[index].float() + std[index].float() * torch.randn(shape, generator=g)
+            noise = torch.randn(shape, generator=g) + cfg.noise_offset * torch.randn((shape[0], 1, 1), generator=g)
+            perturbed = noise + cfg.input_perturbation * torch.randn(shape, generator=g)
+            timestep = torch.randint(0, timesteps_total, (1,), generator=g)
+            rows.append((latent, noise, perturbed, timestep, cache.text[cache.caption_index[index]]))
+        latents, noise, perturbed, timesteps, text = (torch.stack(column) for column in zip(*rows, strict=False))
+        return {"latents": (latents * self.model.scaling_factor).to(self.device), "noise": noise.to(self.device),
+                "perturbed": perturbed.to(self.device), "timesteps": timesteps.squeeze(1).to(self.device),
+                "text": text.to(self.device).float()}
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """train_text_to_image.py's loss: MSE to the noise (or velocity), optionally min-SNR weighted."""
+        from diffusers.training_utils import compute_snr
+
+        scheduler, cfg = self.model.noise_scheduler, self.cfg
+        latents, noise, timesteps = batch["latents"], batch["noise"], batch["timesteps"]
+        noisy = scheduler.add_noise(latents, batch["perturbed"] if cfg.input_perturbation else noise, timesteps)
+        if self.device.type == "cuda":
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        prediction_type = scheduler.config.prediction_type
+        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        prediction = self.ddp(noisy, timesteps, batch["text"], return_dict=False)[0]
+        if cfg.snr_gamma is None:
+            return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+        snr = compute_snr(scheduler, timesteps)
+        weights = torch.stack([snr, cfg.snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+        weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
+        return (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
+
+    def _ema_step(self) -> None:
+        assert self.ema is not None
+        if self.cfg.offload_ema:
+            self.ema.to(self.device)
+        self.ema.step(self.params)
+        if self.cfg.offload_ema:
+            self.ema.to("cpu")
+
+    def _report(self, loss: torch.Tensor) -> None:
+        loss_value = float(self.session.accelerator.reduce(loss, reduction="mean")) if self.world > 1 else float(loss)
+        lr = self.lr_scheduler.get_last_lr()[0]
+        if not self.session.is_main:
+            return
+        self.session.progress.step(self.step, self.samples_seen, loss=round(loss_value, 6), learningRate=lr,
+                                   epoch=self.samples_seen // len(self.samples))
+        if self.writer is not None:
+            self.writer.add_scalar("train_loss", loss_value, self.step)
+            self.writer.add_scalar("lr", lr, self.step)
+
+    # -- 4. checkpoint -------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        """Write this step's checkpoint (main process); hashing and upload go on in the background.
+        When stopping, wait for the upload: the pod is about to go."""
+        from safetensors.torch import save_file
+
+        session = self.session
+        if session.is_main:
+            session.progress.state("checkpointing")
+            folder = self.checkpointer.folder(self.step)
+            save_file({k: v.detach().contiguous() for k, v in self._trainable_state().items()},
+                      folder / "trainable.safetensors")
+            if self.ema is not None:
+                save_file({f"{i}": p.detach().contiguous() for i, p in enumerate(self.ema.shadow_params)},
+                          folder / "ema.safetensors")
+            scaler = session.accelerator.scaler
+            torch.save({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else None}, folder / "optimizer.pt")
+            count = len(self.samples)
+            self.checkpointer.commit(folder, {
+                "step": self.step, "samplesSeen": self.samples_seen, "epoch": self.samples_seen // count,
+                "seed": session.seed, "method": self.cfg.method, "globalBatchSize": self.global_batch,
+                "worldSize": self.world, "cacheKey": self.samples.key,
+                "ema": {"optimizationStep": self.ema.optimization_step} if self.ema is not None else None,
+                "dataloader": {"position": self.samples_seen, "epoch": self.samples_seen // count,
+                               "indexInEpoch": self.samples_seen % count, "samples": count},
+                "rng": {"seed": session.seed, "scheme": "torch.Generator per sample, seeded by (seed, position)"},
+            })
+            if session.stop_requested:
+                session.progress.update(latestCheckpoint=self.checkpointer.wait())
+            self._upload_logs()
+            session.progress.state("training", latestCheckpoint=self.checkpointer.latest)
+        session.accelerator.wait_for_everyone()
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        if self.cfg.method == "lora":
+            from peft.utils import get_peft_model_state_dict
+
+            return dict(get_peft_model_state_dict(self.unet))
+        return dict(self.unet.state_dict())
+
+    def _load_checkpoint(self, ref: CheckpointRef) -> None:
+        from safetensors.torch import load_file
+
+        accelerator = self.session.accelerator
+        with accelerator.local_main_process_first():
+            folder = fetch(ref, self.session.staging)
+        state = load_file(folder / "trainable.safetensors", device=str(self.device))
+        if self.cfg.method == "lora":
+            from peft.utils import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.unet, state)
+        else:
+            self.unet.load_state_dict(state)
+        if self.ema is not None and (folder / "ema.safetensors").exists():
+            shadow = load_file(folder / "ema.safetensors")
+            for i, p in enumerate(self.ema.shadow_params):
+                p.data.copy_(shadow[f"{i}"])
+            self.ema.optimization_step = (ref.manifest.get("ema") or {}).get("optimizationStep", ref.step)
+        saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        if saved.get("scaler") and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(saved["scaler"])
+        self.step, self.samples_seen = ref.step, int(ref.manifest["samplesSeen"])
+        self.checkpointer.latest = ref.name
+        self.session.progress.update(step=self.step, latestCheckpoint=ref.name)
+
+    # -- validation and 5. publish -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _inference_pipeline(self) -> Iterator[Any]:
+        """The pipeline with the trained (EMA, when used) UNet, on this device, for sampling."""
+        from diffusers import StableDiffusionPipeline
+
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            self.model.path, unet=self.unet, vae=self.model.vae, text_encoder=self.model.text_encoder,
+            tokenizer=self.model.tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        if self.ema is not None:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+        self.unet.eval()
+        pipeline.to(self.device)
+        autocast = torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        try:
+            with autocast:
+                yield pipeline
+        finally:
+            self.model.vae.to("cpu")
+            self.model.text_encoder.to("cpu")
+            self.unet.train()
+            if self.ema is not None:
+                self.ema.restore(self.params)
+
+    def render_samples(self) -> None:
+        if self.session.is_main:
+            self._render()
+        self.session.accelerator.wait_for_everyone()
+
+    def _render(self) -> None:
+        with self._inference_pipeline() as pipeline:
+            publish.render_samples(pipeline, self.cfg.validation_prompts, self.cfg.resolution, self.session.seed,
+                                   self.session.output, self.step)
+
+    def publish(self, data: TrainingData, images: int, skipped: int) -> None:
+        session, cfg = self.session, self.cfg
+        if session.is_main:
+            latest = self.checkpointer.wait()
+            session.progress.state("publishing", latestCheckpoint=latest)
+            self.unet.to(memory_format=torch.contiguous_format)
+            if cfg.method == "lora":
+                publish.write_lora(self.unet, session.output, session.staging)
+            else:
+                if self.ema is not None:
+                    self.ema.copy_to(self.params)
+                from diffusers import StableDiffusionPipeline
+
+                pipeline = StableDiffusionPipeline.from_pretrained(self.model.path, unet=self.unet,
+                                                                   variant=cfg.variant or None)
+                publish.write_pipeline(pipeline, session.output, session.staging)
+            if cfg.validation_prompts and self.step % (cfg.validation_steps or cfg.checkpointing_steps):
+                self.ema = None  # the EMA weights are in the UNet now: sample with them as they are
+                self._render()
+            session.output.write_bytes("README.md", publish.model_card(
+                cfg, data, images, skipped, self.step, session.seed).encode(), "text/markdown")
+            self._upload_logs()
+            session.progress.state("succeeded", step=self.step)
+            self.checkpointer.close()
+        session.accelerator.wait_for_everyone()
+
+    def _tensorboard(self) -> Any:
+        if not self.session.is_main or self.cfg.report_to == "none":
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.session.staging / self.cfg.logging_dir))
+
+    def _upload_logs(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            if self.session.output.is_s3:
+                self.session.output.upload_tree(self.session.staging / self.cfg.logging_dir, layout.LOGS_DIR)
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
+    """The shuffled order of the cached samples in `epoch` (a pure function: resumable anywhere)."""
+    return np.random.default_rng([seed, epoch]).permutation(count)
+
+
+def cuda_oom_message(cfg: TrainConfig) -> str:
+    hints = []
+    if not cfg.gradient_checkpointing:
+        hints.append("--gradient_checkpointing")
+    if cfg.train_batch_size > 1:
+        hints.append(f"--train_batch_size {max(1, cfg.train_batch_size // 2)} with --gradient_accumulation_steps "
+                     f"{cfg.gradient_accumulation_steps * 2}")
+    if cfg.precision == "no":
+        hints.append("--mixed_precision bf16")
+    if cfg.method == "full":
+        hints.append("--method lora")
+    if cfg.use_ema and not cfg.offload_ema:
+        hints.append("--offload_ema")
+    return (f"CUDA out of memory at --resolution {cfg.resolution}, --train_batch_size {cfg.train_batch_size}; "
+            f"to use less memory try: {', '.join(hints) or 'a smaller --resolution'}")
+
+
