@@ -409,10 +409,7 @@ def test_notes_for_restricted_namespaces_with_s3_keys(tools: Any) -> None:
 
 # --- the contract with the operator's command line --------------------------------------------
 
-OPERATOR_LANDED = "operator" in COMMANDS
 
-
-@pytest.mark.xfail(not OPERATOR_LANDED, reason="`kubetune operator` is not in kubetune.cli.COMMANDS yet", strict=True)
 def test_operator_accepts_what_the_deployment_passes(render: Any, values_file: str | None) -> None:
     """The Deployment's arguments are flags of `kubetune operator`, and the settings it passes as
     environment variables are read by the operator."""
