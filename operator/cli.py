@@ -73,6 +73,10 @@ def register(controller: Any, verbose: bool = False) -> Any:
         settings.networking.request_timeout = 60
         controller.start()
 
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> Any:  # a registry of our own has no default login handler
+        return kopf.login_via_client(**kwargs) or kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
     @kopf.on.cleanup(registry=registry)
     def stop(**_: Any) -> None:
         controller.stop()

@@ -413,6 +413,8 @@ class _Pass:
             detail = termination_message(pods, b.COLLECTOR)
             invalid = any(pod_exit_code(p, b.COLLECTOR) == EXIT_INVALID for p in pods)
             reason = "CollectorInvalidInput" if invalid else "CollectionFailed"
+            if invalid and "0 images kept" in detail:  # the collector's own words for an empty result
+                reason = "EmptyDataset"
             message = ("the collector rejected its input" if invalid else "the collector failed") + (f": {detail}" if detail else
                        f": {(job_condition(collector, 'Failed') or {}).get('message', 'Job failed')}")
             self.condition("DatasetReady", "False", reason, message)

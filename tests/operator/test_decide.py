@@ -409,3 +409,14 @@ def test_the_trainer_job_is_recreated_if_deleted_by_hand() -> None:
     decision = world.step()
     assert [o["metadata"]["name"] for o in decision.create] == ["shapes-train"]
     assert len(world.status["attempts"]) == 1
+
+
+def test_a_collector_that_kept_nothing_fails_as_an_empty_dataset() -> None:
+    world = World()
+    world.step()
+    world.add_pod("shapes-collect", exit_code=2, component="collector",
+                  message="kubetune collect: error: nothing could be collected: 0 images kept of 20 requested; 20 too small")
+    world.finish_job("shapes-collect", "Failed")
+    world.step()
+    assert world.condition("Succeeded")["reason"] == "EmptyDataset"
+    assert "0 images kept of 20 requested" in world.status["message"]

@@ -1,0 +1,83 @@
+"""The work queue behind the kopf handlers: bursts collapse, one FineTuneJob is never handled twice at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+from kubetune.operator.controller import WorkQueue
+
+
+def test_a_burst_of_events_for_one_job_costs_one_pass() -> None:
+    queue = WorkQueue()
+    for _ in range(100):
+        queue.add(("ns", "a"))
+    queue.add(("ns", "b"))
+    assert len(queue) == 2
+    first = queue.get(timeout=0.1)
+    assert first is not None and first[0] == ("ns", "a")
+
+
+def test_a_job_changed_while_being_handled_is_handled_again_after_not_during() -> None:
+    queue = WorkQueue()
+    queue.add(("ns", "a"))
+    item = queue.get(timeout=0.1)
+    assert item is not None
+    queue.add(("ns", "a"))  # an event arrives mid-pass
+    assert queue.get(timeout=0.05) is None  # no second worker gets it now
+    queue.done(("ns", "a"))
+    again = queue.get(timeout=0.1)
+    assert again is not None and again[0] == ("ns", "a")
+
+
+def test_workers_never_overlap_on_one_key() -> None:
+    queue = WorkQueue()
+    active: dict[str, int] = {}
+    overlaps: list[str] = []
+    handled: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def worker() -> None:
+        while not stop.is_set():
+            item = queue.get(timeout=0.05)
+            if item is None:
+                continue
+            key = item[0][1]
+            with lock:
+                active[key] = active.get(key, 0) + 1
+                if active[key] > 1:
+                    overlaps.append(key)
+            time.sleep(0.002)
+            with lock:
+                active[key] -= 1
+                handled.append(key)
+            queue.done(item[0])
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for i in range(400):
+        queue.add(("ns", f"job-{i % 5}"))
+    time.sleep(0.5)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert overlaps == []
+    assert set(handled) == {f"job-{i}" for i in range(5)}
+    assert len(handled) < 400  # coalesced
+
+
+def test_operator_help_lists_its_flags() -> None:
+    done = subprocess.run([sys.executable, "-m", "kubetune.cli", "operator", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    for flag in ("--namespace", "--all-namespaces", "--liveness-port", "--metrics-port", "--collector-image", "--trainer-image"):
+        assert flag in done.stdout
+
+
+def test_operator_rejects_both_scopes_in_one_line() -> None:
+    done = subprocess.run([sys.executable, "-m", "kubetune.cli", "operator", "--namespace", "a", "--all-namespaces"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "--all-namespaces" in done.stderr
