@@ -88,6 +88,7 @@ def supervise(command: Sequence[str], grace_seconds: int = 600) -> int:
         env = dict(os.environ)
         env[EXIT_DIR_ENV] = exit_dir
         env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(grace_seconds))
+        _become_subreaper()
         process = subprocess.Popen(list(command), env=env, start_new_session=True)
         stopping = False
 
@@ -100,6 +101,7 @@ def supervise(command: Sequence[str], grace_seconds: int = 600) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, forward)
         returncode = process.wait()
+        _reap_orphans()  # a single-process `accelerate launch` dies first and orphans the trainer
         codes = [int(p.read_text() or EXIT_FAILED) for p in Path(exit_dir).glob("exit-*")]
     if returncode == EXIT_OK:
         return EXIT_OK
@@ -111,6 +113,26 @@ def supervise(command: Sequence[str], grace_seconds: int = 600) -> int:
     if nonzero:
         return nonzero[0]
     return returncode if 0 < returncode < 128 else EXIT_FAILED
+
+
+def _become_subreaper() -> None:
+    """Adopt orphaned descendants (Linux prctl PR_SET_CHILD_SUBREAPER), so we can wait for them."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reap_orphans() -> None:
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
 
 
 def main(argv: Sequence[str] | None = None) -> int:

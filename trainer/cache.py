@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from kubetune.trainer.data import DataError, TrainingData, transform
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from kubetune.api.layout import MANIFEST_FILE
 from kubetune.storage import Store
+from kubetune.trainer.data import DataError, TrainingData, transform
 
 log = logging.getLogger("kubetune.trainer")
 

@@ -10,11 +10,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kubetune.trainer.config import parse_config
-
 from kubetune.api import layout
 from kubetune.cli_util import OneLineError
 from kubetune.launch import EXIT_DIR_ENV
+from kubetune.trainer.config import parse_config
 
 
 def main(argv: Sequence[str], prog: str = "kubetune train") -> int:
@@ -28,11 +27,11 @@ def main(argv: Sequence[str], prog: str = "kubetune train") -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import torch
+
+    from kubetune.storage import StorageError
     from kubetune.trainer.checkpoint import CheckpointError
     from kubetune.trainer.data import DataError
     from kubetune.trainer.train import TrainError, cuda_oom_message, run
-
-    from kubetune.storage import StorageError
 
     try:
         return _finish(prog, run(cfg))

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kubetune.trainer.config import TrainConfig
-from kubetune.trainer.data import TrainingData
 
 from kubetune.api.layout import SAMPLES_DIR, checkpoint_name
 from kubetune.storage import Store
+from kubetune.trainer.config import TrainConfig
+from kubetune.trainer.data import TrainingData
 
 
 @torch.no_grad()

@@ -27,6 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from kubetune.api import layout
+from kubetune.storage import Store, join
 from kubetune.trainer import cache as latent_cache
 from kubetune.trainer import publish
 from kubetune.trainer.checkpoint import Checkpointer, CheckpointRef, fetch, find_checkpoint
@@ -38,9 +41,6 @@ from kubetune.trainer.data import (
     select,
 )
 from kubetune.trainer.progress import Progress
-
-from kubetune.api import layout
-from kubetune.storage import Store, join
 
 log = logging.getLogger("kubetune.trainer")
 
@@ -93,7 +93,9 @@ class Session:
     def start(cls, cfg: TrainConfig) -> Session:
         from accelerate import Accelerator
 
-        accelerator = Accelerator(mixed_precision=cfg.precision)
+        # cpu=True where there is no GPU: accelerate 1.15 only picks gloo (MULTI_CPU) for several
+        # processes when told so; otherwise each process silently trains alone.
+        accelerator = Accelerator(mixed_precision=cfg.precision, cpu=not torch.cuda.is_available())
         output = Store(cfg.output_dir)
         staging = Path(cfg.output_dir) if not output.is_s3 else Path(os.environ.get(
             "KUBETUNE_WORK_DIR", Path.home() / ".cache" / "kubetune" / "work" / _short_hash(cfg.output_dir)))

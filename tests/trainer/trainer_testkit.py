@@ -1,0 +1,108 @@
+"""Helpers of the trainer tests (imported by conftest and the tests: pytest's importlib mode does
+not put this folder on sys.path, conftest does)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+PYTHON = sys.executable
+REFERENCE_STEPS = 24  # steps of the reference run (long enough to SIGTERM it mid-run)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_imagefolder(folder: Path, count: int, size: int = 48, extra: dict[str, Any] | None = None) -> Path:
+    """`folder/train/metadata.jsonl` + JPEGs of coloured shapes, with license/source columns."""
+    from kubetune.fixtures.shapes import generate
+
+    train = folder / "train"
+    train.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for item in generate(count, size=size):
+        (train / f"{item.name}.jpg").write_bytes(item.jpeg)
+        rows.append({"file_name": f"{item.name}.jpg", "text": item.caption, "source": "shapes",
+                     "license": "cc0-1.0", "author": "kubetune tests", "url": f"https://example.org/{item.name}",
+                     **(extra or {})})
+    (train / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def env(**extra: str) -> dict[str, str]:
+    out = dict(os.environ)
+    out.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **extra)
+    return out
+
+
+def train(args: Sequence[str], **extra_env: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m kubetune.trainer` to the end."""
+    return subprocess.run([PYTHON, "-m", "kubetune.trainer", *args], capture_output=True, text=True,
+                          env=env(**extra_env), cwd=ROOT, timeout=300)
+
+
+def launch(command: Sequence[str], **extra_env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env(**extra_env), cwd=ROOT)
+
+
+def wait_for_progress(path: Path, predicate: Any, process: subprocess.Popen[str], timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            try:
+                progress = json.loads(path.read_text())
+            except ValueError:
+                progress = {}
+            if predicate(progress):
+                return progress
+        if process.poll() is not None:
+            raise AssertionError(f"trainer ended early ({process.returncode}):\n{process.stdout.read() if process.stdout else ''}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting on {path}")
+
+
+def unet_weights(output: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(output / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def max_difference(a: dict[str, Any], b: dict[str, Any]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def core_flags(model: Path, data: Path, output: Path, **overrides: Any) -> list[str]:
+    """The shared small-run flags: 32 px, EMA, flip, fixed seed."""
+    flags = {
+        "pretrained_model_name_or_path": model, "train_data_dir": data, "output_dir": output, "resolution": 32,
+        "center_crop": True, "random_flip": True, "use_ema": True, "train_batch_size": 2,
+        "gradient_accumulation_steps": 2, "max_train_steps": 8, "learning_rate": 1e-3, "lr_warmup_steps": 0,
+        "max_grad_norm": 1, "lr_scheduler": "constant", "mixed_precision": "no", "seed": 7,
+        "checkpointing_steps": 4, "progress_interval": 0.1, "report_to": "none",
+    }
+    flags.update(overrides)
+    out: list[str] = []
+    for name, value in flags.items():
+        if value is True:
+            out.append(f"--{name}")
+        elif value is not None and value is not False:
+            out += [f"--{name}", str(value)]
+    return out
+
+
+def relative_update_difference(output: Path, reference: Path, initial: Path) -> float:
+    """|w - w_ref| / |w_ref - w_initial| over the whole UNet: how far two runs' training updates
+    disagree, as a fraction of the update itself (different data or noise gives about 1)."""
+    from safetensors.torch import load_file
+
+    a, ref = unet_weights(output), unet_weights(reference)
+    init = load_file(initial / "unet" / "diffusion_pytorch_model.safetensors")
+    difference = sum(float((a[k].float() - ref[k].float()).norm() ** 2) for k in ref) ** 0.5
+    update = sum(float((ref[k].float() - init[k].float()).norm() ** 2) for k in ref) ** 0.5
+    return difference / update
