@@ -29,6 +29,7 @@ COMMANDS: dict[str, Command] = {
     "train": Command("kubetune.trainer.cli:main", "fine-tune a Stable Diffusion model (drop-in for diffusers' train_text_to_image.py)"),
     "collect": Command("kubetune.collector.cli:main", "build a captioned image dataset (imagefolder) locally or in S3"),
     "operator": Command("kubetune.operator.cli:main", "run the FineTuneJob operator"),
+    "dev": Command("kubetune.dev.cli:main", "run a local Kubernetes stand-in with S3 (up, status, down)"),
 }
 
 

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
+pytest_plugins = ["kubetune.dev.pytest_plugin"]
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -158,6 +158,7 @@ class LocalCluster:
         await self.kubelet.shutdown()
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await runner.cleanup()
 
     def stop(self) -> None:

@@ -83,10 +83,8 @@ def record_event(store: Store, involved: Obj, reason: str, message: str, event_t
         "source": {"component": component, **({"host": NODE_NAME} if component == "kubelet" else {})},
         "reportingComponent": component, "reportingInstance": NODE_NAME if component == "kubelet" else "",
     }
-    try:
+    with contextlib.suppress(ApiError):  # the namespace is going away; real recorders drop such events too
         store.create(rt, namespace, body)
-    except ApiError:
-        pass  # the namespace is going away; real recorders drop such events too
 
 
 class Controllers:
@@ -228,8 +226,8 @@ class Controllers:
         if failure is None and backoff_limit is not None and status.get("failed", 0) + restarts > backoff_limit:
             failure = ("BackoffLimitExceeded", "Job has reached the specified backoff limit")
         deadline = spec.get("activeDeadlineSeconds")
-        if failure is None and deadline is not None and status.get("startTime") and not spec.get("suspend"):
-            if time.time() - parse_time(status["startTime"]).timestamp() >= deadline:
+        if (failure is None and deadline is not None and status.get("startTime") and not spec.get("suspend")
+                and time.time() - parse_time(status["startTime"]).timestamp() >= deadline):
                 failure = ("DeadlineExceeded", "Job was active longer than specified deadline")
         if failure is None and has_condition(job, "FailureTarget"):
             target = next(c for c in status["conditions"] if c["type"] == "FailureTarget")

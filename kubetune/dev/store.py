@@ -47,7 +47,7 @@ def parse_time(text: str) -> datetime:
     return datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
 
 
-@dataclass
+@dataclass(eq=False)
 class Watcher:
     key: Key
     namespace: str | None

@@ -190,6 +190,9 @@ CONVERTERS: dict[tuple[str, str], Any] = {
         ("Type", lambda o: o["spec"].get("type", "")), ("Cluster-IP", lambda o: o["spec"].get("clusterIP", "")),
         ("External-IP", lambda o: "<none>"),
         ("Port(s)", lambda o: ",".join(f"{p.get('port')}/{p.get('protocol', 'TCP')}" for p in o["spec"].get("ports") or []) or "<none>")]),
+    ("apiextensions.k8s.io", "customresourcedefinitions"): lambda o: (
+        [NAME_COLUMN, {"name": "Created At", "type": "date", "format": "", "description": "", "priority": 0}],
+        [o["metadata"]["name"], o["metadata"].get("creationTimestamp")]),
     ("", "nodes"): _simple([("Status", lambda o: "Ready"), ("Roles", lambda o: "control-plane"),
                             ("Version", lambda o: (o.get("status") or {}).get("nodeInfo", {}).get("kubeletVersion", ""))]),
 }

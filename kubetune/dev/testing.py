@@ -1,0 +1,69 @@
+"""Test helpers for code that runs against the local cluster: a thin HTTP client, a poller,
+Job manifests and condition lookup (used by tests/dev and the operator's end-to-end tests)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import requests
+
+
+class Api:
+    """Raw HTTP against the API server, so each test states the exact request and response."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.session = requests.Session()
+
+    def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
+                **kwargs: Any) -> requests.Response:
+        data = None if body is None else json.dumps(body)
+        headers = {"Content-Type": content_type, **kwargs.pop("headers", {})}
+        return self.session.request(method, self.base + path, data=data, headers=headers, timeout=30, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, body: Any, **kwargs: Any) -> requests.Response:
+        return self.request("POST", path, body, **kwargs)
+
+    def put(self, path: str, body: Any, **kwargs: Any) -> requests.Response:
+        return self.request("PUT", path, body, **kwargs)
+
+    def patch(self, path: str, body: Any, kind: str = "merge", **kwargs: Any) -> requests.Response:
+        types = {"merge": "application/merge-patch+json", "json": "application/json-patch+json",
+                 "strategic": "application/strategic-merge-patch+json"}
+        return self.request("PATCH", path, body, content_type=types[kind], **kwargs)
+
+    def delete(self, path: str, body: Any = None, **kwargs: Any) -> requests.Response:
+        return self.request("DELETE", path, body, **kwargs)
+
+    def ok(self, response: requests.Response) -> Any:
+        assert response.status_code < 300, response.text
+        return response.json()
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s; last value: {value!r}")
+        time.sleep(interval)
+
+
+def job_manifest(name: str, code: str, **spec: Any) -> dict[str, Any]:
+    template_spec = {"restartPolicy": spec.pop("restartPolicy", "Never"),
+                     "containers": [{"name": "main", "image": "python:3.11", "command": ["python", "-c", code],
+                                     **spec.pop("container", {})}], **spec.pop("podSpec", {})}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
+            "spec": {"template": {"spec": template_spec}, **spec}}
+
+
+def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == ctype and c["status"] == "True"), None)
