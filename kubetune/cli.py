@@ -30,6 +30,7 @@ COMMANDS: dict[str, Command] = {
     "collect": Command("kubetune.collector.cli:main", "build a captioned image dataset (imagefolder) locally or in S3"),
     "operator": Command("kubetune.operator.cli:main", "run the FineTuneJob operator"),
     "dev": Command("kubetune.dev.cli:main", "run a local Kubernetes stand-in with S3 (up, status, down)"),
+    "run": Command("kubetune.run:main", "run a FineTuneJob on this machine, no cluster: collect, then train"),
 }
 
 
