@@ -22,7 +22,7 @@ from typing import Any
 from kubetune import storage
 from kubetune.api.layout import DATASET_MANIFEST, PROGRESS_FILE
 from kubetune.api.load import SpecError, parse_spec
-from kubetune.api.models import GROUP, KIND, PLURAL, VERSION, FineTuneJobSpec
+from kubetune.api.models import GROUP, KIND, PLURAL, VERSION, CredentialsSecretRef, FineTuneJobSpec
 
 from . import builders as b
 from .decide import Decision, Observed, now_utc
@@ -105,15 +105,30 @@ class Kube:
         secret = json.loads(response.data)
         return {**(secret.get("data") or {}), **{k: base64.b64encode(v.encode()).decode() for k, v in (secret.get("stringData") or {}).items()}}
 
+    def effective_spec(self, spec: FineTuneJobSpec) -> FineTuneJobSpec:
+        """The spec with the operator's cluster-wide S3 defaults (chart values) filled in, so the
+        pods, the operator's own reads and KUBETUNE_SPEC all see one storage configuration."""
+        storage_spec = spec.storage
+        updates: dict[str, Any] = {}
+        if not storage_spec.endpoint and self.default_endpoint:
+            updates["endpoint"] = self.default_endpoint
+        if not storage_spec.region and self.default_region:
+            updates["region"] = self.default_region
+        if storage_spec.credentials_secret_ref is None and self.default_credentials_secret:
+            updates["credentials_secret_ref"] = CredentialsSecretRef(name=self.default_credentials_secret)
+        if not updates:
+            return spec
+        return spec.model_copy(update={"storage": storage_spec.model_copy(update=updates)})
+
     def store(self, spec: FineTuneJobSpec, secrets: dict[str, dict[str, str] | None]) -> storage.Store:
         """The job's storage with the credentials of spec.storage.credentialsSecretRef (or the
         operator's own identity). Clients are cached per endpoint and credentials: making one
         costs tens of milliseconds and megabytes."""
-        endpoint = spec.storage.endpoint or self.default_endpoint or None
-        region = spec.storage.region or self.default_region or None
+        endpoint = spec.storage.endpoint or None
+        region = spec.storage.region or None
         credentials = None
         ref = spec.storage.credentials_secret_ref
-        data = secrets.get(ref.name if ref else self.default_credentials_secret)
+        data = secrets.get(ref.name) if ref else None
         if data and "AWS_ACCESS_KEY_ID" in data and "AWS_SECRET_ACCESS_KEY" in data:
             credentials = (base64.b64decode(data["AWS_ACCESS_KEY_ID"]).decode(), base64.b64decode(data["AWS_SECRET_ACCESS_KEY"]).decode())
         key = hashlib.sha256(json.dumps([endpoint, region, credentials]).encode()).hexdigest()
@@ -210,7 +225,7 @@ def observe(kube: Kube, ftj: dict[str, Any], extra_pods: list[dict[str, Any]], n
     observed = Observed(name=name, namespace=namespace, uid=uid, generation=meta.get("generation"), spec=None,
                         status=status, now=now or now_utc(), images=kube.images)
     try:
-        spec = observed.spec = parse_spec(ftj.get("spec"))
+        spec = observed.spec = kube.effective_spec(parse_spec(ftj.get("spec")))
     except SpecError as error:
         observed.spec_error = str(error)
         return observed
@@ -223,8 +238,6 @@ def observe(kube: Kube, ftj: dict[str, Any], extra_pods: list[dict[str, Any]], n
     observed.pods = pods + [p for p in extra_pods if p["metadata"].get("uid") not in seen]
     wanted = {ref.name for component in (b.COLLECTOR, b.TRAINER) for _, ref in b.secret_ref_paths(spec, component)}
     secret_values = {secret: kube.secret_data(namespace, secret) for secret in sorted(wanted)}
-    if not spec.storage.credentials_secret_ref and kube.default_credentials_secret:
-        secret_values[kube.default_credentials_secret] = kube.secret_data(namespace, kube.default_credentials_secret)
     observed.secrets = {secret: (set(data) if data is not None else None) for secret, data in secret_values.items()}
     training_started = bool(status.get("attempts"))
     if training_started or b.trainer_job_name(name, 0) in observed.jobs:

@@ -6,11 +6,11 @@ import json
 from typing import Any
 
 import pytest
-from kubetune.operator import builders as b
 
 from kubetune.api.layout import dataset_fingerprint
 from kubetune.api.load import parse_spec, read_spec_arg
 from kubetune.api.models import FineTuneJobSpec
+from kubetune.operator import builders as b
 
 OWNER = b.Owner(name="lighthouses", namespace="team-a", uid="uid-123")
 
@@ -246,3 +246,23 @@ def test_long_or_dotted_names_still_give_valid_deterministic_child_names(name: s
     hostname = b.rank0_host(name, restart=99).split(".")[0] + "55"  # index up to 255
     assert len(hostname) <= 63
     assert b.base_name(name + "-other") != base
+
+
+def test_cluster_wide_s3_defaults_reach_pods_through_the_effective_spec() -> None:
+    """The chart's S3 defaults (operator env) fill in what a spec leaves out, for the pods too."""
+    import json
+
+    from kubetune.api.load import parse_spec
+    from kubetune.operator.kube import Kube
+
+    kube = Kube.__new__(Kube)  # only the defaults matter here; no API client is needed
+    kube.default_endpoint, kube.default_region, kube.default_credentials_secret = "http://minio:9000", "eu-1", "s3-creds"
+    plain = parse_spec({"dataset": {"urls": {"uri": "s3://bkt/l.jsonl"}}, "model": {"base": "m"}, "storage": {"uri": "s3://bkt/p/"}})
+    spec = kube.effective_spec(plain)
+    assert (spec.storage.endpoint, spec.storage.region, spec.storage.credentials_secret_ref.name) == ("http://minio:9000", "eu-1", "s3-creds")
+    assert json.loads(b.spec_json(spec))["storage"]["endpoint"] == "http://minio:9000"
+    assert b.secret_refs(spec, b.TRAINER)["AWS_SECRET_ACCESS_KEY"].name == "s3-creds"
+    own = parse_spec({"dataset": {"urls": {"uri": "s3://bkt/l.jsonl"}}, "model": {"base": "m"},
+                      "storage": {"uri": "s3://bkt/p/", "endpoint": "http://own:1", "credentialsSecretRef": {"name": "mine"}}})
+    kept = kube.effective_spec(own)
+    assert (kept.storage.endpoint, kept.storage.credentials_secret_ref.name) == ("http://own:1", "mine")
