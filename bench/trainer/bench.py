@@ -1,0 +1,301 @@
+"""kubetune's trainer against diffusers' stock train_text_to_image.py: same model, data and flags,
+in one run. Prints images/s (steady state) of both and their ratio, peak memory, end-to-end
+time, and on CUDA the model FLOPs utilisation (MFU) counted with torch's FlopCounterMode.
+
+    CPU smoke (tiny model, 64 px):
+        .venv/bin/python bench/trainer/bench.py --stock /path/to/train_text_to_image.py
+    GPU (SD 1.5 architecture, random init, 512 px, bf16 for both):
+        python bench/trainer/bench.py --stock /path/to/train_text_to_image.py --wheels bench/wheels
+
+How both are timed alike: a sitecustomize.py put on PYTHONPATH registers a global optimizer
+step hook (torch.optim.optimizer.register_optimizer_step_post_hook) that stamps every optimizer
+step and records peak memory at exit, so neither script is changed.
+Steady state = the steps after the first quarter (warm-up, caching, compilation).
+
+torchvision: the stock script needs it; kubetune does not. Where torchvision cannot be imported,
+the bench makes a separate venv for the stock script (this interpreter's packages plus
+torchvision, `--no-deps`). The only CPU build for torch 2.13 (torchvision 0.28 from PyPI) is a
+CUDA build whose C++ ops fail to load, and its import then fails registering fake kernels for
+`torchvision::nms`/`qnms`; the sitecustomize declares those two op schemas first, after which
+the pure-Python PIL transforms the script uses (Resize, CenterCrop, RandomCrop,
+RandomHorizontalFlip, ToTensor, Normalize) run unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+
+SITECUSTOMIZE = '''
+import atexit, json, os, resource, time
+if os.environ.get("KUBETUNE_BENCH_TV_STUB") == "1":
+    import torch
+    for _op in ("nms", "qnms"):
+        torch.library.define(f"torchvision::{_op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+if os.environ.get("KUBETUNE_BENCH_OUT"):
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    _stamps = []
+    _cuda = torch.cuda.is_available()
+    def _hook(optimizer, args, kwargs):
+        # No synchronize: that would stop the CPU queueing ahead. The CUDA queue is bounded, so
+        # over tens of steps the CPU's pace is the GPU's.
+        _stamps.append(time.perf_counter())
+    register_optimizer_step_post_hook(_hook)
+    @atexit.register
+    def _write():
+        rank = os.environ.get("RANK", "0")
+        if rank != "0":
+            return
+        out = {"stamps": _stamps, "peakRssMiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if _cuda:
+            out["peakCudaMiB"] = torch.cuda.max_memory_allocated() / 2**20
+        with open(os.environ["KUBETUNE_BENCH_OUT"], "w") as f:
+            json.dump(out, f)
+'''
+
+# Dense bf16 peak of the GPUs this is likely to meet, TFLOP/s.
+PEAK_BF16_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H200": 989.0, "H100 PCIe": 756.0,
+                    "H100 NVL": 835.0, "A100": 312.0, "L40S": 362.0}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stock", required=True, help="path to diffusers' examples/text_to_image/train_text_to_image.py")
+    parser.add_argument("--wheels", help="install every wheel in this folder first (pip --no-index --no-deps)")
+    parser.add_argument("--work", help="working folder (default: a new temporary one)")
+    parser.add_argument("--model", choices=("auto", "tiny", "sd15"), default="auto")
+    parser.add_argument("--resolution", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--images", type=int)
+    parser.add_argument("--workers", type=int, help="--dataloader_num_workers for both")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="pass --gradient_checkpointing to both")
+    parser.add_argument("--compile", action="store_true", help="also torch.compile kubetune's UNet")
+    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU (default: by name)")
+    parser.add_argument("--only", choices=("stock", "kubetune"), help="run just one side")
+    parser.add_argument("--json", help="write the results here as JSON")
+    args = parser.parse_args()
+    args.stock = str(Path(args.stock).resolve())
+
+    if args.wheels:
+        wheels = sorted(str(p.resolve()) for p in Path(args.wheels).glob("*.whl"))
+        run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", *wheels])
+    ensure_kubetune()
+    import torch
+
+    cuda = torch.cuda.is_available()
+    model_kind = args.model if args.model != "auto" else ("sd15" if cuda else "tiny")
+    resolution = args.resolution or (512 if model_kind == "sd15" else 64)
+    batch = args.batch_size or (16 if cuda else 4)
+    steps = args.steps or (40 if cuda else 24)
+    images = args.images or max(64, batch * 4)
+    workers = args.workers if args.workers is not None else (4 if cuda else 0)
+    precision = "bf16" if cuda else "no"
+    work = Path(args.work or tempfile.mkdtemp(prefix="kubetune-bench-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    log(f"work folder {work}; {model_kind} at {resolution}px, batch {batch}, {steps} steps, {images} images, "
+        f"precision {precision}, device {torch.cuda.get_device_name(0) if cuda else 'cpu'}")
+
+    model = build_model(work, model_kind)
+    data = build_dataset(work / "dataset", images, resolution)
+    hooks = work / "hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    common = [
+        f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", f"--resolution={resolution}",
+        "--center_crop", "--random_flip", f"--train_batch_size={batch}", "--gradient_accumulation_steps=1",
+        f"--max_train_steps={steps}", "--learning_rate=1e-05", "--max_grad_norm=1", "--lr_scheduler=constant",
+        "--lr_warmup_steps=0", f"--mixed_precision={precision}", "--use_ema", "--seed=0", "--allow_tf32",
+        f"--dataloader_num_workers={workers}", "--checkpointing_steps=1000000",
+    ] + (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
+
+    results: dict[str, Any] = {"model": model_kind, "resolution": resolution, "batchSize": batch, "steps": steps,
+                               "images": images, "mixedPrecision": precision, "flags": common,
+                               "device": torch.cuda.get_device_name(0) if cuda else "cpu"}
+    if args.only != "kubetune":
+        python, stub = stock_python(work)
+        results["stock"] = measure("stock", [python, args.stock, *common, f"--output_dir={work / 'out-stock'}"],
+                                   work, hooks, batch, stub)
+    if args.only != "stock":
+        extra = [f"--latent_cache_dir={work / f'cache-{time.time_ns()}'}"] + (["--compile"] if args.compile else [])
+        results["kubetune"] = measure("kubetune", [sys.executable, "-m", "kubetune.trainer", *common, *extra,
+                                                   f"--output_dir={work / 'out-kubetune'}", "--report_to=tensorboard"],
+                                      work, hooks, batch, False)
+    flops = unet_training_flops(model, resolution, batch, cuda)
+    results["unetTrainingFlopsPerImage"] = flops
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if cuda and k in torch.cuda.get_device_name(0)), None)
+    for side in ("stock", "kubetune"):
+        if side in results and peak:
+            results[side]["mfu"] = round(results[side]["imagesPerSecond"] * flops / (peak * 1e12), 4)
+    if "stock" in results and "kubetune" in results:
+        results["speedup"] = round(results["kubetune"]["imagesPerSecond"] / results["stock"]["imagesPerSecond"], 3)
+        results["peakMemoryRatio"] = round(results["kubetune"]["peakMiB"] / results["stock"]["peakMiB"], 3)
+    report(results, peak)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", flush=True)
+
+
+def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    # Never from the repository root: its `operator/` folder would shadow the standard library's.
+    return subprocess.run(command, check=True, text=True, cwd=tempfile.gettempdir(), **kwargs)
+
+
+def ensure_kubetune() -> None:
+    probe = subprocess.run([sys.executable, "-c", "import kubetune.trainer.train"], capture_output=True, text=True,
+                           cwd=tempfile.gettempdir())
+    if probe.returncode:
+        log("installing kubetune from this checkout (--no-deps)")
+        run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(REPO)])
+        import site
+        import sysconfig
+
+        site.addsitedir(sysconfig.get_paths()["purelib"])  # reads the new editable install's .pth
+
+
+def build_model(work: Path, kind: str) -> Path:
+    from kubetune.fixtures.tiny_sd import build_sd15_pipeline, build_tiny_pipeline
+
+    path = work / f"model-{kind}"
+    if not (path / "model_index.json").exists():
+        started = time.monotonic()
+        (build_sd15_pipeline if kind == "sd15" else build_tiny_pipeline)(path)
+        log(f"built {kind} pipeline in {time.monotonic() - started:.0f}s")
+    return path
+
+
+def build_dataset(folder: Path, count: int, resolution: int) -> Path:
+    from kubetune.fixtures.shapes import generate
+
+    train = folder / "train"
+    if (train / "metadata.jsonl").exists() and len((train / "metadata.jsonl").read_text().splitlines()) == count:
+        return folder
+    train.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for item in generate(count, size=resolution * 5 // 4):  # larger than trained: resize and crop do work
+        (train / f"{item.name}.jpg").write_bytes(item.jpeg)
+        rows.append(json.dumps({"file_name": f"{item.name}.jpg", "text": item.caption}))
+    (train / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def stock_python(work: Path) -> tuple[str, bool]:
+    """An interpreter that can import torchvision for the stock script, and whether it needs the
+    op-schema stub (see the module docstring)."""
+    if _imports_torchvision(sys.executable, False):
+        return sys.executable, False
+    venv = work / "stock-venv"
+    python = str(venv / "bin" / "python")
+    if not Path(python).exists():
+        import sysconfig
+
+        import torch
+
+        log("torchvision is not importable here: making a venv for the stock script")
+        run([sys.executable, "-m", "venv", str(venv)])
+        purelib = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                      capture_output=True).stdout.strip()
+        Path(purelib, "kubetune-bench-parent.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+        matching = f"torchvision==0.{minor + 15}.*" if major == 2 else "torchvision"  # torch 2.13 <-> 0.28
+        run([python, "-m", "pip", "install", "-q", "--no-deps", matching])
+    if _imports_torchvision(python, False):
+        return python, False
+    if _imports_torchvision(python, True):
+        log("torchvision's C++ ops do not load on this machine: declaring torchvision::nms/qnms so it imports")
+        return python, True
+    raise SystemExit("[bench] cannot import torchvision for the stock script")
+
+
+def _imports_torchvision(python: str, stub: bool) -> bool:
+    env = dict(os.environ, KUBETUNE_BENCH_TV_STUB="1" if stub else "0")
+    code = ("import os, torch\n"
+            "if os.environ['KUBETUNE_BENCH_TV_STUB'] == '1':\n"
+            "    [torch.library.define(f'torchvision::{o}', '(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')"
+            " for o in ('nms', 'qnms')]\n"
+            "from torchvision import transforms\n"
+            "from PIL import Image\n"
+            "transforms.Resize(8)(Image.new('RGB', (16, 12)))\n")
+    return subprocess.run([python, "-c", code], capture_output=True, env=env, cwd=tempfile.gettempdir()).returncode == 0
+
+
+def measure(name: str, command: list[str], work: Path, hooks: Path, batch: int, stub: bool) -> dict[str, Any]:
+    out = work / f"stamps-{name}.json"
+    out.unlink(missing_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(hooks), KUBETUNE_BENCH_OUT=str(out), KUBETUNE_BENCH_TV_STUB="1" if stub else "0",
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    log(f"running {name}: {' '.join(command[:3])} ...")
+    started = time.monotonic()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=work)
+    wall = time.monotonic() - started
+    (work / f"log-{name}.txt").write_text(result.stdout + result.stderr)
+    if result.returncode:
+        print(result.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"[bench] {name} failed ({result.returncode}); log in {work / f'log-{name}.txt'}")
+    data = json.loads(out.read_text())
+    stamps = data["stamps"]
+    skip = max(2, len(stamps) // 4)
+    steady = stamps[skip:]
+    rate = (len(steady) - 1) * batch / (steady[-1] - steady[0])
+    peak = data.get("peakCudaMiB", data["peakRssMiB"])
+    log(f"{name}: {rate:.2f} images/s over steps {skip + 1}-{len(stamps)}, peak {peak:.0f} MiB, {wall:.0f}s end to end")
+    return {"imagesPerSecond": round(rate, 3), "peakMiB": round(peak, 1),
+            "peakKind": "cuda max_memory_allocated" if "peakCudaMiB" in data else "process max RSS",
+            "wallSeconds": round(wall, 1), "steps": len(stamps)}
+
+
+def unet_training_flops(model: Path, resolution: int, batch: int, cuda: bool) -> float:
+    """FLOPs of one UNet forward + backward per image (model FLOPs: no recomputation counted)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = "cuda" if cuda else "cpu"
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").to(device)
+    scale = 2 ** (len(json.loads((model / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+    size = resolution // scale
+    latents = torch.randn(batch, unet.config.in_channels, size, size, device=device)
+    text = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device)
+    timesteps = torch.randint(0, 1000, (batch,), device=device)
+    autocast = torch.autocast(device, torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    with FlopCounterMode(display=False) as counter, autocast:
+        unet(latents, timesteps, text).sample.float().pow(2).mean().backward()
+    flops = counter.get_total_flops() / batch
+    del unet
+    if cuda:
+        torch.cuda.empty_cache()
+    return float(flops)
+
+
+def report(results: dict[str, Any], peak: float | None) -> None:
+    print()
+    print(f"model {results['model']} {results['resolution']}px, batch {results['batchSize']}, "
+          f"{results['steps']} steps, {results['mixedPrecision']}, {results['device']}")
+    print(f"UNet training FLOPs per image: {results['unetTrainingFlopsPerImage'] / 1e9:.1f} GFLOP"
+          + (f"; peak {peak:.0f} TFLOP/s" if peak else ""))
+    print(f"{'':10} {'images/s':>10} {'peak MiB':>10} {'wall s':>8} {'MFU':>7}")
+    for side in ("stock", "kubetune"):
+        if side in results:
+            r = results[side]
+            mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+            print(f"{side:10} {r['imagesPerSecond']:>10.2f} {r['peakMiB']:>10.0f} {r['wallSeconds']:>8.0f} {mfu:>7}")
+    if "speedup" in results:
+        print(f"kubetune / stock: {results['speedup']:.2f}x images/s, {results['peakMemoryRatio']:.2f}x peak memory")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
