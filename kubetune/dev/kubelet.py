@@ -256,7 +256,9 @@ class Kubelet:
                 fqdn = f"{hostname}.{subdomain}.{ns}.svc.cluster.local"
                 names = [fqdn, f"{hostname}.{subdomain}.{ns}.svc", f"{hostname}.{subdomain}.{ns}", f"{hostname}.{subdomain}"]
                 entries.setdefault(ns, []).append((ip, names))
-            own[run.uid] = (ip, names if subdomain else [hostname])
+            # As the kubelet's managed /etc/hosts: the pod's own FQDN *and* bare hostname map to its IP
+            # (gloo and NCCL advertise the address their hostname resolves to).
+            own[run.uid] = (ip, [*names, hostname] if subdomain else [hostname])
         version = json.dumps([entries, own], sort_keys=True)
         if version == self.hosts_version:
             return
@@ -265,7 +267,7 @@ class Kubelet:
             if run.sandbox is None:
                 continue
             mine = own.get(run.uid)
-            peers = [e for e in entries.get(run.namespace, []) if mine is None or e[1] != mine[1]]
+            peers = [e for e in entries.get(run.namespace, []) if mine is None or not set(e[1]) <= set(mine[1])]
             self.network.write_hosts(run.sandbox, ([mine] if mine else []) + peers)
 
     # -- one pod ---------------------------------------------------------------------------------------------
@@ -530,7 +532,9 @@ class Kubelet:
         try:
             process = await asyncio.create_subprocess_exec(
                 *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True, cwd=str(work), env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                # No PYTHONPATH from our sys.path: started from the repo root it would put operator/
+                # ahead of the standard library's `operator` (the venv interpreter finds kubetune itself).
+                start_new_session=True, cwd=str(work), env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
             )
         except OSError as error:
             c.state = {"terminated": {"exitCode": 128, "reason": "StartError", "message": str(error),

@@ -76,3 +76,24 @@ def test_host_network_fallback_maps_hostnames_to_loopback(local_cluster_factory:
     assert condition(done, "Complete")
     pods = api.ok(api.get("/api/v1/namespaces/default/pods"))["items"]
     assert {p["status"]["podIP"] for p in pods} == {"127.0.0.1"}
+
+
+def test_a_pod_resolves_its_own_hostname_to_its_pod_ip(api: Api, k8s_namespace: str) -> None:
+    """The kubelet-managed /etc/hosts maps the pod's own hostname (and FQDN) to the pod IP, not to
+    loopback: gloo and NCCL advertise the address their hostname resolves to."""
+    ns = k8s_namespace
+    code = "import socket; print(socket.gethostname(), socket.gethostbyname(socket.gethostname()))"
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "who"},
+               "spec": {"clusterIP": "None", "selector": {"batch.kubernetes.io/job-name": "who"}}}
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "who"}, "spec": {
+        "completions": 1, "parallelism": 1, "completionMode": "Indexed", "backoffLimit": 0,
+        "template": {"spec": {"restartPolicy": "Never", "subdomain": "who", "containers": [{
+            "name": "node", "image": "x:1", "command": ["python", "-c", code]}]}}}}
+    api.ok(api.post(f"/api/v1/namespaces/{ns}/services", service))
+    api.ok(api.post(f"/apis/batch/v1/namespaces/{ns}/jobs", job))
+    done = wait_for(lambda: (lambda j: j if condition(j, "Complete") or condition(j, "Failed") else None)(
+        api.ok(api.get(f"/apis/batch/v1/namespaces/{ns}/jobs/who"))), timeout=60)
+    pod = api.ok(api.get(f"/api/v1/namespaces/{ns}/pods?labelSelector=batch.kubernetes.io/job-name%3Dwho"))["items"][0]
+    log = api.get(f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}/log").text
+    assert condition(done, "Complete"), log
+    assert log.split() == ["who-0", pod["status"]["podIP"]]
