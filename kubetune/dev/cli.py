@@ -208,7 +208,8 @@ def _start_operator(state_dir: Path, env: dict[str, str]) -> tuple[subprocess.Po
         process = subprocess.Popen(
             [sys.executable, "-m", "kubetune.cli", "operator", "--liveness-port", "0", "--metrics-port", "0"],
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, **env, "KUBETUNE_S3_CREDENTIALS_SECRET": "kubetune-dev-s3"},
+            # The chart's S3 defaults, as a real install sets them: specs then need no endpoint or Secret.
+            env={**os.environ, **env, "KUBETUNE_S3_ENDPOINT": env["AWS_ENDPOINT_URL"], "KUBETUNE_S3_CREDENTIALS_SECRET": "kubetune-dev-s3"},
         )
     return process, f"running (pid {process.pid}, log {log_path})"
 

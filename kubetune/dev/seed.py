@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -29,16 +30,30 @@ def seed_images(info: ClusterInfo, count: int = 48) -> str:
     return f"s3://{info.bucket}/{URL_LIST_KEY}"
 
 
-def seed_model(info: ClusterInfo) -> str | None:
-    """The tiny SD pipeline at s3://<bucket>/models/tiny-sd/ (None when its builder is absent)."""
+# The demo model's VAE is taught to reconstruct the shape images first: a randomly initialised VAE
+# reconstructs nothing, so no amount of UNet training would show shapes. The result is cached on
+# disk (it takes a minute or two), keyed by these settings.
+VAE_PRETRAINING = {"steps": 600, "resolution": 32, "batch_size": 16, "seed": 0}
+
+
+def seed_model(info: ClusterInfo, cache_dir: Path | None = None) -> str | None:
+    """The tiny SD pipeline, its VAE pre-trained on shapes, at s3://<bucket>/models/tiny-sd/."""
     try:
-        from kubetune.fixtures.tiny_sd import build_tiny_pipeline
+        from kubetune.fixtures.tiny_sd import build_tiny_pipeline, pretrain_vae
     except ImportError:
         log.warning("kubetune.fixtures.tiny_sd is not available; models/tiny-sd/ is not seeded")
         return None
+    cache_dir = cache_dir or Path(info.state_dir).parent / "cache"
+    key = "-".join(f"{k}{v}" for k, v in sorted(VAE_PRETRAINING.items()))
+    root = cache_dir / f"tiny-sd-{key}"
+    if not (root / "model_index.json").exists():
+        with tempfile.TemporaryDirectory(dir=cache_dir.parent if cache_dir.parent.exists() else None) as tmp:
+            built = Path(build_tiny_pipeline(Path(tmp) / "tiny-sd"))
+            log.info("pre-training the tiny model's VAE on shapes (%s steps, once; cached in %s)", VAE_PRETRAINING["steps"], root)
+            pretrain_vae(built, **VAE_PRETRAINING)
+            root.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(built), root)  # complete folders only: model_index.json marks the cache
     client = s3_client_for(info.s3_endpoint)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(build_tiny_pipeline(Path(tmp) / "tiny-sd"))
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            client.upload_file(str(path), info.bucket, MODEL_PREFIX + path.relative_to(root).as_posix())
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        client.upload_file(str(path), info.bucket, MODEL_PREFIX + path.relative_to(root).as_posix())
     return f"s3://{info.bucket}/{MODEL_PREFIX}"
