@@ -30,9 +30,8 @@ lint: $(STAMP)  ## ruff on everything, mypy (strict) on the API package
 crds: $(STAMP)  ## regenerate crds/ (and the chart's copy) from kubetune/api/models.py
 	$(BIN)/python -m kubetune.api.crd_write
 
-demo:  ## run the demo job on the built-in local cluster
-	@echo "make demo: not available yet: the local cluster and operator are still being built (see README)." >&2
-	@exit 1
+demo: $(STAMP)  ## run examples/demo.yaml end to end on the local cluster; results in demo-output/
+	$(BIN)/python -m kubetune.dev.demo
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
