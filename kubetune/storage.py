@@ -49,6 +49,7 @@ class Store:
     endpoint: str | None = None
     region: str | None = None
     _client: Any = field(default=None, repr=False)
+    credentials: tuple[str, str] | None = field(default=None, repr=False)  # (key id, secret); else the SDK's chain
 
     # -- construction --------------------------------------------------------------------------
 
@@ -57,7 +58,7 @@ class Store:
         return is_s3(self.uri)
 
     def child(self, *parts: str) -> Store:
-        return Store(join(self.uri, *parts), self.endpoint, self.region, self._client)
+        return Store(join(self.uri, *parts), self.endpoint, self.region, self._client, self.credentials)
 
     def uri_of(self, key: str = "") -> str:
         return join(self.uri, key)
@@ -77,7 +78,7 @@ class Store:
     @property
     def client(self) -> Any:
         if self._client is None:
-            self._client = s3_client(self.endpoint, self.region)
+            self._client = s3_client(self.endpoint, self.region, credentials=self.credentials)
         return self._client
 
     # -- reading -------------------------------------------------------------------------------
@@ -230,7 +231,8 @@ class Store:
             self.client.delete_objects(Bucket=self._bucket_prefix[0], Delete={"Objects": batch, "Quiet": True})
 
 
-def s3_client(endpoint: str | None = None, region: str | None = None, max_pool_connections: int = 64) -> Any:
+def s3_client(endpoint: str | None = None, region: str | None = None, max_pool_connections: int = 64,
+              credentials: tuple[str, str] | None = None) -> Any:
     """A boto3 S3 client that works with AWS, MinIO and moto alike.
 
     Checksums only when required: boto3 1.36+ sends new checksum headers by default, and several
@@ -246,7 +248,8 @@ def s3_client(endpoint: str | None = None, region: str | None = None, max_pool_c
         response_checksum_validation="when_required",
         s3={"addressing_style": "path"} if endpoint or os.environ.get("AWS_ENDPOINT_URL") else {},
     )
-    return boto3.session.Session().client(
+    keys = {"aws_access_key_id": credentials[0], "aws_secret_access_key": credentials[1]} if credentials else {}
+    return boto3.session.Session(**keys).client(
         "s3",
         endpoint_url=endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None,
         region_name=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",

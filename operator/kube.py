@@ -189,14 +189,8 @@ class Kube:
 
 
 def s3_client(endpoint: str | None, region: str | None, credentials: tuple[str, str] | None) -> Any:
-    """kubetune.storage's client settings, with explicit credentials when the job has a Secret."""
-    if credentials is None:
-        return storage.s3_client(endpoint, region, max_pool_connections=16)
-    import boto3
-
-    client = storage.s3_client(endpoint, region, max_pool_connections=16)
-    return boto3.session.Session(aws_access_key_id=credentials[0], aws_secret_access_key=credentials[1]).client(
-        "s3", endpoint_url=client.meta.endpoint_url, region_name=client.meta.region_name, config=client.meta.config)
+    """kubetune.storage's client, with the job's Secret's credentials when it has one."""
+    return storage.s3_client(endpoint, region, max_pool_connections=16, credentials=credentials)
 
 
 def _api_exception() -> type[Exception]:

@@ -49,3 +49,16 @@ def test_upload_tree_and_child(store: Store, tmp_path: Path) -> None:
 def test_join() -> None:
     assert join("s3://b/p/", "x/", "/y.json") == "s3://b/p/x/y.json"
     assert join("/tmp/a", "") == "/tmp/a"
+
+
+def test_explicit_credentials_are_used_instead_of_the_environment(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubetune.storage import StorageError
+
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    with pytest.raises(StorageError, match="credentials"):
+        Store(f"s3://{s3_bucket}/p/").write_bytes("x", b"1")
+    Store(f"s3://{s3_bucket}/p/", credentials=("key-id", "secret")).write_bytes("x", b"1")
+    assert Store(f"s3://{s3_bucket}/p/", credentials=("key-id", "secret")).child("").read_bytes("x") == b"1"

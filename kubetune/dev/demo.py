@@ -124,7 +124,7 @@ def explain_failure(info: dict[str, Any], obj: dict[str, Any]) -> None:
 def copy_results(obj: dict[str, Any], info: dict[str, Any], output: Path) -> None:
     """The model, the sample grids and a loss curve into `output`."""
     status = obj["status"]
-    store = Store(status["modelUri"], endpoint=info["s3_endpoint"])
+    store = Store(status["modelUri"], endpoint=info["s3_endpoint"], credentials=(info["s3_access_key"], info["s3_secret_key"]))
     if output.exists():
         shutil.rmtree(output)
     model = output / "model"
