@@ -143,11 +143,11 @@ def copy_results(obj: dict[str, Any], info: dict[str, Any], output: Path) -> Non
     store.download_tree("logs", output / "logs")
     curve = plot_loss(output / "logs", output / "loss.png")
     say(f"results in {output.relative_to(REPO) if output.is_relative_to(REPO) else output}/:")
-    say(f"  model/            the fine-tuned diffusers pipeline (StableDiffusionPipeline.from_pretrained('{model}'))")
+    say(f"  {'model/':<26}the fine-tuned diffusers pipeline (StableDiffusionPipeline.from_pretrained('{model}'))")
     for grid in grids:
-        say(f"  {grid.name:<18}validation samples at {grid.stem.split('-', 1)[1]} for: {', '.join(prompts(obj))}")
+        say(f"  {grid.name:<26}validation samples at {grid.stem.split('-', 1)[1]} for: {', '.join(prompts(obj))}")
     if curve:
-        say(f"  {curve.name:<18}training loss by step")
+        say(f"  {curve.name:<26}training loss by step")
     say(f"  S3 keeps everything under {status['modelUri']} (checkpoints, dataset, cache) until the cluster stops")
 
 
@@ -162,14 +162,16 @@ def plot_loss(logs: Path, target: Path) -> Path | None:
     events.Reload()
     if "train_loss" not in events.Tags().get("scalars", []):
         return None
-    points = events.Scalars("train_loss")
+    # Logs uploaded at each checkpoint and at the end can repeat steps: keep the latest value per step.
+    by_step = {p.step: p.value for p in sorted(events.Scalars("train_loss"), key=lambda p: p.wall_time)}
+    steps = sorted(by_step)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 3.5), dpi=100)
-    axes.plot([p.step for p in points], [p.value for p in points], linewidth=1)
+    axes.plot(steps, [by_step[s] for s in steps], linewidth=1)
     axes.set_xlabel("step")
     axes.set_ylabel("training loss")
     axes.set_title("kubetune demo: tiny Stable Diffusion on 2 CPU nodes")

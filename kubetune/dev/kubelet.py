@@ -499,15 +499,19 @@ class Kubelet:
         sandbox = run.sandbox
         assert sandbox is not None
         hostname = pod["spec"].get("hostname") or pod["metadata"]["name"]
+        work = run.pod_dir / "containers" / name
+        # A container starts with a fresh writable filesystem: its own HOME and TMPDIR stand in for
+        # that, so nothing a pod caches (or half-writes) leaks into another pod or a later run.
+        home, tmp = work / "home", work / "tmp"
+        for folder in (home, tmp):
+            folder.mkdir(parents=True, exist_ok=True)
         env = {
             "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '/usr/local/bin:/usr/bin:/bin')}",
-            "HOME": os.environ.get("HOME", "/root"), "HOSTNAME": hostname,
+            "HOME": str(home), "TMPDIR": str(tmp), "HOSTNAME": hostname,
             "LANG": os.environ.get("LANG", "C.UTF-8"),
             "KUBERNETES_SERVICE_HOST": self.network.host_ip, "KUBERNETES_SERVICE_PORT": str(self.api_port),
             **pod_env,
         }
-        work = run.pod_dir / "containers" / name
-        work.mkdir(parents=True, exist_ok=True)
         binds: list[tuple[str, str]] = []
         if not sandbox.netns:
             binds.append((str(sandbox.hosts_path), "/etc/hosts"))

@@ -257,3 +257,16 @@ def test_graceful_deletion_sigterm_then_sigkill(api: Api, k8s_namespace: str) ->
         assert terminated["exitCode"] == expected
         if name == "stubborn":
             assert 1.0 < elapsed < 10  # waited for the grace period, then killed
+
+
+def test_each_container_starts_with_its_own_writable_filesystem(api: Api, k8s_namespace: str) -> None:
+    """What one pod writes to its HOME or temp folder is not there for the next pod (a container
+    gets a fresh writable layer), so no state leaks between pods or runs."""
+    code = ("import os, pathlib, tempfile; home = pathlib.Path.home() / 'state'; "
+            "print(home.exists(), pathlib.Path(tempfile.gettempdir(), 'state').exists()); "
+            "home.write_text('x'); pathlib.Path(tempfile.gettempdir(), 'state').write_text('x')")
+    for name in ("first", "second"):
+        api.ok(api.post(jobs(k8s_namespace), job_manifest(name, code)))
+        finished(api, k8s_namespace, name)
+        (pod,) = pods_of(api, k8s_namespace, name)
+        assert logs(api, k8s_namespace, pod["metadata"]["name"]) == "False False\n"
