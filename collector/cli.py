@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kubetune.collector.errors import RetryableError, SourceError
 from pydantic import ValidationError
 
 from kubetune.api import layout, models
 from kubetune.api.load import SpecError, format_validation_error, read_spec_arg
 from kubetune.cli_util import OneLineArgumentParser, OneLineError
+from kubetune.collector.errors import RetryableError, SourceError
 from kubetune.storage import StorageError, Store, join
 
 SITES = ("unsplash", "google", "openverse", "wikimedia")

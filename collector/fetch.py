@@ -22,10 +22,10 @@ from urllib.parse import urljoin, urlsplit
 
 import certifi
 import urllib3
-from kubetune.collector.errors import Skip
 from urllib3.util.retry import Retry
 
 from kubetune import __version__
+from kubetune.collector.errors import Skip
 
 USER_AGENT = f"kubetune-collector/{__version__} (+https://github.com/kubetune/kubetune; image dataset collector)"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})

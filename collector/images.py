@@ -9,8 +9,9 @@ import unicodedata
 import warnings
 from dataclasses import dataclass
 
-from kubetune.collector.errors import Skip
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from kubetune.collector.errors import Skip
 
 # The pixel limit is enforced below as an error (Skip "too-many-pixels") before any decoding;
 # Pillow's own check only warns under twice its limit, so its warning is silenced here.

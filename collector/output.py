@@ -29,11 +29,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from kubetune import __version__
 from kubetune.collector.errors import Skip
 from kubetune.collector.images import CleanImage
 from kubetune.collector.sources import Candidate
-
-from kubetune import __version__
 from kubetune.storage import Store
 
 STATE_DIR = ".collector"

@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from kubetune.collector.errors import RetryableError, SourceError
-from kubetune.collector.images import clean_caption
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from kubetune import __version__
 from kubetune.api import models
+from kubetune.collector.errors import RetryableError, SourceError
+from kubetune.collector.images import clean_caption
 from kubetune.storage import StorageError, Store
 
 API_URL_ENV = {
