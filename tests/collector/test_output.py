@@ -242,3 +242,22 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None
                             env={**os.environ, "UNSPLASH_ACCESS_KEY": "k"})
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+@pytest.mark.parametrize("near", [False, True], ids=["exact-only", "near-dedupe"])
+def test_near_duplicates_are_dropped_only_when_asked(collect: Any, server: StandIn, tmp_path: Path, near: bool) -> None:
+    import io
+
+    from PIL import Image
+
+    original = photo(200, 150, 42, quality=95)
+    recompressed = io.BytesIO()
+    Image.open(io.BytesIO(original)).save(recompressed, format="JPEG", quality=60)  # same picture, other bytes
+    server.route("/a.jpg", lambda _: Reply(200, original, "image/jpeg"))
+    server.route("/b.jpg", lambda _: Reply(200, recompressed.getvalue(), "image/jpeg"))
+    urls = write_jsonl(tmp_path / "urls.jsonl", [{"url": server.url("/a.jpg"), "caption": "a"}, {"url": server.url("/b.jpg"), "caption": "b"}])
+    out = tmp_path / "out"
+    result = collect("--urls", str(urls), *flags(server, out), *(["--near-dedupe"] if near else []))
+    assert result.code == 0, result.stderr
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts == ({"requested": 2, "kept": 1, "skipped": {"near-duplicate": 1}} if near else {"requested": 2, "kept": 2, "skipped": {}})
