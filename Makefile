@@ -33,5 +33,15 @@ crds: $(STAMP)  ## regenerate crds/ (and the chart's copy) from kubetune/api/mod
 demo: $(STAMP)  ## run examples/demo.yaml end to end on the local cluster; results in demo-output/
 	$(BIN)/python -m kubetune.dev.demo
 
+bench-collector: $(STAMP)  ## kubetune collect vs img2dataset on a loopback corpus (ratio)
+	$(BIN)/python bench/collector/run.py
+
+bench-trainer: $(STAMP)  ## kubetune train vs diffusers' train_text_to_image.py (STOCK=path/to/it)
+	@test -n "$(STOCK)" || { echo "bench-trainer: set STOCK=path/to/train_text_to_image.py (not shipped)" >&2; exit 2; }
+	$(BIN)/python bench/trainer/bench.py --stock $(STOCK)
+
+bench-operator: $(STAMP)  ## 500 FineTuneJobs at once on the local cluster: latency and operator memory
+	$(BIN)/python bench/operator/run.py
+
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
