@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help venv test test-fast lint crds check-crds demo bench-collector bench-trainer bench-operator clean
+.PHONY: help venv tools test test-fast lint crds check-crds demo bench-collector bench-trainer bench-operator clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -20,7 +20,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)  ## create .venv with kubetune (editable) and the dev tools
 
-test: $(STAMP)  ## run the whole test suite
+TOOLS := .tools/bin/helm .tools/bin/kubectl
+$(TOOLS):
+	$(BIN)/python .ci/get-tools.py .tools/bin
+
+tools: $(STAMP) $(TOOLS)  ## helm and kubectl binaries in .tools/bin (the chart and kubectl tests use them)
+
+test: $(STAMP) $(TOOLS)  ## run the whole test suite
 	$(BIN)/pytest
 
 lint: $(STAMP)  ## ruff on everything, mypy (strict) on the API package

