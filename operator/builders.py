@@ -223,6 +223,27 @@ def env(spec: FineTuneJobSpec, owner: Owner, component: str) -> list[dict[str, A
 
 # -- pods and jobs -----------------------------------------------------------------------------
 
+# The images' user (Dockerfile, Dockerfile.trainer): pods meet the "restricted" Pod Security
+# Standard, so a namespace that enforces it (the chart's restricted mode) admits them.
+POD_USER = 10001
+TMP_VOLUME = "tmp"
+
+
+def pod_security_context() -> dict[str, Any]:
+    return {"runAsNonRoot": True, "runAsUser": POD_USER, "runAsGroup": POD_USER, "fsGroup": POD_USER,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def container_security_context() -> dict[str, Any]:
+    return {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]}}
+
+
+def tmp_volume() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(volume, mount) of a writable /tmp: the root filesystem is read-only, and the images keep
+    HOME, TMPDIR and the Hugging Face / model caches under /tmp."""
+    return {"name": TMP_VOLUME, "emptyDir": {}}, {"name": TMP_VOLUME, "mountPath": "/tmp"}
+
 
 def pod_failure_policy(container: str) -> dict[str, Any]:
     """Preemption (eviction, node drain, or the program's own "preempted" exit code after it
@@ -284,6 +305,7 @@ def container(spec: FineTuneJobSpec, owner: Owner, component: str, image: str, c
         "command": command,
         "env": env(spec, owner, component),
         "resources": resources,
+        "securityContext": container_security_context(),
         # A failed pod's last log lines become its termination message, which status shows.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -292,14 +314,18 @@ def container(spec: FineTuneJobSpec, owner: Owner, component: str, image: str, c
 def collector_job(spec: FineTuneJobSpec, owner: Owner, images: Images = Images()) -> dict[str, Any]:
     """`<name>-collect`: an Indexed Job of `collector.shards` pods running `kubetune collect`."""
     settings = spec.collector
+    tmp, tmp_mount = tmp_volume()
     pod_spec = {
         "restartPolicy": "Never",  # podFailurePolicy requires it; the Job makes new pods
         "enableServiceLinks": False,  # hundreds of Services would otherwise become env vars
         "terminationGracePeriodSeconds": COLLECTOR_GRACE_SECONDS,
+        "securityContext": pod_security_context(),
         "containers": [
-            container(spec, owner, COLLECTOR, settings.image or images.collector,
-                      ["kubetune", "collect", "--spec", f"env:{SPEC_ENV}"], dict(settings.resources)),
+            {**container(spec, owner, COLLECTOR, settings.image or images.collector,
+                         ["kubetune", "collect", "--spec", f"env:{SPEC_ENV}"], dict(settings.resources)),
+             "volumeMounts": [tmp_mount]},
         ],
+        "volumes": [tmp],
         **pod_scheduling(settings),
     }
     return job(
@@ -384,20 +410,22 @@ def trainer_job(spec: FineTuneJobSpec, owner: Owner, restart: int = 0, images: I
     controller's per-pod retries cannot do, so the operator owns retries (attempts).
     """
     settings = spec.trainer
+    tmp, tmp_mount = tmp_volume()
     pod_spec = {
         "restartPolicy": "Never",
         "enableServiceLinks": False,
         "subdomain": trainer_service_name(owner.name),
         "terminationGracePeriodSeconds": TRAINER_GRACE_SECONDS,
+        "securityContext": pod_security_context(),
         "containers": [
             {
                 **container(spec, owner, TRAINER, settings.image or images.trainer,
                             trainer_command(spec, owner.name, restart), trainer_resources(spec)),
                 "ports": [{"name": "rendezvous", "containerPort": settings.port, "protocol": "TCP"}],
-                "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+                "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, tmp_mount],
             }
         ],
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}}],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}}, tmp],
         **pod_scheduling(settings),
     }
     return job(

@@ -24,7 +24,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog=prog, description="Run the FineTuneJob operator.")
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("--namespace", "-n", action="append", default=[], metavar="NS",
-                       help="watch this namespace (repeatable; a glob pattern works too)")
+                       help="watch this namespace (repeatable; a glob pattern such as 'team-*' also works, "
+                            "but needs permission to list namespaces)")
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace (the default)")
     parser.add_argument("--liveness-port", type=_port, default=8080, help="port of /healthz (0 disables it; default 8080)")
     parser.add_argument("--metrics-port", type=_port, default=9090, help="port of Prometheus /metrics (0 disables it; default 9090)")
@@ -59,7 +60,11 @@ def owner_of_job(body: dict[str, Any]) -> str | None:
     return None
 
 
-def register(controller: Any, verbose: bool = False) -> Any:
+def is_pattern(namespace: str) -> bool:
+    return any(char in namespace for char in "*?[!")
+
+
+def register(controller: Any, verbose: bool = False, scan_namespaces: bool = False) -> Any:
     """kopf handlers on a registry of their own (importing this module registers nothing)."""
     import kopf
 
@@ -71,6 +76,9 @@ def register(controller: Any, verbose: bool = False) -> Any:
         settings.posting.enabled = False  # the operator posts its own Events, with its own reasons
         settings.watching.server_timeout = 300
         settings.networking.request_timeout = 60
+        # No cluster-wide listing of namespaces and CRDs: the chart's restricted mode does not grant
+        # it. Namespaces are then exact names; only glob patterns need the namespace scan.
+        settings.scanning.disabled = not scan_namespaces
         controller.start()
 
     @kopf.on.login(registry=registry)
@@ -124,8 +132,8 @@ def main(argv: Sequence[str], prog: str = "kubetune operator") -> int:
     if args.metrics_port:
         metrics.serve(args.metrics_port)
     controller = Controller(kube, metrics, workers=args.workers, resync_seconds=args.resync_seconds)
-    registry = register(controller)
     namespaces = list(args.namespace)
+    registry = register(controller, args.verbose, scan_namespaces=any(is_pattern(ns) for ns in namespaces))
     log.info("starting: namespaces=%s", ",".join(namespaces) or "*")
     kopf.run(
         registry=registry,

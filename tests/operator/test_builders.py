@@ -217,7 +217,7 @@ def test_trainer_scheduling_resources_and_shared_memory_come_from_the_spec() -> 
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert "nodeAffinity" in pod["affinity"]
     assert pod["priorityClassName"] == "training" and pod["serviceAccountName"] == "trainer-sa"
-    assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}}]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in pod["volumes"]
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert pod["restartPolicy"] == "Never"
@@ -266,3 +266,19 @@ def test_cluster_wide_s3_defaults_reach_pods_through_the_effective_spec() -> Non
                       "storage": {"uri": "s3://bkt/p/", "endpoint": "http://own:1", "credentialsSecretRef": {"name": "mine"}}})
     kept = kube.effective_spec(own)
     assert (kept.storage.endpoint, kept.storage.credentials_secret_ref.name) == ("http://own:1", "mine")
+
+
+def test_pods_meet_the_restricted_pod_security_standard_with_a_writable_tmp() -> None:
+    spec = make_spec(trainer={"nodes": 2, "gpusPerNode": 1})
+    for job in (b.collector_job(spec, OWNER), b.trainer_job(spec, OWNER)):
+        pod = job["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert isinstance(pod["securityContext"]["runAsUser"], int) and pod["securityContext"]["runAsUser"] > 0
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        context = container_of(job)["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"] == {"drop": ["ALL"]}
+        assert context["readOnlyRootFilesystem"] is True
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (tmp,) = [m for m in container_of(job)["volumeMounts"] if m["mountPath"] == "/tmp"]
+        assert volumes[tmp["name"]] == {"name": tmp["name"], "emptyDir": {}}

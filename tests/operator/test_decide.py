@@ -7,11 +7,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from kubetune.operator import builders as b
-from kubetune.operator.decide import Decision, Observed, decide
 
 from kubetune.api.layout import dataset_fingerprint
 from kubetune.api.load import parse_spec
+from kubetune.operator import builders as b
+from kubetune.operator.decide import Decision, Observed, decide
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 NAME = "shapes"
