@@ -48,12 +48,34 @@ def enter(spec: dict[str, object]) -> list[str]:
         except OSError as error:
             warnings.append(f"cannot set hostname: {error}")
     binds = list(spec.get("binds") or [])  # type: ignore[call-overload]
+    # Every source is opened before the first mount: a volume mounted over /tmp would otherwise hide
+    # the sources (and the pod's folders) that live under the cluster's state dir in /tmp.
+    sources: list[int | None] = []
     for source, target in binds:
         try:
-            _check(libc.mount(source.encode(), target.encode(), None, MS_BIND, None), f"bind {target}")
+            sources.append(os.open(source, os.O_PATH))
+        except OSError as error:
+            sources.append(None)
+            warnings.append(f"bind {target}: {error}")
+    for (_, target), fd in zip(binds, sources, strict=True):
+        if fd is None:
+            continue
+        try:
+            _check(libc.mount(f"/proc/self/fd/{fd}".encode(), target.encode(), None, MS_BIND, None), f"bind {target}")
         except OSError as error:
             warnings.append(str(error))
+        finally:
+            os.close(fd)
     return warnings
+
+
+def ensure_folders(spec: dict[str, object]) -> None:
+    """The working directory, HOME and TMPDIR the kubelet chose exist, also when a volume now covers
+    the place they were made in (an emptyDir at /tmp): they are made again, inside the volume."""
+    env = spec["env"]
+    for folder in (spec["cwd"], env.get("HOME"), env.get("TMPDIR")):  # type: ignore[union-attr]
+        if folder:
+            os.makedirs(str(folder), exist_ok=True)
 
 
 def main() -> None:
@@ -64,6 +86,7 @@ def main() -> None:
     os.unlink(sys.argv[1])
     for warning in enter(spec):
         print(f"kubetune-dev podinit: {warning}", file=sys.stderr, flush=True)
+    ensure_folders(spec)
     os.chdir(str(spec["cwd"]))
     argv = [str(a) for a in spec["argv"]]  # type: ignore[union-attr]
     env = {str(k): str(v) for k, v in spec["env"].items()}  # type: ignore[union-attr]

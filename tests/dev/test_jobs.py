@@ -270,3 +270,34 @@ def test_each_container_starts_with_its_own_writable_filesystem(api: Api, k8s_na
         finished(api, k8s_namespace, name)
         (pod,) = pods_of(api, k8s_namespace, name)
         assert logs(api, k8s_namespace, pod["metadata"]["name"]) == "False False\n"
+
+
+def test_restricted_pod_with_an_empty_dir_over_tmp(api: Api, k8s_namespace: str) -> None:
+    """A pod as the restricted Pod Security Standard wants it (non-root user, no privilege
+    escalation, all capabilities dropped, seccomp RuntimeDefault, read-only root filesystem) with
+    an emptyDir at /tmp is admitted and runs: /tmp, HOME and the temp folder are writable, other
+    volumes still mount, and the host's /tmp is untouched (the security fields are not enforced)."""
+    marker = f"kubetune-dev-tmp-{uuid.uuid4().hex[:8]}"
+    code = ("import os, pathlib, tempfile\n"
+            f"pathlib.Path('/tmp/{marker}').write_text('x')\n"
+            "(pathlib.Path.home() / 'state').write_text('x')\n"
+            "pathlib.Path(tempfile.gettempdir(), 'state').write_text('x')\n"
+            "pathlib.Path('/dev/shm/state').write_text('x')\n"
+            f"print(pathlib.Path('/tmp/{marker}-host').exists(), pathlib.Path('/tmp/{marker}').exists())\n")
+    manifest = job_manifest("restricted", code, podSpec={
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "volumes": [{"name": "tmp", "emptyDir": {}}, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]},
+        container={"securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                       "capabilities": {"drop": ["ALL"]}},
+                   "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}],
+                   "terminationMessagePolicy": "FallbackToLogsOnError"}, backoffLimit=0)
+    Path("/tmp", f"{marker}-host").write_text("on the host")  # not in the pod's /tmp
+    api.ok(api.post(jobs(k8s_namespace), manifest))
+    job = wait_for(lambda: (lambda j: j if condition(j, "Complete") or condition(j, "Failed") else None)(
+        api.ok(api.get(f"{jobs(k8s_namespace)}/restricted"))), 60)
+    (pod,) = pods_of(api, k8s_namespace, "restricted")
+    assert condition(job, "Complete"), logs(api, k8s_namespace, pod["metadata"]["name"])
+    assert logs(api, k8s_namespace, pod["metadata"]["name"]) == "False True\n"
+    assert not Path("/tmp", marker).exists()
+    Path("/tmp", f"{marker}-host").unlink()
