@@ -102,3 +102,19 @@ def test_run_rejects_a_bad_spec_in_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "spec.training.mixedPrecision" in result.stderr
+
+
+def test_the_local_example_runs_on_cpu_with_the_tiny_model(tmp_path: Path) -> None:
+    """`kubetune dev fixtures` then `kubetune run examples/local.yaml`, as the example's comment
+    says, from a working folder of its own (the example's paths are relative to it)."""
+    repo = Path(__file__).resolve().parents[1]
+    kubetune = [sys.executable, "-m", "kubetune.cli"]
+    fixtures = subprocess.run([*kubetune, "dev", "fixtures", "--vae-steps", "0"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+    assert fixtures.returncode == 0, fixtures.stderr[-2000:]
+    result = subprocess.run([*kubetune, "run", str(repo / "examples" / "local.yaml"), "--storage", "runs/local"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "runs" / "local"
+    assert json.loads((out / "progress.json").read_text())["state"] == "succeeded"
+    assert (out / "model_index.json").exists() and list((out / "samples").rglob("grid.png"))

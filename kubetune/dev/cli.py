@@ -28,6 +28,9 @@ DEFAULT_STATE_DIR = Path(".kubetune/dev")
 def _parser(prog: str) -> OneLineArgumentParser:
     parser = OneLineArgumentParser(prog=prog, description="A local Kubernetes stand-in with S3, for trying kubetune without a cluster.")
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    fixtures = sub.add_parser("fixtures", help="write the tiny model and captioned shapes to a folder (for kubetune run, no S3)")
+    fixtures.add_argument("folder", nargs="?", type=Path, default=Path(".kubetune/fixtures"), help="default .kubetune/fixtures")
+    fixtures.add_argument("--vae-steps", type=int, default=None, metavar="N", help="VAE pre-training steps (0: none, fastest)")
     for name, text in (("up", "start the cluster in the background"), ("status", "show whether it runs and where"),
                        ("down", "stop it and every process it started"), ("serve", "run the cluster in the foreground")):
         action = sub.add_parser(name, help=text)
@@ -44,6 +47,12 @@ def _parser(prog: str) -> OneLineArgumentParser:
 
 def main(argv: Sequence[str], prog: str = "kubetune dev") -> int:
     args = _parser(prog).parse_args(list(argv))
+    if args.action == "fixtures":
+        from kubetune.dev.seed import write_fixtures
+
+        model, data = write_fixtures(args.folder, args.vae_steps)
+        print(f"tiny model: {model}\nimagefolder: {data}")
+        return 0
     state_dir: Path = args.state_dir.resolve()
     if args.action == "up":
         return up(state_dir, args)

@@ -36,24 +36,50 @@ def seed_images(info: ClusterInfo, count: int = 48) -> str:
 VAE_PRETRAINING = {"steps": 600, "resolution": 32, "batch_size": 16, "seed": 0}
 
 
+def tiny_model(cache_dir: Path, vae_steps: int | None = None) -> Path:
+    """A local tiny SD pipeline whose VAE is pre-trained on shapes, built once per settings."""
+    from kubetune.fixtures.tiny_sd import build_tiny_pipeline, pretrain_vae
+
+    settings = {**VAE_PRETRAINING, **({"steps": vae_steps} if vae_steps is not None else {})}
+    root = cache_dir / ("tiny-sd-" + "-".join(f"{k}{v}" for k, v in sorted(settings.items())))
+    if not (root / "model_index.json").exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+            built = Path(build_tiny_pipeline(Path(tmp) / "tiny-sd"))
+            if settings["steps"]:
+                log.info("pre-training the tiny model's VAE on shapes (%s steps, once; cached in %s)", settings["steps"], root)
+                pretrain_vae(built, **settings)
+            shutil.move(str(built), root)  # complete folders only: model_index.json marks the cache
+    return root
+
+
 def seed_model(info: ClusterInfo, cache_dir: Path | None = None) -> str | None:
     """The tiny SD pipeline, its VAE pre-trained on shapes, at s3://<bucket>/models/tiny-sd/."""
     try:
-        from kubetune.fixtures.tiny_sd import build_tiny_pipeline, pretrain_vae
+        root = tiny_model(cache_dir or Path(info.state_dir).parent / "cache")
     except ImportError:
         log.warning("kubetune.fixtures.tiny_sd is not available; models/tiny-sd/ is not seeded")
         return None
-    cache_dir = cache_dir or Path(info.state_dir).parent / "cache"
-    key = "-".join(f"{k}{v}" for k, v in sorted(VAE_PRETRAINING.items()))
-    root = cache_dir / f"tiny-sd-{key}"
-    if not (root / "model_index.json").exists():
-        with tempfile.TemporaryDirectory(dir=cache_dir.parent if cache_dir.parent.exists() else None) as tmp:
-            built = Path(build_tiny_pipeline(Path(tmp) / "tiny-sd"))
-            log.info("pre-training the tiny model's VAE on shapes (%s steps, once; cached in %s)", VAE_PRETRAINING["steps"], root)
-            pretrain_vae(built, **VAE_PRETRAINING)
-            root.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(built), root)  # complete folders only: model_index.json marks the cache
     client = s3_client_for(info.s3_endpoint)
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         client.upload_file(str(path), info.bucket, MODEL_PREFIX + path.relative_to(root).as_posix())
     return f"s3://{info.bucket}/{MODEL_PREFIX}"
+
+
+def write_fixtures(folder: Path, vae_steps: int | None = None, images: int = 48) -> tuple[Path, Path]:
+    """`kubetune dev fixtures`: the tiny model and a captioned-shapes imagefolder in `folder`, for
+    `kubetune run examples/local.yaml` on a machine with no cluster and no S3."""
+    from kubetune.fixtures.shapes import generate
+
+    model = folder / "tiny-sd"
+    if not (model / "model_index.json").exists():
+        source = tiny_model(folder / ".cache", vae_steps)
+        shutil.copytree(source, model, dirs_exist_ok=True)
+    data = folder / "shapes"
+    data.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for image in generate(images, size=64):
+        (data / f"{image.name}.jpg").write_bytes(image.jpeg)
+        lines.append(json.dumps({"file_name": f"{image.name}.jpg", "text": image.caption}))
+    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")  # written last: the folder is complete
+    return model, data
