@@ -517,7 +517,9 @@ class Trainer:
         accelerator = self.session.accelerator
         with accelerator.local_main_process_first():
             folder = fetch(ref, self.session.staging)
-        state = load_file(folder / "trainable.safetensors", device=str(self.device))
+        # onto the CPU: load_state_dict copies into the parameters' own device, and safetensors
+        # rejects the indexed "cpu:0" that accelerate reports for multi-process CPU runs
+        state = load_file(folder / "trainable.safetensors", device="cpu")
         if self.cfg.method == "lora":
             from peft.utils import set_peft_model_state_dict
 
