@@ -7,7 +7,7 @@ on a machine without GPUs accelerate then runs gloo (MULTI_CPU), which is what m
 "nodes" on one CPU machine work (`--cpu` would silently run a single process).
 
 `python -m kubetune.launch accelerate launch ...` (`supervise`) exists because of two facts
-measured with accelerate 1.15 (tests/trainer/test_launch.py):
+measured with accelerate 1.15 (tests/trainer/test_resume.py):
 - single process: `accelerate launch` does not forward SIGTERM; it dies with 143 and leaves the
   trainer running unaware (and as a container's PID 1 it ignores SIGTERM altogether);
 - several processes: torch's elastic agent forwards SIGTERM, waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT
@@ -103,6 +103,12 @@ def supervise(command: Sequence[str], grace_seconds: int = 600) -> int:
         returncode = process.wait()
         _reap_orphans()  # a single-process `accelerate launch` dies first and orphans the trainer
         codes = [int(p.read_text() or EXIT_FAILED) for p in Path(exit_dir).glob("exit-*")]
+        messages = sorted(Path(exit_dir).glob("message-*"), key=lambda p: int(p.name.split("-")[1]))
+        if returncode != EXIT_OK and messages:
+            # the last line of the pod's log: what the operator reports (FallbackToLogsOnError),
+            # rather than the tail of torch elastic's ChildFailedError banner
+            rank, message = messages[0].name.split("-")[1], messages[0].read_text().strip()
+            print(f"kubetune train: error: (rank {rank}) {message}", file=sys.stderr, flush=True)
     if returncode == EXIT_OK:
         return EXIT_OK
     if codes and all(code == EXIT_PREEMPTED for code in codes):

@@ -70,6 +70,7 @@ class Observed:
     secrets: dict[str, set[str] | None] = field(default_factory=dict)  # name -> its keys; None: missing
     dataset_manifest: dict[str, Any] | None = None
     progress: dict[str, Any] | None = None
+    latest_checkpoint: str = ""  # listed in storage when a new attempt is due (progress.json may lag)
     storage_error: str = ""
     images: b.Images = field(default_factory=b.Images)
 
@@ -162,7 +163,9 @@ def termination_message(pods: list[dict[str, Any]], container: str, limit: int =
         text = (terminated.get("message") or "").strip()
         if text:
             lines = [line.strip() for line in text.splitlines() if line.strip()]
-            one = " | ".join(lines[-3:])
+            # kubetune's one-line errors ("kubetune train: error: ...") say it best
+            own = [line for line in lines if line.startswith("kubetune ") and ": error: " in line]
+            one = own[-1] if own else " | ".join(lines[-3:])
             return one if len(one) <= limit else "..." + one[-limit:]
         if terminated.get("exitCode") is not None:
             return f"container {container} exited with code {terminated['exitCode']}" + (
@@ -200,6 +203,11 @@ def set_condition(conditions: list[Condition], kind: str, status: str, reason: s
 
 def remove_condition(conditions: list[Condition], kind: str) -> None:
     conditions[:] = [c for c in conditions if c.type != kind]
+
+
+def new_attempt_due(status: dict[str, Any]) -> bool:
+    attempts = status.get("attempts") or []
+    return bool(attempts) and attempts[-1].get("reason") in ENDED_NEEDS_NEW_JOB
 
 
 def checkpoint_step(uri: str) -> int:
@@ -562,6 +570,8 @@ class _Pass:
         index = len(attempts)
         restart = restart_of(attempts, index)
         resume_from = self.status.training.latest_checkpoint if self.status.training else ""
+        if checkpoint_step(o.latest_checkpoint) > checkpoint_step(resume_from):
+            resume_from = o.latest_checkpoint  # a checkpoint completed after the last progress.json
         attempts.append(Attempt(index=index, start_step=checkpoint_step(resume_from), start_time=o.now))
         name = b.trainer_job_name(o.name, restart)
         if name not in o.jobs:

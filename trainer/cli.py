@@ -43,6 +43,9 @@ def main(argv: Sequence[str], prog: str = "kubetune train") -> int:
         return _finish(prog, layout.EXIT_INVALID, cuda_oom_message(cfg), cfg.output_dir)
     except StorageError as error:
         return _finish(prog, layout.EXIT_FAILED, str(error), cfg.output_dir)
+    except Exception as error:  # a bug or an unforeseen failure: keep the traceback, report one line
+        logging.getLogger("kubetune.trainer").exception("training failed")
+        return _finish(prog, layout.EXIT_FAILED, f"{type(error).__name__}: {error}", cfg.output_dir)
 
 
 def _finish(prog: str, code: int, message: str = "", output_dir: str | None = None) -> int:
@@ -53,7 +56,10 @@ def _finish(prog: str, code: int, message: str = "", output_dir: str | None = No
         _mark_failed(output_dir, message)
     exit_dir = os.environ.get(EXIT_DIR_ENV)
     if exit_dir and Path(exit_dir).is_dir():
-        (Path(exit_dir) / f"exit-{os.environ.get('RANK', '0')}").write_text(str(code))
+        rank = os.environ.get("RANK", "0")
+        if message:  # the supervisor repeats it as the pod's last log line (its termination message)
+            (Path(exit_dir) / f"message-{rank}").write_text(message)
+        (Path(exit_dir) / f"exit-{rank}").write_text(str(code))
     return code
 
 

@@ -11,7 +11,7 @@ import pytest
 from kubetune.api.layout import dataset_fingerprint
 from kubetune.api.load import parse_spec
 from kubetune.operator import builders as b
-from kubetune.operator.decide import Decision, Observed, decide
+from kubetune.operator.decide import Decision, Observed, decide, new_attempt_due
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 NAME = "shapes"
@@ -43,6 +43,7 @@ class World:
         self.secrets: dict[str, set[str] | None] = {"unsplash": {"access-key"}}
         self.manifest: dict[str, Any] | None = None
         self.progress: dict[str, Any] | None = None
+        self.checkpoints: list[str] = []  # complete checkpoints in storage, e.g. "step-00000020"
         self.now = T0
         self.generation = 1
         self.created: list[dict[str, Any]] = []
@@ -53,6 +54,7 @@ class World:
             spec=parse_spec(self.spec), status=copy.deepcopy(self.status), now=self.now,
             jobs=copy.deepcopy(self.jobs), pods=copy.deepcopy(self.pods), service_exists=self.service,
             secrets=copy.deepcopy(self.secrets), dataset_manifest=self.manifest, progress=self.progress,
+            latest_checkpoint=max(self.checkpoints, default="") if new_attempt_due(self.status) else "",
         )
 
     def step(self, seconds: float = 5) -> Decision:
@@ -260,6 +262,18 @@ def test_success_publishes_the_uris() -> None:
     assert world.step().events == []  # terminal: nothing more happens
 
 
+def test_a_failed_attempt_reports_the_trainers_own_error_line_not_the_launchers_banner() -> None:
+    world = World()
+    to_training(world)
+    log = ("kubetune train: error: (rank 0) SafetensorError: device cpu:0 is invalid\n"
+           "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n===========\nkubetune.trainer FAILED\n"
+           "  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html\n===========")
+    world.add_pod("shapes-train", exit_code=1, message=log)
+    world.finish_job("shapes-train", "Failed", "Job has reached the specified backoff limit")
+    world.step()
+    assert world.status["message"].endswith("kubetune train: error: (rank 0) SafetensorError: device cpu:0 is invalid")
+
+
 def test_a_failed_attempt_is_replaced_by_one_that_resumes_and_uses_the_budget() -> None:
     world = World()
     to_training(world)
@@ -275,6 +289,21 @@ def test_a_failed_attempt_is_replaced_by_one_that_resumes_and_uses_the_budget() 
     assert [o["metadata"]["name"] for o in decision.create] == ["shapes-train-r1"]
     assert world.status["attempts"][1]["startStep"] == 20 and world.status["phase"] == "Training"
     assert "step-00000020" in world.status["message"]
+
+
+def test_a_new_attempt_resumes_from_a_checkpoint_completed_after_the_last_progress_report() -> None:
+    # the trainer died right after writing checkpoint step 8, before progress.json said so
+    world = World()
+    to_training(world)
+    world.progress = {"state": "training", "step": 7, "maxSteps": 100, "latestCheckpoint": "step-00000004"}
+    world.step()
+    world.checkpoints = ["step-00000004", "step-00000008"]
+    world.add_pod("shapes-train", exit_code=137, message="Killed")
+    world.finish_job("shapes-train", "Failed", "Job has reached the specified backoff limit")
+    world.step()
+    world.step()
+    assert world.status["attempts"][1]["startStep"] == 8
+    assert "resuming from step-00000008" in world.status["message"]
 
 
 def test_backoff_exhausted_fails_the_job() -> None:

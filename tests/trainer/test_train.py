@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from trainer_testkit import core_flags, train, write_imagefolder
+from trainer_testkit import core_flags, env, train, write_imagefolder
 
 from kubetune.api.layout import EXIT_INVALID
 
@@ -123,5 +125,32 @@ def test_bad_input_is_one_line_exit_2(case: str, message: str, tiny_model: Path,
     assert result.returncode == EXIT_INVALID, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert json.loads((output / "progress.json").read_text())["state"] == "failed"
+
+
+def test_cuda_out_of_memory_is_one_line_with_settings_that_use_less_memory(tiny_model: Path, shapes_dataset: Path,
+                                                                           tmp_path: Path) -> None:
+    # No GPU here: the UNet's forward raises the exception torch raises when CUDA runs out of
+    # memory, and the real trainer handles it from there.
+    output = tmp_path / "out"
+    args = ["--pretrained_model_name_or_path", str(tiny_model), "--train_data_dir", str(shapes_dataset),
+            "--output_dir", str(output), "--resolution", "32", "--train_batch_size", "4", "--max_train_steps", "2"]
+    script = (
+        "import sys, torch, diffusers\n"
+        "def forward(*args, **kwargs):\n"
+        "    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')\n"
+        "diffusers.UNet2DConditionModel.forward = forward\n"
+        "from kubetune.trainer.cli import main\n"
+        f"sys.exit(main({args!r}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env(), timeout=300)
+    assert result.returncode == EXIT_INVALID, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert "CUDA out of memory at --resolution 32, --train_batch_size 4" in errors[0]
+    for hint in ("--gradient_checkpointing", "--train_batch_size 2 with --gradient_accumulation_steps 2",
+                 "--mixed_precision bf16", "--method lora"):
+        assert hint in errors[0]
     assert "Traceback" not in result.stderr
     assert json.loads((output / "progress.json").read_text())["state"] == "failed"
