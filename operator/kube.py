@@ -20,12 +20,12 @@ from datetime import datetime
 from typing import Any
 
 from kubetune import storage
-from kubetune.api.layout import DATASET_MANIFEST, PROGRESS_FILE
+from kubetune.api.layout import CHECKPOINTS_DIR, DATASET_MANIFEST, MANIFEST_FILE, PROGRESS_FILE
 from kubetune.api.load import SpecError, parse_spec
 from kubetune.api.models import GROUP, KIND, PLURAL, VERSION, CredentialsSecretRef, FineTuneJobSpec
 
 from . import builders as b
-from .decide import Decision, Observed, now_utc
+from .decide import Decision, Observed, checkpoint_step, new_attempt_due, now_utc
 
 log = logging.getLogger("kubetune.operator")
 
@@ -242,9 +242,19 @@ def observe(kube: Kube, ftj: dict[str, Any], extra_pods: list[dict[str, Any]], n
             observed.dataset_manifest = _read_json(store, DATASET_MANIFEST)
         if training_started or spec.dataset.imagefolder or observed.dataset_manifest:
             observed.progress = _read_json(store, PROGRESS_FILE)
+        if new_attempt_due(status):
+            observed.latest_checkpoint = latest_complete_checkpoint(store)
     except storage.StorageError as error:
         observed.storage_error = str(error)
     return observed
+
+
+def latest_complete_checkpoint(store: storage.Store) -> str:
+    """The newest `checkpoints/step-N` with its manifest (written last), as the trainer's
+    `--resume_from_checkpoint latest` will find it; "" when there is none."""
+    steps = [key.split("/")[1] for key in store.list(CHECKPOINTS_DIR)
+             if key.count("/") == 2 and key.endswith("/" + MANIFEST_FILE) and key.split("/")[1].startswith("step-")]
+    return max(steps, key=checkpoint_step, default="")
 
 
 def _read_json(store: storage.Store, key: str) -> dict[str, Any] | None:
