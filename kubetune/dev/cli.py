@@ -38,6 +38,8 @@ def _parser(prog: str) -> OneLineArgumentParser:
         if name in ("up", "serve"):
             action.add_argument("--no-operator", action="store_true", help="do not start `kubetune operator`")
             action.add_argument("--no-model", action="store_true", help="do not seed the tiny SD pipeline (faster start)")
+            action.add_argument("--no-pods", action="store_true",
+                                help="pods are scheduled but never started; they stay Pending (control-plane benchmarks)")
             action.add_argument("--network", choices=("auto", "netns", "host"), default="auto",
                                 help="pod network: own namespace per pod (root) or the host's (default auto)")
             action.add_argument("--port", type=int, default=0, help="API server port on 127.0.0.1 (default: a free one)")
@@ -94,6 +96,7 @@ def up(state_dir: Path, args: object) -> int:
                "--network", args.network, "--port", str(args.port)]  # type: ignore[attr-defined]
     command += ["--no-operator"] if args.no_operator else []  # type: ignore[attr-defined]
     command += ["--no-model"] if args.no_model else []  # type: ignore[attr-defined]
+    command += ["--no-pods"] if args.no_pods else []  # type: ignore[attr-defined]
     with open(state_dir / "cluster.log", "ab") as log_file:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                    start_new_session=True)
@@ -169,7 +172,7 @@ def serve(state_dir: Path, args: object) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    cluster = LocalCluster(state_dir, network=args.network, api_port=args.port)  # type: ignore[attr-defined]
+    cluster = LocalCluster(state_dir, network=args.network, api_port=args.port, run_pods=not args.no_pods)  # type: ignore[attr-defined]
     operator: subprocess.Popen[bytes] | None = None
     try:
         info = cluster.start()

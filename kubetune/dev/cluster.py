@@ -79,13 +79,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 class LocalCluster:
     def __init__(self, state_dir: Path, *, network: str = "auto", api_port: int = 0, s3: bool = True,
                  images: bool = True, job_backoff_base: float = 10.0, restart_backoff_base: float = 10.0,
-                 bookmark_interval: float = 30.0) -> None:
+                 bookmark_interval: float = 30.0, run_pods: bool = True) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.registry = Registry()
         self.store = Store(self.registry)
         self.network = Network(self.state_dir, network)
         self.controllers = Controllers(self.store, self.registry, job_backoff_base=job_backoff_base)
-        self.kubelet = Kubelet(self.store, self.network, self.state_dir, restart_backoff_base=restart_backoff_base)
+        self.kubelet = Kubelet(self.store, self.network, self.state_dir, restart_backoff_base=restart_backoff_base,
+                               run_pods=run_pods)
         self.api = ApiServer(self.store, self.registry, bookmark_interval=bookmark_interval)
         self.api.kubelet = self.kubelet
         self.api_port = api_port

@@ -119,6 +119,7 @@ class Controllers:
     def reconcile(self) -> None:
         for job in self.store.all(JOBS):
             self.reconcile_job(copy.deepcopy(job))
+        self.release_orphans()
         self.collect_garbage()
         self.finish_namespaces()
         self.finish_crds()
@@ -135,6 +136,16 @@ class Controllers:
         uid = job["metadata"]["uid"]
         return [copy.deepcopy(p) for p in self.store.all(PODS, job["metadata"]["namespace"])
                 if any(r.get("uid") == uid and r.get("controller") for r in p["metadata"].get("ownerReferences") or [])]
+
+    def release_orphans(self) -> None:
+        """Pods whose Job is gone keep no tracking finalizer (else they could never be deleted)."""
+        jobs = {j["metadata"]["uid"] for j in self.store.all(JOBS)}
+        for pod in self.store.all(PODS):
+            if JOB_TRACKING_FINALIZER not in (pod["metadata"].get("finalizers") or []):
+                continue
+            owners = [r for r in pod["metadata"].get("ownerReferences") or [] if r.get("kind") == "Job" and r.get("controller")]
+            if not any(r.get("uid") in jobs for r in owners):
+                self._drop_tracking(copy.deepcopy(pod))
 
     def _drop_tracking(self, pod: Obj) -> None:
         finalizers = pod["metadata"].get("finalizers") or []
@@ -167,7 +178,9 @@ class Controllers:
                 self._drop_tracking(pod)
             self._ttl(job)
             return
-        if meta.get("deletionTimestamp"):
+        if meta.get("deletionTimestamp"):  # a Job being deleted no longer tracks its pods (KEP-2307)
+            for pod in pods:
+                self._drop_tracking(pod)
             return
         # Count finished pods exactly once (the tracking finalizer marks "not yet counted").
         failure: tuple[str, str] | None = None

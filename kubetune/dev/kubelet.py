@@ -133,8 +133,9 @@ class PodRun:
 
 class Kubelet:
     def __init__(self, store: Store, network: Network, state_dir: Path, restart_backoff_base: float = 10.0,
-                 tick: float = 0.2) -> None:
+                 tick: float = 0.2, run_pods: bool = True) -> None:
         self.store = store
+        self.run_pods = run_pods  # False: pods are bound to the node and stay Pending (a full cluster)
         self.network = network
         self.state_dir = state_dir
         self.restart_backoff_base = restart_backoff_base
@@ -196,10 +197,12 @@ class Kubelet:
             if meta.get("deletionTimestamp"):
                 if run is not None and run.task is not None and not run.task.done():
                     run.terminating.set()
+                elif run is None and phase not in ("Succeeded", "Failed"):
+                    self._fail_unstarted(pod)  # as the kubelet: a deleted pod ends in a terminal phase
                 elif meta.get("deletionGracePeriodSeconds"):
                     self._final_delete(pod)
                 continue
-            if run is None and phase not in ("Succeeded", "Failed"):
+            if run is None and phase not in ("Succeeded", "Failed") and self.run_pods:
                 run = PodRun(uid, meta["namespace"], meta["name"], self.state_dir / "pods" / uid)
                 self.pods[uid] = run
                 run.task = asyncio.get_running_loop().create_task(self._run_pod(run))
@@ -219,6 +222,11 @@ class Kubelet:
         set_condition(pod.setdefault("status", {}), "PodScheduled", "True", "", "")
         pod["status"]["conditions"][-1].pop("reason", None)
         pod["status"]["conditions"][-1].pop("message", None)
+        self.store.internal_write(PODS, pod)
+
+    def _fail_unstarted(self, pod: Obj) -> None:
+        pod = copy.deepcopy(pod)
+        pod.setdefault("status", {})["phase"] = "Failed"
         self.store.internal_write(PODS, pod)
 
     def _final_delete(self, pod: Obj) -> None:

@@ -301,3 +301,20 @@ def test_restricted_pod_with_an_empty_dir_over_tmp(api: Api, k8s_namespace: str)
     assert logs(api, k8s_namespace, pod["metadata"]["name"]) == "False True\n"
     assert not Path("/tmp", marker).exists()
     Path("/tmp", f"{marker}-host").unlink()
+
+
+def test_cluster_without_running_pods(local_cluster_factory: Any, tmp_path: Path) -> None:
+    """`LocalCluster(run_pods=False)` (for control-plane benchmarks): a Job's pod is created and
+    scheduled but its container never starts, so it stays Pending; deleting the Job removes it."""
+    cluster = local_cluster_factory(run_pods=False, s3=False, images=False)
+    api = Api(cluster.api_url)
+    marker = tmp_path / "ran"
+    api.ok(api.post(jobs("default"), job_manifest("idle", f"open({str(marker)!r}, 'w').write('ran')")))
+    scheduled = wait_for(lambda: [p for p in pods_of(api, "default", "idle") if condition(p, "PodScheduled")])
+    assert len(scheduled) == 1
+    time.sleep(1.0)  # several kubelet syncs: a running cluster would have started the container by now
+    (pod,) = pods_of(api, "default", "idle")
+    assert pod["status"]["phase"] == "Pending" and "containerStatuses" not in pod["status"]
+    assert not marker.exists()
+    api.ok(api.delete(f"{jobs('default')}/idle", {"propagationPolicy": "Foreground"}))
+    wait_for(lambda: not pods_of(api, "default", "idle") and api.get(f"{jobs('default')}/idle").status_code == 404)
