@@ -142,6 +142,15 @@ def pod_preempted(pod: dict[str, Any], container: str) -> bool:
     return pod_exit_code(pod, container) == EXIT_PREEMPTED
 
 
+def stopped_before_job_started(pod: dict[str, Any], job: dict[str, Any]) -> bool:
+    """A pod deleted (or ended) before its Job's latest start: stopped by a suspension, not a
+    preemption. Kubernetes resets a Job's status.startTime when it is resumed."""
+    started = _parse_time((job.get("status") or {}).get("startTime"))
+    stopped = _parse_time((pod.get("metadata") or {}).get("deletionTimestamp")) or _parse_time(
+        (terminated_state(pod, b.TRAINER) or {}).get("finishedAt"))
+    return started is not None and stopped is not None and stopped <= started
+
+
 def pod_job_name(pod: dict[str, Any]) -> str:
     pod_labels = (pod.get("metadata") or {}).get("labels") or {}
     return str(pod_labels.get("batch.kubernetes.io/job-name") or pod_labels.get("job-name") or "")
@@ -549,7 +558,8 @@ class _Pass:
             return  # pods stopped by a suspension are not preemptions
         known = recorded_preemptions(job)
         new = [str(p["metadata"]["uid"]) for p in pods
-               if pod_preempted(p, b.TRAINER) and p["metadata"].get("uid") and p["metadata"]["uid"] not in known]
+               if pod_preempted(p, b.TRAINER) and p["metadata"].get("uid") and p["metadata"]["uid"] not in known
+               and not stopped_before_job_started(p, job)]
         if new:
             uids = known + new
             self.decision.patch.append(Patch("Job", name, {"metadata": {"annotations": {b.ANNOTATION_PREEMPTED_PODS: ",".join(uids)}}}))

@@ -398,6 +398,14 @@ def test_suspend_and_resume_a_training() -> None:
     assert world.jobs["shapes-train"]["spec"]["suspend"] is False and world.status["phase"] == "Training"
     assert "Resumed" in reasons(decision) and world.condition("Suspended")["status"] == "False"
     assert len(world.status["attempts"]) == 1
+    # the Job controller restarts the Job (resetting startTime) while the stopped pod is still listed
+    world.pods[-1]["metadata"]["deletionTimestamp"] = "2026-01-01T12:00:30Z"
+    world.pods[-1]["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = "2026-01-01T12:00:50Z"
+    world.jobs["shapes-train"]["status"] = {"startTime": "2026-01-01T12:00:40Z"}
+    world.step()
+    world.step()
+    assert world.status["preemptions"] == 0 and len(world.status["attempts"]) == 1
+    assert world.status["phase"] == "Training" and not world.jobs["shapes-train"]["spec"]["suspend"]
 
 
 def test_kueue_jobs_wait_for_admission_and_are_not_unsuspended_by_the_operator() -> None:
