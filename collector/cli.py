@@ -6,6 +6,8 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -70,14 +72,65 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     out.add_argument("--shard-index", type=int, default=None, help="this pod's shard (default $JOB_COMPLETION_INDEX or 0)")
     out.add_argument("--num-shards", type=int, default=None, help="shards in all (default spec.collector.shards or 1)")
     out.add_argument("--verbose", "-verbose", action="store_true", help="log every skipped item")
+    then = parser.add_argument_group("then train (what app.py -train True did; `kubetune run SPEC` does it from a spec)")
+    then.add_argument("--train", "-train", type=true_or_false, nargs="?", const=True, default=False, metavar="True|False",
+                      help="after collecting, fine-tune --model on the dataset with the original main.py settings")
+    then.add_argument("--model", "-model_name", default=DEFAULT_MODEL, metavar="NAME_OR_PATH",
+                      help=f"base model for --train: a hub id, folder or s3:// (default {DEFAULT_MODEL})")
+    then.add_argument("--train-output", metavar="DIR_OR_S3", help="where --train writes the model (default: <output>-model)")
+    then.add_argument("--train-args", default="", metavar="'FLAGS'",
+                      help="more `kubetune train` flags for --train, overriding the defaults, e.g. '--max_train_steps 500'")
     return parser
+
+
+# The original main.py's training command (diffusers' train_text_to_image.py flags).
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SEED_TRAINING_FLAGS = (
+    "--use_ema", "--resolution", "512", "--center_crop", "--random_flip", "--train_batch_size", "1",
+    "--gradient_accumulation_steps", "4", "--gradient_checkpointing", "--mixed_precision", "no",
+    "--max_train_steps", "100", "--learning_rate", "1e-05", "--max_grad_norm", "1", "--lr_scheduler", "constant",
+    "--lr_warmup_steps", "0",
+)
+
+
+def true_or_false(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"must be True or False (got {value!r})")
 
 
 def main(argv: Sequence[str], prog: str = "kubetune collect") -> int:
     args = build_parser(prog).parse_args(list(argv))
     plan = make_plan(args)
     keys = read_keys(plan["dataset"])  # a missing key fails here, before any work
-    return run(plan, keys, verbose=args.verbose)
+    training = training_command(args, plan["output"]) if args.train else None  # bad flags fail before work too
+    code = run(plan, keys, verbose=args.verbose)
+    if code != layout.EXIT_OK or training is None:
+        return code
+    print(f"{prog}: training {args.model} on {plan['output']}", file=sys.stderr, flush=True)
+    return subprocess.run(training).returncode
+
+
+def training_command(args: argparse.Namespace, dataset: str) -> list[str]:
+    """`python -m kubetune.launch accelerate launch ... -m kubetune.trainer` with main.py's flags,
+    on the local GPUs (or the CPU), resuming when a checkpoint is there."""
+    from kubetune.launch import accelerate_launch_command
+    from kubetune.run import count_gpus, free_port
+
+    if args.spec:
+        raise OneLineError("--train: not with --spec; `kubetune run SPEC` collects and trains a FineTuneJob")
+    try:
+        extra = shlex.split(args.train_args)
+    except ValueError as error:
+        raise OneLineError(f"--train-args: {error}") from None
+    output = args.train_output or args.output.rstrip("/") + "-model"
+    trainer_args = ["--pretrained_model_name_or_path", args.model, "--train_data_dir", dataset, "--output_dir", output,
+                    "--resume_from_checkpoint", "latest", *SEED_TRAINING_FLAGS, *extra]
+    launch = accelerate_launch_command(1, count_gpus(), 0, "127.0.0.1", free_port(), trainer_args, python=sys.executable)
+    return [sys.executable, "-m", "kubetune.launch", *launch]
 
 
 # ---------------------------------------------------------------------------------------------

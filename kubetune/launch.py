@@ -73,12 +73,14 @@ def accelerate_launch_command(
 
 
 def _flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The flag's last value, as argparse reads it (a later flag overrides an earlier one)."""
+    value = None
     for index, arg in enumerate(args):
         if arg == flag and index + 1 < len(args):
-            return args[index + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
+            value = args[index + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def supervise(command: Sequence[str], grace_seconds: int = 600) -> int:

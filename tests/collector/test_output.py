@@ -229,7 +229,26 @@ def test_original_spellings_still_work(collect: Any, server: StandIn, tmp_path: 
     assert all(r.query["w"] == "400" for r in images)  # the "small" size variant
 
 
+@pytest.mark.slow
+def test_train_true_collects_then_fine_tunes_like_app_py(collect: Any, server: StandIn, tmp_path: Path) -> None:
+    from kubetune.fixtures.tiny_sd import build_tiny_pipeline
+
+    model = build_tiny_pipeline(tmp_path / "tiny")
+    urls = write_jsonl(tmp_path / "urls.jsonl", serve_photos(server, 4))
+    out = tmp_path / "data"
+    quick = "--resolution 32 --max_train_steps 2 --gradient_accumulation_steps 1 --checkpointing_steps 2"
+    result = collect("--urls", str(urls), *flags(server, out), "-train", "True", "-model_name", str(model), "--train-args", quick)
+    assert result.code == 0, result.stderr[-3000:]
+    trained = tmp_path / "data-model"
+    assert (trained / "model_index.json").exists() and (trained / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    progress = json.loads((trained / "progress.json").read_text())
+    assert progress["state"] == "succeeded" and progress["step"] == 2
+    card = (trained / "README.md").read_text()
+    assert "| EMA | True |" in card  # main.py's --use_ema is kept, the flags given in --train-args override
+
+
 @pytest.mark.parametrize(("args", "message"), [
+    (["--urls", "x.jsonl", "--output", "o", "-train", "maybe"], "argument --train/-train: must be True or False (got 'maybe')"),
     (["--urls", "x.jsonl", "--output", "o", "--size", "32"], "--size: Input should be greater than or equal to 64 (got 32)"),
     (["--urls", "x.jsonl", "--hf-dataset", "d", "--output", "o"], "give exactly one source: --prompts/--prompt-file, --urls, --hf-dataset, --from, or --spec (got --urls, --hf-dataset)"),
     (["--urls", "x.jsonl"], "--output: required (a folder or s3://bucket/prefix), or use --spec"),
