@@ -1,0 +1,260 @@
+"""The operator end to end on the local cluster: `kubetune operator` watching a namespace, the real
+collector (a URL list of shape images on the cluster's image server) and the real trainer (a tiny
+Stable Diffusion model, 2 CPU nodes, accelerate over gloo) running as pods, S3 on moto's server.
+
+Each test reads what a user would: the FineTuneJob's status and events, its Jobs, Services and
+pods, the pods' logs, and the files in S3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune.dev.testing import wait_for
+
+MAX_STEPS = 16  # long enough to interrupt between two checkpoints, short enough to finish fast
+EVERY = 4
+
+
+def events_of(e2e: Any, name: str) -> list[dict[str, Any]]:
+    items = e2e.api.ok(e2e.api.get(e2e.path("events")))["items"]
+    return [e for e in items if e["involvedObject"].get("name") == name and e["involvedObject"].get("kind") == "FineTuneJob"]
+
+
+def reasons(e2e: Any, name: str) -> list[str]:
+    return [e["reason"] for e in events_of(e2e, name)]
+
+
+def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next(c for c in status.get("conditions") or [] if c["type"] == kind)
+
+
+def checkpoint_steps(e2e: Any, name: str) -> list[int]:
+    """Complete checkpoints in S3 (their manifest is written last)."""
+    return sorted(int(k.split("/")[0][5:]) for k in e2e.keys("jobs", name, "checkpoints") if k.endswith("/manifest.json"))
+
+
+def wait_for_checkpoint_mid_run(e2e: Any, name: str) -> int:
+    """Wait until the first attempt has a complete checkpoint in S3 and is still training."""
+    def ready() -> int:
+        steps = checkpoint_steps(e2e, name)
+        return steps[-1] if steps and steps[-1] < MAX_STEPS else 0
+    step = wait_for(ready, timeout=180, interval=0.1)
+    assert e2e.status(name).get("phase") == "Training"
+    return int(step)
+
+
+def trainer_pods(e2e: Any, name: str, job: str) -> list[dict[str, Any]]:
+    pods = [p for p in e2e.list("pods", name) if p["metadata"]["labels"].get("batch.kubernetes.io/job-name") == job]
+    return sorted(pods, key=lambda p: p["metadata"]["labels"].get("batch.kubernetes.io/job-completion-index", ""))
+
+
+def resumed_from(e2e: Any, name: str, job: str) -> str:
+    """The 'resuming from ...' line of rank 0 of a trainer Job."""
+    rank0 = next(p for p in trainer_pods(e2e, name, job)
+                 if p["metadata"]["labels"].get("batch.kubernetes.io/job-completion-index") == "0")
+    return next((line for line in e2e.pod_log(rank0["metadata"]["name"], tail=2000).splitlines() if "resuming from" in line), "")
+
+
+# -- rejected before anything runs -------------------------------------------------------------
+
+
+def test_an_invalid_spec_is_rejected_by_the_api_naming_the_field(e2e: Any) -> None:
+    for field, spec in (("spec.trainer.nodes", e2e.spec("bad", trainer={"nodes": 0})),
+                        ("spec.training.mixedPrecision", e2e.spec("bad", training={"mixedPrecision": False}))):
+        response = e2e.api.post(e2e.path("finetunejobs"), {"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob",
+                                                           "metadata": {"name": "bad"}, "spec": spec})
+        assert response.status_code == 422, response.text
+        assert field in response.json()["message"]
+    assert e2e.api.get(e2e.path("finetunejobs", "bad")).status_code == 404
+
+
+def test_a_missing_secret_fails_the_job_naming_the_secret(e2e: Any) -> None:
+    spec = e2e.spec("nosecret", storage={"uri": e2e.uri("jobs", "nosecret") + "/", "credentialsSecretRef": {"name": "team-s3"}})
+    e2e.create("nosecret", spec)
+    status = e2e.wait_phase("nosecret", "Failed", timeout=60)
+    assert condition(status, "Succeeded")["reason"] == "SecretNotFound"
+    assert "Secret 'team-s3' not found (referenced by spec.storage.credentialsSecretRef)" in status["message"]
+    assert "SecretNotFound" in reasons(e2e, "nosecret")
+    assert e2e.names("jobs", "nosecret") == []  # nothing ran that would wait forever on the Secret
+
+
+def test_an_empty_dataset_fails_the_job_with_the_counts(e2e: Any) -> None:
+    missing = "".join(f'{{"url": "{e2e.cluster.images_url}/{e2e.namespace}/gone-{i}.jpg", "caption": "gone"}}\n' for i in range(3))
+    e2e.s3.put_object(Bucket=e2e.bucket, Key=f"{e2e.prefix}/gone.jsonl", Body=missing.encode())
+    e2e.create("empty", e2e.spec("empty", dataset={"urls": {"uri": e2e.uri("gone.jsonl")}}))
+    status = e2e.wait_phase("empty", "Failed", timeout=120)
+    assert condition(status, "Succeeded")["reason"] == "EmptyDataset"
+    assert condition(status, "DatasetReady")["status"] == "False"
+    assert "0 images kept of 3 requested" in status["message"], status["message"]
+    assert e2e.names("jobs", "empty") == ["empty-collect"]  # no trainer was started
+
+
+# -- one job trained to the end, with the operator restarted mid-training ----------------------
+
+
+@pytest.fixture(scope="module")
+def trained(e2e: Any) -> dict[str, Any]:
+    """`happy`: collected, trained 4 steps on 2 nodes, published; the operator is killed while the
+    trainer pods run and started again. Returns what was seen along the way."""
+    name = "happy"
+    e2e.create(name, e2e.spec(name, training={"validationPrompts": ["a red circle on a white background"]}))
+    e2e.wait(name, lambda s: s.get("phase") == "Training" and s.get("attempts"), 120, "training started")
+    wait_for(lambda: len(e2e.running_trainer_pods(name)) == 2, timeout=60)
+    e2e.stop_operator(signal.SIGKILL)  # no goodbye: a crash or a node loss
+    time.sleep(2)
+    e2e.start_operator()
+    status = e2e.wait_phase(name, "Succeeded", timeout=240)
+    return {"name": name, "status": status, "generation": e2e.get(name)["metadata"]["generation"]}
+
+
+@pytest.mark.slow
+def test_a_job_runs_to_succeeded_with_a_loadable_model_and_samples(e2e: Any, trained: dict[str, Any], tmp_path: Path) -> None:
+    name, status = trained["name"], trained["status"]
+    storage = e2e.uri("jobs", name) + "/"
+    assert status["modelUri"] == storage
+    assert status["samplesUri"] == storage + "samples/"
+    assert status["checkpointsUri"] == storage + "checkpoints/"
+    assert status["training"]["step"] == status["training"]["maxSteps"] == 4
+    assert status["training"]["progress"] == "100%"
+    assert status["dataset"]["kept"] == 12 and status["dataset"]["requested"] == 12
+    assert status["restarts"] == 0 and status["preemptions"] == 0
+    succeeded = condition(status, "Succeeded")
+    assert succeeded["status"] == "True" and succeeded["observedGeneration"] == trained["generation"]
+    assert condition(status, "DatasetReady")["status"] == "True"
+    assert {"CollectionStarted", "DatasetCollected", "TrainingStarted", "Succeeded"} <= set(reasons(e2e, name))
+
+    # what `kubectl get ftj` shows
+    table = e2e.api.ok(e2e.api.get(e2e.path("finetunejobs", name), headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"}))
+    columns = [c["name"] for c in table["columnDefinitions"]]
+    row = dict(zip(columns, table["rows"][0]["cells"], strict=True))
+    assert row["Phase"] == "Succeeded" and row["Progress"] == "100%"
+
+    samples = [k for k in e2e.keys("jobs", name, "samples") if k.endswith(".png")]
+    assert samples, "validation samples are in S3"
+    from diffusers import StableDiffusionPipeline
+
+    local = e2e.download(tmp_path / "model", "jobs", name)
+    pipeline = StableDiffusionPipeline.from_pretrained(local, safety_checker=None, requires_safety_checker=False)
+    image = pipeline("a red circle", num_inference_steps=2, height=32, width=32, output_type="np").images[0]
+    assert image.shape == (32, 32, 3)
+
+
+@pytest.mark.slow
+def test_the_operator_restarted_mid_training_duplicates_nothing(e2e: Any, trained: dict[str, Any]) -> None:
+    name, status = trained["name"], trained["status"]
+    assert e2e.operator_starts >= 2
+    assert e2e.names("jobs", name) == ["happy-collect", "happy-train"]
+    assert e2e.names("services", name) == ["happy-train"]
+    assert [a["reason"] for a in status["attempts"]] == ["Succeeded"]
+    assert len([p for p in e2e.list("pods", name) if p["metadata"]["labels"].get("app.kubernetes.io/component") == "trainer"]) == 2
+    assert reasons(e2e, name).count("TrainingStarted") == 1 and reasons(e2e, name).count("CollectionStarted") == 1
+
+
+@pytest.mark.slow
+def test_deleting_the_finetunejob_removes_its_children_and_keeps_the_artifacts(e2e: Any, trained: dict[str, Any]) -> None:
+    name = trained["name"]
+    before = set(e2e.keys("jobs", name))
+    assert e2e.list("pods", name)
+    e2e.api.ok(e2e.api.delete(e2e.path("finetunejobs", name)))
+    wait_for(lambda: not e2e.list("jobs", name) and not e2e.list("services", name) and not e2e.list("pods", name), timeout=60)
+    assert e2e.api.get(e2e.path("finetunejobs", name)).status_code == 404
+    assert set(e2e.keys("jobs", name)) == before  # the dataset, checkpoints, samples and model stay
+    assert "model_index.json" in before and "dataset/manifest.json" in before
+
+
+# -- recovery ------------------------------------------------------------------------------------
+
+
+def recovery_spec(e2e: Any, name: str, **overrides: Any) -> dict[str, Any]:
+    return e2e.spec(name, training={"maxTrainSteps": MAX_STEPS, "checkpointEverySteps": EVERY}, **overrides)
+
+
+@pytest.mark.slow
+def test_a_killed_trainer_is_replaced_by_an_attempt_that_resumes_and_finishes(e2e: Any) -> None:
+    name = "killed"
+    e2e.create(name, recovery_spec(e2e, name, runPolicy={"backoffLimit": 2}))
+    step = wait_for_checkpoint_mid_run(e2e, name)
+    rank0 = trainer_pods(e2e, name, "killed-train")[0]
+    os.kill(e2e.trainer_process(rank0), signal.SIGKILL)  # as the OOM killer would
+
+    status = e2e.wait_phase(name, "Succeeded", timeout=300)
+    first, second = status["attempts"]
+    assert first["reason"] == "Failed" and second["reason"] == "Succeeded"
+    assert second["startStep"] >= step > 0
+    assert second["endStep"] == status["training"]["step"] == MAX_STEPS
+    assert status["restarts"] == 1 and status["preemptions"] == 0
+    assert e2e.names("jobs", name) == ["killed-collect", "killed-train", "killed-train-r1"]
+    assert f"checkpoints/step-{second['startStep']:08d}" in resumed_from(e2e, name, "killed-train-r1")
+    assert {"AttemptFailed", "AttemptStarted", "Succeeded"} <= set(reasons(e2e, name))
+    assert e2e.progress(name)["step"] == MAX_STEPS
+
+
+@pytest.mark.slow
+def test_a_preempted_pod_does_not_use_the_backoff_budget(e2e: Any) -> None:
+    name = "evicted"
+    e2e.create(name, recovery_spec(e2e, name, runPolicy={"backoffLimit": 0}))  # one failure would end it
+    step = wait_for_checkpoint_mid_run(e2e, name)
+    rank1 = trainer_pods(e2e, name, "evicted-train")[1]["metadata"]["name"]
+    eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": rank1, "namespace": e2e.namespace}}
+    e2e.api.ok(e2e.api.post(e2e.path("pods", rank1) + "/eviction", eviction))
+
+    status = e2e.wait_phase(name, "Succeeded", timeout=300)
+    first, second = status["attempts"]
+    assert first["reason"] == "Preempted" and second["reason"] == "Succeeded"
+    assert status["preemptions"] == 1 and status["restarts"] == 0
+    assert second["startStep"] >= step > 0 and second["endStep"] == MAX_STEPS
+    assert f"checkpoints/step-{second['startStep']:08d}" in resumed_from(e2e, name, "evicted-train-r1")
+    assert "PodPreempted" in reasons(e2e, name)
+
+
+@pytest.mark.slow
+def test_suspend_then_resume_finishes_from_the_checkpoint(e2e: Any) -> None:
+    name = "paused"
+    e2e.create(name, recovery_spec(e2e, name))
+    wait_for_checkpoint_mid_run(e2e, name)
+    e2e.patch_spec(name, {"suspend": True})
+    status = e2e.wait_phase(name, "Suspended", timeout=60)
+    assert condition(status, "Suspended")["status"] == "True"
+    # the pods get SIGTERM, save a checkpoint and exit (terminating pods still run until then)
+    wait_for(lambda: not [p for p in trainer_pods(e2e, name, "paused-train") if p["status"].get("phase") == "Running"], timeout=90)
+    stopped_at = checkpoint_steps(e2e, name)[-1]
+    assert e2e.progress(name)["state"] == "preempted"
+
+    e2e.patch_spec(name, {"suspend": False})
+    status = e2e.wait_phase(name, "Succeeded", timeout=300)
+    assert [a["reason"] for a in status["attempts"]] == ["Succeeded"]  # a suspension is not an attempt
+    assert status["restarts"] == 0 and status["preemptions"] == 0
+    assert status["training"]["step"] == MAX_STEPS
+    assert e2e.names("jobs", name) == ["paused-collect", "paused-train"]
+    assert f"checkpoints/step-{stopped_at:08d}" in resumed_from(e2e, name, "paused-train")
+    assert {"Suspended", "Resumed"} <= set(reasons(e2e, name))
+
+
+@pytest.mark.slow
+def test_backoff_exhausted_fails_the_job(e2e: Any, tiny_model_dir: Path) -> None:
+    # A model whose tokenizer pads to more positions than its text encoder has: loading works,
+    # encoding the captions fails, and every attempt fails the same way (a retryable exit code 1).
+    broken = f"{e2e.prefix}/models/broken-sd/"
+    for path in sorted(p for p in tiny_model_dir.rglob("*") if p.is_file()):
+        body = path.read_bytes()
+        if path.name == "tokenizer_config.json":
+            body = json.dumps({**json.loads(body), "model_max_length": 1000}).encode()
+        e2e.s3.put_object(Bucket=e2e.bucket, Key=broken + path.relative_to(tiny_model_dir).as_posix(), Body=body)
+    name = "broken"
+    e2e.create(name, e2e.spec(name, model={"base": f"s3://{e2e.bucket}/{broken}"}, runPolicy={"backoffLimit": 1},
+                              trainer={"nodes": 1, "gpusPerNode": 0}))
+    status = e2e.wait_phase(name, "Failed", timeout=300)
+    assert condition(status, "Succeeded")["reason"] == "BackoffLimitExceeded"
+    assert "runPolicy.backoffLimit=1" in status["message"]
+    assert "last failure: kubetune train: error: (rank 0) " in status["message"]  # the trainer's own line
+    assert [a["reason"] for a in status["attempts"]] == ["Failed", "Failed"]
+    assert status["restarts"] == 2 and status["preemptions"] == 0
+    assert e2e.names("jobs", name) == ["broken-collect", "broken-train", "broken-train-r1"]
