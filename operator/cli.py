@@ -60,6 +60,11 @@ def owner_of_job(body: dict[str, Any]) -> str | None:
     return None
 
 
+def quiet_handler_successes(record: logging.LogRecord) -> bool:
+    """Drop kopf's "Handler '...' succeeded." lines: the handlers only queue work."""
+    return not (record.levelno <= logging.INFO and str(record.msg).startswith("Handler ") and str(record.msg).endswith(" succeeded."))
+
+
 def is_pattern(namespace: str) -> bool:
     return any(char in namespace for char in "*?[!")
 
@@ -71,6 +76,19 @@ def register(controller: Any, verbose: bool = False, scan_namespaces: bool = Fal
     registry = kopf.OperatorRegistry()
     managed = {b.LABEL_MANAGED_BY: b.MANAGED_BY}
 
+    class NoDiffBase(kopf.DiffBaseStorage):
+        """kopf computes a diff base (a deep copy of the body) on every event for on.create/update
+        handlers; this operator has only on.event handlers, so there is nothing to keep."""
+
+        def build(self, *, body: Any, extra_fields: Any = None) -> Any:
+            return {}
+
+        def fetch(self, *, body: Any) -> Any:
+            return None
+
+        def store(self, *, body: Any, patch: Any, essence: Any) -> None:
+            pass
+
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.enabled = False  # the operator posts its own Events, with its own reasons
@@ -79,6 +97,7 @@ def register(controller: Any, verbose: bool = False, scan_namespaces: bool = Fal
         # No cluster-wide listing of namespaces and CRDs: the chart's restricted mode does not grant
         # it. Namespaces are then exact names; only glob patterns need the namespace scan.
         settings.scanning.disabled = not scan_namespaces
+        settings.persistence.diffbase_storage = NoDiffBase()
         controller.start()
 
     @kopf.on.login(registry=registry)
@@ -121,6 +140,10 @@ def main(argv: Sequence[str], prog: str = "kubetune operator") -> int:
     from .metrics import Metrics
 
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON, log_refkey="object")
+    if not args.verbose:  # kopf's "Handler ... succeeded." for every watch event: thousands of lines under load
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    if not args.verbose:  # every watch event of every Pod and Job would log a line
+        logging.getLogger("kopf.objects").addFilter(quiet_handler_successes)
     try:
         api_client = load_kube_config()
     except Exception as error:  # no kubeconfig, no in-cluster account

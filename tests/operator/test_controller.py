@@ -81,3 +81,16 @@ def test_operator_rejects_both_scopes_in_one_line() -> None:
     done = subprocess.run([sys.executable, "-m", "kubetune.cli", "operator", "--namespace", "a", "--all-namespaces"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "--all-namespaces" in done.stderr
+
+
+def test_kopf_handler_success_lines_are_dropped_and_everything_else_kept() -> None:
+    import logging
+
+    from kubetune.operator.cli import quiet_handler_successes
+
+    def record(level: int, msg: str) -> logging.LogRecord:
+        return logging.LogRecord("kopf.objects", level, __file__, 1, msg, None, None)
+
+    assert not quiet_handler_successes(record(logging.INFO, "Handler 'register.<locals>.pod_event' succeeded."))
+    assert quiet_handler_successes(record(logging.ERROR, "Handler 'register.<locals>.pod_event' failed with an exception."))
+    assert quiet_handler_successes(record(logging.INFO, "BackoffLimitExceeded: the trainer failed 3 time(s)"))
