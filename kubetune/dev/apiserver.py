@@ -263,7 +263,7 @@ class ApiServer:
             if table and etype in ("ADDED", "MODIFIED", "DELETED"):
                 obj = to_table(rt, [self.store._as_version(rt, obj)], include_object, obj["metadata"]["resourceVersion"])
             elif etype != "BOOKMARK" and etype != "ERROR":
-                obj = self.store._as_version(rt, obj)
+                obj = {**obj, "apiVersion": rt.api_version}  # as _as_version, without a copy: only serialized
             return (json.dumps({"type": etype, "object": obj}) + "\n").encode()
 
         def bookmark(extra: Obj | None = None) -> bytes:
@@ -298,13 +298,20 @@ class ApiServer:
                     wait = min(wait, deadline - time.monotonic())
                     if wait <= 0:
                         break
-                try:
-                    etype, obj = await asyncio.wait_for(watcher.queue.get(), wait)
-                except asyncio.TimeoutError:
-                    if bookmarks:
-                        await response.write(bookmark())
-                    continue
-                await response.write(encode(etype, obj))
+                if watcher.queue.empty():
+                    try:
+                        batch = [await asyncio.wait_for(watcher.queue.get(), wait)]
+                    except asyncio.TimeoutError:
+                        if bookmarks:
+                            await response.write(bookmark())
+                        continue
+                else:
+                    batch = []
+                # Everything queued meanwhile goes out in one write: under a burst of changes, one
+                # loop turn and one send per event made watchers fall seconds behind.
+                while not watcher.queue.empty() and len(batch) < 500:
+                    batch.append(watcher.queue.get_nowait())
+                await response.write(b"".join(encode(etype, obj) for etype, obj in batch))
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:

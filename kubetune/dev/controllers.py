@@ -64,9 +64,10 @@ def record_event(store: Store, involved: Obj, reason: str, message: str, event_t
     assert rt is not None
     meta = involved["metadata"]
     namespace = meta.get("namespace") or "default"
-    for event in store.all(rt.key, namespace):
+    for (event_namespace, _), event in store.objects.get(rt.key, {}).items():  # no sorted copy: this runs per event
         ref = event.get("involvedObject") or {}
-        if ref.get("uid") == meta.get("uid") and event.get("reason") == reason and event.get("message") == message:
+        if (event_namespace == namespace and ref.get("uid") == meta.get("uid") and event.get("reason") == reason
+                and event.get("message") == message):
             event = copy.deepcopy(event)
             event["count"] = int(event.get("count", 1)) + 1
             event["lastTimestamp"] = timestamp()
@@ -95,9 +96,14 @@ class Controllers:
         self.tick = tick
         self.wake = asyncio.Event()
         self.next_pod_creation: dict[str, float] = {}  # job uid -> monotonic time
+        self._settled: dict[str, tuple[str, ...]] = {}  # job uid -> (its and its pods' resourceVersions) a pass left alone
+        self._gc_due = True
+        self._gc_last = 0.0
         store.listeners.append(self._on_change)
 
     def _on_change(self, etype: str, key: Key, obj: Obj) -> None:
+        if etype == "DELETED" or obj["metadata"].get("deletionTimestamp"):
+            self._gc_due = True  # owners gone or going: collect their dependents on the next pass
         if key == CRDS:
             self.registry.remove_crd(obj["metadata"]["name"])
             if etype != "DELETED":
@@ -110,17 +116,46 @@ class Controllers:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), self.tick)
             self.wake.clear()
+            started = time.monotonic()
             try:
                 self.reconcile()
             except Exception:  # a controller bug must not stop the control plane
                 log.exception("controller pass failed")
-            await asyncio.sleep(0.01)
+            # Passes run on every change; with many objects, leave the loop to the API at least as
+            # long as a pass took (changes meanwhile are batched into the next pass).
+            await asyncio.sleep(max(0.01, time.monotonic() - started))
 
     def reconcile(self) -> None:
+        owned: dict[str, list[Obj]] = {}  # one scan of the pods, not one per Job
+        for pod in self.store.objects.get(PODS, {}).values():
+            for ref in pod["metadata"].get("ownerReferences") or []:
+                if ref.get("controller"):
+                    owned.setdefault(ref.get("uid", ""), []).append(pod)
+        settled: dict[str, tuple[str, ...]] = {}
         for job in self.store.all(JOBS):
-            self.reconcile_job(copy.deepcopy(job))
+            uid = job["metadata"]["uid"]
+            pods = owned.get(uid, [])
+            # A pass that changed nothing changes nothing again on the same Job and pods, unless time
+            # matters to it (deadline, TTL, pod-creation backoff): such Jobs are skipped, not re-read.
+            inputs = (job["metadata"]["resourceVersion"], *sorted(p["metadata"]["resourceVersion"] for p in pods))
+            timed = (job["spec"].get("activeDeadlineSeconds") is not None or job["spec"].get("ttlSecondsAfterFinished") is not None
+                     or uid in self.next_pod_creation)
+            if not timed and self._settled.get(uid) == inputs:
+                settled[uid] = inputs
+                continue
+            revision = self.store.revision
+            # A pass writes only the Job's status (and pods through _drop_tracking/_delete_pod, which
+            # copy them): copying every Job and pod in full on every pass is what made 500 Jobs slow.
+            self.reconcile_job({**job, "status": copy.deepcopy(job.get("status") or {})}, pods)
+            if self.store.revision == revision:
+                settled[uid] = inputs
+        self._settled = settled
         self.release_orphans()
-        self.collect_garbage()
+        # The collector scans every object: on deletions right away, otherwise (dependents of owners
+        # that never existed) once per tick, not on every change of a busy cluster.
+        if self._gc_due or time.monotonic() - self._gc_last >= self.tick:
+            self._gc_due, self._gc_last = False, time.monotonic()
+            self.collect_garbage()
         self.finish_namespaces()
         self.finish_crds()
 
@@ -132,26 +167,21 @@ class Controllers:
                 return rt
         raise KeyError(key)
 
-    def _owned_pods(self, job: Obj) -> list[Obj]:
-        uid = job["metadata"]["uid"]
-        return [copy.deepcopy(p) for p in self.store.all(PODS, job["metadata"]["namespace"])
-                if any(r.get("uid") == uid and r.get("controller") for r in p["metadata"].get("ownerReferences") or [])]
-
     def release_orphans(self) -> None:
         """Pods whose Job is gone keep no tracking finalizer (else they could never be deleted)."""
-        jobs = {j["metadata"]["uid"] for j in self.store.all(JOBS)}
-        for pod in self.store.all(PODS):
+        jobs = {j["metadata"]["uid"] for j in self.store.objects.get(JOBS, {}).values()}
+        for pod in list(self.store.objects.get(PODS, {}).values()):
             if JOB_TRACKING_FINALIZER not in (pod["metadata"].get("finalizers") or []):
                 continue
             owners = [r for r in pod["metadata"].get("ownerReferences") or [] if r.get("kind") == "Job" and r.get("controller")]
             if not any(r.get("uid") in jobs for r in owners):
-                self._drop_tracking(copy.deepcopy(pod))
+                self._drop_tracking(pod)
 
     def _drop_tracking(self, pod: Obj) -> None:
         finalizers = pod["metadata"].get("finalizers") or []
         if JOB_TRACKING_FINALIZER in finalizers:
-            pod["metadata"]["finalizers"] = [f for f in finalizers if f != JOB_TRACKING_FINALIZER]
-            self.store.internal_write(PODS, pod)
+            pod = {**pod, "metadata": {**pod["metadata"], "finalizers": [f for f in finalizers if f != JOB_TRACKING_FINALIZER]}}
+            self.store.internal_write(PODS, pod)  # which copies it
 
     def _delete_pod(self, pod: Obj) -> None:
         """Pods the controller removes itself (suspension, a finished job) are not failures."""
@@ -159,11 +189,11 @@ class Controllers:
         with contextlib.suppress(ApiError):
             self.store.delete(self._rt(PODS), pod["metadata"]["namespace"], pod["metadata"]["name"], {})
 
-    def reconcile_job(self, job: Obj) -> None:
+    def reconcile_job(self, job: Obj, pods: list[Obj]) -> None:
+        """One pass over a Job (its status a copy) and its pods (read only)."""
         meta, spec = job["metadata"], job["spec"]
         status = job.setdefault("status", {})
         before = copy.deepcopy(status)
-        pods = self._owned_pods(job)
         finished = has_condition(job, "Complete") or has_condition(job, "Failed")
         replace_only_failed = spec.get("podReplacementPolicy") == "Failed"
 
@@ -232,7 +262,8 @@ class Controllers:
                 set_condition(status, "Suspended", "False", "JobResumed", "Job resumed")
                 record_event(self.store, job, "Resumed", "Job resumed")
                 status["startTime"] = timestamp()
-            status.setdefault("startTime", timestamp())
+            if "startTime" not in status:
+                status["startTime"] = timestamp()
         # Failure: pod failure policy, backoff limit, deadline.
         restarts = sum(int(c.get("restartCount", 0)) for p in pods for c in (p.get("status") or {}).get("containerStatuses") or [])
         backoff_limit = spec.get("backoffLimit")

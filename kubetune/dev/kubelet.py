@@ -247,6 +247,8 @@ class Kubelet:
     # -- DNS (hosts files) ------------------------------------------------------------------------------------
 
     def _refresh_hosts(self) -> None:
+        if not self.pods:
+            return  # no sandbox to write /etc/hosts into
         services = {(s["metadata"]["namespace"], s["metadata"]["name"]) for s in self.store.all(("", "services"))
                     if (s.get("spec") or {}).get("clusterIP") == "None"}
         entries: dict[str, list[tuple[str, list[str]]]] = {}

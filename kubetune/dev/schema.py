@@ -6,7 +6,8 @@ tests that check examples and invalid specs against crds/finetunejob.yaml offlin
 The order follows the API server (apiextensions-apiserver): prune unknown fields (reported, so a
 Strict field-validation request can reject them), apply defaults, validate the OpenAPI v3 schema,
 then evaluate `x-kubernetes-validations` CEL rules (transition rules with `oldSelf` only on update,
-and only where the old object had a value). OpenAPI checks use jsonschema's Draft 4 validator:
+and only where the old object had a value; on update, other rules skip values equal to the old
+ones, as validation ratcheting does — a status write does not re-run the spec's rules). OpenAPI checks use jsonschema's Draft 4 validator:
 OpenAPI 3.0 schemas are Draft-4-shaped (boolean `exclusiveMinimum`), once `nullable` and the
 `x-kubernetes-*` extensions are translated. CEL runs on cel-python; Kubernetes-only CEL libraries
 (quantity, url, ip) are not available there.
@@ -57,7 +58,10 @@ def validate_custom_resource(schema: dict[str, Any], obj: dict[str, Any], old: d
     unknown: list[str] = []
     _prune(schema, obj, "", unknown, root=True)
     _default(schema, obj)
-    errors = _openapi_errors(schema, obj)
+    # Ratcheting: top-level stanzas an update leaves as they were (the spec, on a status write) are
+    # not validated again; their errors would be ignored anyway.
+    unchanged = frozenset(k for k in obj if k not in ROOT_FIELDS and old is not None and k in old and obj[k] == old[k])
+    errors = _openapi_errors(schema, {k: v for k, v in obj.items() if k not in unchanged} if unchanged else obj, unchanged)
     if not errors:  # like the API server, CEL only runs on a schema-valid object
         errors = _cel_errors(schema, obj, old, "")
     return Result(obj, errors, unknown)
@@ -152,8 +156,25 @@ def _show(value: Any) -> str:
     return json.dumps(value)
 
 
-def _openapi_errors(schema: dict[str, Any], obj: dict[str, Any]) -> list[FieldError]:
-    validator = _validator(json.dumps(schema, sort_keys=True))
+_by_identity: dict[tuple[int, frozenset[str]], tuple[dict[str, Any], jsonschema.Draft4Validator]] = {}
+
+
+def _validator_for(schema: dict[str, Any], left_out: frozenset[str] = frozenset()) -> jsonschema.Draft4Validator:
+    """_validator without serializing the schema on every call (a CRD's schema dict is replaced, not
+    edited, when the CRD changes); `left_out` top-level fields are not required."""
+    cached = _by_identity.get((id(schema), left_out))
+    if cached is None or cached[0] is not schema:
+        if len(_by_identity) > 64:
+            _by_identity.clear()
+        variant = schema
+        if left_out and set(schema.get("required") or ()) & left_out:
+            variant = {**schema, "required": [k for k in schema["required"] if k not in left_out]}
+        cached = _by_identity[(id(schema), left_out)] = (schema, _validator(json.dumps(variant, sort_keys=True)))
+    return cached[1]
+
+
+def _openapi_errors(schema: dict[str, Any], obj: dict[str, Any], left_out: frozenset[str] = frozenset()) -> list[FieldError]:
+    validator = _validator_for(schema, left_out)
     errors = []
     for error in sorted(validator.iter_errors(obj), key=lambda e: (list(map(str, e.absolute_path)), e.validator)):
         path = ""
@@ -207,11 +228,16 @@ def _cel_errors(schema: dict[str, Any], value: Any, old: Any, path: str) -> list
     import celpy
 
     errors: list[FieldError] = []
+    unchanged = old is not None and value == old
     for rule in schema.get("x-kubernetes-validations", []):
         expression = rule["rule"]
         transition = "oldSelf" in expression
         if transition and old is None:
             continue  # transition rules only apply on update, where the old value exists
+        if unchanged and not transition:
+            continue  # ratcheting (KEP-4008, GA in 1.33): an unchanged value keeps its old verdict
+        if unchanged and expression.replace(" ", "") == "self==oldSelf":
+            continue  # an immutability rule holds for an unchanged value; no need to run CEL for it
         activation = {"self": celpy.json_to_cel(value)}
         if transition:
             activation["oldSelf"] = celpy.json_to_cel(old)

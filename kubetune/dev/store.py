@@ -146,7 +146,10 @@ class Store:
         return self._as_version(rt, obj)
 
     def list(self, rt: ResourceType, namespace: str | None, predicate: Callable[[Obj], bool]) -> list[Obj]:
-        return [self._as_version(rt, o) for o in self.all(rt.key, namespace if rt.namespaced else None) if predicate(o)]
+        scope = namespace if rt.namespaced else None
+        items = [o for (ns, _), o in self._bucket(rt.key).items() if (scope is None or ns == scope) and predicate(o)]
+        items.sort(key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]))  # only what matched
+        return [self._as_version(rt, o) for o in items]
 
     @staticmethod
     def _as_version(rt: ResourceType, obj: Obj) -> Obj:
@@ -414,10 +417,9 @@ def _spec_of(obj: Obj) -> Obj:
 
 
 def _comparable(obj: Obj) -> Obj:
-    out = copy.deepcopy(obj)
-    out["metadata"].pop("resourceVersion", None)
-    out["metadata"].pop("managedFields", None)
-    return out
+    """The object without what a no-op write may differ in (a shallow view: only compared)."""
+    meta = {k: v for k, v in obj["metadata"].items() if k not in ("resourceVersion", "managedFields")}
+    return {**obj, "metadata": meta}
 
 
 def _graceful_pending(key: Key, obj: Obj) -> bool:

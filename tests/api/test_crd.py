@@ -219,6 +219,27 @@ def test_storage_uri_is_immutable_on_update(schema: dict[str, Any]) -> None:
     assert any("spec.storage.uri" in m and "immutable" in m for m in crd_errors(schema, new, old))
 
 
+def test_unchanged_values_are_ratcheted_on_update(schema: dict[str, Any]) -> None:
+    """Validation ratcheting (Kubernetes 1.33+): an update that leaves an invalid value as it was
+    (a status write on an object stored before a rule existed) is accepted; changing it is not."""
+    old = minimal()
+    old["spec"]["dataset"]["urls"] = {"uri": "s3://bucket/urls.jsonl"}  # two sources: breaks exactly-one
+    assert any("exactly one dataset source" in m for m in crd_errors(schema, old))
+    old = validate_custom_resource(schema, old).obj  # as stored: defaulted
+    new = copy.deepcopy(old)
+    new["status"] = {"phase": "Pending"}
+    assert crd_errors(schema, new, old) == []
+    new["spec"]["dataset"]["urls"] = {"uri": "s3://bucket/other.jsonl"}
+    assert any("exactly one dataset source" in m for m in crd_errors(schema, new, old))
+    # the same for the OpenAPI schema: an out-of-range value left as it was
+    old["spec"]["training"]["resolution"] = 500  # not a multiple of 8
+    new = copy.deepcopy(old)
+    new["status"] = {"phase": "Pending"}
+    assert crd_errors(schema, new, old) == []
+    new["spec"]["training"]["resolution"] = 501
+    assert any("spec.training.resolution" in m for m in crd_errors(schema, new, old))
+
+
 # -- agreement on every field ----------------------------------------------------------------------
 
 PROBES: list[Any] = [True, False, 0, -1, 1, 7, 8, 2.5, "", "x", "s3://bucket/x", [], ["x"], {}, {"name": "a"}, None]
