@@ -140,8 +140,6 @@ def main(argv: Sequence[str], prog: str = "kubetune operator") -> int:
     from .metrics import Metrics
 
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON, log_refkey="object")
-    if not args.verbose:  # kopf's "Handler ... succeeded." for every watch event: thousands of lines under load
-        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     if not args.verbose:  # every watch event of every Pod and Job would log a line
         logging.getLogger("kopf.objects").addFilter(quiet_handler_successes)
     try:

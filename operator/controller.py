@@ -6,7 +6,8 @@ FineTuneJob's key in a queue. Worker threads take keys off it and run
 because kopf has none: a key is in the queue at most once (a burst of events costs one pass), and
 never handled by two workers at the same time (passes of one FineTuneJob are serialized, so
 two passes cannot both start attempt N). A resync thread re-queues every unfinished FineTuneJob
-on a timer, which reads progress.json and enforces deadlines.
+on a timer, which reads progress.json and enforces deadlines. Keys have priorities: a FineTuneJob
+seen for the first time first, then changes, then the resync.
 """
 
 from __future__ import annotations
@@ -27,41 +28,56 @@ log = logging.getLogger("kubetune.operator")
 Key = tuple[str, str]  # (namespace, name)
 
 
+# Priorities: a FineTuneJob seen for the first time goes before re-checks of known ones, and the
+# periodic resync goes last (as controller-runtime's priority queue does), so that a burst of new
+# jobs is answered first and a resync of hundreds of running jobs never delays a new one.
+FIRST, CHANGED, RESYNC = 0, 1, 2
+
+
 @dataclass
 class WorkQueue:
-    """Deduplicating queue: add() is cheap and idempotent, get() blocks for the next key that
-    no other worker holds; a key added while held is handled again once released."""
+    """Deduplicating priority queue: add() is cheap and idempotent, get() blocks for the next key
+    that no other worker holds (most urgent priority first, FIFO within one); a key added while
+    held is handled again once released."""
 
-    _pending: OrderedDict[Key, float] = field(default_factory=OrderedDict)
+    _pending: list[OrderedDict[Key, float]] = field(default_factory=lambda: [OrderedDict() for _ in range(RESYNC + 1)])
     _held: set[Key] = field(default_factory=set)
-    _dirty: set[Key] = field(default_factory=set)
+    _dirty: dict[Key, int] = field(default_factory=dict)  # held key -> priority to re-queue it with
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _closed: bool = False
 
-    def add(self, key: Key) -> None:
+    def add(self, key: Key, priority: int = CHANGED) -> None:
         with self._cond:
             if key in self._held:
-                self._dirty.add(key)
-            elif key not in self._pending:
-                self._pending[key] = time.monotonic()
-                self._cond.notify()
+                self._dirty[key] = min(priority, self._dirty.get(key, priority))
+                return
+            for level, pending in enumerate(self._pending):
+                if key in pending:
+                    if level <= priority:
+                        return  # already queued at least as urgently
+                    queued_at = pending.pop(key)  # move it up, keeping its waiting time
+                    self._pending[priority][key] = queued_at
+                    return
+            self._pending[priority][key] = time.monotonic()
+            self._cond.notify()
 
     def get(self, timeout: float = 1.0) -> tuple[Key, float] | None:
         with self._cond:
-            if not self._pending and not self._closed:
+            if not self._closed and not any(self._pending):
                 self._cond.wait(timeout)
-            if not self._pending:
-                return None
-            key, queued_at = self._pending.popitem(last=False)
-            self._held.add(key)
-            return key, queued_at
+            for pending in self._pending:
+                if pending:
+                    key, queued_at = pending.popitem(last=False)
+                    self._held.add(key)
+                    return key, queued_at
+            return None
 
     def done(self, key: Key) -> None:
         with self._cond:
             self._held.discard(key)
             if key in self._dirty:
-                self._dirty.discard(key)
-                self._pending[key] = time.monotonic()
+                priority = self._dirty.pop(key)
+                self._pending[priority][key] = time.monotonic()
                 self._cond.notify()
 
     def close(self) -> None:
@@ -71,7 +87,7 @@ class WorkQueue:
 
     def __len__(self) -> int:
         with self._cond:
-            return len(self._pending)
+            return sum(len(pending) for pending in self._pending)
 
 
 @dataclass
@@ -97,8 +113,9 @@ class Controller:
             with self._pods_lock:
                 self._pods.pop(key, None)
             return
+        first = key not in self.known
         self.known[key] = str((body.get("status") or {}).get("phase") or "Pending")
-        self.queue.add(key)
+        self.queue.add(key, FIRST if first else CHANGED)
 
     def child_seen(self, namespace: str, owner: str, pod: dict[str, Any] | None = None) -> None:
         """A Job or pod of `owner` changed. A pod's last state is kept for the next pass: an
@@ -157,7 +174,7 @@ class Controller:
         while not self._stop.wait(self.resync_seconds):
             for key, phase in list(self.known.items()):
                 if phase not in ("Succeeded", "Failed"):
-                    self.queue.add(key)
+                    self.queue.add(key, RESYNC)
 
     def start(self) -> None:
         for i in range(self.workers):

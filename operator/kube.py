@@ -25,7 +25,7 @@ from kubetune.api.load import SpecError, parse_spec
 from kubetune.api.models import GROUP, KIND, PLURAL, VERSION, CredentialsSecretRef, FineTuneJobSpec
 
 from . import builders as b
-from .decide import Decision, Observed, checkpoint_step, new_attempt_due, now_utc
+from .decide import Decision, Observed, checkpoint_step, job_finished, new_attempt_due, now_utc
 
 log = logging.getLogger("kubetune.operator")
 
@@ -237,8 +237,12 @@ def observe(kube: Kube, ftj: dict[str, Any], extra_pods: list[dict[str, Any]], n
     if training_started or b.trainer_job_name(name, 0) in observed.jobs:
         observed.service_exists = kube.service_exists(namespace, name)
     store = kube.store(spec, secret_values)
+    collector = observed.jobs.get(b.collector_job_name(name))
+    collecting = collector is not None and not job_finished(collector)
     try:
-        if not spec.dataset.imagefolder and not training_started:
+        # While the collector runs, its manifest is not final: no S3 read on every pass (with
+        # hundreds of jobs collecting, the periodic resync would otherwise read them all).
+        if not spec.dataset.imagefolder and not training_started and not collecting:
             observed.dataset_manifest = _read_json(store, DATASET_MANIFEST)
         if training_started or spec.dataset.imagefolder or observed.dataset_manifest:
             observed.progress = _read_json(store, PROGRESS_FILE)

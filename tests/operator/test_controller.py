@@ -94,3 +94,45 @@ def test_kopf_handler_success_lines_are_dropped_and_everything_else_kept() -> No
     assert not quiet_handler_successes(record(logging.INFO, "Handler 'register.<locals>.pod_event' succeeded."))
     assert quiet_handler_successes(record(logging.ERROR, "Handler 'register.<locals>.pod_event' failed with an exception."))
     assert quiet_handler_successes(record(logging.INFO, "BackoffLimitExceeded: the trainer failed 3 time(s)"))
+
+
+def test_new_finetunejobs_go_before_rechecks_and_the_resync_goes_last() -> None:
+    """A burst of new FineTuneJobs is answered before re-checks of known ones, and a periodic
+    resync of hundreds of running jobs never delays either."""
+    from kubetune.operator.controller import CHANGED, FIRST, RESYNC
+
+    queue = WorkQueue()
+    queue.add(("ns", "running"), RESYNC)
+    queue.add(("ns", "known"), CHANGED)
+    queue.add(("ns", "new"), FIRST)
+    order = [item[0][1] for item in (queue.get(timeout=0.1) for _ in range(3)) if item is not None]
+    assert order == ["new", "known", "running"]
+
+
+def test_a_queued_key_moves_up_once_and_keeps_its_waiting_time() -> None:
+    from kubetune.operator.controller import CHANGED, FIRST, RESYNC
+
+    queue = WorkQueue()
+    queue.add(("ns", "a"), RESYNC)
+    waiting_since = queue._pending[RESYNC][("ns", "a")]
+    queue.add(("ns", "b"), CHANGED)
+    queue.add(("ns", "a"), FIRST)
+    queue.add(("ns", "a"), RESYNC)  # a lower priority does not move it back
+    assert len(queue) == 2
+    first = queue.get(timeout=0.1)
+    assert first == (("ns", "a"), waiting_since)
+
+
+def test_a_key_changed_while_held_comes_back_with_the_most_urgent_priority() -> None:
+    from kubetune.operator.controller import CHANGED, FIRST, RESYNC
+
+    queue = WorkQueue()
+    queue.add(("ns", "a"))
+    held = queue.get(timeout=0.1)
+    assert held is not None
+    queue.add(("ns", "a"), RESYNC)
+    queue.add(("ns", "a"), FIRST)
+    queue.add(("ns", "b"), CHANGED)
+    queue.done(("ns", "a"))
+    again = queue.get(timeout=0.1)
+    assert again is not None and again[0] == ("ns", "a")
