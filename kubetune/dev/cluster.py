@@ -1,5 +1,5 @@
 """LocalCluster: the API server, controllers and kubelet on one asyncio loop in a thread, plus S3
-(moto's server) and an HTTP server for fixture images, all on this machine.
+(moto's server, in a child process) and an HTTP server for fixture images, all on this machine.
 
 Used in-process by the pytest plugin and in the background by `kubetune dev up` (cli.py).
 """
@@ -13,7 +13,10 @@ import http.server
 import json
 import logging
 import socket
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -96,7 +99,7 @@ class LocalCluster:
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
         self._error: BaseException | None = None
-        self._s3_servers: list[Any] = []
+        self._s3_servers: list[subprocess.Popen[bytes]] = []
         self._image_server: http.server.ThreadingHTTPServer | None = None
         self.info: ClusterInfo | None = None
 
@@ -167,8 +170,13 @@ class LocalCluster:
         if self.loop is not None and self._stop is not None and self._thread is not None and self._thread.is_alive():
             self.loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(30)
-        for server in self._s3_servers:
-            server.stop()
+        for process in self._s3_servers:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
         self._s3_servers.clear()
         if self._image_server is not None:
             self._image_server.shutdown()
@@ -194,12 +202,23 @@ class LocalCluster:
     # -- side services --------------------------------------------------------------------------------------
 
     def _start_s3(self) -> str:
-        from moto.server import ThreadedMotoServer
-
+        """moto's server in a process of its own (s3server.py), so it does not share this process's
+        interpreter lock with the API server."""
         port = free_port(self.network.host_ip)
-        server = ThreadedMotoServer(ip_address=self.network.host_ip, port=port, verbose=False)
-        server.start()
-        self._s3_servers.append(server)
+        with open(self.state_dir / "s3.log", "ab") as log_file:
+            process = subprocess.Popen([sys.executable, "-m", "kubetune.dev.s3server", self.network.host_ip, str(port)],
+                                       stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+        self._s3_servers.append(process)
+        deadline = time.monotonic() + 60
+        while True:
+            with socket.socket() as probe:
+                probe.settimeout(1.0)
+                if probe.connect_ex((self.network.host_ip, port)) == 0:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = (self.state_dir / "s3.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                raise RuntimeError(f"the S3 server (moto) did not start: {tail[0]}")
+            time.sleep(0.05)
         endpoint = f"http://{self.network.host_ip}:{port}"
         client = s3_client_for(endpoint)
         client.create_bucket(Bucket=S3_BUCKET)

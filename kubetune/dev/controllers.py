@@ -64,15 +64,16 @@ def record_event(store: Store, involved: Obj, reason: str, message: str, event_t
     assert rt is not None
     meta = involved["metadata"]
     namespace = meta.get("namespace") or "default"
-    for (event_namespace, _), event in store.objects.get(rt.key, {}).items():  # no sorted copy: this runs per event
-        ref = event.get("involvedObject") or {}
-        if (event_namespace == namespace and ref.get("uid") == meta.get("uid") and event.get("reason") == reason
-                and event.get("message") == message):
-            event = copy.deepcopy(event)
-            event["count"] = int(event.get("count", 1)) + 1
-            event["lastTimestamp"] = timestamp()
-            store.internal_write(rt.key, event)
-            return
+    # Like client-go's event correlator, the recorder remembers its own events (not a scan of all).
+    key = (namespace, meta.get("uid"), reason, message)
+    recorded = store.recorded_events.get(key)
+    event = store.find(rt.key, namespace, recorded) if recorded else None
+    if event is not None:
+        event = copy.deepcopy(event)
+        event["count"] = int(event.get("count", 1)) + 1
+        event["lastTimestamp"] = timestamp()
+        store.internal_write(rt.key, event)
+        return
     stamp = timestamp()
     body = {
         "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": namespace},
@@ -86,6 +87,9 @@ def record_event(store: Store, involved: Obj, reason: str, message: str, event_t
     }
     with contextlib.suppress(ApiError):  # the namespace is going away; real recorders drop such events too
         store.create(rt, namespace, body)
+        if len(store.recorded_events) > 50_000:
+            store.recorded_events.clear()
+        store.recorded_events[key] = body["metadata"]["name"]
 
 
 class Controllers:

@@ -70,6 +70,7 @@ class Store:
         self.compacted = 0  # events at or below this revision are gone
         self.watchers: set[Watcher] = set()
         self.listeners: list[Callable[[str, Key, Obj], None]] = []
+        self.recorded_events: dict[tuple[Any, ...], str] = {}  # the control plane's event recorder: (ns, uid, reason, message) -> name
 
     # -- low level ---------------------------------------------------------------------------------
 
