@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -40,7 +41,29 @@ def load_kube_config() -> Any:
         config.load_kube_config()
     configuration = client.Configuration.get_default_copy()
     configuration.connection_pool_maxsize = 32  # one connection per worker thread, and then some
+    hook = configuration.refresh_api_key_hook
+    if hook is not None:  # it re-reads the whole config, proxies from the environment included, per request
+        configuration.refresh_api_key_hook = _at_most_every(10.0, hook)
     return client.ApiClient(configuration)
+
+
+def _at_most_every(seconds: float, hook: Any) -> Any:
+    """The client's token refresh hook, run at most every `seconds` (tokens live for minutes). The
+    kubeconfig loader's hook installs itself again when it runs: it is wrapped again each time."""
+    lock = threading.Lock()
+    state = {"hook": hook, "last": -seconds}
+
+    def throttled(configuration: Any) -> None:
+        with lock:
+            if time.monotonic() - state["last"] < seconds:
+                return
+            state["last"] = time.monotonic()
+            state["hook"](configuration)
+            if configuration.refresh_api_key_hook is not throttled:
+                state["hook"] = configuration.refresh_api_key_hook
+                configuration.refresh_api_key_hook = throttled
+
+    return throttled
 
 
 @dataclass
@@ -144,9 +167,9 @@ class Kube:
         """Create a child; False when it already exists (another pass or operator made it)."""
         try:
             if obj["kind"] == "Job":
-                self.batch.create_namespaced_job(namespace, obj, _preload_content=False)
+                _release(self.batch.create_namespaced_job(namespace, obj, _preload_content=False))
             elif obj["kind"] == "Service":
-                self.core.create_namespaced_service(namespace, obj, _preload_content=False)
+                _release(self.core.create_namespaced_service(namespace, obj, _preload_content=False))
             else:
                 raise ValueError(f"cannot create a {obj['kind']}")
         except _api_exception() as error:
@@ -156,12 +179,12 @@ class Kube:
         return True
 
     def patch_job(self, namespace: str, name: str, body: dict[str, Any]) -> None:
-        self.batch.patch_namespaced_job(name, namespace, body, _preload_content=False)
+        _release(self.batch.patch_namespaced_job(name, namespace, body, _preload_content=False))
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object_status(
+        _release(self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, {"status": status},
-            _content_type="application/merge-patch+json", _preload_content=False)
+            _content_type="application/merge-patch+json", _preload_content=False))
 
     def post_event(self, ftj: dict[str, Any], kind: str, reason: str, message: str) -> None:
         meta = ftj["metadata"]
@@ -183,7 +206,7 @@ class Kube:
             "count": 1,
         }
         try:
-            self.core.create_namespaced_event(meta["namespace"], event, _preload_content=False)
+            _release(self.core.create_namespaced_event(meta["namespace"], event, _preload_content=False))
         except Exception as error:  # an event lost is not worth failing the pass for
             log.warning("cannot post event %s: %s", reason, _short(error))
 
@@ -191,6 +214,13 @@ class Kube:
 def s3_client(endpoint: str | None, region: str | None, credentials: tuple[str, str] | None) -> Any:
     """kubetune.storage's client, with the job's Secret's credentials when it has one."""
     return storage.s3_client(endpoint, region, max_pool_connections=16, credentials=credentials)
+
+
+def _release(response: Any) -> None:
+    """Read a raw response to its end so that its connection goes back to the pool: an unread one
+    is dropped, and every write then cost a new connection to the API server."""
+    response.read()
+    response.release_conn()
 
 
 def _api_exception() -> type[Exception]:
