@@ -1,10 +1,25 @@
-"""kube.py's client plumbing: the token refresh hook of the Kubernetes client, throttled."""
+"""What the operator reads from storage (a local folder here; S3 is the same Store), and its
+Kubernetes client plumbing."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from kubetune.operator.kube import _at_most_every
+from kubetune.operator.kube import _at_most_every, latest_complete_checkpoint
+from kubetune.storage import Store
+
+
+def test_the_latest_checkpoint_is_the_newest_one_with_its_manifest(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    assert latest_complete_checkpoint(store) == ""
+    for step, complete in ((4, True), (12, True), (16, False)):  # step 16 was cut off mid-upload
+        folder = tmp_path / "checkpoints" / f"step-{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / "trainable.safetensors").write_bytes(b"x")
+        if complete:
+            (folder / "manifest.json").write_text("{}")
+    assert latest_complete_checkpoint(store) == "step-00000012"
 
 
 def test_token_refresh_runs_at_most_once_per_interval_though_the_loader_reinstalls_it() -> None:
