@@ -422,6 +422,9 @@ class _Pass:
             self.status.phase = "Collecting"
             self.status.message = f"collecting the dataset ({spec.dataset.source_name}) into {uri}"
             self.condition("DatasetReady", "False", "Collecting", self.status.message)
+            if not spec.suspend and not spec.run_policy.queue_name:
+                # what the next pass would add once the Job exists: one status write, not two
+                self.condition("Suspended", "False", "NotSuspended")
             self.event("Normal", "CollectionStarted", f"created Job {collect_name}")
             return None
         finished = job_finished(collector)

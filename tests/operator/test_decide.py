@@ -134,9 +134,11 @@ def test_a_second_pass_creates_nothing_and_posts_no_event() -> None:
     world = World()
     world.step()
     first = world.condition("DatasetReady")["lastTransitionTime"]
+    status = copy.deepcopy(world.status)
     again = world.step()
     assert again.create == [] and again.patch == [] and again.events == []
     assert world.condition("DatasetReady")["lastTransitionTime"] == first
+    assert again.status == status  # the first pass wrote the whole status: one write per new job, not two
 
 
 def test_collector_success_puts_the_manifest_counts_in_status_and_starts_training() -> None:
