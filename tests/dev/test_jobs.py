@@ -102,6 +102,7 @@ def test_evicted_pod_gets_disruption_target_and_is_ignored(api: Api, k8s_namespa
     api.ok(api.post(jobs(k8s_namespace), job_manifest("evict", code, backoffLimit=0, podFailurePolicy=policy)))
     pod = wait_for(lambda: next((p for p in pods_of(api, k8s_namespace, "evict") if p["status"].get("phase") == "Running"), None))
     name = pod["metadata"]["name"]
+    wait_for(marker.exists)  # the first run is in its sleep (evicted earlier, the replacement would sleep instead)
     eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name, "namespace": k8s_namespace}}
     assert api.post(f"/api/v1/namespaces/{k8s_namespace}/pods/{name}/eviction", eviction).status_code == 201
     evicted = api.ok(api.get(f"/api/v1/namespaces/{k8s_namespace}/pods/{name}"))
