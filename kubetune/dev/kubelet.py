@@ -144,6 +144,10 @@ class Kubelet:
         self.wake = asyncio.Event()
         self.hosts_version = ""
         self.bin_dir = str(Path(sys.executable).parent)
+        # The containers' "image" is this machine's filesystem: the interpreter's environment and
+        # kubetune's own source folder (an editable install) stay visible under a volume mounted
+        # over a folder holding them (an emptyDir at /tmp, with the checkout under /tmp).
+        self.image_paths = sorted({sys.prefix, str(Path(__file__).resolve().parents[2])})
         self.api_port = 0
         store.listeners.append(lambda etype, key, obj: self.wake.set() if key in (PODS, ("", "services")) else None)
 
@@ -538,7 +542,8 @@ class Kubelet:
         cwd = container.get("workingDir") or str(work)
         spec_file = run.pod_dir / f".podinit-{name}-{c.restart_count}.json"
         spec_file.touch(mode=0o600)
-        spec_file.write_text(json.dumps({"argv": argv, "env": env, "cwd": cwd, "hostname": hostname, "binds": binds}))
+        spec_file.write_text(json.dumps({"argv": argv, "env": env, "cwd": cwd, "hostname": hostname, "binds": binds,
+                                         "image": self.image_paths}))
         command = self.network.wrap(sandbox, [sys.executable, "-m", "kubetune.dev.podinit", str(spec_file)])
         if c.ever_started:
             c.previous_logs, c.logs = c.logs, []

@@ -50,6 +50,11 @@ def enter(spec: dict[str, object]) -> list[str]:
     binds = list(spec.get("binds") or [])  # type: ignore[call-overload]
     # Every source is opened before the first mount: a volume mounted over /tmp would otherwise hide
     # the sources (and the pod's folders) that live under the cluster's state dir in /tmp.
+    # The same goes for the "image" (the interpreter's environment, kubetune's source) when it lives
+    # under a mount target: it is bound again at its own path, inside the volume.
+    targets = [str(target).rstrip("/") + "/" for _, target in binds]
+    image = [str(path) for path in spec.get("image") or [] if any(str(path).startswith(t) for t in targets)]  # type: ignore[attr-defined]
+    binds += [(path, path) for path in image]
     sources: list[int | None] = []
     for source, target in binds:
         try:
@@ -61,6 +66,8 @@ def enter(spec: dict[str, object]) -> list[str]:
         if fd is None:
             continue
         try:
+            if target in image:
+                os.makedirs(target, exist_ok=True)
             _check(libc.mount(f"/proc/self/fd/{fd}".encode(), target.encode(), None, MS_BIND, None), f"bind {target}")
         except OSError as error:
             warnings.append(str(error))

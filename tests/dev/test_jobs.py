@@ -304,6 +304,30 @@ def test_restricted_pod_with_an_empty_dir_over_tmp(api: Api, k8s_namespace: str)
     Path("/tmp", f"{marker}-host").unlink()
 
 
+def test_a_volume_over_the_folder_holding_the_checkout_keeps_kubetune_runnable(api: Api, k8s_namespace: str) -> None:
+    """The containers' "image" is this machine's filesystem. An emptyDir mounted over the folder
+    that holds the kubetune checkout and its .venv (e.g. /tmp, where a CI clone may live) hides
+    that folder, as a volume hides an image's files, but python, `kubetune` and the package keep
+    working: a real image has them outside any volume."""
+    import kubetune
+
+    checkout = Path(kubetune.__file__).resolve().parents[1]
+    covered = str(checkout.parent)
+    code = ("import os, subprocess, sys, kubetune.collector, kubetune.trainer\n"
+            "print(subprocess.run(['kubetune', '--version'], capture_output=True, text=True).stdout.split()[0])\n"
+            f"print(sorted(os.listdir({covered!r})) == [{checkout.name!r}])\n")
+    manifest = job_manifest("covered", code, podSpec={"volumes": [{"name": "scratch", "emptyDir": {}}]},
+                            container={"volumeMounts": [{"name": "scratch", "mountPath": covered}],
+                                       "terminationMessagePolicy": "FallbackToLogsOnError"}, backoffLimit=0)
+    api.ok(api.post(jobs(k8s_namespace), manifest))
+    job = wait_for(lambda: (lambda j: j if condition(j, "Complete") or condition(j, "Failed") else None)(
+        api.ok(api.get(f"{jobs(k8s_namespace)}/covered"))), 60)
+    (pod,) = pods_of(api, k8s_namespace, "covered")
+    output = logs(api, k8s_namespace, pod["metadata"]["name"])
+    assert condition(job, "Complete"), output
+    assert output == "kubetune\nTrue\n"  # only the checkout shows through the volume
+
+
 def test_cluster_without_running_pods(local_cluster_factory: Any, tmp_path: Path) -> None:
     """`LocalCluster(run_pods=False)` (for control-plane benchmarks): a Job's pod is created and
     scheduled but its container never starts, so it stays Pending; deleting the Job removes it."""
