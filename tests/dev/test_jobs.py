@@ -313,19 +313,25 @@ def test_a_volume_over_the_folder_holding_the_checkout_keeps_kubetune_runnable(a
 
     checkout = Path(kubetune.__file__).resolve().parents[1]
     covered = str(checkout.parent)
+    beside = Path(covered, f"kubetune-dev-beside-{uuid.uuid4().hex[:8]}")  # on the host, next to the checkout
     code = ("import os, subprocess, sys, kubetune.collector, kubetune.trainer\n"
             "print(subprocess.run(['kubetune', '--version'], capture_output=True, text=True).stdout.split()[0])\n"
-            f"print(sorted(os.listdir({covered!r})) == [{checkout.name!r}])\n")
+            f"listing = os.listdir({covered!r})\n"
+            f"print({checkout.name!r} in listing, {beside.name!r} in listing)\n")
+    beside.write_text("hidden by the volume")
     manifest = job_manifest("covered", code, podSpec={"volumes": [{"name": "scratch", "emptyDir": {}}]},
                             container={"volumeMounts": [{"name": "scratch", "mountPath": covered}],
                                        "terminationMessagePolicy": "FallbackToLogsOnError"}, backoffLimit=0)
-    api.ok(api.post(jobs(k8s_namespace), manifest))
-    job = wait_for(lambda: (lambda j: j if condition(j, "Complete") or condition(j, "Failed") else None)(
-        api.ok(api.get(f"{jobs(k8s_namespace)}/covered"))), 60)
+    try:
+        api.ok(api.post(jobs(k8s_namespace), manifest))
+        job = wait_for(lambda: (lambda j: j if condition(j, "Complete") or condition(j, "Failed") else None)(
+            api.ok(api.get(f"{jobs(k8s_namespace)}/covered"))), 60)
+    finally:
+        beside.unlink()
     (pod,) = pods_of(api, k8s_namespace, "covered")
     output = logs(api, k8s_namespace, pod["metadata"]["name"])
     assert condition(job, "Complete"), output
-    assert output == "kubetune\nTrue\n"  # only the checkout shows through the volume
+    assert output == "kubetune\nTrue False\n"  # the checkout shows through the volume, its neighbours do not
 
 
 def test_cluster_without_running_pods(local_cluster_factory: Any, tmp_path: Path) -> None:
