@@ -82,6 +82,7 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None
     validation_prompts: list[str] = field(default_factory=list)
     validation_steps: int | None = None
+    validation_guidance_scale: float = 7.5
     validation_epochs: int = 5
     report_to: str = "tensorboard"
     logging_dir: str = "logs"
@@ -112,6 +113,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     g.add_argument("--rank", "--lora_rank", dest="rank", type=_positive_int, default=4, help="LoRA rank (--method lora)")
     g.add_argument("--validation_steps", type=_positive_int, help="render validation samples every N steps "
                    "(default: at every checkpoint)")
+    g.add_argument("--validation_guidance_scale", type=_non_negative_float, default=7.5,
+                   help="classifier-free guidance scale of the validation samples (1: no guidance)")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     g.add_argument("--latent_cache_dir", help="where the latent/text-embedding cache lives (local or s3://); default: "
                    "'cache/' beside a dataset folder named 'dataset', else <output_dir>/cache")
@@ -254,6 +257,7 @@ def spec_values(spec_arg: str) -> dict[str, Any]:
         "checkpoints_total_limit": t.checkpoints_to_keep,
         "validation_prompts": list(t.validation_prompts),
         "validation_steps": t.validation_every_steps,
+        "validation_guidance_scale": t.validation_guidance_scale,
         "spec_dataset": spec.dataset.model_dump(by_alias=True, mode="json", exclude_none=True),
     }
 
@@ -282,6 +286,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be above 0 (got {text})")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {text})")
     return value
 
 

@@ -17,7 +17,8 @@ from kubetune.trainer.data import TrainingData
 
 
 @torch.no_grad()
-def render_samples(pipeline: Any, prompts: list[str], resolution: int, seed: int, output: Store, step: int) -> list[str]:
+def render_samples(pipeline: Any, prompts: list[str], resolution: int, seed: int, output: Store, step: int,
+                   guidance_scale: float = 7.5) -> list[str]:
     """PNGs and a grid for `prompts` under samples/step-N/; returns the keys written."""
     import io
 
@@ -25,8 +26,8 @@ def render_samples(pipeline: Any, prompts: list[str], resolution: int, seed: int
 
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    images = [pipeline(p, num_inference_steps=20, height=resolution, width=resolution, generator=generator).images[0]
-              for p in prompts]
+    images = [pipeline(p, num_inference_steps=20, height=resolution, width=resolution, guidance_scale=guidance_scale,
+                       generator=generator).images[0] for p in prompts]
     folder = f"{SAMPLES_DIR}/{checkpoint_name(step)}"
     keys = []
     for index, image in enumerate(images):

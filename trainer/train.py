@@ -575,7 +575,7 @@ class Trainer:
     def _render(self) -> None:
         with self._inference_pipeline() as pipeline:
             publish.render_samples(pipeline, self.cfg.validation_prompts, self.cfg.resolution, self.session.seed,
-                                   self.session.output, self.step)
+                                   self.session.output, self.step, self.cfg.validation_guidance_scale)
 
     def publish(self, data: TrainingData, images: int, skipped: int) -> None:
         session, cfg = self.session, self.cfg

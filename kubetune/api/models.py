@@ -309,6 +309,9 @@ class Training(ApiModel):
     """Prompts rendered to sample images at every checkpoint and at the end."""
     validation_every_steps: int | None = Field(default=None, ge=1)
     """Render validation samples every this many steps; unset means at every checkpoint."""
+    validation_guidance_scale: float = Field(default=7.5, ge=0)
+    """Classifier-free guidance scale of the validation samples (7.5, the diffusers pipeline's
+    default); 1 renders them without guidance, for a model never trained on empty captions."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ def test_help_and_dispatch_do_not_import_torch() -> None:
     (["--resolution", "30"], "--resolution: must be a positive multiple of 8 (got 30)"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["--mixed_precision", "fp64"], "--mixed_precision: invalid choice"),
+    (["--validation_guidance_scale", "-1"], "--validation_guidance_scale: must be 0 or more (got -1)"),
     (["--train_data_dir", "d"], "--pretrained_model_name_or_path: required"),
     (["--pretrained_model_name_or_path", "m"], "--train_data_dir or --dataset_name: one is required"),
     (["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--use_8bit_adam"], "--use_8bit_adam: 8-bit Adam"),
@@ -49,7 +50,8 @@ def test_spec_maps_training_model_and_storage(tmp_path: Path) -> None:
             "model": {"base": "org/model", "revision": "v2"},
             "training": {"method": "lora", "loraRank": 8, "resolution": 256, "mixedPrecision": "fp32",
                          "checkpointEverySteps": 10, "checkpointsToKeep": 3, "validationEverySteps": 5,
-                         "validationPrompts": ["a red circle"], "batchSize": 2, "maxTrainSteps": 30},
+                         "validationPrompts": ["a red circle"], "validationGuidanceScale": 1.0, "batchSize": 2,
+                         "maxTrainSteps": 30},
             "storage": {"uri": "s3://bucket/jobs/shapes/"},
         },
     }
@@ -63,6 +65,7 @@ def test_spec_maps_training_model_and_storage(tmp_path: Path) -> None:
     assert cfg.resume_from_checkpoint == "latest"
     assert (cfg.method, cfg.rank, cfg.resolution, cfg.precision) == ("lora", 8, 256, "no")
     assert (cfg.checkpointing_steps, cfg.checkpoints_total_limit, cfg.validation_steps) == (10, 3, 5)
+    assert cfg.validation_guidance_scale == 1.0
     assert cfg.train_batch_size == 2 and cfg.gradient_accumulation_steps == 4 and cfg.use_ema
     assert cfg.max_train_steps == 12  # a flag given on the command line wins over the spec
 
