@@ -21,7 +21,8 @@ from typing import Any
 
 from kubetune.api.load import load_yaml_documents
 from kubetune.api.models import GROUP, PLURAL, VERSION
-from kubetune.storage import Store
+from kubetune.dev.seed import tiny_model_dir
+from kubetune.storage import StorageError, Store
 
 REPO = Path(__file__).resolve().parents[2]
 LABEL_JOB = "kubetune.dev/finetunejob"
@@ -32,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--spec", type=Path, default=REPO / "examples" / "demo.yaml")
     parser.add_argument("--output", type=Path, default=REPO / "demo-output")
     parser.add_argument("--state-dir", type=Path, default=REPO / ".kubetune" / "dev")
-    parser.add_argument("--timeout", type=float, default=540.0, help="seconds to wait for Succeeded")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for Succeeded")
     parser.add_argument("--keep-cluster", action="store_true", help="leave the cluster running afterwards")
     args = parser.parse_args(argv)
 
@@ -40,8 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     namespace, name = job["metadata"].get("namespace", "default"), job["metadata"]["name"]
     started = time.monotonic()
     kubetune(["dev", "down", "--state-dir", str(args.state_dir)], check=False, quiet=True)  # a stale one from before
-    if not any((args.state_dir.parent / "cache").glob("tiny-sd-*/model_index.json")):
-        say("first run: `dev up` also builds the tiny model and pre-trains its VAE on shapes (1-3 minutes, cached)")
+    if not (tiny_model_dir(args.state_dir.parent / "cache") / "model_index.json").exists():
+        say("first run: `dev up` also builds the tiny model and pre-trains its VAE on shapes (2-3 minutes, cached)")
     kubetune(["dev", "up", "--state-dir", str(args.state_dir), "--timeout", "900"])
     try:
         info = json.loads((args.state_dir / "cluster.json").read_text())
@@ -133,13 +134,14 @@ def copy_results(obj: dict[str, Any], info: dict[str, Any], output: Path) -> Non
         if top in ("dataset", "cache", "checkpoints", "logs", "samples") or key == "progress.json":
             continue
         store.download_file(key, model / key)
-    grids = []
+    grids, scores = [], {}
     for key in store.list("samples"):
         if key.endswith("grid.png"):
             step = key.split("/")[1]
             target = output / f"samples-{step}.png"
             store.download_file(key, target)
             grids.append(target)
+            scores[step] = score_samples(store, key.rsplit("/", 1)[0])
     store.download_tree("logs", output / "logs")
     curve = plot_loss(output / "logs", output / "loss.png")
     say(f"results in {output.relative_to(REPO) if output.is_relative_to(REPO) else output}/:")
@@ -149,6 +151,29 @@ def copy_results(obj: dict[str, Any], info: dict[str, Any], output: Path) -> Non
     if curve:
         say(f"  {curve.name:<26}training loss by step")
     say(f"  S3 keeps everything under {status['modelUri']} (checkpoints, dataset, cache) until the cluster stops")
+    for step, line in scores.items():
+        if line:
+            say(f"samples at {step} follow their prompts: {line}")
+
+
+def score_samples(store: Store, folder: str) -> str:
+    """"backgrounds 4/4, colours 4/4, shapes 3/4": how many of a step's samples show what their
+    prompts name (kubetune.fixtures.shapes.score_sample); empty for prompts that are not shapes'."""
+    import io
+
+    from PIL import Image
+
+    from kubetune.fixtures.shapes import score_sample
+
+    try:
+        texts = store.read_json(f"{folder}/prompts.json")
+        scores = [score_sample(Image.open(io.BytesIO(store.read_bytes(f"{folder}/{index:02d}.png"))), text)
+                  for index, text in enumerate(texts)]
+    except (ValueError, OSError, StorageError):
+        return ""
+    count = len(scores)
+    return (f"backgrounds {sum(s.background for s in scores)}/{count}, colours {sum(s.colour for s in scores)}/{count}, "
+            f"shapes {sum(s.shape for s in scores)}/{count}")
 
 
 def prompts(obj: dict[str, Any]) -> list[str]:

@@ -32,8 +32,17 @@ def seed_images(info: ClusterInfo, count: int = 48) -> str:
 
 # The demo model's VAE is taught to reconstruct the shape images first: a randomly initialised VAE
 # reconstructs nothing, so no amount of UNet training would show shapes. The result is cached on
-# disk (it takes a minute or two), keyed by these settings.
-VAE_PRETRAINING = {"steps": 600, "resolution": 32, "batch_size": 16, "seed": 0}
+# disk (it takes two minutes or so), keyed by these settings and TINY_MODEL_VERSION. lr 4e-3
+# reconstructs much better than 1e-3 in the same steps (mean squared error 0.019 against 0.067 on
+# held-out shapes at 32 px, pixels in [-1, 1]).
+VAE_PRETRAINING = {"steps": 600, "resolution": 32, "batch_size": 16, "seed": 0, "lr": 4e-3}
+TINY_MODEL_VERSION = 2  # raise when build_tiny_pipeline or pretrain_vae change what they make (2: v-prediction)
+
+
+def tiny_model_dir(cache_dir: Path, vae_steps: int | None = None) -> Path:
+    """Where `tiny_model` keeps the model built with these settings."""
+    settings = {**VAE_PRETRAINING, **({"steps": vae_steps} if vae_steps is not None else {})}
+    return cache_dir / (f"tiny-sd-v{TINY_MODEL_VERSION}-" + "-".join(f"{k}{v}" for k, v in sorted(settings.items())))
 
 
 def tiny_model(cache_dir: Path, vae_steps: int | None = None) -> Path:
@@ -41,7 +50,7 @@ def tiny_model(cache_dir: Path, vae_steps: int | None = None) -> Path:
     from kubetune.fixtures.tiny_sd import build_tiny_pipeline, pretrain_vae
 
     settings = {**VAE_PRETRAINING, **({"steps": vae_steps} if vae_steps is not None else {})}
-    root = cache_dir / ("tiny-sd-" + "-".join(f"{k}{v}" for k, v in sorted(settings.items())))
+    root = tiny_model_dir(cache_dir, vae_steps)
     if not (root / "model_index.json").exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
