@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     kubetune(["dev", "down", "--state-dir", str(args.state_dir)], check=False, quiet=True)  # a stale one from before
     if not (tiny_model_dir(args.state_dir.parent / "cache") / "model_index.json").exists():
-        say("first run: `dev up` also builds the tiny model and pre-trains its VAE on shapes (2-3 minutes, cached)")
+        say("first run: `dev up` also builds the tiny model and pre-trains its VAE on shapes (about 2 minutes, cached)")
     kubetune(["dev", "up", "--state-dir", str(args.state_dir), "--timeout", "900"])
     try:
         info = json.loads((args.state_dir / "cluster.json").read_text())
