@@ -15,7 +15,6 @@ ones do not (`status.preemptions`).
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -29,6 +28,7 @@ from kubetune.api.layout import (
     SAMPLES_DIR,
     dataset_fingerprint,
 )
+from kubetune.api.layout import checkpoint_step as checkpoint_folder_step
 from kubetune.api.models import (
     Attempt,
     Condition,
@@ -220,8 +220,8 @@ def new_attempt_due(status: dict[str, Any]) -> bool:
 
 
 def checkpoint_step(uri: str) -> int:
-    match = re.search(r"step-(\d+)", uri or "")
-    return int(match.group(1)) if match else 0
+    """The step of a checkpoint name or URI (`step-N` or `checkpoint-N`); 0 for none."""
+    return checkpoint_folder_step((uri or "").rstrip("/").rsplit("/", 1)[-1]) or 0
 
 
 def percent(step: int, max_steps: int) -> str:

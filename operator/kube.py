@@ -21,7 +21,12 @@ from datetime import datetime
 from typing import Any
 
 from kubetune import storage
-from kubetune.api.layout import CHECKPOINTS_DIR, DATASET_MANIFEST, MANIFEST_FILE, PROGRESS_FILE
+from kubetune.api.layout import (
+    CHECKPOINTS_DIR,
+    DATASET_MANIFEST,
+    PROGRESS_FILE,
+    complete_checkpoint_names,
+)
 from kubetune.api.load import SpecError, parse_spec
 from kubetune.api.models import GROUP, KIND, PLURAL, VERSION, CredentialsSecretRef, FineTuneJobSpec
 
@@ -286,9 +291,7 @@ def observe(kube: Kube, ftj: dict[str, Any], extra_pods: list[dict[str, Any]], n
 def latest_complete_checkpoint(store: storage.Store) -> str:
     """The newest `checkpoints/step-N` with its manifest (written last), as the trainer's
     `--resume_from_checkpoint latest` will find it; "" when there is none."""
-    steps = [key.split("/")[1] for key in store.list(CHECKPOINTS_DIR)
-             if key.count("/") == 2 and key.endswith("/" + MANIFEST_FILE) and key.split("/")[1].startswith("step-")]
-    return max(steps, key=checkpoint_step, default="")
+    return max(complete_checkpoint_names(store.list(CHECKPOINTS_DIR)), key=checkpoint_step, default="")
 
 
 def _read_json(store: storage.Store, key: str) -> dict[str, Any] | None:

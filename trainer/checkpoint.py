@@ -18,7 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetune.api.layout import CHECKPOINTS_DIR, MANIFEST_FILE, checkpoint_name
+from kubetune.api.layout import (
+    CHECKPOINTS_DIR,
+    MANIFEST_FILE,
+    checkpoint_name,
+    checkpoint_step,
+    complete_checkpoint_names,
+)
 from kubetune.storage import StorageError, Store
 
 log = logging.getLogger("kubetune.trainer")
@@ -36,25 +42,16 @@ class CheckpointRef:
     manifest: dict[str, Any]
 
 
-def _step_of(name: str) -> int | None:
-    for prefix in ("step-", "checkpoint-"):
-        if name.startswith(prefix) and name[len(prefix):].isdigit():
-            return int(name[len(prefix):])
-    return None
-
-
 def complete_checkpoints(output: Store) -> list[CheckpointRef]:
     """Complete checkpoints under `output/checkpoints`, oldest first."""
     found = []
-    for key in output.list(CHECKPOINTS_DIR):
-        parts = key.split("/")
-        if len(parts) == 3 and parts[2] == MANIFEST_FILE and _step_of(parts[1]) is not None:
-            folder = output.child(CHECKPOINTS_DIR, parts[1])
-            try:
-                manifest = folder.read_json(MANIFEST_FILE)
-            except (FileNotFoundError, ValueError, StorageError):
-                continue
-            found.append(CheckpointRef(parts[1], int(manifest["step"]), folder, manifest))
+    for name in complete_checkpoint_names(output.list(CHECKPOINTS_DIR)):
+        folder = output.child(CHECKPOINTS_DIR, name)
+        try:
+            manifest = folder.read_json(MANIFEST_FILE)
+        except (FileNotFoundError, ValueError, StorageError):
+            continue
+        found.append(CheckpointRef(name, int(manifest["step"]), folder, manifest))
     return sorted(found, key=lambda ref: ref.step)
 
 
@@ -63,7 +60,7 @@ def find_checkpoint(output: Store, value: str) -> CheckpointRef | None:
     if value == "latest":
         refs = complete_checkpoints(output)
         return refs[-1] if refs else None
-    folder = output.child(CHECKPOINTS_DIR, value) if _step_of(value) is not None and "/" not in value else Store(value)
+    folder = output.child(CHECKPOINTS_DIR, value) if checkpoint_step(value) is not None and "/" not in value else Store(value)
     try:
         manifest = folder.read_json(MANIFEST_FILE)
     except FileNotFoundError:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from kubetune.api.models import Dataset
@@ -55,6 +56,25 @@ EXIT_PREEMPTED = 75      # EX_TEMPFAIL: stopped by SIGTERM after saving a checkp
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint folder name: kubetune's `step-N`, or diffusers' `checkpoint-N`."""
+    for prefix in ("step-", "checkpoint-"):
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return int(name[len(prefix):])
+    return None
+
+
+def complete_checkpoint_names(keys: Iterable[str]) -> list[str]:
+    """Checkpoint folders whose manifest (written last) is among `keys`, the keys listed under
+    CHECKPOINTS_DIR relative to the output (`checkpoints/step-N/manifest.json`)."""
+    names = []
+    for key in keys:
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == CHECKPOINTS_DIR and parts[2] == MANIFEST_FILE and checkpoint_step(parts[1]) is not None:
+            names.append(parts[1])
+    return names
 
 
 def dataset_fingerprint(dataset: Dataset) -> str:

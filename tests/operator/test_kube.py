@@ -20,6 +20,10 @@ def test_the_latest_checkpoint_is_the_newest_one_with_its_manifest(tmp_path: Pat
         if complete:
             (folder / "manifest.json").write_text("{}")
     assert latest_complete_checkpoint(store) == "step-00000012"
+    diffusers = tmp_path / "checkpoints" / "checkpoint-20"  # the stock script's naming, which the trainer resumes too
+    diffusers.mkdir()
+    (diffusers / "manifest.json").write_text("{}")
+    assert latest_complete_checkpoint(store) == "checkpoint-20"
 
 
 def test_token_refresh_runs_at_most_once_per_interval_though_the_loader_reinstalls_it() -> None:
