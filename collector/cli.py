@@ -117,8 +117,7 @@ def main(argv: Sequence[str], prog: str = "kubetune collect") -> int:
 def training_command(args: argparse.Namespace, dataset: str) -> list[str]:
     """`python -m kubetune.launch accelerate launch ... -m kubetune.trainer` with main.py's flags,
     on the local GPUs (or the CPU), resuming when a checkpoint is there."""
-    from kubetune.launch import accelerate_launch_command
-    from kubetune.run import count_gpus, free_port
+    from kubetune.run import count_gpus, local_launch_command
 
     if args.spec:
         raise OneLineError("--train: not with --spec; `kubetune run SPEC` collects and trains a FineTuneJob")
@@ -129,8 +128,7 @@ def training_command(args: argparse.Namespace, dataset: str) -> list[str]:
     output = args.train_output or args.output.rstrip("/") + "-model"
     trainer_args = ["--pretrained_model_name_or_path", args.model, "--train_data_dir", dataset, "--output_dir", output,
                     "--resume_from_checkpoint", "latest", *SEED_TRAINING_FLAGS, *extra]
-    launch = accelerate_launch_command(1, count_gpus(), 0, "127.0.0.1", free_port(), trainer_args, python=sys.executable)
-    return [sys.executable, "-m", "kubetune.launch", *launch]
+    return local_launch_command(trainer_args, count_gpus())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,11 +58,10 @@ def main(argv: Sequence[str], prog: str = "kubetune run") -> int:
               f"{max(gpus, 1)} process(es), so the global batch is smaller than on the cluster", file=sys.stderr)
     trainer_args = ["--spec", args.spec, "--output_dir", storage, "--train_data_dir", dataset,
                     "--latent_cache_dir", join(storage, layout.CACHE_DIR), "--resume_from_checkpoint", "latest"]
-    launch = accelerate_launch_command(1, gpus, 0, "127.0.0.1", free_port(), trainer_args,
-                                       mixed_precision=spec.training.mixed_precision, python=sys.executable)
+    launch = local_launch_command(trainer_args, gpus, spec.training.mixed_precision)
     attempts = spec.run_policy.backoff_limit + 1
     for attempt in range(1, attempts + 1):
-        code = step(f"train (attempt {attempt} of {attempts})", [sys.executable, "-m", "kubetune.launch", *launch], env)
+        code = step(f"train (attempt {attempt} of {attempts})", launch, env)
         if code == layout.EXIT_OK:
             print(f"kubetune run: done. The model is at {storage} (diffusers format); samples under {join(storage, layout.SAMPLES_DIR)}")
             return code
@@ -119,7 +118,15 @@ def count_gpus() -> int:
     return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
 
 
-def free_port() -> int:
+def local_launch_command(trainer_args: Sequence[str], gpus: int, mixed_precision: str | None = None) -> list[str]:
+    """The trainer on this machine, one node with `gpus` processes (0: one CPU process), under the
+    supervisor, exactly as a trainer pod runs it."""
+    launch = accelerate_launch_command(1, gpus, 0, "127.0.0.1", free_port(), trainer_args,
+                                       mixed_precision=mixed_precision, python=sys.executable)
+    return [sys.executable, "-m", "kubetune.launch", *launch]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])

@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -41,16 +40,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.models import GROUP, PLURAL, VERSION
+from kubetune.run import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
-GROUP, VERSION, PLURAL = "kubetune.dev", "v1alpha1", "finetunejobs"
 GOAL_ALL_S, GOAL_P99_S, GOAL_PEAK_MB = 60.0, 5.0, 300.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def kubetune(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:

@@ -31,6 +31,7 @@ from kubetune.dev.kubelet import Kubelet
 from kubetune.dev.network import Network
 from kubetune.dev.resources import Registry
 from kubetune.dev.store import Store
+from kubetune.run import free_port
 
 log = logging.getLogger("kubetune.dev")
 
@@ -71,12 +72,6 @@ class ClusterInfo:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 class LocalCluster:

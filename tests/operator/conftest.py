@@ -13,7 +13,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,15 +27,10 @@ import requests
 from kubetune.api.models import GROUP, VERSION
 from kubetune.dev.cluster import S3_SECRET, ClusterInfo, s3_client_for
 from kubetune.dev.testing import Api
+from kubetune.run import free_port
 
 LABEL_JOB = "kubetune.dev/finetunejob"
 IMAGES = 12  # shape images on the image server; the URL list names them all
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +59,7 @@ class E2E:
 
     def start_operator(self) -> None:
         self.operator_starts += 1
-        self.metrics_port = _free_port()
+        self.metrics_port = free_port()
         log = open(self.log_dir / f"operator-{self.operator_starts}.log", "wb")  # noqa: SIM115 - the process keeps it
         env = {**os.environ, **self.cluster.env(), "KUBETUNE_S3_ENDPOINT": self.cluster.s3_endpoint,
                "KUBETUNE_S3_CREDENTIALS_SECRET": S3_SECRET}

@@ -5,25 +5,19 @@
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 
 from trainer_testkit import REFERENCE_STEPS, core_flags, launch, relative_update_difference
 
 from kubetune.launch import accelerate_launch_command
+from kubetune.run import free_port
 
 # Two processes split each micro-batch that one process computes whole, and DDP averages their
 # gradients: the same arithmetic in another order, equal up to rounding, which AdamW amplifies on
 # parameters whose gradient is about zero (biases before a GroupNorm). Measured: 0.13% of the
 # update; a run on other samples or noise differs by about 100%.
 TOLERANCE = 0.01
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def half_batch_args(tiny_model: Path, shapes_dataset: Path, reference_run: Path, output: Path) -> list[str]:
