@@ -8,6 +8,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from kubetune.dev.cluster import ClusterInfo, s3_client_for
 
@@ -39,9 +40,14 @@ VAE_PRETRAINING = {"steps": 600, "resolution": 32, "batch_size": 16, "seed": 0, 
 TINY_MODEL_VERSION = 2  # raise when build_tiny_pipeline or pretrain_vae change what they make (2: v-prediction)
 
 
+def vae_pretraining(vae_steps: int | None = None) -> dict[str, Any]:
+    """VAE_PRETRAINING, with `vae_steps` steps when given."""
+    return {**VAE_PRETRAINING, **({"steps": vae_steps} if vae_steps is not None else {})}
+
+
 def tiny_model_dir(cache_dir: Path, vae_steps: int | None = None) -> Path:
     """Where `tiny_model` keeps the model built with these settings."""
-    settings = {**VAE_PRETRAINING, **({"steps": vae_steps} if vae_steps is not None else {})}
+    settings = vae_pretraining(vae_steps)
     return cache_dir / (f"tiny-sd-v{TINY_MODEL_VERSION}-" + "-".join(f"{k}{v}" for k, v in sorted(settings.items())))
 
 
@@ -49,7 +55,7 @@ def tiny_model(cache_dir: Path, vae_steps: int | None = None) -> Path:
     """A local tiny SD pipeline whose VAE is pre-trained on shapes, built once per settings."""
     from kubetune.fixtures.tiny_sd import build_tiny_pipeline, pretrain_vae
 
-    settings = {**VAE_PRETRAINING, **({"steps": vae_steps} if vae_steps is not None else {})}
+    settings = vae_pretraining(vae_steps)
     root = tiny_model_dir(cache_dir, vae_steps)
     if not (root / "model_index.json").exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
