@@ -65,6 +65,10 @@ def quiet_handler_successes(record: logging.LogRecord) -> bool:
     return not (record.levelno <= logging.INFO and str(record.msg).startswith("Handler ") and str(record.msg).endswith(" succeeded."))
 
 
+def _selector(labels: dict[str, str]) -> str:
+    return ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+
+
 def is_pattern(namespace: str) -> bool:
     return any(char in namespace for char in "*?[!")
 
@@ -75,6 +79,7 @@ def register(controller: Any, verbose: bool = False, scan_namespaces: bool = Fal
 
     registry = kopf.OperatorRegistry()
     managed = {b.LABEL_MANAGED_BY: b.MANAGED_BY}
+    trainer_pods = {**managed, b.LABEL_COMPONENT: b.TRAINER}
 
     class NoDiffBase(kopf.DiffBaseStorage):
         """kopf computes a diff base (a deep copy of the body) on every event for on.create/update
@@ -98,6 +103,10 @@ def register(controller: Any, verbose: bool = False, scan_namespaces: bool = Fal
         # it. Namespaces are then exact names; only glob patterns need the namespace scan.
         settings.scanning.disabled = not scan_namespaces
         settings.persistence.diffbase_storage = NoDiffBase()
+        # Filter Jobs and pods on the API server: the handlers' own label filters run only after
+        # kopf has received and parsed every Job and pod of the namespace (collector pods included).
+        settings.watching.label_selectors["batch", "v1", "jobs"] = _selector(managed)
+        settings.watching.label_selectors["", "v1", "pods"] = _selector(trainer_pods)
         controller.start()
 
     @kopf.on.login(registry=registry)
@@ -121,7 +130,7 @@ def register(controller: Any, verbose: bool = False, scan_namespaces: bool = Fal
         if owner:
             controller.child_seen(body["metadata"]["namespace"], owner)
 
-    @kopf.on.event("", "v1", "pods", labels={**managed, b.LABEL_COMPONENT: b.TRAINER}, registry=registry)
+    @kopf.on.event("", "v1", "pods", labels=trainer_pods, registry=registry)
     def pod_event(event: dict[str, Any], **_: Any) -> None:
         body = event.get("object") or {}
         owner = ((body.get("metadata") or {}).get("annotations") or {}).get(b.ANNOTATION_OWNER)

@@ -98,6 +98,7 @@ class Controller:
     resync_seconds: float = 10.0
     queue: WorkQueue = field(default_factory=WorkQueue)
     known: dict[Key, str] = field(default_factory=dict)  # key -> last phase seen
+    _unhandled: dict[Key, dict[str, Any]] = field(default_factory=dict)  # watch body of a job no pass has handled yet
     _pods: dict[Key, dict[str, dict[str, Any]]] = field(default_factory=dict)
     _pods_lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -109,11 +110,14 @@ class Controller:
         key = (namespace, name)
         if deleted:
             self.known.pop(key, None)
+            self._unhandled.pop(key, None)
             self.metrics.forget(key)
             with self._pods_lock:
                 self._pods.pop(key, None)
             return
         first = key not in self.known
+        if first or key in self._unhandled:
+            self._unhandled[key] = body
         self.known[key] = str((body.get("status") or {}).get("phase") or "Pending")
         self.queue.add(key, FIRST if first else CHANGED)
 
@@ -130,7 +134,9 @@ class Controller:
 
     def reconcile(self, key: Key) -> None:
         namespace, name = key
-        ftj = self.kube.get_finetunejob(namespace, name)
+        # Until a pass has written to it, the watch's latest body is as fresh as a GET; after
+        # that, the watch may not have echoed the status write yet, so it is read from the API.
+        ftj = self._unhandled.pop(key, None) or self.kube.get_finetunejob(namespace, name)
         if ftj is None or ftj["metadata"].get("deletionTimestamp"):
             return  # deleted: owner references take the children with it
         with self._pods_lock:

@@ -35,6 +35,8 @@ from .decide import Decision, Observed, checkpoint_step, job_finished, new_attem
 
 log = logging.getLogger("kubetune.operator")
 
+SECRET_TTL_SECONDS = 30.0  # how stale a Secret's values may be (a rotated S3 key is used within this)
+
 
 def load_kube_config() -> Any:
     """In-cluster config inside a pod, else $KUBECONFIG / ~/.kube/config."""
@@ -81,6 +83,7 @@ class Kube:
     default_region: str = ""
     default_credentials_secret: str = ""  # Secret (in the job's namespace) for jobs that name none
     _clients: dict[str, Any] = field(default_factory=dict)
+    _secrets: dict[tuple[str, str], tuple[float, dict[str, str]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -123,15 +126,28 @@ class Kube:
             raise
 
     def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
-        """A Secret's data (base64 values), or None when it does not exist."""
+        """A Secret's data (base64 values), or None when it does not exist. A Secret found is
+        remembered for SECRET_TTL_SECONDS: hundreds of jobs usually share one S3 Secret, and
+        reading it on every pass of each doubled the API requests of a new job (the operator
+        may get Secrets, not watch them). A missing one is asked for again on every pass."""
+        key = (namespace, name)
+        with self._lock:
+            cached = self._secrets.get(key)
+        if cached is not None and time.monotonic() - cached[0] < SECRET_TTL_SECONDS:
+            return cached[1]
         try:
             response = self.core.read_namespaced_secret(name, namespace, _preload_content=False)
         except _api_exception() as error:
             if error.status in (403, 404):
+                with self._lock:
+                    self._secrets.pop(key, None)
                 return None
             raise
         secret = json.loads(response.data)
-        return {**(secret.get("data") or {}), **{k: base64.b64encode(v.encode()).decode() for k, v in (secret.get("stringData") or {}).items()}}
+        data = {**(secret.get("data") or {}), **{k: base64.b64encode(v.encode()).decode() for k, v in (secret.get("stringData") or {}).items()}}
+        with self._lock:
+            self._secrets[key] = (time.monotonic(), data)
+        return data
 
     def effective_spec(self, spec: FineTuneJobSpec) -> FineTuneJobSpec:
         """The spec with the operator's cluster-wide S3 defaults (chart values) filled in, so the
@@ -258,11 +274,14 @@ def observe(kube: Kube, ftj: dict[str, Any], extra_pods: list[dict[str, Any]], n
     except SpecError as error:
         observed.spec_error = str(error)
         return observed
-    if status.get("phase") in ("Succeeded", "Failed"):
+    if status:
+        # A FineTuneJob that no pass has written status to has no children yet: a pass creates
+        # them and writes status together. (Should an operator stop between the two, the create
+        # answers "already exists" and the next pass, status written, lists them.)
         observed.jobs = {j["metadata"]["name"]: j for j in kube.children(namespace, name, uid, "Job")}
+    if status.get("phase") in ("Succeeded", "Failed"):
         return observed  # nothing else matters once finished
-    observed.jobs = {j["metadata"]["name"]: j for j in kube.children(namespace, name, uid, "Job")}
-    pods = kube.children(namespace, name, uid, "Pod")
+    pods = kube.children(namespace, name, uid, "Pod") if pods_needed(status, observed.jobs) else []
     seen = {p["metadata"].get("uid") for p in pods}
     observed.pods = pods + [p for p in extra_pods if p["metadata"].get("uid") not in seen]
     wanted = {ref.name for component in (b.COLLECTOR, b.TRAINER) for _, ref in b.secret_ref_paths(spec, component)}
@@ -286,6 +305,16 @@ def observe(kube: Kube, ftj: dict[str, Any], extra_pods: list[dict[str, Any]], n
     except storage.StorageError as error:
         observed.storage_error = str(error)
     return observed
+
+
+def pods_needed(status: dict[str, Any], jobs: dict[str, dict[str, Any]]) -> bool:
+    """decide() reads pods for a finished Job (its pods' termination messages) and once training
+    started (preemptions, a previous attempt's pods still running); a collector that is still
+    running needs none (a label-selected list makes the API server filter every pod of the namespace:
+    the costliest read of a pass)."""
+    return bool(status.get("attempts")) or any(
+        job_finished(job) or ((job.get("metadata") or {}).get("labels") or {}).get(b.LABEL_COMPONENT) == b.TRAINER
+        for job in jobs.values())
 
 
 def latest_complete_checkpoint(store: storage.Store) -> str:

@@ -50,3 +50,104 @@ def test_token_refresh_runs_at_most_once_per_interval_though_the_loader_reinstal
     for _ in range(3):
         configuration.refresh_api_key_hook(configuration)
     assert len(calls) == 4
+
+
+class _ApiError(Exception):
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+def _kube(**overrides: Any) -> Any:
+    from kubernetes import client
+
+    from kubetune.operator.kube import Kube
+
+    kube = Kube(client.ApiClient())
+    for name, value in overrides.items():
+        setattr(kube, name, value)
+    return kube
+
+
+def test_a_secret_found_is_reused_for_its_ttl_and_a_missing_one_is_asked_for_on_every_pass(monkeypatch: Any) -> None:
+    """Hundreds of jobs share one S3 Secret: it is read once per TTL, not on every pass of each; a
+    Secret the user has yet to create is noticed on the next pass."""
+    import json
+
+    from kubernetes.client.exceptions import ApiException
+
+    from kubetune.operator import kube as kube_module
+
+    existing: dict[str, dict[str, str]] = {}
+    reads: list[str] = []
+
+    class Response:
+        def __init__(self, data: dict[str, str]) -> None:
+            self.data = json.dumps({"data": data}).encode()
+
+    class Core:
+        def read_namespaced_secret(self, name: str, namespace: str, **_: Any) -> Response:
+            reads.append(name)
+            if name not in existing:
+                raise ApiException(status=404)
+            return Response(existing[name])
+
+    clock = [1000.0]
+    monkeypatch.setattr(kube_module.time, "monotonic", lambda: clock[0])
+    kube = _kube(core=Core())
+    assert kube.secret_data("team", "s3") is None
+    assert kube.secret_data("team", "s3") is None
+    assert reads == ["s3", "s3"]
+    existing["s3"] = {"AWS_ACCESS_KEY_ID": "a2V5"}
+    for _ in range(3):
+        assert kube.secret_data("team", "s3") == {"AWS_ACCESS_KEY_ID": "a2V5"}
+    assert reads == ["s3"] * 3
+    assert kube.secret_data("other-team", "s3") is not None  # per namespace
+    existing["s3"] = {"AWS_ACCESS_KEY_ID": "bmV3"}  # rotated
+    clock[0] += kube_module.SECRET_TTL_SECONDS + 1
+    assert kube.secret_data("team", "s3") == {"AWS_ACCESS_KEY_ID": "bmV3"}
+    del existing["s3"]
+    clock[0] += kube_module.SECRET_TTL_SECONDS + 1
+    assert kube.secret_data("team", "s3") is None
+
+
+def test_a_pass_reads_pods_only_where_decide_looks_at_them(tmp_path: Path) -> None:
+    """A new job's first pass lists nothing (it has no children yet); a running collector needs no
+    pods; a failed collector's pods are read (their termination message is the job's failure
+    message), and so are a training job's."""
+    from kubetune.operator.decide import decide
+    from kubetune.operator.kube import observe
+
+    jobs: list[dict[str, Any]] = []
+    calls: list[str] = []
+
+    def children(namespace: str, name: str, uid: str, kind: str) -> list[dict[str, Any]]:
+        calls.append(kind)
+        if kind == "Pod":
+            return [{"metadata": {"name": "shapes-collect-x", "uid": "p1", "labels": {"job-name": "shapes-collect"}},
+                     "status": {"containerStatuses": [{"name": "collector", "state": {"terminated": {
+                         "exitCode": 1, "message": "cannot read s3://data/urls.jsonl"}}}]}}]
+        return jobs
+
+    kube = _kube(children=children, secret_data=lambda namespace, name: {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""},
+                 store=lambda spec, secrets: Store(str(tmp_path)))
+    ftj: dict[str, Any] = {
+        "metadata": {"name": "shapes", "namespace": "team", "uid": "u1", "generation": 1},
+        "spec": {"dataset": {"urls": {"uri": "s3://data/urls.jsonl"}}, "model": {"base": "s3://models/tiny/"},
+                 "storage": {"uri": "s3://out/shapes/", "credentialsSecretRef": {"name": "s3"}}},
+    }
+
+    first = decide(observe(kube, ftj, []))
+    assert calls == []
+    assert [o["metadata"]["name"] for o in first.create] == ["shapes-collect"]
+
+    ftj["status"] = first.status
+    jobs.append({**first.create[0], "status": {"active": 1}})
+    running = decide(observe(kube, ftj, []))
+    assert calls == ["Job"]
+    assert running.phase == "Collecting" and not running.create
+
+    calls.clear()
+    jobs[0]["status"] = {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}
+    failed = decide(observe(kube, ftj, []))
+    assert calls == ["Job", "Pod"]
+    assert failed.phase == "Failed" and "cannot read s3://data/urls.jsonl" in failed.status["message"]
