@@ -16,18 +16,17 @@ pytest_plugins = ["kubetune.dev.pytest_plugin"]
 def s3_endpoint() -> Iterator[str]:
     """A real S3 HTTP endpoint; code under test reaches it through AWS_ENDPOINT_URL, as it would
     reach MinIO or AWS."""
-    from moto.server import ThreadedMotoServer
+    from kubetune.dev.s3server import serve
 
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    stop_server = serve("127.0.0.1", port)
     endpoint = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     os.environ.update(
         AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"
     )
     yield endpoint
-    server.stop()
+    stop_server()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
