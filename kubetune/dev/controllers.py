@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import time
 import uuid
 
 from kubetune.dev.builtins import CRD_CLEANUP_FINALIZER, JOB_TRACKING_FINALIZER
 from kubetune.dev.errors import ApiError
+from kubetune.dev.jsoncopy import clone
 from kubetune.dev.resources import Registry, ResourceType
 from kubetune.dev.store import Key, Obj, Store, parse_time, timestamp
 
@@ -69,7 +69,7 @@ def record_event(store: Store, involved: Obj, reason: str, message: str, event_t
     recorded = store.recorded_events.get(key)
     event = store.find(rt.key, namespace, recorded) if recorded else None
     if event is not None:
-        event = copy.deepcopy(event)
+        event = clone(event)
         event["count"] = int(event.get("count", 1)) + 1
         event["lastTimestamp"] = timestamp()
         store.internal_write(rt.key, event)
@@ -150,7 +150,7 @@ class Controllers:
             revision = self.store.revision
             # A pass writes only the Job's status (and pods through _drop_tracking/_delete_pod, which
             # copy them): copying every Job and pod in full on every pass is what made 500 Jobs slow.
-            self.reconcile_job({**job, "status": copy.deepcopy(job.get("status") or {})}, pods)
+            self.reconcile_job({**job, "status": clone(job.get("status") or {})}, pods)
             if self.store.revision == revision:
                 settled[uid] = inputs
         self._settled = settled
@@ -197,7 +197,7 @@ class Controllers:
         """One pass over a Job (its status a copy) and its pods (read only)."""
         meta, spec = job["metadata"], job["spec"]
         status = job.setdefault("status", {})
-        before = copy.deepcopy(status)
+        before = clone(status)
         finished = has_condition(job, "Complete") or has_condition(job, "Failed")
         replace_only_failed = spec.get("podReplacementPolicy") == "Failed"
 
@@ -369,7 +369,7 @@ class Controllers:
 
     def _pod_for(self, job: Obj, index: int | None) -> Obj:
         meta = job["metadata"]
-        template = copy.deepcopy(job["spec"]["template"])
+        template = clone(job["spec"]["template"])
         pod_meta = template.get("metadata") or {}
         labels = dict(pod_meta.get("labels") or {})
         annotations = dict(pod_meta.get("annotations") or {})
@@ -423,7 +423,7 @@ class Controllers:
             finalizers = (owner or {}).get("metadata", {}).get("finalizers") or []
             if owner is not None and owner["metadata"].get("deletionTimestamp") and "orphan" in finalizers:
                 for key, dep in deps:
-                    dep = copy.deepcopy(dep)
+                    dep = clone(dep)
                     dep["metadata"]["ownerReferences"] = [r for r in dep["metadata"]["ownerReferences"] if r.get("uid") != owner_uid]
                     self.store.internal_write(key, dep)
                 continue
@@ -439,7 +439,7 @@ class Controllers:
                         if not dep["metadata"].get("deletionTimestamp"):
                             self._delete(key, dep, "Background")
                     else:
-                        dep = copy.deepcopy(dep)
+                        dep = clone(dep)
                         dep["metadata"]["ownerReferences"] = [r for r in refs if r.get("uid") in by_uid]
                         self.store.internal_write(key, dep)
         # Owners waiting in foreground deletion: done once no blocking dependent remains.
@@ -459,7 +459,7 @@ class Controllers:
                     self._drop_finalizer(key, obj, "orphan")
 
     def _drop_finalizer(self, key: Key, obj: Obj, name: str) -> None:
-        obj = copy.deepcopy(obj)
+        obj = clone(obj)
         obj["metadata"]["finalizers"] = [f for f in obj["metadata"]["finalizers"] if f != name]
         self.store.internal_write(key, obj)
 
@@ -484,7 +484,7 @@ class Controllers:
                         if not obj["metadata"].get("deletionTimestamp"):
                             self._delete(key, obj, "Background")
             if remaining == 0:
-                ns = copy.deepcopy(ns)
+                ns = clone(ns)
                 ns["spec"]["finalizers"] = []
                 self.store._commit("DELETED", NAMESPACES, ns, self.store.find(NAMESPACES, "", name))
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import copy
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from typing import Any
 
 from kubetune.dev.controllers import NODE_NAME, PODS, has_condition, record_event, set_condition
 from kubetune.dev.errors import ApiError
+from kubetune.dev.jsoncopy import clone
 from kubetune.dev.network import Network, Sandbox
 from kubetune.dev.store import Obj, Store, timestamp
 
@@ -221,7 +221,7 @@ class Kubelet:
 
     def _bind(self, pod: Obj) -> None:
         """The scheduler's part: one node, so every pod binds to it."""
-        pod = copy.deepcopy(pod)
+        pod = clone(pod)
         pod["spec"]["nodeName"] = NODE_NAME
         set_condition(pod.setdefault("status", {}), "PodScheduled", "True", "", "")
         pod["status"]["conditions"][-1].pop("reason", None)
@@ -229,7 +229,7 @@ class Kubelet:
         self.store.internal_write(PODS, pod)
 
     def _fail_unstarted(self, pod: Obj) -> None:
-        pod = copy.deepcopy(pod)
+        pod = clone(pod)
         pod.setdefault("status", {})["phase"] = "Failed"
         self.store.internal_write(PODS, pod)
 
@@ -288,7 +288,7 @@ class Kubelet:
 
     def _current(self, run: PodRun) -> Obj | None:
         pod = self.store.find(PODS, run.namespace, run.name)
-        return copy.deepcopy(pod) if pod is not None and pod["metadata"]["uid"] == run.uid else None
+        return clone(pod) if pod is not None and pod["metadata"]["uid"] == run.uid else None
 
     def _publish(self, run: PodRun) -> None:
         pod = self._current(run)

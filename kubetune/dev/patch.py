@@ -12,12 +12,12 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import jsonpatch
 
 from kubetune.dev.errors import ApiError
+from kubetune.dev.jsoncopy import clone
 
 # field name -> merge key, from the built-in types' `patchMergeKey` tags (k8s.io/api).
 MERGE_KEYS: dict[str, str] = {
@@ -35,8 +35,8 @@ PORTS_KEY = {"containers": "containerPort", "initContainers": "containerPort", "
 
 def merge_patch(target: Any, patch: Any) -> Any:
     if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+        return clone(patch)
+    result = clone(target) if isinstance(target, dict) else {}
     for key, value in patch.items():
         if value is None:
             result.pop(key, None)
@@ -49,7 +49,7 @@ def json_patch(target: dict[str, Any], operations: Any) -> dict[str, Any]:
     if not isinstance(operations, list):
         raise ApiError(400, "BadRequest", "json: cannot unmarshal object into Go value of type jsonpatch.Patch")
     try:
-        result: dict[str, Any] = jsonpatch.JsonPatch(operations).apply(copy.deepcopy(target))
+        result: dict[str, Any] = jsonpatch.JsonPatch(operations).apply(clone(target))
         return result
     except jsonpatch.JsonPatchTestFailed as error:
         raise ApiError(422, "Invalid", f"the server rejected our request due to an error in our request: {error}") from None
@@ -59,12 +59,12 @@ def json_patch(target: dict[str, Any], operations: Any) -> dict[str, Any]:
 
 def strategic_merge_patch(target: Any, patch: Any, parent_field: str = "") -> Any:
     if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
+        return clone(patch)
     if patch.get("$patch") == "replace":
-        return {k: copy.deepcopy(v) for k, v in patch.items() if k != "$patch"}
+        return {k: clone(v) for k, v in patch.items() if k != "$patch"}
     if patch.get("$patch") == "delete":
         return None
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    result = clone(target) if isinstance(target, dict) else {}
     retain = patch.get("$retainKeys")
     for key, value in patch.items():
         if key in ("$patch", "$retainKeys") or key.startswith("$setElementOrder/"):
@@ -98,9 +98,9 @@ def _merge_list(current: Any, patch: list[Any], field: str, parent_field: str) -
     if field in MERGED_PRIMITIVE_LISTS:
         return current + [item for item in patch if item not in current]
     if not merge_key or not all(isinstance(item, dict) for item in patch):
-        return [copy.deepcopy(item) for item in patch if not (isinstance(item, dict) and "$patch" in item)]
+        return [clone(item) for item in patch if not (isinstance(item, dict) and "$patch" in item)]
     if any(isinstance(item, dict) and item.get("$patch") == "replace" for item in patch):
-        return [copy.deepcopy(item) for item in patch if item.get("$patch") != "replace"]
+        return [clone(item) for item in patch if item.get("$patch") != "replace"]
     for item in patch:
         position = next((i for i, old in enumerate(current) if isinstance(old, dict) and old.get(merge_key) == item.get(merge_key)), None)
         if item.get("$patch") == "delete":

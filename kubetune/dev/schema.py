@@ -19,13 +19,14 @@ should be a multiple of 8`.
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import jsonschema
+
+from kubetune.dev.jsoncopy import clone
 
 ROOT_FIELDS = ("apiVersion", "kind", "metadata")
 
@@ -54,7 +55,7 @@ def validate_custom_resource(schema: dict[str, Any], obj: dict[str, Any], old: d
 
     `old` is the stored object on update (for CEL transition rules), None on create.
     """
-    obj = copy.deepcopy(obj)
+    obj = clone(obj)
     unknown: list[str] = []
     _prune(schema, obj, "", unknown, root=True)
     _default(schema, obj)
@@ -103,7 +104,7 @@ def _default(schema: dict[str, Any], value: Any) -> None:
     if isinstance(value, dict):
         for key, child_schema in (schema.get("properties") or {}).items():
             if key not in value and "default" in child_schema:
-                value[key] = copy.deepcopy(child_schema["default"])
+                value[key] = clone(child_schema["default"])
             if key in value:
                 _default(child_schema, value[key])
         if isinstance(schema.get("additionalProperties"), dict):
@@ -220,7 +221,10 @@ def _field_error(error: jsonschema.ValidationError, path: str) -> FieldError:
 def _cel_program(rule: str) -> Any:
     import celpy
 
-    environment = celpy.Environment()
+    # Transpiled to Python once per rule: evaluating is then about 4x faster than celpy's default
+    # tree interpreter, and every FineTuneJob write runs the rules. (One runner class per process:
+    # celpy's parser is shared and built for one kind of tree.)
+    environment = celpy.Environment(runner_class=celpy.CompiledRunner)
     return environment.program(environment.compile(rule))
 
 

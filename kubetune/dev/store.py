@@ -13,7 +13,6 @@ Everything runs on one asyncio loop (HTTP handlers, controllers, kubelet), so no
 from __future__ import annotations
 
 import asyncio
-import copy
 import random
 import re
 import uuid
@@ -25,6 +24,7 @@ from typing import Any
 
 from kubetune.dev import builtins
 from kubetune.dev.errors import ApiError, already_exists, conflict, invalid, not_found
+from kubetune.dev.jsoncopy import clone
 from kubetune.dev.patch import json_patch, merge_patch, strategic_merge_patch
 from kubetune.dev.resources import Registry, ResourceType
 
@@ -88,13 +88,13 @@ class Store:
             bucket[(meta.get("namespace", ""), meta["name"])] = obj
         if len(self.history) == self.history.maxlen:
             self.compacted = self.history[0][0]
-        snapshot = copy.deepcopy(obj)
+        snapshot = clone(obj)
         self.history.append((self.revision, key, etype, snapshot, old))
         for watcher in list(self.watchers):
             self._deliver(watcher, key, etype, snapshot, old)
         for listener in self.listeners:
             listener(etype, key, snapshot)
-        return copy.deepcopy(obj)
+        return clone(obj)
 
     @staticmethod
     def _deliver(watcher: Watcher, key: Key, etype: str, obj: Obj, old: Obj | None) -> None:
@@ -154,7 +154,7 @@ class Store:
 
     @staticmethod
     def _as_version(rt: ResourceType, obj: Obj) -> Obj:
-        out = copy.deepcopy(obj)
+        out = clone(obj)
         out["apiVersion"] = rt.api_version  # custom resources: conversion strategy None
         return out
 
@@ -175,7 +175,7 @@ class Store:
                field_validation: str = "Warn") -> WriteResult:
         if not isinstance(body, dict):
             raise ApiError(400, "BadRequest", "the body of the request was in an unknown format")
-        obj = copy.deepcopy(body)
+        obj = clone(body)
         meta = obj.setdefault("metadata", {}) or {}
         obj["metadata"] = meta
         if rt.namespaced:
@@ -260,11 +260,11 @@ class Store:
         wanted_rv = meta.get("resourceVersion")
         if wanted_rv and wanted_rv != current["metadata"]["resourceVersion"]:
             raise conflict(rt.plural, name, rt.group)
-        new = copy.deepcopy(body)
+        new = clone(body)
         if subresource == "status":
             # /status changes only .status: everything else comes from the stored object.
             status = new.get("status")
-            new = copy.deepcopy(current)
+            new = clone(current)
             if status is None:
                 new.pop("status", None)
             else:
@@ -272,7 +272,7 @@ class Store:
         elif "status" in rt.subresources:
             # The main endpoint ignores status when a status subresource exists.
             if "status" in current:
-                new["status"] = copy.deepcopy(current["status"])
+                new["status"] = clone(current["status"])
             else:
                 new.pop("status", None)
         new_meta = new.setdefault("metadata", {})
@@ -296,7 +296,7 @@ class Store:
         if rt.has_generation and _spec_of(new) != _spec_of(current):
             new_meta["generation"] = int(current["metadata"].get("generation", 1)) + 1
         if _comparable(new) == _comparable(current):
-            return WriteResult(copy.deepcopy(current), warnings)  # a no-op write keeps the resourceVersion
+            return WriteResult(clone(current), warnings)  # a no-op write keeps the resourceVersion
         if dry_run:
             return WriteResult(new, warnings)
         if new_meta.get("deletionTimestamp") and not new_meta.get("finalizers") and not _graceful_pending(rt.key, new):
@@ -308,11 +308,11 @@ class Store:
         current = self.find(rt.key, namespace if rt.namespaced else "", name)
         if current is None:
             if patch_type == "apply":
-                body = copy.deepcopy(patch)
+                body = clone(patch)
                 body.setdefault("metadata", {})["name"] = name
                 return self.create(rt, namespace, body, dry_run=dry_run, field_validation=field_validation)
             raise not_found(rt.plural, name, rt.group)
-        base = copy.deepcopy(current)
+        base = clone(current)
         base["apiVersion"] = rt.api_version
         if patch_type == "json":
             patched = json_patch(base, patch)
@@ -340,11 +340,11 @@ class Store:
         current = self.find(key, meta.get("namespace", ""), meta["name"])
         if current is None:
             raise not_found(key[1], meta["name"], key[0])
-        obj = copy.deepcopy(obj)
+        obj = clone(obj)
         meta = obj["metadata"]
         meta["resourceVersion"] = current["metadata"]["resourceVersion"]
         if _comparable(obj) == _comparable(current):
-            return copy.deepcopy(current)
+            return clone(current)
         if meta.get("deletionTimestamp") and not meta.get("finalizers") and not _graceful_pending(key, obj):
             return self._commit("DELETED", key, obj, current)
         return self._commit("MODIFIED", key, obj, current)
@@ -363,8 +363,8 @@ class Store:
             raise ApiError(409, "Conflict", f"Precondition failed: ResourceVersion in precondition: {pre['resourceVersion']}, "
                            f"ResourceVersion in object meta: {current['metadata']['resourceVersion']}")
         if dry_run:
-            return copy.deepcopy(current)
-        new = copy.deepcopy(current)
+            return clone(current)
+        new = clone(current)
         meta = new["metadata"]
         policy = options.get("propagationPolicy")
         if policy is None and options.get("orphanDependents") is not None:
@@ -390,11 +390,11 @@ class Store:
                 meta["deletionGracePeriodSeconds"] = 0
                 new.setdefault("status", {})["phase"] = "Terminating"
                 return self._commit("MODIFIED", rt.key, new, current)
-            return copy.deepcopy(current)
+            return clone(current)
         if grace > 0:
             deadline = now() + timedelta(seconds=grace)
             if meta.get("deletionTimestamp") and parse_time(meta["deletionTimestamp"]) <= deadline:
-                return copy.deepcopy(current)  # only a shorter grace period can be set
+                return clone(current)  # only a shorter grace period can be set
             meta["deletionTimestamp"] = timestamp(deadline)
             meta["deletionGracePeriodSeconds"] = grace
             if meta.get("generation"):
@@ -407,7 +407,7 @@ class Store:
                     meta["generation"] += 1
             meta["deletionGracePeriodSeconds"] = 0
             if new == current:
-                return copy.deepcopy(current)
+                return clone(current)
             return self._commit("MODIFIED", rt.key, new, current)
         return self._commit("DELETED", rt.key, new, current)
 
