@@ -33,7 +33,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         help="collector image when a spec sets none (env KUBETUNE_COLLECTOR_IMAGE)")
     parser.add_argument("--trainer-image", default=os.environ.get("KUBETUNE_TRAINER_IMAGE", b.DEFAULT_TRAINER_IMAGE),
                         help="trainer image when a spec sets none (env KUBETUNE_TRAINER_IMAGE)")
-    parser.add_argument("--workers", type=_positive, default=8, help="concurrent reconcile passes (default 8)")
+    parser.add_argument("--workers", type=_positive, default=32,
+                        help="concurrent reconcile passes (default 32; each mostly waits on the API server or S3)")
     parser.add_argument("--resync-seconds", type=float, default=10.0,
                         help="how often unfinished jobs are re-checked: progress, deadlines (default 10)")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logs")
@@ -117,21 +118,23 @@ def register(controller: Any, verbose: bool = False, scan_namespaces: bool = Fal
     def stop(**_: Any) -> None:
         controller.stop()
 
+    # The handlers only queue a key (never blocking): async, so that kopf calls them on its event
+    # loop instead of handing each watch event to a thread pool and back.
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    def finetunejob_event(event: dict[str, Any], **_: Any) -> None:
+    async def finetunejob_event(event: dict[str, Any], **_: Any) -> None:
         body = event.get("object") or {}
         meta = body.get("metadata") or {}
         controller.finetunejob_seen(meta.get("namespace", ""), meta.get("name", ""), body, deleted=event.get("type") == "DELETED")
 
     @kopf.on.event("batch", "v1", "jobs", labels=managed, registry=registry)
-    def job_event(event: dict[str, Any], **_: Any) -> None:
+    async def job_event(event: dict[str, Any], **_: Any) -> None:
         body = event.get("object") or {}
         owner = owner_of_job(body)
         if owner:
             controller.child_seen(body["metadata"]["namespace"], owner)
 
     @kopf.on.event("", "v1", "pods", labels=trainer_pods, registry=registry)
-    def pod_event(event: dict[str, Any], **_: Any) -> None:
+    async def pod_event(event: dict[str, Any], **_: Any) -> None:
         body = event.get("object") or {}
         owner = ((body.get("metadata") or {}).get("annotations") or {}).get(b.ANNOTATION_OWNER)
         if owner:
@@ -152,12 +155,12 @@ def main(argv: Sequence[str], prog: str = "kubetune operator") -> int:
     if not args.verbose:  # every watch event of every Pod and Job would log a line
         logging.getLogger("kopf.objects").addFilter(quiet_handler_successes)
     try:
-        api_client = load_kube_config()
+        api_client = load_kube_config(connections=args.workers + 8)
     except Exception as error:  # no kubeconfig, no in-cluster account
         raise OneLineError(f"cannot reach Kubernetes: {str(error).splitlines()[0]}") from None
     kube = Kube(api_client, b.Images(args.collector_image, args.trainer_image),
                 default_endpoint=os.environ.get("KUBETUNE_S3_ENDPOINT", ""), default_region=os.environ.get("KUBETUNE_S3_REGION", ""),
-                default_credentials_secret=os.environ.get("KUBETUNE_S3_CREDENTIALS_SECRET", ""))
+                default_credentials_secret=os.environ.get("KUBETUNE_S3_CREDENTIALS_SECRET", ""), s3_connections=args.workers)
     metrics = Metrics()
     if args.metrics_port:
         metrics.serve(args.metrics_port)

@@ -94,7 +94,7 @@ class WorkQueue:
 class Controller:
     kube: Kube
     metrics: Metrics
-    workers: int = 8
+    workers: int = 32
     resync_seconds: float = 10.0
     queue: WorkQueue = field(default_factory=WorkQueue)
     known: dict[Key, str] = field(default_factory=dict)  # key -> last phase seen

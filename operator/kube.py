@@ -38,8 +38,9 @@ log = logging.getLogger("kubetune.operator")
 SECRET_TTL_SECONDS = 30.0  # how stale a Secret's values may be (a rotated S3 key is used within this)
 
 
-def load_kube_config() -> Any:
-    """In-cluster config inside a pod, else $KUBECONFIG / ~/.kube/config."""
+def load_kube_config(connections: int = 40) -> Any:
+    """In-cluster config inside a pod, else $KUBECONFIG / ~/.kube/config; `connections` kept
+    open to the API server (one per reconcile worker, and then some)."""
     from kubernetes import client, config
 
     try:
@@ -47,7 +48,7 @@ def load_kube_config() -> Any:
     except config.ConfigException:
         config.load_kube_config()
     configuration = client.Configuration.get_default_copy()
-    configuration.connection_pool_maxsize = 32  # one connection per worker thread, and then some
+    configuration.connection_pool_maxsize = connections
     hook = configuration.refresh_api_key_hook
     if hook is not None:  # it re-reads the whole config, proxies from the environment included, per request
         configuration.refresh_api_key_hook = _at_most_every(10.0, hook)
@@ -82,48 +83,50 @@ class Kube:
     default_endpoint: str = ""
     default_region: str = ""
     default_credentials_secret: str = ""  # Secret (in the job's namespace) for jobs that name none
+    s3_connections: int = 32  # per S3 client: one per reconcile worker
     _clients: dict[str, Any] = field(default_factory=dict)
     _secrets: dict[tuple[str, str], tuple[float, dict[str, str]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def __post_init__(self) -> None:
-        from kubernetes import client
+    # -- the API ---------------------------------------------------------------------------------
 
-        self.core = client.CoreV1Api(self.api_client)
-        self.batch = client.BatchV1Api(self.api_client)
-        self.custom = client.CustomObjectsApi(self.api_client)
+    def request(self, method: str, path: str, body: Any = None, query: dict[str, str] | None = None,
+                content_type: str = "application/json", missing_ok: bool = False) -> Any:
+        """One API call with the client's configuration (server, TLS, token refresh), its JSON
+        answer parsed; None for a 404 when missing_ok. The generated typed methods were skipped
+        on purpose: they turn every dict body into models and back (a Job's create cost twice
+        the CPU of the request itself), and the operator deals in dicts anyway."""
+        api = self.api_client
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        serialized = api.param_serialize(method=method, resource_path=path, query_params=list((query or {}).items()),
+                                         header_params=headers, body=body, auth_settings=["BearerToken"])
+        response = api.call_api(*serialized, _request_timeout=60)
+        data = response.read()  # read to the end: the connection goes back to the pool
+        if missing_ok and response.status == 404:
+            return None
+        if not 200 <= response.status <= 299:
+            raise _api_exception().from_response(http_resp=response, body=data.decode(errors="replace"), data=None)
+        return json.loads(data) if data else None
 
     # -- reads ---------------------------------------------------------------------------------
 
     def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)  # type: ignore[no-any-return]
-        except _api_exception() as error:
-            if error.status == 404:
-                return None
-            raise
+        return self.request("GET", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}", missing_ok=True)  # type: ignore[no-any-return]
 
     def children(self, namespace: str, name: str, uid: str, kind: str) -> list[dict[str, Any]]:
         """Jobs or pods of this FineTuneJob (by label, then by owner uid for Jobs: a FineTuneJob
         recreated under the same name must not adopt its predecessor's children)."""
-        selector = f"{b.LABEL_JOB}={b.base_name(name)}"
-        if kind == "Job":
-            items = self.batch.list_namespaced_job(namespace, label_selector=selector, _preload_content=False)
-        else:
-            items = self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
-        objects: list[dict[str, Any]] = json.loads(items.data)["items"]
+        path = f"/apis/batch/v1/namespaces/{namespace}/jobs" if kind == "Job" else f"/api/v1/namespaces/{namespace}/pods"
+        objects: list[dict[str, Any]] = self.request("GET", path, query={"labelSelector": f"{b.LABEL_JOB}={b.base_name(name)}"})["items"]
         if kind == "Job":
             objects = [o for o in objects if any(r.get("uid") == uid for r in o["metadata"].get("ownerReferences") or [])]
         return objects
 
     def service_exists(self, namespace: str, name: str) -> bool:
-        try:
-            self.core.read_namespaced_service(b.trainer_service_name(name), namespace, _preload_content=False)
-            return True
-        except _api_exception() as error:
-            if error.status == 404:
-                return False
-            raise
+        path = f"/api/v1/namespaces/{namespace}/services/{b.trainer_service_name(name)}"
+        return self.request("GET", path, missing_ok=True) is not None
 
     def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
         """A Secret's data (base64 values), or None when it does not exist. A Secret found is
@@ -136,14 +139,15 @@ class Kube:
         if cached is not None and time.monotonic() - cached[0] < SECRET_TTL_SECONDS:
             return cached[1]
         try:
-            response = self.core.read_namespaced_secret(name, namespace, _preload_content=False)
+            secret = self.request("GET", f"/api/v1/namespaces/{namespace}/secrets/{name}", missing_ok=True)
         except _api_exception() as error:
-            if error.status in (403, 404):
-                with self._lock:
-                    self._secrets.pop(key, None)
-                return None
-            raise
-        secret = json.loads(response.data)
+            if error.status != 403:
+                raise
+            secret = None
+        if secret is None:
+            with self._lock:
+                self._secrets.pop(key, None)
+            return None
         data = {**(secret.get("data") or {}), **{k: base64.b64encode(v.encode()).decode() for k, v in (secret.get("stringData") or {}).items()}}
         with self._lock:
             self._secrets[key] = (time.monotonic(), data)
@@ -179,20 +183,18 @@ class Kube:
         with self._lock:
             client = self._clients.get(key)
             if client is None:
-                client = self._clients[key] = s3_client(endpoint, region, credentials)
+                client = self._clients[key] = s3_client(endpoint, region, credentials, self.s3_connections)
         return storage.Store(spec.storage.uri, endpoint, region, client)
 
     # -- writes --------------------------------------------------------------------------------
 
     def create(self, namespace: str, obj: dict[str, Any]) -> bool:
         """Create a child; False when it already exists (another pass or operator made it)."""
+        paths = {"Job": f"/apis/batch/v1/namespaces/{namespace}/jobs", "Service": f"/api/v1/namespaces/{namespace}/services"}
+        if obj["kind"] not in paths:
+            raise ValueError(f"cannot create a {obj['kind']}")
         try:
-            if obj["kind"] == "Job":
-                _release(self.batch.create_namespaced_job(namespace, obj, _preload_content=False))
-            elif obj["kind"] == "Service":
-                _release(self.core.create_namespaced_service(namespace, obj, _preload_content=False))
-            else:
-                raise ValueError(f"cannot create a {obj['kind']}")
+            self.request("POST", paths[obj["kind"]], obj)
         except _api_exception() as error:
             if error.status == 409:
                 return False
@@ -200,12 +202,12 @@ class Kube:
         return True
 
     def patch_job(self, namespace: str, name: str, body: dict[str, Any]) -> None:
-        _release(self.batch.patch_namespaced_job(name, namespace, body, _preload_content=False))
+        self.request("PATCH", f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}", body,
+                     content_type="application/strategic-merge-patch+json")
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        _release(self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, {"status": status},
-            _content_type="application/merge-patch+json", _preload_content=False))
+        self.request("PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status", {"status": status},
+                     content_type="application/merge-patch+json")
 
     def post_event(self, ftj: dict[str, Any], kind: str, reason: str, message: str) -> None:
         meta = ftj["metadata"]
@@ -227,21 +229,14 @@ class Kube:
             "count": 1,
         }
         try:
-            _release(self.core.create_namespaced_event(meta["namespace"], event, _preload_content=False))
+            self.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", event)
         except Exception as error:  # an event lost is not worth failing the pass for
             log.warning("cannot post event %s: %s", reason, _short(error))
 
 
-def s3_client(endpoint: str | None, region: str | None, credentials: tuple[str, str] | None) -> Any:
+def s3_client(endpoint: str | None, region: str | None, credentials: tuple[str, str] | None, connections: int = 32) -> Any:
     """kubetune.storage's client, with the job's Secret's credentials when it has one."""
-    return storage.s3_client(endpoint, region, max_pool_connections=16, credentials=credentials)
-
-
-def _release(response: Any) -> None:
-    """Read a raw response to its end so that its connection goes back to the pool: an unread one
-    is dropped, and every write then cost a new connection to the API server."""
-    response.read()
-    response.release_conn()
+    return storage.s3_client(endpoint, region, max_pool_connections=connections, credentials=credentials)
 
 
 def _api_exception() -> type[Exception]:

@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=20.0,
                         help="seconds to keep watching after the last Job; status writes are counted in its second half, "
                              "where the operator's 10 s resync of every job falls (default 20)")
-    parser.add_argument("--workers", type=int, default=None, help="the operator's --workers (default: its own, 8)")
+    parser.add_argument("--workers", type=int, default=None, help="the operator's --workers (default: its own, 32)")
     parser.add_argument("--resync-seconds", type=float, default=None, help="the operator's --resync-seconds (default: its own, 10)")
     parser.add_argument("--state-dir", type=Path, default=ROOT / ".kubetune" / "bench-operator",
                         help="the local cluster's state and the operator's log (default .kubetune/bench-operator)")

@@ -71,29 +71,19 @@ def _kube(**overrides: Any) -> Any:
 def test_a_secret_found_is_reused_for_its_ttl_and_a_missing_one_is_asked_for_on_every_pass(monkeypatch: Any) -> None:
     """Hundreds of jobs share one S3 Secret: it is read once per TTL, not on every pass of each; a
     Secret the user has yet to create is noticed on the next pass."""
-    import json
-
-    from kubernetes.client.exceptions import ApiException
-
     from kubetune.operator import kube as kube_module
 
     existing: dict[str, dict[str, str]] = {}
     reads: list[str] = []
 
-    class Response:
-        def __init__(self, data: dict[str, str]) -> None:
-            self.data = json.dumps({"data": data}).encode()
-
-    class Core:
-        def read_namespaced_secret(self, name: str, namespace: str, **_: Any) -> Response:
-            reads.append(name)
-            if name not in existing:
-                raise ApiException(status=404)
-            return Response(existing[name])
+    def request(method: str, path: str, missing_ok: bool = False, **_: Any) -> dict[str, Any] | None:
+        name = path.rsplit("/", 1)[1]
+        reads.append(name)
+        return {"data": existing[name]} if name in existing else None
 
     clock = [1000.0]
     monkeypatch.setattr(kube_module.time, "monotonic", lambda: clock[0])
-    kube = _kube(core=Core())
+    kube = _kube(request=request)
     assert kube.secret_data("team", "s3") is None
     assert kube.secret_data("team", "s3") is None
     assert reads == ["s3", "s3"]
