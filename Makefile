@@ -12,10 +12,12 @@ help:  ## list the targets
 
 # torch first, pinned: the CPU wheel on disk satisfies the package's `torch>=` range, so pip
 # does not pull several GB of CUDA wheels (see shared/reference/environment.md).
+# --no-compile: pip would byte-compile every file of every package (over a minute on 2 cores);
+# Python compiles the modules it imports on first use instead (a few seconds, once).
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-compile torch==2.13.0
+	$(BIN)/pip install -q --no-compile -e '.[dev]'
 	@touch $(STAMP)
 
 venv: $(STAMP)  ## create .venv with kubetune (editable) and the dev tools
