@@ -234,7 +234,7 @@ class Kube:
             log.warning("cannot post event %s: %s", reason, _short(error))
 
 
-def s3_client(endpoint: str | None, region: str | None, credentials: tuple[str, str] | None, connections: int = 32) -> Any:
+def s3_client(endpoint: str | None, region: str | None, credentials: tuple[str, str] | None, connections: int) -> Any:
     """kubetune.storage's client, with the job's Secret's credentials when it has one."""
     return storage.s3_client(endpoint, region, max_pool_connections=connections, credentials=credentials)
 

@@ -19,5 +19,3 @@ def clone(value: T) -> T:
     if kind is list:
         return [clone(item) for item in value]  # type: ignore[attr-defined, return-value]
     return value
-
-
