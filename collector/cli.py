@@ -115,9 +115,10 @@ def main(argv: Sequence[str], prog: str = "kubetune collect") -> int:
 
 
 def training_command(args: argparse.Namespace, dataset: str) -> list[str]:
-    """`python -m kubetune.launch accelerate launch ... -m kubetune.trainer` with main.py's flags,
-    on the local GPUs (or the CPU), resuming when a checkpoint is there."""
-    from kubetune.run import count_gpus, local_launch_command
+    """`python -m kubetune.launch accelerate launch ... -m kubetune.trainer` with the flags of the
+    original main.py script (training), on the local GPUs (or the CPU), resuming when a checkpoint
+    is there."""
+    from kubetune.launch import count_gpus, local_launch_command
 
     if args.spec:
         raise OneLineError("--train: not with --spec; `kubetune run SPEC` collects and trains a FineTuneJob")

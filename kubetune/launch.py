@@ -5,6 +5,8 @@ trainer pods and `kubetune run` runs it on one machine. One process per GPU; a C
 (gpusPerNode 0) runs one process. `--multi_gpu` whenever there is more than one process in all:
 on a machine without GPUs accelerate then runs gloo (MULTI_CPU), which is what makes two
 "nodes" on one CPU machine work (`--cpu` would silently run a single process).
+`local_launch_command` is that command for this machine (`kubetune run`, `kubetune collect
+--train`), with `count_gpus` and `free_port`.
 
 `python -m kubetune.launch accelerate launch ...` (`supervise`) exists because of two facts
 measured with accelerate 1.15 (tests/trainer/test_resume.py):
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -81,6 +85,34 @@ def _flag_value(args: Sequence[str], flag: str) -> str | None:
         elif arg.startswith(flag + "="):
             value = arg.split("=", 1)[1]
     return value
+
+
+def count_gpus() -> int:
+    """GPUs visible to this process, without importing torch (nvidia-smi, CUDA_VISIBLE_DEVICES)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
+
+
+def local_launch_command(trainer_args: Sequence[str], gpus: int, mixed_precision: str | None = None) -> list[str]:
+    """The trainer on this machine, one node with `gpus` processes (0: one CPU process), under the
+    supervisor, exactly as a trainer pod runs it."""
+    launch = accelerate_launch_command(1, gpus, 0, "127.0.0.1", free_port(), trainer_args,
+                                       mixed_precision=mixed_precision, python=sys.executable)
+    return [sys.executable, "-m", "kubetune.launch", *launch]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def supervise(command: Sequence[str], grace_seconds: int = 600) -> int:

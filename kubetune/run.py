@@ -14,8 +14,6 @@ references in the spec are for clusters), S3 credentials from the usual AWS vari
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -24,7 +22,7 @@ from kubetune.api import layout
 from kubetune.api.load import SpecError, load_finetunejob
 from kubetune.api.models import FineTuneJobSpec
 from kubetune.cli_util import OneLineArgumentParser, OneLineError
-from kubetune.launch import accelerate_launch_command
+from kubetune.launch import count_gpus, local_launch_command
 from kubetune.storage import join
 
 
@@ -102,31 +100,3 @@ def choose_gpus(spec: FineTuneJobSpec, requested: int | None) -> int:
         print(f"kubetune run: {wanted} GPU(s) asked for, {present} present: using {present}"
               + (" (CPU)" if present == 0 else ""), file=sys.stderr)
     return min(wanted, present)
-
-
-def count_gpus() -> int:
-    """GPUs visible to this process, without importing torch (nvidia-smi, CUDA_VISIBLE_DEVICES)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
-    if not shutil.which("nvidia-smi"):
-        return 0
-    try:
-        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
-
-
-def local_launch_command(trainer_args: Sequence[str], gpus: int, mixed_precision: str | None = None) -> list[str]:
-    """The trainer on this machine, one node with `gpus` processes (0: one CPU process), under the
-    supervisor, exactly as a trainer pod runs it."""
-    launch = accelerate_launch_command(1, gpus, 0, "127.0.0.1", free_port(), trainer_args,
-                                       mixed_precision=mixed_precision, python=sys.executable)
-    return [sys.executable, "-m", "kubetune.launch", *launch]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kubetune.run import free_port
+from kubetune.launch import free_port
 
 pytest_plugins = ["kubetune.dev.pytest_plugin"]
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.models import GROUP, PLURAL, VERSION
-from kubetune.run import free_port
+from kubetune.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"

@@ -31,7 +31,7 @@ from kubetune.dev.kubelet import Kubelet
 from kubetune.dev.network import Network
 from kubetune.dev.resources import Registry
 from kubetune.dev.store import Store
-from kubetune.run import free_port
+from kubetune.launch import free_port
 
 log = logging.getLogger("kubetune.dev")
 

@@ -27,7 +27,7 @@ import requests
 from kubetune.api.models import GROUP, VERSION
 from kubetune.dev.cluster import S3_SECRET, ClusterInfo, s3_client_for
 from kubetune.dev.testing import Api
-from kubetune.run import free_port
+from kubetune.launch import free_port
 
 LABEL_JOB = "kubetune.dev/finetunejob"
 IMAGES = 12  # shape images on the image server; the URL list names them all

@@ -10,8 +10,7 @@ from pathlib import Path
 
 from trainer_testkit import REFERENCE_STEPS, core_flags, launch, relative_update_difference
 
-from kubetune.launch import accelerate_launch_command
-from kubetune.run import free_port
+from kubetune.launch import accelerate_launch_command, free_port
 
 # Two processes split each micro-batch that one process computes whole, and DDP averages their
 # gradients: the same arithmetic in another order, equal up to rounding, which AdamW amplifies on
