@@ -10,17 +10,19 @@ STAMP := $(VENV)/.installed-stamp
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-# torch first, pinned: the CPU wheel on disk satisfies the package's `torch>=` range, so pip
-# does not pull several GB of CUDA wheels (see shared/reference/environment.md).
+# torch first, pinned: the CPU wheel already on disk (pip's cache or a local wheel folder)
+# satisfies the package's `torch>=` range, so pip does not pull several GB of CUDA wheels.
+# Then kubetune and its development tools (dev/, the kubetune-dev distribution), both editable:
+# kubetune-dev's `kubetune[...]` requirement is met by the editable kubetune of the same command.
 # --no-compile: pip would byte-compile every file of every package (over a minute on 2 cores);
 # Python compiles the modules it imports on first use instead (a few seconds, once).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml dev/pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --no-compile torch==2.13.0
-	$(BIN)/pip install -q --no-compile -e '.[dev]'
+	$(BIN)/pip install -q --no-compile -e . -e ./dev
 	@touch $(STAMP)
 
-venv: $(STAMP)  ## create .venv with kubetune (editable) and the dev tools
+venv: $(STAMP)  ## create .venv with kubetune and its development tools (dev/), both editable
 
 TOOLS := .tools/bin/helm .tools/bin/kubectl
 $(TOOLS):
@@ -32,7 +34,7 @@ test: $(STAMP) $(TOOLS)  ## run the whole test suite
 	$(BIN)/pytest
 
 lint: $(STAMP)  ## ruff on everything, mypy (strict) on the API package
-	$(BIN)/ruff check kubetune operator trainer collector tests bench
+	$(BIN)/ruff check kubetune operator trainer collector dev tests bench
 	$(BIN)/mypy kubetune/api kubetune/cli.py kubetune/cli_util.py
 
 crds: $(STAMP)  ## regenerate crds/ (and the chart's copy) from kubetune/api/models.py

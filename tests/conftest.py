@@ -9,14 +9,14 @@ import pytest
 
 from kubetune.launch import free_port
 
-pytest_plugins = ["kubetune.dev.pytest_plugin"]
+pytest_plugins = ["kubetune.dev.testing.pytest_plugin"]
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A real S3 HTTP endpoint; code under test reaches it through AWS_ENDPOINT_URL, as it would
     reach MinIO or AWS."""
-    from kubetune.dev.s3server import serve
+    from kubetune.dev.s3.server import serve
 
     port = free_port()
     stop_server = serve("127.0.0.1", port)

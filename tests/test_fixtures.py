@@ -9,7 +9,7 @@ import random
 import pytest
 from PIL import Image, ImageFilter
 
-from kubetune.fixtures.shapes import (
+from kubetune.dev.testing.shapes import (
     BACKGROUNDS,
     COLOURS,
     SHAPES,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune.fixtures.shapes import generate
+from kubetune.dev.testing.shapes import generate
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def image_server() -> Iterator[tuple[str, list[tuple[str, str]]]]:
 
 
 def test_run_collects_then_trains_to_a_loadable_model(tmp_path: Path, image_server: tuple[str, list[tuple[str, str]]]) -> None:
-    from kubetune.fixtures.tiny_sd import build_tiny_pipeline
+    from kubetune.dev.testing.tiny_sd import build_tiny_pipeline
 
     base_url, items = image_server
     model = build_tiny_pipeline(tmp_path / "tiny-sd")

@@ -38,7 +38,7 @@ ANCHOR_VERSION = "img2dataset==1.47.0"
 
 def corpus(count: int, width: int, height: int) -> Path:
     """Generated photos, cached under bench/results (ignored by git)."""
-    from kubetune.fixtures.webapis import photo
+    from kubetune.dev.testing.webapis import photo
 
     folder = RESULTS / f"collector-corpus-{width}x{height}"
     folder.mkdir(parents=True, exist_ok=True)

@@ -70,7 +70,7 @@ def cluster_down(state_dir: Path) -> None:
 
 def start_operator(info: dict[str, Any], namespace: str, log_path: Path, metrics_port: int,
                    extra: list[str]) -> subprocess.Popen[bytes]:
-    from kubetune.dev.cluster import S3_SECRET, ClusterInfo
+    from kubetune.dev.cluster.local import S3_SECRET, ClusterInfo
 
     fields = ClusterInfo.__dataclass_fields__
     cluster = ClusterInfo(**{k: v for k, v in info.items() if k in fields})
@@ -265,7 +265,7 @@ class Burst:
 
 
 def prepare_namespace(info: dict[str, Any], namespace: str) -> None:
-    from kubetune.dev.cluster import S3_SECRET, s3_client_for
+    from kubetune.dev.cluster.local import S3_SECRET, s3_client_for
     from kubetune.dev.testing import Api
 
     api = Api(info["api_url"])

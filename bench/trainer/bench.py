@@ -168,7 +168,7 @@ def ensure_kubetune() -> None:
 
 
 def build_model(work: Path, kind: str) -> Path:
-    from kubetune.fixtures.tiny_sd import build_sd15_pipeline, build_tiny_pipeline
+    from kubetune.dev.testing.tiny_sd import build_sd15_pipeline, build_tiny_pipeline
 
     path = work / f"model-{kind}"
     if not (path / "model_index.json").exists():
@@ -179,7 +179,7 @@ def build_model(work: Path, kind: str) -> Path:
 
 
 def build_dataset(folder: Path, count: int, resolution: int) -> Path:
-    from kubetune.fixtures.shapes import generate
+    from kubetune.dev.testing.shapes import generate
 
     train = folder / "train"
     if (train / "metadata.jsonl").exists() and len((train / "metadata.jsonl").read_text().splitlines()) == count:

@@ -1,6 +1,6 @@
 """The FineTuneJob API: the CRD, the Python models and the examples agree, case for case.
 
-The CRD side is checked as the API server would check it (kubetune.dev.schema: jsonschema on the
+The CRD side is checked as the API server would check it (kubetune.dev.cluster.schema: jsonschema on the
 openAPIV3Schema, cel-python on the x-kubernetes-validations, pruning and defaulting), with unknown
 fields rejected as kubectl's default strict field validation does. The Python side is
 kubetune.api.load, which the operator and every CLI use.
@@ -19,7 +19,7 @@ import yaml
 
 from kubetune.api import crd, load
 from kubetune.api.load import SpecError, load_yaml_documents, parse_finetunejob
-from kubetune.dev.schema import validate_custom_resource
+from kubetune.dev.cluster.schema import validate_custom_resource
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "finetunejob.yaml"

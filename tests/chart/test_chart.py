@@ -374,7 +374,7 @@ def test_helm_test_checks_the_api_and_the_operator(render: Any, values_file: str
 def test_helm_test_finetunejob_is_accepted_by_the_crd(render: Any) -> None:
     """The dry run passes on a cluster only if the job is valid: check it with the same schema and
     CEL rules offline, and with the models every kubetune command uses."""
-    from kubetune.dev.schema import validate_custom_resource
+    from kubetune.dev.cluster.schema import validate_custom_resource
 
     configmap = next(o for o in render().hooks() if o["kind"] == "ConfigMap")
     job = yaml.safe_load(configmap["data"]["finetunejob.yaml"])

@@ -199,7 +199,7 @@ def test_trainer_image_has_accelerate_on_path() -> None:
 
 def test_build_context_leaves_out_local_state() -> None:
     context = build_context()
-    for private in (".venv", ".git", ".tools", "tests", "bench", "demo-output", ".kubetune"):
+    for private in (".venv", ".git", ".tools", "tests", "dev", "bench", "demo-output", ".kubetune"):
         assert not any(p == private or p.startswith(private + "/") for p in context), private
     assert "kubetune/cli.py" in context
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.fixtures.webapis import StandIn
+from kubetune.dev.testing.webapis import StandIn
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from kubetune.fixtures.webapis import Reply, StandIn, photo
+from kubetune.dev.testing.webapis import Reply, StandIn, photo
 
 
 def jpeg_with_orientation(width: int, height: int, seed: int) -> bytes:

@@ -15,7 +15,7 @@ import pytest
 
 from kubetune.api import layout
 from kubetune.api.load import read_spec_arg
-from kubetune.fixtures.webapis import Reply, StandIn, photo
+from kubetune.dev.testing.webapis import Reply, StandIn, photo
 from kubetune.storage import Store
 
 
@@ -212,7 +212,7 @@ def test_unreachable_api_is_retryable(collect: Any, tmp_path: Path, monkeypatch:
 
 
 def test_original_spellings_still_work(collect: Any, server: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kubetune.fixtures.webapis import Unsplash, make_photos
+    from kubetune.dev.testing.webapis import Unsplash, make_photos
 
     monkeypatch.setenv("KUBETUNE_UNSPLASH_API_URL", server.base)
     monkeypatch.setenv("UNSPLASH_ACCESS_KEY", "key")
@@ -231,7 +231,7 @@ def test_original_spellings_still_work(collect: Any, server: StandIn, tmp_path: 
 
 @pytest.mark.slow
 def test_train_true_collects_then_fine_tunes_like_app_py(collect: Any, server: StandIn, tmp_path: Path) -> None:
-    from kubetune.fixtures.tiny_sd import build_tiny_pipeline
+    from kubetune.dev.testing.tiny_sd import build_tiny_pipeline
 
     model = build_tiny_pipeline(tmp_path / "tiny")
     urls = write_jsonl(tmp_path / "urls.jsonl", serve_photos(server, 4))

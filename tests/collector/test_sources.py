@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from kubetune.fixtures.webapis import (
+from kubetune.dev.testing.webapis import (
     GoogleCSE,
     Openverse,
     StandIn,

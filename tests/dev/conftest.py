@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kubetune.dev.cluster import ClusterInfo
+from kubetune.dev.cluster.local import ClusterInfo
 from kubetune.dev.testing import Api
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.dev.cluster import ClusterInfo
+from kubetune.dev.cluster.local import ClusterInfo
 from kubetune.dev.testing import Api, wait_for
 
 REPO = Path(__file__).resolve().parents[2]

@@ -25,7 +25,7 @@ import pytest
 import requests
 
 from kubetune.api.models import GROUP, VERSION
-from kubetune.dev.cluster import S3_SECRET, ClusterInfo, s3_client_for
+from kubetune.dev.cluster.local import S3_SECRET, ClusterInfo, s3_client_for
 from kubetune.dev.testing import Api
 from kubetune.launch import free_port
 
@@ -35,7 +35,7 @@ IMAGES = 12  # shape images on the image server; the URL list names them all
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kubetune.fixtures.tiny_sd import build_tiny_pipeline
+    from kubetune.dev.testing.tiny_sd import build_tiny_pipeline
 
     return Path(build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd") / "tiny-sd"))
 
@@ -227,7 +227,7 @@ class E2E:
 @pytest.fixture(scope="module")
 def e2e(local_cluster: ClusterInfo, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory,
         request: pytest.FixtureRequest) -> Iterator[E2E]:
-    from kubetune.fixtures.shapes import generate
+    from kubetune.dev.testing.shapes import generate
 
     stem = request.module.__name__.rsplit(".", 1)[-1].replace("_", "-")[:30]
     namespace = f"{stem}-{uuid.uuid4().hex[:5]}"

@@ -15,7 +15,7 @@ from trainer_testkit import REFERENCE_STEPS, core_flags, train, write_imagefolde
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kubetune.fixtures.tiny_sd import build_tiny_pipeline
+    from kubetune.dev.testing.tiny_sd import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 

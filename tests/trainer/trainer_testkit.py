@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def write_imagefolder(folder: Path, count: int, size: int = 48, extra: dict[str, Any] | None = None) -> Path:
     """`folder/train/metadata.jsonl` + JPEGs of coloured shapes, with license/source columns."""
-    from kubetune.fixtures.shapes import generate
+    from kubetune.dev.testing.shapes import generate
 
     train = folder / "train"
     train.mkdir(parents=True, exist_ok=True)

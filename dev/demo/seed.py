@@ -10,16 +10,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kubetune.dev.cluster import ClusterInfo, s3_client_for
+from kubetune.dev.cluster.local import ClusterInfo, s3_client_for
 
-log = logging.getLogger("kubetune.dev.seed")
+log = logging.getLogger("kubetune.dev.demo.seed")
 URL_LIST_KEY = "datasets/shapes.jsonl"
 MODEL_PREFIX = "models/tiny-sd/"
 
 
 def seed_images(info: ClusterInfo, count: int = 48) -> str:
     """Generated captioned shapes on the image server, listed in s3://<bucket>/datasets/shapes.jsonl."""
-    from kubetune.fixtures.shapes import generate
+    from kubetune.dev.testing.shapes import generate
 
     folder = Path(info.state_dir) / "images"
     folder.mkdir(parents=True, exist_ok=True)
@@ -53,7 +53,7 @@ def tiny_model_dir(cache_dir: Path, vae_steps: int | None = None) -> Path:
 
 def tiny_model(cache_dir: Path, vae_steps: int | None = None) -> Path:
     """A local tiny SD pipeline whose VAE is pre-trained on shapes, built once per settings."""
-    from kubetune.fixtures.tiny_sd import build_tiny_pipeline, pretrain_vae
+    from kubetune.dev.testing.tiny_sd import build_tiny_pipeline, pretrain_vae
 
     settings = vae_pretraining(vae_steps)
     root = tiny_model_dir(cache_dir, vae_steps)
@@ -73,7 +73,7 @@ def seed_model(info: ClusterInfo, cache_dir: Path | None = None) -> str | None:
     try:
         root = tiny_model(cache_dir or Path(info.state_dir).parent / "cache")
     except ImportError:
-        log.warning("kubetune.fixtures.tiny_sd is not available; models/tiny-sd/ is not seeded")
+        log.warning("kubetune.dev.testing.tiny_sd is not available; models/tiny-sd/ is not seeded")
         return None
     client = s3_client_for(info.s3_endpoint)
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
@@ -84,7 +84,7 @@ def seed_model(info: ClusterInfo, cache_dir: Path | None = None) -> str | None:
 def write_fixtures(folder: Path, vae_steps: int | None = None, images: int = 48) -> tuple[Path, Path]:
     """`kubetune dev fixtures`: the tiny model and a captioned-shapes imagefolder in `folder`, for
     `kubetune run examples/local.yaml` on a machine with no cluster and no S3."""
-    from kubetune.fixtures.shapes import generate
+    from kubetune.dev.testing.shapes import generate
 
     model = folder / "tiny-sd"
     if not (model / "model_index.json").exists():

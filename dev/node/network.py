@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-log = logging.getLogger("kubetune.dev.network")
+log = logging.getLogger("kubetune.dev.node.network")
 
 
 @dataclass

@@ -33,13 +33,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kubetune.dev.controllers import NODE_NAME, PODS, has_condition, record_event, set_condition
-from kubetune.dev.errors import ApiError
-from kubetune.dev.jsoncopy import clone
-from kubetune.dev.network import Network, Sandbox
-from kubetune.dev.store import Obj, Store, timestamp
+from kubetune.dev.cluster.errors import ApiError
+from kubetune.dev.cluster.jsoncopy import clone
+from kubetune.dev.cluster.status import NODE_NAME, PODS, record_event, set_condition
+from kubetune.dev.cluster.store import Obj, Store, timestamp
+from kubetune.dev.node.network import Network, Sandbox
 
-log = logging.getLogger("kubetune.dev.kubelet")
+log = logging.getLogger("kubetune.dev.node.kubelet")
 MAX_LOG_LINES = 100_000
 
 
@@ -544,7 +544,7 @@ class Kubelet:
         spec_file.touch(mode=0o600)
         spec_file.write_text(json.dumps({"argv": argv, "env": env, "cwd": cwd, "hostname": hostname, "binds": binds,
                                          "image": self.image_paths}))
-        command = self.network.wrap(sandbox, [sys.executable, "-m", "kubetune.dev.podinit", str(spec_file)])
+        command = self.network.wrap(sandbox, [sys.executable, "-m", "kubetune.dev.node.podinit", str(spec_file)])
         if c.ever_started:
             c.previous_logs, c.logs = c.logs, []
         started_at = timestamp()
@@ -679,4 +679,4 @@ class Kubelet:
         self.pods.clear()
 
 
-__all__ = ["Kubelet", "expand", "has_condition"]
+__all__ = ["Kubelet", "expand"]

@@ -26,7 +26,7 @@ from typing import Any
 
 import jsonschema
 
-from kubetune.dev.jsoncopy import clone
+from kubetune.dev.cluster.jsoncopy import clone
 
 ROOT_FIELDS = ("apiVersion", "kind", "metadata")
 

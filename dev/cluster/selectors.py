@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from kubetune.dev.errors import ApiError
+from kubetune.dev.cluster.errors import ApiError
 
 Predicate = Callable[[dict[str, Any]], bool]
 

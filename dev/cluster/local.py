@@ -25,12 +25,12 @@ import requests
 import yaml
 from aiohttp import web
 
-from kubetune.dev.apiserver import ApiServer
-from kubetune.dev.controllers import Controllers
-from kubetune.dev.kubelet import Kubelet
-from kubetune.dev.network import Network
-from kubetune.dev.resources import Registry
-from kubetune.dev.store import Store
+from kubetune.dev.cluster.apiserver import ApiServer
+from kubetune.dev.cluster.resources import Registry
+from kubetune.dev.cluster.store import Store
+from kubetune.dev.controllers.manager import Controllers
+from kubetune.dev.node.kubelet import Kubelet
+from kubetune.dev.node.network import Network
 from kubetune.launch import free_port
 
 log = logging.getLogger("kubetune.dev")
@@ -201,7 +201,7 @@ class LocalCluster:
         interpreter lock with the API server."""
         port = free_port(self.network.host_ip)
         with open(self.state_dir / "s3.log", "ab") as log_file:
-            process = subprocess.Popen([sys.executable, "-m", "kubetune.dev.s3server", self.network.host_ip, str(port)],
+            process = subprocess.Popen([sys.executable, "-m", "kubetune.dev.s3.server", self.network.host_ip, str(port)],
                                        stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
         self._s3_servers.append(process)
         deadline = time.monotonic() + 60

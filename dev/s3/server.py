@@ -1,6 +1,6 @@
 """The local cluster's S3: moto's S3 application behind waitress, in a process of its own.
 
-    python -m kubetune.dev.s3server HOST PORT
+    python -m kubetune.dev.s3.server HOST PORT
 
 moto's own server (werkzeug's development server) answers every request with `Connection: close`,
 so each S3 call of every client paid a new TCP connection and a new server thread; S3, MinIO and

@@ -10,11 +10,11 @@ import base64
 import random
 from typing import TYPE_CHECKING, Any
 
-from kubetune.dev.errors import ApiError, invalid
-from kubetune.dev.resources import ResourceType
+from kubetune.dev.cluster.errors import ApiError, invalid
+from kubetune.dev.cluster.resources import ResourceType
 
 if TYPE_CHECKING:
-    from kubetune.dev.store import Store
+    from kubetune.dev.cluster.store import Store
 
 Obj = dict[str, Any]
 

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from kubetune.dev import builtins
-from kubetune.dev.errors import ApiError, already_exists, conflict, invalid, not_found
-from kubetune.dev.jsoncopy import clone
-from kubetune.dev.patch import json_patch, merge_patch, strategic_merge_patch
-from kubetune.dev.resources import Registry, ResourceType
+from kubetune.dev.cluster import builtins
+from kubetune.dev.cluster.errors import ApiError, already_exists, conflict, invalid, not_found
+from kubetune.dev.cluster.jsoncopy import clone
+from kubetune.dev.cluster.patch import json_patch, merge_patch, strategic_merge_patch
+from kubetune.dev.cluster.resources import Registry, ResourceType
 
 Obj = dict[str, Any]
 Key = tuple[str, str]  # (group, plural)
@@ -226,7 +226,7 @@ class Store:
         return []
 
     def _admit_custom(self, rt: ResourceType, obj: Obj, old: Obj | None, field_validation: str) -> list[str]:
-        from kubetune.dev import schema  # the lead's structural-schema validator
+        from kubetune.dev.cluster import schema  # the lead's structural-schema validator
 
         result = schema.validate_custom_resource(rt.schema or {}, obj, old)
         name = obj["metadata"]["name"]

@@ -21,7 +21,7 @@ from typing import Any
 
 from kubetune.api.load import load_yaml_documents
 from kubetune.api.models import GROUP, PLURAL, VERSION
-from kubetune.dev.seed import tiny_model_dir
+from kubetune.dev.demo.seed import tiny_model_dir
 from kubetune.storage import StorageError, Store
 
 REPO = Path(__file__).resolve().parents[2]
@@ -158,12 +158,12 @@ def copy_results(obj: dict[str, Any], info: dict[str, Any], output: Path) -> Non
 
 def score_samples(store: Store, folder: str) -> str:
     """"backgrounds 4/4, colours 4/4, shapes 3/4": how many of a step's samples show what their
-    prompts name (kubetune.fixtures.shapes.score_sample); empty for prompts that are not shapes'."""
+    prompts name (kubetune.dev.testing.shapes.score_sample); empty for prompts that are not shapes'."""
     import io
 
     from PIL import Image
 
-    from kubetune.fixtures.shapes import score_sample
+    from kubetune.dev.testing.shapes import score_sample
 
     try:
         texts = store.read_json(f"{folder}/prompts.json")

@@ -11,7 +11,7 @@ import re
 from datetime import datetime, timezone
 from typing import Any
 
-from kubetune.dev.resources import ResourceType
+from kubetune.dev.cluster.resources import ResourceType
 
 Obj = dict[str, Any]
 

@@ -50,7 +50,7 @@ def _parser(prog: str) -> OneLineArgumentParser:
 def main(argv: Sequence[str], prog: str = "kubetune dev") -> int:
     args = _parser(prog).parse_args(list(argv))
     if args.action == "fixtures":
-        from kubetune.dev.seed import write_fixtures
+        from kubetune.dev.demo.seed import write_fixtures
 
         model, data = write_fixtures(args.folder, args.vae_steps)
         print(f"tiny model: {model}\nimagefolder: {data}")
@@ -165,7 +165,7 @@ def down(state_dir: Path) -> int:
 
 
 def serve(state_dir: Path, args: object) -> int:
-    from kubetune.dev.cluster import LocalCluster
+    from kubetune.dev.cluster.local import LocalCluster
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
@@ -178,12 +178,12 @@ def serve(state_dir: Path, args: object) -> int:
         document: dict[str, object] = json.loads(info.to_json())
         document["pid"] = os.getpid()
         _write_info(state_dir, document)
-        from kubetune.dev import seed
+        from kubetune.dev.demo import seed
 
         seeded = [seed.seed_images(info)]
         if not args.no_model:  # type: ignore[attr-defined]
             model = seed.seed_model(info)
-            seeded.append(model or "models/tiny-sd/ skipped: kubetune.fixtures.tiny_sd is not available")
+            seeded.append(model or "models/tiny-sd/ skipped: kubetune.dev.testing.tiny_sd is not available")
         document["seeded"] = seeded
         document["operator"] = "skipped (--no-operator)"
         if not args.no_operator:  # type: ignore[attr-defined]

@@ -16,8 +16,8 @@ from typing import Any
 
 import jsonpatch
 
-from kubetune.dev.errors import ApiError
-from kubetune.dev.jsoncopy import clone
+from kubetune.dev.cluster.errors import ApiError
+from kubetune.dev.cluster.jsoncopy import clone
 
 # field name -> merge key, from the built-in types' `patchMergeKey` tags (k8s.io/api).
 MERGE_KEYS: dict[str, str] = {

@@ -1,5 +1,9 @@
 """Test helpers for code that runs against the local cluster: a thin HTTP client, a poller,
-Job manifests and condition lookup (used by tests/dev and the operator's end-to-end tests)."""
+Job manifests and condition lookup (used by tests/dev and the operator's end-to-end tests).
+
+Beside them: `pytest_plugin` (the local cluster and S3 as pytest fixtures) and the offline
+fixtures for tests, benchmarks and the demo: `shapes` (captioned generated images), `tiny_sd` (a
+tiny Stable Diffusion pipeline) and `webapis` (stand-ins for the image search APIs)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """A container's first process: enter the pod's private namespaces, then exec the command.
 
-The kubelet runs `[ip netns exec <pod-netns>] python -m kubetune.dev.podinit SPEC_FILE`; this
+The kubelet runs `[ip netns exec <pod-netns>] python -m kubetune.dev.node.podinit SPEC_FILE`; this
 module (stdlib only, so it starts fast) unshares a mount and a UTS namespace where it may, sets the
 pod's hostname, bind-mounts the pod's hosts file over /etc/hosts (host mode; `ip netns exec` does it
 in netns mode) and each volume over its mountPath, then replaces itself with the container's

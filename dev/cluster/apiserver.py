@@ -23,14 +23,15 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from aiohttp import web
 
-from kubetune.dev.errors import ApiError, not_found
-from kubetune.dev.resources import Registry, ResourceType
-from kubetune.dev.selectors import field_selector, label_selector
-from kubetune.dev.store import Store, Watcher
-from kubetune.dev.tables import to_table
+from kubetune.dev.cluster.errors import ApiError, not_found
+from kubetune.dev.cluster.resources import Registry, ResourceType
+from kubetune.dev.cluster.selectors import field_selector, label_selector
+from kubetune.dev.cluster.status import set_condition
+from kubetune.dev.cluster.store import Store, Watcher
+from kubetune.dev.cluster.tables import to_table
 
 if TYPE_CHECKING:
-    from kubetune.dev.kubelet import Kubelet
+    from kubetune.dev.node.kubelet import Kubelet
 
 Obj = dict[str, Any]
 KUBERNETES_VERSION = {"major": "1", "minor": "37", "gitVersion": "v1.37.0-kubetune-dev", "gitCommit": "",
@@ -366,8 +367,6 @@ class ApiServer:
         """The Eviction API: mark the pod with the DisruptionTarget condition, then delete it."""
         body = await self._body(request)
         pod = self.store.get(rt, namespace, name)
-        from kubetune.dev.controllers import set_condition
-
         if not pod["metadata"].get("deletionTimestamp"):
             set_condition(pod.setdefault("status", {}), "DisruptionTarget", "True", "EvictionByEvictionAPI", "Eviction API: evicting")
             self.store.internal_write(rt.key, pod)

@@ -1,5 +1,5 @@
-"""The control plane's controllers: Job, garbage collector, namespace lifecycle, CRD lifecycle,
-TTL-after-finished, and the event recorder they share.
+"""The control plane's controllers: Job, garbage collector, namespace lifecycle, CRD lifecycle and
+TTL-after-finished (the conditions and events they write: kubetune.dev.cluster.status).
 
 They run on the API server's loop and act on the store the way kube-controller-manager acts
 through the API: every change is a normal write (watchers see it, resourceVersions move). Each
@@ -19,77 +19,20 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 
-from kubetune.dev.builtins import CRD_CLEANUP_FINALIZER, JOB_TRACKING_FINALIZER
-from kubetune.dev.errors import ApiError
-from kubetune.dev.jsoncopy import clone
-from kubetune.dev.resources import Registry, ResourceType
-from kubetune.dev.store import Key, Obj, Store, parse_time, timestamp
+from kubetune.dev.cluster.builtins import CRD_CLEANUP_FINALIZER, JOB_TRACKING_FINALIZER
+from kubetune.dev.cluster.errors import ApiError
+from kubetune.dev.cluster.jsoncopy import clone
+from kubetune.dev.cluster.resources import Registry, ResourceType
+from kubetune.dev.cluster.status import PODS, has_condition, record_event, set_condition
+from kubetune.dev.cluster.store import Key, Obj, Store, parse_time, timestamp
 
-log = logging.getLogger("kubetune.dev.controllers")
+log = logging.getLogger("kubetune.dev.controllers.manager")
 
-PODS: Key = ("", "pods")
 JOBS: Key = ("batch", "jobs")
 NAMESPACES: Key = ("", "namespaces")
 CRDS: Key = ("apiextensions.k8s.io", "customresourcedefinitions")
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
-NODE_NAME = "kubetune-dev"
-
-
-def set_condition(status: Obj, ctype: str, value: str, reason: str, message: str) -> bool:
-    """Add or update a condition keyed by type; lastTransitionTime moves only when status changes."""
-    conditions = status.setdefault("conditions", [])
-    for condition in conditions:
-        if condition["type"] == ctype:
-            if condition["status"] == value and condition.get("reason") == reason:
-                return False
-            if condition["status"] != value:
-                condition["lastTransitionTime"] = timestamp()
-            condition.update(status=value, reason=reason, message=message, lastProbeTime=condition.get("lastProbeTime"))
-            return True
-    conditions.append({"type": ctype, "status": value, "reason": reason, "message": message,
-                       "lastProbeTime": None, "lastTransitionTime": timestamp()})
-    return True
-
-
-def has_condition(obj: Obj, ctype: str) -> bool:
-    return any(c["type"] == ctype and c["status"] == "True" for c in (obj.get("status") or {}).get("conditions") or [])
-
-
-def record_event(store: Store, involved: Obj, reason: str, message: str, event_type: str = "Normal",
-                 component: str = "job-controller") -> None:
-    """A core/v1 Event about `involved`, aggregated by (object, reason, message) like the recorder."""
-    rt = store.registry.get("", "v1", "events")
-    assert rt is not None
-    meta = involved["metadata"]
-    namespace = meta.get("namespace") or "default"
-    # Like client-go's event correlator, the recorder remembers its own events (not a scan of all).
-    key = (namespace, meta.get("uid"), reason, message)
-    recorded = store.recorded_events.get(key)
-    event = store.find(rt.key, namespace, recorded) if recorded else None
-    if event is not None:
-        event = clone(event)
-        event["count"] = int(event.get("count", 1)) + 1
-        event["lastTimestamp"] = timestamp()
-        store.internal_write(rt.key, event)
-        return
-    stamp = timestamp()
-    body = {
-        "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": namespace},
-        "involvedObject": {"kind": involved.get("kind"), "namespace": meta.get("namespace"), "name": meta["name"],
-                           "uid": meta.get("uid"), "apiVersion": involved.get("apiVersion"),
-                           "resourceVersion": meta.get("resourceVersion")},
-        "reason": reason, "message": message, "type": event_type, "count": 1,
-        "firstTimestamp": stamp, "lastTimestamp": stamp, "eventTime": None,
-        "source": {"component": component, **({"host": NODE_NAME} if component == "kubelet" else {})},
-        "reportingComponent": component, "reportingInstance": NODE_NAME if component == "kubelet" else "",
-    }
-    with contextlib.suppress(ApiError):  # the namespace is going away; real recorders drop such events too
-        store.create(rt, namespace, body)
-        if len(store.recorded_events) > 50_000:
-            store.recorded_events.clear()
-        store.recorded_events[key] = body["metadata"]["name"]
 
 
 class Controllers:

@@ -1,6 +1,6 @@
 """pytest fixtures that give tests the local cluster.
 
-    pytest_plugins = ["kubetune.dev.pytest_plugin"]
+    pytest_plugins = ["kubetune.dev.testing.pytest_plugin"]
 
     def test_something(local_cluster, k8s_namespace):
         api = kubernetes.client.CoreV1Api(local_cluster.api_client())
@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.dev.cluster import ClusterInfo, LocalCluster
+from kubetune.dev.cluster.local import ClusterInfo, LocalCluster
 
 TEST_BACKOFF = 0.5
 

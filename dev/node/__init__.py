@@ -1,0 +1,1 @@
+"""The local cluster's node: the kubelet, the pods' init process, and pod networking."""
