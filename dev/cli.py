@@ -209,11 +209,7 @@ def _write_info(state_dir: Path, document: dict[str, object]) -> None:
     temporary.replace(state_dir / "cluster.json")
 
 
-def _start_operator(state_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes] | None, str]:
-    from kubetune.cli import COMMANDS
-
-    if "operator" not in COMMANDS:
-        return None, "skipped: `kubetune operator` is not available in this build"
+def _start_operator(state_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     log_path = state_dir / "operator.log"
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(

@@ -1,9 +1,9 @@
 """The HTTP face of the local cluster: a Kubernetes API on aiohttp.
 
 Why not kmock: kmock 0.8 lacks server metadata, PUT, selectors, watch from a resourceVersion,
-Table output, OpenAPI v3 and status isolation (see environment.md), and its internals are not a
-stable API; adding all of that around it would leave two state models. A small aiohttp server over
-our own store (store.py) implements exactly the documented behaviour and nothing else.
+Table output, OpenAPI v3 and status isolation, and its internals are not a stable API; adding all
+of that around it would leave two state models. A small aiohttp server over our own store
+(store.py) implements exactly the documented behaviour and nothing else.
 
 Routes: discovery (/api, /apis, groups), /version, /openapi/v3 (kubectl's server-side field
 validation probe), CRUD + watch + deletecollection on every registered resource, the status

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import base64
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from kubetune.dev.cluster.errors import ApiError, invalid
+from kubetune.dev.cluster.errors import invalid
 from kubetune.dev.cluster.resources import ResourceType
-
-if TYPE_CHECKING:
-    from kubetune.dev.cluster.store import Store
 
 Obj = dict[str, Any]
 
@@ -36,17 +33,17 @@ def grace_period(rt: ResourceType, obj: Obj, requested: Any) -> int:
     return 1 if spec_grace == 0 else int(spec_grace)
 
 
-def admit(store: Store, rt: ResourceType, obj: Obj, old: Obj | None, subresource: str = "") -> None:
+def admit(rt: ResourceType, obj: Obj, old: Obj | None, subresource: str = "") -> None:
     handler = _HANDLERS.get(rt.key)
     if handler is not None and subresource != "status":
-        handler(store, rt, obj, old)
+        handler(rt, obj, old)
 
 
 def _fail(rt: ResourceType, obj: Obj, field: str, reason: str, message: str) -> None:
     raise invalid(rt.kind, rt.group, obj["metadata"].get("name", ""), [(field, reason, f"{field}: {message}")])
 
 
-def _namespace(store: Store, rt: ResourceType, obj: Obj, old: Obj | None) -> None:
+def _namespace(rt: ResourceType, obj: Obj, old: Obj | None) -> None:
     obj.setdefault("metadata", {}).setdefault("labels", {})["kubernetes.io/metadata.name"] = obj["metadata"]["name"]
     if old is None:
         obj["spec"] = {"finalizers": ["kubernetes"]}
@@ -76,7 +73,7 @@ def default_pod_spec(spec: Obj) -> None:
             port.setdefault("protocol", "TCP")
 
 
-def _pod(store: Store, rt: ResourceType, obj: Obj, old: Obj | None) -> None:
+def _pod(rt: ResourceType, obj: Obj, old: Obj | None) -> None:
     spec = obj.setdefault("spec", {})
     if old is not None:
         comparable_new = {**spec, "containers": [{**c, "image": ""} for c in spec.get("containers") or []]}
@@ -109,7 +106,7 @@ def _pod(store: Store, rt: ResourceType, obj: Obj, old: Obj | None) -> None:
     obj["status"] = {"phase": "Pending", "qosClass": "BestEffort"}
 
 
-def _job(store: Store, rt: ResourceType, obj: Obj, old: Obj | None) -> None:
+def _job(rt: ResourceType, obj: Obj, old: Obj | None) -> None:
     spec = obj.setdefault("spec", {})
     meta = obj["metadata"]
     if old is not None:
@@ -153,7 +150,7 @@ def _job(store: Store, rt: ResourceType, obj: Obj, old: Obj | None) -> None:
     obj["status"] = {}
 
 
-def _service(store: Store, rt: ResourceType, obj: Obj, old: Obj | None) -> None:
+def _service(rt: ResourceType, obj: Obj, old: Obj | None) -> None:
     spec = obj.setdefault("spec", {})
     if old is not None:
         spec.setdefault("clusterIP", old["spec"].get("clusterIP"))
@@ -174,7 +171,7 @@ def _service(store: Store, rt: ResourceType, obj: Obj, old: Obj | None) -> None:
     obj.setdefault("status", {"loadBalancer": {}})
 
 
-def _secret(store: Store, rt: ResourceType, obj: Obj, old: Obj | None) -> None:
+def _secret(rt: ResourceType, obj: Obj, old: Obj | None) -> None:
     obj.setdefault("type", "Opaque")
     string_data = obj.pop("stringData", None) or {}
     data = obj.setdefault("data", {}) or {}
@@ -190,14 +187,14 @@ def _secret(store: Store, rt: ResourceType, obj: Obj, old: Obj | None) -> None:
         _fail(rt, obj, "type", "FieldValueInvalid", f'Invalid value: "{obj["type"]}": field is immutable')
 
 
-def _event(store: Store, rt: ResourceType, obj: Obj, old: Obj | None) -> None:
+def _event(rt: ResourceType, obj: Obj, old: Obj | None) -> None:
     if rt.group == "":
         obj.setdefault("count", 1)
         obj.setdefault("type", "Normal")
         obj.setdefault("source", {})
 
 
-def _crd(store: Store, rt: ResourceType, obj: Obj, old: Obj | None) -> None:
+def _crd(rt: ResourceType, obj: Obj, old: Obj | None) -> None:
     spec = obj.get("spec") or {}
     names = spec.get("names") or {}
     name = obj["metadata"]["name"]
@@ -236,7 +233,3 @@ _HANDLERS = {
     ("", "events"): _event,
     ("apiextensions.k8s.io", "customresourcedefinitions"): _crd,
 }
-
-
-def bad_request(message: str) -> ApiError:
-    return ApiError(400, "BadRequest", message)

@@ -266,9 +266,3 @@ def _cel_errors(schema: dict[str, Any], value: Any, old: Any, path: str) -> list
         for index, item in enumerate(value):
             errors += _cel_errors(schema["items"], item, None, _join(path, index))
     return errors
-
-
-def invalid_message(kind: str, group: str, name: str, errors: list[FieldError]) -> str:
-    """The API server's 422 message: `FineTuneJob.kubetune.dev "x" is invalid: [a, b]`."""
-    listed = errors[0].message if len(errors) == 1 else "[" + ", ".join(e.message for e in errors) + "]"
-    return f'{kind}.{group} "{name}" is invalid: {listed}'

@@ -63,22 +63,6 @@ def label_selector(text: str | None) -> Predicate:
     return lambda obj: all(req(obj.get("metadata", {}).get("labels") or {}) for req in requirements)
 
 
-def match_labels(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
-    """A LabelSelector object (matchLabels + matchExpressions), as used in Job.spec.selector."""
-    if not selector:
-        return False
-    for key, value in (selector.get("matchLabels") or {}).items():
-        if labels.get(key) != value:
-            return False
-    for expr in selector.get("matchExpressions") or []:
-        key, op, values = expr["key"], expr["operator"], set(expr.get("values") or [])
-        if (op == "In" and labels.get(key) not in values) or (op == "NotIn" and labels.get(key) in values):
-            return False
-        if (op == "Exists" and key not in labels) or (op == "DoesNotExist" and key in labels):
-            return False
-    return True
-
-
 # Fields each kind may be selected on (besides metadata.name and metadata.namespace).
 FIELDS: dict[tuple[str, str], set[str]] = {
     ("", "pods"): {"spec.nodeName", "spec.restartPolicy", "spec.schedulerName", "spec.serviceAccountName",

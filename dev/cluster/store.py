@@ -222,11 +222,13 @@ class Store:
         """Defaulting and validation: built-in rules, or the CRD's structural schema."""
         if rt.is_custom:
             return self._admit_custom(rt, obj, old, field_validation) if rt.schema is not None else []
-        builtins.admit(self, rt, obj, old, subresource)
+        builtins.admit(rt, obj, old, subresource)
         return []
 
     def _admit_custom(self, rt: ResourceType, obj: Obj, old: Obj | None, field_validation: str) -> list[str]:
-        from kubetune.dev.cluster import schema  # the lead's structural-schema validator
+        # CRD structural schemas (jsonschema + CEL); imported on first use, as most stores never
+        # see a custom resource and jsonschema takes 0.2 s to import.
+        from kubetune.dev.cluster import schema
 
         result = schema.validate_custom_resource(rt.schema or {}, obj, old)
         name = obj["metadata"]["name"]
