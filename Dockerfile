@@ -7,7 +7,8 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # --- build: the kubetune wheel and wheels of all its dependencies ------------------------------
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
-# Only what the wheel is built from (pyproject's package-dir maps these folders into kubetune.*).
+# Only what the wheel is built from: the symlinks kubetune/operator, kubetune/trainer and
+# kubetune/collector point at the folders beside it (see pyproject). Never dev/ or tests/.
 COPY pyproject.toml README.md ./
 COPY kubetune/ kubetune/
 COPY operator/ operator/

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import kubetune
 
@@ -23,6 +24,17 @@ def test_version() -> None:
     result = run("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"kubetune {kubetune.__version__}"
+
+
+def test_the_installed_command_works_from_any_folder(tmp_path: Path) -> None:
+    # Outside the checkout: kubetune/__init__.py still runs (no `kubetune` namespace portion, such as
+    # the editable kubetune-dev installs, may win over the package), and the development tools load.
+    kubetune_command = Path(sys.executable).parent / "kubetune"
+    result = subprocess.run([kubetune_command, "--version"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == f"kubetune {kubetune.__version__}", result.stderr
+    code = "import kubetune, kubetune.dev.cli, kubetune.operator.kube, kubetune.trainer, kubetune.collector; print(kubetune.__version__)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == kubetune.__version__, result.stderr
 
 
 def test_unknown_subcommand_is_one_line_error() -> None:
@@ -48,12 +60,18 @@ def test_unknown_flag_of_a_subcommand_is_one_line_error() -> None:
 
 
 def test_bare_operator_is_still_the_standard_library() -> None:
-    # operator/ is kubetune.operator; it must never shadow Python's own `operator` module.
-    from pathlib import Path
-
+    # operator/ is kubetune.operator; it must never shadow Python's own `operator` module, not even
+    # for a Python started in the repository root (the current folder comes first on sys.path).
+    # `collections` imports `operator` and uses it at once.
     repo = Path(__file__).resolve().parents[1]
-    code = "import operator, kubetune.operator as k; print(operator.__file__); print(k.__name__)"
+    code = ("import collections, operator, kubetune.operator.kube as k; operator.eq;"
+            " print(operator.__file__); print(k.__name__)")
     result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
     stdlib_file, name = result.stdout.split()
     assert "site-packages" not in stdlib_file and not stdlib_file.startswith(str(repo))
-    assert name == "kubetune.operator"
+    assert name == "kubetune.operator.kube"
+    # Without site (no .pth file importing `operator` early) a shadowing operator/__init__.py wins.
+    bare = "import collections, operator; operator.eq; print(operator.__file__)"
+    result = subprocess.run([sys.executable, "-S", "-c", bare], cwd=repo, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert not result.stdout.startswith(str(repo))

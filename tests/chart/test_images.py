@@ -116,7 +116,12 @@ def test_copied_files_exist_and_are_in_the_build_context(name: str) -> None:
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_the_wheel_gets_everything_it_is_built_from(name: str) -> None:
     copied = {s.rstrip("/") for c in stages(parse(name))[0] if c.cmd == "COPY" for s in c.value[:-1]}
-    package_dirs = set(PYPROJECT["tool"]["setuptools"]["package-dir"].values())
+    setuptools = PYPROJECT["tool"]["setuptools"]
+    root = REPO / setuptools["package-dir"][""]
+    # kubetune/operator, kubetune/trainer and kubetune/collector are symlinks to the component
+    # folders (see pyproject): what they point at is built from too.
+    package_dirs = {(root / p.replace(".", "/")).resolve().relative_to(REPO).parts[0] for p in setuptools["packages"]}
+    assert package_dirs == {"kubetune", "operator", "trainer", "collector"}
     assert package_dirs <= copied, f"{name} does not copy {package_dirs - copied}"
     assert {"pyproject.toml", PYPROJECT["project"]["readme"]} <= copied
 
