@@ -20,6 +20,7 @@ from kubetune.cli_util import OneLineArgumentParser, OneLineError
 class Command:
     entry: str  # "module:function"; the function takes (argv, prog) and returns an exit code
     help: str
+    missing: str | None = None  # the error when the entry's package is not installed (optional parts)
 
 
 # Subcommand -> the module whose main(argv) runs it. Only commands that exist are listed here.
@@ -29,7 +30,10 @@ COMMANDS: dict[str, Command] = {
     "train": Command("kubetune.trainer.cli:main", "fine-tune a Stable Diffusion model (drop-in for diffusers' train_text_to_image.py)"),
     "collect": Command("kubetune.collector.cli:main", "build a captioned image dataset (imagefolder) locally or in S3"),
     "operator": Command("kubetune.operator.cli:main", "run the FineTuneJob operator"),
-    "dev": Command("kubetune.dev.cli:main", "run a local Kubernetes stand-in with S3 (up, status, down)"),
+    # The development tools are their own distribution (dev/, kubetune-dev): in a checkout, not in images.
+    "dev": Command("kubetune.dev.cli:main", "run a local Kubernetes stand-in with S3 (up, status, down, fixtures)",
+                   missing="the development tools are not installed: from a kubetune checkout run "
+                           "'make venv' (or pip install -e ./dev)"),
     "run": Command("kubetune.run:main", "run a FineTuneJob on this machine, no cluster: collect, then train"),
 }
 
@@ -58,8 +62,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
         parser.error(f"unknown command '{name}' (choose from {', '.join(COMMANDS)})")
-    module_name, function_name = COMMANDS[name].entry.split(":")
-    run = getattr(importlib.import_module(module_name), function_name)
+    command = COMMANDS[name]
+    module_name, function_name = command.entry.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        missing = error.name or ""
+        if command.missing is None or not (module_name == missing or module_name.startswith(missing + ".")):
+            raise
+        print(f"kubetune {name}: error: {command.missing}", file=sys.stderr)
+        return 2
+    run = getattr(module, function_name)
     try:
         return int(run(rest, prog=f"kubetune {name}") or 0)
     except OneLineError as error:

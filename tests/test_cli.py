@@ -75,3 +75,14 @@ def test_bare_operator_is_still_the_standard_library() -> None:
     result = subprocess.run([sys.executable, "-S", "-c", bare], cwd=repo, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert not result.stdout.startswith(str(repo))
+
+
+def test_dev_without_the_development_tools_says_how_to_get_them() -> None:
+    # kubetune.dev is its own distribution (dev/); the product's `kubetune dev` names it when absent.
+    code = ("import sys; sys.modules['kubetune.dev'] = None; from kubetune.cli import main;"
+            " sys.exit(main(['dev', 'up']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "kubetune dev: error: the development tools are not installed: from a kubetune checkout run"
+        " 'make venv' (or pip install -e ./dev)"]
