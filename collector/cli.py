@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune.api import layout, models
+from kubetune.api.contracts import DatasetManifest
 from kubetune.api.load import SpecError, format_validation_error, read_spec_arg
 from kubetune.cli_util import OneLineArgumentParser, OneLineError
 from kubetune.collector.errors import RetryableError, SourceError
@@ -282,8 +283,8 @@ def run(plan: dict[str, Any], keys: dict[str, str], verbose: bool = False) -> in
     try:
         output = DatasetOutput(store, plan["run"], processing, shard_index, num_shards, info).open()
         if output.complete:
-            counts = output.summary["counts"]
-            log.line(f"dataset at {plan['output']} is already complete ({counts['kept']} images, same settings): nothing to do")
+            kept = output.summary.counts.kept
+            log.line(f"dataset at {plan['output']} is already complete ({kept} images, same settings): nothing to do")
             return layout.EXIT_OK
         source = open_source(dataset, keys, plan["timeout"], plan["retries"])
         policy = NetworkPolicy(dataset.allow_private_network, plan["allow_hosts"])
@@ -305,20 +306,21 @@ def run(plan: dict[str, Any], keys: dict[str, str], verbose: bool = False) -> in
     return report(plan, output, tally, manifest, source.notes)
 
 
-def report(plan: dict[str, Any], output: Any, tally: Any, manifest: dict[str, Any] | None, notes: list[str]) -> int:
+def report(plan: dict[str, Any], output: Any, tally: Any, manifest: DatasetManifest | None,
+           notes: list[str]) -> int:
+    """Say how it went; the exit code tells the operator (EXIT_EMPTY_DATASET: nothing kept)."""
     for note in notes:
         print(f"kubetune collect: note: {note}", file=sys.stderr)
+    if manifest is not None and manifest.empty:  # every shard finished, none kept anything
+        counts = manifest.counts
+        print(f"kubetune collect: error: nothing could be collected: 0 images kept of {counts.requested} requested; "
+              f"{_skips(counts.skipped)}", file=sys.stderr)
+        return layout.EXIT_EMPTY_DATASET
     if manifest is not None:
-        counts = manifest["counts"]
-        print(f"kubetune collect: dataset complete at {plan['output']}: {counts['kept']} images kept of "
-              f"{counts['requested']} requested; {_skips(counts['skipped'])}", file=sys.stderr)
+        counts = manifest.counts
+        print(f"kubetune collect: dataset complete at {plan['output']}: {counts.kept} images kept of "
+              f"{counts.requested} requested; {_skips(counts.skipped)}", file=sys.stderr)
         return layout.EXIT_OK
-    summary = getattr(output, "summary", None)
-    if summary is not None:  # every shard finished, and nothing was kept across them all
-        counts = summary["counts"]
-        print(f"kubetune collect: error: nothing could be collected: 0 images kept of {counts['requested']} requested; "
-              f"{_skips(counts['skipped'])}", file=sys.stderr)
-        return layout.EXIT_INVALID
     shard_index, num_shards = plan["shard"]
     kept, skipped = output.shard_counts()
     print(f"kubetune collect: shard {shard_index} of {num_shards} done: {kept} images kept; {_skips(skipped)}; "

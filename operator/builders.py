@@ -16,7 +16,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune.api.layout import EXIT_INVALID, EXIT_PREEMPTED, SPEC_ENV, dataset_fingerprint
+from kubetune.api.layout import (
+    EXIT_EMPTY_DATASET,
+    EXIT_INVALID,
+    EXIT_PREEMPTED,
+    SPEC_ENV,
+    dataset_fingerprint,
+)
 from kubetune.api.load import dump_spec
 from kubetune.api.models import API_VERSION, KIND, FineTuneJobSpec, PodSettings, SecretKeyRef
 
@@ -247,12 +253,17 @@ def tmp_volume() -> tuple[dict[str, Any], dict[str, Any]]:
 
 def pod_failure_policy(container: str) -> dict[str, Any]:
     """Preemption (eviction, node drain, or the program's own "preempted" exit code after it
-    saved a checkpoint) is not a failure; invalid input cannot be fixed by a retry."""
+    saved a checkpoint) is not a failure; invalid input cannot be fixed by a retry, nor can a
+    collection that kept nothing (the same search finds the same nothing)."""
+    def exit_codes(*codes: int) -> dict[str, Any]:
+        return {"containerName": container, "operator": "In", "values": list(codes)}
+
     return {
         "rules": [
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-            {"action": "Ignore", "onExitCodes": {"containerName": container, "operator": "In", "values": [EXIT_PREEMPTED]}},
-            {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In", "values": [EXIT_INVALID]}},
+            {"action": "Ignore", "onExitCodes": exit_codes(EXIT_PREEMPTED)},
+            {"action": "FailJob", "onExitCodes": exit_codes(EXIT_INVALID)},
+            {"action": "FailJob", "onExitCodes": exit_codes(EXIT_EMPTY_DATASET)},
         ]
     }
 
