@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune.api import layout, models
+from kubetune.api import contracts, layout, models
 from kubetune.api.contracts import DatasetManifest
 from kubetune.api.load import SpecError, format_validation_error, read_spec_arg
 from kubetune.cli_util import OneLineArgumentParser, OneLineError
@@ -24,6 +24,15 @@ from kubetune.collector.errors import RetryableError, SourceError
 from kubetune.storage import StorageError, Store, join
 
 SITES = ("unsplash", "google", "openverse", "wikimedia")
+# what each key of contracts.SOURCE_SECRET_ENV is, for the message when it is missing
+KEY_MEANING = {
+    "UNSPLASH_ACCESS_KEY": "an Unsplash API access key",
+    "GOOGLE_API_KEY": "a Google API key",
+    "GOOGLE_CSE_ID": "a Programmable Search Engine id",
+    "OPENVERSE_CLIENT_ID": "an Openverse OAuth client id",
+    "OPENVERSE_CLIENT_SECRET": "the matching Openverse client secret",
+    "HF_TOKEN": "a Hugging Face token",
+}
 # model field -> the flag that sets it, so a validation error names what the user typed
 FLAG_OF = {
     "resolution": "--size", "min_size": "--min-size", "images_per_prompt": "--num-images", "prompts": "--prompts",
@@ -235,25 +244,19 @@ def dataset_from_flags(args: argparse.Namespace) -> models.Dataset:
 
 
 def read_keys(dataset: models.Dataset) -> dict[str, str]:
-    """The API keys the source needs, from the environment; one line naming a missing one."""
-    source = dataset.source
-    wanted: list[tuple[str, str]] = []  # (variable, what it is)
-    if dataset.source_name == "unsplash":
-        wanted = [("UNSPLASH_ACCESS_KEY", "an Unsplash API access key")]
-    elif dataset.source_name == "google":
-        wanted = [("GOOGLE_API_KEY", "a Google API key"), ("GOOGLE_CSE_ID", "a Programmable Search Engine id")]
-    elif dataset.source_name == "openverse":
-        pair = ("OPENVERSE_CLIENT_ID", "OPENVERSE_CLIENT_SECRET")
-        has = [bool(os.environ.get(v)) for v in pair]
-        if getattr(source, "client_id_secret_ref", None) or any(has):
-            wanted = [(pair[0], "an Openverse OAuth client id"), (pair[1], "the matching Openverse client secret")]
-    elif dataset.source_name == "huggingface" and getattr(source, "token_secret_ref", None):
-        wanted = [("HF_TOKEN", "a Hugging Face token")]
-    for variable, what in wanted:
-        if not os.environ.get(variable):
-            raise OneLineError(f"{variable} is not set: the {dataset.source_name} source needs {what} in this environment variable")
-    names = [name for name, _ in wanted] + (["HF_TOKEN"] if dataset.source_name == "huggingface" else [])
-    return {name: os.environ[name] for name in names if os.environ.get(name)}
+    """The API keys the source needs, from the environment; one line naming a missing one.
+
+    A source's keys go together: all are needed when the spec refers to any of them (the operator
+    then sets them from Secrets) or when the environment holds any (an optional login)."""
+    variables = contracts.SOURCE_SECRET_ENV.get(dataset.source_name, {})
+    referenced = any(getattr(dataset.source, field_name) is not None for field_name in variables)
+    present = {variable: os.environ.get(variable, "") for variable in variables.values()}
+    if referenced or any(present.values()):
+        for variable, value in present.items():
+            if not value:
+                raise OneLineError(f"{variable} is not set: the {dataset.source_name} source needs "
+                                   f"{KEY_MEANING[variable]} in this environment variable")
+    return {variable: value for variable, value in present.items() if value}
 
 
 # ---------------------------------------------------------------------------------------------

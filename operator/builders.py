@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from kubetune.api.contracts import SOURCE_SECRET_ENV
 from kubetune.api.layout import (
     EXIT_EMPTY_DATASET,
     EXIT_INVALID,
@@ -148,18 +149,9 @@ def secret_env(variable: str, ref: SecretKeyRef) -> dict[str, Any]:
 
 def dataset_secret_refs(spec: FineTuneJobSpec) -> dict[str, SecretKeyRef]:
     """Env variable -> Secret key the collector needs for the dataset source."""
-    dataset = spec.dataset
-    refs: dict[str, SecretKeyRef | None] = {}
-    if dataset.unsplash:
-        refs["UNSPLASH_ACCESS_KEY"] = dataset.unsplash.access_key_secret_ref
-    if dataset.google:
-        refs["GOOGLE_API_KEY"] = dataset.google.api_key_secret_ref
-        refs["GOOGLE_CSE_ID"] = dataset.google.search_engine_id_secret_ref
-    if dataset.openverse:
-        refs["OPENVERSE_CLIENT_ID"] = dataset.openverse.client_id_secret_ref
-        refs["OPENVERSE_CLIENT_SECRET"] = dataset.openverse.client_secret_secret_ref
-    if dataset.huggingface:
-        refs["HF_TOKEN"] = dataset.huggingface.token_secret_ref
+    source = spec.dataset.source
+    variables = SOURCE_SECRET_ENV.get(spec.dataset.source_name, {})
+    refs = {variable: getattr(source, field_name) for field_name, variable in variables.items()}
     return {variable: ref for variable, ref in refs.items() if ref is not None}
 
 

@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from kubetune.api.contracts import (
+    SOURCE_SECRET_ENV,
     CheckpointManifest,
     DatasetManifest,
     ExitCode,
@@ -73,3 +74,22 @@ def test_a_checkpoint_manifest_needs_its_files_and_position() -> None:
     assert CheckpointManifest.model_validate_json(manifest.to_json()) == manifest
     with pytest.raises(ValidationError, match="files"):
         CheckpointManifest.model_validate(state)
+
+
+def test_every_secret_reference_of_a_source_has_its_environment_variable() -> None:
+    from kubetune.api import models
+
+    for source in models.DATASET_SOURCES:
+        model = models.Dataset.model_fields[source].annotation
+        refs = {name for name, info in _source_model(model).model_fields.items()
+                if "SecretKeyRef" in str(info.annotation)}
+        assert set(SOURCE_SECRET_ENV.get(source, {})) == refs, source
+
+
+def _source_model(annotation: object) -> type:
+    """`UnsplashSource | None` -> UnsplashSource."""
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    return next(a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel))
