@@ -26,6 +26,7 @@ from kubetune.api.layout import (
 )
 from kubetune.api.load import dump_spec
 from kubetune.api.models import API_VERSION, KIND, FineTuneJobSpec, PodSettings, SecretKeyRef
+from kubetune.storage import storage_env
 
 # -- labels and annotations --------------------------------------------------------------------
 
@@ -210,11 +211,7 @@ def env(spec: FineTuneJobSpec, owner: Owner, component: str) -> list[dict[str, A
     ]
     if component == TRAINER:  # torch's agent must stop its workers within the pod's grace period
         entries.append({"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(TRAINER_GRACE_SECONDS - 30)})
-    if spec.storage.endpoint:
-        entries.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint})
-    if spec.storage.region:
-        entries.append({"name": "AWS_REGION", "value": spec.storage.region})
-        entries.append({"name": "AWS_DEFAULT_REGION", "value": spec.storage.region})
+    entries += [{"name": variable, "value": value} for variable, value in storage_env(spec.storage).items()]
     entries += [secret_env(variable, ref) for variable, ref in secret_refs(spec, component).items()]
     return entries
 
