@@ -61,6 +61,11 @@ def checkpoint_step(name: str) -> int | None:
     return None
 
 
+def step_of_checkpoint_uri(uri: str) -> int:
+    """The step of a checkpoint name or URI (`.../step-N/` or `checkpoint-N`); 0 for none."""
+    return checkpoint_step((uri or "").rstrip("/").rsplit("/", 1)[-1]) or 0
+
+
 def complete_checkpoint_names(keys: Iterable[str]) -> list[str]:
     """Checkpoint folders whose manifest (written last) is among `keys`, the keys listed under
     CHECKPOINTS_DIR relative to the output (`checkpoints/step-N/manifest.json`)."""
