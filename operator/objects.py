@@ -141,7 +141,8 @@ def pod_job_name(pod: dict[str, Any]) -> str:
 def pod_active(pod: dict[str, Any]) -> bool:
     phase = (pod.get("status") or {}).get("phase")
     deleting = bool(meta(pod).get("deletionTimestamp"))
-    return phase in (None, "Pending", "Running") or (deleting and phase not in ("Succeeded", "Failed"))
+    ended = phase in ("Succeeded", "Failed")
+    return phase in (None, "Pending", "Running") or (deleting and not ended)
 
 
 def termination_message(pods: list[dict[str, Any]], container: str, limit: int = 400) -> str:
@@ -159,8 +160,8 @@ def termination_message(pods: list[dict[str, Any]], container: str, limit: int =
             one = own[-1] if own else " | ".join(lines[-3:])
             return one if len(one) <= limit else "..." + one[-limit:]
         if terminated.get("exitCode") is not None:
-            return f"container {container} exited with code {terminated['exitCode']}" + (
-                f" ({terminated['reason']})" if terminated.get("reason") else "")
+            why = f" ({terminated['reason']})" if terminated.get("reason") else ""
+            return f"container {container} exited with code {terminated['exitCode']}{why}"
     return ""
 
 

@@ -36,7 +36,8 @@ class ExitCode(IntEnum):
 # in the collector's pod; the collector reads them back.
 SOURCE_SECRET_ENV: dict[str, dict[str, str]] = {
     "unsplash": {"access_key_secret_ref": "UNSPLASH_ACCESS_KEY"},
-    "google": {"api_key_secret_ref": "GOOGLE_API_KEY", "search_engine_id_secret_ref": "GOOGLE_CSE_ID"},
+    "google": {"api_key_secret_ref": "GOOGLE_API_KEY",
+               "search_engine_id_secret_ref": "GOOGLE_CSE_ID"},
     "openverse": {"client_id_secret_ref": "OPENVERSE_CLIENT_ID",
                   "client_secret_secret_ref": "OPENVERSE_CLIENT_SECRET"},
     "huggingface": {"token_secret_ref": "HF_TOKEN"},
@@ -102,8 +103,8 @@ class DatasetManifest(Contract):
 
 # -- progress.json: trainer -> operator ------------------------------------------------------------
 
-ProgressState = Literal["loading", "caching", "training", "checkpointing", "publishing", "preempted",
-                        "succeeded", "failed"]
+ProgressState = Literal["loading", "caching", "training", "checkpointing", "publishing",
+                        "preempted", "succeeded", "failed"]
 
 
 class TrainingProgress(Contract):
