@@ -287,7 +287,8 @@ def run(plan: dict[str, Any], keys: dict[str, str], verbose: bool = False) -> in
         output = DatasetOutput(store, plan["run"], processing, shard_index, num_shards, info).open()
         if output.complete:
             kept = output.summary.counts.kept
-            log.line(f"dataset at {plan['output']} is already complete ({kept} images, same settings): nothing to do")
+            log.line(f"dataset at {plan['output']} is already complete ({kept} images, same settings): "
+                     "nothing to do")
             return layout.EXIT_OK
         source = open_source(dataset, keys, plan["timeout"], plan["retries"])
         policy = NetworkPolicy(dataset.allow_private_network, plan["allow_hosts"])
@@ -316,8 +317,8 @@ def report(plan: dict[str, Any], output: Any, tally: Any, manifest: DatasetManif
         print(f"kubetune collect: note: {note}", file=sys.stderr)
     if manifest is not None and manifest.empty:  # every shard finished, none kept anything
         counts = manifest.counts
-        print(f"kubetune collect: error: nothing could be collected: 0 images kept of {counts.requested} requested; "
-              f"{_skips(counts.skipped)}", file=sys.stderr)
+        print("kubetune collect: error: nothing could be collected: 0 images kept of "
+              f"{counts.requested} requested; {_skips(counts.skipped)}", file=sys.stderr)
         return layout.EXIT_EMPTY_DATASET
     if manifest is not None:
         counts = manifest.counts

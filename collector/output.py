@@ -192,7 +192,8 @@ class DatasetOutput:
             card = _card(self.info, counts, _sources(kept))
             self.store.write_bytes("README.md", card.encode(), "text/markdown")
             for record in sorted(kept, key=lambda r: r["file_name"]):
-                content.update(f"{record['file_name']}\t{record['sha256']}\t{record['text']}\n".encode())
+                line = f"{record['file_name']}\t{record['sha256']}\t{record['text']}\n"
+                content.update(line.encode())
         manifest = DatasetManifest(
             kubetune=__version__, run=self.run, fingerprint=self.info["fingerprint"], complete=True,
             counts=counts, sources=_sources(kept), settings=self.info["settings"],

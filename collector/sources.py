@@ -588,11 +588,14 @@ def open_source(dataset: models.Dataset, keys: dict[str, str], timeout: float, r
         return keys.get(variables[field_name], "")
 
     if name == "unsplash":
-        return UnsplashSearch(dataset.unsplash, key("access_key_secret_ref"), dataset.resolution, **search)  # type: ignore[arg-type]
+        access_key = key("access_key_secret_ref")
+        return UnsplashSearch(dataset.unsplash, access_key, dataset.resolution, **search)  # type: ignore[arg-type]
     if name == "google":
-        return GoogleSearch(dataset.google, key("api_key_secret_ref"), key("search_engine_id_secret_ref"), **search)  # type: ignore[arg-type]
+        api_key, engine = key("api_key_secret_ref"), key("search_engine_id_secret_ref")
+        return GoogleSearch(dataset.google, api_key, engine, **search)  # type: ignore[arg-type]
     if name == "openverse":
-        return OpenverseSearch(dataset.openverse, key("client_id_secret_ref"), key("client_secret_secret_ref"), **search)  # type: ignore[arg-type]
+        client_id, client_secret = key("client_id_secret_ref"), key("client_secret_secret_ref")
+        return OpenverseSearch(dataset.openverse, client_id, client_secret, **search)  # type: ignore[arg-type]
     if name == "wikimedia":
         return WikimediaSearch(dataset.wikimedia, dataset.resolution, **search)  # type: ignore[arg-type]
     if name == "urls":

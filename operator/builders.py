@@ -211,7 +211,7 @@ def env(spec: FineTuneJobSpec, owner: Owner, component: str) -> list[dict[str, A
     ]
     if component == TRAINER:  # torch's agent must stop its workers within the pod's grace period
         entries.append({"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(TRAINER_GRACE_SECONDS - 30)})
-    entries += [{"name": variable, "value": value} for variable, value in storage_env(spec.storage).items()]
+    entries += [{"name": name, "value": value} for name, value in storage_env(spec.storage).items()]
     entries += [secret_env(variable, ref) for variable, ref in secret_refs(spec, component).items()]
     return entries
 

@@ -138,7 +138,8 @@ def read_contract(model: type[Contract], raw: dict[str, Any] | None) -> tuple[Co
 
 def dataset_status(manifest: DatasetManifest, uri: str) -> DatasetStatus:
     counts = manifest.counts
-    return DatasetStatus(uri=uri, requested=counts.requested, kept=counts.kept, skipped=dict(counts.skipped))
+    return DatasetStatus(uri=uri, requested=counts.requested, kept=counts.kept,
+                         skipped=dict(counts.skipped))
 
 
 def percent(step: int, max_steps: int) -> str:
@@ -151,7 +152,8 @@ def training_status(progress: TrainingProgress, now: datetime) -> TrainingStatus
 
     updated = progress.updated_at
     if updated is not None:
-        updated = (updated if updated.tzinfo else updated.replace(tzinfo=timezone.utc)).replace(microsecond=0)
+        updated = updated.replace(microsecond=0)
+        updated = updated if updated.tzinfo else updated.replace(tzinfo=timezone.utc)
     return TrainingStatus(
         step=progress.step,
         max_steps=progress.max_steps,
@@ -166,7 +168,8 @@ def training_status(progress: TrainingProgress, now: datetime) -> TrainingStatus
     )
 
 
-def missing_secrets(spec: FineTuneJobSpec, component_name: str, secrets: dict[str, set[str] | None]) -> list[str]:
+def missing_secrets(spec: FineTuneJobSpec, component_name: str,
+                    secrets: dict[str, set[str] | None]) -> list[str]:
     """One line per Secret or key a component needs that does not exist, naming the field that
     refers to it. A pod with a missing Secret would wait forever in CreateContainerConfigError."""
     problems = []
@@ -221,8 +224,10 @@ class _Pass:
         self.status = self.old.model_copy(deep=True)
         self.decision = Decision(status={})
         self.owner = b.Owner(observed.name, observed.namespace, observed.uid)
-        self.manifest, self.manifest_problem = read_contract(DatasetManifest, observed.dataset_manifest)
-        self.progress, _ = read_contract(TrainingProgress, observed.progress)  # unreadable: as if absent
+        self.manifest, self.manifest_problem = read_contract(DatasetManifest,
+                                                             observed.dataset_manifest)
+        # an unreadable progress.json is as if absent: the status keeps the last good one
+        self.progress, _ = read_contract(TrainingProgress, observed.progress)
 
     # the flow
 
@@ -263,15 +268,18 @@ class _Pass:
             self.use_imagefolder(spec.dataset.imagefolder.uri)
             return None
         uri = storage.join(spec.storage.uri, DATASET_DIR)
-        if self.status.attempts and self.has_condition("DatasetReady", "True") and o.dataset_manifest is None:
+        ready = self.has_condition("DatasetReady", "True")
+        if self.status.attempts and ready and o.dataset_manifest is None:
             return None  # ready before training started (the manifest is not read again)
         collect_name = b.collector_job_name(o.name)
         collector = o.jobs.get(collect_name)
         wanted = dataset_fingerprint(spec.dataset)
         started_with = annotations(collector).get(b.ANNOTATION_FINGERPRINT, wanted)
-        manifest = self.manifest if self.manifest and self.manifest.fingerprint in (wanted, started_with) else None
+        manifest = self.manifest
+        if manifest is not None and manifest.fingerprint not in (wanted, started_with):
+            manifest = None  # of other settings: collected again
         if manifest is not None and manifest.empty and collector is None:
-            manifest = None  # an earlier job's empty result: collect again (the collector retries it too)
+            manifest = None  # an earlier job's empty result: collected again (the collector retries)
         if manifest is not None:
             return self.use_collected_dataset(manifest, uri, collector, started_with != wanted)
         if o.storage_error:
@@ -288,13 +296,13 @@ class _Pass:
             self.status.dataset = DatasetStatus(uri=uri)
         self.condition("DatasetReady", "True", "ImageFolder", f"training on the existing imagefolder {uri}")
 
-    def use_collected_dataset(self, manifest: DatasetManifest, uri: str, collector: dict[str, Any] | None,
-                              spec_changed: bool) -> Decision | None:
+    def use_collected_dataset(self, manifest: DatasetManifest, uri: str,
+                              collector: dict[str, Any] | None, spec_changed: bool) -> Decision | None:
         """The manifest's counts into status; fails an empty dataset, else None (ready)."""
         counts = self.status.dataset = dataset_status(manifest, uri)
         if manifest.empty:
-            return self.fail("EmptyDataset", f"the collector kept 0 images (skipped: {counts.skipped or 'none'}); "
-                                             + CHECK_SOURCE)
+            skipped = counts.skipped or "none"
+            return self.fail("EmptyDataset", f"the collector kept 0 images (skipped: {skipped}); {CHECK_SOURCE}")
         if spec_changed:
             self.spec_change_ignored("spec.dataset changed after collection started; the dataset already collected is used")
         found = collector is None
@@ -320,15 +328,16 @@ class _Pass:
         self.event("Normal", "CollectionStarted", f"created Job {collect_name}")
         return self.finish()
 
-    def follow_collector(self, spec: FineTuneJobSpec, uri: str, collect_name: str, collector: dict[str, Any],
-                         spec_changed: bool) -> Decision:
+    def follow_collector(self, spec: FineTuneJobSpec, uri: str, collect_name: str,
+                         collector: dict[str, Any], spec_changed: bool) -> Decision:
         finished = job_finished(collector)
         if finished == "Failed":
             return self.collector_failed(collector, collect_name)
         if finished == "Complete":
-            message = f"the collector finished but {uri}/manifest.json is missing or for other settings"
+            what = "is missing or for other settings"
             if self.manifest_problem:
-                message = f"the collector finished but {uri}/manifest.json is not a dataset manifest: {self.manifest_problem}"
+                what = f"is not a dataset manifest: {self.manifest_problem}"
+            message = f"the collector finished but {uri}/manifest.json {what}"
             self.condition("DatasetReady", "False", "DatasetIncomplete", message)
             return self.fail("DatasetIncomplete", message)
         if spec_changed:
@@ -338,12 +347,14 @@ class _Pass:
         return self.finish()
 
     def collector_failed(self, collector: dict[str, Any], collect_name: str) -> Decision:
-        """Fail with the collector's reason, told by its exit code (ExitCode), and its last words."""
+        """Fail with the collector's reason, told by its exit code, and its last words."""
         pods = self.pods_of(collect_name)
         codes = {pod_exit_code(p, b.COLLECTOR) for p in pods}
-        detail = termination_message(pods, b.COLLECTOR) or job_failure_message(collector) or "Job failed"
-        if EXIT_EMPTY_DATASET in codes:  # its manifest (kept 0) was not readable, or it would have told
-            reason, message = "EmptyDataset", f"the collector kept no images: {detail}; {CHECK_SOURCE}"
+        detail = (termination_message(pods, b.COLLECTOR) or job_failure_message(collector)
+                  or "Job failed")
+        if EXIT_EMPTY_DATASET in codes:  # and its manifest (kept 0) could not be read
+            reason = "EmptyDataset"
+            message = f"the collector kept no images: {detail}; {CHECK_SOURCE}"
         elif EXIT_INVALID in codes:
             reason, message = "CollectorInvalidInput", f"the collector rejected its input: {detail}"
         else:
@@ -412,7 +423,8 @@ class _Pass:
         return self.finish()
 
     def pending_preemption_patch(self, name: str) -> bool:
-        return any(p.name == name and b.ANNOTATION_PREEMPTED_PODS in annotations(p.body) for p in self.decision.patch)
+        return any(p.name == name and b.ANNOTATION_PREEMPTED_PODS in annotations(p.body)
+                   for p in self.decision.patch)
 
     def record_preempted_pods(self, job: dict[str, Any], name: str, pods: list[dict[str, Any]]) -> None:
         """Remember preempted pods on their Job: they vanish from the API soon after (evicted
@@ -425,15 +437,17 @@ class _Pass:
                and not stopped_before_job_started(p, job)]
         if new:
             uids = ",".join(known + new)
-            self.decision.patch.append(Patch("Job", name, {"metadata": {"annotations": {b.ANNOTATION_PREEMPTED_PODS: uids}}}))
-            job.setdefault("metadata", {}).setdefault("annotations", {})[b.ANNOTATION_PREEMPTED_PODS] = uids
+            recorded = {b.ANNOTATION_PREEMPTED_PODS: uids}
+            self.decision.patch.append(Patch("Job", name, {"metadata": {"annotations": recorded}}))
+            job.setdefault("metadata", {}).setdefault("annotations", {}).update(recorded)
             self.event("Warning", "PodPreempted", f"{len(new)} trainer pod(s) of Job {name} preempted; "
                                                   "they resume from the latest checkpoint (not counted against backoffLimit)")
 
     def start_attempt(self, spec: FineTuneJobSpec) -> Decision:
         o = self.o
         attempts = self.status.attempts
-        still_running = [meta(p)["name"] for p in o.pods if pod_active(p) and component(p) == b.TRAINER]
+        still_running = [meta(p)["name"] for p in o.pods
+                         if pod_active(p) and component(p) == b.TRAINER]
         self.status.phase = "Training"
         if still_running:  # never two trainer gangs writing the same checkpoints
             self.status.message = f"waiting for the previous attempt's pods to stop: {', '.join(sorted(still_running)[:3])}"
@@ -497,7 +511,7 @@ class _Pass:
     # shared by the steps
 
     def fail(self, reason: str, message: str) -> Decision:
-        """End the pass Failed: the reason in conditions, running Jobs stopped (kept for inspection)."""
+        """End the pass Failed: the reason in conditions; running Jobs stop (kept for inspection)."""
         self.status.phase = "Failed"
         self.status.message = message
         self.status.completion_time = self.status.completion_time or self.o.now
@@ -510,8 +524,8 @@ class _Pass:
         return self.finish()
 
     def fail_secret_not_found(self, problems: list[str]) -> Decision:
-        return self.fail("SecretNotFound", "; ".join(problems) + f" in namespace {self.o.namespace}: "
-                                           "create it, then recreate the FineTuneJob")
+        where = f" in namespace {self.o.namespace}: create it, then recreate the FineTuneJob"
+        return self.fail("SecretNotFound", "; ".join(problems) + where)
 
     def finish(self) -> Decision:
         """End the pass: the counters and the summary condition, one event for a new phase."""

@@ -316,7 +316,8 @@ def pods_needed(status: dict[str, Any], jobs: dict[str, dict[str, Any]]) -> bool
 def latest_complete_checkpoint(store: storage.Store) -> str:
     """The newest `checkpoints/step-N` with its manifest (written last), as the trainer's
     `--resume_from_checkpoint latest` will find it; "" when there is none."""
-    return max(complete_checkpoint_names(store.list(CHECKPOINTS_DIR)), key=step_of_checkpoint_uri, default="")
+    names = complete_checkpoint_names(store.list(CHECKPOINTS_DIR))
+    return max(names, key=step_of_checkpoint_uri, default="")
 
 
 def _read_json(store: storage.Store, key: str) -> dict[str, Any] | None:

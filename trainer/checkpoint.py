@@ -79,7 +79,8 @@ def read_manifest(folder: Store) -> CheckpointManifest:
     try:
         return CheckpointManifest.model_validate_json(folder.read_bytes(MANIFEST_FILE))
     except ValidationError as error:
-        raise CheckpointError(f"{folder.uri_of(MANIFEST_FILE)}: not a checkpoint manifest: {problem(error)}") from None
+        where = folder.uri_of(MANIFEST_FILE)
+        raise CheckpointError(f"{where}: not a checkpoint manifest: {problem(error)}") from None
 
 
 def fetch(ref: CheckpointRef, staging: Path) -> Path:
@@ -128,16 +129,17 @@ class Checkpointer:
 
     def _publish(self, path: Path, state: CheckpointState) -> str:
         started = time.monotonic()
-        files = {p.name: CheckpointFile(size=p.stat().st_size, sha256=_sha256(p)) for p in sorted(path.iterdir())
-                 if p.is_file() and p.name != MANIFEST_FILE}
-        manifest = CheckpointManifest(**dict(state), files=files,
-                                      created_at=datetime.now(timezone.utc).replace(microsecond=0)).to_json()
+        files = {p.name: CheckpointFile(size=p.stat().st_size, sha256=_sha256(p))
+                 for p in sorted(path.iterdir()) if p.is_file() and p.name != MANIFEST_FILE}
+        created = datetime.now(timezone.utc).replace(microsecond=0)
+        manifest = CheckpointManifest(**dict(state), files=files, created_at=created).to_json()
         local = Store(str(path))
         if self.output.is_s3:
             remote = self.output.child(CHECKPOINTS_DIR, path.name)
             for name in files:
                 remote.upload_file(path / name, name)
-            remote.write_bytes(MANIFEST_FILE, manifest, "application/json")  # last: now the checkpoint exists
+            # last: now the checkpoint exists
+            remote.write_bytes(MANIFEST_FILE, manifest, "application/json")
             local.write_bytes(MANIFEST_FILE, manifest, "application/json")
             for old in sorted((self.local_root / CHECKPOINTS_DIR).iterdir()):
                 if old != path and old.name < path.name:

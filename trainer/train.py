@@ -531,7 +531,8 @@ class Trainer:
             shadow = load_file(folder / "ema.safetensors")
             for i, p in enumerate(self.ema.shadow_params):
                 p.data.copy_(shadow[f"{i}"])
-            self.ema.optimization_step = ref.manifest.ema.optimization_step if ref.manifest.ema else ref.step
+            ema = ref.manifest.ema
+            self.ema.optimization_step = ema.optimization_step if ema else ref.step
         saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
