@@ -304,3 +304,14 @@ def test_dataset_progress_and_checkpoints_written_by_the_components_drive_the_op
     assert operator.status["attempts"][-1]["startStep"] == 4
     assert "resuming from step-00000004" in operator.status["message"]
     assert [o["metadata"]["name"] for o in decision.create] == [b.trainer_job_name("shapes", 1)]
+
+
+def test_the_model_card_reads_the_collectors_counts(s3_bucket: str) -> None:
+    from kubetune.trainer.publish import _dataset_manifest_lines
+
+    spec = spec_for(s3_bucket)
+    manifest, _ = collect(s3_bucket, spec, [jpeg(80, 64, 1)], broken=1)
+    assert manifest is not None
+    raw = Store(f"s3://{s3_bucket}/job/").read_json(DATASET_MANIFEST)  # as trainer/data.py reads it
+    lines = _dataset_manifest_lines(raw)
+    assert lines[:2] == [f"- fingerprint: {manifest.fingerprint}", "- kept: 1 of 2 requested"]
