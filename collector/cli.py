@@ -16,13 +16,23 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune.api import layout, models
+from kubetune.api import contracts, layout, models
+from kubetune.api.contracts import DatasetManifest
 from kubetune.api.load import SpecError, format_validation_error, read_spec_arg
 from kubetune.cli_util import OneLineArgumentParser, OneLineError
 from kubetune.collector.errors import RetryableError, SourceError
 from kubetune.storage import StorageError, Store, join
 
 SITES = ("unsplash", "google", "openverse", "wikimedia")
+# what each key of contracts.SOURCE_SECRET_ENV is, for the message when it is missing
+KEY_MEANING = {
+    "UNSPLASH_ACCESS_KEY": "an Unsplash API access key",
+    "GOOGLE_API_KEY": "a Google API key",
+    "GOOGLE_CSE_ID": "a Programmable Search Engine id",
+    "OPENVERSE_CLIENT_ID": "an Openverse OAuth client id",
+    "OPENVERSE_CLIENT_SECRET": "the matching Openverse client secret",
+    "HF_TOKEN": "a Hugging Face token",
+}
 # model field -> the flag that sets it, so a validation error names what the user typed
 FLAG_OF = {
     "resolution": "--size", "min_size": "--min-size", "images_per_prompt": "--num-images", "prompts": "--prompts",
@@ -235,25 +245,19 @@ def dataset_from_flags(args: argparse.Namespace) -> models.Dataset:
 
 
 def read_keys(dataset: models.Dataset) -> dict[str, str]:
-    """The API keys the source needs, from the environment; one line naming a missing one."""
-    source = dataset.source
-    wanted: list[tuple[str, str]] = []  # (variable, what it is)
-    if dataset.source_name == "unsplash":
-        wanted = [("UNSPLASH_ACCESS_KEY", "an Unsplash API access key")]
-    elif dataset.source_name == "google":
-        wanted = [("GOOGLE_API_KEY", "a Google API key"), ("GOOGLE_CSE_ID", "a Programmable Search Engine id")]
-    elif dataset.source_name == "openverse":
-        pair = ("OPENVERSE_CLIENT_ID", "OPENVERSE_CLIENT_SECRET")
-        has = [bool(os.environ.get(v)) for v in pair]
-        if getattr(source, "client_id_secret_ref", None) or any(has):
-            wanted = [(pair[0], "an Openverse OAuth client id"), (pair[1], "the matching Openverse client secret")]
-    elif dataset.source_name == "huggingface" and getattr(source, "token_secret_ref", None):
-        wanted = [("HF_TOKEN", "a Hugging Face token")]
-    for variable, what in wanted:
-        if not os.environ.get(variable):
-            raise OneLineError(f"{variable} is not set: the {dataset.source_name} source needs {what} in this environment variable")
-    names = [name for name, _ in wanted] + (["HF_TOKEN"] if dataset.source_name == "huggingface" else [])
-    return {name: os.environ[name] for name in names if os.environ.get(name)}
+    """The API keys the source needs, from the environment; one line naming a missing one.
+
+    A source's keys go together: all are needed when the spec refers to any of them (the operator
+    then sets them from Secrets) or when the environment holds any (an optional login)."""
+    variables = contracts.SOURCE_SECRET_ENV.get(dataset.source_name, {})
+    referenced = any(getattr(dataset.source, field_name) is not None for field_name in variables)
+    present = {variable: os.environ.get(variable, "") for variable in variables.values()}
+    if referenced or any(present.values()):
+        for variable, value in present.items():
+            if not value:
+                raise OneLineError(f"{variable} is not set: the {dataset.source_name} source needs "
+                                   f"{KEY_MEANING[variable]} in this environment variable")
+    return {variable: value for variable, value in present.items() if value}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,8 +287,9 @@ def run(plan: dict[str, Any], keys: dict[str, str], verbose: bool = False) -> in
     try:
         output = DatasetOutput(store, plan["run"], processing, shard_index, num_shards, info).open()
         if output.complete:
-            counts = output.summary["counts"]
-            log.line(f"dataset at {plan['output']} is already complete ({counts['kept']} images, same settings): nothing to do")
+            kept = output.summary.counts.kept
+            log.line(f"dataset at {plan['output']} is already complete ({kept} images, same settings): "
+                     "nothing to do")
             return layout.EXIT_OK
         source = open_source(dataset, keys, plan["timeout"], plan["retries"])
         policy = NetworkPolicy(dataset.allow_private_network, plan["allow_hosts"])
@@ -306,20 +311,21 @@ def run(plan: dict[str, Any], keys: dict[str, str], verbose: bool = False) -> in
     return report(plan, output, tally, manifest, source.notes)
 
 
-def report(plan: dict[str, Any], output: Any, tally: Any, manifest: dict[str, Any] | None, notes: list[str]) -> int:
+def report(plan: dict[str, Any], output: Any, tally: Any, manifest: DatasetManifest | None,
+           notes: list[str]) -> int:
+    """Say how it went; the exit code tells the operator (EXIT_EMPTY_DATASET: nothing kept)."""
     for note in notes:
         print(f"kubetune collect: note: {note}", file=sys.stderr)
+    if manifest is not None and manifest.empty:  # every shard finished, none kept anything
+        counts = manifest.counts
+        print("kubetune collect: error: nothing could be collected: 0 images kept of "
+              f"{counts.requested} requested; {_skips(counts.skipped)}", file=sys.stderr)
+        return layout.EXIT_EMPTY_DATASET
     if manifest is not None:
-        counts = manifest["counts"]
-        print(f"kubetune collect: dataset complete at {plan['output']}: {counts['kept']} images kept of "
-              f"{counts['requested']} requested; {_skips(counts['skipped'])}", file=sys.stderr)
+        counts = manifest.counts
+        print(f"kubetune collect: dataset complete at {plan['output']}: {counts.kept} images kept of "
+              f"{counts.requested} requested; {_skips(counts.skipped)}", file=sys.stderr)
         return layout.EXIT_OK
-    summary = getattr(output, "summary", None)
-    if summary is not None:  # every shard finished, and nothing was kept across them all
-        counts = summary["counts"]
-        print(f"kubetune collect: error: nothing could be collected: 0 images kept of {counts['requested']} requested; "
-              f"{_skips(counts['skipped'])}", file=sys.stderr)
-        return layout.EXIT_INVALID
     shard_index, num_shards = plan["shard"]
     kept, skipped = output.shard_counts()
     print(f"kubetune collect: shard {shard_index} of {num_shards} done: {kept} images kept; {_skips(skipped)}; "

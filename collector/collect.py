@@ -8,6 +8,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune.api.contracts import DatasetManifest
 from kubetune.collector.errors import Skip
 from kubetune.collector.fetch import Fetcher
 from kubetune.collector.images import ImageSettings, clean
@@ -27,8 +28,8 @@ class Tally:
 
 
 def collect(source: Source, fetcher: Fetcher, images: ImageSettings, dedupe: Dedupe, output: DatasetOutput,
-            workers: int, shard: tuple[int, int], tally: Tally) -> dict[str, Any] | None:
-    """Collect this shard's part of the dataset; returns the manifest if the dataset is complete."""
+            workers: int, shard: tuple[int, int], tally: Tally) -> DatasetManifest | None:
+    """Collect this shard's part of the dataset; returns the manifest once every shard is done."""
 
     def process(candidate: Candidate) -> None:
         data = candidate.load() if candidate.load else fetcher.get(candidate.url)        # fetch

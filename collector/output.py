@@ -4,7 +4,7 @@ Layout under the output (local folder or s3://):
 
     train/<name>.jpg, train/metadata.jsonl   the imagefolder (metadata written by the merge)
     README.md                                dataset card (sources, licenses, counts)
-    manifest.json                            written last, only when the dataset is complete
+    manifest.json                            written last, once every shard is done (DatasetManifest)
     .collector/<run>/shard-NNNNN/part-NNNNNN.jsonl   records, appended in parts as work goes
     .collector/<run>/shard-NNNNN.done.json           a shard finished (its counts and timing)
 
@@ -12,7 +12,9 @@ A record says an item was kept (with its file, caption, provenance and hashes) o
 the reason). Records of any earlier run are a cache: a kept image whose file is still there and
 was made with the same image settings is reused without downloading it again; a permanent skip
 of the same run is not tried again. The shard that finds every shard's done marker merges all
-records into train/metadata.jsonl, deletes images no record keeps, and writes manifest.json.
+records into train/metadata.jsonl, deletes images no record keeps, and writes manifest.json; when
+nothing was kept it writes only the manifest, with `counts.kept == 0`, so that readers learn the
+collection is over and empty from a count.
 Two shards merging at once write the same bytes, so the race is harmless. `.collector/` is a
 hidden folder, which `datasets` ignores when it loads the imagefolder.
 """
@@ -29,7 +31,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from pydantic import ValidationError
+
 from kubetune import __version__
+from kubetune.api.contracts import CollectionTiming, DatasetCounts, DatasetManifest, SourceCount
 from kubetune.collector.errors import Skip
 from kubetune.collector.images import CleanImage
 from kubetune.collector.sources import Candidate
@@ -70,6 +75,7 @@ class DatasetOutput:
     num_shards: int
     info: dict[str, Any]        # fingerprint, settings, for the manifest
     complete: bool = False
+    summary: DatasetManifest | None = None  # the manifest found complete by `open`
     _cache: dict[str, dict[str, Any]] = field(default_factory=dict)
     _pending: list[dict[str, Any]] = field(default_factory=list)
     _part: int = 0
@@ -80,13 +86,14 @@ class DatasetOutput:
     # -- opening: what is already there ---------------------------------------------------------
 
     def open(self) -> DatasetOutput:
-        manifest = self._read_json("manifest.json")
-        if manifest and manifest.get("run") == self.run:
+        manifest = self._read_manifest()
+        if manifest is not None and manifest.run == self.run and not manifest.empty:
             self.complete = True
             self.summary = manifest
             return self
-        if manifest:
-            self.store.delete("manifest.json")  # the dataset is being changed: no longer complete
+        if self.store.exists("manifest.json"):
+            # the dataset is being changed (or an empty result is tried again): no longer complete
+            self.store.delete("manifest.json")
         files = {key[len("train/"):] for key in self.store.list("train/")}
         for record in self._records(self.store.list(STATE_DIR)):
             if record["kind"] == "kept" and record.get("processing") == self.processing and record["file_name"] in files:
@@ -138,8 +145,8 @@ class DatasetOutput:
 
     # -- finishing ------------------------------------------------------------------------------
 
-    def finish(self, requested: int, notes: list[str]) -> dict[str, Any] | None:
-        """Mark this shard done; merge if every shard is. Returns the manifest when complete."""
+    def finish(self, requested: int, notes: list[str]) -> DatasetManifest | None:
+        """Mark this shard done; merge if every shard is. Returns the manifest when all are."""
         with self._lock:
             self._flush_locked()
         done = {
@@ -158,7 +165,7 @@ class DatasetOutput:
         kept = sum(1 for r in final if r["kind"] == "kept")
         return kept, Counter(r["reason"] for r in final if r["kind"] == "skipped")
 
-    def merge(self, shards: list[dict[str, Any]]) -> dict[str, Any] | None:
+    def merge(self, shards: list[dict[str, Any]]) -> DatasetManifest:
         records = _final_records(self._records(self.store.list(self._run_dir())))
         dedupe = Dedupe(self.info["dedupe"], self.info["nearDedupe"])
         kept: list[dict[str, Any]] = []
@@ -172,31 +179,35 @@ class DatasetOutput:
                     skipped[skip.reason] += 1
             else:
                 skipped[record["reason"]] += 1
-        counts = {"requested": sum(s["requested"] for s in shards), "kept": len(kept), "skipped": dict(sorted(skipped.items()))}
-        self.summary = {"counts": counts, "notes": sorted({n for s in shards for n in s["notes"]})}
-        if not kept:
-            return None  # nothing collected: no manifest, the caller reports the failure
-        metadata = "".join(json.dumps(_metadata_row(r), ensure_ascii=False) + "\n" for r in kept).encode()
-        self.store.write_bytes("train/metadata.jsonl", metadata, "application/x-ndjson")
-        wanted = {f"train/{r['file_name']}" for r in kept} | {"train/metadata.jsonl"}
-        for key in list(self.store.list("train/")):
-            if key not in wanted:
-                self.store.delete(key)
-        sources = _sources(kept)
-        self.store.write_bytes("README.md", _card(self.info, counts, sources).encode(), "text/markdown")
+        counts = DatasetCounts(requested=sum(s["requested"] for s in shards), kept=len(kept),
+                               skipped=dict(sorted(skipped.items())))
         content = hashlib.sha256()
-        for record in sorted(kept, key=lambda r: r["file_name"]):
-            content.update(f"{record['file_name']}\t{record['sha256']}\t{record['text']}\n".encode())
-        manifest = {
-            "kubetune": __version__, "run": self.run, "fingerprint": self.info["fingerprint"], "complete": True,
-            "counts": counts, "sources": sources, "settings": self.info["settings"], "notes": self.summary["notes"],
-            "timing": {
-                "startedAt": min(s["startedAt"] for s in shards), "finishedAt": max(s["finishedAt"] for s in shards),
+        if kept:  # an empty collection leaves the images of an earlier one alone, as it did before
+            metadata = "".join(json.dumps(_metadata_row(r), ensure_ascii=False) + "\n" for r in kept)
+            self.store.write_bytes("train/metadata.jsonl", metadata.encode(), "application/x-ndjson")
+            wanted = {f"train/{r['file_name']}" for r in kept} | {"train/metadata.jsonl"}
+            for key in list(self.store.list("train/")):
+                if key not in wanted:
+                    self.store.delete(key)
+            card = _card(self.info, counts, _sources(kept))
+            self.store.write_bytes("README.md", card.encode(), "text/markdown")
+            for record in sorted(kept, key=lambda r: r["file_name"]):
+                line = f"{record['file_name']}\t{record['sha256']}\t{record['text']}\n"
+                content.update(line.encode())
+        manifest = DatasetManifest(
+            kubetune=__version__, run=self.run, fingerprint=self.info["fingerprint"], complete=True,
+            counts=counts, sources=_sources(kept), settings=self.info["settings"],
+            notes=sorted({n for s in shards for n in s["notes"]}),
+            timing=CollectionTiming.model_validate({
+                "startedAt": min(s["startedAt"] for s in shards),
+                "finishedAt": max(s["finishedAt"] for s in shards),
                 "shardSeconds": [s["seconds"] for s in shards],
-            },
-            "contentHash": f"sha256:{content.hexdigest()}", "metadata": "train/metadata.jsonl",
-        }
-        self.store.write_json("manifest.json", manifest)  # last: the dataset is complete
+            }),
+            content_hash=f"sha256:{content.hexdigest()}",
+            metadata="train/metadata.jsonl" if kept else None,
+        )
+        # last: the collection is over (complete, or empty when counts.kept is 0)
+        self.store.write_bytes("manifest.json", manifest.to_json(), "application/json")
         return manifest
 
     # -- helpers --------------------------------------------------------------------------------
@@ -213,10 +224,11 @@ class DatasetOutput:
                 if line.strip():
                     yield json.loads(line)
 
-    def _read_json(self, key: str) -> Any:
+    def _read_manifest(self) -> DatasetManifest | None:
+        """The manifest already there; None when absent or not one (collected again then)."""
         try:
-            return self.store.read_json(key)
-        except (FileNotFoundError, ValueError):
+            return DatasetManifest.model_validate_json(self.store.read_bytes("manifest.json"))
+        except (FileNotFoundError, ValidationError):
             return None
 
 
@@ -236,25 +248,26 @@ def _metadata_row(record: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _sources(kept: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _sources(kept: list[dict[str, Any]]) -> list[SourceCount]:
     by_source: dict[str, Counter[str]] = {}
     for record in kept:
         by_source.setdefault(record.get("source", ""), Counter())[record.get("license") or "unknown"] += 1
-    return [{"source": name, "images": sum(c.values()), "licenses": dict(sorted(c.items()))} for name, c in sorted(by_source.items())]
+    return [SourceCount(source=name, images=sum(c.values()), licenses=dict(sorted(c.items())))
+            for name, c in sorted(by_source.items())]
 
 
-def _card(info: dict[str, Any], counts: dict[str, Any], sources: list[dict[str, Any]]) -> str:
+def _card(info: dict[str, Any], counts: DatasetCounts, sources: list[SourceCount]) -> str:
     lines = [
         "---", "task_categories: [text-to-image]", "---", "", "# Captioned image dataset", "",
         f"Collected by kubetune {__version__} (`kubetune collect`). Images are JPEG, shorter side at most "
         f"{info['settings']['resolution']} px; captions are in `train/metadata.jsonl` (`file_name`, `text`, and "
         "`source`, `url`, `license`, `author` where known).", "",
-        f"{counts['kept']} images kept of {counts['requested']} requested.", "",
+        f"{counts.kept} images kept of {counts.requested} requested.", "",
         "## Sources and licenses", "", "| source | images | licenses |", "|---|---|---|",
     ]
     for entry in sources:
-        licenses = ", ".join(f"{name} ({count})" for name, count in entry["licenses"].items())
-        lines.append(f"| {entry['source']} | {entry['images']} | {licenses} |")
+        licenses = ", ".join(f"{name} ({count})" for name, count in entry.licenses.items())
+        lines.append(f"| {entry.source} | {entry.images} | {licenses} |")
     lines += [
         "", "Each image keeps its own license and author (see metadata.jsonl). Check that your use, "
         "including training models, is allowed by them and by each source's terms (Unsplash's guidelines, "

@@ -20,7 +20,7 @@ import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from urllib3.util.retry import Retry
 
 from kubetune import __version__
 from kubetune.api import models
+from kubetune.api.contracts import SOURCE_SECRET_ENV
 from kubetune.collector.errors import RetryableError, SourceError
 from kubetune.collector.images import clean_caption
 from kubetune.storage import StorageError, Store
@@ -40,15 +41,6 @@ API_URL_ENV = {
     "openverse": ("KUBETUNE_OPENVERSE_API_URL", "https://api.openverse.org"),
     "wikimedia": ("KUBETUNE_WIKIMEDIA_API_URL", "https://commons.wikimedia.org/w/api.php"),
 }
-
-# Environment variables holding keys, per source: (variable, required).
-KEY_ENV: dict[str, list[tuple[str, bool]]] = {
-    "unsplash": [("UNSPLASH_ACCESS_KEY", True)],
-    "google": [("GOOGLE_API_KEY", True), ("GOOGLE_CSE_ID", True)],
-    "openverse": [("OPENVERSE_CLIENT_ID", False), ("OPENVERSE_CLIENT_SECRET", False)],
-    "huggingface": [("HF_TOKEN", False)],
-}
-
 
 def api_url(source: str) -> str:
     variable, default = API_URL_ENV[source]
@@ -534,13 +526,6 @@ class HubDataset(Source):
         )
 
 
-@dataclass
-class FolderRow:
-    file_name: str
-    text: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 class ImageFolder(Source):
     """An existing imagefolder (local or s3://) with metadata.jsonl, validated and normalised."""
 
@@ -593,19 +578,28 @@ def _read_image(store: Store, key: str) -> bytes:
 
 
 def open_source(dataset: models.Dataset, keys: dict[str, str], timeout: float, retries: int) -> Source:
-    """The source named by `dataset`, with keys taken from `keys` (read from the environment)."""
+    """The source named by `dataset`, with keys taken from `keys` (read from the environment,
+    named by contracts.SOURCE_SECRET_ENV)."""
     search = {"timeout": timeout, "retries": retries, "user_agent": f"kubetune-collector/{__version__}"}
     name = dataset.source_name
+    variables = SOURCE_SECRET_ENV.get(name, {})
+
+    def key(field_name: str) -> str:
+        return keys.get(variables[field_name], "")
+
     if name == "unsplash":
-        return UnsplashSearch(dataset.unsplash, keys["UNSPLASH_ACCESS_KEY"], dataset.resolution, **search)  # type: ignore[arg-type]
+        access_key = key("access_key_secret_ref")
+        return UnsplashSearch(dataset.unsplash, access_key, dataset.resolution, **search)  # type: ignore[arg-type]
     if name == "google":
-        return GoogleSearch(dataset.google, keys["GOOGLE_API_KEY"], keys["GOOGLE_CSE_ID"], **search)  # type: ignore[arg-type]
+        api_key, engine = key("api_key_secret_ref"), key("search_engine_id_secret_ref")
+        return GoogleSearch(dataset.google, api_key, engine, **search)  # type: ignore[arg-type]
     if name == "openverse":
-        return OpenverseSearch(dataset.openverse, keys.get("OPENVERSE_CLIENT_ID", ""), keys.get("OPENVERSE_CLIENT_SECRET", ""), **search)  # type: ignore[arg-type]
+        client_id, client_secret = key("client_id_secret_ref"), key("client_secret_secret_ref")
+        return OpenverseSearch(dataset.openverse, client_id, client_secret, **search)  # type: ignore[arg-type]
     if name == "wikimedia":
         return WikimediaSearch(dataset.wikimedia, dataset.resolution, **search)  # type: ignore[arg-type]
     if name == "urls":
         return UrlList(dataset.urls)  # type: ignore[arg-type]
     if name == "huggingface":
-        return HubDataset(dataset.huggingface, keys.get("HF_TOKEN", ""))  # type: ignore[arg-type]
+        return HubDataset(dataset.huggingface, key("token_secret_ref"))  # type: ignore[arg-type]
     return ImageFolder(dataset.imagefolder)  # type: ignore[arg-type]

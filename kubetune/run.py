@@ -23,7 +23,7 @@ from kubetune.api.load import SpecError, load_finetunejob
 from kubetune.api.models import FineTuneJobSpec
 from kubetune.cli_util import OneLineArgumentParser, OneLineError
 from kubetune.launch import count_gpus, local_launch_command
-from kubetune.storage import join
+from kubetune.storage import join, storage_env
 
 
 def main(argv: Sequence[str], prog: str = "kubetune run") -> int:
@@ -42,7 +42,7 @@ def main(argv: Sequence[str], prog: str = "kubetune run") -> int:
         raise OneLineError(f"--gpus: must be 0 or more (got {args.gpus})")
 
     storage = args.storage or spec.storage.uri
-    env = storage_env(spec)
+    env = {**storage_env(spec.storage), **os.environ}  # what the caller's environment sets wins
     dataset = spec.dataset.imagefolder.uri if spec.dataset.imagefolder else join(storage, layout.DATASET_DIR)
 
     if not spec.dataset.imagefolder and not args.skip_collect:
@@ -82,15 +82,6 @@ def step(name: str, command: list[str], env: dict[str, str]) -> int:
 
 def kubetune() -> list[str]:
     return [sys.executable, "-m", "kubetune.cli"]
-
-
-def storage_env(spec: FineTuneJobSpec) -> dict[str, str]:
-    env = dict(os.environ)
-    if spec.storage.endpoint:
-        env.setdefault("AWS_ENDPOINT_URL", spec.storage.endpoint)
-    if spec.storage.region:
-        env.setdefault("AWS_REGION", spec.storage.region)
-    return env
 
 
 def choose_gpus(spec: FineTuneJobSpec, requested: int | None) -> int:

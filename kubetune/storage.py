@@ -19,12 +19,28 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from kubetune.api.models import Storage
 
 
 class StorageError(RuntimeError):
     """A storage operation failed; the message names the URI (never credentials)."""
+
+
+def storage_env(storage: Storage) -> dict[str, str]:
+    """The environment that points boto3 (and this module) at `spec.storage`'s endpoint and region,
+    for the pods the operator makes and the processes `kubetune run` starts. Credentials are not
+    here: they come from a Secret (pods) or the caller's own environment."""
+    env = {}
+    if storage.endpoint:
+        env["AWS_ENDPOINT_URL"] = storage.endpoint
+    if storage.region:
+        env["AWS_REGION"] = storage.region
+        env["AWS_DEFAULT_REGION"] = storage.region  # the name older boto3 and other tools read
+    return env
 
 
 def is_s3(uri: str) -> bool:

@@ -16,9 +16,17 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune.api.layout import EXIT_INVALID, EXIT_PREEMPTED, SPEC_ENV, dataset_fingerprint
+from kubetune.api.contracts import SOURCE_SECRET_ENV
+from kubetune.api.layout import (
+    EXIT_EMPTY_DATASET,
+    EXIT_INVALID,
+    EXIT_PREEMPTED,
+    SPEC_ENV,
+    dataset_fingerprint,
+)
 from kubetune.api.load import dump_spec
 from kubetune.api.models import API_VERSION, KIND, FineTuneJobSpec, PodSettings, SecretKeyRef
+from kubetune.storage import storage_env
 
 # -- labels and annotations --------------------------------------------------------------------
 
@@ -142,18 +150,9 @@ def secret_env(variable: str, ref: SecretKeyRef) -> dict[str, Any]:
 
 def dataset_secret_refs(spec: FineTuneJobSpec) -> dict[str, SecretKeyRef]:
     """Env variable -> Secret key the collector needs for the dataset source."""
-    dataset = spec.dataset
-    refs: dict[str, SecretKeyRef | None] = {}
-    if dataset.unsplash:
-        refs["UNSPLASH_ACCESS_KEY"] = dataset.unsplash.access_key_secret_ref
-    if dataset.google:
-        refs["GOOGLE_API_KEY"] = dataset.google.api_key_secret_ref
-        refs["GOOGLE_CSE_ID"] = dataset.google.search_engine_id_secret_ref
-    if dataset.openverse:
-        refs["OPENVERSE_CLIENT_ID"] = dataset.openverse.client_id_secret_ref
-        refs["OPENVERSE_CLIENT_SECRET"] = dataset.openverse.client_secret_secret_ref
-    if dataset.huggingface:
-        refs["HF_TOKEN"] = dataset.huggingface.token_secret_ref
+    source = spec.dataset.source
+    variables = SOURCE_SECRET_ENV.get(spec.dataset.source_name, {})
+    refs = {variable: getattr(source, field_name) for field_name, variable in variables.items()}
     return {variable: ref for variable, ref in refs.items() if ref is not None}
 
 
@@ -212,11 +211,7 @@ def env(spec: FineTuneJobSpec, owner: Owner, component: str) -> list[dict[str, A
     ]
     if component == TRAINER:  # torch's agent must stop its workers within the pod's grace period
         entries.append({"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(TRAINER_GRACE_SECONDS - 30)})
-    if spec.storage.endpoint:
-        entries.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint})
-    if spec.storage.region:
-        entries.append({"name": "AWS_REGION", "value": spec.storage.region})
-        entries.append({"name": "AWS_DEFAULT_REGION", "value": spec.storage.region})
+    entries += [{"name": name, "value": value} for name, value in storage_env(spec.storage).items()]
     entries += [secret_env(variable, ref) for variable, ref in secret_refs(spec, component).items()]
     return entries
 
@@ -247,12 +242,17 @@ def tmp_volume() -> tuple[dict[str, Any], dict[str, Any]]:
 
 def pod_failure_policy(container: str) -> dict[str, Any]:
     """Preemption (eviction, node drain, or the program's own "preempted" exit code after it
-    saved a checkpoint) is not a failure; invalid input cannot be fixed by a retry."""
+    saved a checkpoint) is not a failure; invalid input cannot be fixed by a retry, nor can a
+    collection that kept nothing (the same search finds the same nothing)."""
+    def exit_codes(*codes: int) -> dict[str, Any]:
+        return {"containerName": container, "operator": "In", "values": list(codes)}
+
     return {
         "rules": [
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-            {"action": "Ignore", "onExitCodes": {"containerName": container, "operator": "In", "values": [EXIT_PREEMPTED]}},
-            {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In", "values": [EXIT_INVALID]}},
+            {"action": "Ignore", "onExitCodes": exit_codes(EXIT_PREEMPTED)},
+            {"action": "FailJob", "onExitCodes": exit_codes(EXIT_INVALID)},
+            {"action": "FailJob", "onExitCodes": exit_codes(EXIT_EMPTY_DATASET)},
         ]
     }
 

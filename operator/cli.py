@@ -16,6 +16,7 @@ from kubetune.api.models import GROUP, PLURAL, VERSION
 from kubetune.cli_util import OneLineArgumentParser, OneLineError
 
 from . import builders as b
+from .objects import annotations, meta
 
 log = logging.getLogger("kubetune.operator")
 
@@ -123,8 +124,9 @@ def register(controller: Any, verbose: bool = False, scan_namespaces: bool = Fal
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def finetunejob_event(event: dict[str, Any], **_: Any) -> None:
         body = event.get("object") or {}
-        meta = body.get("metadata") or {}
-        controller.finetunejob_seen(meta.get("namespace", ""), meta.get("name", ""), body, deleted=event.get("type") == "DELETED")
+        body_meta = meta(body)
+        controller.finetunejob_seen(body_meta.get("namespace", ""), body_meta.get("name", ""), body,
+                                    deleted=event.get("type") == "DELETED")
 
     @kopf.on.event("batch", "v1", "jobs", labels=managed, registry=registry)
     async def job_event(event: dict[str, Any], **_: Any) -> None:
@@ -136,7 +138,7 @@ def register(controller: Any, verbose: bool = False, scan_namespaces: bool = Fal
     @kopf.on.event("", "v1", "pods", labels=trainer_pods, registry=registry)
     async def pod_event(event: dict[str, Any], **_: Any) -> None:
         body = event.get("object") or {}
-        owner = ((body.get("metadata") or {}).get("annotations") or {}).get(b.ANNOTATION_OWNER)
+        owner = annotations(body).get(b.ANNOTATION_OWNER)
         if owner:
             controller.child_seen(body["metadata"]["namespace"], owner, pod=body)
 

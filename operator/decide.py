@@ -6,6 +6,10 @@ patches to apply and the Events to post. It never calls the API, so every rule b
 test away, and a pass can be repeated at any moment: an operator restarted mid-way recomputes
 the same answer from the same observations.
 
+A pass is a sequence of steps (`_Pass.run`): stay finished, check the deadline, prepare the
+dataset, train. Each step returns the Decision that ends the pass, or None to go on to the next.
+The files the other components write are read through their models in kubetune.api.contracts.
+
 Attempts: attempt i of the trainer runs in the Job for restart ordinal
 `restart = number of attempts before i that ended Failed or Preempted` (`<name>-train`,
 `<name>-train-r1`, ...). Failed attempts use the backoff budget (`status.restarts`); preempted
@@ -17,18 +21,21 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from kubetune import storage
+from kubetune.api.contracts import DatasetManifest, TrainingProgress, problem
 from kubetune.api.layout import (
     CHECKPOINTS_DIR,
     DATASET_DIR,
+    EXIT_EMPTY_DATASET,
     EXIT_INVALID,
-    EXIT_PREEMPTED,
     SAMPLES_DIR,
     dataset_fingerprint,
+    step_of_checkpoint_uri,
 )
-from kubetune.api.layout import checkpoint_step as checkpoint_folder_step
 from kubetune.api.models import (
     Attempt,
     Condition,
@@ -39,9 +46,26 @@ from kubetune.api.models import (
 )
 
 from . import builders as b
+from .objects import (
+    ENDED_NEEDS_NEW_JOB,
+    annotations,
+    component,
+    job_attempt,
+    job_failure_message,
+    job_finished,
+    job_suspended,
+    meta,
+    pod_active,
+    pod_exit_code,
+    pod_job_name,
+    pod_preempted,
+    recorded_preemptions,
+    stopped_before_job_started,
+    termination_message,
+)
 
 TERMINAL = ("Succeeded", "Failed")
-ENDED_NEEDS_NEW_JOB = ("Failed", "Preempted")
+CHECK_SOURCE = "check the source settings (prompts, URLs, minSize) and recreate the job"
 
 
 @dataclass
@@ -54,7 +78,9 @@ class Event:
 @dataclass
 class Observed:
     """Everything one pass looks at. `pods` are the FineTuneJob's pods (collector and trainer);
-    `missing_secrets` holds one message per Secret or key that does not exist."""
+    `secrets` maps each Secret named by the spec to its keys (None: it does not exist).
+    `dataset_manifest` and `progress` are those files' JSON as read, None when absent; decide
+    reads them as contracts.DatasetManifest and contracts.TrainingProgress."""
 
     name: str
     namespace: str
@@ -94,104 +120,69 @@ class Decision:
         return str(self.status.get("phase", "Pending"))
 
 
-# -- reading Kubernetes objects ----------------------------------------------------------------
+# -- reading what the collector and the trainer wrote ------------------------------------------
+
+Contract = TypeVar("Contract", bound=BaseModel)
 
 
-def job_condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
-    for condition in (job.get("status") or {}).get("conditions") or []:
-        if condition.get("type") == kind and condition.get("status") == "True":
-            return condition  # type: ignore[no-any-return]
-    return None
+def read_contract(model: type[Contract], raw: dict[str, Any] | None) -> tuple[Contract | None, str]:
+    """A file's JSON as its contract model; (None, "") when absent, (None, why) when it is not
+    one (a key of the wrong type, a missing key)."""
+    if raw is None:
+        return None, ""
+    try:
+        return model.model_validate(raw), ""
+    except ValidationError as error:
+        return None, problem(error)
 
 
-def job_finished(job: dict[str, Any]) -> str:
-    """"Complete", "Failed" or "" while the Job runs (or is suspended)."""
-    if job_condition(job, "Complete") or job_condition(job, "SuccessCriteriaMet"):
-        return "Complete"
-    if job_condition(job, "Failed") or job_condition(job, "FailureTarget"):
-        return "Failed"
-    return ""
+def dataset_status(manifest: DatasetManifest, uri: str) -> DatasetStatus:
+    counts = manifest.counts
+    return DatasetStatus(uri=uri, requested=counts.requested, kept=counts.kept,
+                         skipped=dict(counts.skipped))
 
 
-def job_suspended(job: dict[str, Any]) -> bool:
-    return bool((job.get("spec") or {}).get("suspend"))
+def percent(step: int, max_steps: int) -> str:
+    return f"{min(100, int(100 * step / max_steps))}%" if max_steps > 0 else ""
 
 
-def terminated_state(pod: dict[str, Any], container: str) -> dict[str, Any] | None:
-    for status in (pod.get("status") or {}).get("containerStatuses") or []:
-        if status.get("name") != container:
-            continue
-        for key in ("state", "lastState"):
-            terminated = (status.get(key) or {}).get("terminated")
-            if terminated:
-                return terminated  # type: ignore[no-any-return]
-    return None
+def training_status(progress: TrainingProgress, now: datetime) -> TrainingStatus:
+    def number(value: float | None, digits: int) -> str:
+        return "" if value is None else f"{value:.{digits}g}"
 
-
-def pod_exit_code(pod: dict[str, Any], container: str) -> int | None:
-    terminated = terminated_state(pod, container)
-    return None if terminated is None else terminated.get("exitCode")
-
-
-def pod_preempted(pod: dict[str, Any], container: str) -> bool:
-    """Evicted or disrupted (DisruptionTarget), or the program stopped itself after SIGTERM
-    having saved a checkpoint (exit code 75)."""
-    for condition in (pod.get("status") or {}).get("conditions") or []:
-        if condition.get("type") == "DisruptionTarget" and condition.get("status") == "True":
-            return True
-    return pod_exit_code(pod, container) == EXIT_PREEMPTED
-
-
-def stopped_before_job_started(pod: dict[str, Any], job: dict[str, Any]) -> bool:
-    """A pod deleted (or ended) before its Job's latest start: stopped by a suspension, not a
-    preemption. Kubernetes resets a Job's status.startTime when it is resumed."""
-    started = _parse_time((job.get("status") or {}).get("startTime"))
-    stopped = _parse_time((pod.get("metadata") or {}).get("deletionTimestamp")) or _parse_time(
-        (terminated_state(pod, b.TRAINER) or {}).get("finishedAt"))
-    return started is not None and stopped is not None and stopped <= started
-
-
-def pod_job_name(pod: dict[str, Any]) -> str:
-    pod_labels = (pod.get("metadata") or {}).get("labels") or {}
-    return str(pod_labels.get("batch.kubernetes.io/job-name") or pod_labels.get("job-name") or "")
-
-
-def pod_active(pod: dict[str, Any]) -> bool:
-    return (pod.get("status") or {}).get("phase") in (None, "Pending", "Running") or bool(
-        (pod.get("metadata") or {}).get("deletionTimestamp") and (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+    updated = progress.updated_at
+    if updated is not None:
+        updated = updated.replace(microsecond=0)
+        updated = updated if updated.tzinfo else updated.replace(tzinfo=timezone.utc)
+    return TrainingStatus(
+        step=progress.step,
+        max_steps=progress.max_steps,
+        progress=percent(progress.step, progress.max_steps),
+        epoch=progress.epoch,
+        loss=number(progress.loss, 4),
+        images_per_second=number(progress.images_per_second, 3),
+        eta_seconds=None if progress.eta_seconds is None else int(progress.eta_seconds),
+        latest_checkpoint=progress.latest_checkpoint or "",
+        # the trainer's own timestamp: status only changes when progress does
+        updated_at=updated or now,
     )
 
 
-def termination_message(pods: list[dict[str, Any]], container: str, limit: int = 400) -> str:
-    """The last lines a failed container left (its termination message, or its log tail thanks
-    to FallbackToLogsOnError), newest pod first, on one line."""
-    failed = [p for p in pods if (pod_exit_code(p, container) or 0) != 0]
-    failed.sort(key=lambda p: str((p.get("metadata") or {}).get("creationTimestamp") or ""), reverse=True)
-    for pod in failed:
-        terminated = terminated_state(pod, container) or {}
-        text = (terminated.get("message") or "").strip()
-        if text:
-            lines = [line.strip() for line in text.splitlines() if line.strip()]
-            # kubetune's one-line errors ("kubetune train: error: ...") say it best
-            own = [line for line in lines if line.startswith("kubetune ") and ": error: " in line]
-            one = own[-1] if own else " | ".join(lines[-3:])
-            return one if len(one) <= limit else "..." + one[-limit:]
-        if terminated.get("exitCode") is not None:
-            return f"container {container} exited with code {terminated['exitCode']}" + (
-                f" ({terminated['reason']})" if terminated.get("reason") else "")
-    return ""
-
-
-def recorded_preemptions(job: dict[str, Any]) -> list[str]:
-    value = ((job.get("metadata") or {}).get("annotations") or {}).get(b.ANNOTATION_PREEMPTED_PODS, "")
-    return [uid for uid in value.split(",") if uid]
+def missing_secrets(spec: FineTuneJobSpec, component_name: str,
+                    secrets: dict[str, set[str] | None]) -> list[str]:
+    """One line per Secret or key a component needs that does not exist, naming the field that
+    refers to it. A pod with a missing Secret would wait forever in CreateContainerConfigError."""
+    problems = []
+    for path, ref in b.secret_ref_paths(spec, component_name):
+        keys = secrets.get(ref.name)
+        if keys is None:
+            problems.append(f"Secret '{ref.name}' not found (referenced by {path})")
+        elif ref.key not in keys:
+            problems.append(f"Secret '{ref.name}' has no key '{ref.key}' (referenced by {path})")
+    return list(dict.fromkeys(problems))
 
 
 # -- status helpers ----------------------------------------------------------------------------
-
-
-def now_utc() -> datetime:
-    return datetime.now(timezone.utc).replace(microsecond=0)
 
 
 def set_condition(conditions: list[Condition], kind: str, status: str, reason: str, message: str,
@@ -214,64 +205,6 @@ def remove_condition(conditions: list[Condition], kind: str) -> None:
     conditions[:] = [c for c in conditions if c.type != kind]
 
 
-def new_attempt_due(status: dict[str, Any]) -> bool:
-    attempts = status.get("attempts") or []
-    return bool(attempts) and attempts[-1].get("reason") in ENDED_NEEDS_NEW_JOB
-
-
-def checkpoint_step(uri: str) -> int:
-    """The step of a checkpoint name or URI (`step-N` or `checkpoint-N`); 0 for none."""
-    return checkpoint_folder_step((uri or "").rstrip("/").rsplit("/", 1)[-1]) or 0
-
-
-def percent(step: int, max_steps: int) -> str:
-    return f"{min(100, int(100 * step / max_steps))}%" if max_steps > 0 else ""
-
-
-def training_status(progress: dict[str, Any], now: datetime) -> TrainingStatus:
-    step = int(progress.get("step") or 0)
-    max_steps = int(progress.get("maxSteps") or 0)
-    loss = progress.get("loss")
-    rate = progress.get("imagesPerSecond")
-    eta = progress.get("etaSeconds")
-    return TrainingStatus(
-        step=step,
-        max_steps=max_steps,
-        progress=percent(step, max_steps),
-        epoch=int(progress.get("epoch") or 0),
-        loss=f"{float(loss):.4g}" if isinstance(loss, (int, float)) else str(loss or ""),
-        images_per_second=f"{float(rate):.3g}" if isinstance(rate, (int, float)) else str(rate or ""),
-        eta_seconds=int(eta) if isinstance(eta, (int, float)) else None,
-        latest_checkpoint=str(progress.get("latestCheckpoint") or ""),
-        # the trainer's own timestamp: status only changes when progress does
-        updated_at=_parse_time(progress.get("updatedAt")) or now,
-    )
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if isinstance(value, (int, float)):
-        return datetime.fromtimestamp(value, timezone.utc).replace(microsecond=0)
-    if isinstance(value, str) and value:
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).replace(microsecond=0)
-    return None
-
-
-def manifest_counts(manifest: dict[str, Any], uri: str) -> DatasetStatus:
-    """Counts from the collector's manifest; it may keep them at the top or under `counts`."""
-    counts = manifest.get("counts") if isinstance(manifest.get("counts"), dict) else manifest
-    skipped = counts.get("skipped") or {}
-    return DatasetStatus(
-        uri=uri,
-        requested=int(counts.get("requested") or 0),
-        kept=int(counts.get("kept") or counts.get("images") or 0),
-        skipped={str(k): int(v) for k, v in skipped.items()} if isinstance(skipped, dict) else {},
-    )
-
-
 def restart_of(attempts: list[Attempt], index: int) -> int:
     """Which trainer Job attempt `index` runs in (see the module docstring)."""
     return sum(1 for a in attempts[:index] if a.reason in ENDED_NEEDS_NEW_JOB)
@@ -281,7 +214,9 @@ def restart_of(attempts: list[Attempt], index: int) -> int:
 
 
 class _Pass:
-    """One pass of decide(): the working state and small steps that update it."""
+    """One pass of decide(). Its steps update the working status (`self.status`) and collect
+    what to create, patch and post (`self.decision`); a step returns the Decision that ends the
+    pass (through `finish` or `fail`), or None when the next step should run."""
 
     def __init__(self, observed: Observed) -> None:
         self.o = observed
@@ -289,21 +224,294 @@ class _Pass:
         self.status = self.old.model_copy(deep=True)
         self.decision = Decision(status={})
         self.owner = b.Owner(observed.name, observed.namespace, observed.uid)
+        self.manifest, self.manifest_problem = read_contract(DatasetManifest,
+                                                             observed.dataset_manifest)
+        # an unreadable progress.json is as if absent: the status keeps the last good one
+        self.progress, _ = read_contract(TrainingProgress, observed.progress)
 
-    # small steps
+    # the flow
 
-    def event(self, kind: str, reason: str, message: str) -> None:
-        self.decision.events.append(Event(kind, reason, message))
+    def run(self) -> Decision:
+        spec = self.o.spec
+        if spec is None:
+            return self.fail("InvalidSpec", self.o.spec_error or "the spec cannot be read")
+        if self.status.phase not in TERMINAL:
+            self.status.start_time = self.status.start_time or self.o.now
+        for step in (self.stay_finished, self.check_deadline, self.prepare_dataset):
+            ended = step(spec)
+            if ended is not None:
+                return ended
+        return self.train(spec)
 
-    def condition(self, kind: str, status: str, reason: str, message: str = "") -> None:
-        set_condition(self.status.conditions, kind, status, reason, message, self.o.now, self.o.generation)
+    def stay_finished(self, spec: FineTuneJobSpec) -> Decision | None:
+        """A finished job stays as it is; a failed one keeps its Jobs stopped."""
+        if self.status.phase not in TERMINAL:
+            return None
+        if self.status.phase == "Failed":
+            self.suspend_running_jobs()
+        return self.finish()
 
-    def suspend_running_jobs(self) -> None:
-        for name, job in self.o.jobs.items():
-            if not job_finished(job) and not job_suspended(job):
-                self.decision.patch.append(Patch("Job", name, {"spec": {"suspend": True}}))
+    def check_deadline(self, spec: FineTuneJobSpec) -> Decision | None:
+        deadline = spec.run_policy.active_deadline_seconds
+        assert self.status.start_time is not None
+        if deadline and (self.o.now - self.status.start_time).total_seconds() > deadline:
+            return self.fail("DeadlineExceeded", f"the job ran longer than runPolicy.activeDeadlineSeconds={deadline}; "
+                                                 "raise it or lower training.maxTrainSteps")
+        return None
+
+    # dataset
+
+    def prepare_dataset(self, spec: FineTuneJobSpec) -> Decision | None:
+        """None once the dataset is ready; else the pass ends collecting (or failed)."""
+        o = self.o
+        if spec.dataset.imagefolder:
+            self.use_imagefolder(spec.dataset.imagefolder.uri)
+            return None
+        uri = storage.join(spec.storage.uri, DATASET_DIR)
+        ready = self.has_condition("DatasetReady", "True")
+        if self.status.attempts and ready and o.dataset_manifest is None:
+            return None  # ready before training started (the manifest is not read again)
+        collect_name = b.collector_job_name(o.name)
+        collector = o.jobs.get(collect_name)
+        wanted = dataset_fingerprint(spec.dataset)
+        started_with = annotations(collector).get(b.ANNOTATION_FINGERPRINT, wanted)
+        manifest = self.manifest
+        if manifest is not None and manifest.fingerprint not in (wanted, started_with):
+            manifest = None  # of other settings: collected again
+        if manifest is not None and manifest.empty and collector is None:
+            manifest = None  # an earlier job's empty result: collected again (the collector retries)
+        if manifest is not None:
+            return self.use_collected_dataset(manifest, uri, collector, started_with != wanted)
+        if o.storage_error:
+            return self.storage_unreachable()
+        problems = missing_secrets(spec, b.COLLECTOR, o.secrets)
+        if problems:
+            return self.fail_secret_not_found(problems)
+        if collector is None:
+            return self.start_collector(spec, uri, collect_name)
+        return self.follow_collector(spec, uri, collect_name, collector, started_with != wanted)
+
+    def use_imagefolder(self, uri: str) -> None:
+        if not (self.status.dataset and self.status.dataset.uri == uri):
+            self.status.dataset = DatasetStatus(uri=uri)
+        self.condition("DatasetReady", "True", "ImageFolder", f"training on the existing imagefolder {uri}")
+
+    def use_collected_dataset(self, manifest: DatasetManifest, uri: str,
+                              collector: dict[str, Any] | None, spec_changed: bool) -> Decision | None:
+        """The manifest's counts into status; fails an empty dataset, else None (ready)."""
+        counts = self.status.dataset = dataset_status(manifest, uri)
+        if manifest.empty:
+            skipped = counts.skipped or "none"
+            return self.fail("EmptyDataset", f"the collector kept 0 images (skipped: {skipped}); {CHECK_SOURCE}")
+        if spec_changed:
+            self.spec_change_ignored("spec.dataset changed after collection started; the dataset already collected is used")
+        found = collector is None
+        if not self.has_condition("DatasetReady", "True"):
+            self.event("Normal", "DatasetFound" if found else "DatasetCollected",
+                       f"{counts.kept} images in {uri}" + (" (collected earlier with the same settings)" if found else ""))
+        self.condition("DatasetReady", "True", "DatasetFound" if found else "Collected", f"{counts.kept} images in {uri}")
+        return None
+
+    def storage_unreachable(self) -> Decision:
+        self.status.message = f"cannot read storage: {self.o.storage_error}"
+        self.condition("DatasetReady", "Unknown", "StorageUnreachable", self.status.message)
+        return self.finish()
+
+    def start_collector(self, spec: FineTuneJobSpec, uri: str, collect_name: str) -> Decision:
+        self.decision.create.append(b.collector_job(spec, self.owner, self.o.images))
+        self.status.phase = "Collecting"
+        self.status.message = f"collecting the dataset ({spec.dataset.source_name}) into {uri}"
+        self.condition("DatasetReady", "False", "Collecting", self.status.message)
+        if not spec.suspend and not spec.run_policy.queue_name:
+            # what the next pass would add once the Job exists: one status write, not two
+            self.condition("Suspended", "False", "NotSuspended")
+        self.event("Normal", "CollectionStarted", f"created Job {collect_name}")
+        return self.finish()
+
+    def follow_collector(self, spec: FineTuneJobSpec, uri: str, collect_name: str,
+                         collector: dict[str, Any], spec_changed: bool) -> Decision:
+        finished = job_finished(collector)
+        if finished == "Failed":
+            return self.collector_failed(collector, collect_name)
+        if finished == "Complete":
+            what = "is missing or for other settings"
+            if self.manifest_problem:
+                what = f"is not a dataset manifest: {self.manifest_problem}"
+            message = f"the collector finished but {uri}/manifest.json {what}"
+            self.condition("DatasetReady", "False", "DatasetIncomplete", message)
+            return self.fail("DatasetIncomplete", message)
+        if spec_changed:
+            self.spec_change_ignored("spec.dataset changed after collection started; the collection continues with the old settings")
+        self.suspension(collector, collect_name, "Collecting", f"collecting the dataset ({spec.dataset.source_name}) into {uri}")
+        self.condition("DatasetReady", "False", "Collecting", self.status.message)
+        return self.finish()
+
+    def collector_failed(self, collector: dict[str, Any], collect_name: str) -> Decision:
+        """Fail with the collector's reason, told by its exit code, and its last words."""
+        pods = self.pods_of(collect_name)
+        codes = {pod_exit_code(p, b.COLLECTOR) for p in pods}
+        detail = (termination_message(pods, b.COLLECTOR) or job_failure_message(collector)
+                  or "Job failed")
+        if EXIT_EMPTY_DATASET in codes:  # and its manifest (kept 0) could not be read
+            reason = "EmptyDataset"
+            message = f"the collector kept no images: {detail}; {CHECK_SOURCE}"
+        elif EXIT_INVALID in codes:
+            reason, message = "CollectorInvalidInput", f"the collector rejected its input: {detail}"
+        else:
+            reason, message = "CollectionFailed", f"the collector failed: {detail}"
+        self.condition("DatasetReady", "False", reason, message)
+        return self.fail(reason, message)
+
+    # training
+
+    def train(self, spec: FineTuneJobSpec) -> Decision:
+        o = self.o
+        problems = missing_secrets(spec, b.TRAINER, o.secrets)
+        if problems:
+            return self.fail_secret_not_found(problems)
+        if self.progress is not None:
+            self.status.training = training_status(self.progress, o.now)
+        if not o.service_exists:
+            self.decision.create.append(b.trainer_service(spec, self.owner))
+        attempts = self.status.attempts
+        if not attempts or attempts[-1].reason in ENDED_NEEDS_NEW_JOB:
+            return self.start_attempt(spec)
+        restart = restart_of(attempts, len(attempts) - 1)
+        name = b.trainer_job_name(o.name, restart)
+        job = o.jobs.get(name)
+        if job is None:  # recorded in status but not created yet (or deleted by hand): create it
+            self.decision.create.append(b.trainer_job(spec, self.owner, restart, o.images))
+            self.status.phase = "Training"
+            self.status.message = f"starting attempt {len(attempts) - 1} (Job {name})"
+            self.condition("Training", "False", "Starting", self.status.message)
+            return self.finish()
+        started_with = annotations(job).get(b.ANNOTATION_TRAINING_HASH)
+        if started_with and started_with != b.training_hash(spec):
+            self.spec_change_ignored("spec.model, spec.training or the trainer layout changed after training started; "
+                                     "the running training keeps its settings (create a new FineTuneJob to apply them)")
+        finished = job_finished(job)
+        pods = self.pods_of(name)
+        self.record_preempted_pods(job, name, pods)
+        if finished == "Complete":
+            return self.succeed(spec, name)
+        if finished == "Failed":
+            return self.attempt_failed(spec, job, name, pods)
+        if spec.trainer.nodes > 1 and (recorded_preemptions(job) or self.pending_preemption_patch(name)) and not job_suspended(job):
+            return self.restart_preempted_gang(spec, name)
+        return self.follow_training(job, name)
+
+    def follow_training(self, job: dict[str, Any], name: str) -> Decision:
+        step = self.status.training.step if self.status.training else 0
+        attempt = len(self.status.attempts) - 1
+        self.suspension(job, name, "Training", f"training attempt {attempt} (Job {name}) at step {step}")
+        if self.status.phase == "Training":
+            self.condition("Training", "True" if not job_suspended(job) else "False",
+                           "Running" if not job_suspended(job) else "Queued", self.status.message)
+        else:
+            self.condition("Training", "False", "Suspended", self.status.message)
+        return self.finish()
+
+    def restart_preempted_gang(self, spec: FineTuneJobSpec, name: str) -> Decision:
+        """One rank preempted breaks the whole gang: stop the rest, start a new attempt."""
+        self.decision.patch.append(Patch("Job", name, {"spec": {"suspend": True}}))
+        self.end_attempt("Preempted")
+        self.event("Warning", "Preempted", f"a pod of Job {name} was preempted; restarting all "
+                                           f"{spec.trainer.nodes} nodes from the latest checkpoint")
+        self.status.message = "preempted; a new attempt resumes from the latest checkpoint"
+        self.condition("Training", "False", "Preempted", self.status.message)
+        self.status.phase = "Training"
+        return self.finish()
+
+    def pending_preemption_patch(self, name: str) -> bool:
+        return any(p.name == name and b.ANNOTATION_PREEMPTED_PODS in annotations(p.body)
+                   for p in self.decision.patch)
+
+    def record_preempted_pods(self, job: dict[str, Any], name: str, pods: list[dict[str, Any]]) -> None:
+        """Remember preempted pods on their Job: they vanish from the API soon after (evicted
+        pods are deleted), and the Job controller does not count ignored failures."""
+        if job_suspended(job) or job_finished(job) == "Complete":
+            return  # pods stopped by a suspension are not preemptions
+        known = recorded_preemptions(job)
+        new = [str(meta(p)["uid"]) for p in pods
+               if pod_preempted(p, b.TRAINER) and meta(p).get("uid") and meta(p)["uid"] not in known
+               and not stopped_before_job_started(p, job)]
+        if new:
+            uids = ",".join(known + new)
+            recorded = {b.ANNOTATION_PREEMPTED_PODS: uids}
+            self.decision.patch.append(Patch("Job", name, {"metadata": {"annotations": recorded}}))
+            job.setdefault("metadata", {}).setdefault("annotations", {}).update(recorded)
+            self.event("Warning", "PodPreempted", f"{len(new)} trainer pod(s) of Job {name} preempted; "
+                                                  "they resume from the latest checkpoint (not counted against backoffLimit)")
+
+    def start_attempt(self, spec: FineTuneJobSpec) -> Decision:
+        o = self.o
+        attempts = self.status.attempts
+        still_running = [meta(p)["name"] for p in o.pods
+                         if pod_active(p) and component(p) == b.TRAINER]
+        self.status.phase = "Training"
+        if still_running:  # never two trainer gangs writing the same checkpoints
+            self.status.message = f"waiting for the previous attempt's pods to stop: {', '.join(sorted(still_running)[:3])}"
+            self.condition("Training", "False", "WaitingForPreviousAttempt", self.status.message)
+            return self.finish()
+        index = len(attempts)
+        restart = restart_of(attempts, index)
+        resume_from = self.status.training.latest_checkpoint if self.status.training else ""
+        if step_of_checkpoint_uri(o.latest_checkpoint) > step_of_checkpoint_uri(resume_from):
+            resume_from = o.latest_checkpoint  # a checkpoint completed after the last progress.json
+        attempts.append(Attempt(index=index, start_step=step_of_checkpoint_uri(resume_from), start_time=o.now))
+        name = b.trainer_job_name(o.name, restart)
+        if name not in o.jobs:
+            self.decision.create.append(b.trainer_job(spec, self.owner, restart, o.images))
+        self.status.message = f"starting attempt {index} (Job {name})" + (f", resuming from {resume_from}" if resume_from else "")
+        self.condition("Training", "False", "Starting", self.status.message)
+        self.event("Normal", "TrainingStarted" if index == 0 else "AttemptStarted", self.status.message)
+        return self.finish()
+
+    def succeed(self, spec: FineTuneJobSpec, name: str) -> Decision:
+        status = self.status
+        uri = spec.storage.uri
+        if status.training and status.training.max_steps:
+            status.training.step = max(status.training.step, status.training.max_steps)
+            status.training.progress = "100%"
+            status.training.eta_seconds = 0
+        self.end_attempt("Succeeded")
+        status.phase = "Succeeded"
+        status.model_uri = uri
+        status.samples_uri = storage.join(uri, SAMPLES_DIR) + "/"
+        status.checkpoints_uri = storage.join(uri, CHECKPOINTS_DIR) + "/"
+        status.completion_time = self.o.now
+        status.message = f"model published to {uri}"
+        self.condition("Training", "False", "Succeeded", f"Job {name} completed")
+        self.condition("Succeeded", "True", "Succeeded", status.message)
+        return self.finish()
+
+    def attempt_failed(self, spec: FineTuneJobSpec, job: dict[str, Any], name: str, pods: list[dict[str, Any]]) -> Decision:
+        detail = termination_message(pods, b.TRAINER) or job_failure_message(job) or "Job failed"
+        if any(pod_exit_code(p, b.TRAINER) == EXIT_INVALID for p in pods):
+            return self.fail("TrainerInvalidInput", f"the trainer rejected its input (retrying cannot help): {detail}")
+        progress_preempted = self.progress is not None and self.progress.state == "preempted"
+        preempted = bool(recorded_preemptions(job)) or any(pod_preempted(p, b.TRAINER) for p in pods) or progress_preempted
+        if preempted:
+            self.end_attempt("Preempted")
+            self.status.message = f"attempt {len(self.status.attempts) - 1} was preempted; resuming from the latest checkpoint"
+            self.event("Warning", "Preempted", self.status.message)
+        else:
+            self.end_attempt("Failed")
+            failures = sum(1 for a in self.status.attempts if a.reason == "Failed")
+            limit = spec.run_policy.backoff_limit
+            if failures > limit:
+                return self.fail("BackoffLimitExceeded", f"the trainer failed {failures} time(s), more than "
+                                                         f"runPolicy.backoffLimit={limit}; last failure: {detail}")
+            self.status.message = f"attempt {len(self.status.attempts) - 1} failed ({failures} of {limit} retries used): {detail}"
+            self.event("Warning", "AttemptFailed", self.status.message)
+        self.status.phase = "Training"
+        self.condition("Training", "False", "Restarting", self.status.message)
+        return self.finish()
+
+    # shared by the steps
 
     def fail(self, reason: str, message: str) -> Decision:
+        """End the pass Failed: the reason in conditions; running Jobs stop (kept for inspection)."""
         self.status.phase = "Failed"
         self.status.message = message
         self.status.completion_time = self.status.completion_time or self.o.now
@@ -312,16 +520,15 @@ class _Pass:
         remove_condition(self.status.conditions, "Suspended")
         if self.status.attempts and not self.status.attempts[-1].reason:
             self.end_attempt("Failed")
-        self.suspend_running_jobs()  # stop what still runs; the Jobs stay for inspection
+        self.suspend_running_jobs()
         return self.finish()
 
-    def end_attempt(self, reason: str) -> None:
-        attempt = self.status.attempts[-1]
-        attempt.reason = reason
-        attempt.end_step = self.status.training.step if self.status.training else attempt.start_step
-        attempt.end_time = self.o.now
+    def fail_secret_not_found(self, problems: list[str]) -> Decision:
+        where = f" in namespace {self.o.namespace}: create it, then recreate the FineTuneJob"
+        return self.fail("SecretNotFound", "; ".join(problems) + where)
 
     def finish(self) -> Decision:
+        """End the pass: the counters and the summary condition, one event for a new phase."""
         status = self.status
         status.observed_generation = self.o.generation
         status.restarts = sum(1 for a in status.attempts if a.reason == "Failed")
@@ -337,6 +544,26 @@ class _Pass:
         self.decision.status = status.model_dump(mode="json", by_alias=True, exclude_none=True)
         return self.decision
 
+    def event(self, kind: str, reason: str, message: str) -> None:
+        self.decision.events.append(Event(kind, reason, message))
+
+    def condition(self, kind: str, status: str, reason: str, message: str = "") -> None:
+        set_condition(self.status.conditions, kind, status, reason, message, self.o.now, self.o.generation)
+
+    def has_condition(self, kind: str, status: str) -> bool:
+        return any(c.type == kind and c.status == status for c in self.old.conditions)
+
+    def suspend_running_jobs(self) -> None:
+        for name, job in self.o.jobs.items():
+            if not job_finished(job) and not job_suspended(job):
+                self.decision.patch.append(Patch("Job", name, {"spec": {"suspend": True}}))
+
+    def end_attempt(self, reason: str) -> None:
+        attempt = self.status.attempts[-1]
+        attempt.reason = reason
+        attempt.end_step = self.status.training.step if self.status.training else attempt.start_step
+        attempt.end_time = self.o.now
+
     def count_preemptions(self) -> int:
         attempts = self.status.attempts
         counted = 0
@@ -345,114 +572,17 @@ class _Pass:
             uids = recorded_preemptions(job)
             counted += len(uids)
             if uids:
-                seen_restarts.add(int(((job.get("metadata") or {}).get("labels") or {}).get(b.LABEL_ATTEMPT, "0")))
+                seen_restarts.add(job_attempt(job))
         for i, attempt in enumerate(attempts):  # preempted attempts known only from progress.json
             if attempt.reason == "Preempted" and restart_of(attempts, i) not in seen_restarts:
                 counted += 1
         return counted
 
     def trainer_jobs(self) -> dict[str, dict[str, Any]]:
-        return {n: j for n, j in self.o.jobs.items()
-                if ((j.get("metadata") or {}).get("labels") or {}).get(b.LABEL_COMPONENT) == b.TRAINER}
+        return {n: j for n, j in self.o.jobs.items() if component(j) == b.TRAINER}
 
     def pods_of(self, job_name: str) -> list[dict[str, Any]]:
         return [p for p in self.o.pods if pod_job_name(p) == job_name]
-
-    # the flow
-
-    def run(self) -> Decision:
-        o, spec = self.o, self.o.spec
-        if spec is None:
-            return self.fail("InvalidSpec", o.spec_error or "the spec cannot be read")
-        if self.status.phase in TERMINAL:
-            if self.status.phase == "Failed":
-                self.suspend_running_jobs()
-            return self.finish()
-        self.status.start_time = self.status.start_time or o.now
-        deadline = spec.run_policy.active_deadline_seconds
-        if deadline and (o.now - self.status.start_time).total_seconds() > deadline:
-            return self.fail("DeadlineExceeded", f"the job ran longer than runPolicy.activeDeadlineSeconds={deadline}; "
-                                                 "raise it or lower training.maxTrainSteps")
-        dataset_uri = self.dataset(spec)
-        if dataset_uri is None:
-            return self.finish() if self.status.phase != "Failed" else self.decision
-        return self.training(spec)
-
-    def dataset(self, spec: FineTuneJobSpec) -> str | None:
-        """The dataset URI once it is ready; None while collecting (or failed)."""
-        o = self.o
-        if spec.dataset.imagefolder:
-            uri = spec.dataset.imagefolder.uri
-            if not (self.status.dataset and self.status.dataset.uri == uri):
-                self.status.dataset = DatasetStatus(uri=uri)
-            self.condition("DatasetReady", "True", "ImageFolder", f"training on the existing imagefolder {uri}")
-            return uri
-        uri = storage.join(spec.storage.uri, DATASET_DIR)
-        if self.status.attempts and self.has_condition("DatasetReady", "True") and o.dataset_manifest is None:
-            return self.status.dataset.uri if self.status.dataset else uri  # ready before training started
-        collect_name = b.collector_job_name(o.name)
-        collector = o.jobs.get(collect_name)
-        wanted = dataset_fingerprint(spec.dataset)
-        started_with = ((collector or {}).get("metadata") or {}).get("annotations", {}).get(b.ANNOTATION_FINGERPRINT, wanted)
-        manifest = o.dataset_manifest
-        if manifest is not None and manifest.get("fingerprint") in (wanted, started_with):
-            counts = manifest_counts(manifest, uri)
-            self.status.dataset = counts
-            if counts.kept == 0:
-                self.fail("EmptyDataset", f"the collector kept 0 images (skipped: {counts.skipped or 'none'}); "
-                                          "check the source settings (prompts, URLs, minSize) and recreate the job")
-                return None
-            if started_with != wanted:
-                self.spec_change_ignored("spec.dataset changed after collection started; the dataset already collected is used")
-            if not self.has_condition("DatasetReady", "True"):
-                found = collector is None
-                self.event("Normal", "DatasetFound" if found else "DatasetCollected",
-                           f"{counts.kept} images in {uri}" + (" (collected earlier with the same settings)" if found else ""))
-            self.condition("DatasetReady", "True", "DatasetFound" if collector is None else "Collected",
-                           f"{counts.kept} images in {uri}")
-            return uri
-        if o.storage_error:
-            self.status.message = f"cannot read storage: {o.storage_error}"
-            self.condition("DatasetReady", "Unknown", "StorageUnreachable", self.status.message)
-            return None
-        if self.secrets_missing(spec, b.COLLECTOR):
-            return None
-        if collector is None:
-            self.decision.create.append(b.collector_job(spec, self.owner, o.images))
-            self.status.phase = "Collecting"
-            self.status.message = f"collecting the dataset ({spec.dataset.source_name}) into {uri}"
-            self.condition("DatasetReady", "False", "Collecting", self.status.message)
-            if not spec.suspend and not spec.run_policy.queue_name:
-                # what the next pass would add once the Job exists: one status write, not two
-                self.condition("Suspended", "False", "NotSuspended")
-            self.event("Normal", "CollectionStarted", f"created Job {collect_name}")
-            return None
-        finished = job_finished(collector)
-        pods = self.pods_of(collect_name)
-        if finished == "Failed":
-            detail = termination_message(pods, b.COLLECTOR)
-            invalid = any(pod_exit_code(p, b.COLLECTOR) == EXIT_INVALID for p in pods)
-            reason = "CollectorInvalidInput" if invalid else "CollectionFailed"
-            if invalid and "0 images kept" in detail:  # the collector's own words for an empty result
-                reason = "EmptyDataset"
-            message = ("the collector rejected its input" if invalid else "the collector failed") + (f": {detail}" if detail else
-                       f": {(job_condition(collector, 'Failed') or {}).get('message', 'Job failed')}")
-            self.condition("DatasetReady", "False", reason, message)
-            self.fail(reason, message)
-            return None
-        if finished == "Complete":
-            message = f"the collector finished but {uri}/manifest.json is missing or for other settings"
-            self.condition("DatasetReady", "False", "DatasetIncomplete", message)
-            self.fail("DatasetIncomplete", message)
-            return None
-        if started_with != wanted:
-            self.spec_change_ignored("spec.dataset changed after collection started; the collection continues with the old settings")
-        self.suspension(collector, collect_name, "Collecting", f"collecting the dataset ({spec.dataset.source_name}) into {uri}")
-        self.condition("DatasetReady", "False", "Collecting", self.status.message)
-        return None
-
-    def has_condition(self, kind: str, status: str) -> bool:
-        return any(c.type == kind and c.status == status for c in self.old.conditions)
 
     def spec_change_ignored(self, message: str) -> None:
         if not self.has_condition("SpecChangeIgnored", "True"):
@@ -483,157 +613,6 @@ class _Pass:
             self.status.message = f"waiting for Kueue to admit Job {job_name} (queue {spec.run_policy.queue_name})"
         else:
             self.status.message = running_message
-
-    def secrets_missing(self, spec: FineTuneJobSpec, component: str) -> bool:
-        """Fail, naming the Secret and the field, when a Secret or key a component needs is missing.
-        Checked before every pass that runs the component: a pod with a missing Secret would
-        otherwise wait forever in CreateContainerConfigError."""
-        problems = []
-        for path, ref in b.secret_ref_paths(spec, component):
-            keys = self.o.secrets.get(ref.name)
-            if keys is None:
-                problems.append(f"Secret '{ref.name}' not found (referenced by {path})")
-            elif ref.key not in keys:
-                problems.append(f"Secret '{ref.name}' has no key '{ref.key}' (referenced by {path})")
-        if problems:
-            unique = list(dict.fromkeys(problems))
-            self.fail("SecretNotFound", "; ".join(unique) + f" in namespace {self.o.namespace}: create it, then recreate the FineTuneJob")
-        return bool(problems)
-
-    def training(self, spec: FineTuneJobSpec) -> Decision:
-        o = self.o
-        if self.secrets_missing(spec, b.TRAINER):
-            return self.decision
-        if o.progress is not None:
-            self.status.training = training_status(o.progress, o.now)
-        if not o.service_exists:
-            self.decision.create.append(b.trainer_service(spec, self.owner))
-        attempts = self.status.attempts
-        if not attempts or attempts[-1].reason in ENDED_NEEDS_NEW_JOB:
-            return self.start_attempt(spec)
-        restart = restart_of(attempts, len(attempts) - 1)
-        name = b.trainer_job_name(o.name, restart)
-        job = o.jobs.get(name)
-        if job is None:  # recorded in status but not created yet (or deleted by hand): create it
-            self.decision.create.append(b.trainer_job(spec, self.owner, restart, o.images))
-            self.status.phase = "Training"
-            self.status.message = f"starting attempt {len(attempts) - 1} (Job {name})"
-            self.condition("Training", "False", "Starting", self.status.message)
-            return self.finish()
-        started_with = ((job.get("metadata") or {}).get("annotations") or {}).get(b.ANNOTATION_TRAINING_HASH)
-        if started_with and started_with != b.training_hash(spec):
-            self.spec_change_ignored("spec.model, spec.training or the trainer layout changed after training started; "
-                                     "the running training keeps its settings (create a new FineTuneJob to apply them)")
-        finished = job_finished(job)
-        pods = self.pods_of(name)
-        self.record_preempted_pods(job, name, pods)
-        if finished == "Complete":
-            return self.succeed(spec, name)
-        if finished == "Failed":
-            return self.attempt_failed(spec, job, name, pods)
-        if spec.trainer.nodes > 1 and (recorded_preemptions(job) or self.pending_preemption_patch(name)) and not job_suspended(job):
-            # One rank preempted breaks the whole gang: stop the rest, start a new attempt.
-            self.decision.patch.append(Patch("Job", name, {"spec": {"suspend": True}}))
-            self.end_attempt("Preempted")
-            self.event("Warning", "Preempted", f"a pod of Job {name} was preempted; restarting all "
-                                               f"{spec.trainer.nodes} nodes from the latest checkpoint")
-            self.status.message = "preempted; a new attempt resumes from the latest checkpoint"
-            self.condition("Training", "False", "Preempted", self.status.message)
-            self.status.phase = "Training"
-            return self.finish()
-        step = self.status.training.step if self.status.training else 0
-        self.suspension(job, name, "Training", f"training attempt {len(attempts) - 1} (Job {name}) at step {step}")
-        if self.status.phase == "Training":
-            self.condition("Training", "True" if not job_suspended(job) else "False",
-                           "Running" if not job_suspended(job) else "Queued", self.status.message)
-        else:
-            self.condition("Training", "False", "Suspended", self.status.message)
-        return self.finish()
-
-    def pending_preemption_patch(self, name: str) -> bool:
-        return any(p.name == name and b.ANNOTATION_PREEMPTED_PODS in (p.body.get("metadata") or {}).get("annotations", {})
-                   for p in self.decision.patch)
-
-    def record_preempted_pods(self, job: dict[str, Any], name: str, pods: list[dict[str, Any]]) -> None:
-        """Remember preempted pods on their Job: they vanish from the API soon after (evicted
-        pods are deleted), and the Job controller does not count ignored failures."""
-        if job_suspended(job) or job_finished(job) == "Complete":
-            return  # pods stopped by a suspension are not preemptions
-        known = recorded_preemptions(job)
-        new = [str(p["metadata"]["uid"]) for p in pods
-               if pod_preempted(p, b.TRAINER) and p["metadata"].get("uid") and p["metadata"]["uid"] not in known
-               and not stopped_before_job_started(p, job)]
-        if new:
-            uids = known + new
-            self.decision.patch.append(Patch("Job", name, {"metadata": {"annotations": {b.ANNOTATION_PREEMPTED_PODS: ",".join(uids)}}}))
-            job.setdefault("metadata", {}).setdefault("annotations", {})[b.ANNOTATION_PREEMPTED_PODS] = ",".join(uids)
-            self.event("Warning", "PodPreempted", f"{len(new)} trainer pod(s) of Job {name} preempted; "
-                                                  "they resume from the latest checkpoint (not counted against backoffLimit)")
-
-    def start_attempt(self, spec: FineTuneJobSpec) -> Decision:
-        o = self.o
-        attempts = self.status.attempts
-        still_running = [p["metadata"]["name"] for p in o.pods if pod_active(p)
-                         and ((p.get("metadata") or {}).get("labels") or {}).get(b.LABEL_COMPONENT) == b.TRAINER]
-        self.status.phase = "Training"
-        if still_running:  # never two trainer gangs writing the same checkpoints
-            self.status.message = f"waiting for the previous attempt's pods to stop: {', '.join(sorted(still_running)[:3])}"
-            self.condition("Training", "False", "WaitingForPreviousAttempt", self.status.message)
-            return self.finish()
-        index = len(attempts)
-        restart = restart_of(attempts, index)
-        resume_from = self.status.training.latest_checkpoint if self.status.training else ""
-        if checkpoint_step(o.latest_checkpoint) > checkpoint_step(resume_from):
-            resume_from = o.latest_checkpoint  # a checkpoint completed after the last progress.json
-        attempts.append(Attempt(index=index, start_step=checkpoint_step(resume_from), start_time=o.now))
-        name = b.trainer_job_name(o.name, restart)
-        if name not in o.jobs:
-            self.decision.create.append(b.trainer_job(spec, self.owner, restart, o.images))
-        self.status.message = f"starting attempt {index} (Job {name})" + (f", resuming from {resume_from}" if resume_from else "")
-        self.condition("Training", "False", "Starting", self.status.message)
-        self.event("Normal", "TrainingStarted" if index == 0 else "AttemptStarted", self.status.message)
-        return self.finish()
-
-    def succeed(self, spec: FineTuneJobSpec, name: str) -> Decision:
-        status = self.status
-        uri = spec.storage.uri
-        if status.training and status.training.max_steps:
-            status.training.step = max(status.training.step, status.training.max_steps)
-            status.training.progress = "100%"
-            status.training.eta_seconds = 0
-        self.end_attempt("Succeeded")
-        status.phase = "Succeeded"
-        status.model_uri = uri
-        status.samples_uri = storage.join(uri, SAMPLES_DIR) + "/"
-        status.checkpoints_uri = storage.join(uri, CHECKPOINTS_DIR) + "/"
-        status.completion_time = self.o.now
-        status.message = f"model published to {uri}"
-        self.condition("Training", "False", "Succeeded", f"Job {name} completed")
-        self.condition("Succeeded", "True", "Succeeded", status.message)
-        return self.finish()
-
-    def attempt_failed(self, spec: FineTuneJobSpec, job: dict[str, Any], name: str, pods: list[dict[str, Any]]) -> Decision:
-        detail = termination_message(pods, b.TRAINER) or (job_condition(job, "Failed") or {}).get("message", "") or "Job failed"
-        if any(pod_exit_code(p, b.TRAINER) == EXIT_INVALID for p in pods):
-            return self.fail("TrainerInvalidInput", f"the trainer rejected its input (retrying cannot help): {detail}")
-        progress_preempted = (self.o.progress or {}).get("state") == "preempted"
-        preempted = bool(recorded_preemptions(job)) or any(pod_preempted(p, b.TRAINER) for p in pods) or progress_preempted
-        if preempted:
-            self.end_attempt("Preempted")
-            self.status.message = f"attempt {len(self.status.attempts) - 1} was preempted; resuming from the latest checkpoint"
-            self.event("Warning", "Preempted", self.status.message)
-        else:
-            self.end_attempt("Failed")
-            failures = sum(1 for a in self.status.attempts if a.reason == "Failed")
-            limit = spec.run_policy.backoff_limit
-            if failures > limit:
-                return self.fail("BackoffLimitExceeded", f"the trainer failed {failures} time(s), more than "
-                                                         f"runPolicy.backoffLimit={limit}; last failure: {detail}")
-            self.status.message = f"attempt {len(self.status.attempts) - 1} failed ({failures} of {limit} retries used): {detail}"
-            self.event("Warning", "AttemptFailed", self.status.message)
-        self.status.phase = "Training"
-        self.condition("Training", "False", "Restarting", self.status.message)
-        return self.finish()
 
 
 def decide(observed: Observed) -> Decision:

@@ -26,12 +26,14 @@ from kubetune.api.layout import (
     DATASET_MANIFEST,
     PROGRESS_FILE,
     complete_checkpoint_names,
+    step_of_checkpoint_uri,
 )
 from kubetune.api.load import SpecError, parse_spec
 from kubetune.api.models import GROUP, KIND, PLURAL, VERSION, CredentialsSecretRef, FineTuneJobSpec
 
 from . import builders as b
-from .decide import Decision, Observed, checkpoint_step, job_finished, new_attempt_due, now_utc
+from .decide import Decision, Observed
+from .objects import component, job_finished, new_attempt_due, now_utc
 
 log = logging.getLogger("kubetune.operator")
 
@@ -308,14 +310,14 @@ def pods_needed(status: dict[str, Any], jobs: dict[str, dict[str, Any]]) -> bool
     running needs none (a label-selected list makes the API server filter every pod of the namespace:
     the costliest read of a pass)."""
     return bool(status.get("attempts")) or any(
-        job_finished(job) or ((job.get("metadata") or {}).get("labels") or {}).get(b.LABEL_COMPONENT) == b.TRAINER
-        for job in jobs.values())
+        job_finished(job) or component(job) == b.TRAINER for job in jobs.values())
 
 
 def latest_complete_checkpoint(store: storage.Store) -> str:
     """The newest `checkpoints/step-N` with its manifest (written last), as the trainer's
     `--resume_from_checkpoint latest` will find it; "" when there is none."""
-    return max(complete_checkpoint_names(store.list(CHECKPOINTS_DIR)), key=checkpoint_step, default="")
+    names = complete_checkpoint_names(store.list(CHECKPOINTS_DIR))
+    return max(names, key=step_of_checkpoint_uri, default="")
 
 
 def _read_json(store: storage.Store, key: str) -> dict[str, Any] | None:

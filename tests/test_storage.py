@@ -62,3 +62,13 @@ def test_explicit_credentials_are_used_instead_of_the_environment(s3_bucket: str
         Store(f"s3://{s3_bucket}/p/").write_bytes("x", b"1")
     Store(f"s3://{s3_bucket}/p/", credentials=("key-id", "secret")).write_bytes("x", b"1")
     assert Store(f"s3://{s3_bucket}/p/", credentials=("key-id", "secret")).child("").read_bytes("x") == b"1"
+
+
+def test_storage_env_points_at_the_specs_endpoint_and_region_and_nothing_else() -> None:
+    from kubetune.api.models import Storage
+    from kubetune.storage import storage_env
+
+    spec = Storage.model_validate({"uri": "s3://bucket/p/", "endpoint": "http://minio:9000", "region": "eu-west-1"})
+    assert storage_env(spec) == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_REGION": "eu-west-1",
+                                 "AWS_DEFAULT_REGION": "eu-west-1"}
+    assert storage_env(Storage.model_validate({"uri": "s3://bucket/p/"})) == {}

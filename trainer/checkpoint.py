@@ -1,7 +1,8 @@
 """Resumable checkpoints: complete and atomic, uploaded in the background.
 
 A checkpoint is a folder `checkpoints/step-NNNNNNNN/` under the output. Its `manifest.json`
-(files with sizes and SHA-256, step, samples seen, seed and the data position) is written last:
+(kubetune.api.contracts.CheckpointManifest: files with sizes and SHA-256, step, samples seen,
+seed and the data position) is written last:
 a folder without it does not exist for `--resume_from_checkpoint latest`. Writing the files is
 the only part on the training path; hashing, the manifest, the upload to S3 and removing old
 checkpoints (only after a newer one is complete) run in a background thread.
@@ -15,9 +16,12 @@ import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
+from pydantic import ValidationError
+
+from kubetune.api.contracts import CheckpointFile, CheckpointManifest, CheckpointState, problem
 from kubetune.api.layout import (
     CHECKPOINTS_DIR,
     MANIFEST_FILE,
@@ -39,7 +43,7 @@ class CheckpointRef:
     name: str
     step: int
     store: Store          # the checkpoint folder
-    manifest: dict[str, Any]
+    manifest: CheckpointManifest
 
 
 def complete_checkpoints(output: Store) -> list[CheckpointRef]:
@@ -48,10 +52,10 @@ def complete_checkpoints(output: Store) -> list[CheckpointRef]:
     for name in complete_checkpoint_names(output.list(CHECKPOINTS_DIR)):
         folder = output.child(CHECKPOINTS_DIR, name)
         try:
-            manifest = folder.read_json(MANIFEST_FILE)
-        except (FileNotFoundError, ValueError, StorageError):
+            manifest = read_manifest(folder)
+        except (FileNotFoundError, CheckpointError, StorageError):
             continue
-        found.append(CheckpointRef(name, int(manifest["step"]), folder, manifest))
+        found.append(CheckpointRef(name, manifest.step, folder, manifest))
     return sorted(found, key=lambda ref: ref.step)
 
 
@@ -62,21 +66,31 @@ def find_checkpoint(output: Store, value: str) -> CheckpointRef | None:
         return refs[-1] if refs else None
     folder = output.child(CHECKPOINTS_DIR, value) if checkpoint_step(value) is not None and "/" not in value else Store(value)
     try:
-        manifest = folder.read_json(MANIFEST_FILE)
+        manifest = read_manifest(folder)
     except FileNotFoundError:
         raise CheckpointError(f"--resume_from_checkpoint {value}: no complete checkpoint there "
                               f"(no {MANIFEST_FILE})") from None
-    return CheckpointRef(folder.uri.rstrip("/").rsplit("/", 1)[-1], int(manifest["step"]), folder, manifest)
+    return CheckpointRef(folder.uri.rstrip("/").rsplit("/", 1)[-1], manifest.step, folder, manifest)
+
+
+def read_manifest(folder: Store) -> CheckpointManifest:
+    """A checkpoint folder's manifest; FileNotFoundError when absent, CheckpointError when it is
+    not one (not JSON, or a key of the wrong type)."""
+    try:
+        return CheckpointManifest.model_validate_json(folder.read_bytes(MANIFEST_FILE))
+    except ValidationError as error:
+        where = folder.uri_of(MANIFEST_FILE)
+        raise CheckpointError(f"{where}: not a checkpoint manifest: {problem(error)}") from None
 
 
 def fetch(ref: CheckpointRef, staging: Path) -> Path:
     """A local folder with the checkpoint's files, verified against its manifest."""
     local = Path(ref.store.uri) if not ref.store.is_s3 else staging / "resume" / ref.name
-    for name, entry in ref.manifest["files"].items():
+    for name, entry in ref.manifest.files.items():
         path = local / name
-        if ref.store.is_s3 and not (path.exists() and path.stat().st_size == entry["size"]):
+        if ref.store.is_s3 and not (path.exists() and path.stat().st_size == entry.size):
             ref.store.download_file(name, path)
-        if path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
+        if path.stat().st_size != entry.size or _sha256(path) != entry.sha256:
             raise CheckpointError(f"{ref.store.uri_of(name)}: size or hash differs from the manifest; "
                                   "the checkpoint is damaged")
     return local
@@ -108,28 +122,30 @@ class Checkpointer:
         path.mkdir(parents=True)
         return path
 
-    def commit(self, path: Path, info: dict[str, Any]) -> None:
+    def commit(self, path: Path, state: CheckpointState) -> None:
         """Hash, write the manifest, upload and prune, in the background."""
         self._pending = [f for f in self._pending if not f.done() or f.exception()]
-        self._pending.append(self._pool.submit(self._publish, path, info))
+        self._pending.append(self._pool.submit(self._publish, path, state))
 
-    def _publish(self, path: Path, info: dict[str, Any]) -> str:
+    def _publish(self, path: Path, state: CheckpointState) -> str:
         started = time.monotonic()
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(path.iterdir())
-                 if p.is_file() and p.name != MANIFEST_FILE}
-        manifest = {**info, "files": files, "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        files = {p.name: CheckpointFile(size=p.stat().st_size, sha256=_sha256(p))
+                 for p in sorted(path.iterdir()) if p.is_file() and p.name != MANIFEST_FILE}
+        created = datetime.now(timezone.utc).replace(microsecond=0)
+        manifest = CheckpointManifest(**dict(state), files=files, created_at=created).to_json()
         local = Store(str(path))
         if self.output.is_s3:
             remote = self.output.child(CHECKPOINTS_DIR, path.name)
             for name in files:
                 remote.upload_file(path / name, name)
-            remote.write_json(MANIFEST_FILE, manifest)  # last: now the checkpoint exists
-            local.write_json(MANIFEST_FILE, manifest)
+            # last: now the checkpoint exists
+            remote.write_bytes(MANIFEST_FILE, manifest, "application/json")
+            local.write_bytes(MANIFEST_FILE, manifest, "application/json")
             for old in sorted((self.local_root / CHECKPOINTS_DIR).iterdir()):
                 if old != path and old.name < path.name:
                     shutil.rmtree(old, ignore_errors=True)  # the S3 copy is the one that counts
         else:
-            local.write_json(MANIFEST_FILE, manifest)
+            local.write_bytes(MANIFEST_FILE, manifest, "application/json")
         self.latest = path.name
         self._prune()
         log.info("checkpoint %s complete in %s (%.1fs in background)", path.name, self.output.uri_of(CHECKPOINTS_DIR),

@@ -1,5 +1,5 @@
-"""Live progress: `<output>/progress.json` (kubetune.api.layout.PROGRESS_FIELDS), a tqdm bar on a
-terminal, one JSON log line per update in a pod (no TTY)."""
+"""Live progress: `<output>/progress.json` (kubetune.api.contracts.TrainingProgress), a tqdm bar
+on a terminal, one JSON log line per update in a pod (no TTY)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import logging
 import sys
 import time
 from collections import deque
+from datetime import datetime, timezone
 from typing import Any
 
+from kubetune.api.contracts import TrainingProgress
 from kubetune.api.layout import PROGRESS_FILE
 from kubetune.storage import StorageError, Store
 
@@ -22,10 +24,8 @@ class Progress:
 
     def __init__(self, output: Store | None, max_steps: int, interval: float = 5.0) -> None:
         self.output, self.max_steps, self.interval = output, max_steps, interval
-        self.values: dict[str, Any] = {
-            "state": "loading", "step": 0, "maxSteps": max_steps, "epoch": 0, "loss": None, "learningRate": None,
-            "imagesPerSecond": None, "etaSeconds": None, "latestCheckpoint": None, "updatedAt": None,
-        }
+        # camelCase keys of TrainingProgress; validated into one on every write
+        self.values: dict[str, Any] = TrainingProgress(max_steps=max_steps).model_dump(by_alias=True)
         self._written = 0.0
         self._window: deque[tuple[float, int, int]] = deque(maxlen=50)  # (time, step, images seen)
         self._bar: Any = None
@@ -59,13 +59,15 @@ class Progress:
         now = time.monotonic()
         if force or changed_state or now - self._written >= self.interval:
             self._written = now
-            self.values["updatedAt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            self.values["updatedAt"] = datetime.now(timezone.utc).replace(microsecond=0)
+            progress = TrainingProgress.model_validate(self.values)
             try:
-                self.output.write_json(PROGRESS_FILE, self.values)
+                self.output.write_bytes(PROGRESS_FILE, progress.to_json(), "application/json")
             except StorageError as error:  # progress is best effort; training goes on
                 log.warning("cannot write progress: %s", error)
             if self._bar is None:
-                log.info(json.dumps({"event": "progress", **self.values}, sort_keys=True))
+                line = progress.model_dump(mode="json", by_alias=True)
+                log.info(json.dumps({"event": "progress", **line}, sort_keys=True))
 
     def close(self) -> None:
         if self._bar is not None:

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
+from kubetune.api.contracts import DatasetManifest
 from kubetune.api.layout import SAMPLES_DIR, checkpoint_name
 from kubetune.storage import Store
 from kubetune.trainer.config import TrainConfig
@@ -112,10 +114,7 @@ def model_card(cfg: TrainConfig, data: TrainingData, images: int, skipped: int, 
         source = next((k for k, v in cfg.spec_dataset.items() if isinstance(v, dict)), "")
         prompts = cfg.spec_dataset.get(source, {}).get("prompts", [])
         lines.append(f"Collected by kubetune from **{source}**" + (f" for the prompts: {', '.join(prompts)}." if prompts else "."))
-    if data.manifest:
-        for key in ("source", "fingerprint", "kept", "createdAt"):
-            if key in data.manifest:
-                lines.append(f"- {key}: {data.manifest[key]}")
+    lines += _dataset_manifest_lines(data.manifest)
     licenses = Counter(str(r.get("license") or "unknown") for r in data.records)
     sources = Counter(str(r["source"]) for r in data.records if r.get("source"))
     if sources:
@@ -132,3 +131,21 @@ def model_card(cfg: TrainConfig, data: TrainingData, images: int, skipped: int, 
             if len(credited) > 500:
                 lines.append(f"- ... and {len(credited) - 500} more (see the dataset's metadata.jsonl)")
     return "\n".join(lines) + "\n"
+
+
+def _dataset_manifest_lines(manifest: dict[str, Any] | None) -> list[str]:
+    """What the collector's manifest says about the dataset; a manifest beside an imagefolder
+    that kubetune did not collect is shown by the keys such files commonly have."""
+    if not manifest:
+        return []
+    try:
+        collected = DatasetManifest.model_validate(manifest)
+    except ValidationError:
+        return [f"- {key}: {manifest[key]}" for key in ("source", "fingerprint", "kept", "createdAt")
+                if key in manifest]
+    counts = collected.counts
+    lines = [f"- fingerprint: {collected.fingerprint}",
+             f"- kept: {counts.kept} of {counts.requested} requested"]
+    if collected.timing.finished_at is not None:
+        lines.append(f"- collected: {collected.timing.finished_at.isoformat().replace('+00:00', 'Z')}")
+    return lines

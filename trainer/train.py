@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from kubetune.api import layout
+from kubetune.api.contracts import CheckpointState
 from kubetune.storage import Store, join
 from kubetune.trainer import cache as latent_cache
 from kubetune.trainer import publish
@@ -130,7 +131,7 @@ class Session:
     def resume_point(self) -> CheckpointRef | None:
         """The checkpoint to continue from, and the seed (the checkpoint's, the flag's or a new one)."""
         ref = find_checkpoint(self.output, self.cfg.resume_from_checkpoint) if self.cfg.resume_from_checkpoint else None
-        seed = ref.manifest["seed"] if ref else self.cfg.seed
+        seed = ref.manifest.seed if ref else self.cfg.seed
         if seed is None:
             from accelerate.utils import broadcast_object_list
 
@@ -489,7 +490,7 @@ class Trainer:
             torch.save({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                         "scaler": scaler.state_dict() if scaler is not None else None}, folder / "optimizer.pt")
             count = len(self.samples)
-            self.checkpointer.commit(folder, {
+            self.checkpointer.commit(folder, CheckpointState.model_validate({
                 "step": self.step, "samplesSeen": self.samples_seen, "epoch": self.samples_seen // count,
                 "seed": session.seed, "method": self.cfg.method, "globalBatchSize": self.global_batch,
                 "worldSize": self.world, "cacheKey": self.samples.key,
@@ -497,7 +498,7 @@ class Trainer:
                 "dataloader": {"position": self.samples_seen, "epoch": self.samples_seen // count,
                                "indexInEpoch": self.samples_seen % count, "samples": count},
                 "rng": {"seed": session.seed, "scheme": "torch.Generator per sample, seeded by (seed, position)"},
-            })
+            }))
             if session.stop_requested:
                 session.progress.update(latestCheckpoint=self.checkpointer.wait())
             self._upload_logs()
@@ -530,13 +531,14 @@ class Trainer:
             shadow = load_file(folder / "ema.safetensors")
             for i, p in enumerate(self.ema.shadow_params):
                 p.data.copy_(shadow[f"{i}"])
-            self.ema.optimization_step = (ref.manifest.get("ema") or {}).get("optimizationStep", ref.step)
+            ema = ref.manifest.ema
+            self.ema.optimization_step = ema.optimization_step if ema else ref.step
         saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
         if saved.get("scaler") and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(saved["scaler"])
-        self.step, self.samples_seen = ref.step, int(ref.manifest["samplesSeen"])
+        self.step, self.samples_seen = ref.step, ref.manifest.samples_seen
         self.checkpointer.latest = ref.name
         self.session.progress.update(step=self.step, latestCheckpoint=ref.name)
 

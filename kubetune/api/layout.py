@@ -1,20 +1,20 @@
-"""Contracts between the operator, the collector and the trainer, in one place.
+"""Where the operator, the collector and the trainer find each other's artifacts.
 
 They meet only through the Kubernetes API and storage, so what they agree on is: where each artifact
-lives under `spec.storage.uri`, what the files in it hold, how the spec reaches a pod, and what an
-exit code means.
+lives under `spec.storage.uri` (here), what the files in it hold and what an exit code means
+(`kubetune.api.contracts`), and how the spec reaches a pod (SPEC_ENV).
 
 Storage layout (the trainer's `--output_dir` is the storage URI itself, as in diffusers' script):
 
     <storage>/
       model_index.json, unet/, vae/, ...   the published diffusers pipeline (LoRA: the adapter)
-      progress.json                        live training progress (PROGRESS_FIELDS), rewritten often
-      dataset/manifest.json                written last by the collector: the dataset is complete
+      progress.json                        live training progress (contracts.TrainingProgress)
+      dataset/manifest.json                written last by the collector (contracts.DatasetManifest)
       dataset/train/metadata.jsonl         imagefolder: file_name, text, source, url, license, author
       dataset/train/*.jpg
       dataset/README.md                    dataset card
       cache/<key>/                         latent and text-embedding cache of the trainer
-      checkpoints/step-NNNNNNNN/manifest.json   written last: the checkpoint is complete
+      checkpoints/step-NNNNNNNN/manifest.json   written last (contracts.CheckpointManifest)
       samples/step-NNNNNNNN/*.png, grid.png
       logs/                                TensorBoard
 """
@@ -26,6 +26,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from kubetune.api.contracts import ExitCode
 from kubetune.api.models import Dataset
 
 DATASET_DIR = "dataset"
@@ -37,21 +38,15 @@ LOGS_DIR = "logs"
 PROGRESS_FILE = "progress.json"
 MANIFEST_FILE = "manifest.json"
 
-# progress.json keys (camelCase, like the API). `state` is one of PROGRESS_STATES.
-PROGRESS_FIELDS = (
-    "state", "step", "maxSteps", "epoch", "loss", "learningRate", "imagesPerSecond",
-    "etaSeconds", "latestCheckpoint", "updatedAt",
-)
-PROGRESS_STATES = ("loading", "caching", "training", "checkpointing", "publishing", "preempted", "succeeded", "failed")
-
 # The spec reaches pods in this environment variable as JSON (no secret values: only refs).
 SPEC_ENV = "KUBETUNE_SPEC"
 
-# Exit codes of `kubetune collect` and `kubetune train`.
-EXIT_OK = 0
-EXIT_FAILED = 1          # something went wrong that a retry may fix
-EXIT_INVALID = 2         # bad input (flags, spec, data, missing model): retrying cannot help
-EXIT_PREEMPTED = 75      # EX_TEMPFAIL: stopped by SIGTERM after saving a checkpoint; resume later
+# Exit codes of `kubetune collect` and `kubetune train` (see ExitCode for what each means).
+EXIT_OK = ExitCode.OK
+EXIT_FAILED = ExitCode.FAILED
+EXIT_INVALID = ExitCode.INVALID
+EXIT_EMPTY_DATASET = ExitCode.EMPTY_DATASET
+EXIT_PREEMPTED = ExitCode.PREEMPTED
 
 
 def checkpoint_name(step: int) -> str:
@@ -64,6 +59,11 @@ def checkpoint_step(name: str) -> int | None:
         if name.startswith(prefix) and name[len(prefix):].isdigit():
             return int(name[len(prefix):])
     return None
+
+
+def step_of_checkpoint_uri(uri: str) -> int:
+    """The step of a checkpoint name or URI (`.../step-N/` or `checkpoint-N`); 0 for none."""
+    return checkpoint_step((uri or "").rstrip("/").rsplit("/", 1)[-1]) or 0
 
 
 def complete_checkpoint_names(keys: Iterable[str]) -> list[str]:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from kubetune.api import layout
 from kubetune.dev.testing.webapis import Reply, StandIn, photo
 
 
@@ -151,6 +152,6 @@ def test_the_opt_in_lets_private_addresses_through(collect: Any, tmp_path: Path,
 def test_an_image_over_the_download_limit_is_skipped(collect: Any, tmp_path: Path, hostile: Any) -> None:
     host, _, rows, _ = hostile
     result, out = run_list(collect, tmp_path, [rows[0]], host.port, "--max-download-mb", "0.001")
-    assert result.code == 2
+    assert result.code == layout.EXIT_EMPTY_DATASET
     assert result.last_line == "kubetune collect: error: nothing could be collected: 0 images kept of 1 requested; skipped 1 (too-large 1)"
-    assert not (out / "manifest.json").exists()
+    assert json.loads((out / "manifest.json").read_text())["counts"] == {"requested": 1, "kept": 0, "skipped": {"too-large": 1}}

@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 
-from kubetune.api.layout import dataset_fingerprint
+from kubetune.api.contracts import DatasetCounts, DatasetManifest
+from kubetune.api.layout import EXIT_EMPTY_DATASET, dataset_fingerprint
 from kubetune.api.load import parse_spec
 from kubetune.operator import builders as b
-from kubetune.operator.decide import Decision, Observed, decide, new_attempt_due
+from kubetune.operator.decide import Decision, Observed, decide
+from kubetune.operator.objects import new_attempt_due
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 NAME = "shapes"
@@ -102,8 +104,9 @@ def reasons(decision: Decision) -> list[str]:
 
 
 def good_manifest(spec: dict[str, Any], kept: int = 12) -> dict[str, Any]:
-    return {"fingerprint": dataset_fingerprint(parse_spec(spec).dataset), "requested": 20, "kept": kept,
-            "skipped": {"too_small": 8 if kept else 20}}
+    counts = DatasetCounts(requested=20, kept=kept, skipped={"too_small": 8 if kept else 20})
+    manifest = DatasetManifest(fingerprint=dataset_fingerprint(parse_spec(spec).dataset), counts=counts)
+    return manifest.model_dump(mode="json", by_alias=True)
 
 
 def to_training(world: World) -> None:
@@ -453,7 +456,7 @@ def test_the_trainer_job_is_recreated_if_deleted_by_hand() -> None:
 def test_a_collector_that_kept_nothing_fails_as_an_empty_dataset() -> None:
     world = World()
     world.step()
-    world.add_pod("shapes-collect", exit_code=2, component="collector",
+    world.add_pod("shapes-collect", exit_code=EXIT_EMPTY_DATASET, component="collector",
                   message="kubetune collect: error: nothing could be collected: 0 images kept of 20 requested; 20 too small")
     world.finish_job("shapes-collect", "Failed")
     world.step()
