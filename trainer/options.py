@@ -449,7 +449,7 @@ def spec_field(path: str) -> FieldInfo:
 
 def _field_name(model: Any, alias: str) -> str:
     for name, info in model.model_fields.items():
-        if alias in (info.alias, name):
+        if alias == (info.alias or name):  # the camelCase name a FineTuneJob is written with
             return str(name)
     raise KeyError(f"{model.__name__} has no field {alias}")
 
