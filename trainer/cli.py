@@ -9,11 +9,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kubetune.api import layout
 from kubetune.cli_util import OneLineError
 from kubetune.launch import EXIT_DIR_ENV
-from kubetune.trainer.config import parse_config
+from kubetune.trainer.config import TrainConfig, parse_config
+
+if TYPE_CHECKING:
+    from kubetune.api.models import Storage
 
 
 def main(argv: Sequence[str], prog: str = "kubetune train") -> int:
@@ -21,8 +25,12 @@ def main(argv: Sequence[str], prog: str = "kubetune train") -> int:
         cfg = parse_config(argv, prog)
     except OneLineError as error:
         return _finish(prog, layout.EXIT_INVALID, str(error))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("diffusers", "transformers", "accelerate", "torch.distributed", "botocore", "urllib3"):
+    apply_storage_env(cfg)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    noisy_loggers = ("diffusers", "transformers", "accelerate", "torch.distributed", "botocore",
+                     "urllib3")
+    for noisy in noisy_loggers:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -43,13 +51,34 @@ def main(argv: Sequence[str], prog: str = "kubetune train") -> int:
         return _finish(prog, layout.EXIT_INVALID, cuda_oom_message(cfg), cfg.output_dir)
     except StorageError as error:
         return _finish(prog, layout.EXIT_FAILED, str(error), cfg.output_dir)
-    except Exception as error:  # a bug or an unforeseen failure: keep the traceback, report one line
+    except Exception as error:  # a bug or an unforeseen failure: keep the traceback, one line
         logging.getLogger("kubetune.trainer").exception("training failed")
         return _finish(prog, layout.EXIT_FAILED, f"{type(error).__name__}: {error}", cfg.output_dir)
 
 
+def apply_storage_env(cfg: TrainConfig) -> None:
+    """The spec's storage settings (endpoint, region) into the environment, where not set there
+    already: the one place `--spec` reaches beyond the TrainConfig."""
+    if cfg.spec_storage is None:
+        return
+    for key, value in _storage_env(cfg.spec_storage).items():
+        if not os.environ.get(key):
+            os.environ[key] = value
+
+
+def _storage_env(storage: Storage) -> dict[str, str]:
+    """`AWS_*` variables for spec.storage."""
+    # TODO(merge): use kubetune.storage.storage_env
+    env: dict[str, str] = {}
+    if storage.endpoint:
+        env["AWS_ENDPOINT_URL"] = storage.endpoint
+    if storage.region:
+        env["AWS_REGION"] = storage.region
+    return env
+
+
 def _finish(prog: str, code: int, message: str = "", output_dir: str | None = None) -> int:
-    """Print the one-line error, mark progress failed, and leave the exit code for the supervisor."""
+    """Print the one-line error, mark progress failed, leave the exit code for the supervisor."""
     if message:
         print(f"{prog}: error: {message}", file=sys.stderr)
     if code not in (layout.EXIT_OK, layout.EXIT_PREEMPTED) and output_dir and _is_main():
@@ -57,7 +86,7 @@ def _finish(prog: str, code: int, message: str = "", output_dir: str | None = No
     exit_dir = os.environ.get(EXIT_DIR_ENV)
     if exit_dir and Path(exit_dir).is_dir():
         rank = os.environ.get("RANK", "0")
-        if message:  # the supervisor repeats it as the pod's last log line (its termination message)
+        if message:  # the supervisor repeats it as the pod's last log line (termination message)
             (Path(exit_dir) / f"message-{rank}").write_text(message)
         (Path(exit_dir) / f"exit-{rank}").write_text(str(code))
     return code

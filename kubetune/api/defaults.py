@@ -1,0 +1,25 @@
+"""Defaults that a FineTuneJob's `spec.training` (kubetune.api.models.Training) and the trainer's
+flags (kubetune.trainer.options) share: the same setting with the same default on both sides.
+
+Where the two differ on purpose (the stock script's CLI defaults against the defaults a
+FineTuneJob gets, e.g. `--train_batch_size 16` against `batchSize: 1`), each side declares its
+own; tests/trainer/test_options.py lists those differences. Plain constants only: models.py
+imports this module.
+"""
+
+from __future__ import annotations
+
+METHOD = "full"
+"""Fine-tune the whole UNet (`lora`: adapters only)."""
+LORA_RANK = 4
+"""Rank of the LoRA adapters (diffusers' train_text_to_image_lora.py default)."""
+RESOLUTION = 512
+"""Training resolution in pixels (Stable Diffusion 1.x)."""
+LR_SCHEDULER = "constant"
+ADAM_BETA1 = 0.9
+ADAM_BETA2 = 0.999
+ADAM_WEIGHT_DECAY = 1e-2
+ADAM_EPSILON = 1e-8
+MAX_GRAD_NORM = 1.0
+VALIDATION_GUIDANCE_SCALE = 7.5
+"""Classifier-free guidance scale of the validation samples: the diffusers pipeline's default."""
