@@ -9,15 +9,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from kubetune.api import layout
 from kubetune.cli_util import OneLineError
 from kubetune.launch import EXIT_DIR_ENV
+from kubetune.storage import storage_env
 from kubetune.trainer.config import TrainConfig, parse_config
-
-if TYPE_CHECKING:
-    from kubetune.api.models import Storage
 
 
 def main(argv: Sequence[str], prog: str = "kubetune train") -> int:
@@ -61,20 +58,9 @@ def apply_storage_env(cfg: TrainConfig) -> None:
     already: the one place `--spec` reaches beyond the TrainConfig."""
     if cfg.spec_storage is None:
         return
-    for key, value in _storage_env(cfg.spec_storage).items():
+    for key, value in storage_env(cfg.spec_storage).items():
         if not os.environ.get(key):
             os.environ[key] = value
-
-
-def _storage_env(storage: Storage) -> dict[str, str]:
-    """`AWS_*` variables for spec.storage."""
-    # TODO(merge): use kubetune.storage.storage_env
-    env: dict[str, str] = {}
-    if storage.endpoint:
-        env["AWS_ENDPOINT_URL"] = storage.endpoint
-    if storage.region:
-        env["AWS_REGION"] = storage.region
-    return env
 
 
 def _finish(prog: str, code: int, message: str = "", output_dir: str | None = None) -> int:

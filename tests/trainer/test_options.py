@@ -122,6 +122,7 @@ def test_spec_parsing_leaves_the_environment_alone(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)  # restored after: apply_storage_env sets it
     before = dict(os.environ)
     storage = {"uri": "s3://bucket/job/", "endpoint": "http://minio:9000", "region": "eu-west-1"}
     cfg = parse_config(["--spec", _spec(tmp_path, storage)], "kubetune train")
@@ -136,6 +137,7 @@ def test_spec_parsing_leaves_the_environment_alone(tmp_path: Path,
     apply_storage_env(cfg)
     assert os.environ["AWS_ENDPOINT_URL"] == "http://minio:9000"
     assert os.environ["AWS_REGION"] == "us-east-2"
+    assert os.environ["AWS_DEFAULT_REGION"] == "eu-west-1"
 
 
 def test_no_spec_no_storage_environment(monkeypatch: pytest.MonkeyPatch) -> None:
