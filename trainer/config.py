@@ -79,6 +79,7 @@ class TrainConfig:
     output_dir: str = "sd-model-finetuned"
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = None
+    max_nonfinite_steps: int = 0
     resume_from_checkpoint: str | None = None
     validation_prompts: list[str] = field(default_factory=list)
     validation_steps: int | None = None
@@ -170,6 +171,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     add("--local_rank", type=int, default=-1)
     add("--checkpointing_steps", type=_positive_int, default=500)
     add("--checkpoints_total_limit", type=_positive_int)
+    add("--max_nonfinite_steps", type=_non_negative_int, default=0, metavar="N",
+        help="skip up to N steps whose loss or gradients are NaN/inf, then stop (default 0: stop at the first)")
     add("--resume_from_checkpoint", help="a checkpoint path, or 'latest'")
     add("--enable_xformers_memory_efficient_attention", action="store_true", help="accepted; PyTorch SDPA is used")
     add("--noise_offset", type=float, default=0.0)

@@ -51,6 +51,7 @@ SPEC_ENV = "KUBETUNE_SPEC"
 EXIT_OK = 0
 EXIT_FAILED = 1          # something went wrong that a retry may fix
 EXIT_INVALID = 2         # bad input (flags, spec, data, missing model): retrying cannot help
+EXIT_NONFINITE = 3       # the loss or the weights became NaN/inf: the same settings would again
 EXIT_PREEMPTED = 75      # EX_TEMPFAIL: stopped by SIGTERM after saving a checkpoint; resume later
 
 
