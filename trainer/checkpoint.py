@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,6 +33,12 @@ from kubetune.api.layout import (
 from kubetune.storage import StorageError, Store
 
 log = logging.getLogger("kubetune.trainer")
+_SAFE_FILE_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
+# A whole checkpoint is tried this many times, PUBLISH_RETRY_SECONDS * 2**n apart. boto3 already
+# retries each request (8 attempts, adaptive); this outer loop rides out a longer outage of the
+# store. A hand-written loop: three lines, and no retry library is a dependency of the trainer.
+PUBLISH_ATTEMPTS = 3
+PUBLISH_RETRY_SECONDS = 5.0
 
 
 class CheckpointError(RuntimeError):
@@ -87,6 +94,11 @@ def fetch(ref: CheckpointRef, staging: Path) -> Path:
     """A local folder with the checkpoint's files, verified against its manifest."""
     local = Path(ref.store.uri) if not ref.store.is_s3 else staging / "resume" / ref.name
     for name, entry in ref.manifest.files.items():
+        if not _SAFE_FILE_NAME.fullmatch(name) or name in (".", ".."):
+            # the manifest comes from the bucket: a name must not lead outside the folder
+            raise CheckpointError(f"{ref.store.uri_of(MANIFEST_FILE)}: file name {name[:80]!r} is not "
+                                  "a plain file name (letters, digits, '.', '_', '-'); the checkpoint "
+                                  "is damaged or was tampered with")
         path = local / name
         if ref.store.is_s3 and not (path.exists() and path.stat().st_size == entry.size):
             ref.store.download_file(name, path)
@@ -105,17 +117,24 @@ def _sha256(path: Path) -> str:
 
 
 class Checkpointer:
-    """Writes checkpoints into `staging` and publishes them to `output` in the background."""
+    """Writes checkpoints into `staging` and publishes them to `output` in the background.
+
+    At most one checkpoint is being published while the next one is written: `folder` waits for
+    the previous publish, so the staging disk holds at most two checkpoints and training waits
+    rather than filling it. A publish that fails is retried, then logged; only the newest
+    checkpoint failing to reach the store fails the run (`wait`)."""
 
     def __init__(self, output: Store, staging: Path, keep: int | None) -> None:
         self.output, self.keep = output, keep
         self.local_root = Path(output.uri) if not output.is_s3 else staging
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-upload")
-        self._pending: list[Future[str]] = []
+        self._pending: list[tuple[str, Future[str]]] = []
+        self.failed: list[str] = []  # checkpoints that never reached the store
         self.latest: str | None = None  # newest checkpoint known complete in the output
 
     def folder(self, step: int) -> Path:
         """A fresh, empty local folder for the checkpoint of `step` (files go in, then `commit`)."""
+        self._settle()
         path = self.local_root / CHECKPOINTS_DIR / checkpoint_name(step)
         if path.exists():
             shutil.rmtree(path)  # an incomplete leftover of an interrupted save
@@ -124,8 +143,30 @@ class Checkpointer:
 
     def commit(self, path: Path, state: CheckpointState) -> None:
         """Hash, write the manifest, upload and prune, in the background."""
-        self._pending = [f for f in self._pending if not f.done() or f.exception()]
-        self._pending.append(self._pool.submit(self._publish, path, state))
+        self._pending.append((path.name, self._pool.submit(self._publish_with_retries, path, state)))
+
+    def _settle(self) -> None:
+        """Wait for the publishes in flight; remember (and log) the ones that failed."""
+        for name, future in self._pending:
+            error = future.exception()
+            if error is not None:
+                self.failed.append(name)
+                log.error("checkpoint %s could not be stored in %s: %s", name,
+                          self.output.uri_of(CHECKPOINTS_DIR), error)
+        self._pending = []
+
+    def _publish_with_retries(self, path: Path, state: CheckpointState) -> str:
+        for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+            try:
+                return self._publish(path, state)
+            except (StorageError, OSError) as error:
+                if attempt == PUBLISH_ATTEMPTS:
+                    raise
+                delay = PUBLISH_RETRY_SECONDS * 2 ** (attempt - 1)
+                log.warning("checkpoint %s: storing failed (%s); retrying in %.0fs (attempt %d of %d)",
+                            path.name, error, delay, attempt + 1, PUBLISH_ATTEMPTS)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
 
     def _publish(self, path: Path, state: CheckpointState) -> str:
         started = time.monotonic()
@@ -161,10 +202,13 @@ class Checkpointer:
             ref.store.delete_prefix("")
 
     def wait(self) -> str | None:
-        """Block until every checkpoint is published; raise if one failed."""
-        for future in self._pending:
-            future.result()
-        self._pending = []
+        """Block until every checkpoint is published. Raise only if the newest one failed: an
+        older failure lost nothing that a newer checkpoint does not hold."""
+        newest = self._pending[-1][0] if self._pending else None
+        self._settle()
+        if newest is not None and newest in self.failed:
+            raise StorageError(f"the newest checkpoint {newest} could not be stored in "
+                                  f"{self.output.uri_of(CHECKPOINTS_DIR)} (see the log)")
         return self.latest
 
     def close(self) -> None:

@@ -305,6 +305,10 @@ class TrainConfig:
     checkpoints_total_limit: int | None = opt(
         None, group=OUTPUT, type=_positive_int, spec="training.checkpointsToKeep",
         help="keep this many most recent checkpoints; unset keeps all")
+    max_nonfinite_steps: int = opt(
+        0, group=OUTPUT, kubetune=True, type=_non_negative_int, metavar="N",
+        help="skip up to N steps whose loss or gradients are NaN/inf, then stop (default 0: stop "
+             "at the first); nothing non-finite is ever checkpointed or published")
     resume_from_checkpoint: str | None = opt(
         None, group=OUTPUT, derive=lambda spec: "latest", spec_note="`latest`",
         help="a checkpoint path, or 'latest'")

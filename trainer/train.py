@@ -17,6 +17,7 @@ import contextlib
 import logging
 import math
 import os
+import pickle
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,10 +31,16 @@ import torch.nn.functional as F
 
 from kubetune.api import layout
 from kubetune.api.contracts import CheckpointState
-from kubetune.storage import Store, join
+from kubetune.storage import StorageError, Store, join
 from kubetune.trainer import cache as latent_cache
 from kubetune.trainer import publish
-from kubetune.trainer.checkpoint import Checkpointer, CheckpointRef, fetch, find_checkpoint
+from kubetune.trainer.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    CheckpointRef,
+    fetch,
+    find_checkpoint,
+)
 from kubetune.trainer.config import TrainConfig
 from kubetune.trainer.data import (
     TrainingData,
@@ -314,11 +321,13 @@ class Trainer:
     resume: CheckpointRef | None
     step: int = 0
     samples_seen: int = 0
+    skipped_steps: int = 0  # non-finite steps dropped under --max_nonfinite_steps
     params: list[torch.nn.Parameter] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         cfg, accelerator = self.cfg, self.session.accelerator
         self.device = accelerator.device
+        self.nonfinite_seen = torch.zeros((), dtype=torch.bool, device=self.device)
         self.world = accelerator.num_processes
         self.global_batch = cfg.train_batch_size * self.world * cfg.gradient_accumulation_steps
         self.max_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(len(self.samples) / self.global_batch)
@@ -387,8 +396,15 @@ class Trainer:
                         loss = self._loss(batch)
                         self.session.accelerator.backward(loss / accumulation)
                     losses.append(loss.detach())
+                loss = torch.stack(losses).mean()
+                finite = torch.isfinite(loss)
                 if cfg.max_grad_norm > 0:
-                    self.session.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                    norm = self.session.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                    finite = finite & torch.isfinite(norm)
+                if cfg.max_nonfinite_steps and not self._finite_everywhere(finite):
+                    self._skip_nonfinite_step()  # a host sync per step, only with the knob set
+                    continue
+                self.nonfinite_seen = self.nonfinite_seen | ~finite  # on the device: no sync
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -396,8 +412,48 @@ class Trainer:
                     self._ema_step()
                 self.step += 1
                 self.samples_seen += self.global_batch
-                self._report(torch.stack(losses).mean())
+                self._report(loss)
                 yield self.step
+
+    def _finite_everywhere(self, finite: torch.Tensor) -> bool:
+        """Whether every process's step was finite (all processes skip or step together)."""
+        if self.world > 1:
+            finite = self.session.accelerator.reduce(finite.float(), reduction="mean") == 1
+        return bool(finite)
+
+    def _skip_nonfinite_step(self) -> None:
+        """Drop this step's update (its data is consumed, the weights and optimizer untouched),
+        or stop when more than --max_nonfinite_steps steps were skipped."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.samples_seen += self.global_batch
+        self.skipped_steps += 1
+        log.warning("step %d: non-finite loss or gradients; update skipped (%d of at most %d)",
+                    self.step + 1, self.skipped_steps, self.cfg.max_nonfinite_steps)
+        if self.skipped_steps > self.cfg.max_nonfinite_steps:
+            raise self._nonfinite_error(f"after {self.skipped_steps} skipped steps")
+
+    def check_finite(self) -> None:
+        """Stop before anything non-finite is checkpointed or published. The loss flag gathered
+        on the device since the last check is read here (one sync), and the weights themselves
+        are checked: a huge learning rate can overflow them while every loss was still finite."""
+        self._raise_if_nonfinite_seen()
+        if not bool(torch.stack([p.detach().isfinite().all() for p in self.params]).all()):
+            raise self._nonfinite_error("(weights)")
+
+    def _raise_if_nonfinite_seen(self) -> None:
+        flag = self.nonfinite_seen.float()
+        if self.world > 1:  # every process stops together, or the others would wait forever
+            flag = self.session.accelerator.reduce(flag, reduction="sum")
+        if bool(flag > 0):
+            raise self._nonfinite_error("(loss or gradients)")
+
+    def _nonfinite_error(self, what: str) -> TrainError:
+        good = self.checkpointer.latest
+        kept = f"the last good checkpoint is {good}" if good else "no checkpoint was written"
+        return TrainError(
+            f"training diverged: NaN or inf {what} by step {self.step}; stopped without saving or "
+            f"publishing these weights ({kept}); lower --learning_rate (now {self.cfg.learning_rate:g}), "
+            "keep --max_grad_norm, or use --mixed_precision bf16 rather than fp16", layout.EXIT_DIVERGED)
 
     def _positions(self, micro: int) -> list[int]:
         """Stream positions of this process's micro-batch `micro` of the current step."""
@@ -464,6 +520,9 @@ class Trainer:
             if self.world > 1:
                 loss = self.session.accelerator.reduce(loss, reduction="mean")
             values["loss"] = round(float(loss), 6)
+            if not math.isfinite(values["loss"]):
+                raise self._nonfinite_error("(loss)")
+            self._raise_if_nonfinite_seen()
             if self.writer is not None:
                 self.writer.add_scalar("train_loss", values["loss"], self.step)
                 self.writer.add_scalar("lr", values["learningRate"], self.step)
@@ -478,6 +537,7 @@ class Trainer:
         from safetensors.torch import save_file
 
         session = self.session
+        self.check_finite()
         if session.is_main:
             session.progress.state("checkpointing")
             folder = self.checkpointer.folder(self.step)
@@ -499,8 +559,11 @@ class Trainer:
                                "indexInEpoch": self.samples_seen % count, "samples": count},
                 "rng": {"seed": session.seed, "scheme": "torch.Generator per sample, seeded by (seed, position)"},
             }))
-            if session.stop_requested:
-                session.progress.update(latestCheckpoint=self.checkpointer.wait())
+            if session.stop_requested:  # the pod is about to go: store this checkpoint now
+                try:
+                    session.progress.update(latestCheckpoint=self.checkpointer.wait())
+                except StorageError as error:  # still a preemption: resume from an older one
+                    log.error("%s; the next attempt resumes from %s", error, self.checkpointer.latest)
             self._upload_logs()
             session.progress.state("training", latestCheckpoint=self.checkpointer.latest)
         session.accelerator.wait_for_everyone()
@@ -533,7 +596,13 @@ class Trainer:
                 p.data.copy_(shadow[f"{i}"])
             ema = ref.manifest.ema
             self.ema.optimization_step = ema.optimization_step if ema else ref.step
-        saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
+        # weights_only: tensors and plain containers, never code (write access to the bucket
+        # must not mean code execution in the trainer)
+        try:
+            saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise CheckpointError(f"{ref.store.uri_of('optimizer.pt')}: not a plain optimizer state "
+                                  f"({str(error).splitlines()[0][:200]})") from None
         self.optimizer.load_state_dict(saved["optimizer"])
         self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
         if saved.get("scaler") and accelerator.scaler is not None:
@@ -581,6 +650,7 @@ class Trainer:
 
     def publish(self, data: TrainingData, images: int, skipped: int) -> None:
         session, cfg = self.session, self.cfg
+        self.check_finite()
         if session.is_main:
             latest = self.checkpointer.wait()
             session.progress.state("publishing", latestCheckpoint=latest)

@@ -27,6 +27,7 @@ class ExitCode(IntEnum):
     OK = 0
     FAILED = 1           # something went wrong that a retry may fix
     INVALID = 2          # bad input (flags, spec, data, missing model): retrying cannot help
+    DIVERGED = 3         # the loss, gradients or weights became NaN/inf: the same settings would again
     EMPTY_DATASET = 65   # EX_DATAERR: the collection finished and kept no image
     PREEMPTED = 75       # EX_TEMPFAIL: stopped by SIGTERM after saving a checkpoint; resume later
 
