@@ -18,6 +18,7 @@ from typing import Any
 
 from kubetune.api.contracts import SOURCE_SECRET_ENV
 from kubetune.api.layout import (
+    EXIT_DIVERGED,
     EXIT_EMPTY_DATASET,
     EXIT_INVALID,
     EXIT_PREEMPTED,
@@ -243,7 +244,8 @@ def tmp_volume() -> tuple[dict[str, Any], dict[str, Any]]:
 def pod_failure_policy(container: str) -> dict[str, Any]:
     """Preemption (eviction, node drain, or the program's own "preempted" exit code after it
     saved a checkpoint) is not a failure; invalid input cannot be fixed by a retry, nor can a
-    collection that kept nothing (the same search finds the same nothing)."""
+    collection that kept nothing (the same search finds the same nothing), nor a training run
+    that diverged (NaN/inf: the same settings diverge again)."""
     def exit_codes(*codes: int) -> dict[str, Any]:
         return {"containerName": container, "operator": "In", "values": list(codes)}
 
@@ -253,6 +255,7 @@ def pod_failure_policy(container: str) -> dict[str, Any]:
             {"action": "Ignore", "onExitCodes": exit_codes(EXIT_PREEMPTED)},
             {"action": "FailJob", "onExitCodes": exit_codes(EXIT_INVALID)},
             {"action": "FailJob", "onExitCodes": exit_codes(EXIT_EMPTY_DATASET)},
+            {"action": "FailJob", "onExitCodes": exit_codes(EXIT_DIVERGED)},
         ]
     }
 

@@ -30,6 +30,7 @@ from kubetune.api.contracts import DatasetManifest, TrainingProgress, problem
 from kubetune.api.layout import (
     CHECKPOINTS_DIR,
     DATASET_DIR,
+    EXIT_DIVERGED,
     EXIT_EMPTY_DATASET,
     EXIT_INVALID,
     SAMPLES_DIR,
@@ -489,6 +490,9 @@ class _Pass:
         detail = termination_message(pods, b.TRAINER) or job_failure_message(job) or "Job failed"
         if any(pod_exit_code(p, b.TRAINER) == EXIT_INVALID for p in pods):
             return self.fail("TrainerInvalidInput", f"the trainer rejected its input (retrying cannot help): {detail}")
+        if any(pod_exit_code(p, b.TRAINER) == EXIT_DIVERGED for p in pods):
+            return self.fail("TrainingDiverged", f"the loss became NaN or inf (retrying the same settings cannot "
+                             f"help; the checkpoints before it are kept): {detail}")
         progress_preempted = self.progress is not None and self.progress.state == "preempted"
         preempted = bool(recorded_preemptions(job)) or any(pod_preempted(p, b.TRAINER) for p in pods) or progress_preempted
         if preempted:

@@ -82,6 +82,8 @@ def test_pod_failure_policy_ignores_preemption_and_fails_fast_on_invalid_input()
         assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
         assert {"action": "Ignore", "onExitCodes": {"containerName": container, "operator": "In", "values": [75]}} in rules
         assert {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In", "values": [2]}} in rules
+        diverged = {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In", "values": [3]}}
+        assert diverged in rules, "a NaN run is not retried with the same settings"
 
 
 # -- env and secrets ---------------------------------------------------------------------------

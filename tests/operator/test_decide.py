@@ -336,6 +336,18 @@ def test_invalid_trainer_input_fails_without_retrying() -> None:
     assert "caption column" in world.status["message"] and world.status["restarts"] == 1
 
 
+def test_a_diverged_training_fails_at_once_with_its_own_reason() -> None:
+    world = World()
+    to_training(world)
+    world.add_pod("shapes-train", exit_code=3, message="training diverged: NaN or inf (loss) by step 40")
+    world.finish_job("shapes-train", "Failed")
+    world.step()
+    world.step()
+    assert world.status["phase"] == "Failed" and world.condition("Succeeded")["reason"] == "TrainingDiverged"
+    assert "NaN or inf (loss) by step 40" in world.status["message"]
+    assert "shapes-train-r1" not in world.jobs, "the same settings are not retried"
+
+
 @pytest.mark.parametrize("how", ["exit75", "disruption", "progress"])
 def test_a_preempted_gang_restarts_without_using_the_budget(how: str) -> None:
     world = World(trainer={"nodes": 2, "gpusPerNode": 0})
