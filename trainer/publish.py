@@ -20,7 +20,7 @@ from kubetune.trainer.data import TrainingData
 
 @torch.no_grad()
 def render_samples(pipeline: Any, prompts: list[str], resolution: int, seed: int, output: Store, step: int,
-                   guidance_scale: float = 7.5) -> list[str]:
+                   guidance_scale: float) -> list[str]:
     """PNGs and a grid for `prompts` under samples/step-N/; returns the keys written."""
     import io
 
