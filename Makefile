@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help venv tools test test-fast lint crds check-crds demo bench-collector bench-trainer bench-operator clean
+.PHONY: help venv tools test test-fast lint format crds check-crds demo bench-collector bench-trainer bench-operator clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -33,12 +33,18 @@ tools: $(STAMP) $(TOOLS)  ## helm and kubectl binaries in .tools/bin (the chart 
 test: $(STAMP) $(TOOLS)  ## run the whole test suite
 	$(BIN)/pytest
 
-lint: $(STAMP)  ## ruff on everything, mypy (strict) on the API package
-	$(BIN)/ruff check kubetune operator trainer collector dev tests bench
+lint: $(STAMP)  ## ruff (rules, 120 columns, format) on everything, mypy (strict) on the API package
+	$(BIN)/ruff check .ci kubetune operator trainer collector dev tests bench
+	$(BIN)/ruff format --check .ci kubetune operator trainer collector dev tests bench
 	$(BIN)/mypy kubetune/api kubetune/cli.py kubetune/cli_util.py
 
-crds: $(STAMP)  ## regenerate crds/ (and the chart's copy) from kubetune/api/models.py
+format: $(STAMP)  ## ruff format and ruff's fixes on everything
+	$(BIN)/ruff format .ci kubetune operator trainer collector dev tests bench
+	$(BIN)/ruff check --fix .ci kubetune operator trainer collector dev tests bench
+
+crds: $(STAMP)  ## regenerate crds/ (and the chart's copy) from kubetune/api/models.py, and docs/trainer.md's flag tables
 	$(BIN)/python -m kubetune.api.crd_write
+	$(BIN)/python -m kubetune.trainer.options --write
 
 demo: $(STAMP)  ## run examples/demo.yaml end to end on the local cluster; results in demo-output/
 	$(BIN)/python -m kubetune.dev.demo

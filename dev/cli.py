@@ -26,24 +26,54 @@ DEFAULT_STATE_DIR = Path(".kubetune/dev")
 
 
 def _parser(prog: str) -> OneLineArgumentParser:
-    parser = OneLineArgumentParser(prog=prog, description="A local Kubernetes stand-in with S3, for trying kubetune without a cluster.")
+    parser = OneLineArgumentParser(
+        prog=prog, description="A local Kubernetes stand-in with S3, for trying kubetune without a cluster."
+    )
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    fixtures = sub.add_parser("fixtures", help="write the tiny model and captioned shapes to a folder (for kubetune run, no S3)")
-    fixtures.add_argument("folder", nargs="?", type=Path, default=Path(".kubetune/fixtures"), help="default .kubetune/fixtures")
-    fixtures.add_argument("--vae-steps", type=int, default=None, metavar="N", help="VAE pre-training steps (0: none, fastest)")
-    for name, text in (("up", "start the cluster in the background"), ("status", "show whether it runs and where"),
-                       ("down", "stop it and every process it started"), ("serve", "run the cluster in the foreground")):
+    fixtures = sub.add_parser(
+        "fixtures", help="write the tiny model and captioned shapes to a folder (for kubetune run, no S3)"
+    )
+    fixtures.add_argument(
+        "folder", nargs="?", type=Path, default=Path(".kubetune/fixtures"), help="default .kubetune/fixtures"
+    )
+    fixtures.add_argument(
+        "--vae-steps", type=int, default=None, metavar="N", help="VAE pre-training steps (0: none, fastest)"
+    )
+    for name, text in (
+        ("up", "start the cluster in the background"),
+        ("status", "show whether it runs and where"),
+        ("down", "stop it and every process it started"),
+        ("serve", "run the cluster in the foreground"),
+    ):
         action = sub.add_parser(name, help=text)
-        action.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="where the kubeconfig, logs and state live (default .kubetune/dev)")
+        action.add_argument(
+            "--state-dir",
+            type=Path,
+            default=DEFAULT_STATE_DIR,
+            help="where the kubeconfig, logs and state live (default .kubetune/dev)",
+        )
         if name in ("up", "serve"):
             action.add_argument("--no-operator", action="store_true", help="do not start `kubetune operator`")
-            action.add_argument("--no-model", action="store_true", help="do not seed the tiny SD pipeline (faster start)")
-            action.add_argument("--no-pods", action="store_true",
-                                help="pods are scheduled but never started; they stay Pending (control-plane benchmarks)")
-            action.add_argument("--network", choices=("auto", "netns", "host"), default="auto",
-                                help="pod network: own namespace per pod (root) or the host's (default auto)")
-            action.add_argument("--port", type=int, default=0, help="API server port on 127.0.0.1 (default: a free one)")
-            action.add_argument("--timeout", type=float, default=300.0, help="seconds `up` waits for the cluster (default 300)")
+            action.add_argument(
+                "--no-model", action="store_true", help="do not seed the tiny SD pipeline (faster start)"
+            )
+            action.add_argument(
+                "--no-pods",
+                action="store_true",
+                help="pods are scheduled but never started; they stay Pending (control-plane benchmarks)",
+            )
+            action.add_argument(
+                "--network",
+                choices=("auto", "netns", "host"),
+                default="auto",
+                help="pod network: own namespace per pod (root) or the host's (default auto)",
+            )
+            action.add_argument(
+                "--port", type=int, default=0, help="API server port on 127.0.0.1 (default: a free one)"
+            )
+            action.add_argument(
+                "--timeout", type=float, default=300.0, help="seconds `up` waits for the cluster (default 300)"
+            )
     return parser
 
 
@@ -92,14 +122,26 @@ def up(state_dir: Path, args: object) -> int:
         raise OneLineError(f"already running (pid {info['pid']}); run 'kubetune dev down' first")
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / "cluster.json").unlink(missing_ok=True)
-    command = [sys.executable, "-m", "kubetune.cli", "dev", "serve", "--state-dir", str(state_dir),
-               "--network", args.network, "--port", str(args.port)]  # type: ignore[attr-defined]
+    command = [
+        sys.executable,
+        "-m",
+        "kubetune.cli",
+        "dev",
+        "serve",
+        "--state-dir",
+        str(state_dir),
+        "--network",
+        args.network,
+        "--port",
+        str(args.port),
+    ]  # type: ignore[attr-defined]
     command += ["--no-operator"] if args.no_operator else []  # type: ignore[attr-defined]
     command += ["--no-model"] if args.no_model else []  # type: ignore[attr-defined]
     command += ["--no-pods"] if args.no_pods else []  # type: ignore[attr-defined]
     with open(state_dir / "cluster.log", "ab") as log_file:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
     deadline = time.monotonic() + args.timeout  # type: ignore[attr-defined]
     print(f"starting the local cluster (log: {state_dir / 'cluster.log'}) ...", file=sys.stderr)
     while time.monotonic() < deadline:
@@ -118,7 +160,10 @@ def up(state_dir: Path, args: object) -> int:
 
 def _print_info(info: dict[str, object]) -> None:
     print(f"API server:   {info['api_url']}", file=sys.stderr)
-    print(f"S3 endpoint:  {info['s3_endpoint']}  (bucket {info['bucket']}, Secret default/kubetune-dev-s3)", file=sys.stderr)
+    print(
+        f"S3 endpoint:  {info['s3_endpoint']}  (bucket {info['bucket']}, Secret default/kubetune-dev-s3)",
+        file=sys.stderr,
+    )
     print(f"images:       {info['images_url']}", file=sys.stderr)
     print(f"pod network:  {info['network']}", file=sys.stderr)
     print(f"operator:     {info.get('operator', 'not started')}", file=sys.stderr)
@@ -214,9 +259,17 @@ def _start_operator(state_dir: Path, env: dict[str, str]) -> tuple[subprocess.Po
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "kubetune.cli", "operator", "--liveness-port", "0", "--metrics-port", "0"],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             # The chart's S3 defaults, as a real install sets them: specs then need no endpoint or Secret.
-            env={**os.environ, **env, "KUBETUNE_S3_ENDPOINT": env["AWS_ENDPOINT_URL"], "KUBETUNE_S3_CREDENTIALS_SECRET": "kubetune-dev-s3"},
+            env={
+                **os.environ,
+                **env,
+                "KUBETUNE_S3_ENDPOINT": env["AWS_ENDPOINT_URL"],
+                "KUBETUNE_S3_CREDENTIALS_SECRET": "kubetune-dev-s3",
+            },
         )
     return process, f"running (pid {process.pid}, log {log_path})"
 

@@ -27,13 +27,19 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "validate": Command("kubetune.api.cli:validate_main", "check FineTuneJob files against the API, offline"),
     "crd": Command("kubetune.api.cli:crd_main", "print the FineTuneJob CustomResourceDefinition"),
-    "train": Command("kubetune.trainer.cli:main", "fine-tune a Stable Diffusion model (drop-in for diffusers' train_text_to_image.py)"),
+    "train": Command(
+        "kubetune.trainer.cli:main",
+        "fine-tune a Stable Diffusion model (drop-in for diffusers' train_text_to_image.py)",
+    ),
     "collect": Command("kubetune.collector.cli:main", "build a captioned image dataset (imagefolder) locally or in S3"),
     "operator": Command("kubetune.operator.cli:main", "run the FineTuneJob operator"),
     # The development tools are their own distribution (dev/, kubetune-dev): in a checkout, not in images.
-    "dev": Command("kubetune.dev.cli:main", "run a local Kubernetes stand-in with S3 (up, status, down, fixtures)",
-                   missing="the development tools are not installed: from a kubetune checkout run "
-                           "'make venv' (or pip install -e ./dev)"),
+    "dev": Command(
+        "kubetune.dev.cli:main",
+        "run a local Kubernetes stand-in with S3 (up, status, down, fixtures)",
+        missing="the development tools are not installed: from a kubetune checkout run "
+        "'make venv' (or pip install -e ./dev)",
+    ),
     "run": Command("kubetune.run:main", "run a FineTuneJob on this machine, no cluster: collect, then train"),
 }
 

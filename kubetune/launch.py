@@ -104,8 +104,9 @@ def count_gpus() -> int:
 def local_launch_command(trainer_args: Sequence[str], gpus: int, mixed_precision: str | None = None) -> list[str]:
     """The trainer on this machine, one node with `gpus` processes (0: one CPU process), under the
     supervisor, exactly as a trainer pod runs it."""
-    launch = accelerate_launch_command(1, gpus, 0, "127.0.0.1", free_port(), trainer_args,
-                                       mixed_precision=mixed_precision, python=sys.executable)
+    launch = accelerate_launch_command(
+        1, gpus, 0, "127.0.0.1", free_port(), trainer_args, mixed_precision=mixed_precision, python=sys.executable
+    )
     return [sys.executable, "-m", "kubetune.launch", *launch]
 
 
@@ -178,8 +179,10 @@ def _reap_orphans() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
-        print("usage: python -m kubetune.launch accelerate launch [FLAGS] -m kubetune.trainer [ARGS]\n"
-              "Runs the command, forwards SIGTERM to every process of it, exits 75 when preempted.")
+        print(
+            "usage: python -m kubetune.launch accelerate launch [FLAGS] -m kubetune.trainer [ARGS]\n"
+            "Runs the command, forwards SIGTERM to every process of it, exits 75 when preempted."
+        )
         return 0 if args else 2
     return supervise(args)
 

@@ -29,9 +29,16 @@ from kubetune.storage import join, storage_env
 def main(argv: Sequence[str], prog: str = "kubetune run") -> int:
     parser = OneLineArgumentParser(prog=prog, description="Run a FineTuneJob on this machine: collect, then train.")
     parser.add_argument("spec", metavar="SPEC", help="a YAML file holding a FineTuneJob")
-    parser.add_argument("--storage", metavar="DIR_OR_S3", help="use this instead of spec.storage.uri (a local folder works)")
-    parser.add_argument("--gpus", type=int, default=None, metavar="N",
-                        help="processes' GPUs to use (default: spec.trainer.gpusPerNode, at most the GPUs present; 0 = CPU)")
+    parser.add_argument(
+        "--storage", metavar="DIR_OR_S3", help="use this instead of spec.storage.uri (a local folder works)"
+    )
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes' GPUs to use (default: spec.trainer.gpusPerNode, at most the GPUs present; 0 = CPU)",
+    )
     parser.add_argument("--skip-collect", action="store_true", help="train on the dataset already in storage")
     args = parser.parse_args(list(argv))
     try:
@@ -52,19 +59,37 @@ def main(argv: Sequence[str], prog: str = "kubetune run") -> int:
 
     gpus = choose_gpus(spec, args.gpus)
     if spec.trainer.nodes > 1:
-        print(f"kubetune run: spec.trainer.nodes is {spec.trainer.nodes}; on one machine this runs 1 node with "
-              f"{max(gpus, 1)} process(es), so the global batch is smaller than on the cluster", file=sys.stderr)
-    trainer_args = ["--spec", args.spec, "--output_dir", storage, "--train_data_dir", dataset,
-                    "--latent_cache_dir", join(storage, layout.CACHE_DIR), "--resume_from_checkpoint", "latest"]
+        print(
+            f"kubetune run: spec.trainer.nodes is {spec.trainer.nodes}; on one machine this runs 1 node with "
+            f"{max(gpus, 1)} process(es), so the global batch is smaller than on the cluster",
+            file=sys.stderr,
+        )
+    trainer_args = [
+        "--spec",
+        args.spec,
+        "--output_dir",
+        storage,
+        "--train_data_dir",
+        dataset,
+        "--latent_cache_dir",
+        join(storage, layout.CACHE_DIR),
+        "--resume_from_checkpoint",
+        "latest",
+    ]
     launch = local_launch_command(trainer_args, gpus, spec.training.mixed_precision)
     attempts = spec.run_policy.backoff_limit + 1
     for attempt in range(1, attempts + 1):
         code = step(f"train (attempt {attempt} of {attempts})", launch, env)
         if code == layout.EXIT_OK:
-            print(f"kubetune run: done. The model is at {storage} (diffusers format); samples under {join(storage, layout.SAMPLES_DIR)}")
+            print(
+                f"kubetune run: done. The model is at {storage} (diffusers format); samples under "
+                f"{join(storage, layout.SAMPLES_DIR)}"
+            )
             return code
         if code == layout.EXIT_PREEMPTED:
-            print("kubetune run: stopped after saving a checkpoint; run the same command again to resume", file=sys.stderr)
+            print(
+                "kubetune run: stopped after saving a checkpoint; run the same command again to resume", file=sys.stderr
+            )
             return code
         if code == layout.EXIT_INVALID or attempt == attempts:
             return code
@@ -88,6 +113,9 @@ def choose_gpus(spec: FineTuneJobSpec, requested: int | None) -> int:
     present = count_gpus()
     wanted = spec.trainer.gpus_per_node if requested is None else requested
     if wanted > present:
-        print(f"kubetune run: {wanted} GPU(s) asked for, {present} present: using {present}"
-              + (" (CPU)" if present == 0 else ""), file=sys.stderr)
+        print(
+            f"kubetune run: {wanted} GPU(s) asked for, {present} present: using {present}"
+            + (" (CPU)" if present == 0 else ""),
+            file=sys.stderr,
+        )
     return min(wanted, present)

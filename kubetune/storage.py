@@ -174,7 +174,7 @@ class Store:
         keys = list(self.list(prefix))
         base = prefix.strip("/")
         for key in keys:
-            relative = key[len(base):].lstrip("/") if base else key
+            relative = key[len(base) :].lstrip("/") if base else key
             self.download_file(key, Path(destination) / relative)
         return keys
 
@@ -207,7 +207,9 @@ class Store:
     def upload_file(self, source: str | Path, key: str) -> None:
         try:
             if self.is_s3:
-                self.client.upload_file(str(source), self._bucket_prefix[0], self._s3_key(key), Config=transfer_config())
+                self.client.upload_file(
+                    str(source), self._bucket_prefix[0], self._s3_key(key), Config=transfer_config()
+                )
                 return
             path = self._path(key)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -222,7 +224,9 @@ class Store:
         keys = []
         for path in sorted(Path(source).rglob("*")):
             if path.is_file():
-                key = join(prefix, path.relative_to(source).as_posix()) if prefix else path.relative_to(source).as_posix()
+                key = (
+                    join(prefix, path.relative_to(source).as_posix()) if prefix else path.relative_to(source).as_posix()
+                )
                 self.upload_file(path, key)
                 keys.append(key)
         return keys
@@ -247,8 +251,12 @@ class Store:
             self.client.delete_objects(Bucket=self._bucket_prefix[0], Delete={"Objects": batch, "Quiet": True})
 
 
-def s3_client(endpoint: str | None = None, region: str | None = None, max_pool_connections: int = 64,
-              credentials: tuple[str, str] | None = None) -> Any:
+def s3_client(
+    endpoint: str | None = None,
+    region: str | None = None,
+    max_pool_connections: int = 64,
+    credentials: tuple[str, str] | None = None,
+) -> Any:
     """A boto3 S3 client that works with AWS, MinIO and moto alike.
 
     Checksums only when required: boto3 1.36+ sends new checksum headers by default, and several

@@ -24,20 +24,44 @@ log = logging.getLogger("kubetune.operator")
 def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog=prog, description="Run the FineTuneJob operator.")
     scope = parser.add_mutually_exclusive_group()
-    scope.add_argument("--namespace", "-n", action="append", default=[], metavar="NS",
-                       help="watch this namespace (repeatable; a glob pattern such as 'team-*' also works, "
-                            "but needs permission to list namespaces)")
+    scope.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="watch this namespace (repeatable; a glob pattern such as 'team-*' also works, "
+        "but needs permission to list namespaces)",
+    )
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace (the default)")
-    parser.add_argument("--liveness-port", type=_port, default=8080, help="port of /healthz (0 disables it; default 8080)")
-    parser.add_argument("--metrics-port", type=_port, default=9090, help="port of Prometheus /metrics (0 disables it; default 9090)")
-    parser.add_argument("--collector-image", default=os.environ.get("KUBETUNE_COLLECTOR_IMAGE", b.DEFAULT_COLLECTOR_IMAGE),
-                        help="collector image when a spec sets none (env KUBETUNE_COLLECTOR_IMAGE)")
-    parser.add_argument("--trainer-image", default=os.environ.get("KUBETUNE_TRAINER_IMAGE", b.DEFAULT_TRAINER_IMAGE),
-                        help="trainer image when a spec sets none (env KUBETUNE_TRAINER_IMAGE)")
-    parser.add_argument("--workers", type=_positive, default=32,
-                        help="concurrent reconcile passes (default 32; each mostly waits on the API server or S3)")
-    parser.add_argument("--resync-seconds", type=float, default=10.0,
-                        help="how often unfinished jobs are re-checked: progress, deadlines (default 10)")
+    parser.add_argument(
+        "--liveness-port", type=_port, default=8080, help="port of /healthz (0 disables it; default 8080)"
+    )
+    parser.add_argument(
+        "--metrics-port", type=_port, default=9090, help="port of Prometheus /metrics (0 disables it; default 9090)"
+    )
+    parser.add_argument(
+        "--collector-image",
+        default=os.environ.get("KUBETUNE_COLLECTOR_IMAGE", b.DEFAULT_COLLECTOR_IMAGE),
+        help="collector image when a spec sets none (env KUBETUNE_COLLECTOR_IMAGE)",
+    )
+    parser.add_argument(
+        "--trainer-image",
+        default=os.environ.get("KUBETUNE_TRAINER_IMAGE", b.DEFAULT_TRAINER_IMAGE),
+        help="trainer image when a spec sets none (env KUBETUNE_TRAINER_IMAGE)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_positive,
+        default=32,
+        help="concurrent reconcile passes (default 32; each mostly waits on the API server or S3)",
+    )
+    parser.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=10.0,
+        help="how often unfinished jobs are re-checked: progress, deadlines (default 10)",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logs")
     return parser
 
@@ -64,7 +88,11 @@ def owner_of_job(body: dict[str, Any]) -> str | None:
 
 def quiet_handler_successes(record: logging.LogRecord) -> bool:
     """Drop kopf's "Handler '...' succeeded." lines: the handlers only queue work."""
-    return not (record.levelno <= logging.INFO and str(record.msg).startswith("Handler ") and str(record.msg).endswith(" succeeded."))
+    return not (
+        record.levelno <= logging.INFO
+        and str(record.msg).startswith("Handler ")
+        and str(record.msg).endswith(" succeeded.")
+    )
 
 
 def _selector(labels: dict[str, str]) -> str:
@@ -113,7 +141,11 @@ def register(controller: Any, verbose: bool = False, scan_namespaces: bool = Fal
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> Any:  # a registry of our own has no default login handler
-        return kopf.login_via_client(**kwargs) or kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        return (
+            kopf.login_via_client(**kwargs)
+            or kopf.login_with_service_account(**kwargs)
+            or kopf.login_with_kubeconfig(**kwargs)
+        )
 
     @kopf.on.cleanup(registry=registry)
     def stop(**_: Any) -> None:
@@ -125,8 +157,9 @@ def register(controller: Any, verbose: bool = False, scan_namespaces: bool = Fal
     async def finetunejob_event(event: dict[str, Any], **_: Any) -> None:
         body = event.get("object") or {}
         body_meta = meta(body)
-        controller.finetunejob_seen(body_meta.get("namespace", ""), body_meta.get("name", ""), body,
-                                    deleted=event.get("type") == "DELETED")
+        controller.finetunejob_seen(
+            body_meta.get("namespace", ""), body_meta.get("name", ""), body, deleted=event.get("type") == "DELETED"
+        )
 
     @kopf.on.event("batch", "v1", "jobs", labels=managed, registry=registry)
     async def job_event(event: dict[str, Any], **_: Any) -> None:
@@ -160,9 +193,14 @@ def main(argv: Sequence[str], prog: str = "kubetune operator") -> int:
         api_client = load_kube_config(connections=args.workers + 8)
     except Exception as error:  # no kubeconfig, no in-cluster account
         raise OneLineError(f"cannot reach Kubernetes: {str(error).splitlines()[0]}") from None
-    kube = Kube(api_client, b.Images(args.collector_image, args.trainer_image),
-                default_endpoint=os.environ.get("KUBETUNE_S3_ENDPOINT", ""), default_region=os.environ.get("KUBETUNE_S3_REGION", ""),
-                default_credentials_secret=os.environ.get("KUBETUNE_S3_CREDENTIALS_SECRET", ""), s3_connections=args.workers)
+    kube = Kube(
+        api_client,
+        b.Images(args.collector_image, args.trainer_image),
+        default_endpoint=os.environ.get("KUBETUNE_S3_ENDPOINT", ""),
+        default_region=os.environ.get("KUBETUNE_S3_REGION", ""),
+        default_credentials_secret=os.environ.get("KUBETUNE_S3_CREDENTIALS_SECRET", ""),
+        s3_connections=args.workers,
+    )
     metrics = Metrics()
     if args.metrics_port:
         metrics.serve(args.metrics_port)

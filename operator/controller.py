@@ -148,7 +148,7 @@ class Controller:
             held = self._pods.get(key, {})
             for pod in extra:
                 held.pop(pod["metadata"]["uid"], None)
-        old = (ftj.get("status") or {})
+        old = ftj.get("status") or {}
         self.known[key] = decision.phase
         self.metrics.observe_pass(key, old, decision.status)
 
@@ -163,8 +163,11 @@ class Controller:
                 self.reconcile(key)
             except Exception as error:  # one bad pass must not stop the worker; it is retried
                 self.metrics.reconcile_errors.inc()
-                log.warning("reconcile failed, retrying: %s", _describe(error),
-                            extra={"k8s_ref": {"kind": "FineTuneJob", "namespace": key[0], "name": key[1]}})
+                log.warning(
+                    "reconcile failed, retrying: %s",
+                    _describe(error),
+                    extra={"k8s_ref": {"kind": "FineTuneJob", "namespace": key[0], "name": key[1]}},
+                )
                 self._retry_later(key)
             finally:
                 self.metrics.reconcile_seconds.observe(time.monotonic() - started)

@@ -139,8 +139,7 @@ def read_contract(model: type[Contract], raw: dict[str, Any] | None) -> tuple[Co
 
 def dataset_status(manifest: DatasetManifest, uri: str) -> DatasetStatus:
     counts = manifest.counts
-    return DatasetStatus(uri=uri, requested=counts.requested, kept=counts.kept,
-                         skipped=dict(counts.skipped))
+    return DatasetStatus(uri=uri, requested=counts.requested, kept=counts.kept, skipped=dict(counts.skipped))
 
 
 def percent(step: int, max_steps: int) -> str:
@@ -169,8 +168,7 @@ def training_status(progress: TrainingProgress, now: datetime) -> TrainingStatus
     )
 
 
-def missing_secrets(spec: FineTuneJobSpec, component_name: str,
-                    secrets: dict[str, set[str] | None]) -> list[str]:
+def missing_secrets(spec: FineTuneJobSpec, component_name: str, secrets: dict[str, set[str] | None]) -> list[str]:
     """One line per Secret or key a component needs that does not exist, naming the field that
     refers to it. A pod with a missing Secret would wait forever in CreateContainerConfigError."""
     problems = []
@@ -186,20 +184,38 @@ def missing_secrets(spec: FineTuneJobSpec, component_name: str,
 # -- status helpers ----------------------------------------------------------------------------
 
 
-def set_condition(conditions: list[Condition], kind: str, status: str, reason: str, message: str,
-                  now: datetime, generation: int | None) -> None:
+def set_condition(
+    conditions: list[Condition],
+    kind: str,
+    status: str,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None,
+) -> None:
     """Set a condition by type; lastTransitionTime moves only when its status changes."""
     for i, old in enumerate(conditions):
         if old.type == kind:
             moved = old.status != status
             conditions[i] = Condition(
-                type=kind, status=status, reason=reason, message=message,  # type: ignore[arg-type]
+                type=kind,
+                status=status,
+                reason=reason,
+                message=message,  # type: ignore[arg-type]
                 last_transition_time=now if moved or old.last_transition_time is None else old.last_transition_time,
                 observed_generation=generation,
             )
             return
-    conditions.append(Condition(type=kind, status=status, reason=reason, message=message,  # type: ignore[arg-type]
-                                last_transition_time=now, observed_generation=generation))
+    conditions.append(
+        Condition(
+            type=kind,
+            status=status,
+            reason=reason,
+            message=message,  # type: ignore[arg-type]
+            last_transition_time=now,
+            observed_generation=generation,
+        )
+    )
 
 
 def remove_condition(conditions: list[Condition], kind: str) -> None:
@@ -225,8 +241,7 @@ class _Pass:
         self.status = self.old.model_copy(deep=True)
         self.decision = Decision(status={})
         self.owner = b.Owner(observed.name, observed.namespace, observed.uid)
-        self.manifest, self.manifest_problem = read_contract(DatasetManifest,
-                                                             observed.dataset_manifest)
+        self.manifest, self.manifest_problem = read_contract(DatasetManifest, observed.dataset_manifest)
         # an unreadable progress.json is as if absent: the status keeps the last good one
         self.progress, _ = read_contract(TrainingProgress, observed.progress)
 
@@ -256,8 +271,11 @@ class _Pass:
         deadline = spec.run_policy.active_deadline_seconds
         assert self.status.start_time is not None
         if deadline and (self.o.now - self.status.start_time).total_seconds() > deadline:
-            return self.fail("DeadlineExceeded", f"the job ran longer than runPolicy.activeDeadlineSeconds={deadline}; "
-                                                 "raise it or lower training.maxTrainSteps")
+            return self.fail(
+                "DeadlineExceeded",
+                f"the job ran longer than runPolicy.activeDeadlineSeconds={deadline}; "
+                "raise it or lower training.maxTrainSteps",
+            )
         return None
 
     # dataset
@@ -297,20 +315,28 @@ class _Pass:
             self.status.dataset = DatasetStatus(uri=uri)
         self.condition("DatasetReady", "True", "ImageFolder", f"training on the existing imagefolder {uri}")
 
-    def use_collected_dataset(self, manifest: DatasetManifest, uri: str,
-                              collector: dict[str, Any] | None, spec_changed: bool) -> Decision | None:
+    def use_collected_dataset(
+        self, manifest: DatasetManifest, uri: str, collector: dict[str, Any] | None, spec_changed: bool
+    ) -> Decision | None:
         """The manifest's counts into status; fails an empty dataset, else None (ready)."""
         counts = self.status.dataset = dataset_status(manifest, uri)
         if manifest.empty:
             skipped = counts.skipped or "none"
             return self.fail("EmptyDataset", f"the collector kept 0 images (skipped: {skipped}); {CHECK_SOURCE}")
         if spec_changed:
-            self.spec_change_ignored("spec.dataset changed after collection started; the dataset already collected is used")
+            self.spec_change_ignored(
+                "spec.dataset changed after collection started; the dataset already collected is used"
+            )
         found = collector is None
         if not self.has_condition("DatasetReady", "True"):
-            self.event("Normal", "DatasetFound" if found else "DatasetCollected",
-                       f"{counts.kept} images in {uri}" + (" (collected earlier with the same settings)" if found else ""))
-        self.condition("DatasetReady", "True", "DatasetFound" if found else "Collected", f"{counts.kept} images in {uri}")
+            self.event(
+                "Normal",
+                "DatasetFound" if found else "DatasetCollected",
+                f"{counts.kept} images in {uri}" + (" (collected earlier with the same settings)" if found else ""),
+            )
+        self.condition(
+            "DatasetReady", "True", "DatasetFound" if found else "Collected", f"{counts.kept} images in {uri}"
+        )
         return None
 
     def storage_unreachable(self) -> Decision:
@@ -329,8 +355,9 @@ class _Pass:
         self.event("Normal", "CollectionStarted", f"created Job {collect_name}")
         return self.finish()
 
-    def follow_collector(self, spec: FineTuneJobSpec, uri: str, collect_name: str,
-                         collector: dict[str, Any], spec_changed: bool) -> Decision:
+    def follow_collector(
+        self, spec: FineTuneJobSpec, uri: str, collect_name: str, collector: dict[str, Any], spec_changed: bool
+    ) -> Decision:
         finished = job_finished(collector)
         if finished == "Failed":
             return self.collector_failed(collector, collect_name)
@@ -342,8 +369,12 @@ class _Pass:
             self.condition("DatasetReady", "False", "DatasetIncomplete", message)
             return self.fail("DatasetIncomplete", message)
         if spec_changed:
-            self.spec_change_ignored("spec.dataset changed after collection started; the collection continues with the old settings")
-        self.suspension(collector, collect_name, "Collecting", f"collecting the dataset ({spec.dataset.source_name}) into {uri}")
+            self.spec_change_ignored(
+                "spec.dataset changed after collection started; the collection continues with the old settings"
+            )
+        self.suspension(
+            collector, collect_name, "Collecting", f"collecting the dataset ({spec.dataset.source_name}) into {uri}"
+        )
         self.condition("DatasetReady", "False", "Collecting", self.status.message)
         return self.finish()
 
@@ -351,8 +382,7 @@ class _Pass:
         """Fail with the collector's reason, told by its exit code, and its last words."""
         pods = self.pods_of(collect_name)
         codes = {pod_exit_code(p, b.COLLECTOR) for p in pods}
-        detail = (termination_message(pods, b.COLLECTOR) or job_failure_message(collector)
-                  or "Job failed")
+        detail = termination_message(pods, b.COLLECTOR) or job_failure_message(collector) or "Job failed"
         if EXIT_EMPTY_DATASET in codes:  # and its manifest (kept 0) could not be read
             reason = "EmptyDataset"
             message = f"the collector kept no images: {detail}; {CHECK_SOURCE}"
@@ -388,8 +418,10 @@ class _Pass:
             return self.finish()
         started_with = annotations(job).get(b.ANNOTATION_TRAINING_HASH)
         if started_with and started_with != b.training_hash(spec):
-            self.spec_change_ignored("spec.model, spec.training or the trainer layout changed after training started; "
-                                     "the running training keeps its settings (create a new FineTuneJob to apply them)")
+            self.spec_change_ignored(
+                "spec.model, spec.training or the trainer layout changed after training started; "
+                "the running training keeps its settings (create a new FineTuneJob to apply them)"
+            )
         finished = job_finished(job)
         pods = self.pods_of(name)
         self.record_preempted_pods(job, name, pods)
@@ -397,7 +429,11 @@ class _Pass:
             return self.succeed(spec, name)
         if finished == "Failed":
             return self.attempt_failed(spec, job, name, pods)
-        if spec.trainer.nodes > 1 and (recorded_preemptions(job) or self.pending_preemption_patch(name)) and not job_suspended(job):
+        if (
+            spec.trainer.nodes > 1
+            and (recorded_preemptions(job) or self.pending_preemption_patch(name))
+            and not job_suspended(job)
+        ):
             return self.restart_preempted_gang(spec, name)
         return self.follow_training(job, name)
 
@@ -406,8 +442,12 @@ class _Pass:
         attempt = len(self.status.attempts) - 1
         self.suspension(job, name, "Training", f"training attempt {attempt} (Job {name}) at step {step}")
         if self.status.phase == "Training":
-            self.condition("Training", "True" if not job_suspended(job) else "False",
-                           "Running" if not job_suspended(job) else "Queued", self.status.message)
+            self.condition(
+                "Training",
+                "True" if not job_suspended(job) else "False",
+                "Running" if not job_suspended(job) else "Queued",
+                self.status.message,
+            )
         else:
             self.condition("Training", "False", "Suspended", self.status.message)
         return self.finish()
@@ -416,16 +456,18 @@ class _Pass:
         """One rank preempted breaks the whole gang: stop the rest, start a new attempt."""
         self.decision.patch.append(Patch("Job", name, {"spec": {"suspend": True}}))
         self.end_attempt("Preempted")
-        self.event("Warning", "Preempted", f"a pod of Job {name} was preempted; restarting all "
-                                           f"{spec.trainer.nodes} nodes from the latest checkpoint")
+        self.event(
+            "Warning",
+            "Preempted",
+            f"a pod of Job {name} was preempted; restarting all {spec.trainer.nodes} nodes from the latest checkpoint",
+        )
         self.status.message = "preempted; a new attempt resumes from the latest checkpoint"
         self.condition("Training", "False", "Preempted", self.status.message)
         self.status.phase = "Training"
         return self.finish()
 
     def pending_preemption_patch(self, name: str) -> bool:
-        return any(p.name == name and b.ANNOTATION_PREEMPTED_PODS in annotations(p.body)
-                   for p in self.decision.patch)
+        return any(p.name == name and b.ANNOTATION_PREEMPTED_PODS in annotations(p.body) for p in self.decision.patch)
 
     def record_preempted_pods(self, job: dict[str, Any], name: str, pods: list[dict[str, Any]]) -> None:
         """Remember preempted pods on their Job: they vanish from the API soon after (evicted
@@ -433,25 +475,35 @@ class _Pass:
         if job_suspended(job) or job_finished(job) == "Complete":
             return  # pods stopped by a suspension are not preemptions
         known = recorded_preemptions(job)
-        new = [str(meta(p)["uid"]) for p in pods
-               if pod_preempted(p, b.TRAINER) and meta(p).get("uid") and meta(p)["uid"] not in known
-               and not stopped_before_job_started(p, job)]
+        new = [
+            str(meta(p)["uid"])
+            for p in pods
+            if pod_preempted(p, b.TRAINER)
+            and meta(p).get("uid")
+            and meta(p)["uid"] not in known
+            and not stopped_before_job_started(p, job)
+        ]
         if new:
             uids = ",".join(known + new)
             recorded = {b.ANNOTATION_PREEMPTED_PODS: uids}
             self.decision.patch.append(Patch("Job", name, {"metadata": {"annotations": recorded}}))
             job.setdefault("metadata", {}).setdefault("annotations", {}).update(recorded)
-            self.event("Warning", "PodPreempted", f"{len(new)} trainer pod(s) of Job {name} preempted; "
-                                                  "they resume from the latest checkpoint (not counted against backoffLimit)")
+            self.event(
+                "Warning",
+                "PodPreempted",
+                f"{len(new)} trainer pod(s) of Job {name} preempted; "
+                "they resume from the latest checkpoint (not counted against backoffLimit)",
+            )
 
     def start_attempt(self, spec: FineTuneJobSpec) -> Decision:
         o = self.o
         attempts = self.status.attempts
-        still_running = [meta(p)["name"] for p in o.pods
-                         if pod_active(p) and component(p) == b.TRAINER]
+        still_running = [meta(p)["name"] for p in o.pods if pod_active(p) and component(p) == b.TRAINER]
         self.status.phase = "Training"
         if still_running:  # never two trainer gangs writing the same checkpoints
-            self.status.message = f"waiting for the previous attempt's pods to stop: {', '.join(sorted(still_running)[:3])}"
+            self.status.message = (
+                f"waiting for the previous attempt's pods to stop: {', '.join(sorted(still_running)[:3])}"
+            )
             self.condition("Training", "False", "WaitingForPreviousAttempt", self.status.message)
             return self.finish()
         index = len(attempts)
@@ -463,7 +515,9 @@ class _Pass:
         name = b.trainer_job_name(o.name, restart)
         if name not in o.jobs:
             self.decision.create.append(b.trainer_job(spec, self.owner, restart, o.images))
-        self.status.message = f"starting attempt {index} (Job {name})" + (f", resuming from {resume_from}" if resume_from else "")
+        self.status.message = f"starting attempt {index} (Job {name})" + (
+            f", resuming from {resume_from}" if resume_from else ""
+        )
         self.condition("Training", "False", "Starting", self.status.message)
         self.event("Normal", "TrainingStarted" if index == 0 else "AttemptStarted", self.status.message)
         return self.finish()
@@ -486,27 +540,41 @@ class _Pass:
         self.condition("Succeeded", "True", "Succeeded", status.message)
         return self.finish()
 
-    def attempt_failed(self, spec: FineTuneJobSpec, job: dict[str, Any], name: str, pods: list[dict[str, Any]]) -> Decision:
+    def attempt_failed(
+        self, spec: FineTuneJobSpec, job: dict[str, Any], name: str, pods: list[dict[str, Any]]
+    ) -> Decision:
         detail = termination_message(pods, b.TRAINER) or job_failure_message(job) or "Job failed"
         if any(pod_exit_code(p, b.TRAINER) == EXIT_INVALID for p in pods):
             return self.fail("TrainerInvalidInput", f"the trainer rejected its input (retrying cannot help): {detail}")
         if any(pod_exit_code(p, b.TRAINER) == EXIT_DIVERGED for p in pods):
-            return self.fail("TrainingDiverged", f"the loss became NaN or inf (retrying the same settings cannot "
-                             f"help; the checkpoints before it are kept): {detail}")
+            return self.fail(
+                "TrainingDiverged",
+                f"the loss became NaN or inf (retrying the same settings cannot "
+                f"help; the checkpoints before it are kept): {detail}",
+            )
         progress_preempted = self.progress is not None and self.progress.state == "preempted"
-        preempted = bool(recorded_preemptions(job)) or any(pod_preempted(p, b.TRAINER) for p in pods) or progress_preempted
+        preempted = (
+            bool(recorded_preemptions(job)) or any(pod_preempted(p, b.TRAINER) for p in pods) or progress_preempted
+        )
         if preempted:
             self.end_attempt("Preempted")
-            self.status.message = f"attempt {len(self.status.attempts) - 1} was preempted; resuming from the latest checkpoint"
+            self.status.message = (
+                f"attempt {len(self.status.attempts) - 1} was preempted; resuming from the latest checkpoint"
+            )
             self.event("Warning", "Preempted", self.status.message)
         else:
             self.end_attempt("Failed")
             failures = sum(1 for a in self.status.attempts if a.reason == "Failed")
             limit = spec.run_policy.backoff_limit
             if failures > limit:
-                return self.fail("BackoffLimitExceeded", f"the trainer failed {failures} time(s), more than "
-                                                         f"runPolicy.backoffLimit={limit}; last failure: {detail}")
-            self.status.message = f"attempt {len(self.status.attempts) - 1} failed ({failures} of {limit} retries used): {detail}"
+                return self.fail(
+                    "BackoffLimitExceeded",
+                    f"the trainer failed {failures} time(s), more than "
+                    f"runPolicy.backoffLimit={limit}; last failure: {detail}",
+                )
+            self.status.message = (
+                f"attempt {len(self.status.attempts) - 1} failed ({failures} of {limit} retries used): {detail}"
+            )
             self.event("Warning", "AttemptFailed", self.status.message)
         self.status.phase = "Training"
         self.condition("Training", "False", "Restarting", self.status.message)
@@ -542,7 +610,11 @@ class _Pass:
             self.condition("Succeeded", "Unknown", phase, status.message)
         if phase != self.old.phase:
             kind = "Warning" if phase == "Failed" else "Normal"
-            reason = next((c.reason for c in status.conditions if c.type == "Succeeded"), phase) if phase in TERMINAL else phase
+            reason = (
+                next((c.reason for c in status.conditions if c.type == "Succeeded"), phase)
+                if phase in TERMINAL
+                else phase
+            )
             if not self.decision.events:
                 self.event(kind, reason, status.message or f"phase {phase}")
         self.decision.status = status.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -602,7 +674,9 @@ class _Pass:
             if not job_suspended(job):
                 self.decision.patch.append(Patch("Job", job_name, {"spec": {"suspend": True}}))
             if self.status.phase != "Suspended":
-                self.event("Normal", "Suspended", f"suspended Job {job_name}; it continues from its checkpoint when resumed")
+                self.event(
+                    "Normal", "Suspended", f"suspended Job {job_name}; it continues from its checkpoint when resumed"
+                )
             self.status.phase = "Suspended"
             self.status.message = f"suspended (spec.suspend); Job {job_name} keeps its progress"
             self.condition("Suspended", "True", "SpecSuspend", self.status.message)

@@ -92,8 +92,15 @@ class Kube:
 
     # -- the API ---------------------------------------------------------------------------------
 
-    def request(self, method: str, path: str, body: Any = None, query: dict[str, str] | None = None,
-                content_type: str = "application/json", missing_ok: bool = False) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: dict[str, str] | None = None,
+        content_type: str = "application/json",
+        missing_ok: bool = False,
+    ) -> Any:
         """One API call with the client's configuration (server, TLS, token refresh), its JSON
         answer parsed; None for a 404 when missing_ok. The generated typed methods were skipped
         on purpose: they turn every dict body into models and back (a Job's create cost twice
@@ -102,8 +109,14 @@ class Kube:
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type
-        serialized = api.param_serialize(method=method, resource_path=path, query_params=list((query or {}).items()),
-                                         header_params=headers, body=body, auth_settings=["BearerToken"])
+        serialized = api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=list((query or {}).items()),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
         response = api.call_api(*serialized, _request_timeout=60)
         data = response.read()  # read to the end: the connection goes back to the pool
         if missing_ok and response.status == 404:
@@ -120,10 +133,16 @@ class Kube:
     def children(self, namespace: str, name: str, uid: str, kind: str) -> list[dict[str, Any]]:
         """Jobs or pods of this FineTuneJob (by label, then by owner uid for Jobs: a FineTuneJob
         recreated under the same name must not adopt its predecessor's children)."""
-        path = f"/apis/batch/v1/namespaces/{namespace}/jobs" if kind == "Job" else f"/api/v1/namespaces/{namespace}/pods"
-        objects: list[dict[str, Any]] = self.request("GET", path, query={"labelSelector": f"{b.LABEL_JOB}={b.base_name(name)}"})["items"]
+        path = (
+            f"/apis/batch/v1/namespaces/{namespace}/jobs" if kind == "Job" else f"/api/v1/namespaces/{namespace}/pods"
+        )
+        objects: list[dict[str, Any]] = self.request(
+            "GET", path, query={"labelSelector": f"{b.LABEL_JOB}={b.base_name(name)}"}
+        )["items"]
         if kind == "Job":
-            objects = [o for o in objects if any(r.get("uid") == uid for r in o["metadata"].get("ownerReferences") or [])]
+            objects = [
+                o for o in objects if any(r.get("uid") == uid for r in o["metadata"].get("ownerReferences") or [])
+            ]
         return objects
 
     def service_exists(self, namespace: str, name: str) -> bool:
@@ -150,7 +169,10 @@ class Kube:
             with self._lock:
                 self._secrets.pop(key, None)
             return None
-        data = {**(secret.get("data") or {}), **{k: base64.b64encode(v.encode()).decode() for k, v in (secret.get("stringData") or {}).items()}}
+        data = {
+            **(secret.get("data") or {}),
+            **{k: base64.b64encode(v.encode()).decode() for k, v in (secret.get("stringData") or {}).items()},
+        }
         with self._lock:
             self._secrets[key] = (time.monotonic(), data)
         return data
@@ -180,7 +202,10 @@ class Kube:
         ref = spec.storage.credentials_secret_ref
         data = secrets.get(ref.name) if ref else None
         if data and "AWS_ACCESS_KEY_ID" in data and "AWS_SECRET_ACCESS_KEY" in data:
-            credentials = (base64.b64decode(data["AWS_ACCESS_KEY_ID"]).decode(), base64.b64decode(data["AWS_SECRET_ACCESS_KEY"]).decode())
+            credentials = (
+                base64.b64decode(data["AWS_ACCESS_KEY_ID"]).decode(),
+                base64.b64decode(data["AWS_SECRET_ACCESS_KEY"]).decode(),
+            )
         key = hashlib.sha256(json.dumps([endpoint, region, credentials]).encode()).hexdigest()
         with self._lock:
             client = self._clients.get(key)
@@ -192,7 +217,10 @@ class Kube:
 
     def create(self, namespace: str, obj: dict[str, Any]) -> bool:
         """Create a child; False when it already exists (another pass or operator made it)."""
-        paths = {"Job": f"/apis/batch/v1/namespaces/{namespace}/jobs", "Service": f"/api/v1/namespaces/{namespace}/services"}
+        paths = {
+            "Job": f"/apis/batch/v1/namespaces/{namespace}/jobs",
+            "Service": f"/api/v1/namespaces/{namespace}/services",
+        }
         if obj["kind"] not in paths:
             raise ValueError(f"cannot create a {obj['kind']}")
         try:
@@ -204,12 +232,20 @@ class Kube:
         return True
 
     def patch_job(self, namespace: str, name: str, body: dict[str, Any]) -> None:
-        self.request("PATCH", f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}", body,
-                     content_type="application/strategic-merge-patch+json")
+        self.request(
+            "PATCH",
+            f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}",
+            body,
+            content_type="application/strategic-merge-patch+json",
+        )
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.request("PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status", {"status": status},
-                     content_type="application/merge-patch+json")
+        self.request(
+            "PATCH",
+            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status",
+            {"status": status},
+            content_type="application/merge-patch+json",
+        )
 
     def post_event(self, ftj: dict[str, Any], kind: str, reason: str, message: str) -> None:
         meta = ftj["metadata"]
@@ -218,8 +254,13 @@ class Kube:
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
-            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": meta["name"],
-                               "namespace": meta["namespace"], "uid": meta.get("uid", "")},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": KIND,
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid", ""),
+            },
             "reason": reason,
             "message": message[:1024],
             "type": kind,
@@ -264,8 +305,16 @@ def observe(kube: Kube, ftj: dict[str, Any], extra_pods: list[dict[str, Any]], n
     meta = ftj["metadata"]
     namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid", "")
     status = ftj.get("status") or {}
-    observed = Observed(name=name, namespace=namespace, uid=uid, generation=meta.get("generation"), spec=None,
-                        status=status, now=now or now_utc(), images=kube.images)
+    observed = Observed(
+        name=name,
+        namespace=namespace,
+        uid=uid,
+        generation=meta.get("generation"),
+        spec=None,
+        status=status,
+        now=now or now_utc(),
+        images=kube.images,
+    )
     try:
         spec = observed.spec = kube.effective_spec(parse_spec(ftj.get("spec")))
     except SpecError as error:
@@ -310,7 +359,8 @@ def pods_needed(status: dict[str, Any], jobs: dict[str, dict[str, Any]]) -> bool
     running needs none (a label-selected list makes the API server filter every pod of the namespace:
     the costliest read of a pass)."""
     return bool(status.get("attempts")) or any(
-        job_finished(job) or component(job) == b.TRAINER for job in jobs.values())
+        job_finished(job) or component(job) == b.TRAINER for job in jobs.values()
+    )
 
 
 def latest_complete_checkpoint(store: storage.Store) -> str:

@@ -20,14 +20,28 @@ class Metrics:
     def __post_init__(self) -> None:
         r = self.registry
         self.jobs = Gauge("kubetune_finetunejobs", "FineTuneJobs by phase.", ["phase"], registry=r)
-        self.transitions = Counter("kubetune_phase_transitions", "Phase transitions of FineTuneJobs.", ["from_phase", "to_phase"], registry=r)
-        self.restarts = Counter("kubetune_trainer_restarts", "Failed trainer attempts (they use the backoff budget).", registry=r)
+        self.transitions = Counter(
+            "kubetune_phase_transitions", "Phase transitions of FineTuneJobs.", ["from_phase", "to_phase"], registry=r
+        )
+        self.restarts = Counter(
+            "kubetune_trainer_restarts", "Failed trainer attempts (they use the backoff budget).", registry=r
+        )
         self.preemptions = Counter("kubetune_trainer_preemptions", "Preempted trainer attempts or pods.", registry=r)
-        self.reconcile_errors = Counter("kubetune_reconcile_errors", "Reconcile passes that raised (retried).", registry=r)
-        self.reconcile_seconds = Histogram("kubetune_reconcile_duration_seconds", "Time of one reconcile pass.", registry=r,
-                                           buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.queue_wait_seconds = Histogram("kubetune_reconcile_queue_wait_seconds", "Time a FineTuneJob waited in the queue.",
-                                            registry=r, buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.reconcile_errors = Counter(
+            "kubetune_reconcile_errors", "Reconcile passes that raised (retried).", registry=r
+        )
+        self.reconcile_seconds = Histogram(
+            "kubetune_reconcile_duration_seconds",
+            "Time of one reconcile pass.",
+            registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.queue_wait_seconds = Histogram(
+            "kubetune_reconcile_queue_wait_seconds",
+            "Time a FineTuneJob waited in the queue.",
+            registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
         for phase in PHASES:
             self.jobs.labels(phase).set(0)
 

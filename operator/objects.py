@@ -73,7 +73,7 @@ def job_failure_message(job: dict[str, Any]) -> str:
 
 
 def job_finished(job: dict[str, Any]) -> str:
-    """"Complete", "Failed" or "" while the Job runs (or is suspended)."""
+    """ "Complete", "Failed" or "" while the Job runs (or is suspended)."""
     if job_condition(job, "Complete") or job_condition(job, "SuccessCriteriaMet"):
         return "Complete"
     if job_condition(job, "Failed") or job_condition(job, "FailureTarget"):
@@ -129,7 +129,8 @@ def stopped_before_job_started(pod: dict[str, Any], job: dict[str, Any]) -> bool
     not a preemption. Kubernetes resets a Job's status.startTime when it is resumed."""
     started = parse_time((job.get("status") or {}).get("startTime"))
     stopped = parse_time(meta(pod).get("deletionTimestamp")) or parse_time(
-        (terminated_state(pod, b.TRAINER) or {}).get("finishedAt"))
+        (terminated_state(pod, b.TRAINER) or {}).get("finishedAt")
+    )
     return started is not None and stopped is not None and stopped <= started
 
 

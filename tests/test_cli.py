@@ -32,7 +32,10 @@ def test_the_installed_command_works_from_any_folder(tmp_path: Path) -> None:
     kubetune_command = Path(sys.executable).parent / "kubetune"
     result = subprocess.run([kubetune_command, "--version"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == f"kubetune {kubetune.__version__}", result.stderr
-    code = "import kubetune, kubetune.dev.cli, kubetune.operator.kube, kubetune.trainer, kubetune.collector; print(kubetune.__version__)"
+    code = (
+        "import kubetune, kubetune.dev.cli, kubetune.operator.kube, kubetune.trainer, kubetune.collector; "
+        "print(kubetune.__version__)"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == kubetune.__version__, result.stderr
 
@@ -64,8 +67,10 @@ def test_bare_operator_is_still_the_standard_library() -> None:
     # for a Python started in the repository root (the current folder comes first on sys.path).
     # `collections` imports `operator` and uses it at once.
     repo = Path(__file__).resolve().parents[1]
-    code = ("import collections, operator, kubetune.operator.kube as k; operator.eq;"
-            " print(operator.__file__); print(k.__name__)")
+    code = (
+        "import collections, operator, kubetune.operator.kube as k; operator.eq;"
+        " print(operator.__file__); print(k.__name__)"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
     stdlib_file, name = result.stdout.split()
     assert "site-packages" not in stdlib_file and not stdlib_file.startswith(str(repo))
@@ -79,10 +84,12 @@ def test_bare_operator_is_still_the_standard_library() -> None:
 
 def test_dev_without_the_development_tools_says_how_to_get_them() -> None:
     # kubetune.dev is its own distribution (dev/); the product's `kubetune dev` names it when absent.
-    code = ("import sys; sys.modules['kubetune.dev'] = None; from kubetune.cli import main;"
-            " sys.exit(main(['dev', 'up']))")
+    code = (
+        "import sys; sys.modules['kubetune.dev'] = None; from kubetune.cli import main; sys.exit(main(['dev', 'up']))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "kubetune dev: error: the development tools are not installed: from a kubetune checkout run"
-        " 'make venv' (or pip install -e ./dev)"]
+        " 'make venv' (or pip install -e ./dev)"
+    ]

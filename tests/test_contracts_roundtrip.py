@@ -64,9 +64,7 @@ def jpeg(width: int, height: int, shade: int) -> bytes:
     return buffer.getvalue()
 
 
-def collect(
-    bucket: str, spec: dict[str, Any], photos: list[bytes], broken: int
-) -> tuple[DatasetManifest | None, int]:
+def collect(bucket: str, spec: dict[str, Any], photos: list[bytes], broken: int) -> tuple[DatasetManifest | None, int]:
     """The collector's output as `kubetune collect` drives it (one shard): kept images, skips,
     the merge, and the exit code its report gives."""
     fingerprint = dataset_fingerprint(parse_spec(spec).dataset)
@@ -80,9 +78,7 @@ def collect(
         Store(f"s3://{bucket}/job/{DATASET_DIR}"), f"{fingerprint}-1", "processing", 0, 1, info
     ).open()
     for i, data in enumerate(photos):
-        candidate = Candidate(
-            key=f"k{i}", caption=f"photo {i}", source="urls", url=f"http://x/{i}.jpg"
-        )
+        candidate = Candidate(key=f"k{i}", caption=f"photo {i}", source="urls", url=f"http://x/{i}.jpg")
         try:
             output.write(candidate, clean(data, IMAGES))
         except Skip as skip:
@@ -137,9 +133,7 @@ class Operator:
 
     def collector_exits(self, code: int, last_line: str) -> None:
         name = b.collector_job_name("shapes")
-        self.jobs[name]["status"] = {
-            "conditions": [{"type": "Failed" if code else "Complete", "status": "True"}]
-        }
+        self.jobs[name]["status"] = {"conditions": [{"type": "Failed" if code else "Complete", "status": "True"}]}
         self.pods.append(
             {
                 "metadata": {
@@ -172,36 +166,23 @@ def test_an_empty_collection_fails_the_job_as_an_empty_dataset(s3_bucket: str) -
     operator.step()
     assert operator.status["phase"] == "Collecting"
 
-    manifest, code = collect(
-        s3_bucket, spec, [jpeg(32, 32, 1)], broken=2
-    )  # too small, and two 404s
+    manifest, code = collect(s3_bucket, spec, [jpeg(32, 32, 1)], broken=2)  # too small, and two 404s
     assert code == EXIT_EMPTY_DATASET
     assert manifest is not None and manifest.empty
     written = DatasetManifest.model_validate_json(operator.storage.read_bytes(DATASET_MANIFEST))
     assert written == manifest and written.counts.skipped == {"http-404": 2, "too-small": 1}
 
-    operator.collector_exits(
-        code, "kubetune collect: error: nothing could be collected: 0 images kept of 3 requested"
-    )
+    operator.collector_exits(code, "kubetune collect: error: nothing could be collected: 0 images kept of 3 requested")
     decision = operator.step()
-    assert (
-        decision.phase == "Failed" and operator.condition("Succeeded")["reason"] == "EmptyDataset"
-    )
+    assert decision.phase == "Failed" and operator.condition("Succeeded")["reason"] == "EmptyDataset"
     assert operator.status["dataset"]["kept"] == 0 and "http-404" in operator.status["message"]
     assert [(e.type, e.reason) for e in decision.events] == [("Warning", "EmptyDataset")]
 
     # without its manifest, the exit code alone says the same
     operator.storage.delete(DATASET_MANIFEST)
-    operator.status = {
-        k: v for k, v in operator.status.items() if k not in ("phase", "conditions", "dataset")
-    }
-    assert (
-        operator.step().phase == "Failed"
-        and operator.condition("Succeeded")["reason"] == "EmptyDataset"
-    )
-    assert operator.status["message"].startswith(
-        "the collector kept no images: kubetune collect: error: nothing"
-    )
+    operator.status = {k: v for k, v in operator.status.items() if k not in ("phase", "conditions", "dataset")}
+    assert operator.step().phase == "Failed" and operator.condition("Succeeded")["reason"] == "EmptyDataset"
+    assert operator.status["message"].startswith("the collector kept no images: kubetune collect: error: nothing")
 
 
 def test_an_empty_dataset_left_by_an_earlier_job_is_collected_again(s3_bucket: str) -> None:
@@ -240,10 +221,7 @@ def test_dataset_progress_and_checkpoints_written_by_the_components_drive_the_op
     assert code == EXIT_OK and manifest is not None and manifest.counts.kept == 2
     operator.collector_exits(EXIT_OK, "")
     operator.step()
-    assert (
-        operator.status["phase"] == "Training"
-        and operator.condition("DatasetReady")["reason"] == "Collected"
-    )
+    assert operator.status["phase"] == "Training" and operator.condition("DatasetReady")["reason"] == "Collected"
     assert operator.status["dataset"] == {
         "uri": f"s3://{s3_bucket}/job/dataset",
         "requested": 3,
@@ -278,15 +256,9 @@ def test_dataset_progress_and_checkpoints_written_by_the_components_drive_the_op
     progress.state("training", latestCheckpoint=checkpointer.wait())
     checkpointer.close()
 
-    assert (
-        TrainingProgress.model_validate_json(output.read_bytes(PROGRESS_FILE)).latest_checkpoint
-        == "step-00000004"
-    )
+    assert TrainingProgress.model_validate_json(output.read_bytes(PROGRESS_FILE)).latest_checkpoint == "step-00000004"
     (ref,) = complete_checkpoints(output)
-    assert (
-        isinstance(ref.manifest, CheckpointManifest)
-        and ref.manifest.files["trainable.safetensors"].size == 7
-    )
+    assert isinstance(ref.manifest, CheckpointManifest) and ref.manifest.files["trainable.safetensors"].size == 7
 
     operator.step()
     training = operator.status["training"]
@@ -295,9 +267,7 @@ def test_dataset_progress_and_checkpoints_written_by_the_components_drive_the_op
 
     # the attempt fails; the next one resumes from the checkpoint the operator finds in storage
     train_name = b.trainer_job_name("shapes", 0)
-    operator.jobs[train_name]["status"] = {
-        "conditions": [{"type": "Failed", "status": "True", "message": "boom"}]
-    }
+    operator.jobs[train_name]["status"] = {"conditions": [{"type": "Failed", "status": "True", "message": "boom"}]}
     operator.step()
     assert operator.status["attempts"][-1]["reason"] == "Failed"
     decision = operator.step(latest_checkpoint=latest_complete_checkpoint(output))

@@ -21,8 +21,12 @@ PRODUCT_FOLDERS = ["kubetune", "operator", "trainer", "collector"]
 
 
 def copied_sources(name: str) -> list[str]:
-    return [s.rstrip("/") for c in dockerfile.parse_file(str(REPO / name)) if c.cmd in ("COPY", "ADD")
-            and not any(f.startswith("--from") for f in c.flags) for s in c.value[:-1]]
+    return [
+        s.rstrip("/")
+        for c in dockerfile.parse_file(str(REPO / name))
+        if c.cmd in ("COPY", "ADD") and not any(f.startswith("--from") for f in c.flags)
+        for s in c.value[:-1]
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +39,27 @@ def wheel_files(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
         else:
             shutil.copy(REPO / path, source / path)
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(source)],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(source)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     (wheel,) = out.glob("kubetune-*.whl")
     return zipfile.ZipFile(wheel).namelist()
 
 
 def test_the_wheel_has_the_product_modules(wheel_files: list[str]) -> None:
     names = set(wheel_files)
-    for module in ("kubetune/cli.py", "kubetune/launch.py", "kubetune/api/models.py", "kubetune/operator/kube.py",
-                   "kubetune/operator/builders.py", "kubetune/trainer/train.py", "kubetune/collector/collect.py"):
+    for module in (
+        "kubetune/cli.py",
+        "kubetune/launch.py",
+        "kubetune/api/models.py",
+        "kubetune/operator/kube.py",
+        "kubetune/operator/builders.py",
+        "kubetune/trainer/train.py",
+        "kubetune/collector/collect.py",
+    ):
         assert module in names, module
     # Every source file of the component folders is in it (through the symlinks in kubetune/).
     for folder in ("operator", "trainer", "collector"):
@@ -81,5 +96,6 @@ def test_the_product_never_imports_the_development_tools() -> None:
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
                 for imported in names:
-                    assert not (imported == "kubetune.dev" or imported.startswith(("kubetune.dev.", "kubetune.fixtures"))), \
-                        f"{path.relative_to(REPO)}:{node.lineno}: imports {imported}"
+                    assert not (
+                        imported == "kubetune.dev" or imported.startswith(("kubetune.dev.", "kubetune.fixtures"))
+                    ), f"{path.relative_to(REPO)}:{node.lineno}: imports {imported}"

@@ -42,13 +42,17 @@ def image_server() -> Iterator[tuple[str, list[tuple[str, str]]]]:
     server.shutdown()
 
 
-def test_run_collects_then_trains_to_a_loadable_model(tmp_path: Path, image_server: tuple[str, list[tuple[str, str]]]) -> None:
+def test_run_collects_then_trains_to_a_loadable_model(
+    tmp_path: Path, image_server: tuple[str, list[tuple[str, str]]]
+) -> None:
     from kubetune.dev.testing.tiny_sd import build_tiny_pipeline
 
     base_url, items = image_server
     model = build_tiny_pipeline(tmp_path / "tiny-sd")
     url_list = tmp_path / "urls.jsonl"
-    url_list.write_text("".join(json.dumps({"url": base_url + path, "caption": caption}) + "\n" for path, caption in items))
+    url_list.write_text(
+        "".join(json.dumps({"url": base_url + path, "caption": caption}) + "\n" for path, caption in items)
+    )
     job = {
         "apiVersion": "kubetune.dev/v1alpha1",
         "kind": "FineTuneJob",
@@ -57,9 +61,16 @@ def test_run_collects_then_trains_to_a_loadable_model(tmp_path: Path, image_serv
             "dataset": {"urls": {"uri": str(url_list)}, "resolution": 64, "minSize": 32, "allowPrivateNetwork": True},
             "model": {"base": str(model)},
             "training": {
-                "resolution": 32, "batchSize": 2, "gradientAccumulationSteps": 1, "maxTrainSteps": 4,
-                "mixedPrecision": "fp32", "gradientCheckpointing": False, "checkpointEverySteps": 2,
-                "validationPrompts": ["a red circle on a white background"], "dataloaderNumWorkers": 0, "seed": 1,
+                "resolution": 32,
+                "batchSize": 2,
+                "gradientAccumulationSteps": 1,
+                "maxTrainSteps": 4,
+                "mixedPrecision": "fp32",
+                "gradientCheckpointing": False,
+                "checkpointEverySteps": 2,
+                "validationPrompts": ["a red circle on a white background"],
+                "dataloaderNumWorkers": 0,
+                "seed": 1,
             },
             "trainer": {"gpusPerNode": 0},
             "storage": {"uri": "s3://not-used-locally/run/"},
@@ -69,8 +80,12 @@ def test_run_collects_then_trains_to_a_loadable_model(tmp_path: Path, image_serv
     spec_file.write_text(yaml.safe_dump(job))
     out = tmp_path / "out"
 
-    result = subprocess.run([sys.executable, "-m", "kubetune.cli", "run", str(spec_file), "--storage", str(out)],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "run", str(spec_file), "--storage", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     metadata = (out / "dataset" / "train" / "metadata.jsonl").read_text().splitlines()
@@ -88,17 +103,25 @@ def test_run_collects_then_trains_to_a_loadable_model(tmp_path: Path, image_serv
     assert image.shape == (32, 32, 3)
 
     # A second run finds the dataset complete and the training finished: nothing is redone.
-    again = subprocess.run([sys.executable, "-m", "kubetune.cli", "run", str(spec_file), "--storage", str(out)],
-                           capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "run", str(spec_file), "--storage", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already complete" in again.stdout + again.stderr
 
 
 def test_run_rejects_a_bad_spec_in_one_line(tmp_path: Path) -> None:
     spec_file = tmp_path / "bad.yaml"
-    spec_file.write_text("apiVersion: kubetune.dev/v1alpha1\nkind: FineTuneJob\nspec:\n  model: {base: x}\n  storage: {uri: s3://b/p/}\n"
-                         "  dataset: {urls: {uri: /x.jsonl}}\n  training: {mixedPrecision: no}\n")
-    result = subprocess.run([sys.executable, "-m", "kubetune.cli", "run", str(spec_file)], capture_output=True, text=True, timeout=60)
+    spec_file.write_text(
+        "apiVersion: kubetune.dev/v1alpha1\nkind: FineTuneJob\nspec:\n  model: {base: x}\n  storage: {uri: s3://b/p/}\n"
+        "  dataset: {urls: {uri: /x.jsonl}}\n  training: {mixedPrecision: no}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "run", str(spec_file)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "spec.training.mixedPrecision" in result.stderr
@@ -109,11 +132,17 @@ def test_the_local_example_runs_on_cpu_with_the_tiny_model(tmp_path: Path) -> No
     says, from a working folder of its own (the example's paths are relative to it)."""
     repo = Path(__file__).resolve().parents[1]
     kubetune = [sys.executable, "-m", "kubetune.cli"]
-    fixtures = subprocess.run([*kubetune, "dev", "fixtures", "--vae-steps", "0"], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300)
+    fixtures = subprocess.run(
+        [*kubetune, "dev", "fixtures", "--vae-steps", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert fixtures.returncode == 0, fixtures.stderr[-2000:]
-    result = subprocess.run([*kubetune, "run", str(repo / "examples" / "local.yaml"), "--storage", "runs/local"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [*kubetune, "run", str(repo / "examples" / "local.yaml"), "--storage", "runs/local"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "runs" / "local"
     assert json.loads((out / "progress.json").read_text())["state"] == "succeeded"

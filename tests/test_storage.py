@@ -51,7 +51,9 @@ def test_join() -> None:
     assert join("/tmp/a", "") == "/tmp/a"
 
 
-def test_explicit_credentials_are_used_instead_of_the_environment(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_explicit_credentials_are_used_instead_of_the_environment(
+    s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from kubetune.storage import StorageError
 
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
@@ -69,6 +71,9 @@ def test_storage_env_points_at_the_specs_endpoint_and_region_and_nothing_else() 
     from kubetune.storage import storage_env
 
     spec = Storage.model_validate({"uri": "s3://bucket/p/", "endpoint": "http://minio:9000", "region": "eu-west-1"})
-    assert storage_env(spec) == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_REGION": "eu-west-1",
-                                 "AWS_DEFAULT_REGION": "eu-west-1"}
+    assert storage_env(spec) == {
+        "AWS_ENDPOINT_URL": "http://minio:9000",
+        "AWS_REGION": "eu-west-1",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+    }
     assert storage_env(Storage.model_validate({"uri": "s3://bucket/p/"})) == {}

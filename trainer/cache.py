@@ -44,13 +44,13 @@ CAPTIONS_PER_CHUNK = 1024
 class LatentCache:
     key: str
     uri: str
-    mean: torch.Tensor            # [N, C, h, w], scaled later by the VAE's scaling factor
+    mean: torch.Tensor  # [N, C, h, w], scaled later by the VAE's scaling factor
     std: torch.Tensor
     mean_flip: torch.Tensor | None
     std_flip: torch.Tensor | None
-    text: torch.Tensor            # [unique captions, tokens, hidden]
-    caption_index: torch.Tensor   # [N] -> row of `text`
-    skipped: int                  # unreadable images, left out
+    text: torch.Tensor  # [unique captions, tokens, hidden]
+    caption_index: torch.Tensor  # [N] -> row of `text`
+    skipped: int  # unreadable images, left out
 
     def __len__(self) -> int:
         return int(self.mean.shape[0])
@@ -71,9 +71,18 @@ def cache_key(settings: dict[str, Any]) -> str:
 
 
 def build_or_load(
-    store: Store, settings: dict[str, Any], data: TrainingData, indices: Sequence[int], encoders: Callable[[], Encoders],
-    rank: int, world: int, barrier: Callable[[], None], should_stop: Callable[[], bool], progress: Callable[[str], None],
-    batch_size: int = 8, workers: int = 4,
+    store: Store,
+    settings: dict[str, Any],
+    data: TrainingData,
+    indices: Sequence[int],
+    encoders: Callable[[], Encoders],
+    rank: int,
+    world: int,
+    barrier: Callable[[], None],
+    should_stop: Callable[[], bool],
+    progress: Callable[[str], None],
+    batch_size: int = 8,
+    workers: int = 4,
 ) -> LatentCache:
     """Load the cache for `settings`, encoding what is missing first (all ranks call this)."""
     key = cache_key(settings)
@@ -92,24 +101,34 @@ def build_or_load(
                 raise InterruptedError("stopped while caching")
             loaded = loaded or encoders()
             if kind == "latents":
-                part = indices[chunk * IMAGES_PER_CHUNK:(chunk + 1) * IMAGES_PER_CHUNK]
+                part = indices[chunk * IMAGES_PER_CHUNK : (chunk + 1) * IMAGES_PER_CHUNK]
                 tensors = _encode_images(loaded, data, part, settings, batch_size, workers)
             else:
-                part_captions = captions[chunk * CAPTIONS_PER_CHUNK:(chunk + 1) * CAPTIONS_PER_CHUNK]
+                part_captions = captions[chunk * CAPTIONS_PER_CHUNK : (chunk + 1) * CAPTIONS_PER_CHUNK]
                 states = _encode_captions(loaded, part_captions, batch_size * 4)
                 tensors = {"states": states.to(getattr(torch, settings["dtype"]))}
             root.write_bytes(name, save_tensors({k: v.contiguous() for k, v in tensors.items()}))
-            log.info("cached %s (%d of %d chunks for this process)", name, tasks[rank::world].index((kind, chunk)) + 1,
-                     len(tasks[rank::world]))
+            log.info(
+                "cached %s (%d of %d chunks for this process)",
+                name,
+                tasks[rank::world].index((kind, chunk)) + 1,
+                len(tasks[rank::world]),
+            )
         barrier()
         if rank == 0:
             position = {caption: row for row, caption in enumerate(captions)}
-            root.write_json(MANIFEST_FILE, {
-                "key": key, "version": CACHE_VERSION, "settings": settings, "count": len(indices),
-                "latentChunks": sum(1 for t in tasks if t[0] == "latents"),
-                "textChunks": sum(1 for t in tasks if t[0] == "text"),
-                "captionIndex": [position[data.captions[i]] for i in indices],
-            })
+            root.write_json(
+                MANIFEST_FILE,
+                {
+                    "key": key,
+                    "version": CACHE_VERSION,
+                    "settings": settings,
+                    "count": len(indices),
+                    "latentChunks": sum(1 for t in tasks if t[0] == "latents"),
+                    "textChunks": sum(1 for t in tasks if t[0] == "text"),
+                    "captionIndex": [position[data.captions[i]] for i in indices],
+                },
+            )
         barrier()
     return _load(root, key)
 
@@ -121,7 +140,9 @@ def _chunks(count: int, size: int) -> int:
 def _load(root: Store, key: str) -> LatentCache:
     manifest = root.read_json(MANIFEST_FILE)
     parts = [load_tensors(root.read_bytes(f"latents-{c:05d}.safetensors")) for c in range(manifest["latentChunks"])]
-    texts = [load_tensors(root.read_bytes(f"text-{c:05d}.safetensors"))["states"] for c in range(manifest["textChunks"])]
+    texts = [
+        load_tensors(root.read_bytes(f"text-{c:05d}.safetensors"))["states"] for c in range(manifest["textChunks"])
+    ]
     valid = torch.cat([p["valid"] for p in parts]).bool()
 
     def joined(name: str) -> torch.Tensor | None:
@@ -132,15 +153,22 @@ def _load(root: Store, key: str) -> LatentCache:
     if len(mean) == 0:
         raise DataError(f"{root.uri}: none of the dataset's {len(valid)} images could be read")
     return LatentCache(
-        key=key, uri=root.uri, mean=mean, std=std, mean_flip=joined("mean_flip"), std_flip=joined("std_flip"),
-        text=torch.cat(texts), caption_index=torch.tensor(manifest["captionIndex"])[valid],
+        key=key,
+        uri=root.uri,
+        mean=mean,
+        std=std,
+        mean_flip=joined("mean_flip"),
+        std_flip=joined("std_flip"),
+        text=torch.cat(texts),
+        caption_index=torch.tensor(manifest["captionIndex"])[valid],
         skipped=int((~valid).sum()),
     )
 
 
 @torch.no_grad()
-def _encode_images(enc: Encoders, data: TrainingData, indices: Sequence[int], settings: dict[str, Any],
-                   batch_size: int, workers: int) -> dict[str, torch.Tensor]:
+def _encode_images(
+    enc: Encoders, data: TrainingData, indices: Sequence[int], settings: dict[str, Any], batch_size: int, workers: int
+) -> dict[str, torch.Tensor]:
     resolution, flip = settings["resolution"], settings["randomFlip"]
 
     def prepare(index: int) -> np.ndarray | None:
@@ -155,7 +183,7 @@ def _encode_images(enc: Encoders, data: TrainingData, indices: Sequence[int], se
     with ThreadPoolExecutor(workers) as pool:  # PIL decodes and resizes without holding the GIL
         arrays = list(pool.map(prepare, indices))
     for start in range(0, len(arrays), batch_size):
-        batch = arrays[start:start + batch_size]
+        batch = arrays[start : start + batch_size]
         valid += [a is not None for a in batch]
         blank = np.zeros((3, resolution, resolution), np.float32)
         pixels = torch.from_numpy(np.stack([a if a is not None else blank for a in batch]))
@@ -174,7 +202,12 @@ def _encode_images(enc: Encoders, data: TrainingData, indices: Sequence[int], se
 def _encode_captions(enc: Encoders, captions: Sequence[str], batch_size: int) -> torch.Tensor:
     states = []
     for start in range(0, len(captions), batch_size):
-        ids = enc.tokenizer(list(captions[start:start + batch_size]), max_length=enc.tokenizer.model_max_length,
-                            padding="max_length", truncation=True, return_tensors="pt").input_ids
+        ids = enc.tokenizer(
+            list(captions[start : start + batch_size]),
+            max_length=enc.tokenizer.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         states.append(enc.text_encoder(ids.to(enc.device), return_dict=False)[0].float().cpu())
     return torch.cat(states)

@@ -49,7 +49,7 @@ class CheckpointError(RuntimeError):
 class CheckpointRef:
     name: str
     step: int
-    store: Store          # the checkpoint folder
+    store: Store  # the checkpoint folder
     manifest: CheckpointManifest
 
 
@@ -71,12 +71,17 @@ def find_checkpoint(output: Store, value: str) -> CheckpointRef | None:
     if value == "latest":
         refs = complete_checkpoints(output)
         return refs[-1] if refs else None
-    folder = output.child(CHECKPOINTS_DIR, value) if checkpoint_step(value) is not None and "/" not in value else Store(value)
+    folder = (
+        output.child(CHECKPOINTS_DIR, value)
+        if checkpoint_step(value) is not None and "/" not in value
+        else Store(value)
+    )
     try:
         manifest = read_manifest(folder)
     except FileNotFoundError:
-        raise CheckpointError(f"--resume_from_checkpoint {value}: no complete checkpoint there "
-                              f"(no {MANIFEST_FILE})") from None
+        raise CheckpointError(
+            f"--resume_from_checkpoint {value}: no complete checkpoint there (no {MANIFEST_FILE})"
+        ) from None
     return CheckpointRef(folder.uri.rstrip("/").rsplit("/", 1)[-1], manifest.step, folder, manifest)
 
 
@@ -96,15 +101,18 @@ def fetch(ref: CheckpointRef, staging: Path) -> Path:
     for name, entry in ref.manifest.files.items():
         if not _SAFE_FILE_NAME.fullmatch(name) or name in (".", ".."):
             # the manifest comes from the bucket: a name must not lead outside the folder
-            raise CheckpointError(f"{ref.store.uri_of(MANIFEST_FILE)}: file name {name[:80]!r} is not "
-                                  "a plain file name (letters, digits, '.', '_', '-'); the checkpoint "
-                                  "is damaged or was tampered with")
+            raise CheckpointError(
+                f"{ref.store.uri_of(MANIFEST_FILE)}: file name {name[:80]!r} is not "
+                "a plain file name (letters, digits, '.', '_', '-'); the checkpoint "
+                "is damaged or was tampered with"
+            )
         path = local / name
         if ref.store.is_s3 and not (path.exists() and path.stat().st_size == entry.size):
             ref.store.download_file(name, path)
         if path.stat().st_size != entry.size or _sha256(path) != entry.sha256:
-            raise CheckpointError(f"{ref.store.uri_of(name)}: size or hash differs from the manifest; "
-                                  "the checkpoint is damaged")
+            raise CheckpointError(
+                f"{ref.store.uri_of(name)}: size or hash differs from the manifest; the checkpoint is damaged"
+            )
     return local
 
 
@@ -151,8 +159,9 @@ class Checkpointer:
             error = future.exception()
             if error is not None:
                 self.failed.append(name)
-                log.error("checkpoint %s could not be stored in %s: %s", name,
-                          self.output.uri_of(CHECKPOINTS_DIR), error)
+                log.error(
+                    "checkpoint %s could not be stored in %s: %s", name, self.output.uri_of(CHECKPOINTS_DIR), error
+                )
         self._pending = []
 
     def _publish_with_retries(self, path: Path, state: CheckpointState) -> str:
@@ -163,15 +172,24 @@ class Checkpointer:
                 if attempt == PUBLISH_ATTEMPTS:
                     raise
                 delay = PUBLISH_RETRY_SECONDS * 2 ** (attempt - 1)
-                log.warning("checkpoint %s: storing failed (%s); retrying in %.0fs (attempt %d of %d)",
-                            path.name, error, delay, attempt + 1, PUBLISH_ATTEMPTS)
+                log.warning(
+                    "checkpoint %s: storing failed (%s); retrying in %.0fs (attempt %d of %d)",
+                    path.name,
+                    error,
+                    delay,
+                    attempt + 1,
+                    PUBLISH_ATTEMPTS,
+                )
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
     def _publish(self, path: Path, state: CheckpointState) -> str:
         started = time.monotonic()
-        files = {p.name: CheckpointFile(size=p.stat().st_size, sha256=_sha256(p))
-                 for p in sorted(path.iterdir()) if p.is_file() and p.name != MANIFEST_FILE}
+        files = {
+            p.name: CheckpointFile(size=p.stat().st_size, sha256=_sha256(p))
+            for p in sorted(path.iterdir())
+            if p.is_file() and p.name != MANIFEST_FILE
+        }
         created = datetime.now(timezone.utc).replace(microsecond=0)
         manifest = CheckpointManifest(**dict(state), files=files, created_at=created).to_json()
         local = Store(str(path))
@@ -189,8 +207,12 @@ class Checkpointer:
             local.write_bytes(MANIFEST_FILE, manifest, "application/json")
         self.latest = path.name
         self._prune()
-        log.info("checkpoint %s complete in %s (%.1fs in background)", path.name, self.output.uri_of(CHECKPOINTS_DIR),
-                 time.monotonic() - started)
+        log.info(
+            "checkpoint %s complete in %s (%.1fs in background)",
+            path.name,
+            self.output.uri_of(CHECKPOINTS_DIR),
+            time.monotonic() - started,
+        )
         return path.name
 
     def _prune(self) -> None:
@@ -207,8 +229,10 @@ class Checkpointer:
         newest = self._pending[-1][0] if self._pending else None
         self._settle()
         if newest is not None and newest in self.failed:
-            raise StorageError(f"the newest checkpoint {newest} could not be stored in "
-                                  f"{self.output.uri_of(CHECKPOINTS_DIR)} (see the log)")
+            raise StorageError(
+                f"the newest checkpoint {newest} could not be stored in "
+                f"{self.output.uri_of(CHECKPOINTS_DIR)} (see the log)"
+            )
         return self.latest
 
     def close(self) -> None:

@@ -23,10 +23,8 @@ def main(argv: Sequence[str], prog: str = "kubetune train") -> int:
     except OneLineError as error:
         return _finish(prog, layout.EXIT_INVALID, str(error))
     apply_storage_env(cfg)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    noisy_loggers = ("diffusers", "transformers", "accelerate", "torch.distributed", "botocore",
-                     "urllib3")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    noisy_loggers = ("diffusers", "transformers", "accelerate", "torch.distributed", "botocore", "urllib3")
     for noisy in noisy_loggers:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

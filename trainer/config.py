@@ -20,8 +20,13 @@ from kubetune.trainer.options import (
 )
 
 __all__ = [
-    "INTERPOLATIONS", "LR_SCHEDULERS", "UNSUPPORTED", "TrainConfig", "build_parser",
-    "parse_config", "spec_values",
+    "INTERPOLATIONS",
+    "LR_SCHEDULERS",
+    "UNSUPPORTED",
+    "TrainConfig",
+    "build_parser",
+    "parse_config",
+    "spec_values",
 ]
 
 
@@ -41,8 +46,7 @@ def parse_config(argv: Sequence[str], prog: str) -> TrainConfig:
         values.update({k: v for k, v in spec_values(args.spec).items() if k not in given})
     config = TrainConfig(**values)
     if not config.pretrained_model_name_or_path:
-        raise OneLineError(
-            "--pretrained_model_name_or_path: required (a hub id, a local folder or s3://)")
+        raise OneLineError("--pretrained_model_name_or_path: required (a hub id, a local folder or s3://)")
     if not config.dataset_name and not config.train_data_dir:
         raise OneLineError("--train_data_dir or --dataset_name: one is required")
     if config.resolution % 8:

@@ -36,7 +36,12 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 LR_SCHEDULERS = (
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
 )
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 PRECISIONS = ("no", "fp32", "fp16", "bf16")
@@ -171,177 +176,283 @@ class TrainConfig:
 
     # model
     pretrained_model_name_or_path: str = opt(
-        "", group=MODEL, spec="model.base", help="hub id, local diffusers folder or s3:// folder")
-    revision: str | None = opt(
-        None, group=MODEL, spec="model.revision", help="hub revision (branch, tag or commit)")
+        "", group=MODEL, spec="model.base", help="hub id, local diffusers folder or s3:// folder"
+    )
+    revision: str | None = opt(None, group=MODEL, spec="model.revision", help="hub revision (branch, tag or commit)")
     variant: str | None = opt(
-        None, group=MODEL, spec="model.variant", convert=_or_none,
-        help="weights variant to load, e.g. fp16")
+        None, group=MODEL, spec="model.variant", convert=_or_none, help="weights variant to load, e.g. fp16"
+    )
     non_ema_revision: str | None = opt(None, group=MODEL, help="accepted; unused")
     # data
     dataset_name: str | None = opt(
-        None, group=DATA, derive=lambda spec: None,
+        None,
+        group=DATA,
+        derive=lambda spec: None,
         spec_note="unset (the data is `--train_data_dir`)",
-        help="hub dataset, or a local/s3:// imagefolder")
+        help="hub dataset, or a local/s3:// imagefolder",
+    )
     dataset_config_name: str | None = opt(None, group=DATA, help="hub dataset configuration")
     train_data_dir: str | None = opt(
-        None, group=DATA, derive=_spec_data_dir,
+        None,
+        group=DATA,
+        derive=_spec_data_dir,
         spec_note="`dataset.imagefolder.uri`, else `<storage.uri>/dataset`",
-        help="imagefolder (metadata.jsonl with file_name + text), local or s3://")
+        help="imagefolder (metadata.jsonl with file_name + text), local or s3://",
+    )
     image_column: str = opt("image", group=DATA, help="dataset column holding the images")
     caption_column: str = opt("text", group=DATA, help="dataset column holding the captions")
     max_train_samples: int | None = opt(
-        None, group=DATA, type=_positive_int, spec="training.maxTrainSamples",
-        help="use at most this many images of the dataset")
+        None,
+        group=DATA,
+        type=_positive_int,
+        spec="training.maxTrainSamples",
+        help="use at most this many images of the dataset",
+    )
     resolution: int = opt(
-        defaults.RESOLUTION, group=DATA, type=_resolution, spec="training.resolution",
-        help="training resolution in pixels; a multiple of 8")
+        defaults.RESOLUTION,
+        group=DATA,
+        type=_resolution,
+        spec="training.resolution",
+        help="training resolution in pixels; a multiple of 8",
+    )
     center_crop: bool = opt(
-        False, group=DATA, spec="training.centerCrop",
-        help="crop the center instead of a random crop")
-    random_flip: bool = opt(
-        False, group=DATA, spec="training.randomFlip", help="flip images horizontally at random")
+        False, group=DATA, spec="training.centerCrop", help="crop the center instead of a random crop"
+    )
+    random_flip: bool = opt(False, group=DATA, spec="training.randomFlip", help="flip images horizontally at random")
     image_interpolation_mode: str = opt(
-        "lanczos", group=DATA, choices=INTERPOLATIONS, help="resampling filter of the resize")
+        "lanczos", group=DATA, choices=INTERPOLATIONS, help="resampling filter of the resize"
+    )
     dataloader_num_workers: int = opt(
-        0, group=DATA, type=_non_negative_int, spec="training.dataloaderNumWorkers",
-        help="data loading worker processes per training process")
-    cache_dir: str | None = opt(
-        None, group=DATA, help="download cache for hub models and datasets")
+        0,
+        group=DATA,
+        type=_non_negative_int,
+        spec="training.dataloaderNumWorkers",
+        help="data loading worker processes per training process",
+    )
+    cache_dir: str | None = opt(None, group=DATA, help="download cache for hub models and datasets")
     latent_cache_dir: str | None = opt(
-        None, group=DATA, kubetune=True,
+        None,
+        group=DATA,
+        kubetune=True,
         derive=lambda spec: join(spec.storage.uri, layout.CACHE_DIR),
         spec_note="`<storage.uri>/cache`",
         help="where the latent/text-embedding cache lives (local or s3://); default: 'cache/' "
-        "beside a dataset folder named 'dataset', else 'cache/' in --output_dir")
+        "beside a dataset folder named 'dataset', else 'cache/' in --output_dir",
+    )
     # optimisation
     train_batch_size: int = opt(
-        16, group=OPTIMISATION, type=_positive_int, spec="training.batchSize",
-        help="images per process per step")
+        16, group=OPTIMISATION, type=_positive_int, spec="training.batchSize", help="images per process per step"
+    )
     num_train_epochs: int = opt(
-        100, group=OPTIMISATION, type=_positive_int,
-        help="epochs to train when --max_train_steps is unset")
+        100, group=OPTIMISATION, type=_positive_int, help="epochs to train when --max_train_steps is unset"
+    )
     max_train_steps: int | None = opt(
-        None, group=OPTIMISATION, type=_positive_int, spec="training.maxTrainSteps",
-        help="optimizer steps to train (overrides --num_train_epochs)")
+        None,
+        group=OPTIMISATION,
+        type=_positive_int,
+        spec="training.maxTrainSteps",
+        help="optimizer steps to train (overrides --num_train_epochs)",
+    )
     gradient_accumulation_steps: int = opt(
-        1, group=OPTIMISATION, type=_positive_int, spec="training.gradientAccumulationSteps",
-        help="micro-batches accumulated per optimizer step")
+        1,
+        group=OPTIMISATION,
+        type=_positive_int,
+        spec="training.gradientAccumulationSteps",
+        help="micro-batches accumulated per optimizer step",
+    )
     gradient_checkpointing: bool = opt(
-        False, group=OPTIMISATION, spec="training.gradientCheckpointing",
-        help="recompute activations in the backward pass: less memory, slower")
+        False,
+        group=OPTIMISATION,
+        spec="training.gradientCheckpointing",
+        help="recompute activations in the backward pass: less memory, slower",
+    )
     learning_rate: float = opt(
-        1e-4, group=OPTIMISATION, type=_positive_float, spec="training.learningRate",
-        help="peak learning rate")
+        1e-4, group=OPTIMISATION, type=_positive_float, spec="training.learningRate", help="peak learning rate"
+    )
     scale_lr: bool = opt(
-        False, group=OPTIMISATION, spec="training.scaleLr",
-        help="multiply the learning rate by processes x batch size x accumulation steps")
+        False,
+        group=OPTIMISATION,
+        spec="training.scaleLr",
+        help="multiply the learning rate by processes x batch size x accumulation steps",
+    )
     lr_scheduler: str = opt(
-        defaults.LR_SCHEDULER, group=OPTIMISATION, choices=LR_SCHEDULERS,
-        spec="training.lrScheduler", help="learning-rate schedule")
+        defaults.LR_SCHEDULER,
+        group=OPTIMISATION,
+        choices=LR_SCHEDULERS,
+        spec="training.lrScheduler",
+        help="learning-rate schedule",
+    )
     lr_warmup_steps: int = opt(
-        500, group=OPTIMISATION, type=_non_negative_int, spec="training.lrWarmupSteps",
-        help="steps of linear warm-up")
+        500, group=OPTIMISATION, type=_non_negative_int, spec="training.lrWarmupSteps", help="steps of linear warm-up"
+    )
     adam_beta1: float = opt(
-        defaults.ADAM_BETA1, group=OPTIMISATION, type=float, spec="training.adamBeta1",
-        help="AdamW beta1")
+        defaults.ADAM_BETA1, group=OPTIMISATION, type=float, spec="training.adamBeta1", help="AdamW beta1"
+    )
     adam_beta2: float = opt(
-        defaults.ADAM_BETA2, group=OPTIMISATION, type=float, spec="training.adamBeta2",
-        help="AdamW beta2")
+        defaults.ADAM_BETA2, group=OPTIMISATION, type=float, spec="training.adamBeta2", help="AdamW beta2"
+    )
     adam_weight_decay: float = opt(
-        defaults.ADAM_WEIGHT_DECAY, group=OPTIMISATION, type=float,
-        spec="training.adamWeightDecay", help="AdamW weight decay")
+        defaults.ADAM_WEIGHT_DECAY,
+        group=OPTIMISATION,
+        type=float,
+        spec="training.adamWeightDecay",
+        help="AdamW weight decay",
+    )
     adam_epsilon: float = opt(
-        defaults.ADAM_EPSILON, group=OPTIMISATION, type=_positive_float,
-        spec="training.adamEpsilon", help="AdamW epsilon")
+        defaults.ADAM_EPSILON,
+        group=OPTIMISATION,
+        type=_positive_float,
+        spec="training.adamEpsilon",
+        help="AdamW epsilon",
+    )
     max_grad_norm: float = opt(
-        defaults.MAX_GRAD_NORM, group=OPTIMISATION, type=float, spec="training.maxGradNorm",
-        help="gradient clipping norm; 0 disables clipping")
+        defaults.MAX_GRAD_NORM,
+        group=OPTIMISATION,
+        type=float,
+        spec="training.maxGradNorm",
+        help="gradient clipping norm; 0 disables clipping",
+    )
     allow_tf32: bool = opt(
-        False, group=OPTIMISATION, spec="training.allowTf32",
-        help="allow TF32 matmuls and convolutions on Ampere and newer GPUs")
+        False,
+        group=OPTIMISATION,
+        spec="training.allowTf32",
+        help="allow TF32 matmuls and convolutions on Ampere and newer GPUs",
+    )
     mixed_precision: str | None = opt(
-        None, group=OPTIMISATION, choices=PRECISIONS, spec="training.mixedPrecision",
+        None,
+        group=OPTIMISATION,
+        choices=PRECISIONS,
+        spec="training.mixedPrecision",
         convert=_precision,
-        help="autocast precision (weights stay fp32); default: what `accelerate launch` was "
-        "given, else no")
+        help="autocast precision (weights stay fp32); default: what `accelerate launch` was given, else no",
+    )
     seed: int | None = opt(
-        None, group=OPTIMISATION, type=_non_negative_int, spec="training.seed",
-        help="random seed; unset draws one and records it in the checkpoints")
+        None,
+        group=OPTIMISATION,
+        type=_non_negative_int,
+        spec="training.seed",
+        help="random seed; unset draws one and records it in the checkpoints",
+    )
     compile: bool = opt(
-        False, group=OPTIMISATION, kubetune=True, spec="training.compile",
-        help="torch.compile the UNet")
+        False, group=OPTIMISATION, kubetune=True, spec="training.compile", help="torch.compile the UNet"
+    )
     # loss
     snr_gamma: float | None = opt(
-        None, group=LOSS, type=_positive_float, spec="training.snrGamma",
-        help="Min-SNR loss weighting gamma (5.0 is the paper's); unset: plain MSE")
-    noise_offset: float = opt(
-        0.0, group=LOSS, type=float, spec="training.noiseOffset", help="noise offset")
+        None,
+        group=LOSS,
+        type=_positive_float,
+        spec="training.snrGamma",
+        help="Min-SNR loss weighting gamma (5.0 is the paper's); unset: plain MSE",
+    )
+    noise_offset: float = opt(0.0, group=LOSS, type=float, spec="training.noiseOffset", help="noise offset")
     input_perturbation: float = opt(0.0, group=LOSS, type=float, help="input perturbation")
     prediction_type: str | None = opt(
-        None, group=LOSS, choices=("epsilon", "v_prediction"), spec="training.predictionType",
-        convert=_or_none, help="training target; unset keeps the scheduler's own")
+        None,
+        group=LOSS,
+        choices=("epsilon", "v_prediction"),
+        spec="training.predictionType",
+        convert=_or_none,
+        help="training target; unset keeps the scheduler's own",
+    )
     # EMA
     use_ema: bool = opt(
-        False, group=EMA, spec="training.useEma",
-        help="keep an exponential moving average of the trained weights and publish it")
+        False,
+        group=EMA,
+        spec="training.useEma",
+        help="keep an exponential moving average of the trained weights and publish it",
+    )
     offload_ema: bool = opt(False, group=EMA, help="keep the EMA weights in CPU memory")
-    foreach_ema: bool = opt(
-        False, group=EMA, help="foreach EMA updates (always on CUDA)")
+    foreach_ema: bool = opt(False, group=EMA, help="foreach EMA updates (always on CUDA)")
     # LoRA
     method: str = opt(
-        defaults.METHOD, group=LORA, kubetune=True, choices=("full", "lora"),
-        spec="training.method", help="fine-tune the whole UNet or LoRA adapters")
+        defaults.METHOD,
+        group=LORA,
+        kubetune=True,
+        choices=("full", "lora"),
+        spec="training.method",
+        help="fine-tune the whole UNet or LoRA adapters",
+    )
     rank: int = opt(
-        defaults.LORA_RANK, group=LORA, kubetune=True, type=_positive_int,
-        aliases=("--lora_rank",), spec="training.loraRank", help="LoRA rank (--method lora)")
+        defaults.LORA_RANK,
+        group=LORA,
+        kubetune=True,
+        type=_positive_int,
+        aliases=("--lora_rank",),
+        spec="training.loraRank",
+        help="LoRA rank (--method lora)",
+    )
     # checkpoints, validation, logging
-    output_dir: str = opt(
-        "sd-model-finetuned", group=OUTPUT, spec="storage.uri",
-        help="local folder or s3:// prefix")
+    output_dir: str = opt("sd-model-finetuned", group=OUTPUT, spec="storage.uri", help="local folder or s3:// prefix")
     checkpointing_steps: int = opt(
-        500, group=OUTPUT, type=_positive_int, spec="training.checkpointEverySteps",
-        help="save a resumable checkpoint every this many steps")
+        500,
+        group=OUTPUT,
+        type=_positive_int,
+        spec="training.checkpointEverySteps",
+        help="save a resumable checkpoint every this many steps",
+    )
     checkpoints_total_limit: int | None = opt(
-        None, group=OUTPUT, type=_positive_int, spec="training.checkpointsToKeep",
-        help="keep this many most recent checkpoints; unset keeps all")
+        None,
+        group=OUTPUT,
+        type=_positive_int,
+        spec="training.checkpointsToKeep",
+        help="keep this many most recent checkpoints; unset keeps all",
+    )
     max_nonfinite_steps: int = opt(
-        0, group=OUTPUT, kubetune=True, type=_non_negative_int, metavar="N",
+        0,
+        group=OUTPUT,
+        kubetune=True,
+        type=_non_negative_int,
+        metavar="N",
         help="skip up to N steps whose loss or gradients are NaN/inf, then stop (default 0: stop "
-             "at the first); nothing non-finite is ever checkpointed or published")
+        "at the first); nothing non-finite is ever checkpointed or published",
+    )
     resume_from_checkpoint: str | None = opt(
-        None, group=OUTPUT, derive=lambda spec: "latest", spec_note="`latest`",
-        help="a checkpoint path, or 'latest'")
+        None, group=OUTPUT, derive=lambda spec: "latest", spec_note="`latest`", help="a checkpoint path, or 'latest'"
+    )
     validation_prompts: list[str] = opt(
-        [], group=OUTPUT, spec="training.validationPrompts", convert=list,
-        help="prompts rendered to sample images at every checkpoint and at the end")
+        [],
+        group=OUTPUT,
+        spec="training.validationPrompts",
+        convert=list,
+        help="prompts rendered to sample images at every checkpoint and at the end",
+    )
     validation_steps: int | None = opt(
-        None, group=OUTPUT, kubetune=True, type=_positive_int,
+        None,
+        group=OUTPUT,
+        kubetune=True,
+        type=_positive_int,
         spec="training.validationEverySteps",
-        help="render validation samples every N steps (default: at every checkpoint)")
+        help="render validation samples every N steps (default: at every checkpoint)",
+    )
     validation_guidance_scale: float = opt(
-        defaults.VALIDATION_GUIDANCE_SCALE, group=OUTPUT, kubetune=True,
-        type=_non_negative_float, spec="training.validationGuidanceScale",
-        help="classifier-free guidance scale of the validation samples (1: no guidance)")
+        defaults.VALIDATION_GUIDANCE_SCALE,
+        group=OUTPUT,
+        kubetune=True,
+        type=_non_negative_float,
+        spec="training.validationGuidanceScale",
+        help="classifier-free guidance scale of the validation samples (1: no guidance)",
+    )
     validation_epochs: int = opt(
-        5, group=OUTPUT, type=_positive_int,
-        help="accepted; unused (validation runs at every checkpoint, see --validation_steps)")
+        5,
+        group=OUTPUT,
+        type=_positive_int,
+        help="accepted; unused (validation runs at every checkpoint, see --validation_steps)",
+    )
     report_to: str = opt(
-        "tensorboard", group=OUTPUT, choices=("tensorboard", "all", "none"),
-        help="TensorBoard logs under 'logs/' in --output_dir, unless none")
+        "tensorboard",
+        group=OUTPUT,
+        choices=("tensorboard", "all", "none"),
+        help="TensorBoard logs under 'logs/' in --output_dir, unless none",
+    )
     logging_dir: str = opt("logs", group=OUTPUT, help="local TensorBoard folder")
-    tracker_project_name: str = opt(
-        "text2image-fine-tune", group=OUTPUT, help="accepted; unused")
+    tracker_project_name: str = opt("text2image-fine-tune", group=OUTPUT, help="accepted; unused")
     progress_interval: float = opt(
-        5.0, group=OUTPUT, kubetune=True, type=float,
-        help="seconds between progress.json updates")
-    enable_xformers_memory_efficient_attention: bool = opt(
-        False, group=OUTPUT, help="accepted; PyTorch SDPA is used")
+        5.0, group=OUTPUT, kubetune=True, type=float, help="seconds between progress.json updates"
+    )
+    enable_xformers_memory_efficient_attention: bool = opt(False, group=OUTPUT, help="accepted; PyTorch SDPA is used")
     # provenance, for the model card; the storage settings the CLI applies to the environment
-    spec_dataset: dict[str, Any] | None = opt(
-        None, flag=False, derive=_spec_dataset, spec_note="`dataset`")
-    spec_storage: Storage | None = opt(
-        None, flag=False, derive=lambda spec: spec.storage, spec_note="`storage`")
+    spec_dataset: dict[str, Any] | None = opt(None, flag=False, derive=_spec_dataset, spec_note="`dataset`")
+    spec_storage: Storage | None = opt(None, flag=False, derive=lambda spec: spec.storage, spec_note="`storage`")
 
     @property
     def precision(self) -> str:
@@ -351,15 +462,28 @@ class TrainConfig:
 
 
 EXTRA_OPTIONS = (
-    Option("spec", group=JOB, kubetune=True, metavar="FILE",
-           help="read spec.model, spec.training and spec.storage of a FineTuneJob (a file, '-' for "
-           "stdin, or env:KUBETUNE_SPEC); other flags given override it"),
-    Option("use_8bit_adam", False, group=STOCK,
-           refused="8-bit Adam (bitsandbytes) is not bundled; use --method lora to save memory"),
+    Option(
+        "spec",
+        group=JOB,
+        kubetune=True,
+        metavar="FILE",
+        help="read spec.model, spec.training and spec.storage of a FineTuneJob (a file, '-' for "
+        "stdin, or env:KUBETUNE_SPEC); other flags given override it",
+    ),
+    Option(
+        "use_8bit_adam",
+        False,
+        group=STOCK,
+        refused="8-bit Adam (bitsandbytes) is not bundled; use --method lora to save memory",
+    ),
     Option("dream_training", False, group=STOCK, refused="DREAM training is not supported"),
     Option("dream_detail_preservation", 1.0, type=float, group=STOCK, help="accepted; unused"),
-    Option("push_to_hub", False, group=STOCK,
-           refused="pushing to the Hub is not supported; the model is published to --output_dir"),
+    Option(
+        "push_to_hub",
+        False,
+        group=STOCK,
+        refused="pushing to the Hub is not supported; the model is published to --output_dir",
+    ),
     Option("hub_token", group=STOCK, help="accepted; unused (a hub model's token: HF_TOKEN)"),
     Option("hub_model_id", group=STOCK, help="accepted; unused"),
     Option("local_rank", -1, type=int, group=STOCK, help="accepted; unused (accelerate sets it)"),
@@ -474,9 +598,12 @@ def markdown() -> str:
     """The flag tables of docs/trainer.md."""
     lines: list[str] = []
     for group in GROUPS:
-        lines += [f"**{group}**", "",
-                  "| flag | default | meaning | `--spec` sets it from | spec default |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            f"**{group}**",
+            "",
+            "| flag | default | meaning | `--spec` sets it from | spec default |",
+            "|---|---|---|---|---|",
+        ]
         for option in OPTIONS:
             if option.flag and option.group == group:
                 lines.append("| " + " | ".join(_row(option)) + " |")
@@ -543,12 +670,14 @@ def write_docs(path: Path = DOCS) -> bool:
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kubetune.trainer.options",
-                                     description="print or write the flag table of docs/trainer.md")
+    parser = argparse.ArgumentParser(
+        prog="python -m kubetune.trainer.options", description="print or write the flag table of docs/trainer.md"
+    )
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--markdown", action="store_true", help="print the table")
-    action.add_argument("--write", nargs="?", const=str(DOCS), metavar="FILE",
-                        help=f"rewrite the table in FILE (default {DOCS})")
+    action.add_argument(
+        "--write", nargs="?", const=str(DOCS), metavar="FILE", help=f"rewrite the table in FILE (default {DOCS})"
+    )
     args = parser.parse_args(list(argv))
     if args.markdown:
         sys.stdout.write(markdown())

@@ -19,8 +19,9 @@ from kubetune.trainer.data import TrainingData
 
 
 @torch.no_grad()
-def render_samples(pipeline: Any, prompts: list[str], resolution: int, seed: int, output: Store, step: int,
-                   guidance_scale: float) -> list[str]:
+def render_samples(
+    pipeline: Any, prompts: list[str], resolution: int, seed: int, output: Store, step: int, guidance_scale: float
+) -> list[str]:
     """PNGs and a grid for `prompts` under samples/step-N/; returns the keys written."""
     import io
 
@@ -28,16 +29,28 @@ def render_samples(pipeline: Any, prompts: list[str], resolution: int, seed: int
 
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    images = [pipeline(p, num_inference_steps=20, height=resolution, width=resolution, guidance_scale=guidance_scale,
-                       generator=generator).images[0] for p in prompts]
+    images = [
+        pipeline(
+            p,
+            num_inference_steps=20,
+            height=resolution,
+            width=resolution,
+            guidance_scale=guidance_scale,
+            generator=generator,
+        ).images[0]
+        for p in prompts
+    ]
     folder = f"{SAMPLES_DIR}/{checkpoint_name(step)}"
     keys = []
     for index, image in enumerate(images):
         keys.append(f"{folder}/{index:02d}.png")
         output.write_bytes(keys[-1], _png(image, io), "image/png")
     columns = min(len(images), 4)
-    grid = make_image_grid(images + [images[-1].copy().point(lambda _: 0)] * (-len(images) % columns),
-                           rows=(len(images) + columns - 1) // columns, cols=columns)
+    grid = make_image_grid(
+        images + [images[-1].copy().point(lambda _: 0)] * (-len(images) % columns),
+        rows=(len(images) + columns - 1) // columns,
+        cols=columns,
+    )
     output.write_bytes(f"{folder}/grid.png", _png(grid, io), "image/png")
     output.write_json(f"{folder}/prompts.json", prompts)
     return keys
@@ -83,29 +96,53 @@ def model_card(cfg: TrainConfig, data: TrainingData, images: int, skipped: int, 
         "---",
         f"base_model: {cfg.pretrained_model_name_or_path}",
         "library_name: diffusers",
-        "tags: [stable-diffusion, text-to-image, diffusers, kubetune" + (", lora" if cfg.method == "lora" else "") + "]",
+        "tags: [stable-diffusion, text-to-image, diffusers, kubetune"
+        + (", lora" if cfg.method == "lora" else "")
+        + "]",
         "---",
         "",
         f"# Fine-tuned {cfg.pretrained_model_name_or_path}",
         "",
         f"Trained with kubetune ({'LoRA rank ' + str(cfg.rank) if cfg.method == 'lora' else 'full UNet fine-tune'}) "
-        f"on {images} images from `{data.description}`" + (f" ({skipped} unreadable images skipped)." if skipped else "."),
+        f"on {images} images from `{data.description}`"
+        + (f" ({skipped} unreadable images skipped)." if skipped else "."),
         "",
     ]
     if cfg.method == "lora":
-        lines += ["```python", "from diffusers import StableDiffusionPipeline",
-                  f'pipe = StableDiffusionPipeline.from_pretrained("{cfg.pretrained_model_name_or_path}")',
-                  'pipe.load_lora_weights("<this folder>")', "```", ""]
+        lines += [
+            "```python",
+            "from diffusers import StableDiffusionPipeline",
+            f'pipe = StableDiffusionPipeline.from_pretrained("{cfg.pretrained_model_name_or_path}")',
+            'pipe.load_lora_weights("<this folder>")',
+            "```",
+            "",
+        ]
     else:
-        lines += ["```python", "from diffusers import StableDiffusionPipeline",
-                  'pipe = StableDiffusionPipeline.from_pretrained("<this folder>")', "```", ""]
+        lines += [
+            "```python",
+            "from diffusers import StableDiffusionPipeline",
+            'pipe = StableDiffusionPipeline.from_pretrained("<this folder>")',
+            "```",
+            "",
+        ]
     settings = {
-        "steps": steps, "resolution": cfg.resolution, "center crop": cfg.center_crop, "random flip": cfg.random_flip,
-        "batch size per process": cfg.train_batch_size, "gradient accumulation": cfg.gradient_accumulation_steps,
-        "learning rate": cfg.learning_rate, "lr scheduler": cfg.lr_scheduler, "warm-up steps": cfg.lr_warmup_steps,
-        "max grad norm": cfg.max_grad_norm, "mixed precision": cfg.precision, "EMA": cfg.use_ema,
-        "gradient checkpointing": cfg.gradient_checkpointing, "SNR gamma": cfg.snr_gamma,
-        "noise offset": cfg.noise_offset, "prediction type": cfg.prediction_type or "scheduler default", "seed": seed,
+        "steps": steps,
+        "resolution": cfg.resolution,
+        "center crop": cfg.center_crop,
+        "random flip": cfg.random_flip,
+        "batch size per process": cfg.train_batch_size,
+        "gradient accumulation": cfg.gradient_accumulation_steps,
+        "learning rate": cfg.learning_rate,
+        "lr scheduler": cfg.lr_scheduler,
+        "warm-up steps": cfg.lr_warmup_steps,
+        "max grad norm": cfg.max_grad_norm,
+        "mixed precision": cfg.precision,
+        "EMA": cfg.use_ema,
+        "gradient checkpointing": cfg.gradient_checkpointing,
+        "SNR gamma": cfg.snr_gamma,
+        "noise offset": cfg.noise_offset,
+        "prediction type": cfg.prediction_type or "scheduler default",
+        "seed": seed,
     }
     lines += ["## Training settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in settings.items()]
@@ -113,7 +150,10 @@ def model_card(cfg: TrainConfig, data: TrainingData, images: int, skipped: int, 
     if cfg.spec_dataset:
         source = next((k for k, v in cfg.spec_dataset.items() if isinstance(v, dict)), "")
         prompts = cfg.spec_dataset.get(source, {}).get("prompts", [])
-        lines.append(f"Collected by kubetune from **{source}**" + (f" for the prompts: {', '.join(prompts)}." if prompts else "."))
+        lines.append(
+            f"Collected by kubetune from **{source}**"
+            + (f" for the prompts: {', '.join(prompts)}." if prompts else ".")
+        )
     lines += _dataset_manifest_lines(data.manifest)
     licenses = Counter(str(r.get("license") or "unknown") for r in data.records)
     sources = Counter(str(r["source"]) for r in data.records if r.get("source"))
@@ -125,9 +165,11 @@ def model_card(cfg: TrainConfig, data: TrainingData, images: int, skipped: int, 
         if credited:
             lines += ["", "### Credits", ""]
             for record in credited[:500]:
-                lines.append(f"- {record.get('file_name', '')}: {record.get('author') or 'unknown author'}"
-                             f"{', ' + str(record['license']) if record.get('license') else ''}"
-                             f"{', <' + str(record['url']) + '>' if record.get('url') else ''}")
+                lines.append(
+                    f"- {record.get('file_name', '')}: {record.get('author') or 'unknown author'}"
+                    f"{', ' + str(record['license']) if record.get('license') else ''}"
+                    f"{', <' + str(record['url']) + '>' if record.get('url') else ''}"
+                )
             if len(credited) > 500:
                 lines.append(f"- ... and {len(credited) - 500} more (see the dataset's metadata.jsonl)")
     return "\n".join(lines) + "\n"
@@ -141,11 +183,11 @@ def _dataset_manifest_lines(manifest: dict[str, Any] | None) -> list[str]:
     try:
         collected = DatasetManifest.model_validate(manifest)
     except ValidationError:
-        return [f"- {key}: {manifest[key]}" for key in ("source", "fingerprint", "kept", "createdAt")
-                if key in manifest]
+        return [
+            f"- {key}: {manifest[key]}" for key in ("source", "fingerprint", "kept", "createdAt") if key in manifest
+        ]
     counts = collected.counts
-    lines = [f"- fingerprint: {collected.fingerprint}",
-             f"- kept: {counts.kept} of {counts.requested} requested"]
+    lines = [f"- fingerprint: {collected.fingerprint}", f"- kept: {counts.kept} of {counts.requested} requested"]
     if collected.timing.finished_at is not None:
         lines.append(f"- collected: {collected.timing.finished_at.isoformat().replace('+00:00', 'Z')}")
     return lines

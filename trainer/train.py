@@ -64,23 +64,23 @@ class TrainError(Exception):
 
 def run(cfg: TrainConfig) -> int:
     session = Session.start(cfg)
-    resume = session.resume_point()                                    # 0. where to continue from
-    model = load_model(cfg, session)                                   # 1. load
+    resume = session.resume_point()  # 0. where to continue from
+    model = load_model(cfg, session)  # 1. load
     data, indices = load_data(cfg, session)
-    samples = load_cache(cfg, session, model, data, indices)           # 2. cache
+    samples = load_cache(cfg, session, model, data, indices)  # 2. cache
     if samples is None:
         return session.preempted()
     model.release_encoders(keep_on_cpu=bool(cfg.validation_prompts))
     trainer = Trainer(cfg, session, model, samples, resume)
-    for step in trainer.steps():                                       # 3. train
+    for step in trainer.steps():  # 3. train
         stop = session.stopping()
         if stop or step % cfg.checkpointing_steps == 0:
-            trainer.save_checkpoint()                                  # 4. checkpoint
+            trainer.save_checkpoint()  # 4. checkpoint
         if stop:
             return session.preempted()
         if cfg.validation_prompts and step % (cfg.validation_steps or cfg.checkpointing_steps) == 0:
             trainer.render_samples()
-    trainer.publish(data, len(samples.mean), samples.skipped)          # 5. publish
+    trainer.publish(data, len(samples.mean), samples.skipped)  # 5. publish
     return layout.EXIT_OK
 
 
@@ -106,8 +106,15 @@ class Session:
         # processes when told so; otherwise each process silently trains alone.
         accelerator = Accelerator(mixed_precision=cfg.precision, cpu=not torch.cuda.is_available())
         output = Store(cfg.output_dir)
-        staging = Path(cfg.output_dir) if not output.is_s3 else Path(os.environ.get(
-            "KUBETUNE_WORK_DIR", Path.home() / ".cache" / "kubetune" / "work" / _short_hash(cfg.output_dir)))
+        staging = (
+            Path(cfg.output_dir)
+            if not output.is_s3
+            else Path(
+                os.environ.get(
+                    "KUBETUNE_WORK_DIR", Path.home() / ".cache" / "kubetune" / "work" / _short_hash(cfg.output_dir)
+                )
+            )
+        )
         staging.mkdir(parents=True, exist_ok=True)
         progress = Progress(output if accelerator.is_main_process else None, 0, cfg.progress_interval)
         session = cls(cfg, accelerator, output, staging, progress)
@@ -147,7 +154,9 @@ class Session:
         if ref:
             log.info("resuming from %s (step %d)", ref.store.uri, ref.step)
         elif self.cfg.resume_from_checkpoint and self.cfg.resume_from_checkpoint != "latest":
-            raise TrainError(f"--resume_from_checkpoint {self.cfg.resume_from_checkpoint}: not found", layout.EXIT_INVALID)
+            raise TrainError(
+                f"--resume_from_checkpoint {self.cfg.resume_from_checkpoint}: not found", layout.EXIT_INVALID
+            )
         return ref
 
 
@@ -194,22 +203,33 @@ def resolve_model_path(cfg: TrainConfig, session: Session) -> Path:
             local = cache_root / _short_hash(name)
             if not (local / ".complete").exists():
                 if not Store(name).exists("model_index.json"):
-                    raise TrainError(f"--pretrained_model_name_or_path {name}: no model_index.json there", layout.EXIT_INVALID)
+                    raise TrainError(
+                        f"--pretrained_model_name_or_path {name}: no model_index.json there", layout.EXIT_INVALID
+                    )
                 Store(name).download_tree("", local)
                 (local / ".complete").touch()
             return local
         if name.startswith((".", "/")) or name.count("/") != 1:
-            raise TrainError(f"--pretrained_model_name_or_path {name}: no such folder (nor an s3:// URI or a hub id "
-                             "like org/name)", layout.EXIT_INVALID)
+            raise TrainError(
+                f"--pretrained_model_name_or_path {name}: no such folder (nor an s3:// URI or a hub id like org/name)",
+                layout.EXIT_INVALID,
+            )
         from huggingface_hub import snapshot_download
 
         try:
-            return Path(snapshot_download(name, revision=cfg.revision, token=os.environ.get("HF_TOKEN") or None,
-                                          cache_dir=cfg.cache_dir,
-                                          ignore_patterns=["*.ckpt", "*.msgpack", "*.onnx", "*.h5", "*.pb", "*.onnx_data"]))
+            return Path(
+                snapshot_download(
+                    name,
+                    revision=cfg.revision,
+                    token=os.environ.get("HF_TOKEN") or None,
+                    cache_dir=cfg.cache_dir,
+                    ignore_patterns=["*.ckpt", "*.msgpack", "*.onnx", "*.h5", "*.pb", "*.onnx_data"],
+                )
+            )
         except Exception as error:
-            raise TrainError(f"--pretrained_model_name_or_path {name}: cannot download: {type(error).__name__}",
-                             layout.EXIT_INVALID) from None
+            raise TrainError(
+                f"--pretrained_model_name_or_path {name}: cannot download: {type(error).__name__}", layout.EXIT_INVALID
+            ) from None
 
 
 def load_model(cfg: TrainConfig, session: Session) -> Model:
@@ -218,9 +238,11 @@ def load_model(cfg: TrainConfig, session: Session) -> Model:
 
     path = resolve_model_path(cfg, session)
     if not (path / "model_index.json").exists() or not (path / "unet").is_dir():
-        raise TrainError(f"--pretrained_model_name_or_path {cfg.pretrained_model_name_or_path}: not a diffusers "
-                         "Stable Diffusion folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/)",
-                         layout.EXIT_INVALID)
+        raise TrainError(
+            f"--pretrained_model_name_or_path {cfg.pretrained_model_name_or_path}: not a diffusers "
+            "Stable Diffusion folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/)",
+            layout.EXIT_INVALID,
+        )
     variant = cfg.variant or None
     try:
         model = Model(
@@ -233,8 +255,11 @@ def load_model(cfg: TrainConfig, session: Session) -> Model:
             fingerprint=_weights_fingerprint(path),
         )
     except (OSError, ValueError) as error:
-        raise TrainError(f"--pretrained_model_name_or_path {cfg.pretrained_model_name_or_path}: cannot load: "
-                         f"{str(error).splitlines()[0]}", layout.EXIT_INVALID) from None
+        raise TrainError(
+            f"--pretrained_model_name_or_path {cfg.pretrained_model_name_or_path}: cannot load: "
+            f"{str(error).splitlines()[0]}",
+            layout.EXIT_INVALID,
+        ) from None
     model.scaling_factor = float(model.vae.config.scaling_factor)
     if cfg.prediction_type:
         model.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
@@ -287,22 +312,38 @@ def load_cache(cfg: TrainConfig, session: Session, model: Model, data: TrainingD
     vae_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32  # an fp16 VAE can overflow
     text_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
     settings = {
-        "version": latent_cache.CACHE_VERSION, "model": model.fingerprint, "data": data.fingerprint,
-        "samples": _short_hash(",".join(map(str, indices))), "resolution": cfg.resolution,
-        "centerCrop": cfg.center_crop, "randomFlip": cfg.random_flip, "interpolation": cfg.image_interpolation_mode,
-        "captionColumn": cfg.caption_column, "dtype": "float32" if cfg.precision == "no" else "float16",
+        "version": latent_cache.CACHE_VERSION,
+        "model": model.fingerprint,
+        "data": data.fingerprint,
+        "samples": _short_hash(",".join(map(str, indices))),
+        "resolution": cfg.resolution,
+        "centerCrop": cfg.center_crop,
+        "randomFlip": cfg.random_flip,
+        "interpolation": cfg.image_interpolation_mode,
+        "captionColumn": cfg.caption_column,
+        "dtype": "float32" if cfg.precision == "no" else "float16",
     }
 
     def encoders() -> latent_cache.Encoders:
         model.vae.to(accelerator.device, vae_dtype)
         model.text_encoder.to(accelerator.device, text_dtype)
-        return latent_cache.Encoders(model.vae, model.text_encoder, model.tokenizer, accelerator.device, vae_dtype, text_dtype)
+        return latent_cache.Encoders(
+            model.vae, model.text_encoder, model.tokenizer, accelerator.device, vae_dtype, text_dtype
+        )
 
     try:
         return latent_cache.build_or_load(
-            Store(cache_root(cfg)), settings, data, indices, encoders, accelerator.process_index,
-            accelerator.num_processes, accelerator.wait_for_everyone, lambda: session.stop_requested,
-            session.progress.state, workers=max(4, cfg.dataloader_num_workers),
+            Store(cache_root(cfg)),
+            settings,
+            data,
+            indices,
+            encoders,
+            accelerator.process_index,
+            accelerator.num_processes,
+            accelerator.wait_for_everyone,
+            lambda: session.stop_requested,
+            session.progress.state,
+            workers=max(4, cfg.dataloader_num_workers),
         )
     except InterruptedError:
         return None  # stopped (SIGTERM) while caching: the chunks done so far are kept
@@ -341,8 +382,14 @@ class Trainer:
             from peft import LoraConfig
 
             unet.requires_grad_(False)
-            unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
-                                        target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+            unet.add_adapter(
+                LoraConfig(
+                    r=cfg.rank,
+                    lora_alpha=cfg.rank,
+                    init_lora_weights="gaussian",
+                    target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+                )
+            )
         unet.train()
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -360,18 +407,31 @@ class Trainer:
             from diffusers import UNet2DConditionModel
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(self.params, model_cls=UNet2DConditionModel, model_config=unet.config,
-                                foreach=cfg.foreach_ema or self.device.type == "cuda")
+            self.ema = EMAModel(
+                self.params,
+                model_cls=UNet2DConditionModel,
+                model_config=unet.config,
+                foreach=cfg.foreach_ema or self.device.type == "cuda",
+            )
             if cfg.offload_ema:
                 self.ema.to("cpu")
         lr = cfg.learning_rate * (self.global_batch if cfg.scale_lr else 1)
-        optimizer = torch.optim.AdamW(self.params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
-                                      fused=self.device.type == "cuda")
+        optimizer = torch.optim.AdamW(
+            self.params,
+            lr=lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.adam_weight_decay,
+            eps=cfg.adam_epsilon,
+            fused=self.device.type == "cuda",
+        )
         from diffusers.optimization import get_scheduler
 
-        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                          num_training_steps=self.max_steps)
+        self.lr_scheduler = get_scheduler(
+            cfg.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=cfg.lr_warmup_steps,
+            num_training_steps=self.max_steps,
+        )
         runnable = torch.compile(unet) if cfg.compile else unet
         self.ddp, self.optimizer = accelerator.prepare(runnable, optimizer)
         self.checkpointer = Checkpointer(self.session.output, self.session.staging, cfg.checkpoints_total_limit)
@@ -427,8 +487,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.samples_seen += self.global_batch
         self.skipped_steps += 1
-        log.warning("step %d: non-finite loss or gradients; update skipped (%d of at most %d)",
-                    self.step + 1, self.skipped_steps, self.cfg.max_nonfinite_steps)
+        log.warning(
+            "step %d: non-finite loss or gradients; update skipped (%d of at most %d)",
+            self.step + 1,
+            self.skipped_steps,
+            self.cfg.max_nonfinite_steps,
+        )
         if self.skipped_steps > self.cfg.max_nonfinite_steps:
             raise self._nonfinite_error(f"after {self.skipped_steps} skipped steps")
 
@@ -453,7 +517,9 @@ class Trainer:
         return TrainError(
             f"training diverged: NaN or inf {what} by step {self.step}; stopped without saving or "
             f"publishing these weights ({kept}); lower --learning_rate (now {self.cfg.learning_rate:g}), "
-            "keep --max_grad_norm, or use --mixed_precision bf16 rather than fp16", layout.EXIT_DIVERGED)
+            "keep --max_grad_norm, or use --mixed_precision bf16 rather than fp16",
+            layout.EXIT_DIVERGED,
+        )
 
     def _positions(self, micro: int) -> list[int]:
         """Stream positions of this process's micro-batch `micro` of the current step."""
@@ -478,9 +544,13 @@ class Trainer:
             timestep = torch.randint(0, timesteps_total, (1,), generator=g)
             rows.append((latent, noise, perturbed, timestep, cache.text[cache.caption_index[index]]))
         latents, noise, perturbed, timesteps, text = (torch.stack(column) for column in zip(*rows, strict=False))
-        return {"latents": (latents * self.model.scaling_factor).to(self.device), "noise": noise.to(self.device),
-                "perturbed": perturbed.to(self.device), "timesteps": timesteps.squeeze(1).to(self.device),
-                "text": text.to(self.device).float()}
+        return {
+            "latents": (latents * self.model.scaling_factor).to(self.device),
+            "noise": noise.to(self.device),
+            "perturbed": perturbed.to(self.device),
+            "timesteps": timesteps.squeeze(1).to(self.device),
+            "text": text.to(self.device).float(),
+        }
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """train_text_to_image.py's loss: MSE to the noise (or velocity), optionally min-SNR weighted."""
@@ -514,8 +584,10 @@ class Trainer:
         """Progress every step; the loss only every LOSS_EVERY steps, because reading it waits for
         the GPU and so stops the CPU from queueing the next step. Step-based, so every process
         joins the same all-reduces."""
-        values: dict[str, Any] = {"epoch": self.samples_seen // len(self.samples),
-                                  "learningRate": self.lr_scheduler.get_last_lr()[0]}
+        values: dict[str, Any] = {
+            "epoch": self.samples_seen // len(self.samples),
+            "learningRate": self.lr_scheduler.get_last_lr()[0],
+        }
         if self.step % LOSS_EVERY == 0 or self.step <= 2 or self.step == self.max_steps:
             if self.world > 1:
                 loss = self.session.accelerator.reduce(loss, reduction="mean")
@@ -541,24 +613,51 @@ class Trainer:
         if session.is_main:
             session.progress.state("checkpointing")
             folder = self.checkpointer.folder(self.step)
-            save_file({k: v.detach().contiguous() for k, v in self._trainable_state().items()},
-                      folder / "trainable.safetensors")
+            save_file(
+                {k: v.detach().contiguous() for k, v in self._trainable_state().items()},
+                folder / "trainable.safetensors",
+            )
             if self.ema is not None:
-                save_file({f"{i}": p.detach().contiguous() for i, p in enumerate(self.ema.shadow_params)},
-                          folder / "ema.safetensors")
+                save_file(
+                    {f"{i}": p.detach().contiguous() for i, p in enumerate(self.ema.shadow_params)},
+                    folder / "ema.safetensors",
+                )
             scaler = session.accelerator.scaler
-            torch.save({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler is not None else None}, folder / "optimizer.pt")
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "lr_scheduler": self.lr_scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                },
+                folder / "optimizer.pt",
+            )
             count = len(self.samples)
-            self.checkpointer.commit(folder, CheckpointState.model_validate({
-                "step": self.step, "samplesSeen": self.samples_seen, "epoch": self.samples_seen // count,
-                "seed": session.seed, "method": self.cfg.method, "globalBatchSize": self.global_batch,
-                "worldSize": self.world, "cacheKey": self.samples.key,
-                "ema": {"optimizationStep": self.ema.optimization_step} if self.ema is not None else None,
-                "dataloader": {"position": self.samples_seen, "epoch": self.samples_seen // count,
-                               "indexInEpoch": self.samples_seen % count, "samples": count},
-                "rng": {"seed": session.seed, "scheme": "torch.Generator per sample, seeded by (seed, position)"},
-            }))
+            self.checkpointer.commit(
+                folder,
+                CheckpointState.model_validate(
+                    {
+                        "step": self.step,
+                        "samplesSeen": self.samples_seen,
+                        "epoch": self.samples_seen // count,
+                        "seed": session.seed,
+                        "method": self.cfg.method,
+                        "globalBatchSize": self.global_batch,
+                        "worldSize": self.world,
+                        "cacheKey": self.samples.key,
+                        "ema": {"optimizationStep": self.ema.optimization_step} if self.ema is not None else None,
+                        "dataloader": {
+                            "position": self.samples_seen,
+                            "epoch": self.samples_seen // count,
+                            "indexInEpoch": self.samples_seen % count,
+                            "samples": count,
+                        },
+                        "rng": {
+                            "seed": session.seed,
+                            "scheme": "torch.Generator per sample, seeded by (seed, position)",
+                        },
+                    }
+                ),
+            )
             if session.stop_requested:  # the pod is about to go: store this checkpoint now
                 try:
                     session.progress.update(latestCheckpoint=self.checkpointer.wait())
@@ -601,8 +700,9 @@ class Trainer:
         try:
             saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
-            raise CheckpointError(f"{ref.store.uri_of('optimizer.pt')}: not a plain optimizer state "
-                                  f"({str(error).splitlines()[0][:200]})") from None
+            raise CheckpointError(
+                f"{ref.store.uri_of('optimizer.pt')}: not a plain optimizer state ({str(error).splitlines()[0][:200]})"
+            ) from None
         self.optimizer.load_state_dict(saved["optimizer"])
         self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
         if saved.get("scaler") and accelerator.scaler is not None:
@@ -619,8 +719,14 @@ class Trainer:
         from diffusers import StableDiffusionPipeline
 
         pipeline = StableDiffusionPipeline.from_pretrained(
-            self.model.path, unet=self.unet, vae=self.model.vae, text_encoder=self.model.text_encoder,
-            tokenizer=self.model.tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            self.model.path,
+            unet=self.unet,
+            vae=self.model.vae,
+            text_encoder=self.model.text_encoder,
+            tokenizer=self.model.tokenizer,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
         if self.ema is not None:
             self.ema.store(self.params)
@@ -645,8 +751,15 @@ class Trainer:
 
     def _render(self) -> None:
         with self._inference_pipeline() as pipeline:
-            publish.render_samples(pipeline, self.cfg.validation_prompts, self.cfg.resolution, self.session.seed,
-                                   self.session.output, self.step, self.cfg.validation_guidance_scale)
+            publish.render_samples(
+                pipeline,
+                self.cfg.validation_prompts,
+                self.cfg.resolution,
+                self.session.seed,
+                self.session.output,
+                self.step,
+                self.cfg.validation_guidance_scale,
+            )
 
     def publish(self, data: TrainingData, images: int, skipped: int) -> None:
         session, cfg = self.session, self.cfg
@@ -662,14 +775,18 @@ class Trainer:
                     self.ema.copy_to(self.params)
                 from diffusers import StableDiffusionPipeline
 
-                pipeline = StableDiffusionPipeline.from_pretrained(self.model.path, unet=self.unet,
-                                                                   variant=cfg.variant or None)
+                pipeline = StableDiffusionPipeline.from_pretrained(
+                    self.model.path, unet=self.unet, variant=cfg.variant or None
+                )
                 publish.write_pipeline(pipeline, session.output, session.staging)
             if cfg.validation_prompts and self.step % (cfg.validation_steps or cfg.checkpointing_steps):
                 self.ema = None  # the EMA weights are in the UNet now: sample with them as they are
                 self._render()
-            session.output.write_bytes("README.md", publish.model_card(
-                cfg, data, images, skipped, self.step, session.seed).encode(), "text/markdown")
+            session.output.write_bytes(
+                "README.md",
+                publish.model_card(cfg, data, images, skipped, self.step, session.seed).encode(),
+                "text/markdown",
+            )
             self._upload_logs()
             session.progress.state("succeeded", step=self.step)
             self.checkpointer.close()
@@ -700,15 +817,17 @@ def cuda_oom_message(cfg: TrainConfig) -> str:
     if not cfg.gradient_checkpointing:
         hints.append("--gradient_checkpointing")
     if cfg.train_batch_size > 1:
-        hints.append(f"--train_batch_size {max(1, cfg.train_batch_size // 2)} with --gradient_accumulation_steps "
-                     f"{cfg.gradient_accumulation_steps * 2}")
+        hints.append(
+            f"--train_batch_size {max(1, cfg.train_batch_size // 2)} with --gradient_accumulation_steps "
+            f"{cfg.gradient_accumulation_steps * 2}"
+        )
     if cfg.precision == "no":
         hints.append("--mixed_precision bf16")
     if cfg.method == "full":
         hints.append("--method lora")
     if cfg.use_ema and not cfg.offload_ema:
         hints.append("--offload_ema")
-    return (f"CUDA out of memory at --resolution {cfg.resolution}, --train_batch_size {cfg.train_batch_size}; "
-            f"to use less memory try: {', '.join(hints) or 'a smaller --resolution'}")
-
-
+    return (
+        f"CUDA out of memory at --resolution {cfg.resolution}, --train_batch_size {cfg.train_batch_size}; "
+        f"to use less memory try: {', '.join(hints) or 'a smaller --resolution'}"
+    )

@@ -126,7 +126,10 @@ def main() -> int:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = [{"url": f"http://127.0.0.1:{port.value}/{i:05d}.jpg", "caption": f"generated photo {i}"} for i in range(args.images)]
+        rows = [
+            {"url": f"http://127.0.0.1:{port.value}/{i:05d}.jpg", "caption": f"generated photo {i}"}
+            for i in range(args.images)
+        ]
         urls = work / "urls.parquet"
         pq.write_table(pa.Table.from_pylist(rows), urls)
         env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
@@ -135,24 +138,82 @@ def main() -> int:
         for _ in range(args.repeat):
             out = work / "kubetune"
             shutil.rmtree(out, ignore_errors=True)
-            kubetune_times.append(timed([
-                sys.executable, "-m", "kubetune.cli", "collect", "--urls", str(urls), "--output", str(out),
-                "--size", str(args.size), "--min-size", "1", "--workers", str(args.workers), "--retries", "0",
-                "--allow-host", f"127.0.0.1:{port.value}", "--jpeg-quality", "95",
-            ], env, work))
+            kubetune_times.append(
+                timed(
+                    [
+                        sys.executable,
+                        "-m",
+                        "kubetune.cli",
+                        "collect",
+                        "--urls",
+                        str(urls),
+                        "--output",
+                        str(out),
+                        "--size",
+                        str(args.size),
+                        "--min-size",
+                        "1",
+                        "--workers",
+                        str(args.workers),
+                        "--retries",
+                        "0",
+                        "--allow-host",
+                        f"127.0.0.1:{port.value}",
+                        "--jpeg-quality",
+                        "95",
+                    ],
+                    env,
+                    work,
+                )
+            )
             check(out / "train", "*.jpg", args.images, args.size)
 
             out = work / "img2dataset"
             shutil.rmtree(out, ignore_errors=True)
             per_shard = math.ceil(args.images / (cores * 2))  # two shards per process: all cores busy
-            anchor_times.append(timed([
-                str(anchor.parent / "img2dataset"), "--url_list", str(urls), "--input_format", "parquet",
-                "--url_col", "url", "--caption_col", "caption", "--output_format", "files", "--output_folder", str(out),
-                "--image_size", str(args.size), "--resize_mode", "keep_ratio", "--resize_only_if_bigger", "True",
-                "--encode_quality", "95", "--processes_count", str(cores), "--thread_count", str(args.workers),
-                "--number_sample_per_shard", str(per_shard), "--retries", "0", "--timeout", "30",
-                "--extract_exif", "False", "--enable_wandb", "False",
-            ], env, work))
+            anchor_times.append(
+                timed(
+                    [
+                        str(anchor.parent / "img2dataset"),
+                        "--url_list",
+                        str(urls),
+                        "--input_format",
+                        "parquet",
+                        "--url_col",
+                        "url",
+                        "--caption_col",
+                        "caption",
+                        "--output_format",
+                        "files",
+                        "--output_folder",
+                        str(out),
+                        "--image_size",
+                        str(args.size),
+                        "--resize_mode",
+                        "keep_ratio",
+                        "--resize_only_if_bigger",
+                        "True",
+                        "--encode_quality",
+                        "95",
+                        "--processes_count",
+                        str(cores),
+                        "--thread_count",
+                        str(args.workers),
+                        "--number_sample_per_shard",
+                        str(per_shard),
+                        "--retries",
+                        "0",
+                        "--timeout",
+                        "30",
+                        "--extract_exif",
+                        "False",
+                        "--enable_wandb",
+                        "False",
+                    ],
+                    env,
+                    work,
+                )
+            )
             check(out, "*.jpg", args.images, args.size)
     finally:
         server.terminate()
@@ -160,14 +221,24 @@ def main() -> int:
 
     ours, theirs = args.images / min(kubetune_times), args.images / min(anchor_times)
     result = {
-        "images": args.images, "source": f"{args.width}x{args.height} JPEG", "size": args.size, "cores": cores,
-        "workers": args.workers, "kubetune_images_per_s": round(ours, 1), "img2dataset_images_per_s": round(theirs, 1),
-        "ratio": round(ours / theirs, 2), "kubetune_seconds": kubetune_times, "img2dataset_seconds": anchor_times,
+        "images": args.images,
+        "source": f"{args.width}x{args.height} JPEG",
+        "size": args.size,
+        "cores": cores,
+        "workers": args.workers,
+        "kubetune_images_per_s": round(ours, 1),
+        "img2dataset_images_per_s": round(theirs, 1),
+        "ratio": round(ours / theirs, 2),
+        "kubetune_seconds": kubetune_times,
+        "img2dataset_seconds": anchor_times,
         "anchor": ANCHOR_VERSION,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "collector.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"corpus: {args.images} JPEGs of {args.width}x{args.height} on loopback; target shorter side {args.size}; {cores} cores")
+    print(
+        f"corpus: {args.images} JPEGs of {args.width}x{args.height} on loopback; target shorter side "
+        f"{args.size}; {cores} cores"
+    )
     print(f"kubetune collect: {ours:7.1f} images/s")
     print(f"img2dataset:      {theirs:7.1f} images/s  ({ANCHOR_VERSION})")
     print(f"ratio:            {ours / theirs:7.2f}x  (floor 1.0x, goal 1.5x)")

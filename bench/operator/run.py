@@ -57,8 +57,18 @@ def kubetune(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 def cluster_up(state_dir: Path) -> dict[str, Any]:
     kubetune("dev", "down", "--state-dir", str(state_dir), timeout=120)  # a run interrupted earlier
-    up = kubetune("dev", "up", "--state-dir", str(state_dir), "--no-operator", "--no-model", "--no-pods",
-                  "--network", "host", timeout=300)
+    up = kubetune(
+        "dev",
+        "up",
+        "--state-dir",
+        str(state_dir),
+        "--no-operator",
+        "--no-model",
+        "--no-pods",
+        "--network",
+        "host",
+        timeout=300,
+    )
     if up.returncode != 0:
         raise SystemExit(f"bench-operator: kubetune dev up failed: {up.stderr.strip().splitlines()[-1:]}")
     return dict(json.loads((state_dir / "cluster.json").read_text()))
@@ -68,21 +78,45 @@ def cluster_down(state_dir: Path) -> None:
     kubetune("dev", "down", "--state-dir", str(state_dir), timeout=120)
 
 
-def start_operator(info: dict[str, Any], namespace: str, log_path: Path, metrics_port: int,
-                   extra: list[str]) -> subprocess.Popen[bytes]:
+def start_operator(
+    info: dict[str, Any], namespace: str, log_path: Path, metrics_port: int, extra: list[str]
+) -> subprocess.Popen[bytes]:
     from kubetune.dev.cluster.local import S3_SECRET, ClusterInfo
 
     fields = ClusterInfo.__dataclass_fields__
     cluster = ClusterInfo(**{k: v for k, v in info.items() if k in fields})
-    env = {**os.environ, **cluster.env(), "KUBETUNE_S3_ENDPOINT": cluster.s3_endpoint,
-           "KUBETUNE_S3_CREDENTIALS_SECRET": S3_SECRET}
+    env = {
+        **os.environ,
+        **cluster.env(),
+        "KUBETUNE_S3_ENDPOINT": cluster.s3_endpoint,
+        "KUBETUNE_S3_CREDENTIALS_SECRET": S3_SECRET,
+    }
     env.pop("PYTHONPATH", None)
     with open(log_path, "wb") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "kubetune.cli", "operator", "--namespace", namespace, "--liveness-port", "0",
-             "--metrics-port", str(metrics_port), "--collector-image", "kubetune-collector:bench",
-             "--trainer-image", "kubetune-trainer:bench", *extra],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "kubetune.cli",
+                "operator",
+                "--namespace",
+                namespace,
+                "--liveness-port",
+                "0",
+                "--metrics-port",
+                str(metrics_port),
+                "--collector-image",
+                "kubetune-collector:bench",
+                "--trainer-image",
+                "kubetune-trainer:bench",
+                *extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
 
 
 def stop_operator(process: subprocess.Popen[bytes]) -> None:
@@ -144,8 +178,12 @@ class MemorySampler(threading.Thread):
 def operator_metrics(port: int) -> dict[str, float]:
     import requests
 
-    wanted = ("kubetune_reconcile_duration_seconds_count", "kubetune_reconcile_duration_seconds_sum",
-              "kubetune_reconcile_queue_wait_seconds_sum", "kubetune_reconcile_errors_total")
+    wanted = (
+        "kubetune_reconcile_duration_seconds_count",
+        "kubetune_reconcile_duration_seconds_sum",
+        "kubetune_reconcile_queue_wait_seconds_sum",
+        "kubetune_reconcile_errors_total",
+    )
     values: dict[str, float] = {}
     try:
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
@@ -166,8 +204,14 @@ def spec(bucket: str, name: str) -> dict[str, Any]:
     return {
         "dataset": {"urls": {"uri": f"s3://{bucket}/bench/urls.jsonl"}, "resolution": 64, "minSize": 32},
         "model": {"base": f"s3://{bucket}/models/tiny-sd/"},
-        "training": {"resolution": 32, "batchSize": 2, "maxTrainSteps": 10, "mixedPrecision": "fp32",
-                     "gradientCheckpointing": False, "useEma": False},
+        "training": {
+            "resolution": 32,
+            "batchSize": 2,
+            "maxTrainSteps": 10,
+            "mixedPrecision": "fp32",
+            "gradientCheckpointing": False,
+            "useEma": False,
+        },
         "trainer": {"nodes": 1, "gpusPerNode": 0},
         "collector": {"workers": 4},
         "storage": {"uri": f"s3://{bucket}/bench/jobs/{name}/"},
@@ -215,8 +259,12 @@ class Burst:
             self.ftj_modified.append((now, obj["metadata"]["name"]))
 
     async def _create(self, session: Any, name: str) -> None:
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob", "metadata": {"name": name},
-                "spec": spec(self.bucket, name)}
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "FineTuneJob",
+            "metadata": {"name": name},
+            "spec": spec(self.bucket, name),
+        }
         self.sent[name] = time.monotonic()
         async with session.post(self.ftj_path, json=body) as response:
             if response.status != 201:
@@ -224,18 +272,22 @@ class Burst:
                 return
             self.created[name] = time.monotonic()
 
-    async def run(self, names: list[str], concurrency: int, timeout: float, settle: float,
-                  at_burst_end: Any = None) -> tuple[float, float]:
+    async def run(
+        self, names: list[str], concurrency: int, timeout: float, settle: float, at_burst_end: Any = None
+    ) -> tuple[float, float]:
         """Create every FineTuneJob at once, wait for all their collector Jobs (or `timeout`), then
         keep watching for `settle` seconds. Returns (first request sent, last Job seen or timeout)."""
         import aiohttp
 
         connector = aiohttp.TCPConnector(limit=concurrency + 4)
-        async with aiohttp.ClientSession(connector=connector, read_bufsize=1 << 20,
-                                         timeout=aiohttp.ClientTimeout(total=None, sock_connect=30)) as session:
+        async with aiohttp.ClientSession(
+            connector=connector, read_bufsize=1 << 20, timeout=aiohttp.ClientTimeout(total=None, sock_connect=30)
+        ) as session:
             ready_jobs, ready_ftjs = asyncio.Event(), asyncio.Event()
-            watches = [asyncio.create_task(self._watch(session, self.jobs_path, self._on_job, ready_jobs)),
-                       asyncio.create_task(self._watch(session, self.ftj_path, self._on_ftj, ready_ftjs))]
+            watches = [
+                asyncio.create_task(self._watch(session, self.jobs_path, self._on_job, ready_jobs)),
+                asyncio.create_task(self._watch(session, self.ftj_path, self._on_ftj, ready_ftjs)),
+            ]
             await asyncio.wait_for(asyncio.gather(ready_jobs.wait(), ready_ftjs.wait()), 30)
             self.expected = set(names)
             pending = list(reversed(names))
@@ -271,13 +323,27 @@ def prepare_namespace(info: dict[str, Any], namespace: str) -> None:
     api = Api(info["api_url"])
     api.ok(api.post("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}))
     secret = api.ok(api.get(f"/api/v1/namespaces/default/secrets/{S3_SECRET}"))
-    api.ok(api.post(f"/api/v1/namespaces/{namespace}/secrets", {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                                                                 "metadata": {"name": S3_SECRET}, "data": secret["data"]}))
+    api.ok(
+        api.post(
+            f"/api/v1/namespaces/{namespace}/secrets",
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "type": "Opaque",
+                "metadata": {"name": S3_SECRET},
+                "data": secret["data"],
+            },
+        )
+    )
     lines = [json.dumps({"url": f"http://127.0.0.1:9/{i}.jpg", "caption": f"image {i}"}) for i in range(10)]
-    s3_client_for(info["s3_endpoint"]).put_object(Bucket=info["bucket"], Key="bench/urls.jsonl", Body="\n".join(lines).encode())
+    s3_client_for(info["s3_endpoint"]).put_object(
+        Bucket=info["bucket"], Key="bench/urls.jsonl", Body="\n".join(lines).encode()
+    )
 
 
-def warm_up(info: dict[str, Any], namespace: str, operator: subprocess.Popen[bytes], timeout: float, log_path: Path) -> float:
+def warm_up(
+    info: dict[str, Any], namespace: str, operator: subprocess.Popen[bytes], timeout: float, log_path: Path
+) -> float:
     """One FineTuneJob through the operator (its watches are up once its Job appears), then gone
     again (its Job with it), so that the burst starts from an idle operator and an empty namespace."""
     from kubetune.dev.testing import Api
@@ -286,18 +352,30 @@ def warm_up(info: dict[str, Any], namespace: str, operator: subprocess.Popen[byt
     ftjs = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
     jobs = f"/apis/batch/v1/namespaces/{namespace}/jobs"
     started = time.monotonic()
-    api.ok(api.post(ftjs, {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob", "metadata": {"name": "warmup"},
-                           "spec": spec(info["bucket"], "warmup")}))
+    api.ok(
+        api.post(
+            ftjs,
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "FineTuneJob",
+                "metadata": {"name": "warmup"},
+                "spec": spec(info["bucket"], "warmup"),
+            },
+        )
+    )
     while api.get(f"{jobs}/warmup-collect").status_code != 200:
         if operator.poll() is not None or time.monotonic() - started > timeout:
             tail = log_path.read_text(errors="replace")[-2000:]
-            raise SystemExit(f"bench-operator: the operator did not create the warm-up Job within {timeout:.0f} s\n{tail}")
+            raise SystemExit(
+                f"bench-operator: the operator did not create the warm-up Job within {timeout:.0f} s\n{tail}"
+            )
         time.sleep(0.1)
     first_job = time.monotonic() - started
     api.ok(api.delete(f"{ftjs}/warmup"))
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (api.get(f"{ftjs}/warmup").status_code == 200
-                                           or api.get(f"{jobs}/warmup-collect").status_code == 200):
+    while time.monotonic() < deadline and (
+        api.get(f"{ftjs}/warmup").status_code == 200 or api.get(f"{jobs}/warmup-collect").status_code == 200
+    ):
         time.sleep(0.1)
     return first_job
 
@@ -321,12 +399,19 @@ def namespace_summary(info: dict[str, Any], namespace: str) -> dict[str, Any]:
         phases[phase] = phases.get(phase, 0) + 1
     reasons: dict[str, int] = {}
     for event in api.ok(api.get(f"/api/v1/namespaces/{namespace}/events"))["items"]:
-        if (event.get("source") or {}).get("component") == "kubetune-operator" and event["involvedObject"]["name"].startswith("ftj-"):
+        if (event.get("source") or {}).get("component") == "kubetune-operator" and event["involvedObject"][
+            "name"
+        ].startswith("ftj-"):
             reasons[event["reason"]] = reasons.get(event["reason"], 0) + 1
     jobs = api.ok(api.get(f"/apis/batch/v1/namespaces/{namespace}/jobs"))["items"]
     pods = api.ok(api.get(f"/api/v1/namespaces/{namespace}/pods"))["items"]
-    return {"finetunejobs_by_phase": phases, "operator_events_by_reason": reasons, "jobs": len(jobs), "pods": len(pods),
-            "pods_pending": sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Pending")}
+    return {
+        "finetunejobs_by_phase": phases,
+        "operator_events_by_reason": reasons,
+        "jobs": len(jobs),
+        "pods": len(pods),
+        "pods_pending": sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Pending"),
+    }
 
 
 def line_count(path: Path) -> int:
@@ -338,26 +423,51 @@ def line_count(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--jobs", type=int, default=500, help="FineTuneJobs to create at once (default 500)")
     parser.add_argument("--concurrency", type=int, default=64, help="concurrent create requests (default 64)")
-    parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for every collector Job (default 180)")
-    parser.add_argument("--settle", type=float, default=20.0,
-                        help="seconds to keep watching after the last Job; status writes are counted in its second half, "
-                             "where the operator's 10 s resync of every job falls (default 20)")
+    parser.add_argument(
+        "--timeout", type=float, default=180.0, help="seconds to wait for every collector Job (default 180)"
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=20.0,
+        help="seconds to keep watching after the last Job; status writes are counted in its second half, "
+        "where the operator's 10 s resync of every job falls (default 20)",
+    )
     parser.add_argument("--workers", type=int, default=None, help="the operator's --workers (default: its own, 32)")
-    parser.add_argument("--resync-seconds", type=float, default=None, help="the operator's --resync-seconds (default: its own, 10)")
-    parser.add_argument("--state-dir", type=Path, default=ROOT / ".kubetune" / "bench-operator",
-                        help="the local cluster's state and the operator's log (default .kubetune/bench-operator)")
-    parser.add_argument("--keep", action="store_true", help="leave the local cluster (and the jobs) up afterwards; the operator is stopped")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed (default: only when the run failed)")
-    parser.add_argument("--output", type=Path, default=RESULTS / "operator.json", help="JSON results (default bench/results/operator.json)")
+    parser.add_argument(
+        "--resync-seconds", type=float, default=None, help="the operator's --resync-seconds (default: its own, 10)"
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=ROOT / ".kubetune" / "bench-operator",
+        help="the local cluster's state and the operator's log (default .kubetune/bench-operator)",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the local cluster (and the jobs) up afterwards; the operator is stopped",
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="exit 1 when a goal is missed (default: only when the run failed)"
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS / "operator.json",
+        help="JSON results (default bench/results/operator.json)",
+    )
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.concurrency < 1 or args.timeout <= 0 or args.settle < 0:
         parser.error("--jobs and --concurrency must be at least 1, --timeout positive, --settle not negative")
-    extra = (["--workers", str(args.workers)] if args.workers else []) + \
-        (["--resync-seconds", str(args.resync_seconds)] if args.resync_seconds else [])
+    extra = (["--workers", str(args.workers)] if args.workers else []) + (
+        ["--resync-seconds", str(args.resync_seconds)] if args.resync_seconds else []
+    )
     namespace = "bench-operator"
     state_dir: Path = args.state_dir.resolve()
     log_path = state_dir / "bench-operator.log"
@@ -382,13 +492,17 @@ def main(argv: list[str] | None = None) -> int:
             sampler.start()
 
             def read_cpu(when: str) -> None:
-                cpu[when] = {"operator": cpu_seconds(operator.pid), "cluster": cpu_seconds(int(info["pid"])),
-                             "machine": machine_busy_seconds()}
+                cpu[when] = {
+                    "operator": cpu_seconds(operator.pid),
+                    "cluster": cpu_seconds(int(info["pid"])),
+                    "machine": machine_busy_seconds(),
+                }
 
             print(f"creating {args.jobs} FineTuneJobs at once ...", file=sys.stderr)
             read_cpu("before")
-            start, burst_end = asyncio.run(burst.run(names, args.concurrency, args.timeout, args.settle,
-                                                     lambda: read_cpu("burst_end")))
+            start, burst_end = asyncio.run(
+                burst.run(names, args.concurrency, args.timeout, args.settle, lambda: read_cpu("burst_end"))
+            )
             metrics_after = operator_metrics(metrics_port)
             final = memory_kb(operator.pid)
             operator_alive = operator.poll() is None
@@ -400,8 +514,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = namespace_summary(info, namespace)
     finally:
         if args.keep:
-            print(f"cluster left up: export KUBECONFIG={info['kubeconfig']}; stop it with "
-                  f"'kubetune dev down --state-dir {state_dir}'", file=sys.stderr)
+            print(
+                f"cluster left up: export KUBECONFIG={info['kubeconfig']}; stop it with "
+                f"'kubetune dev down --state-dir {state_dir}'",
+                file=sys.stderr,
+            )
         else:
             cluster_down(state_dir)
 
@@ -419,8 +536,12 @@ def main(argv: list[str] | None = None) -> int:
     steady_from = burst_end + args.settle - steady_window
     during, after = sum(1 for at in writes if at <= burst_end), sum(1 for at in writes if at > burst_end)
     steady = sum(1 for at in writes if at >= steady_from)
-    passes = metrics_after.get("kubetune_reconcile_duration_seconds_count", 0) - metrics_before.get("kubetune_reconcile_duration_seconds_count", 0)
-    errors = metrics_after.get("kubetune_reconcile_errors_total", 0) - metrics_before.get("kubetune_reconcile_errors_total", 0)
+    passes = metrics_after.get("kubetune_reconcile_duration_seconds_count", 0) - metrics_before.get(
+        "kubetune_reconcile_duration_seconds_count", 0
+    )
+    errors = metrics_after.get("kubetune_reconcile_errors_total", 0) - metrics_before.get(
+        "kubetune_reconcile_errors_total", 0
+    )
     created_s = max(burst.created.values(), default=start) - start
     used = {k: round(cpu["burst_end"][k] - cpu["before"][k], 2) for k in cpu.get("burst_end", {})}
     goals = {
@@ -429,25 +550,52 @@ def main(argv: list[str] | None = None) -> int:
         "peak_memory_mb": (peak_mb, f"< {GOAL_PEAK_MB:.0f} MB", peak_mb < GOAL_PEAK_MB and operator_alive),
     }
     result = {
-        "jobs": args.jobs, "concurrency": args.concurrency, "operator_args": extra, "settle_seconds": args.settle,
+        "jobs": args.jobs,
+        "concurrency": args.concurrency,
+        "operator_args": extra,
+        "settle_seconds": args.settle,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "latency_from": "the FineTuneJob's 201 reaching the client -> its collector Job's ADDED event reaching the client's watch",
-        "created": len(burst.created), "create_errors": burst.errors[:20], "jobs_missing": missing[:20],
-        "create_seconds": round(created_s, 3), "warmup_first_job_seconds": round(warmup_s, 3),
+        "latency_from": (
+            "the FineTuneJob's 201 reaching the client -> its collector Job's ADDED event reaching the client's watch"
+        ),
+        "created": len(burst.created),
+        "create_errors": burst.errors[:20],
+        "jobs_missing": missing[:20],
+        "create_seconds": round(created_s, 3),
+        "warmup_first_job_seconds": round(warmup_s, 3),
         "all_jobs_seconds": round(all_s, 3),
-        "latency_seconds": {"p50": round(p50, 3), "p90": round(percentile(values, 90), 3) if values else None,
-                            "p99": round(p99, 3), "max": round(max(values), 3) if values else None,
-                            "min": round(min(values), 3) if values else None},
-        "latency_from_send_seconds": {"p50": round(percentile(from_send, 50), 3) if values else None,
-                                      "p99": round(percentile(from_send, 99), 3) if values else None},
-        "operator_memory_mb": {"peak_vmhwm": round(peak_mb, 1), "idle_before_burst_rss": round(idle.get("VmRSS", 0) * 1024 / 1e6, 1),
-                               "after_settle_rss": round(final.get("VmRSS", 0) * 1024 / 1e6, 1)},
+        "latency_seconds": {
+            "p50": round(p50, 3),
+            "p90": round(percentile(values, 90), 3) if values else None,
+            "p99": round(p99, 3),
+            "max": round(max(values), 3) if values else None,
+            "min": round(min(values), 3) if values else None,
+        },
+        "latency_from_send_seconds": {
+            "p50": round(percentile(from_send, 50), 3) if values else None,
+            "p99": round(percentile(from_send, 99), 3) if values else None,
+        },
+        "operator_memory_mb": {
+            "peak_vmhwm": round(peak_mb, 1),
+            "idle_before_burst_rss": round(idle.get("VmRSS", 0) * 1024 / 1e6, 1),
+            "after_settle_rss": round(final.get("VmRSS", 0) * 1024 / 1e6, 1),
+        },
         "operator_alive": operator_alive,
         "cpu_seconds_during_burst": used,
-        "status_writes": {"during_burst": during, "after_burst": after, "per_job": round((during + after) / args.jobs, 2),
-                          "steady_window_seconds": steady_window, "in_steady_window": steady},
-        "operator": {"reconcile_passes": passes, "reconcile_errors": errors, "log_lines": log_lines,
-                     "metrics_before_burst": metrics_before, "metrics_after_settle": metrics_after},
+        "status_writes": {
+            "during_burst": during,
+            "after_burst": after,
+            "per_job": round((during + after) / args.jobs, 2),
+            "steady_window_seconds": steady_window,
+            "in_steady_window": steady,
+        },
+        "operator": {
+            "reconcile_passes": passes,
+            "reconcile_errors": errors,
+            "log_lines": log_lines,
+            "metrics_before_burst": metrics_before,
+            "metrics_after_settle": metrics_after,
+        },
         "namespace": summary,
         "rss_timeline_kb": sampler.samples if sampler else [],
         "goals": {k: {"value": round(v, 3), "goal": g, "pass": ok} for k, (v, g, ok) in goals.items()},
@@ -459,27 +607,38 @@ def main(argv: list[str] | None = None) -> int:
         mark = "" if verdict is None else ("PASS" if verdict else "MISS")
         print(f"  {label:<46} {value:>10}  {goal:<10} {mark}")
 
-    print(f"\nkubetune operator: {args.jobs} FineTuneJobs created at once on the local cluster (pods not run), "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"\nkubetune operator: {args.jobs} FineTuneJobs created at once on the local cluster (pods not run), "
+        f"{os.cpu_count()} CPUs"
+    )
     row("", "measured", "goal")
     row("every collector Job created (from 1st create)", f"{all_s:.1f} s", *goals["all_jobs_seconds"][1:])
     row("latency p50 (FineTuneJob created -> its Job)", f"{p50:.2f} s")
     row("latency p99", f"{p99:.2f} s", *goals["p99_seconds"][1:])
     row("latency max", f"{max(values, default=nan):.2f} s")
     row("operator peak memory (VmHWM)", f"{peak_mb:.0f} MB", *goals["peak_memory_mb"][1:])
-    print(f"  creates: {len(burst.created)}/{args.jobs} in {created_s:.1f} s ({args.concurrency} at a time); "
-          f"operator RSS idle {result['operator_memory_mb']['idle_before_burst_rss']:.0f} MB, "
-          f"after {args.settle:.0f} s settle {result['operator_memory_mb']['after_settle_rss']:.0f} MB")
+    print(
+        f"  creates: {len(burst.created)}/{args.jobs} in {created_s:.1f} s ({args.concurrency} at a time); "
+        f"operator RSS idle {result['operator_memory_mb']['idle_before_burst_rss']:.0f} MB, "
+        f"after {args.settle:.0f} s settle {result['operator_memory_mb']['after_settle_rss']:.0f} MB"
+    )
     if used:
-        print(f"  CPU seconds during the burst ({burst_end - start:.1f} s x {os.cpu_count()} CPUs): operator {used['operator']:.1f}, "
-              f"cluster {used['cluster']:.1f}, whole machine {used['machine']:.1f} (other processes included)")
-    print(f"  status writes: {(during + after) / args.jobs:.2f} per job ({during} before the last Job, {after} after), "
-          f"{steady} in the last {steady_window:.0f} s; reconcile passes {passes:.0f}, errors {errors:.0f}; "
-          f"operator log lines {log_lines}")
+        print(
+            f"  CPU seconds during the burst ({burst_end - start:.1f} s x {os.cpu_count()} CPUs): operator "
+            f"{used['operator']:.1f}, "
+            f"cluster {used['cluster']:.1f}, whole machine {used['machine']:.1f} (other processes included)"
+        )
+    print(
+        f"  status writes: {(during + after) / args.jobs:.2f} per job ({during} before the last Job, {after} after), "
+        f"{steady} in the last {steady_window:.0f} s; reconcile passes {passes:.0f}, errors {errors:.0f}; "
+        f"operator log lines {log_lines}"
+    )
     print(f"  phases: {summary['finetunejobs_by_phase']}; operator events: {summary['operator_events_by_reason']}")
     if missing or burst.errors:
-        print(f"  INCOMPLETE: {len(missing)} FineTuneJobs without a collector Job, {len(burst.errors)} create errors "
-              f"(first: {(burst.errors or missing)[:3]}); operator log: {log_path}")
+        print(
+            f"  INCOMPLETE: {len(missing)} FineTuneJobs without a collector Job, {len(burst.errors)} create errors "
+            f"(first: {(burst.errors or missing)[:3]}); operator log: {log_path}"
+        )
     print(f"  results: {args.output}")
     if not complete or not operator_alive:
         return 1  # the run itself failed: its figures mean little

@@ -35,7 +35,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 
-SITECUSTOMIZE = '''
+SITECUSTOMIZE = """
 import atexit, json, os, resource, time
 if os.environ.get("KUBETUNE_BENCH_TV_STUB") == "1":
     import torch
@@ -61,16 +61,25 @@ if os.environ.get("KUBETUNE_BENCH_OUT"):
             out["peakCudaMiB"] = torch.cuda.max_memory_allocated() / 2**20
         with open(os.environ["KUBETUNE_BENCH_OUT"], "w") as f:
             json.dump(out, f)
-'''
+"""
 
 # Dense bf16 peak of the GPUs this is likely to meet, TFLOP/s.
-PEAK_BF16_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H200": 989.0, "H100 PCIe": 756.0,
-                    "H100 NVL": 835.0, "A100": 312.0, "L40S": 362.0}
+PEAK_BF16_TFLOPS = {
+    "H100 80GB HBM3": 989.0,
+    "H100 SXM": 989.0,
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stock", required=True, help="path to diffusers' examples/text_to_image/train_text_to_image.py")
+    parser.add_argument(
+        "--stock", required=True, help="path to diffusers' examples/text_to_image/train_text_to_image.py"
+    )
     parser.add_argument("--wheels", help="install every wheel in this folder first (pip --no-index --no-deps)")
     parser.add_argument("--work", help="working folder (default: a new temporary one)")
     parser.add_argument("--model", choices=("auto", "tiny", "sd15"), default="auto")
@@ -103,8 +112,10 @@ def main() -> int:
     precision = "bf16" if cuda else "no"
     work = Path(args.work or tempfile.mkdtemp(prefix="kubetune-bench-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    log(f"work folder {work}; {model_kind} at {resolution}px, batch {batch}, {steps} steps, {images} images, "
-        f"precision {precision}, device {torch.cuda.get_device_name(0) if cuda else 'cpu'}")
+    log(
+        f"work folder {work}; {model_kind} at {resolution}px, batch {batch}, {steps} steps, {images} images, "
+        f"precision {precision}, device {torch.cuda.get_device_name(0) if cuda else 'cpu'}"
+    )
 
     model = build_model(work, model_kind)
     data = build_dataset(work / "dataset", images, resolution)
@@ -112,28 +123,64 @@ def main() -> int:
     hooks.mkdir(exist_ok=True)
     (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
     common = [
-        f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", f"--resolution={resolution}",
-        "--center_crop", "--random_flip", f"--train_batch_size={batch}", "--gradient_accumulation_steps=1",
-        f"--max_train_steps={steps}", "--learning_rate=1e-05", "--max_grad_norm=1", "--lr_scheduler=constant",
-        "--lr_warmup_steps=0", f"--mixed_precision={precision}", "--use_ema", "--seed=0", "--allow_tf32",
-        f"--dataloader_num_workers={workers}", "--checkpointing_steps=1000000",
+        f"--pretrained_model_name_or_path={model}",
+        f"--train_data_dir={data}",
+        f"--resolution={resolution}",
+        "--center_crop",
+        "--random_flip",
+        f"--train_batch_size={batch}",
+        "--gradient_accumulation_steps=1",
+        f"--max_train_steps={steps}",
+        "--learning_rate=1e-05",
+        "--max_grad_norm=1",
+        "--lr_scheduler=constant",
+        "--lr_warmup_steps=0",
+        f"--mixed_precision={precision}",
+        "--use_ema",
+        "--seed=0",
+        "--allow_tf32",
+        f"--dataloader_num_workers={workers}",
+        "--checkpointing_steps=1000000",
     ] + (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
 
-    results: dict[str, Any] = {"model": model_kind, "resolution": resolution, "batchSize": batch, "steps": steps,
-                               "images": images, "mixedPrecision": precision, "flags": common,
-                               "device": torch.cuda.get_device_name(0) if cuda else "cpu"}
+    results: dict[str, Any] = {
+        "model": model_kind,
+        "resolution": resolution,
+        "batchSize": batch,
+        "steps": steps,
+        "images": images,
+        "mixedPrecision": precision,
+        "flags": common,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+    }
     if args.only != "kubetune":
         python, stub = stock_python(work)
-        results["stock"] = measure("stock", [python, args.stock, *common, f"--output_dir={work / 'out-stock'}"],
-                                   work, hooks, batch, stub)
+        results["stock"] = measure(
+            "stock", [python, args.stock, *common, f"--output_dir={work / 'out-stock'}"], work, hooks, batch, stub
+        )
     if args.only != "stock":
         extra = [f"--latent_cache_dir={work / f'cache-{time.time_ns()}'}"] + (["--compile"] if args.compile else [])
-        results["kubetune"] = measure("kubetune", [sys.executable, "-m", "kubetune.trainer", *common, *extra,
-                                                   f"--output_dir={work / 'out-kubetune'}", "--report_to=tensorboard"],
-                                      work, hooks, batch, False)
+        results["kubetune"] = measure(
+            "kubetune",
+            [
+                sys.executable,
+                "-m",
+                "kubetune.trainer",
+                *common,
+                *extra,
+                f"--output_dir={work / 'out-kubetune'}",
+                "--report_to=tensorboard",
+            ],
+            work,
+            hooks,
+            batch,
+            False,
+        )
     flops = unet_training_flops(model, resolution, batch, cuda)
     results["unetTrainingFlopsPerImage"] = flops
-    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if cuda and k in torch.cuda.get_device_name(0)), None)
+    peak = args.peak_tflops or next(
+        (v for k, v in PEAK_BF16_TFLOPS.items() if cuda and k in torch.cuda.get_device_name(0)), None
+    )
     for side in ("stock", "kubetune"):
         if side in results and peak:
             results[side]["mfu"] = round(results[side]["imagesPerSecond"] * flops / (peak * 1e12), 4)
@@ -156,8 +203,12 @@ def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 
 def ensure_kubetune() -> None:
-    probe = subprocess.run([sys.executable, "-c", "import kubetune.trainer.train"], capture_output=True, text=True,
-                           cwd=tempfile.gettempdir())
+    probe = subprocess.run(
+        [sys.executable, "-c", "import kubetune.trainer.train"],
+        capture_output=True,
+        text=True,
+        cwd=tempfile.gettempdir(),
+    )
     if probe.returncode:
         log("installing kubetune from this checkout (--no-deps)")
         run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(REPO)])
@@ -207,8 +258,9 @@ def stock_python(work: Path) -> tuple[str, bool]:
 
         log("torchvision is not importable here: making a venv for the stock script")
         run([sys.executable, "-m", "venv", str(venv)])
-        purelib = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                      capture_output=True).stdout.strip()
+        purelib = run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True
+        ).stdout.strip()
         Path(purelib, "kubetune-bench-parent.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
         major, minor = (int(x) for x in torch.__version__.split(".")[:2])
         matching = f"torchvision==0.{minor + 15}.*" if major == 2 else "torchvision"  # torch 2.13 <-> 0.28
@@ -223,21 +275,29 @@ def stock_python(work: Path) -> tuple[str, bool]:
 
 def _imports_torchvision(python: str, stub: bool) -> bool:
     env = dict(os.environ, KUBETUNE_BENCH_TV_STUB="1" if stub else "0")
-    code = ("import os, torch\n"
-            "if os.environ['KUBETUNE_BENCH_TV_STUB'] == '1':\n"
-            "    [torch.library.define(f'torchvision::{o}', '(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')"
-            " for o in ('nms', 'qnms')]\n"
-            "from torchvision import transforms\n"
-            "from PIL import Image\n"
-            "transforms.Resize(8)(Image.new('RGB', (16, 12)))\n")
+    code = (
+        "import os, torch\n"
+        "if os.environ['KUBETUNE_BENCH_TV_STUB'] == '1':\n"
+        "    [torch.library.define(f'torchvision::{o}', '(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')"
+        " for o in ('nms', 'qnms')]\n"
+        "from torchvision import transforms\n"
+        "from PIL import Image\n"
+        "transforms.Resize(8)(Image.new('RGB', (16, 12)))\n"
+    )
     return subprocess.run([python, "-c", code], capture_output=True, env=env, cwd=tempfile.gettempdir()).returncode == 0
 
 
 def measure(name: str, command: list[str], work: Path, hooks: Path, batch: int, stub: bool) -> dict[str, Any]:
     out = work / f"stamps-{name}.json"
     out.unlink(missing_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(hooks), KUBETUNE_BENCH_OUT=str(out), KUBETUNE_BENCH_TV_STUB="1" if stub else "0",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(hooks),
+        KUBETUNE_BENCH_OUT=str(out),
+        KUBETUNE_BENCH_TV_STUB="1" if stub else "0",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     log(f"running {name}: {' '.join(command[:3])} ...")
     started = time.monotonic()
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=work)
@@ -253,9 +313,13 @@ def measure(name: str, command: list[str], work: Path, hooks: Path, batch: int, 
     rate = (len(steady) - 1) * batch / (steady[-1] - steady[0])
     peak = data.get("peakCudaMiB", data["peakRssMiB"])
     log(f"{name}: {rate:.2f} images/s over steps {skip + 1}-{len(stamps)}, peak {peak:.0f} MiB, {wall:.0f}s end to end")
-    return {"imagesPerSecond": round(rate, 3), "peakMiB": round(peak, 1),
-            "peakKind": "cuda max_memory_allocated" if "peakCudaMiB" in data else "process max RSS",
-            "wallSeconds": round(wall, 1), "steps": len(stamps)}
+    return {
+        "imagesPerSecond": round(rate, 3),
+        "peakMiB": round(peak, 1),
+        "peakKind": "cuda max_memory_allocated" if "peakCudaMiB" in data else "process max RSS",
+        "wallSeconds": round(wall, 1),
+        "steps": len(stamps),
+    }
 
 
 def unet_training_flops(model: Path, resolution: int, batch: int, cuda: bool) -> float:
@@ -283,10 +347,14 @@ def unet_training_flops(model: Path, resolution: int, batch: int, cuda: bool) ->
 
 def report(results: dict[str, Any], peak: float | None) -> None:
     print()
-    print(f"model {results['model']} {results['resolution']}px, batch {results['batchSize']}, "
-          f"{results['steps']} steps, {results['mixedPrecision']}, {results['device']}")
-    print(f"UNet training FLOPs per image: {results['unetTrainingFlopsPerImage'] / 1e9:.1f} GFLOP"
-          + (f"; peak {peak:.0f} TFLOP/s" if peak else ""))
+    print(
+        f"model {results['model']} {results['resolution']}px, batch {results['batchSize']}, "
+        f"{results['steps']} steps, {results['mixedPrecision']}, {results['device']}"
+    )
+    print(
+        f"UNet training FLOPs per image: {results['unetTrainingFlopsPerImage'] / 1e9:.1f} GFLOP"
+        + (f"; peak {peak:.0f} TFLOP/s" if peak else "")
+    )
     print(f"{'':10} {'images/s':>10} {'peak MiB':>10} {'wall s':>8} {'MFU':>7}")
     for side in ("stock", "kubetune"):
         if side in results:

@@ -34,10 +34,21 @@ if TYPE_CHECKING:
     from kubetune.dev.node.kubelet import Kubelet
 
 Obj = dict[str, Any]
-KUBERNETES_VERSION = {"major": "1", "minor": "37", "gitVersion": "v1.37.0-kubetune-dev", "gitCommit": "",
-                      "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.25",
-                      "compiler": "gc", "platform": "linux/amd64", "emulationMajor": "1", "emulationMinor": "37",
-                      "minCompatibilityMajor": "1", "minCompatibilityMinor": "36"}
+KUBERNETES_VERSION = {
+    "major": "1",
+    "minor": "37",
+    "gitVersion": "v1.37.0-kubetune-dev",
+    "gitCommit": "",
+    "gitTreeState": "clean",
+    "buildDate": "2026-01-01T00:00:00Z",
+    "goVersion": "go1.25",
+    "compiler": "gc",
+    "platform": "linux/amd64",
+    "emulationMajor": "1",
+    "emulationMinor": "37",
+    "minCompatibilityMajor": "1",
+    "minCompatibilityMinor": "36",
+}
 PATCH_TYPES = {
     "application/json-patch+json": "json",
     "application/merge-patch+json": "merge",
@@ -63,7 +74,9 @@ class ApiServer:
         self.app.router.add_route("*", "/{path:.*}", self._dispatch)
 
     @web.middleware
-    async def _errors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         try:
             return await handler(request)
         except ApiError as error:
@@ -117,12 +130,28 @@ class ApiServer:
         if parts == ["version"]:
             return _json(KUBERNETES_VERSION)
         if parts == ["api"]:
-            return _json({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
-                {"clientCIDR": "0.0.0.0/0", "serverAddress": self.server_addresses[0] if self.server_addresses else ""}]})
+            return _json(
+                {
+                    "kind": "APIVersions",
+                    "versions": ["v1"],
+                    "serverAddressByClientCIDRs": [
+                        {
+                            "clientCIDR": "0.0.0.0/0",
+                            "serverAddress": self.server_addresses[0] if self.server_addresses else "",
+                        }
+                    ],
+                }
+            )
         if parts == ["api", "v1"]:
             return _json(self._resource_list("", "v1"))
         if parts == ["apis"]:
-            return _json({"kind": "APIGroupList", "apiVersion": "v1", "groups": [self._group(g, v) for g, v in self.registry.groups().items()]})
+            return _json(
+                {
+                    "kind": "APIGroupList",
+                    "apiVersion": "v1",
+                    "groups": [self._group(g, v) for g, v in self.registry.groups().items()],
+                }
+            )
         if len(parts) == 2 and parts[0] == "apis":
             versions = self.registry.groups().get(parts[1])
             if versions is None:
@@ -140,14 +169,24 @@ class ApiServer:
 
     def _group(self, group: str, versions: list[str]) -> Obj:
         entries = [{"groupVersion": f"{group}/{v}", "version": v} for v in versions]
-        return {"kind": "APIGroup", "apiVersion": "v1", "name": group, "versions": entries, "preferredVersion": entries[0]}
+        return {
+            "kind": "APIGroup",
+            "apiVersion": "v1",
+            "name": group,
+            "versions": entries,
+            "preferredVersion": entries[0],
+        }
 
     def _resource_list(self, group: str, version: str) -> Obj:
         resources: list[Obj] = []
         for rt in sorted(self.registry.in_group_version(group, version), key=lambda r: r.plural):
             resources.extend(rt.discovery())
-        return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": f"{group}/{version}" if group else version,
-                "resources": resources}
+        return {
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": f"{group}/{version}" if group else version,
+            "resources": resources,
+        }
 
     def _openapi_v3(self, rest: list[str]) -> web.Response:
         """kubectl probes these documents to learn that PATCH/POST take `fieldValidation` (so it
@@ -157,7 +196,11 @@ class ApiServer:
             paths = {}
             for group, version in gvs:
                 path = f"apis/{group}/{version}" if group else "api/v1"
-                digest = hashlib.sha256(json.dumps(self._openapi_doc(group, version), sort_keys=True).encode()).hexdigest()[:32].upper()
+                digest = (
+                    hashlib.sha256(json.dumps(self._openapi_doc(group, version), sort_keys=True).encode())
+                    .hexdigest()[:32]
+                    .upper()
+                )
                 paths[path] = {"serverRelativeURL": f"/openapi/v3/{path}?hash={digest}"}
             return _json({"paths": paths})
         if rest == ["api", "v1"]:
@@ -169,26 +212,55 @@ class ApiServer:
     def _openapi_doc(self, group: str, version: str) -> Obj:
         paths: dict[str, Obj] = {}
         schemas: dict[str, Obj] = {}
-        query = [{"name": n, "in": "query", "schema": {"type": "string", "uniqueItems": True}} for n in ("dryRun", "fieldManager", "fieldValidation")]
+        query = [
+            {"name": n, "in": "query", "schema": {"type": "string", "uniqueItems": True}}
+            for n in ("dryRun", "fieldManager", "fieldValidation")
+        ]
         for rt in self.registry.in_group_version(group, version):
             gvk = {"group": group, "version": version, "kind": rt.kind}
             prefix = f"/apis/{group}/{version}" if group else "/api/v1"
             base = f"{prefix}/namespaces/{{namespace}}/{rt.plural}" if rt.namespaced else f"{prefix}/{rt.plural}"
-            schema_name = ".".join(reversed(group.split("."))) + f".{version}.{rt.kind}" if group else f"io.k8s.api.core.v1.{rt.kind}"
+            schema_name = (
+                ".".join(reversed(group.split("."))) + f".{version}.{rt.kind}"
+                if group
+                else f"io.k8s.api.core.v1.{rt.kind}"
+            )
             ref = {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}}}
-            operation = {"x-kubernetes-group-version-kind": gvk, "parameters": query, "responses": {"200": {"description": "OK", **ref}}}
-            paths[base] = {"post": {**operation, "x-kubernetes-action": "post"},
-                           "get": {"x-kubernetes-group-version-kind": gvk, "x-kubernetes-action": "list", "responses": {"200": {"description": "OK"}}}}
-            paths[f"{base}/{{name}}"] = {"patch": {**operation, "x-kubernetes-action": "patch"},
-                                         "put": {**operation, "x-kubernetes-action": "put"},
-                                         "get": {"x-kubernetes-group-version-kind": gvk, "x-kubernetes-action": "get", "responses": {"200": {"description": "OK", **ref}}}}
+            operation = {
+                "x-kubernetes-group-version-kind": gvk,
+                "parameters": query,
+                "responses": {"200": {"description": "OK", **ref}},
+            }
+            paths[base] = {
+                "post": {**operation, "x-kubernetes-action": "post"},
+                "get": {
+                    "x-kubernetes-group-version-kind": gvk,
+                    "x-kubernetes-action": "list",
+                    "responses": {"200": {"description": "OK"}},
+                },
+            }
+            paths[f"{base}/{{name}}"] = {
+                "patch": {**operation, "x-kubernetes-action": "patch"},
+                "put": {**operation, "x-kubernetes-action": "put"},
+                "get": {
+                    "x-kubernetes-group-version-kind": gvk,
+                    "x-kubernetes-action": "get",
+                    "responses": {"200": {"description": "OK", **ref}},
+                },
+            }
             if "status" in rt.subresources:
-                paths[f"{base}/{{name}}/status"] = {"patch": {**operation, "x-kubernetes-action": "patch"},
-                                                    "put": {**operation, "x-kubernetes-action": "put"}}
+                paths[f"{base}/{{name}}/status"] = {
+                    "patch": {**operation, "x-kubernetes-action": "patch"},
+                    "put": {**operation, "x-kubernetes-action": "put"},
+                }
             if rt.schema is not None:
                 schemas[schema_name] = {**rt.schema, "x-kubernetes-group-version-kind": [gvk]}
-        return {"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": KUBERNETES_VERSION["gitVersion"]},
-                "paths": paths, "components": {"schemas": schemas}}
+        return {
+            "openapi": "3.0.0",
+            "info": {"title": "Kubernetes", "version": KUBERNETES_VERSION["gitVersion"]},
+            "paths": paths,
+            "components": {"schemas": schemas},
+        }
 
     # -- collections -------------------------------------------------------------------------------
 
@@ -201,10 +273,17 @@ class ApiServer:
             return self._list(request, rt, namespace, predicate)
         if request.method == "POST":
             if rt.namespaced and namespace is None:
-                raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+                raise ApiError(
+                    405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
+                )
             body = await self._body(request)
-            result = self.store.create(rt, namespace or "", body, dry_run=_dry_run(query),
-                                       field_validation=query.get("fieldValidation", "Warn"))
+            result = self.store.create(
+                rt,
+                namespace or "",
+                body,
+                dry_run=_dry_run(query),
+                field_validation=query.get("fieldValidation", "Warn"),
+            )
             return _json(result.obj, 201, result.warnings)
         if request.method == "DELETE":
             predicate = self._predicate(rt, query)
@@ -212,9 +291,17 @@ class ApiServer:
             deleted = []
             for obj in self.store.list(rt, namespace, predicate):
                 meta = obj["metadata"]
-                deleted.append(self.store.delete(rt, meta.get("namespace", ""), meta["name"], options, dry_run=_dry_run(query)))
-            return _json({"kind": f"{rt.kind}List", "apiVersion": rt.api_version,
-                          "metadata": {"resourceVersion": str(self.store.revision)}, "items": deleted})
+                deleted.append(
+                    self.store.delete(rt, meta.get("namespace", ""), meta["name"], options, dry_run=_dry_run(query))
+                )
+            return _json(
+                {
+                    "kind": f"{rt.kind}List",
+                    "apiVersion": rt.api_version,
+                    "metadata": {"resourceVersion": str(self.store.revision)},
+                    "items": deleted,
+                }
+            )
         raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
 
     def _predicate(self, rt: ResourceType, query: Any) -> Callable[[Obj], bool]:
@@ -222,7 +309,9 @@ class ApiServer:
         fields = field_selector(query.get("fieldSelector"), rt.key, rt.kind)
         return lambda obj: labels(obj) and fields(obj)
 
-    def _list(self, request: web.Request, rt: ResourceType, namespace: str | None, predicate: Callable[[Obj], bool]) -> web.Response:
+    def _list(
+        self, request: web.Request, rt: ResourceType, namespace: str | None, predicate: Callable[[Obj], bool]
+    ) -> web.Response:
         items = self.store.list(rt, namespace, predicate)
         revision = str(self.store.revision)
         meta: Obj = {"resourceVersion": revision}
@@ -230,14 +319,17 @@ class ApiServer:
         token = request.query.get("continue")
         if token:
             state = json.loads(base64.urlsafe_b64decode(token.encode()))
-            items = [o for o in items if (o["metadata"].get("namespace", ""), o["metadata"]["name"]) > tuple(state["after"])]
+            items = [
+                o for o in items if (o["metadata"].get("namespace", ""), o["metadata"]["name"]) > tuple(state["after"])
+            ]
             meta["resourceVersion"] = state["rv"]
         if limit and len(items) > limit:
             last = items[limit - 1]["metadata"]
             rest = len(items) - limit
             items = items[:limit]
-            meta["continue"] = base64.urlsafe_b64encode(json.dumps(
-                {"rv": meta["resourceVersion"], "after": [last.get("namespace", ""), last["name"]]}).encode()).decode()
+            meta["continue"] = base64.urlsafe_b64encode(
+                json.dumps({"rv": meta["resourceVersion"], "after": [last.get("namespace", ""), last["name"]]}).encode()
+            ).decode()
             meta["remainingItemCount"] = rest
         accept = request.headers.get("Accept", "")
         if "as=Table" in accept:
@@ -245,11 +337,22 @@ class ApiServer:
             table["metadata"].update({k: v for k, v in meta.items() if k != "resourceVersion"})
             return _json(table)
         if "as=PartialObjectMetadataList" in accept:
-            return _json({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": meta,
-                          "items": [{"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": o["metadata"]} for o in items]})
+            return _json(
+                {
+                    "kind": "PartialObjectMetadataList",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": meta,
+                    "items": [
+                        {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": o["metadata"]}
+                        for o in items
+                    ],
+                }
+            )
         return _json({"kind": f"{rt.kind}List", "apiVersion": rt.api_version, "metadata": meta, "items": items})
 
-    async def _watch(self, request: web.Request, rt: ResourceType, namespace: str | None, predicate: Callable[[Obj], bool]) -> web.StreamResponse:
+    async def _watch(
+        self, request: web.Request, rt: ResourceType, namespace: str | None, predicate: Callable[[Obj], bool]
+    ) -> web.StreamResponse:
         query = request.query
         watcher = Watcher(rt.key, namespace if rt.namespaced else None, predicate)
         table = "as=Table" in request.headers.get("Accept", "")
@@ -262,7 +365,9 @@ class ApiServer:
 
         def encode(etype: str, obj: Obj) -> bytes:
             if table and etype in ("ADDED", "MODIFIED", "DELETED"):
-                obj = to_table(rt, [self.store._as_version(rt, obj)], include_object, obj["metadata"]["resourceVersion"])
+                obj = to_table(
+                    rt, [self.store._as_version(rt, obj)], include_object, obj["metadata"]["resourceVersion"]
+                )
             elif etype != "BOOKMARK" and etype != "ERROR":
                 obj = {**obj, "apiVersion": rt.api_version}  # as _as_version, without a copy: only serialized
             return (json.dumps({"type": etype, "object": obj}) + "\n").encode()
@@ -284,7 +389,9 @@ class ApiServer:
                 try:
                     self.store.events_since(int(version), watcher)
                 except ValueError:
-                    raise ApiError(400, "BadRequest", f'resourceVersion: Invalid value: "{version}": must be an integer') from None
+                    raise ApiError(
+                        400, "BadRequest", f'resourceVersion: Invalid value: "{version}": must be an integer'
+                    ) from None
                 except ApiError as error:
                     await response.prepare(request)
                     await response.write(encode("ERROR", error.status()))
@@ -321,7 +428,9 @@ class ApiServer:
 
     # -- items ---------------------------------------------------------------------------------------
 
-    async def _item(self, request: web.Request, rt: ResourceType, namespace: str, name: str, sub: str) -> web.StreamResponse:
+    async def _item(
+        self, request: web.Request, rt: ResourceType, namespace: str, name: str, sub: str
+    ) -> web.StreamResponse:
         query = request.query
         method = request.method
         if sub == "log" and method == "GET":
@@ -336,27 +445,46 @@ class ApiServer:
         if method == "GET":
             obj = self.store.get(rt, namespace, name)
             if "as=Table" in request.headers.get("Accept", ""):
-                return _json(to_table(rt, [obj], query.get("includeObject", "Metadata"), obj["metadata"]["resourceVersion"]))
+                return _json(
+                    to_table(rt, [obj], query.get("includeObject", "Metadata"), obj["metadata"]["resourceVersion"])
+                )
             if "as=PartialObjectMetadata" in request.headers.get("Accept", ""):
-                return _json({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]})
+                return _json(
+                    {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]}
+                )
             return _json(obj)
         validation = query.get("fieldValidation", "Warn")
         if method == "PUT":
             body = await self._body(request)
-            result = self.store.update(rt, namespace, name, body, subresource=sub, dry_run=_dry_run(query), field_validation=validation)
+            result = self.store.update(
+                rt, namespace, name, body, subresource=sub, dry_run=_dry_run(query), field_validation=validation
+            )
             return _json(result.obj, 200, result.warnings)
         if method == "PATCH":
             content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
             patch_type = PATCH_TYPES.get(content_type)
             if patch_type is None:
-                raise ApiError(415, "UnsupportedMediaType", f"the body of the request was in an unknown format - accepted media types include: {', '.join(PATCH_TYPES)}")
+                raise ApiError(
+                    415,
+                    "UnsupportedMediaType",
+                    "the body of the request was in an unknown format - accepted media types include: "
+                    f"{', '.join(PATCH_TYPES)}",
+                )
             raw = await request.read()
             try:
                 patch = yaml.safe_load(raw) if patch_type == "apply" else json.loads(raw or b"null")
             except (ValueError, yaml.YAMLError) as error:
                 raise ApiError(400, "BadRequest", f"error decoding patch: {error}") from None
-            result = self.store.patch(rt, namespace, name, patch_type, patch, subresource=sub, dry_run=_dry_run(query),
-                                      field_validation=validation)
+            result = self.store.patch(
+                rt,
+                namespace,
+                name,
+                patch_type,
+                patch,
+                subresource=sub,
+                dry_run=_dry_run(query),
+                field_validation=validation,
+            )
             return _json(result.obj, 200, result.warnings)
         if method == "DELETE":
             options = await self._delete_options(request)
@@ -368,7 +496,13 @@ class ApiServer:
         body = await self._body(request)
         pod = self.store.get(rt, namespace, name)
         if not pod["metadata"].get("deletionTimestamp"):
-            set_condition(pod.setdefault("status", {}), "DisruptionTarget", "True", "EvictionByEvictionAPI", "Eviction API: evicting")
+            set_condition(
+                pod.setdefault("status", {}),
+                "DisruptionTarget",
+                "True",
+                "EvictionByEvictionAPI",
+                "Eviction API: evicting",
+            )
             self.store.internal_write(rt.key, pod)
         self.store.delete(rt, namespace, name, body.get("deleteOptions") or {})
         return _json({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}, 201)
@@ -377,12 +511,18 @@ class ApiServer:
         rt = self.registry.get("", "v1", "pods")
         assert rt is not None
         pod = self.store.get(rt, namespace, name)
-        containers = [c["name"] for c in pod["spec"].get("initContainers") or []] + [c["name"] for c in pod["spec"]["containers"]]
+        containers = [c["name"] for c in pod["spec"].get("initContainers") or []] + [
+            c["name"] for c in pod["spec"]["containers"]
+        ]
         query = request.query
         container = query.get("container")
         if not container:
             if len(pod["spec"]["containers"]) != 1:
-                raise ApiError(400, "BadRequest", f"a container name must be specified for pod {name}, choose one of: [{' '.join(containers)}]")
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    f"a container name must be specified for pod {name}, choose one of: [{' '.join(containers)}]",
+                )
             container = pod["spec"]["containers"][0]["name"]
         if container not in containers:
             raise ApiError(400, "BadRequest", f"container {container} is not valid for pod {name}")

@@ -77,16 +77,25 @@ def _pod(rt: ResourceType, obj: Obj, old: Obj | None) -> None:
     spec = obj.setdefault("spec", {})
     if old is not None:
         comparable_new = {**spec, "containers": [{**c, "image": ""} for c in spec.get("containers") or []]}
-        comparable_old = {**old["spec"], "containers": [{**c, "image": ""} for c in old["spec"].get("containers") or []]}
+        comparable_old = {
+            **old["spec"],
+            "containers": [{**c, "image": ""} for c in old["spec"].get("containers") or []],
+        }
         for mutable in ("activeDeadlineSeconds", "tolerations"):
             comparable_new.pop(mutable, None)
             comparable_old.pop(mutable, None)
         default_pod_spec(comparable_new)
         if comparable_new != comparable_old:
-            _fail(rt, obj, "spec", "FieldValueForbidden", "Forbidden: pod updates may not change fields other than "
-                  "`spec.containers[*].image`,`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,"
-                  "`spec.tolerations` (only additions to existing tolerations),`spec.terminationGracePeriodSeconds` "
-                  "(allow it to be set to 1 if it was previously negative)")
+            _fail(
+                rt,
+                obj,
+                "spec",
+                "FieldValueForbidden",
+                "Forbidden: pod updates may not change fields other than "
+                "`spec.containers[*].image`,`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,"
+                "`spec.tolerations` (only additions to existing tolerations),`spec.terminationGracePeriodSeconds` "
+                "(allow it to be set to 1 if it was previously negative)",
+            )
         obj["status"] = old.get("status", {})
         return
     containers = spec.get("containers") or []
@@ -98,8 +107,13 @@ def _pod(rt: ResourceType, obj: Obj, old: Obj | None) -> None:
         if not container.get("image"):
             _fail(rt, obj, f"spec.containers[{index}].image", "FieldValueRequired", "Required value")
     if spec.get("restartPolicy", "Always") not in ("Always", "OnFailure", "Never"):
-        _fail(rt, obj, "spec.restartPolicy", "FieldValueNotSupported",
-              f'Unsupported value: "{spec["restartPolicy"]}": supported values: "Always", "Never", "OnFailure"')
+        _fail(
+            rt,
+            obj,
+            "spec.restartPolicy",
+            "FieldValueNotSupported",
+            f'Unsupported value: "{spec["restartPolicy"]}": supported values: "Always", "Never", "OnFailure"',
+        )
     default_pod_spec(spec)
     spec.setdefault("serviceAccountName", "default")
     spec.setdefault("serviceAccount", spec["serviceAccountName"])
@@ -112,8 +126,13 @@ def _job(rt: ResourceType, obj: Obj, old: Obj | None) -> None:
     if old is not None:
         for immutable in ("selector", "template", "completionMode", "podFailurePolicy"):
             if spec.get(immutable) != old["spec"].get(immutable):
-                _fail(rt, obj, f"spec.{immutable}", "FieldValueInvalid",
-                      f"Invalid value: {spec.get(immutable)!r}: field is immutable")
+                _fail(
+                    rt,
+                    obj,
+                    f"spec.{immutable}",
+                    "FieldValueInvalid",
+                    f"Invalid value: {spec.get(immutable)!r}: field is immutable",
+                )
         obj["status"] = old.get("status", {})
         return
     template = spec.get("template")
@@ -122,13 +141,28 @@ def _job(rt: ResourceType, obj: Obj, old: Obj | None) -> None:
     policy = template["spec"].get("restartPolicy")
     if policy not in ("OnFailure", "Never"):
         if policy is None:
-            _fail(rt, obj, "spec.template.spec.restartPolicy", "FieldValueRequired",
-                  'Required value: valid values: "OnFailure", "Never"')
-        _fail(rt, obj, "spec.template.spec.restartPolicy", "FieldValueNotSupported",
-              f'Unsupported value: "{policy}": supported values: "OnFailure", "Never"')
+            _fail(
+                rt,
+                obj,
+                "spec.template.spec.restartPolicy",
+                "FieldValueRequired",
+                'Required value: valid values: "OnFailure", "Never"',
+            )
+        _fail(
+            rt,
+            obj,
+            "spec.template.spec.restartPolicy",
+            "FieldValueNotSupported",
+            f'Unsupported value: "{policy}": supported values: "OnFailure", "Never"',
+        )
     if spec.get("podFailurePolicy") and policy != "Never":
-        _fail(rt, obj, "spec.template.spec.restartPolicy", "FieldValueInvalid",
-              f'Invalid value: "{policy}": only "Never" is supported when podFailurePolicy is specified')
+        _fail(
+            rt,
+            obj,
+            "spec.template.spec.restartPolicy",
+            "FieldValueInvalid",
+            f'Invalid value: "{policy}": only "Never" is supported when podFailurePolicy is specified',
+        )
     if spec.get("completions") is None and spec.get("parallelism") is None:
         spec["completions"] = 1
     spec.setdefault("parallelism", 1)
@@ -141,8 +175,12 @@ def _job(rt: ResourceType, obj: Obj, old: Obj | None) -> None:
     spec.setdefault("manualSelector", False)
     spec.setdefault("podReplacementPolicy", "Failed" if spec.get("podFailurePolicy") else "TerminatingOrFailed")
     uid, name = meta["uid"], meta["name"]
-    generated = {"batch.kubernetes.io/controller-uid": uid, "batch.kubernetes.io/job-name": name,
-                 "controller-uid": uid, "job-name": name}
+    generated = {
+        "batch.kubernetes.io/controller-uid": uid,
+        "batch.kubernetes.io/job-name": name,
+        "controller-uid": uid,
+        "job-name": name,
+    }
     if not spec["manualSelector"]:
         spec["selector"] = {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}
         template.setdefault("metadata", {}).setdefault("labels", {}).update(generated)
@@ -155,7 +193,13 @@ def _service(rt: ResourceType, obj: Obj, old: Obj | None) -> None:
     if old is not None:
         spec.setdefault("clusterIP", old["spec"].get("clusterIP"))
         if spec["clusterIP"] != old["spec"].get("clusterIP"):
-            _fail(rt, obj, "spec.clusterIPs[0]", "FieldValueInvalid", f'Invalid value: ["{spec["clusterIP"]}"]: may not change once set')
+            _fail(
+                rt,
+                obj,
+                "spec.clusterIPs[0]",
+                "FieldValueInvalid",
+                f'Invalid value: ["{spec["clusterIP"]}"]: may not change once set',
+            )
         obj["status"] = old.get("status", {})
     spec.setdefault("type", "ClusterIP")
     if not spec.get("clusterIP"):
@@ -199,11 +243,29 @@ def _crd(rt: ResourceType, obj: Obj, old: Obj | None) -> None:
     names = spec.get("names") or {}
     name = obj["metadata"]["name"]
     if f"{names.get('plural')}.{spec.get('group')}" != name:
-        _fail(rt, obj, "metadata.name", "FieldValueInvalid", f'Invalid value: "{name}": must be spec.names.plural+"."+spec.group')
+        _fail(
+            rt,
+            obj,
+            "metadata.name",
+            "FieldValueInvalid",
+            f'Invalid value: "{name}": must be spec.names.plural+"."+spec.group',
+        )
     if not spec.get("versions"):
-        _fail(rt, obj, "spec.versions", "FieldValueInvalid", "Invalid value: null: must have exactly one version marked as storage version")
+        _fail(
+            rt,
+            obj,
+            "spec.versions",
+            "FieldValueInvalid",
+            "Invalid value: null: must have exactly one version marked as storage version",
+        )
     if sum(1 for v in spec["versions"] if v.get("storage")) != 1:
-        _fail(rt, obj, "spec.versions", "FieldValueInvalid", "Invalid value: must have exactly one version marked as storage version")
+        _fail(
+            rt,
+            obj,
+            "spec.versions",
+            "FieldValueInvalid",
+            "Invalid value: must have exactly one version marked as storage version",
+        )
     names.setdefault("singular", names.get("kind", "").lower())
     names.setdefault("listKind", f"{names.get('kind')}List")
     spec.setdefault("conversion", {"strategy": "None"})
@@ -215,10 +277,20 @@ def _crd(rt: ResourceType, obj: Obj, old: Obj | None) -> None:
     obj["status"] = {
         "acceptedNames": dict(names),
         "conditions": [
-            {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "message": "no conflicts found",
-             "lastTransitionTime": stamp},
-            {"type": "Established", "status": "True", "reason": "InitialNamesAccepted",
-             "message": "the initial names have been accepted", "lastTransitionTime": stamp},
+            {
+                "type": "NamesAccepted",
+                "status": "True",
+                "reason": "NoConflicts",
+                "message": "no conflicts found",
+                "lastTransitionTime": stamp,
+            },
+            {
+                "type": "Established",
+                "status": "True",
+                "reason": "InitialNamesAccepted",
+                "message": "the initial names have been accepted",
+                "lastTransitionTime": stamp,
+            },
         ],
         "storedVersions": sorted(set((old or {}).get("status", {}).get("storedVersions", [])) | {storage}),
     }

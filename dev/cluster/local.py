@@ -60,9 +60,13 @@ class ClusterInfo:
 
     def env(self) -> dict[str, str]:
         """Environment for a host process (the operator, a test's subprocess) using this cluster."""
-        return {"KUBECONFIG": self.kubeconfig, "AWS_ENDPOINT_URL": self.s3_endpoint,
-                "AWS_ACCESS_KEY_ID": self.s3_access_key, "AWS_SECRET_ACCESS_KEY": self.s3_secret_key,
-                "AWS_DEFAULT_REGION": "us-east-1"}
+        return {
+            "KUBECONFIG": self.kubeconfig,
+            "AWS_ENDPOINT_URL": self.s3_endpoint,
+            "AWS_ACCESS_KEY_ID": self.s3_access_key,
+            "AWS_SECRET_ACCESS_KEY": self.s3_secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
     def api_client(self) -> Any:
         """An official kubernetes-client ApiClient for this cluster (not the global default)."""
@@ -75,16 +79,27 @@ class ClusterInfo:
 
 
 class LocalCluster:
-    def __init__(self, state_dir: Path, *, network: str = "auto", api_port: int = 0, s3: bool = True,
-                 images: bool = True, job_backoff_base: float = 10.0, restart_backoff_base: float = 10.0,
-                 bookmark_interval: float = 30.0, run_pods: bool = True) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        network: str = "auto",
+        api_port: int = 0,
+        s3: bool = True,
+        images: bool = True,
+        job_backoff_base: float = 10.0,
+        restart_backoff_base: float = 10.0,
+        bookmark_interval: float = 30.0,
+        run_pods: bool = True,
+    ) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.registry = Registry()
         self.store = Store(self.registry)
         self.network = Network(self.state_dir, network)
         self.controllers = Controllers(self.store, self.registry, job_backoff_base=job_backoff_base)
-        self.kubelet = Kubelet(self.store, self.network, self.state_dir, restart_backoff_base=restart_backoff_base,
-                               run_pods=run_pods)
+        self.kubelet = Kubelet(
+            self.store, self.network, self.state_dir, restart_backoff_base=restart_backoff_base, run_pods=run_pods
+        )
         self.api = ApiServer(self.store, self.registry, bookmark_interval=bookmark_interval)
         self.api.kubelet = self.kubelet
         self.api_port = api_port
@@ -112,8 +127,18 @@ class LocalCluster:
             s3_endpoint = self._start_s3() if self.with_s3 else ""
             images_url = self._start_images() if self.with_images else ""
             kubeconfig = self._write_kubeconfig()
-            self.info = ClusterInfo(str(kubeconfig), self.api_url, s3_endpoint, S3_ACCESS_KEY, S3_SECRET_KEY, S3_BUCKET,
-                                    self.network.host_ip, self.network.mode, images_url, str(self.state_dir))
+            self.info = ClusterInfo(
+                str(kubeconfig),
+                self.api_url,
+                s3_endpoint,
+                S3_ACCESS_KEY,
+                S3_SECRET_KEY,
+                S3_BUCKET,
+                self.network.host_ip,
+                self.network.mode,
+                images_url,
+                str(self.state_dir),
+            )
             self._bootstrap()
         except BaseException:
             self.stop()
@@ -150,8 +175,10 @@ class LocalCluster:
             rt = self.registry.get("", "v1", "namespaces")
             assert rt is not None
             self.store.create(rt, "", {"metadata": {"name": name}})
-        tasks = [asyncio.get_running_loop().create_task(self.controllers.run()),
-                 asyncio.get_running_loop().create_task(self.kubelet.run())]
+        tasks = [
+            asyncio.get_running_loop().create_task(self.controllers.run()),
+            asyncio.get_running_loop().create_task(self.kubelet.run()),
+        ]
         self._ready.set()
         await self._stop.wait()
         await self.kubelet.shutdown()
@@ -201,8 +228,12 @@ class LocalCluster:
         interpreter lock with the API server."""
         port = free_port(self.network.host_ip)
         with open(self.state_dir / "s3.log", "ab") as log_file:
-            process = subprocess.Popen([sys.executable, "-m", "kubetune.dev.s3.server", self.network.host_ip, str(port)],
-                                       stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "kubetune.dev.s3.server", self.network.host_ip, str(port)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
         self._s3_servers.append(process)
         deadline = time.monotonic() + 60
         while True:
@@ -211,7 +242,9 @@ class LocalCluster:
                 if probe.connect_ex((self.network.host_ip, port)) == 0:
                     break
             if process.poll() is not None or time.monotonic() > deadline:
-                tail = (self.state_dir / "s3.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                tail = (self.state_dir / "s3.log").read_text(errors="replace").strip().splitlines()[-1:] or [
+                    "no output"
+                ]
                 raise RuntimeError(f"the S3 server (moto) did not start: {tail[0]}")
             time.sleep(0.05)
         endpoint = f"http://{self.network.host_ip}:{port}"
@@ -230,10 +263,17 @@ class LocalCluster:
     def _write_kubeconfig(self) -> Path:
         path = self.state_dir / "kubeconfig"
         config = {
-            "apiVersion": "v1", "kind": "Config", "preferences": {},
+            "apiVersion": "v1",
+            "kind": "Config",
+            "preferences": {},
             "clusters": [{"name": "kubetune-dev", "cluster": {"server": self.api_url}}],
             "users": [{"name": "kubetune-dev", "user": {"token": "kubetune-dev"}}],
-            "contexts": [{"name": "kubetune-dev", "context": {"cluster": "kubetune-dev", "user": "kubetune-dev", "namespace": "default"}}],
+            "contexts": [
+                {
+                    "name": "kubetune-dev",
+                    "context": {"cluster": "kubetune-dev", "user": "kubetune-dev", "namespace": "default"},
+                }
+            ],
             "current-context": "kubetune-dev",
         }
         path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -243,10 +283,18 @@ class LocalCluster:
     def _bootstrap(self) -> None:
         """The S3 credentials Secret and the FineTuneJob CRD."""
         if self.with_s3:
-            self.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": S3_SECRET, "namespace": "default"},
-                        "type": "Opaque", "data": {
-                            "AWS_ACCESS_KEY_ID": base64.b64encode(S3_ACCESS_KEY.encode()).decode(),
-                            "AWS_SECRET_ACCESS_KEY": base64.b64encode(S3_SECRET_KEY.encode()).decode()}})
+            self.apply(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {"name": S3_SECRET, "namespace": "default"},
+                    "type": "Opaque",
+                    "data": {
+                        "AWS_ACCESS_KEY_ID": base64.b64encode(S3_ACCESS_KEY.encode()).decode(),
+                        "AWS_SECRET_ACCESS_KEY": base64.b64encode(S3_SECRET_KEY.encode()).decode(),
+                    },
+                }
+            )
         from kubetune.api.crd import finetunejob_crd
 
         self.apply(finetunejob_crd())
@@ -259,7 +307,11 @@ class LocalCluster:
             raise ValueError(f"unknown kind {api_version}/{kind}")
         prefix = f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
         namespace = obj["metadata"].get("namespace", "default")
-        url = f"{self.api_url}{prefix}/namespaces/{namespace}/{rt.plural}" if rt.namespaced else f"{self.api_url}{prefix}/{rt.plural}"
+        url = (
+            f"{self.api_url}{prefix}/namespaces/{namespace}/{rt.plural}"
+            if rt.namespaced
+            else f"{self.api_url}{prefix}/{rt.plural}"
+        )
         response = requests.post(url, json=obj, timeout=30)
         if response.status_code == 409:
             return dict(requests.get(f"{url}/{obj['metadata']['name']}", timeout=30).json())
@@ -273,10 +325,18 @@ def s3_client_for(endpoint: str) -> Any:
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_ACCESS_KEY, aws_secret_access_key=S3_SECRET_KEY,
-                        region_name="us-east-1", config=Config(s3={"addressing_style": "path"},
-                                                               request_checksum_calculation="when_required",
-                                                               response_checksum_validation="when_required"))
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=S3_ACCESS_KEY,
+        aws_secret_access_key=S3_SECRET_KEY,
+        region_name="us-east-1",
+        config=Config(
+            s3={"addressing_style": "path"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ),
+    )
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

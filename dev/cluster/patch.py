@@ -21,11 +21,25 @@ from kubetune.dev.cluster.jsoncopy import clone
 
 # field name -> merge key, from the built-in types' `patchMergeKey` tags (k8s.io/api).
 MERGE_KEYS: dict[str, str] = {
-    "containers": "name", "initContainers": "name", "ephemeralContainers": "name", "env": "name",
-    "volumes": "name", "volumeMounts": "mountPath", "volumeDevices": "devicePath", "imagePullSecrets": "name",
-    "conditions": "type", "ownerReferences": "uid", "hostAliases": "ip", "resourceClaims": "name",
-    "containerStatuses": "name", "initContainerStatuses": "name", "podIPs": "ip", "hostIPs": "ip",
-    "topologySpreadConstraints": "topologyKey", "addresses": "type", "images": "names",
+    "containers": "name",
+    "initContainers": "name",
+    "ephemeralContainers": "name",
+    "env": "name",
+    "volumes": "name",
+    "volumeMounts": "mountPath",
+    "volumeDevices": "devicePath",
+    "imagePullSecrets": "name",
+    "conditions": "type",
+    "ownerReferences": "uid",
+    "hostAliases": "ip",
+    "resourceClaims": "name",
+    "containerStatuses": "name",
+    "initContainerStatuses": "name",
+    "podIPs": "ip",
+    "hostIPs": "ip",
+    "topologySpreadConstraints": "topologyKey",
+    "addresses": "type",
+    "images": "names",
 }
 # Primitive lists that merge as sets (patchStrategy "merge" without a key).
 MERGED_PRIMITIVE_LISTS = {"finalizers"}
@@ -52,9 +66,13 @@ def json_patch(target: dict[str, Any], operations: Any) -> dict[str, Any]:
         result: dict[str, Any] = jsonpatch.JsonPatch(operations).apply(clone(target))
         return result
     except jsonpatch.JsonPatchTestFailed as error:
-        raise ApiError(422, "Invalid", f"the server rejected our request due to an error in our request: {error}") from None
+        raise ApiError(
+            422, "Invalid", f"the server rejected our request due to an error in our request: {error}"
+        ) from None
     except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, KeyError, IndexError, TypeError) as error:
-        raise ApiError(422, "Invalid", f"the server rejected our request due to an error in our request: {error}") from None
+        raise ApiError(
+            422, "Invalid", f"the server rejected our request due to an error in our request: {error}"
+        ) from None
 
 
 def strategic_merge_patch(target: Any, patch: Any, parent_field: str = "") -> Any:
@@ -102,7 +120,10 @@ def _merge_list(current: Any, patch: list[Any], field: str, parent_field: str) -
     if any(isinstance(item, dict) and item.get("$patch") == "replace" for item in patch):
         return [clone(item) for item in patch if item.get("$patch") != "replace"]
     for item in patch:
-        position = next((i for i, old in enumerate(current) if isinstance(old, dict) and old.get(merge_key) == item.get(merge_key)), None)
+        position = next(
+            (i for i, old in enumerate(current) if isinstance(old, dict) and old.get(merge_key) == item.get(merge_key)),
+            None,
+        )
         if item.get("$patch") == "delete":
             if position is not None:
                 del current[position]

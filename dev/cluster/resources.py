@@ -64,38 +64,96 @@ class ResourceType:
         entries = [main]
         for sub in self.subresources:
             if sub == "status":
-                entries.append({"name": f"{self.plural}/status", "singularName": "", "namespaced": self.namespaced,
-                                "kind": self.kind, "verbs": ["get", "patch", "update"]})
+                entries.append(
+                    {
+                        "name": f"{self.plural}/status",
+                        "singularName": "",
+                        "namespaced": self.namespaced,
+                        "kind": self.kind,
+                        "verbs": ["get", "patch", "update"],
+                    }
+                )
             elif sub == "log":
-                entries.append({"name": f"{self.plural}/log", "singularName": "", "namespaced": True,
-                                "kind": self.kind, "verbs": ["get"]})
+                entries.append(
+                    {
+                        "name": f"{self.plural}/log",
+                        "singularName": "",
+                        "namespaced": True,
+                        "kind": self.kind,
+                        "verbs": ["get"],
+                    }
+                )
             elif sub == "eviction":
-                entries.append({"name": f"{self.plural}/eviction", "singularName": "", "namespaced": True,
-                                "group": "policy", "version": "v1", "kind": "Eviction", "verbs": ["create"]})
+                entries.append(
+                    {
+                        "name": f"{self.plural}/eviction",
+                        "singularName": "",
+                        "namespaced": True,
+                        "group": "policy",
+                        "version": "v1",
+                        "kind": "Eviction",
+                        "verbs": ["create"],
+                    }
+                )
         return entries
 
 
 def builtin_types() -> list[ResourceType]:
     return [
         ResourceType("", "v1", "namespaces", "Namespace", False, short_names=["ns"], subresources=("status",)),
-        ResourceType("", "v1", "pods", "Pod", True, short_names=["po"], categories=["all"],
-                     subresources=("status", "log", "eviction"), has_generation=True),
-        ResourceType("", "v1", "services", "Service", True, short_names=["svc"], categories=["all"],
-                     subresources=("status",)),
+        ResourceType(
+            "",
+            "v1",
+            "pods",
+            "Pod",
+            True,
+            short_names=["po"],
+            categories=["all"],
+            subresources=("status", "log", "eviction"),
+            has_generation=True,
+        ),
+        ResourceType(
+            "", "v1", "services", "Service", True, short_names=["svc"], categories=["all"], subresources=("status",)
+        ),
         ResourceType("", "v1", "secrets", "Secret", True),
         ResourceType("", "v1", "configmaps", "ConfigMap", True, short_names=["cm"]),
         ResourceType("", "v1", "events", "Event", True, short_names=["ev"]),
         ResourceType("", "v1", "serviceaccounts", "ServiceAccount", True, short_names=["sa"]),
         ResourceType("", "v1", "nodes", "Node", False, short_names=["no"], subresources=("status",)),
-        ResourceType("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", True, short_names=["pvc"],
-                     subresources=("status",)),
-        ResourceType("batch", "v1", "jobs", "Job", True, categories=["all"], subresources=("status",),
-                     has_generation=True),
-        ResourceType("apps", "v1", "deployments", "Deployment", True, short_names=["deploy"], categories=["all"],
-                     subresources=("status",), has_generation=True),
-        ResourceType("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", False,
-                     short_names=["crd", "crds"], categories=["api-extensions"], subresources=("status",),
-                     has_generation=True),
+        ResourceType(
+            "",
+            "v1",
+            "persistentvolumeclaims",
+            "PersistentVolumeClaim",
+            True,
+            short_names=["pvc"],
+            subresources=("status",),
+        ),
+        ResourceType(
+            "batch", "v1", "jobs", "Job", True, categories=["all"], subresources=("status",), has_generation=True
+        ),
+        ResourceType(
+            "apps",
+            "v1",
+            "deployments",
+            "Deployment",
+            True,
+            short_names=["deploy"],
+            categories=["all"],
+            subresources=("status",),
+            has_generation=True,
+        ),
+        ResourceType(
+            "apiextensions.k8s.io",
+            "v1",
+            "customresourcedefinitions",
+            "CustomResourceDefinition",
+            False,
+            short_names=["crd", "crds"],
+            categories=["api-extensions"],
+            subresources=("status",),
+            has_generation=True,
+        ),
         ResourceType("events.k8s.io", "v1", "events", "Event", True, short_names=["ev"]),
         ResourceType("coordination.k8s.io", "v1", "leases", "Lease", True),
         ResourceType("rbac.authorization.k8s.io", "v1", "roles", "Role", True),
@@ -153,12 +211,22 @@ class Registry:
             if not version.get("served", True):
                 continue
             subresources = tuple(k for k in (version.get("subresources") or {}) if k in ("status",))
-            out.append(ResourceType(
-                spec["group"], version["name"], names["plural"], names["kind"], spec.get("scope") == "Namespaced",
-                singular=names.get("singular", ""), short_names=list(names.get("shortNames") or []),
-                categories=list(names.get("categories") or []), subresources=subresources, has_generation=True,
-                schema=(version.get("schema") or {}).get("openAPIV3Schema"),
-                printer_columns=version.get("additionalPrinterColumns"),
-                crd_name=crd["metadata"]["name"], storage_version=storage,
-            ))
+            out.append(
+                ResourceType(
+                    spec["group"],
+                    version["name"],
+                    names["plural"],
+                    names["kind"],
+                    spec.get("scope") == "Namespaced",
+                    singular=names.get("singular", ""),
+                    short_names=list(names.get("shortNames") or []),
+                    categories=list(names.get("categories") or []),
+                    subresources=subresources,
+                    has_generation=True,
+                    schema=(version.get("schema") or {}).get("openAPIV3Schema"),
+                    printer_columns=version.get("additionalPrinterColumns"),
+                    crd_name=crd["metadata"]["name"],
+                    storage_version=storage,
+                )
+            )
         return out

@@ -7,7 +7,8 @@ The order follows the API server (apiextensions-apiserver): prune unknown fields
 Strict field-validation request can reject them), apply defaults, validate the OpenAPI v3 schema,
 then evaluate `x-kubernetes-validations` CEL rules (transition rules with `oldSelf` only on update,
 and only where the old object had a value; on update, other rules skip values equal to the old
-ones, as validation ratcheting does — a status write does not re-run the spec's rules). OpenAPI checks use jsonschema's Draft 4 validator:
+ones, as validation ratcheting does — a status write does not re-run the spec's rules).
+OpenAPI checks use jsonschema's Draft 4 validator:
 OpenAPI 3.0 schemas are Draft-4-shaped (boolean `exclusiveMinimum`), once `nullable` and the
 `x-kubernetes-*` extensions are translated. CEL runs on cel-python; Kubernetes-only CEL libraries
 (quantity, url, ip) are not available there.
@@ -36,7 +37,9 @@ class FieldError:
     """One problem, like the API server's StatusCause: a field path, a reason, a message."""
 
     field: str
-    reason: str  # FieldValueInvalid, FieldValueRequired, FieldValueNotSupported, FieldValueTypeInvalid, FieldValueForbidden
+    reason: (
+        str  # FieldValueInvalid, FieldValueRequired, FieldValueNotSupported, FieldValueTypeInvalid, FieldValueForbidden
+    )
     message: str
 
     def __str__(self) -> str:
@@ -62,7 +65,9 @@ def validate_custom_resource(schema: dict[str, Any], obj: dict[str, Any], old: d
     # Ratcheting: top-level stanzas an update leaves as they were (the spec, on a status write) are
     # not validated again; their errors would be ignored anyway.
     unchanged = frozenset(k for k in obj if k not in ROOT_FIELDS and old is not None and k in old and obj[k] == old[k])
-    errors = _openapi_errors(schema, {k: v for k, v in obj.items() if k not in unchanged} if unchanged else obj, unchanged)
+    errors = _openapi_errors(
+        schema, {k: v for k, v in obj.items() if k not in unchanged} if unchanged else obj, unchanged
+    )
     if not errors:  # like the API server, CEL only runs on a schema-valid object
         errors = _cel_errors(schema, obj, old, "")
     return Result(obj, errors, unknown)
@@ -129,7 +134,11 @@ def _to_draft4(node: Any) -> Any:
             continue
         if key == "properties":
             out[key] = {name: _to_draft4(child) for name, child in value.items()}
-        elif key in ("items", "additionalProperties", "not") and isinstance(value, dict) or key in ("allOf", "anyOf", "oneOf"):
+        elif (
+            key in ("items", "additionalProperties", "not")
+            and isinstance(value, dict)
+            or key in ("allOf", "anyOf", "oneOf")
+        ):
             out[key] = _to_draft4(value)
         elif key == "format" and value not in ("date-time",):
             continue  # Kubernetes accepts unknown formats; only check the ones it checks
@@ -146,7 +155,9 @@ def _to_draft4(node: Any) -> Any:
 
 @lru_cache(maxsize=32)
 def _validator(schema_json: str) -> jsonschema.Draft4Validator:
-    return jsonschema.Draft4Validator(_to_draft4(json.loads(schema_json)), format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER)
+    return jsonschema.Draft4Validator(
+        _to_draft4(json.loads(schema_json)), format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER
+    )
 
 
 def _show(value: Any) -> str:
@@ -174,7 +185,9 @@ def _validator_for(schema: dict[str, Any], left_out: frozenset[str] = frozenset(
     return cached[1]
 
 
-def _openapi_errors(schema: dict[str, Any], obj: dict[str, Any], left_out: frozenset[str] = frozenset()) -> list[FieldError]:
+def _openapi_errors(
+    schema: dict[str, Any], obj: dict[str, Any], left_out: frozenset[str] = frozenset()
+) -> list[FieldError]:
     validator = _validator_for(schema, left_out)
     errors = []
     for error in sorted(validator.iter_errors(obj), key=lambda e: (list(map(str, e.absolute_path)), e.validator)):
@@ -193,7 +206,9 @@ def _field_error(error: jsonschema.ValidationError, path: str) -> FieldError:
         return FieldError(_join(path, missing), "FieldValueRequired", f"{_join(path, missing)}: Required value")
     if kind == "enum":
         allowed = ", ".join(json.dumps(v) for v in arg)
-        return FieldError(path, "FieldValueNotSupported", f"{path}: Unsupported value: {_show(value)}: supported values: {allowed}")
+        return FieldError(
+            path, "FieldValueNotSupported", f"{path}: Unsupported value: {_show(value)}: supported values: {allowed}"
+        )
     if kind == "type":
         wanted = arg if isinstance(arg, str) else " or ".join(a for a in arg if a != "null")
         detail = f"{where} must be of type {wanted}: {_show(value)}"
@@ -252,7 +267,11 @@ def _cel_errors(schema: dict[str, Any], value: Any, old: Any, path: str) -> list
         if not ok:
             field = _join(path, rule["fieldPath"].lstrip(".")) if rule.get("fieldPath") else path
             message = rule.get("message") or f"failed rule: {expression}"
-            errors.append(FieldError(field, rule.get("reason", "FieldValueInvalid"), f"{field}: Invalid value: {_show(value)}: {message}"))
+            errors.append(
+                FieldError(
+                    field, rule.get("reason", "FieldValueInvalid"), f"{field}: Invalid value: {_show(value)}: {message}"
+                )
+            )
     if isinstance(value, dict):
         for key, child in value.items():
             child_schema = (schema.get("properties") or {}).get(key)

@@ -65,13 +65,38 @@ def label_selector(text: str | None) -> Predicate:
 
 # Fields each kind may be selected on (besides metadata.name and metadata.namespace).
 FIELDS: dict[tuple[str, str], set[str]] = {
-    ("", "pods"): {"spec.nodeName", "spec.restartPolicy", "spec.schedulerName", "spec.serviceAccountName",
-                   "spec.hostNetwork", "status.phase", "status.podIP", "status.nominatedNodeName"},
-    ("", "events"): {"involvedObject.kind", "involvedObject.namespace", "involvedObject.name", "involvedObject.uid",
-                     "involvedObject.apiVersion", "involvedObject.resourceVersion", "involvedObject.fieldPath",
-                     "reason", "reportingComponent", "source", "type"},
-    ("events.k8s.io", "events"): {"regarding.kind", "regarding.namespace", "regarding.name", "regarding.uid",
-                                  "reason", "type", "reportingController"},
+    ("", "pods"): {
+        "spec.nodeName",
+        "spec.restartPolicy",
+        "spec.schedulerName",
+        "spec.serviceAccountName",
+        "spec.hostNetwork",
+        "status.phase",
+        "status.podIP",
+        "status.nominatedNodeName",
+    },
+    ("", "events"): {
+        "involvedObject.kind",
+        "involvedObject.namespace",
+        "involvedObject.name",
+        "involvedObject.uid",
+        "involvedObject.apiVersion",
+        "involvedObject.resourceVersion",
+        "involvedObject.fieldPath",
+        "reason",
+        "reportingComponent",
+        "source",
+        "type",
+    },
+    ("events.k8s.io", "events"): {
+        "regarding.kind",
+        "regarding.namespace",
+        "regarding.name",
+        "regarding.uid",
+        "reason",
+        "type",
+        "reportingController",
+    },
     ("", "secrets"): {"type"},
     ("", "namespaces"): {"status.phase"},
     ("", "nodes"): {"spec.unschedulable"},
@@ -105,7 +130,7 @@ def field_selector(text: str | None, key: tuple[str, str], kind: str) -> Predica
             raise ApiError(400, "BadRequest", f"invalid selector: '{text}'; can't understand '{part}'")
         path, op, value = match.groups()
         if path not in allowed:
-            raise ApiError(400, "BadRequest", f'field label not supported: {path}')
+            raise ApiError(400, "BadRequest", f"field label not supported: {path}")
         if op == "!=":
             checks.append(lambda obj, p=path, v=value: _field_value(obj, p) != v)
         else:

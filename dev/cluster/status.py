@@ -28,8 +28,16 @@ def set_condition(status: Obj, ctype: str, value: str, reason: str, message: str
                 condition["lastTransitionTime"] = timestamp()
             condition.update(status=value, reason=reason, message=message, lastProbeTime=condition.get("lastProbeTime"))
             return True
-    conditions.append({"type": ctype, "status": value, "reason": reason, "message": message,
-                       "lastProbeTime": None, "lastTransitionTime": timestamp()})
+    conditions.append(
+        {
+            "type": ctype,
+            "status": value,
+            "reason": reason,
+            "message": message,
+            "lastProbeTime": None,
+            "lastTransitionTime": timestamp(),
+        }
+    )
     return True
 
 
@@ -37,8 +45,14 @@ def has_condition(obj: Obj, ctype: str) -> bool:
     return any(c["type"] == ctype and c["status"] == "True" for c in (obj.get("status") or {}).get("conditions") or [])
 
 
-def record_event(store: Store, involved: Obj, reason: str, message: str, event_type: str = "Normal",
-                 component: str = "job-controller") -> None:
+def record_event(
+    store: Store,
+    involved: Obj,
+    reason: str,
+    message: str,
+    event_type: str = "Normal",
+    component: str = "job-controller",
+) -> None:
     """A core/v1 Event about `involved`, aggregated by (object, reason, message) like the recorder."""
     rt = store.registry.get("", "v1", "events")
     assert rt is not None
@@ -57,13 +71,24 @@ def record_event(store: Store, involved: Obj, reason: str, message: str, event_t
     stamp = timestamp()
     body = {
         "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": namespace},
-        "involvedObject": {"kind": involved.get("kind"), "namespace": meta.get("namespace"), "name": meta["name"],
-                           "uid": meta.get("uid"), "apiVersion": involved.get("apiVersion"),
-                           "resourceVersion": meta.get("resourceVersion")},
-        "reason": reason, "message": message, "type": event_type, "count": 1,
-        "firstTimestamp": stamp, "lastTimestamp": stamp, "eventTime": None,
+        "involvedObject": {
+            "kind": involved.get("kind"),
+            "namespace": meta.get("namespace"),
+            "name": meta["name"],
+            "uid": meta.get("uid"),
+            "apiVersion": involved.get("apiVersion"),
+            "resourceVersion": meta.get("resourceVersion"),
+        },
+        "reason": reason,
+        "message": message,
+        "type": event_type,
+        "count": 1,
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "eventTime": None,
         "source": {"component": component, **({"host": NODE_NAME} if component == "kubelet" else {})},
-        "reportingComponent": component, "reportingInstance": NODE_NAME if component == "kubelet" else "",
+        "reportingComponent": component,
+        "reportingInstance": NODE_NAME if component == "kubelet" else "",
     }
     with contextlib.suppress(ApiError):  # the namespace is going away; real recorders drop such events too
         store.create(rt, namespace, body)

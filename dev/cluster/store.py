@@ -70,7 +70,9 @@ class Store:
         self.compacted = 0  # events at or below this revision are gone
         self.watchers: set[Watcher] = set()
         self.listeners: list[Callable[[str, Key, Obj], None]] = []
-        self.recorded_events: dict[tuple[Any, ...], str] = {}  # the control plane's event recorder: (ns, uid, reason, message) -> name
+        self.recorded_events: dict[
+            tuple[Any, ...], str
+        ] = {}  # the control plane's event recorder: (ns, uid, reason, message) -> name
 
     # -- low level ---------------------------------------------------------------------------------
 
@@ -167,12 +169,17 @@ class Store:
         if ns is None:
             raise not_found("namespaces", namespace)
         if ns["metadata"].get("deletionTimestamp"):
-            raise ApiError(403, "Forbidden", f'{rt.group_resource} "{name}" is forbidden: unable to create new content '
-                           f"in namespace {namespace} because it is being terminated",
-                           {"name": name, "group": rt.group, "kind": rt.plural})
+            raise ApiError(
+                403,
+                "Forbidden",
+                f'{rt.group_resource} "{name}" is forbidden: unable to create new content '
+                f"in namespace {namespace} because it is being terminated",
+                {"name": name, "group": rt.group, "kind": rt.plural},
+            )
 
-    def create(self, rt: ResourceType, namespace: str, body: Obj, *, dry_run: bool = False,
-               field_validation: str = "Warn") -> WriteResult:
+    def create(
+        self, rt: ResourceType, namespace: str, body: Obj, *, dry_run: bool = False, field_validation: str = "Warn"
+    ) -> WriteResult:
         if not isinstance(body, dict):
             raise ApiError(400, "BadRequest", "the body of the request was in an unknown format")
         obj = clone(body)
@@ -180,7 +187,11 @@ class Store:
         obj["metadata"] = meta
         if rt.namespaced:
             if meta.get("namespace") and meta["namespace"] != namespace:
-                raise ApiError(400, "BadRequest", "the namespace of the provided object does not match the namespace sent on the request")
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                )
             meta["namespace"] = namespace
         else:
             meta.pop("namespace", None)
@@ -192,8 +203,18 @@ class Store:
                     break
         name = meta.get("name") or ""
         if not name:
-            raise invalid(rt.kind, rt.group, "", [("metadata.name", "FieldValueRequired",
-                                                   "metadata.name: Required value: name or generateName is required")])
+            raise invalid(
+                rt.kind,
+                rt.group,
+                "",
+                [
+                    (
+                        "metadata.name",
+                        "FieldValueRequired",
+                        "metadata.name: Required value: name or generateName is required",
+                    )
+                ],
+            )
         self._validate_name(rt, name)
         self._check_namespace(rt, namespace, name)
         if self.find(rt.key, namespace if rt.namespaced else "", name) is not None:
@@ -214,11 +235,15 @@ class Store:
 
     def _validate_name(self, rt: ResourceType, name: str) -> None:
         if len(name) > 253 or not _NAME_RE.match(name):
-            message = (f'metadata.name: Invalid value: "{name}": a lowercase RFC 1123 subdomain must consist of lower case '
-                       "alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character")
+            message = (
+                f'metadata.name: Invalid value: "{name}": a lowercase RFC 1123 subdomain must consist of lower case '
+                "alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"
+            )
             raise invalid(rt.kind, rt.group, name, [("metadata.name", "FieldValueInvalid", message)])
 
-    def _admit(self, rt: ResourceType, obj: Obj, old: Obj | None, field_validation: str, subresource: str = "") -> list[str]:
+    def _admit(
+        self, rt: ResourceType, obj: Obj, old: Obj | None, field_validation: str, subresource: str = ""
+    ) -> list[str]:
         """Defaulting and validation: built-in rules, or the CRD's structural schema."""
         if rt.is_custom:
             return self._admit_custom(rt, obj, old, field_validation) if rt.schema is not None else []
@@ -234,8 +259,12 @@ class Store:
         name = obj["metadata"]["name"]
         if result.unknown_fields and field_validation == "Strict":
             fields = ", ".join(f'unknown field "{f}"' for f in result.unknown_fields)
-            raise ApiError(400, "BadRequest", f'{rt.kind} in version "{rt.version}" cannot be handled as a {rt.kind}: '
-                           f"strict decoding error: {fields}")
+            raise ApiError(
+                400,
+                "BadRequest",
+                f'{rt.kind} in version "{rt.version}" cannot be handled as a {rt.kind}: '
+                f"strict decoding error: {fields}",
+            )
         if result.errors:
             raise invalid(rt.kind, rt.group, name, [(e.field, e.reason, e.message) for e in result.errors])
         pruned_meta = obj["metadata"]
@@ -246,8 +275,17 @@ class Store:
             return [f'unknown field "{f}"' for f in result.unknown_fields]
         return []
 
-    def update(self, rt: ResourceType, namespace: str, name: str, body: Obj, *, subresource: str = "",
-               dry_run: bool = False, field_validation: str = "Warn") -> WriteResult:
+    def update(
+        self,
+        rt: ResourceType,
+        namespace: str,
+        name: str,
+        body: Obj,
+        *,
+        subresource: str = "",
+        dry_run: bool = False,
+        field_validation: str = "Warn",
+    ) -> WriteResult:
         ns = namespace if rt.namespaced else ""
         current = self.find(rt.key, ns, name)
         if current is None:
@@ -256,9 +294,17 @@ class Store:
             raise ApiError(400, "BadRequest", "the body of the request was in an unknown format")
         meta = body.setdefault("metadata", {})
         if meta.get("name", name) != name:
-            raise ApiError(400, "BadRequest", f"the name of the object ({meta.get('name')}) does not match the name on the URL ({name})")
+            raise ApiError(
+                400,
+                "BadRequest",
+                f"the name of the object ({meta.get('name')}) does not match the name on the URL ({name})",
+            )
         if rt.namespaced and meta.get("namespace", namespace) != namespace:
-            raise ApiError(400, "BadRequest", "the namespace of the provided object does not match the namespace sent on the request")
+            raise ApiError(
+                400,
+                "BadRequest",
+                "the namespace of the provided object does not match the namespace sent on the request",
+            )
         wanted_rv = meta.get("resourceVersion")
         if wanted_rv and wanted_rv != current["metadata"]["resourceVersion"]:
             raise conflict(rt.plural, name, rt.group)
@@ -278,7 +324,13 @@ class Store:
             else:
                 new.pop("status", None)
         new_meta = new.setdefault("metadata", {})
-        for server_field in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation"):
+        for server_field in (
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "generation",
+        ):
             if server_field in current["metadata"]:
                 new_meta[server_field] = current["metadata"][server_field]
             else:
@@ -292,8 +344,13 @@ class Store:
             # Finalizers may only be removed from an object being deleted, never added.
             added = set(new_meta.get("finalizers") or []) - set(current["metadata"].get("finalizers") or [])
             if added:
-                raise ApiError(422, "Invalid", f'{rt.kind} "{name}" is invalid: metadata.finalizers: Forbidden: '
-                               f"no new finalizers can be added if the object is being deleted, found new finalizers {sorted(added)}")
+                raise ApiError(
+                    422,
+                    "Invalid",
+                    f'{rt.kind} "{name}" is invalid: metadata.finalizers: Forbidden: '
+                    "no new finalizers can be added if the object is being deleted, found new finalizers "
+                    f"{sorted(added)}",
+                )
         warnings = self._admit(rt, new, current, field_validation, subresource)
         if rt.has_generation and _spec_of(new) != _spec_of(current):
             new_meta["generation"] = int(current["metadata"].get("generation", 1)) + 1
@@ -305,8 +362,18 @@ class Store:
             return WriteResult(self._commit("DELETED", rt.key, new, current), warnings)
         return WriteResult(self._commit("MODIFIED", rt.key, new, current), warnings)
 
-    def patch(self, rt: ResourceType, namespace: str, name: str, patch_type: str, patch: Any, *,
-              subresource: str = "", dry_run: bool = False, field_validation: str = "Warn") -> WriteResult:
+    def patch(
+        self,
+        rt: ResourceType,
+        namespace: str,
+        name: str,
+        patch_type: str,
+        patch: Any,
+        *,
+        subresource: str = "",
+        dry_run: bool = False,
+        field_validation: str = "Warn",
+    ) -> WriteResult:
         current = self.find(rt.key, namespace if rt.namespaced else "", name)
         if current is None:
             if patch_type == "apply":
@@ -324,17 +391,25 @@ class Store:
             patched = merge_patch(base, patch)
         elif patch_type in ("strategic", "apply"):
             if patch_type == "strategic" and rt.is_custom:
-                raise ApiError(415, "UnsupportedMediaType", "the body of the request was in an unknown format - accepted "
-                               "media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml")
+                raise ApiError(
+                    415,
+                    "UnsupportedMediaType",
+                    "the body of the request was in an unknown format - accepted "
+                    "media types include: application/json-patch+json, application/merge-patch+json, "
+                    "application/apply-patch+yaml",
+                )
             if not isinstance(patch, dict):
                 raise ApiError(400, "BadRequest", "the body of the request was in an unknown format")
             patched = strategic_merge_patch(base, patch)
         else:
-            raise ApiError(415, "UnsupportedMediaType", f"the body of the request was in an unknown format: {patch_type}")
+            raise ApiError(
+                415, "UnsupportedMediaType", f"the body of the request was in an unknown format: {patch_type}"
+            )
         if not isinstance(patched, dict):
             raise ApiError(422, "Invalid", "the patch produced an object that is not a JSON object")
-        return self.update(rt, namespace, name, patched, subresource=subresource, dry_run=dry_run,
-                           field_validation=field_validation)
+        return self.update(
+            rt, namespace, name, patched, subresource=subresource, dry_run=dry_run, field_validation=field_validation
+        )
 
     def internal_write(self, key: Key, obj: Obj) -> Obj:
         """A controller's write (binding, status) that skips admission; keeps the no-op rule."""
@@ -351,8 +426,9 @@ class Store:
             return self._commit("DELETED", key, obj, current)
         return self._commit("MODIFIED", key, obj, current)
 
-    def delete(self, rt: ResourceType, namespace: str, name: str, options: Obj | None = None, *,
-               dry_run: bool = False) -> Obj:
+    def delete(
+        self, rt: ResourceType, namespace: str, name: str, options: Obj | None = None, *, dry_run: bool = False
+    ) -> Obj:
         options = options or {}
         ns = namespace if rt.namespaced else ""
         current = self.find(rt.key, ns, name)
@@ -360,10 +436,19 @@ class Store:
             raise not_found(rt.plural, name, rt.group)
         pre = options.get("preconditions") or {}
         if pre.get("uid") and pre["uid"] != current["metadata"]["uid"]:
-            raise ApiError(409, "Conflict", f"Precondition failed: UID in precondition: {pre['uid']}, UID in object meta: {current['metadata']['uid']}")
+            raise ApiError(
+                409,
+                "Conflict",
+                f"Precondition failed: UID in precondition: {pre['uid']}, UID in object meta: "
+                f"{current['metadata']['uid']}",
+            )
         if pre.get("resourceVersion") and pre["resourceVersion"] != current["metadata"]["resourceVersion"]:
-            raise ApiError(409, "Conflict", f"Precondition failed: ResourceVersion in precondition: {pre['resourceVersion']}, "
-                           f"ResourceVersion in object meta: {current['metadata']['resourceVersion']}")
+            raise ApiError(
+                409,
+                "Conflict",
+                f"Precondition failed: ResourceVersion in precondition: {pre['resourceVersion']}, "
+                f"ResourceVersion in object meta: {current['metadata']['resourceVersion']}",
+            )
         if dry_run:
             return clone(current)
         new = clone(current)
@@ -432,5 +517,9 @@ def _graceful_pending(key: Key, obj: Obj) -> bool:
 
 def _has_dependents(store: Store, owner: Obj) -> bool:
     uid = owner["metadata"]["uid"]
-    return any(ref.get("uid") == uid for bucket in store.objects.values() for o in bucket.values()
-               for ref in o["metadata"].get("ownerReferences") or [])
+    return any(
+        ref.get("uid") == uid
+        for bucket in store.objects.values()
+        for o in bucket.values()
+        for ref in o["metadata"].get("ownerReferences") or []
+    )

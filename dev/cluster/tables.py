@@ -15,8 +15,20 @@ from kubetune.dev.cluster.resources import ResourceType
 
 Obj = dict[str, Any]
 
-NAME_COLUMN = {"name": "Name", "type": "string", "format": "name", "description": "Name must be unique within a namespace.", "priority": 0}
-AGE_COLUMN = {"name": "Age", "type": "string", "format": "", "description": "CreationTimestamp is a timestamp representing the server time when this object was created.", "priority": 0}
+NAME_COLUMN = {
+    "name": "Name",
+    "type": "string",
+    "format": "name",
+    "description": "Name must be unique within a namespace.",
+    "priority": 0,
+}
+AGE_COLUMN = {
+    "name": "Age",
+    "type": "string",
+    "format": "",
+    "description": "CreationTimestamp is a timestamp representing the server time when this object was created.",
+    "priority": 0,
+}
 
 
 def human_duration(seconds: float) -> str:
@@ -54,7 +66,9 @@ def age(stamp: str | None) -> str:
 
 def jsonpath(obj: Any, path: str) -> list[Any]:
     """The subset of JSONPath that printer columns use: `.a.b`, `.a[0]`, `.a[*]`, `.a[?(@.k=="v")]`."""
-    tokens = re.findall(r"\.([A-Za-z0-9_\-]+)|\[(\d+|\*)\]|\[\?\(@\.([A-Za-z0-9_.]+)\s*==\s*[\"']([^\"']*)[\"']\)\]", path)
+    tokens = re.findall(
+        r"\.([A-Za-z0-9_\-]+)|\[(\d+|\*)\]|\[\?\(@\.([A-Za-z0-9_.]+)\s*==\s*[\"']([^\"']*)[\"']\)\]", path
+    )
     nodes = [obj]
     for name, index, filter_key, filter_value in tokens:
         next_nodes: list[Any] = []
@@ -111,16 +125,57 @@ def _pod_cells(pod: Obj) -> tuple[list[Obj], list[Any]]:
         reason = "Running"
     if pod["metadata"].get("deletionTimestamp") and status.get("phase") not in ("Succeeded", "Failed"):
         reason = "Terminating"
-    columns = [NAME_COLUMN,
-               {"name": "Ready", "type": "string", "format": "", "description": "The aggregate readiness state of this pod for accepting traffic.", "priority": 0},
-               {"name": "Status", "type": "string", "format": "", "description": "The aggregate status of the containers in this pod.", "priority": 0},
-               {"name": "Restarts", "type": "string", "format": "", "description": "The number of times the containers in this pod have been restarted and when the last container in this pod has restarted.", "priority": 0},
-               AGE_COLUMN,
-               {"name": "IP", "type": "string", "format": "", "description": "The IP address assigned to the pod", "priority": 1},
-               {"name": "Node", "type": "string", "format": "", "description": "The name of the node the pod is assigned to", "priority": 1}]
-    cells = [pod["metadata"]["name"], f"{ready}/{len(containers)}", reason, str(restarts),
-             age(pod["metadata"].get("creationTimestamp")), status.get("podIP", "<none>"),
-             pod.get("spec", {}).get("nodeName", "<none>")]
+    columns = [
+        NAME_COLUMN,
+        {
+            "name": "Ready",
+            "type": "string",
+            "format": "",
+            "description": "The aggregate readiness state of this pod for accepting traffic.",
+            "priority": 0,
+        },
+        {
+            "name": "Status",
+            "type": "string",
+            "format": "",
+            "description": "The aggregate status of the containers in this pod.",
+            "priority": 0,
+        },
+        {
+            "name": "Restarts",
+            "type": "string",
+            "format": "",
+            "description": (
+                "The number of times the containers in this pod have been restarted and when the last container "
+                "in this pod has restarted."
+            ),
+            "priority": 0,
+        },
+        AGE_COLUMN,
+        {
+            "name": "IP",
+            "type": "string",
+            "format": "",
+            "description": "The IP address assigned to the pod",
+            "priority": 1,
+        },
+        {
+            "name": "Node",
+            "type": "string",
+            "format": "",
+            "description": "The name of the node the pod is assigned to",
+            "priority": 1,
+        },
+    ]
+    cells = [
+        pod["metadata"]["name"],
+        f"{ready}/{len(containers)}",
+        reason,
+        str(restarts),
+        age(pod["metadata"].get("creationTimestamp")),
+        status.get("podIP", "<none>"),
+        pod.get("spec", {}).get("nodeName", "<none>"),
+    ]
     return columns, cells
 
 
@@ -135,46 +190,105 @@ def _job_cells(job: Obj) -> tuple[list[Obj], list[Any]]:
     if job["metadata"].get("deletionTimestamp"):
         state = "Terminating"
     completions = spec.get("completions")
-    done = f"{status.get('succeeded', 0)}/{completions}" if completions is not None else f"{status.get('succeeded', 0)}/1 of {spec.get('parallelism', 1)}"
+    done = (
+        f"{status.get('succeeded', 0)}/{completions}"
+        if completions is not None
+        else f"{status.get('succeeded', 0)}/1 of {spec.get('parallelism', 1)}"
+    )
     duration = ""
     if status.get("startTime"):
         start = datetime.strptime(status["startTime"][:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
-        end = datetime.strptime(status["completionTime"][:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc) \
-            if status.get("completionTime") else datetime.now(timezone.utc)
+        end = (
+            datetime.strptime(status["completionTime"][:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
+            if status.get("completionTime")
+            else datetime.now(timezone.utc)
+        )
         duration = human_duration((end - start).total_seconds())
     containers = spec.get("template", {}).get("spec", {}).get("containers") or []
-    columns = [NAME_COLUMN,
-               {"name": "Status", "type": "string", "format": "", "description": "Status of the job.", "priority": 0},
-               {"name": "Completions", "type": "string", "format": "", "description": "The desired number of successfully finished pods the job should be run with.", "priority": 0},
-               {"name": "Duration", "type": "string", "format": "", "description": "Time required to complete the job.", "priority": 0},
-               AGE_COLUMN,
-               {"name": "Containers", "type": "string", "format": "", "description": "Names of each container in the template.", "priority": 1},
-               {"name": "Images", "type": "string", "format": "", "description": "Images referenced by each container in the template.", "priority": 1},
-               {"name": "Selector", "type": "string", "format": "", "description": "A label query over pods that should match the pod count.", "priority": 1}]
+    columns = [
+        NAME_COLUMN,
+        {"name": "Status", "type": "string", "format": "", "description": "Status of the job.", "priority": 0},
+        {
+            "name": "Completions",
+            "type": "string",
+            "format": "",
+            "description": "The desired number of successfully finished pods the job should be run with.",
+            "priority": 0,
+        },
+        {
+            "name": "Duration",
+            "type": "string",
+            "format": "",
+            "description": "Time required to complete the job.",
+            "priority": 0,
+        },
+        AGE_COLUMN,
+        {
+            "name": "Containers",
+            "type": "string",
+            "format": "",
+            "description": "Names of each container in the template.",
+            "priority": 1,
+        },
+        {
+            "name": "Images",
+            "type": "string",
+            "format": "",
+            "description": "Images referenced by each container in the template.",
+            "priority": 1,
+        },
+        {
+            "name": "Selector",
+            "type": "string",
+            "format": "",
+            "description": "A label query over pods that should match the pod count.",
+            "priority": 1,
+        },
+    ]
     selector = ",".join(f"{k}={v}" for k, v in (spec.get("selector", {}).get("matchLabels") or {}).items())
-    cells = [job["metadata"]["name"], state, done, duration, age(job["metadata"].get("creationTimestamp")),
-             ",".join(c.get("name", "") for c in containers), ",".join(c.get("image", "") for c in containers), selector]
+    cells = [
+        job["metadata"]["name"],
+        state,
+        done,
+        duration,
+        age(job["metadata"].get("creationTimestamp")),
+        ",".join(c.get("name", "") for c in containers),
+        ",".join(c.get("image", "") for c in containers),
+        selector,
+    ]
     return columns, cells
 
 
 def _simple(extra: list[tuple[str, Any]]) -> Any:
     def convert(obj: Obj) -> tuple[list[Obj], list[Any]]:
-        columns = [NAME_COLUMN] + [{"name": n, "type": "string", "format": "", "description": "", "priority": 0} for n, _ in extra] + [AGE_COLUMN]
+        columns = (
+            [NAME_COLUMN]
+            + [{"name": n, "type": "string", "format": "", "description": "", "priority": 0} for n, _ in extra]
+            + [AGE_COLUMN]
+        )
         cells = [obj["metadata"]["name"]] + [f(obj) for _, f in extra] + [age(obj["metadata"].get("creationTimestamp"))]
         return columns, cells
+
     return convert
 
 
 def _event_cells(event: Obj) -> tuple[list[Obj], list[Any]]:
     involved = event.get("involvedObject") or event.get("regarding") or {}
-    columns = [{"name": "Last Seen", "type": "string", "format": "", "description": "", "priority": 0},
-               {"name": "Type", "type": "string", "format": "", "description": "", "priority": 0},
-               {"name": "Reason", "type": "string", "format": "", "description": "", "priority": 0},
-               {"name": "Object", "type": "string", "format": "", "description": "", "priority": 0},
-               {"name": "Message", "type": "string", "format": "", "description": "", "priority": 0}]
+    columns = [
+        {"name": "Last Seen", "type": "string", "format": "", "description": "", "priority": 0},
+        {"name": "Type", "type": "string", "format": "", "description": "", "priority": 0},
+        {"name": "Reason", "type": "string", "format": "", "description": "", "priority": 0},
+        {"name": "Object", "type": "string", "format": "", "description": "", "priority": 0},
+        {"name": "Message", "type": "string", "format": "", "description": "", "priority": 0},
+    ]
     seen = event.get("lastTimestamp") or event.get("eventTime") or event["metadata"].get("creationTimestamp")
-    cells = [age(seen), event.get("type", ""), event.get("reason", ""),
-             f"{str(involved.get('kind', '')).lower()}/{involved.get('name', '')}", event.get("message") or event.get("note", "")]
+    cells = [
+        age(seen),
+        event.get("type", ""),
+        event.get("reason", ""),
+        f"{str(involved.get('kind', '')).lower()}/{involved.get('name', '')}",
+        event.get("message") or event.get("note", ""),
+    ]
     return columns, cells
 
 
@@ -186,26 +300,48 @@ CONVERTERS: dict[tuple[str, str], Any] = {
     ("", "namespaces"): _simple([("Status", lambda o: (o.get("status") or {}).get("phase", ""))]),
     ("", "secrets"): _simple([("Type", lambda o: o.get("type", "")), ("Data", lambda o: len(o.get("data") or {}))]),
     ("", "configmaps"): _simple([("Data", lambda o: len(o.get("data") or {}) + len(o.get("binaryData") or {}))]),
-    ("", "services"): _simple([
-        ("Type", lambda o: o["spec"].get("type", "")), ("Cluster-IP", lambda o: o["spec"].get("clusterIP", "")),
-        ("External-IP", lambda o: "<none>"),
-        ("Port(s)", lambda o: ",".join(f"{p.get('port')}/{p.get('protocol', 'TCP')}" for p in o["spec"].get("ports") or []) or "<none>")]),
+    ("", "services"): _simple(
+        [
+            ("Type", lambda o: o["spec"].get("type", "")),
+            ("Cluster-IP", lambda o: o["spec"].get("clusterIP", "")),
+            ("External-IP", lambda o: "<none>"),
+            (
+                "Port(s)",
+                lambda o: (
+                    ",".join(f"{p.get('port')}/{p.get('protocol', 'TCP')}" for p in o["spec"].get("ports") or [])
+                    or "<none>"
+                ),
+            ),
+        ]
+    ),
     ("apiextensions.k8s.io", "customresourcedefinitions"): lambda o: (
         [NAME_COLUMN, {"name": "Created At", "type": "date", "format": "", "description": "", "priority": 0}],
-        [o["metadata"]["name"], o["metadata"].get("creationTimestamp")]),
-    ("", "nodes"): _simple([("Status", lambda o: "Ready"), ("Roles", lambda o: "control-plane"),
-                            ("Version", lambda o: (o.get("status") or {}).get("nodeInfo", {}).get("kubeletVersion", ""))]),
+        [o["metadata"]["name"], o["metadata"].get("creationTimestamp")],
+    ),
+    ("", "nodes"): _simple(
+        [
+            ("Status", lambda o: "Ready"),
+            ("Roles", lambda o: "control-plane"),
+            ("Version", lambda o: (o.get("status") or {}).get("nodeInfo", {}).get("kubeletVersion", "")),
+        ]
+    ),
 }
 
 
-def to_table(rt: ResourceType, objects: list[Obj], include_object: str, resource_version: str,
-             with_columns: bool = True) -> Obj:
+def to_table(
+    rt: ResourceType, objects: list[Obj], include_object: str, resource_version: str, with_columns: bool = True
+) -> Obj:
     rows = []
     columns: list[Obj] = [NAME_COLUMN, AGE_COLUMN]
     if rt.is_custom and rt.printer_columns:
         columns = [NAME_COLUMN] + [
-            {"name": c["name"], "type": "string" if c.get("type") == "date" else c.get("type", "string"),
-             "format": c.get("format", ""), "description": c.get("description", ""), "priority": c.get("priority", 0)}
+            {
+                "name": c["name"],
+                "type": "string" if c.get("type") == "date" else c.get("type", "string"),
+                "format": c.get("format", ""),
+                "description": c.get("description", ""),
+                "priority": c.get("priority", 0),
+            }
             for c in rt.printer_columns
         ]
     for obj in objects:
@@ -219,11 +355,20 @@ def to_table(rt: ResourceType, objects: list[Obj], include_object: str, resource
         if include_object == "Object":
             row["object"] = obj
         elif include_object != "None":
-            row["object"] = {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]}
+            row["object"] = {
+                "kind": "PartialObjectMetadata",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": obj["metadata"],
+            }
         rows.append(row)
     if not objects and rt.key in CONVERTERS:
         columns = CONVERTERS[rt.key](_EMPTY.get(rt.key, _EMPTY_DEFAULT))[0]
-    table: Obj = {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": resource_version}, "rows": rows}
+    table: Obj = {
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": resource_version},
+        "rows": rows,
+    }
     if with_columns:
         table["columnDefinitions"] = columns
     return table

@@ -43,7 +43,9 @@ class Controllers:
         self.tick = tick
         self.wake = asyncio.Event()
         self.next_pod_creation: dict[str, float] = {}  # job uid -> monotonic time
-        self._settled: dict[str, tuple[str, ...]] = {}  # job uid -> (its and its pods' resourceVersions) a pass left alone
+        self._settled: dict[
+            str, tuple[str, ...]
+        ] = {}  # job uid -> (its and its pods' resourceVersions) a pass left alone
         self._gc_due = True
         self._gc_last = 0.0
         store.listeners.append(self._on_change)
@@ -85,8 +87,11 @@ class Controllers:
             # A pass that changed nothing changes nothing again on the same Job and pods, unless time
             # matters to it (deadline, TTL, pod-creation backoff): such Jobs are skipped, not re-read.
             inputs = (job["metadata"]["resourceVersion"], *sorted(p["metadata"]["resourceVersion"] for p in pods))
-            timed = (job["spec"].get("activeDeadlineSeconds") is not None or job["spec"].get("ttlSecondsAfterFinished") is not None
-                     or uid in self.next_pod_creation)
+            timed = (
+                job["spec"].get("activeDeadlineSeconds") is not None
+                or job["spec"].get("ttlSecondsAfterFinished") is not None
+                or uid in self.next_pod_creation
+            )
             if not timed and self._settled.get(uid) == inputs:
                 settled[uid] = inputs
                 continue
@@ -120,14 +125,21 @@ class Controllers:
         for pod in list(self.store.objects.get(PODS, {}).values()):
             if JOB_TRACKING_FINALIZER not in (pod["metadata"].get("finalizers") or []):
                 continue
-            owners = [r for r in pod["metadata"].get("ownerReferences") or [] if r.get("kind") == "Job" and r.get("controller")]
+            owners = [
+                r
+                for r in pod["metadata"].get("ownerReferences") or []
+                if r.get("kind") == "Job" and r.get("controller")
+            ]
             if not any(r.get("uid") in jobs for r in owners):
                 self._drop_tracking(pod)
 
     def _drop_tracking(self, pod: Obj) -> None:
         finalizers = pod["metadata"].get("finalizers") or []
         if JOB_TRACKING_FINALIZER in finalizers:
-            pod = {**pod, "metadata": {**pod["metadata"], "finalizers": [f for f in finalizers if f != JOB_TRACKING_FINALIZER]}}
+            pod = {
+                **pod,
+                "metadata": {**pod["metadata"], "finalizers": [f for f in finalizers if f != JOB_TRACKING_FINALIZER]},
+            }
             self.store.internal_write(PODS, pod)  # which copies it
 
     def _delete_pod(self, pod: Obj) -> None:
@@ -193,10 +205,18 @@ class Controllers:
             failed = status.get("failed", 0)
             delay = min(self.job_backoff_base * 2 ** max(0, failed - 1), self.job_backoff_base * 36)
             self.next_pod_creation[meta["uid"]] = time.monotonic() + delay
-        active = [p for p in pods if not p["metadata"].get("deletionTimestamp")
-                  and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
-        terminating = [p for p in pods if p["metadata"].get("deletionTimestamp")
-                       and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+        active = [
+            p
+            for p in pods
+            if not p["metadata"].get("deletionTimestamp")
+            and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+        ]
+        terminating = [
+            p
+            for p in pods
+            if p["metadata"].get("deletionTimestamp")
+            and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+        ]
         # Suspension.
         if spec.get("suspend"):
             for pod in active:
@@ -212,14 +232,21 @@ class Controllers:
             if "startTime" not in status:
                 status["startTime"] = timestamp()
         # Failure: pod failure policy, backoff limit, deadline.
-        restarts = sum(int(c.get("restartCount", 0)) for p in pods for c in (p.get("status") or {}).get("containerStatuses") or [])
+        restarts = sum(
+            int(c.get("restartCount", 0)) for p in pods for c in (p.get("status") or {}).get("containerStatuses") or []
+        )
         backoff_limit = spec.get("backoffLimit")
         if failure is None and backoff_limit is not None and status.get("failed", 0) + restarts > backoff_limit:
             failure = ("BackoffLimitExceeded", "Job has reached the specified backoff limit")
         deadline = spec.get("activeDeadlineSeconds")
-        if (failure is None and deadline is not None and status.get("startTime") and not spec.get("suspend")
-                and time.time() - parse_time(status["startTime"]).timestamp() >= deadline):
-                failure = ("DeadlineExceeded", "Job was active longer than specified deadline")
+        if (
+            failure is None
+            and deadline is not None
+            and status.get("startTime")
+            and not spec.get("suspend")
+            and time.time() - parse_time(status["startTime"]).timestamp() >= deadline
+        ):
+            failure = ("DeadlineExceeded", "Job was active longer than specified deadline")
         if failure is None and has_condition(job, "FailureTarget"):
             target = next(c for c in status["conditions"] if c["type"] == "FailureTarget")
             failure = (target["reason"], target["message"])
@@ -241,13 +268,17 @@ class Controllers:
                 set_condition(status, "Failed", "True", failure[0], failure[1])
                 record_event(self.store, job, failure[0], failure[1], "Warning")
         elif success:
-            set_condition(status, "SuccessCriteriaMet", "True", "CompletionsReached", "Reached expected number of succeeded pods")
+            set_condition(
+                status, "SuccessCriteriaMet", "True", "CompletionsReached", "Reached expected number of succeeded pods"
+            )
             stopping = terminating + active
             for pod in active:
                 self._delete_pod(pod)
             active = []
             if not stopping:
-                set_condition(status, "Complete", "True", "CompletionsReached", "Reached expected number of succeeded pods")
+                set_condition(
+                    status, "Complete", "True", "CompletionsReached", "Reached expected number of succeeded pods"
+                )
                 status["completionTime"] = timestamp()
                 record_event(self.store, job, "Completed", "Job completed")
         elif not spec.get("suspend") and time.monotonic() >= self.next_pod_creation.get(meta["uid"], 0):
@@ -277,13 +308,17 @@ class Controllers:
                         continue
                     values = set(on_codes.get("values") or [])
                     if (on_codes.get("operator") == "In") == (code in values):
-                        return rule["action"], (f"Container {cs['name']} for pod {name} failed with exit code {code} "
-                                                f"matching {rule['action']} rule at index {index}")
+                        return rule["action"], (
+                            f"Container {cs['name']} for pod {name} failed with exit code {code} "
+                            f"matching {rule['action']} rule at index {index}"
+                        )
             for pattern in rule.get("onPodConditions") or []:
                 for condition in pod_status.get("conditions") or []:
                     if condition["type"] == pattern["type"] and condition["status"] == pattern.get("status", "True"):
-                        return rule["action"], (f"Pod {name} has condition {pattern['type']} matching {rule['action']} "
-                                                f"rule at index {index}")
+                        return rule["action"], (
+                            f"Pod {name} has condition {pattern['type']} matching {rule['action']} "
+                            f"rule at index {index}"
+                        )
         return "Count", ""
 
     def _create_pods(self, job: Obj, active: list[Obj], completed: set[int], succeeded: int) -> list[Obj]:
@@ -296,7 +331,11 @@ class Controllers:
             free = [i for i in range(int(completions)) if i not in completed and i not in busy]
             wanted = list(free[: max(0, parallelism - len(active))])
         else:
-            target = min(parallelism, int(completions) - succeeded) if completions is not None else (parallelism if not succeeded else 0)
+            target = (
+                min(parallelism, int(completions) - succeeded)
+                if completions is not None
+                else (parallelism if not succeeded else 0)
+            )
             wanted = [None] * max(0, target - len(active))
         created = []
         for index in wanted:
@@ -326,14 +365,36 @@ class Controllers:
             for container in list(spec.get("initContainers") or []) + spec["containers"]:
                 env = container.setdefault("env", [])
                 if not any(e.get("name") == "JOB_COMPLETION_INDEX" for e in env):
-                    env.append({"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
-                        "apiVersion": "v1", "fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']"}}})
+                    env.append(
+                        {
+                            "name": "JOB_COMPLETION_INDEX",
+                            "valueFrom": {
+                                "fieldRef": {
+                                    "apiVersion": "v1",
+                                    "fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']",
+                                }
+                            },
+                        }
+                    )
         return {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"generateName": generate_name, "labels": labels, "annotations": annotations,
-                         "finalizers": [JOB_TRACKING_FINALIZER],
-                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
-                                              "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}]},
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "generateName": generate_name,
+                "labels": labels,
+                "annotations": annotations,
+                "finalizers": [JOB_TRACKING_FINALIZER],
+                "ownerReferences": [
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "name": meta["name"],
+                        "uid": meta["uid"],
+                        "controller": True,
+                        "blockOwnerDeletion": True,
+                    }
+                ],
+            },
             "spec": spec,
         }
 
@@ -341,12 +402,22 @@ class Controllers:
         ttl = job["spec"].get("ttlSecondsAfterFinished")
         if ttl is None or job["metadata"].get("deletionTimestamp"):
             return
-        finished = next((c["lastTransitionTime"] for c in job["status"].get("conditions") or []
-                         if c["type"] in ("Complete", "Failed") and c["status"] == "True"), None)
+        finished = next(
+            (
+                c["lastTransitionTime"]
+                for c in job["status"].get("conditions") or []
+                if c["type"] in ("Complete", "Failed") and c["status"] == "True"
+            ),
+            None,
+        )
         if finished and time.time() >= parse_time(finished).timestamp() + ttl:
             with contextlib.suppress(ApiError):
-                self.store.delete(self._rt(JOBS), job["metadata"]["namespace"], job["metadata"]["name"],
-                                  {"propagationPolicy": "Foreground"})
+                self.store.delete(
+                    self._rt(JOBS),
+                    job["metadata"]["namespace"],
+                    job["metadata"]["name"],
+                    {"propagationPolicy": "Foreground"},
+                )
 
     # -- garbage collector -------------------------------------------------------------------------------
 
@@ -367,7 +438,9 @@ class Controllers:
             if owner is not None and owner["metadata"].get("deletionTimestamp") and "orphan" in finalizers:
                 for key, dep in deps:
                     dep = clone(dep)
-                    dep["metadata"]["ownerReferences"] = [r for r in dep["metadata"]["ownerReferences"] if r.get("uid") != owner_uid]
+                    dep["metadata"]["ownerReferences"] = [
+                        r for r in dep["metadata"]["ownerReferences"] if r.get("uid") != owner_uid
+                    ]
                     self.store.internal_write(key, dep)
                 continue
             if owner is not None and owner["metadata"].get("deletionTimestamp") and "foregroundDeletion" in finalizers:
@@ -394,8 +467,14 @@ class Controllers:
                     continue
                 uid = meta["uid"]
                 if "foregroundDeletion" in finalizers:
-                    blocking = [d for _, d in dependents.get(uid, []) if any(
-                        r.get("uid") == uid and r.get("blockOwnerDeletion") for r in d["metadata"].get("ownerReferences") or [])]
+                    blocking = [
+                        d
+                        for _, d in dependents.get(uid, [])
+                        if any(
+                            r.get("uid") == uid and r.get("blockOwnerDeletion")
+                            for r in d["metadata"].get("ownerReferences") or []
+                        )
+                    ]
                     if not blocking:
                         self._drop_finalizer(key, obj, "foregroundDeletion")
                 if "orphan" in finalizers and not dependents.get(uid):
@@ -408,8 +487,12 @@ class Controllers:
 
     def _delete(self, key: Key, obj: Obj, policy: str) -> None:
         with contextlib.suppress(ApiError, KeyError):
-            self.store.delete(self._rt(key), obj["metadata"].get("namespace", ""), obj["metadata"]["name"],
-                              {"propagationPolicy": policy})
+            self.store.delete(
+                self._rt(key),
+                obj["metadata"].get("namespace", ""),
+                obj["metadata"]["name"],
+                {"propagationPolicy": policy},
+            )
 
     # -- namespaces and CRDs -----------------------------------------------------------------------------
 

@@ -62,8 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def kubetune(args: list[str], check: bool = True, quiet: bool = False) -> int:
-    result = subprocess.run([sys.executable, "-m", "kubetune.cli", *args], stdout=subprocess.DEVNULL if quiet else None,
-                            stderr=subprocess.DEVNULL if quiet else None)
+    result = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", *args],
+        stdout=subprocess.DEVNULL if quiet else None,
+        stderr=subprocess.DEVNULL if quiet else None,
+    )
     if check and result.returncode != 0:
         raise SystemExit(f"make demo: `kubetune {' '.join(args)}` failed with exit code {result.returncode}")
     return result.returncode
@@ -87,12 +90,18 @@ def watch(api: Any, namespace: str, name: str, timeout: float) -> dict[str, Any]
         obj = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
         status = obj.get("status") or {}
         training = status.get("training") or {}
-        line = (f"{status.get('phase', 'Pending'):<12} {training.get('progress', ''):<9} "
-                f"{str(training.get('step', '')) + ('/' + str(training['maxSteps']) if training.get('maxSteps') else ''):<11} "
-                f"{training.get('loss', ''):<9} {training.get('imagesPerSecond', ''):<7} "
-                f"{str(training.get('etaSeconds', '')) + ('s' if training.get('etaSeconds') is not None else '')}")
+        step_of_steps = str(training.get("step", "")) + (f"/{training['maxSteps']}" if training.get("maxSteps") else "")
+        line = (
+            f"{status.get('phase', 'Pending'):<12} {training.get('progress', ''):<9} "
+            f"{step_of_steps:<11} "
+            f"{training.get('loss', ''):<9} {training.get('imagesPerSecond', ''):<7} "
+            f"{str(training.get('etaSeconds', '')) + ('s' if training.get('etaSeconds') is not None else '')}"
+        )
         if line != last:
-            say(line + (f"   {status['message']}" if status.get("message") and status.get("phase") != "Training" else ""))
+            say(
+                line
+                + (f"   {status['message']}" if status.get("message") and status.get("phase") != "Training" else "")
+            )
             last = line
         if status.get("phase") in ("Succeeded", "Failed"):
             return obj  # type: ignore[no-any-return]
@@ -105,14 +114,19 @@ def explain_failure(info: dict[str, Any], obj: dict[str, Any]) -> None:
     status = obj.get("status") or {}
     say(f"FAILED: phase {status.get('phase', 'unknown')}: {status.get('message', '')}")
     for condition in status.get("conditions", []):
-        say(f"  condition {condition['type']}={condition['status']} {condition.get('reason', '')}: {condition.get('message', '')}")
+        say(
+            f"  condition {condition['type']}={condition['status']} {condition.get('reason', '')}: "
+            f"{condition.get('message', '')}"
+        )
     from kubernetes import client, config
 
     core = client.CoreV1Api(config.new_client_from_config(config_file=info["kubeconfig"]))
     namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
     pods = core.list_namespaced_pod(namespace).items
     mine = [p for p in pods if p.metadata.name.startswith(name + "-")]
-    failing = [p for p in mine if p.status.phase == "Failed"] or [p for p in mine if p.status.phase != "Succeeded"] or mine
+    failing = (
+        [p for p in mine if p.status.phase == "Failed"] or [p for p in mine if p.status.phase != "Succeeded"] or mine
+    )
     for pod in failing[-2:]:
         say(f"log tail of pod {pod.metadata.name} ({pod.status.phase}):")
         try:
@@ -125,7 +139,9 @@ def explain_failure(info: dict[str, Any], obj: dict[str, Any]) -> None:
 def copy_results(obj: dict[str, Any], info: dict[str, Any], output: Path) -> None:
     """The model, the sample grids and a loss curve into `output`."""
     status = obj["status"]
-    store = Store(status["modelUri"], endpoint=info["s3_endpoint"], credentials=(info["s3_access_key"], info["s3_secret_key"]))
+    store = Store(
+        status["modelUri"], endpoint=info["s3_endpoint"], credentials=(info["s3_access_key"], info["s3_secret_key"])
+    )
     if output.exists():
         shutil.rmtree(output)
     model = output / "model"
@@ -157,7 +173,7 @@ def copy_results(obj: dict[str, Any], info: dict[str, Any], output: Path) -> Non
 
 
 def score_samples(store: Store, folder: str) -> str:
-    """"backgrounds 4/4, colours 4/4, shapes 3/4": how many of a step's samples show what their
+    """ "backgrounds 4/4, colours 4/4, shapes 3/4": how many of a step's samples show what their
     prompts name (kubetune.dev.testing.shapes.score_sample); empty for prompts that are not shapes'."""
     import io
 
@@ -167,13 +183,17 @@ def score_samples(store: Store, folder: str) -> str:
 
     try:
         texts = store.read_json(f"{folder}/prompts.json")
-        scores = [score_sample(Image.open(io.BytesIO(store.read_bytes(f"{folder}/{index:02d}.png"))), text)
-                  for index, text in enumerate(texts)]
+        scores = [
+            score_sample(Image.open(io.BytesIO(store.read_bytes(f"{folder}/{index:02d}.png"))), text)
+            for index, text in enumerate(texts)
+        ]
     except (ValueError, OSError, StorageError):
         return ""
     count = len(scores)
-    return (f"backgrounds {sum(s.background for s in scores)}/{count}, colours {sum(s.colour for s in scores)}/{count}, "
-            f"shapes {sum(s.shape for s in scores)}/{count}")
+    return (
+        f"backgrounds {sum(s.background for s in scores)}/{count}, colours {sum(s.colour for s in scores)}/{count}, "
+        f"shapes {sum(s.shape for s in scores)}/{count}"
+    )
 
 
 def prompts(obj: dict[str, Any]) -> list[str]:

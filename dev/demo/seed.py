@@ -27,7 +27,9 @@ def seed_images(info: ClusterInfo, count: int = 48) -> str:
     for image in generate(count):
         (folder / f"{image.name}.jpg").write_bytes(image.jpeg)
         lines.append(json.dumps({"url": f"{info.images_url}/{image.name}.jpg", "caption": image.caption}))
-    s3_client_for(info.s3_endpoint).put_object(Bucket=info.bucket, Key=URL_LIST_KEY, Body=("\n".join(lines) + "\n").encode())
+    s3_client_for(info.s3_endpoint).put_object(
+        Bucket=info.bucket, Key=URL_LIST_KEY, Body=("\n".join(lines) + "\n").encode()
+    )
     return f"s3://{info.bucket}/{URL_LIST_KEY}"
 
 
@@ -62,7 +64,11 @@ def tiny_model(cache_dir: Path, vae_steps: int | None = None) -> Path:
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
             built = Path(build_tiny_pipeline(Path(tmp) / "tiny-sd"))
             if settings["steps"]:
-                log.info("pre-training the tiny model's VAE on shapes (%s steps, once; cached in %s)", settings["steps"], root)
+                log.info(
+                    "pre-training the tiny model's VAE on shapes (%s steps, once; cached in %s)",
+                    settings["steps"],
+                    root,
+                )
                 pretrain_vae(built, **settings)
             shutil.move(str(built), root)  # complete folders only: model_index.json marks the cache
     return root

@@ -63,8 +63,8 @@ def expand(text: str, env: dict[str, str]) -> str:
             if following == "(":
                 end = text.find(")", i + 2)
                 if end != -1:
-                    name = text[i + 2:end]
-                    out.append(env[name] if name in env else text[i:end + 1])
+                    name = text[i + 2 : end]
+                    out.append(env[name] if name in env else text[i : end + 1])
                     i = end + 1
                     continue
         out.append(char)
@@ -78,9 +78,13 @@ def _field_ref(pod: Obj, path: str) -> str:
     if match:
         return str((meta.get(match.group(1)) or {}).get(match.group(2), ""))
     simple = {
-        "metadata.name": meta.get("name"), "metadata.namespace": meta.get("namespace"), "metadata.uid": meta.get("uid"),
-        "spec.nodeName": spec.get("nodeName"), "spec.serviceAccountName": spec.get("serviceAccountName"),
-        "status.hostIP": status.get("hostIP"), "status.podIP": status.get("podIP"),
+        "metadata.name": meta.get("name"),
+        "metadata.namespace": meta.get("namespace"),
+        "metadata.uid": meta.get("uid"),
+        "spec.nodeName": spec.get("nodeName"),
+        "spec.serviceAccountName": spec.get("serviceAccountName"),
+        "status.hostIP": status.get("hostIP"),
+        "status.podIP": status.get("podIP"),
         "status.podIPs": ",".join(p["ip"] for p in status.get("podIPs") or []),
         "status.hostIPs": ",".join(p["ip"] for p in status.get("hostIPs") or []),
     }
@@ -132,8 +136,15 @@ class PodRun:
 
 
 class Kubelet:
-    def __init__(self, store: Store, network: Network, state_dir: Path, restart_backoff_base: float = 10.0,
-                 tick: float = 0.2, run_pods: bool = True) -> None:
+    def __init__(
+        self,
+        store: Store,
+        network: Network,
+        state_dir: Path,
+        restart_backoff_base: float = 10.0,
+        tick: float = 0.2,
+        run_pods: bool = True,
+    ) -> None:
         self.store = store
         self.run_pods = run_pods  # False: pods are bound to the node and stay Pending (a full cluster)
         self.network = network
@@ -160,16 +171,44 @@ class Kubelet:
             return
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         capacity = {"cpu": str(os.cpu_count() or 1), "memory": f"{memory // 1024}Ki", "pods": "110"}
-        result = self.store.create(rt, "", {"metadata": {"name": NODE_NAME, "labels": {
-            "kubernetes.io/hostname": NODE_NAME, "kubernetes.io/os": "linux", "node-role.kubernetes.io/control-plane": ""}}})
+        result = self.store.create(
+            rt,
+            "",
+            {
+                "metadata": {
+                    "name": NODE_NAME,
+                    "labels": {
+                        "kubernetes.io/hostname": NODE_NAME,
+                        "kubernetes.io/os": "linux",
+                        "node-role.kubernetes.io/control-plane": "",
+                    },
+                }
+            },
+        )
         node = result.obj
         node["status"] = {
-            "capacity": capacity, "allocatable": capacity,
-            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is posting ready status",
-                            "lastHeartbeatTime": timestamp(), "lastTransitionTime": timestamp()}],
-            "addresses": [{"type": "InternalIP", "address": self.network.host_ip}, {"type": "Hostname", "address": NODE_NAME}],
-            "nodeInfo": {"kubeletVersion": "v1.37.0-kubetune-dev", "operatingSystem": "linux", "architecture": "amd64",
-                         "containerRuntimeVersion": "process://kubetune-dev"},
+            "capacity": capacity,
+            "allocatable": capacity,
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "KubeletReady",
+                    "message": "kubelet is posting ready status",
+                    "lastHeartbeatTime": timestamp(),
+                    "lastTransitionTime": timestamp(),
+                }
+            ],
+            "addresses": [
+                {"type": "InternalIP", "address": self.network.host_ip},
+                {"type": "Hostname", "address": NODE_NAME},
+            ],
+            "nodeInfo": {
+                "kubeletVersion": "v1.37.0-kubetune-dev",
+                "operatingSystem": "linux",
+                "architecture": "amd64",
+                "containerRuntimeVersion": "process://kubetune-dev",
+            },
         }
         self.store.internal_write(rt.key, node)
 
@@ -253,8 +292,11 @@ class Kubelet:
     def _refresh_hosts(self) -> None:
         if not self.pods:
             return  # no sandbox to write /etc/hosts into
-        services = {(s["metadata"]["namespace"], s["metadata"]["name"]) for s in self.store.all(("", "services"))
-                    if (s.get("spec") or {}).get("clusterIP") == "None"}
+        services = {
+            (s["metadata"]["namespace"], s["metadata"]["name"])
+            for s in self.store.all(("", "services"))
+            if (s.get("spec") or {}).get("clusterIP") == "None"
+        }
         entries: dict[str, list[tuple[str, list[str]]]] = {}
         own: dict[str, tuple[str, list[str]]] = {}
         for pod in self.store.all(PODS):
@@ -268,7 +310,12 @@ class Kubelet:
             subdomain = spec.get("subdomain")
             if subdomain and (ns, subdomain) in services:
                 fqdn = f"{hostname}.{subdomain}.{ns}.svc.cluster.local"
-                names = [fqdn, f"{hostname}.{subdomain}.{ns}.svc", f"{hostname}.{subdomain}.{ns}", f"{hostname}.{subdomain}"]
+                names = [
+                    fqdn,
+                    f"{hostname}.{subdomain}.{ns}.svc",
+                    f"{hostname}.{subdomain}.{ns}",
+                    f"{hostname}.{subdomain}",
+                ]
                 entries.setdefault(ns, []).append((ip, names))
             # As the kubelet's managed /etc/hosts: the pod's own FQDN *and* bare hostname map to its IP
             # (gloo and NCCL advertise the address their hostname resolves to).
@@ -301,9 +348,16 @@ class Kubelet:
 
         def container_status(name: str, image: str) -> Obj:
             c = run.containers.get(name) or ContainerRun(name)
-            out: Obj = {"name": name, "state": c.state, "lastState": c.last_state, "ready": "running" in c.state and name in main_names,
-                        "restartCount": c.restart_count, "image": image, "imageID": "",
-                        "started": "running" in c.state}
+            out: Obj = {
+                "name": name,
+                "state": c.state,
+                "lastState": c.last_state,
+                "ready": "running" in c.state and name in main_names,
+                "restartCount": c.restart_count,
+                "image": image,
+                "imageID": "",
+                "started": "running" in c.state,
+            }
             if c.process is not None:
                 out["containerID"] = f"process://{c.process.pid}"
             return out
@@ -323,11 +377,20 @@ class Kubelet:
         all_ready = all(s["ready"] for s in status["containerStatuses"])
         terminal = run.phase in ("Succeeded", "Failed")
         set_condition(status, "PodReadyToStartContainers", "True" if run.sandbox and not terminal else "False", "", "")
-        set_condition(status, "Initialized", "True" if run.init_done else "False",
-                      "" if run.init_done else "ContainersNotInitialized", "" if run.init_done else "containers with incomplete status: [" + " ".join(init_names) + "]")
+        set_condition(
+            status,
+            "Initialized",
+            "True" if run.init_done else "False",
+            "" if run.init_done else "ContainersNotInitialized",
+            "" if run.init_done else "containers with incomplete status: [" + " ".join(init_names) + "]",
+        )
         not_ready = [s["name"] for s in status["containerStatuses"] if not s["ready"]]
         reason = "PodCompleted" if terminal else ("" if all_ready else "ContainersNotReady")
-        message = "" if all_ready and not terminal else ("" if terminal else f"containers with unready status: [{' '.join(not_ready)}]")
+        message = (
+            ""
+            if all_ready and not terminal
+            else ("" if terminal else f"containers with unready status: [{' '.join(not_ready)}]")
+        )
         set_condition(status, "ContainersReady", "True" if all_ready and not terminal else "False", reason, message)
         set_condition(status, "Ready", "True" if all_ready and not terminal else "False", reason, message)
         for condition in status["conditions"]:
@@ -348,8 +411,13 @@ class Kubelet:
             run.start_time = timestamp()
             self._refresh_hosts()
             self._publish(run)
-            record_event(self.store, pod, "Scheduled", f"Successfully assigned {run.namespace}/{run.name} to {NODE_NAME}",
-                         component="default-scheduler")
+            record_event(
+                self.store,
+                pod,
+                "Scheduled",
+                f"Successfully assigned {run.namespace}/{run.name} to {NODE_NAME}",
+                component="default-scheduler",
+            )
             volumes = self._volumes(run, pod)
             spec = pod["spec"]
             policy = spec.get("restartPolicy", "Always")
@@ -394,7 +462,15 @@ class Kubelet:
         c.last_state = {"terminated": c.state.get("terminated", {})}
         c.restart_count += 1
         delay = min(self.restart_backoff_base * 2 ** max(0, c.restart_count - 1), self.restart_backoff_base * 30)
-        c.state = {"waiting": {"reason": "CrashLoopBackOff", "message": f"back-off {int(delay)}s restarting failed container={c.name} pod={run.name}_{run.namespace}({run.uid})"}}
+        c.state = {
+            "waiting": {
+                "reason": "CrashLoopBackOff",
+                "message": (
+                    f"back-off {int(delay)}s restarting failed container={c.name} "
+                    f"pod={run.name}_{run.namespace}({run.uid})"
+                ),
+            }
+        }
         self._publish(run)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(run.terminating.wait(), delay)
@@ -431,8 +507,11 @@ class Kubelet:
             if source.get("optional"):
                 return
             raise ConfigError(f'{"secret" if is_secret else "configmap"} "{name}" not found')
-        data = {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()} if is_secret else \
-            {k: str(v).encode() for k, v in (obj.get("data") or {}).items()}
+        data = (
+            {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+            if is_secret
+            else {k: str(v).encode() for k, v in (obj.get("data") or {}).items()}
+        )
         for item in source.get("items") or [{"key": k, "path": k} for k in data]:
             target = path / item["path"]
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -459,7 +538,9 @@ class Kubelet:
 
         for source in container.get("envFrom") or []:
             ref = source.get("secretRef") or source.get("configMapRef") or {}
-            values = lookup("Secret" if "secretRef" in source else "ConfigMap", ref.get("name", ""), None, bool(ref.get("optional")))
+            values = lookup(
+                "Secret" if "secretRef" in source else "ConfigMap", ref.get("name", ""), None, bool(ref.get("optional"))
+            )
             for key, value in (values or {}).items():
                 env[source.get("prefix", "") + key] = value
         for item in container.get("env") or []:
@@ -505,8 +586,13 @@ class Kubelet:
                 pod = self._current(run) or pod
         argv = [expand(str(a), pod_env) for a in (container.get("command") or []) + (container.get("args") or [])]
         if not argv:
-            c.state = {"waiting": {"reason": "CreateContainerError", "message": "no command specified: the local cluster "
-                                   "does not pull images, so a container needs `command`"}}
+            c.state = {
+                "waiting": {
+                    "reason": "CreateContainerError",
+                    "message": "no command specified: the local cluster "
+                    "does not pull images, so a container needs `command`",
+                }
+            }
             self._publish(run)
             await run.terminating.wait()
             return 128
@@ -521,9 +607,12 @@ class Kubelet:
             folder.mkdir(parents=True, exist_ok=True)
         env = {
             "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '/usr/local/bin:/usr/bin:/bin')}",
-            "HOME": str(home), "TMPDIR": str(tmp), "HOSTNAME": hostname,
+            "HOME": str(home),
+            "TMPDIR": str(tmp),
+            "HOSTNAME": hostname,
             "LANG": os.environ.get("LANG", "C.UTF-8"),
-            "KUBERNETES_SERVICE_HOST": self.network.host_ip, "KUBERNETES_SERVICE_PORT": str(self.api_port),
+            "KUBERNETES_SERVICE_HOST": self.network.host_ip,
+            "KUBERNETES_SERVICE_PORT": str(self.api_port),
             **pod_env,
         }
         binds: list[tuple[str, str]] = []
@@ -542,22 +631,37 @@ class Kubelet:
         cwd = container.get("workingDir") or str(work)
         spec_file = run.pod_dir / f".podinit-{name}-{c.restart_count}.json"
         spec_file.touch(mode=0o600)
-        spec_file.write_text(json.dumps({"argv": argv, "env": env, "cwd": cwd, "hostname": hostname, "binds": binds,
-                                         "image": self.image_paths}))
+        spec_file.write_text(
+            json.dumps(
+                {"argv": argv, "env": env, "cwd": cwd, "hostname": hostname, "binds": binds, "image": self.image_paths}
+            )
+        )
         command = self.network.wrap(sandbox, [sys.executable, "-m", "kubetune.dev.node.podinit", str(spec_file)])
         if c.ever_started:
             c.previous_logs, c.logs = c.logs, []
         started_at = timestamp()
         try:
             process = await asyncio.create_subprocess_exec(
-                *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                *command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
                 # No PYTHONPATH from our sys.path: started from the repo root it would put operator/
                 # ahead of the standard library's `operator` (the venv interpreter finds kubetune itself).
-                start_new_session=True, cwd=str(work), env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+                start_new_session=True,
+                cwd=str(work),
+                env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
             )
         except OSError as error:
-            c.state = {"terminated": {"exitCode": 128, "reason": "StartError", "message": str(error),
-                                      "startedAt": started_at, "finishedAt": timestamp()}}
+            c.state = {
+                "terminated": {
+                    "exitCode": 128,
+                    "reason": "StartError",
+                    "message": str(error),
+                    "startedAt": started_at,
+                    "finishedAt": timestamp(),
+                }
+            }
             self._publish(run)
             return 128
         c.process = process
@@ -578,14 +682,19 @@ class Kubelet:
         message_path = container.get("terminationMessagePath", "/dev/termination-log")
         for mount in container.get("volumeMounts") or []:
             if message_path.startswith(mount["mountPath"].rstrip("/") + "/") and mount["name"] in volumes:
-                local = volumes[mount["name"]] / message_path[len(mount["mountPath"].rstrip("/")) + 1:]
+                local = volumes[mount["name"]] / message_path[len(mount["mountPath"].rstrip("/")) + 1 :]
                 with contextlib.suppress(OSError):
                     message = local.read_text()[-4096:]
         if not message and policy == "FallbackToLogsOnError" and exit_code != 0:
             tail = "".join(line for _, line in c.logs[-80:])
             message = tail.encode()[-2048:].decode(errors="ignore")
-        terminated = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
-                      "startedAt": started_at, "finishedAt": timestamp(), "containerID": f"process://{process.pid}"}
+        terminated = {
+            "exitCode": exit_code,
+            "reason": "Completed" if exit_code == 0 else "Error",
+            "startedAt": started_at,
+            "finishedAt": timestamp(),
+            "containerID": f"process://{process.pid}",
+        }
         if code < 0:
             terminated["signal"] = -code
         if message:
@@ -616,7 +725,13 @@ class Kubelet:
         pod = self._current(run)
         grace = float((pod or {}).get("metadata", {}).get("deletionGracePeriodSeconds") or 0)
         if pod is not None:
-            record_event(self.store, pod, "Killing", f"Stopping container {self._container_of(run, process)}", component="kubelet")
+            record_event(
+                self.store,
+                pod,
+                "Killing",
+                f"Stopping container {self._container_of(run, process)}",
+                component="kubelet",
+            )
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGTERM)
         with contextlib.suppress(asyncio.TimeoutError):
@@ -648,7 +763,11 @@ class Kubelet:
             return None
         if previous:
             if c.previous_logs is None:
-                raise ApiError(400, "BadRequest", f'previous terminated container "{container}" in pod "{pod["metadata"]["name"]}" not found')
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    f'previous terminated container "{container}" in pod "{pod["metadata"]["name"]}" not found',
+                )
             return list(c.previous_logs)
         return list(c.logs)
 
@@ -659,8 +778,12 @@ class Kubelet:
 
     async def shutdown(self, grace: float = 2.0) -> None:
         """Stop every container: SIGTERM, then SIGKILL after `grace` seconds."""
-        processes = [c.process for run in self.pods.values() for c in run.containers.values()
-                     if c.process is not None and c.process.returncode is None]
+        processes = [
+            c.process
+            for run in self.pods.values()
+            for c in run.containers.values()
+            if c.process is not None and c.process.returncode is None
+        ]
         for process in processes:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGTERM)

@@ -68,7 +68,9 @@ class Network:
                 return
             except (subprocess.SubprocessError, OSError) as error:
                 if self.requested == "netns":
-                    raise RuntimeError(f"cannot create the pod network: {getattr(error, 'stderr', '') or error}") from error
+                    raise RuntimeError(
+                        f"cannot create the pod network: {getattr(error, 'stderr', '') or error}"
+                    ) from error
                 log.warning("pod network namespaces unavailable (%s); pods share the host network", error)
         elif self.requested == "netns":
             raise RuntimeError("pod network namespaces need root and iproute2 ('ip netns')")
@@ -85,9 +87,15 @@ class Network:
         self.host_ip = hosts[0]
         self.free_ips = hosts[1:]
         self.bridge = f"ktb{self.cluster_id}"
-        _ip("-batch", "-", stdin=(f"link add {self.bridge} type bridge\n"
-                                  f"addr add {self.host_ip}/24 dev {self.bridge}\n"
-                                  f"link set {self.bridge} up\n"))
+        _ip(
+            "-batch",
+            "-",
+            stdin=(
+                f"link add {self.bridge} type bridge\n"
+                f"addr add {self.host_ip}/24 dev {self.bridge}\n"
+                f"link set {self.bridge} up\n"
+            ),
+        )
 
     def teardown(self) -> None:
         for sandbox in list(self.sandboxes.values()):
@@ -107,10 +115,24 @@ class Network:
             veth = f"ktv{uid[:8]}"
             _ip("netns", "add", name)
             try:
-                _ip("-batch", "-", stdin=(f"link add {veth} type veth peer name eth0 netns {name}\n"
-                                          f"link set {veth} master {self.bridge} up\n"))
-                _ip("-n", name, "-batch", "-", stdin=(f"addr add {ip}/24 dev eth0\nlink set eth0 up\nlink set lo up\n"
-                                                      f"route add default via {self.host_ip}\n"))
+                _ip(
+                    "-batch",
+                    "-",
+                    stdin=(
+                        f"link add {veth} type veth peer name eth0 netns {name}\n"
+                        f"link set {veth} master {self.bridge} up\n"
+                    ),
+                )
+                _ip(
+                    "-n",
+                    name,
+                    "-batch",
+                    "-",
+                    stdin=(
+                        f"addr add {ip}/24 dev eth0\nlink set eth0 up\nlink set lo up\n"
+                        f"route add default via {self.host_ip}\n"
+                    ),
+                )
             except subprocess.SubprocessError:
                 subprocess.run(["ip", "netns", "del", name], capture_output=True)
                 self.free_ips.insert(0, ip)
@@ -134,8 +156,11 @@ class Network:
     def write_hosts(self, sandbox: Sandbox, entries: list[tuple[str, list[str]]]) -> None:
         """Rewrite the pod's hosts file in place (same inode), so a running pod sees new peers, as
         DNS answers change when peers start."""
-        lines = ["# Kubernetes-managed hosts file (kubetune local cluster).", "127.0.0.1\tlocalhost",
-                 "::1\tlocalhost ip6-localhost ip6-loopback"]
+        lines = [
+            "# Kubernetes-managed hosts file (kubetune local cluster).",
+            "127.0.0.1\tlocalhost",
+            "::1\tlocalhost ip6-localhost ip6-loopback",
+        ]
         if self.mode == "host":
             lines.append(_host_hosts().rstrip())
         lines += [f"{ip}\t{' '.join(names)}" for ip, names in entries]

@@ -26,8 +26,15 @@ def serve(host: str, port: int, threads: int = 8) -> Callable[[], None]:
     from waitress.server import create_server
 
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" warnings under a burst
-    server = create_server(DomainDispatcherApplication(create_backend_app), host=host, port=port, threads=threads,
-                           channel_timeout=300, connection_limit=1000, ident="kubetune-s3")
+    server = create_server(
+        DomainDispatcherApplication(create_backend_app),
+        host=host,
+        port=port,
+        threads=threads,
+        channel_timeout=300,
+        connection_limit=1000,
+        ident="kubetune-s3",
+    )
     thread = threading.Thread(target=server.run, name="s3-server", daemon=True)
     thread.start()
 

@@ -22,8 +22,9 @@ class Api:
         self.base = base
         self.session = requests.Session()
 
-    def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
-                **kwargs: Any) -> requests.Response:
+    def request(
+        self, method: str, path: str, body: Any = None, content_type: str = "application/json", **kwargs: Any
+    ) -> requests.Response:
         data = None if body is None else json.dumps(body)
         headers = {"Content-Type": content_type, **kwargs.pop("headers", {})}
         return self.session.request(method, self.base + path, data=data, headers=headers, timeout=30, **kwargs)
@@ -38,8 +39,11 @@ class Api:
         return self.request("PUT", path, body, **kwargs)
 
     def patch(self, path: str, body: Any, kind: str = "merge", **kwargs: Any) -> requests.Response:
-        types = {"merge": "application/merge-patch+json", "json": "application/json-patch+json",
-                 "strategic": "application/strategic-merge-patch+json"}
+        types = {
+            "merge": "application/merge-patch+json",
+            "json": "application/json-patch+json",
+            "strategic": "application/strategic-merge-patch+json",
+        }
         return self.request("PATCH", path, body, content_type=types[kind], **kwargs)
 
     def delete(self, path: str, body: Any = None, **kwargs: Any) -> requests.Response:
@@ -62,12 +66,23 @@ def wait_for(check: Callable[[], Any], timeout: float = 30.0, interval: float = 
 
 
 def job_manifest(name: str, code: str, **spec: Any) -> dict[str, Any]:
-    template_spec = {"restartPolicy": spec.pop("restartPolicy", "Never"),
-                     "containers": [{"name": "main", "image": "python:3.11", "command": ["python", "-c", code],
-                                     **spec.pop("container", {})}], **spec.pop("podSpec", {})}
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
-            "spec": {"template": {"spec": template_spec}, **spec}}
+    template_spec = {
+        "restartPolicy": spec.pop("restartPolicy", "Never"),
+        "containers": [
+            {"name": "main", "image": "python:3.11", "command": ["python", "-c", code], **spec.pop("container", {})}
+        ],
+        **spec.pop("podSpec", {}),
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {"template": {"spec": template_spec}, **spec},
+    }
 
 
 def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:
-    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == ctype and c["status"] == "True"), None)
+    return next(
+        (c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == ctype and c["status"] == "True"),
+        None,
+    )

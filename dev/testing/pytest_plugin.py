@@ -42,9 +42,23 @@ def _start_subprocess(state_dir: Path) -> tuple[ClusterInfo, subprocess.Popen[by
     state_dir.mkdir(parents=True, exist_ok=True)
     log = open(state_dir / "cluster.log", "ab")  # noqa: SIM115 - lives as long as the process
     process = subprocess.Popen(
-        [sys.executable, "-m", "kubetune.cli", "dev", "serve", "--state-dir", str(state_dir), "--no-operator", "--no-model",
-         "--network", os.environ.get("KUBETUNE_DEV_NETWORK", "auto")],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "kubetune.cli",
+            "dev",
+            "serve",
+            "--state-dir",
+            str(state_dir),
+            "--no-operator",
+            "--no-model",
+            "--network",
+            os.environ.get("KUBETUNE_DEV_NETWORK", "auto"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -77,8 +91,12 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterI
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         return
-    cluster = LocalCluster(state_dir, network=os.environ.get("KUBETUNE_DEV_NETWORK", "auto"),
-                           job_backoff_base=TEST_BACKOFF, restart_backoff_base=TEST_BACKOFF)
+    cluster = LocalCluster(
+        state_dir,
+        network=os.environ.get("KUBETUNE_DEV_NETWORK", "auto"),
+        job_backoff_base=TEST_BACKOFF,
+        restart_backoff_base=TEST_BACKOFF,
+    )
     info = cluster.start()
     try:
         yield info
@@ -113,7 +131,9 @@ def k8s_namespace(local_cluster: ClusterInfo, request: pytest.FixtureRequest) ->
     stem = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
     name = f"{stem}-{uuid.uuid4().hex[:5]}"
     url = f"{local_cluster.api_url}/api/v1/namespaces"
-    response = requests.post(url, json={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}, timeout=30)
+    response = requests.post(
+        url, json={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}, timeout=30
+    )
     response.raise_for_status()
     yield name
     requests.delete(f"{url}/{name}", timeout=30)

@@ -21,7 +21,19 @@ from kubetune.api.models import (
 )
 
 __all__ = [
-    "API_VERSION", "GROUP", "KIND", "PLURAL", "VERSION", "Dataset", "FineTuneJob", "FineTuneJobSpec",
-    "FineTuneJobStatus", "SpecError", "dump_spec", "load_finetunejob", "parse_finetunejob", "parse_spec",
+    "API_VERSION",
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "VERSION",
+    "Dataset",
+    "FineTuneJob",
+    "FineTuneJobSpec",
+    "FineTuneJobStatus",
+    "SpecError",
+    "dump_spec",
+    "load_finetunejob",
+    "parse_finetunejob",
+    "parse_spec",
     "read_spec_arg",
 ]

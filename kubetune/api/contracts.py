@@ -25,11 +25,11 @@ class ExitCode(IntEnum):
     pod's terminated state (and by the Job's podFailurePolicy)."""
 
     OK = 0
-    FAILED = 1           # something went wrong that a retry may fix
-    INVALID = 2          # bad input (flags, spec, data, missing model): retrying cannot help
-    DIVERGED = 3         # the loss, gradients or weights became NaN/inf: the same settings would again
-    EMPTY_DATASET = 65   # EX_DATAERR: the collection finished and kept no image
-    PREEMPTED = 75       # EX_TEMPFAIL: stopped by SIGTERM after saving a checkpoint; resume later
+    FAILED = 1  # something went wrong that a retry may fix
+    INVALID = 2  # bad input (flags, spec, data, missing model): retrying cannot help
+    DIVERGED = 3  # the loss, gradients or weights became NaN/inf: the same settings would again
+    EMPTY_DATASET = 65  # EX_DATAERR: the collection finished and kept no image
+    PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving a checkpoint; resume later
 
 
 # Environment variable of each Secret key a dataset source reads: source -> {field of the
@@ -37,10 +37,8 @@ class ExitCode(IntEnum):
 # in the collector's pod; the collector reads them back.
 SOURCE_SECRET_ENV: dict[str, dict[str, str]] = {
     "unsplash": {"access_key_secret_ref": "UNSPLASH_ACCESS_KEY"},
-    "google": {"api_key_secret_ref": "GOOGLE_API_KEY",
-               "search_engine_id_secret_ref": "GOOGLE_CSE_ID"},
-    "openverse": {"client_id_secret_ref": "OPENVERSE_CLIENT_ID",
-                  "client_secret_secret_ref": "OPENVERSE_CLIENT_SECRET"},
+    "google": {"api_key_secret_ref": "GOOGLE_API_KEY", "search_engine_id_secret_ref": "GOOGLE_CSE_ID"},
+    "openverse": {"client_id_secret_ref": "OPENVERSE_CLIENT_ID", "client_secret_secret_ref": "OPENVERSE_CLIENT_SECRET"},
     "huggingface": {"token_secret_ref": "HF_TOKEN"},
 }
 
@@ -48,8 +46,7 @@ SOURCE_SECRET_ENV: dict[str, dict[str, str]] = {
 class Contract(BaseModel):
     """camelCase on the wire, no coercion of wrong types, unknown keys ignored."""
 
-    model_config = ConfigDict(extra="ignore", strict=True, alias_generator=to_camel,
-                              populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", strict=True, alias_generator=to_camel, populate_by_name=True)
 
     def to_json(self) -> bytes:
         return self.model_dump_json(by_alias=True, indent=2).encode() + b"\n"
@@ -104,8 +101,9 @@ class DatasetManifest(Contract):
 
 # -- progress.json: trainer -> operator ------------------------------------------------------------
 
-ProgressState = Literal["loading", "caching", "training", "checkpointing", "publishing",
-                        "preempted", "succeeded", "failed"]
+ProgressState = Literal[
+    "loading", "caching", "training", "checkpointing", "publishing", "preempted", "succeeded", "failed"
+]
 
 
 class TrainingProgress(Contract):

@@ -52,7 +52,7 @@ def format_validation_error(error: ValidationError, prefix: str = "") -> str:
     elif first["type"] == "missing":
         message = "required"
     elif message.startswith("Value error, "):
-        message = message[len("Value error, "):]
+        message = message[len("Value error, ") :]
     got = first.get("input")
     if first["type"] not in ("missing", "extra_forbidden") and not isinstance(got, (dict, list)):
         message += f" (got {got!r})"

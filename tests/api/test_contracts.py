@@ -34,17 +34,11 @@ def test_a_dataset_manifest_reads_its_counts_and_ignores_keys_it_does_not_know()
         }
     )
     manifest = DatasetManifest.model_validate_json(text)
-    assert (
-        manifest.counts.kept == 12
-        and manifest.counts.skipped == {"too-small": 8}
-        and not manifest.empty
-    )
+    assert manifest.counts.kept == 12 and manifest.counts.skipped == {"too-small": 8} and not manifest.empty
 
 
 def test_an_empty_dataset_is_a_count_not_a_sentence() -> None:
-    manifest = DatasetManifest(
-        fingerprint="abc", counts={"requested": 5, "kept": 0, "skipped": {"no-image": 5}}
-    )
+    manifest = DatasetManifest(fingerprint="abc", counts={"requested": 5, "kept": 0, "skipped": {"no-image": 5}})
     again = DatasetManifest.model_validate_json(manifest.to_json())
     assert again == manifest and again.empty and again.metadata is None
 
@@ -58,9 +52,7 @@ def test_an_empty_dataset_is_a_count_not_a_sentence() -> None:
         ({"counts": {"kept": 1}}, "fingerprint"),
     ],
 )
-def test_a_dataset_manifest_of_the_wrong_shape_is_rejected_naming_the_key(
-    body: dict, where: str
-) -> None:
+def test_a_dataset_manifest_of_the_wrong_shape_is_rejected_naming_the_key(body: dict, where: str) -> None:
     with pytest.raises(ValidationError) as caught:
         DatasetManifest.model_validate_json(json.dumps(body))
     assert problem(caught.value).startswith(f"{where}: ")
@@ -102,9 +94,7 @@ def test_a_checkpoint_manifest_needs_its_files_and_position() -> None:
         "dataloader": {"position": 8, "epoch": 1, "indexInEpoch": 2, "samples": 6},
         "rng": {"seed": 7, "scheme": "s"},
     }
-    manifest = CheckpointManifest.model_validate(
-        {**state, "files": {"a.pt": {"size": 1, "sha256": "00"}}}
-    )
+    manifest = CheckpointManifest.model_validate({**state, "files": {"a.pt": {"size": 1, "sha256": "00"}}})
     assert CheckpointManifest.model_validate_json(manifest.to_json()) == manifest
     with pytest.raises(ValidationError, match="files"):
         CheckpointManifest.model_validate(state)
@@ -116,9 +106,7 @@ def test_every_secret_reference_of_a_source_has_its_environment_variable() -> No
     for source in models.DATASET_SOURCES:
         model = models.Dataset.model_fields[source].annotation
         refs = {
-            name
-            for name, info in _source_model(model).model_fields.items()
-            if "SecretKeyRef" in str(info.annotation)
+            name for name, info in _source_model(model).model_fields.items() if "SecretKeyRef" in str(info.annotation)
         }
         assert set(SOURCE_SECRET_ENV.get(source, {})) == refs, source
 

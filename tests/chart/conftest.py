@@ -43,9 +43,13 @@ def _install_tools() -> Tools:
     with open(TOOLS.parent / ".install.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (os.access(helm, os.X_OK) and os.access(kubectl, os.X_OK)):
-            done = subprocess.run([sys.executable, str(GET_TOOLS), str(TOOLS)], capture_output=True, text=True, timeout=300)
+            done = subprocess.run(
+                [sys.executable, str(GET_TOOLS), str(TOOLS)], capture_output=True, text=True, timeout=300
+            )
             if done.returncode != 0:
-                pytest.fail(f"{GET_TOOLS} failed (`make tools` installs helm and kubectl): {done.stderr.strip()[-2000:]}")
+                pytest.fail(
+                    f"{GET_TOOLS} failed (`make tools` installs helm and kubectl): {done.stderr.strip()[-2000:]}"
+                )
     return Tools(helm=helm, kubectl=kubectl)
 
 

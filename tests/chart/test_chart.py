@@ -47,7 +47,9 @@ def test_helm_lint_strict(tools: Any, values_file: str | None) -> None:
 
 
 @pytest.mark.parametrize("kubernetes_version", KUBERNETES_VERSIONS)
-def test_rendered_objects_pass_kubernetes_schemas(render: Any, values_file: str | None, kubernetes_version: str) -> None:
+def test_rendered_objects_pass_kubernetes_schemas(
+    render: Any, values_file: str | None, kubernetes_version: str
+) -> None:
     rendered = render(values_file)
     done = sh(VALIDATE, "--strict", "--kubernetes-version", kubernetes_version, "-", stdin=rendered.text)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -127,14 +129,21 @@ def test_deployment_runs_one_operator_replaced_with_recreate(render: Any, values
 def test_operator_command_line_cluster_wide(render: Any) -> None:
     for rendered in (render(), render("all-namespaces.yaml")):
         assert rendered.operator_container["args"] == [
-            "operator", "--all-namespaces", "--liveness-port=8080", "--metrics-port=9090",
+            "operator",
+            "--all-namespaces",
+            "--liveness-port=8080",
+            "--metrics-port=9090",
         ]
 
 
 def test_operator_command_line_restricted(render: Any) -> None:
     args = render("restricted.yaml").operator_container["args"]
     assert args == [
-        "operator", "--namespace=team-a", "--namespace=team-b", "--liveness-port=8080", "--metrics-port=9090",
+        "operator",
+        "--namespace=team-a",
+        "--namespace=team-b",
+        "--liveness-port=8080",
+        "--metrics-port=9090",
     ]
 
 
@@ -179,7 +188,9 @@ def test_custom_images_s3_and_service_account(render: Any) -> None:
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
     assert pod["serviceAccountName"] == "finetuner"
     account = rendered.one("ServiceAccount", "finetuner")
-    assert account["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/kubetune"}
+    assert account["metadata"]["annotations"] == {
+        "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/kubetune"
+    }
     binding = rendered.one("ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "finetuner", "namespace": rendered.namespace}]
 
@@ -279,7 +290,15 @@ def test_secrets_can_only_be_read_by_name(render: Any, values_file: str | None) 
     # Nothing can create pods or exec into them, escalate or impersonate.
     for rule in all_rbac_rules(render(values_file)):
         assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
-        assert not {"pods/exec", "pods/attach", "pods/portforward", "roles", "clusterroles", "rolebindings", "clusterrolebindings"} & set(rule["resources"])
+        assert not {
+            "pods/exec",
+            "pods/attach",
+            "pods/portforward",
+            "roles",
+            "clusterroles",
+            "rolebindings",
+            "clusterrolebindings",
+        } & set(rule["resources"])
         if "pods" in rule["resources"]:
             assert set(rule["verbs"]) <= {"get", "list", "watch"}
 
@@ -289,9 +308,15 @@ def test_cluster_wide_install_gets_exactly_the_operator_permissions(render: Any)
     role = rendered.one("ClusterRole")
     assert permissions(role) == OPERATOR_PERMISSIONS
     binding = rendered.one("ClusterRoleBinding")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role["metadata"]["name"],
+    }
     account = rendered.one("ServiceAccount", rendered.deployment["spec"]["template"]["spec"]["serviceAccountName"])
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": rendered.namespace}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": rendered.namespace}
+    ]
     assert not [o for o in rendered.without_hooks() if o["kind"] in ("Role", "RoleBinding")]
 
 
@@ -308,13 +333,19 @@ def test_restricted_install_gets_roles_in_the_watched_namespaces_only(render: An
         assert permissions(role) == OPERATOR_PERMISSIONS
     for binding in bindings:
         role = next(r for r in roles if r["metadata"]["namespace"] == binding["metadata"]["namespace"])
-        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": role["metadata"]["name"],
+        }
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": rendered.namespace}]
 
 
 def test_rbac_can_be_left_to_the_administrators(render: Any) -> None:
     rendered = render(None, "rbac.create=false")
-    assert not [o for o in rendered.without_hooks() if o["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")]
+    assert not [
+        o for o in rendered.without_hooks() if o["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
+    ]
     assert rendered.deployment
 
 
@@ -364,9 +395,16 @@ def test_helm_test_checks_the_api_and_the_operator(render: Any, values_file: str
     role = next(o for o in hooks if o["kind"] == "Role")
     assert role["rules"] == [
         {"apiGroups": ["kubetune.dev"], "resources": ["finetunejobs"], "verbs": ["create"]},
-        {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": [deployment], "verbs": ["get", "list", "watch"]},
+        {
+            "apiGroups": ["apps"],
+            "resources": ["deployments"],
+            "resourceNames": [deployment],
+            "verbs": ["get", "list", "watch"],
+        },
     ]
-    assert pod["spec"]["serviceAccountName"] == next(o for o in hooks if o["kind"] == "ServiceAccount")["metadata"]["name"]
+    assert (
+        pod["spec"]["serviceAccountName"] == next(o for o in hooks if o["kind"] == "ServiceAccount")["metadata"]["name"]
+    )
     for hook in hooks:
         assert "hook-succeeded" in hook["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
 

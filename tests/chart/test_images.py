@@ -129,7 +129,9 @@ def test_the_wheel_gets_everything_it_is_built_from(name: str) -> None:
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_extras_installed_exist_in_pyproject(name: str) -> None:
     text = run_text(stages(parse(name))[0]) + "\n" + run_text(stages(parse(name))[-1])
-    named = {extra.strip() for group in re.findall(r"(?:kubetune|\.)\[([a-z,\s-]+)\]", text) for extra in group.split(",")}
+    named = {
+        extra.strip() for group in re.findall(r"(?:kubetune|\.)\[([a-z,\s-]+)\]", text) for extra in group.split(",")
+    }
     assert named == IMAGE_EXTRAS[name]
     assert named <= EXTRAS.keys()
 
@@ -173,9 +175,7 @@ def test_operator_image_is_slim_python_satisfying_requires_python() -> None:
     assert Version(match.group(1)) in SpecifierSet(PYPROJECT["project"]["requires-python"])
     # The runtime installs only wheels the build stage made, never from an index.
     install = run_text(stages(commands)[-1])
-    assert "--no-index" in install and "from=build" in " ".join(
-        flag for c in stages(commands)[-1] for flag in c.flags
-    )
+    assert "--no-index" in install and "from=build" in " ".join(flag for c in stages(commands)[-1] for flag in c.flags)
 
 
 def test_trainer_image_keeps_the_base_images_cuda_torch() -> None:
@@ -186,7 +186,9 @@ def test_trainer_image_keeps_the_base_images_cuda_torch() -> None:
     assert match, base
     # The trainer extra accepts the base's torch, so pip has nothing to replace...
     [torch] = [Requirement(r) for r in EXTRAS["trainer"] if Requirement(r).name == "torch"]
-    assert torch.specifier.contains(match.group(1)), f"trainer extra {torch} rejects the base image's torch {match.group(1)}"
+    assert torch.specifier.contains(match.group(1)), (
+        f"trainer extra {torch} rejects the base image's torch {match.group(1)}"
+    )
     # ...and torch is pinned to the installed build while the extra is installed.
     install = run_text(final)
     constraint = re.search(r'"torch==" \+ m\.version\("torch"\)\)\' > (\S+)', install)
@@ -212,7 +214,9 @@ def test_build_context_leaves_out_local_state() -> None:
 def test_chart_default_images_name_the_two_dockerfiles_builds() -> None:
     """The chart's default image names are the tags the Dockerfiles' build comments produce."""
     values = yaml.safe_load((REPO / "charts" / "kubetune" / "values.yaml").read_text())
-    for name, repository in (("Dockerfile", values["image"]["repository"]),
-                             ("Dockerfile.trainer", values["trainer"]["image"]["repository"])):
+    for name, repository in (
+        ("Dockerfile", values["image"]["repository"]),
+        ("Dockerfile.trainer", values["trainer"]["image"]["repository"]),
+    ):
         build = next(line for line in (REPO / name).read_text().splitlines() if "docker build" in line)
         assert f"-t {repository}:" in build, build

@@ -17,11 +17,17 @@ FTJ = "/apis/kubetune.dev/v1alpha1/namespaces/{ns}/finetunejobs"
 
 
 def ftj(name: str, **training: Any) -> dict[str, Any]:
-    return {"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name},
-            "spec": {"dataset": {"urls": {"uri": "s3://kubetune-dev/datasets/shapes.jsonl"}},
-                     "model": {"base": "s3://kubetune-dev/models/tiny-sd/"},
-                     "training": {"maxTrainSteps": 10, **training},
-                     "storage": {"uri": "s3://kubetune-dev/runs/x/"}}}
+    return {
+        "apiVersion": "kubetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "dataset": {"urls": {"uri": "s3://kubetune-dev/datasets/shapes.jsonl"}},
+            "model": {"base": "s3://kubetune-dev/models/tiny-sd/"},
+            "training": {"maxTrainSteps": 10, **training},
+            "storage": {"uri": "s3://kubetune-dev/runs/x/"},
+        },
+    }
 
 
 def configmap(name: str, **meta: Any) -> dict[str, Any]:
@@ -33,17 +39,34 @@ def test_discovery_lists_core_named_and_crd_groups(api: Api) -> None:
     created (Established) and disappear when it is deleted."""
     assert api.ok(api.get("/api"))["versions"] == ["v1"]
     core = {r["name"]: r for r in api.ok(api.get("/api/v1"))["resources"]}
-    assert core["pods"]["namespaced"] and "pods/log" in core and "pods/status" in core and core["namespaces"]["namespaced"] is False
+    assert (
+        core["pods"]["namespaced"]
+        and "pods/log" in core
+        and "pods/status" in core
+        and core["namespaces"]["namespaced"] is False
+    )
     groups = {g["name"] for g in api.ok(api.get("/apis"))["groups"]}
     assert {"batch", "apiextensions.k8s.io", "kubetune.dev"} <= groups
     ftj_resources = {r["name"]: r for r in api.ok(api.get("/apis/kubetune.dev/v1alpha1"))["resources"]}
     assert ftj_resources["finetunejobs"]["shortNames"] == ["ftj"] and "finetunejobs/status" in ftj_resources
-    crd = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-           "metadata": {"name": "widgets.example.test"},
-           "spec": {"group": "example.test", "scope": "Namespaced",
-                    "names": {"plural": "widgets", "kind": "Widget"},
-                    "versions": [{"name": "v1", "served": True, "storage": True,
-                                  "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]}}
+    crd = {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "widgets.example.test"},
+        "spec": {
+            "group": "example.test",
+            "scope": "Namespaced",
+            "names": {"plural": "widgets", "kind": "Widget"},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+                }
+            ],
+        },
+    }
     created = api.ok(api.post("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd))
     assert condition(created, "Established")
     assert "example.test" in {g["name"] for g in api.ok(api.get("/apis"))["groups"]}
@@ -61,7 +84,9 @@ def test_server_sets_metadata_and_generation_moves_on_spec_changes_only(api: Api
     assert meta["namespace"] == k8s_namespace and meta["uid"] and meta["creationTimestamp"].endswith("Z")
     assert meta["generation"] == 1 and int(meta["resourceVersion"]) > 0
     labelled = api.ok(api.patch(f"{base}/meta", {"metadata": {"labels": {"a": "b"}}}))
-    assert labelled["metadata"]["generation"] == 1 and labelled["metadata"]["resourceVersion"] != meta["resourceVersion"]
+    assert (
+        labelled["metadata"]["generation"] == 1 and labelled["metadata"]["resourceVersion"] != meta["resourceVersion"]
+    )
     changed = api.ok(api.patch(f"{base}/meta", {"spec": {"training": {"maxTrainSteps": 20}}}))
     assert changed["metadata"]["generation"] == 2
     again = api.ok(api.patch(f"{base}/meta", {"spec": {"training": {"maxTrainSteps": 20}}}))
@@ -90,11 +115,19 @@ def test_json_patch_test_op_guards_against_concurrent_changes(api: Api, k8s_name
     path = f"/api/v1/namespaces/{k8s_namespace}/configmaps/guarded"
     created = api.ok(api.post(f"/api/v1/namespaces/{k8s_namespace}/configmaps", configmap("guarded")))
     rv = created["metadata"]["resourceVersion"]
-    ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": rv},
-           {"op": "add", "path": "/metadata/finalizers", "value": ["example.test/x"]}]
+    ops = [
+        {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
+        {"op": "add", "path": "/metadata/finalizers", "value": ["example.test/x"]},
+    ]
     assert api.ok(api.patch(path, ops, "json"))["metadata"]["finalizers"] == ["example.test/x"]
-    rejected = api.patch(path, [{"op": "test", "path": "/metadata/resourceVersion", "value": rv},
-                                {"op": "replace", "path": "/data/k", "value": "lost"}], "json")
+    rejected = api.patch(
+        path,
+        [
+            {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
+            {"op": "replace", "path": "/data/k", "value": "lost"},
+        ],
+        "json",
+    )
     assert rejected.status_code == 422
     assert api.ok(api.get(path))["data"]["k"] == "v"
     api.ok(api.patch(path, {"metadata": {"finalizers": None}}))  # merge patch: null deletes a key
@@ -104,19 +137,50 @@ def test_strategic_merge_patch_merges_lists_by_key(api: Api, k8s_namespace: str)
     """Strategic merge patch merges containers and env by name and honours `$patch: delete`;
     custom resources do not support it (415)."""
     base = f"/apis/apps/v1/namespaces/{k8s_namespace}/deployments"
-    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
-                  "spec": {"selector": {"matchLabels": {"app": "web"}}, "template": {
-                      "metadata": {"labels": {"app": "web"}},
-                      "spec": {"containers": [{"name": "a", "image": "a:1", "env": [{"name": "X", "value": "1"}]},
-                                              {"name": "b", "image": "b:1"}]}}}}
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {
+                    "containers": [
+                        {"name": "a", "image": "a:1", "env": [{"name": "X", "value": "1"}]},
+                        {"name": "b", "image": "b:1"},
+                    ]
+                },
+            },
+        },
+    }
     api.ok(api.post(base, deployment))
-    patched = api.ok(api.patch(f"{base}/web", {"spec": {"template": {"spec": {"containers": [
-        {"name": "a", "env": [{"name": "Y", "value": "2"}]}, {"name": "b", "$patch": "delete"}]}}}}, "strategic"))
+    patched = api.ok(
+        api.patch(
+            f"{base}/web",
+            {
+                "spec": {
+                    "template": {
+                        "spec": {
+                            "containers": [
+                                {"name": "a", "env": [{"name": "Y", "value": "2"}]},
+                                {"name": "b", "$patch": "delete"},
+                            ]
+                        }
+                    }
+                }
+            },
+            "strategic",
+        )
+    )
     containers = patched["spec"]["template"]["spec"]["containers"]
     assert [c["name"] for c in containers] == ["a"] and containers[0]["image"] == "a:1"
     assert containers[0]["env"] == [{"name": "X", "value": "1"}, {"name": "Y", "value": "2"}]
     api.ok(api.post(FTJ.format(ns=k8s_namespace), ftj("smp")))
-    assert api.patch(f"{FTJ.format(ns=k8s_namespace)}/smp", {"metadata": {"labels": {"a": "b"}}}, "strategic").status_code == 415
+    assert (
+        api.patch(f"{FTJ.format(ns=k8s_namespace)}/smp", {"metadata": {"labels": {"a": "b"}}}, "strategic").status_code
+        == 415
+    )
 
 
 def test_status_subresource_isolation(api: Api, k8s_namespace: str) -> None:
@@ -125,7 +189,9 @@ def test_status_subresource_isolation(api: Api, k8s_namespace: str) -> None:
     base = FTJ.format(ns=k8s_namespace)
     created = api.ok(api.post(base, {**ftj("iso"), "status": {"phase": "Succeeded"}}))
     assert "phase" not in (created.get("status") or {})
-    with_status = api.ok(api.patch(f"{base}/iso/status", {"status": {"phase": "Training"}, "spec": {"training": {"maxTrainSteps": 99}}}))
+    with_status = api.ok(
+        api.patch(f"{base}/iso/status", {"status": {"phase": "Training"}, "spec": {"training": {"maxTrainSteps": 99}}})
+    )
     assert with_status["status"]["phase"] == "Training" and with_status["spec"]["training"]["maxTrainSteps"] == 10
     assert with_status["metadata"]["generation"] == 1
     main = api.ok(api.patch(f"{base}/iso", {"status": {"phase": "Failed"}}))
@@ -197,14 +263,23 @@ def test_watch_from_resource_version_with_bookmarks_and_410(local_cluster_factor
     start = api.ok(api.post(base, configmap("w1")))["metadata"]["resourceVersion"]
     api.ok(api.patch(f"{base}/w1", {"data": {"k": "2"}}))
     api.ok(api.post(base, configmap("w2")))
-    with api.session.get(f"{cluster.api_url}{base}?watch=true&allowWatchBookmarks=true&resourceVersion={start}",
-                         stream=True, timeout=30) as response:
+    with api.session.get(
+        f"{cluster.api_url}{base}?watch=true&allowWatchBookmarks=true&resourceVersion={start}", stream=True, timeout=30
+    ) as response:
         assert response.headers["Content-Type"].startswith("application/json")
         events = _read_events(response, 3)
-    assert [(e["type"], e["object"]["metadata"].get("name")) for e in events] == [("MODIFIED", "w1"), ("ADDED", "w2"), ("BOOKMARK", None)]
-    assert int(events[2]["object"]["metadata"]["resourceVersion"]) >= int(events[1]["object"]["metadata"]["resourceVersion"])
+    assert [(e["type"], e["object"]["metadata"].get("name")) for e in events] == [
+        ("MODIFIED", "w1"),
+        ("ADDED", "w2"),
+        ("BOOKMARK", None),
+    ]
+    assert int(events[2]["object"]["metadata"]["resourceVersion"]) >= int(
+        events[1]["object"]["metadata"]["resourceVersion"]
+    )
     cluster.call(cluster.store.compact)
-    with api.session.get(f"{cluster.api_url}{base}?watch=true&resourceVersion={start}", stream=True, timeout=30) as response:
+    with api.session.get(
+        f"{cluster.api_url}{base}?watch=true&resourceVersion={start}", stream=True, timeout=30
+    ) as response:
         (error,) = _read_events(response, 1)
     assert error["type"] == "ERROR" and error["object"]["code"] == 410 and error["object"]["reason"] == "Expired"
 
@@ -217,7 +292,9 @@ def test_watch_sees_live_changes_filtered_by_selector(api: Api, k8s_namespace: s
     events: list[dict[str, Any]] = []
 
     def watch() -> None:
-        with requests.get(f"{api.base}{base}?watch=1&labelSelector=w%3Dyes&timeoutSeconds=10", stream=True, timeout=30) as response:
+        with requests.get(
+            f"{api.base}{base}?watch=1&labelSelector=w%3Dyes&timeoutSeconds=10", stream=True, timeout=30
+        ) as response:
             for line in response.iter_lines():
                 if line:
                     events.append(json.loads(line))
@@ -285,10 +362,19 @@ def test_garbage_collection_background_foreground_orphan(api: Api, k8s_namespace
 def test_events_are_found_by_involved_object(api: Api, k8s_namespace: str) -> None:
     """Events (core/v1) can be listed by involvedObject fields, which `kubectl describe` does."""
     base = f"/api/v1/namespaces/{k8s_namespace}/events"
-    event = {"metadata": {"name": "e1"}, "involvedObject": {"kind": "FineTuneJob", "name": "x", "namespace": k8s_namespace, "uid": "u1"},
-             "reason": "Started", "message": "collector started", "type": "Normal"}
+    event = {
+        "metadata": {"name": "e1"},
+        "involvedObject": {"kind": "FineTuneJob", "name": "x", "namespace": k8s_namespace, "uid": "u1"},
+        "reason": "Started",
+        "message": "collector started",
+        "type": "Normal",
+    }
     api.ok(api.post(base, event))
-    api.ok(api.post(base, {**event, "metadata": {"name": "e2"}, "involvedObject": {**event["involvedObject"], "name": "y"}}))
+    api.ok(
+        api.post(
+            base, {**event, "metadata": {"name": "e2"}, "involvedObject": {**event["involvedObject"], "name": "y"}}
+        )
+    )
     found = api.ok(api.get(f"{base}?fieldSelector=involvedObject.name%3Dx,involvedObject.kind%3DFineTuneJob"))["items"]
     assert [e["metadata"]["name"] for e in found] == ["e1"]
 
@@ -313,7 +399,9 @@ def test_table_output_has_the_crd_printer_columns(api: Api, k8s_namespace: str) 
     additionalPrinterColumns, evaluating their JSONPath; dates become ages."""
     base = FTJ.format(ns=k8s_namespace)
     api.ok(api.post(base, ftj("table")))
-    api.ok(api.patch(f"{base}/table/status", {"status": {"phase": "Training", "training": {"step": 7, "progress": "70%"}}}))
+    api.ok(
+        api.patch(f"{base}/table/status", {"status": {"phase": "Training", "training": {"step": 7, "progress": "70%"}}})
+    )
     table = api.ok(api.get(base, headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"}))
     assert table["kind"] == "Table"
     names = [c["name"] for c in table["columnDefinitions"]]

@@ -51,7 +51,9 @@ def kubectl(local_cluster: ClusterInfo, k8s_namespace: str, tmp_path: Path) -> A
     env = {**os.environ, "KUBECONFIG": local_cluster.kubeconfig, "KUBECACHEDIR": str(tmp_path / "cache")}
 
     def run(*args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([KUBECTL, "-n", k8s_namespace, *args], input=stdin, env=env, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [KUBECTL, "-n", k8s_namespace, *args], input=stdin, env=env, capture_output=True, text=True, timeout=60
+        )
         if check:
             assert result.returncode == 0, result.stderr
         return result
@@ -67,28 +69,61 @@ def test_kubectl_end_to_end(kubectl: Any, k8s_namespace: str) -> None:
     assert "job.batch/greet unchanged" in kubectl("apply", "-f", "-", stdin=JOB).stdout
     kubectl("wait", "--for=condition=Complete", "job/greet", "--timeout=60s")
     table = kubectl("get", "jobs").stdout.splitlines()
-    assert table[0].split() == ["NAME", "STATUS", "COMPLETIONS", "DURATION", "AGE"] and table[1].split()[:3] == ["greet", "Complete", "1/1"]
+    assert table[0].split() == ["NAME", "STATUS", "COMPLETIONS", "DURATION", "AGE"] and table[1].split()[:3] == [
+        "greet",
+        "Complete",
+        "1/1",
+    ]
     assert kubectl("logs", "job/greet").stdout == "hello via kubectl\n"
     described = kubectl("describe", "job", "greet").stdout
-    assert "Pods Statuses:    0 Active (0 Ready) / 1 Succeeded / 0 Failed" in described and "SuccessfulCreate" in described
+    assert (
+        "Pods Statuses:    0 Active (0 Ready) / 1 Succeeded / 0 Failed" in described and "SuccessfulCreate" in described
+    )
 
     invalid = kubectl("apply", "-f", "-", stdin=FTJ.replace("RES", "500"), check=False)
     assert invalid.returncode != 0 and "spec.training.resolution" in invalid.stderr
-    unknown = kubectl("apply", "-f", "-", stdin=FTJ.replace("RES", "64").replace("maxTrainSteps: 10", "maxTrainSteps: 10, bogus: 1"), check=False)
+    unknown = kubectl(
+        "apply",
+        "-f",
+        "-",
+        stdin=FTJ.replace("RES", "64").replace("maxTrainSteps: 10", "maxTrainSteps: 10, bogus: 1"),
+        check=False,
+    )
     assert unknown.returncode != 0 and 'unknown field "spec.training.bogus"' in unknown.stderr
-    assert "finetunejob.kubetune.dev/shapes created" in kubectl("apply", "-f", "-", stdin=FTJ.replace("RES", "64")).stdout
-    kubectl("patch", "ftj", "shapes", "--subresource=status", "--type=merge", "-p", '{"status":{"phase":"Training","training":{"step":3}}}')
+    assert (
+        "finetunejob.kubetune.dev/shapes created" in kubectl("apply", "-f", "-", stdin=FTJ.replace("RES", "64")).stdout
+    )
+    kubectl(
+        "patch",
+        "ftj",
+        "shapes",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        '{"status":{"phase":"Training","training":{"step":3}}}',
+    )
     header, row = kubectl("get", "ftj").stdout.splitlines()
-    assert header.split()[:4] == ["NAME", "PHASE", "PROGRESS", "STEP"] and row.split()[:2] == ["shapes", "Training"] and "3" in row.split()
+    assert (
+        header.split()[:4] == ["NAME", "PHASE", "PROGRESS", "STEP"]
+        and row.split()[:2] == ["shapes", "Training"]
+        and "3" in row.split()
+    )
     assert "shapes labeled" in kubectl("label", "ftj", "shapes", "team=vision").stdout
     assert kubectl("get", "ftj", "-l", "team=vision", "-o", "name").stdout.strip() == "finetunejob.kubetune.dev/shapes"
 
-    watcher = subprocess.Popen([KUBECTL, "-n", k8s_namespace, "get", "ftj", "-w", "--no-headers"], env=kubectl.env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watcher = subprocess.Popen(
+        [KUBECTL, "-n", k8s_namespace, "get", "ftj", "-w", "--no-headers"],
+        env=kubectl.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert watcher.stdout is not None
         assert watcher.stdout.readline().split()[:2] == ["shapes", "Training"]
-        kubectl("patch", "ftj", "shapes", "--subresource=status", "--type=merge", "-p", '{"status":{"phase":"Succeeded"}}')
+        kubectl(
+            "patch", "ftj", "shapes", "--subresource=status", "--type=merge", "-p", '{"status":{"phase":"Succeeded"}}'
+        )
         assert watcher.stdout.readline().split()[:2] == ["shapes", "Succeeded"]
     finally:
         watcher.kill()
@@ -103,13 +138,19 @@ def test_official_python_client_crud_and_watch(local_cluster: ClusterInfo, k8s_n
     from kubernetes import client, watch
 
     core = client.CoreV1Api(local_cluster.api_client())
-    core.create_namespaced_config_map(k8s_namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="pc"), data={"a": "1"}))
+    core.create_namespaced_config_map(
+        k8s_namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="pc"), data={"a": "1"})
+    )
     core.patch_namespaced_config_map("pc", k8s_namespace, {"data": {"b": "2"}})
     core.patch_namespaced_config_map("pc", k8s_namespace, [{"op": "add", "path": "/data/c", "value": "3"}])
     assert core.read_namespaced_config_map("pc", k8s_namespace).data == {"a": "1", "b": "2", "c": "3"}
     listing = core.list_namespaced_config_map(k8s_namespace)
-    stream = watch.Watch().stream(core.list_namespaced_config_map, k8s_namespace,
-                                  resource_version=listing.metadata.resource_version, timeout_seconds=10)
+    stream = watch.Watch().stream(
+        core.list_namespaced_config_map,
+        k8s_namespace,
+        resource_version=listing.metadata.resource_version,
+        timeout_seconds=10,
+    )
     core.delete_namespaced_config_map("pc", k8s_namespace)
     event = next(stream)
     assert event["type"] == "DELETED" and event["object"].metadata.name == "pc"
@@ -134,19 +175,38 @@ def test_dev_up_status_down_leaves_no_process(tmp_path: Path) -> None:
     status` reports it; `dev down` stops every process it started, pods and operator included."""
     state = tmp_path / "state"
     cli = [sys.executable, "-m", "kubetune.cli", "dev"]
-    up = subprocess.run([*cli, "up", "--state-dir", str(state), "--no-model"], capture_output=True, text=True, timeout=300)
+    up = subprocess.run(
+        [*cli, "up", "--state-dir", str(state), "--no-model"], capture_output=True, text=True, timeout=300
+    )
     try:
         assert up.returncode == 0, up.stderr
         assert up.stdout.strip().endswith(f"export KUBECONFIG={state / 'kubeconfig'}")
-        assert subprocess.run([*cli, "status", "--state-dir", str(state)], capture_output=True, text=True, timeout=60).returncode == 0
+        assert (
+            subprocess.run(
+                [*cli, "status", "--state-dir", str(state)], capture_output=True, text=True, timeout=60
+            ).returncode
+            == 0
+        )
         import json
 
         info = json.loads((state / "cluster.json").read_text())
         api = Api(info["api_url"])
         assert api.ok(api.get("/api/v1/namespaces/default/secrets/kubetune-dev-s3"))["data"]["AWS_ACCESS_KEY_ID"]
-        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sleeper"},
-               "spec": {"containers": [{"name": "main", "image": "x:1", "command": ["sleep", "300"],
-                                               "env": [{"name": "MARK", "value": str(state)}]}]}}
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "sleeper"},
+            "spec": {
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": "x:1",
+                        "command": ["sleep", "300"],
+                        "env": [{"name": "MARK", "value": str(state)}],
+                    }
+                ]
+            },
+        }
         api.ok(api.post("/api/v1/namespaces/default/pods", pod))
         wait_for(lambda: api.ok(api.get("/api/v1/namespaces/default/pods/sleeper"))["status"].get("phase") == "Running")
         assert _processes_mentioning(str(state))
@@ -156,4 +216,9 @@ def test_dev_up_status_down_leaves_no_process(tmp_path: Path) -> None:
     time.sleep(0.5)
     leftovers = _processes_mentioning(str(state))
     assert leftovers == [], [Path(f"/proc/{p}/cmdline").read_bytes() for p in leftovers]
-    assert subprocess.run([*cli, "status", "--state-dir", str(state)], capture_output=True, text=True, timeout=60).returncode == 1
+    assert (
+        subprocess.run(
+            [*cli, "status", "--state-dir", str(state)], capture_output=True, text=True, timeout=60
+        ).returncode
+        == 1
+    )

@@ -33,12 +33,37 @@ else:
 
 
 def rendezvous_job(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
-               "spec": {"clusterIP": "None", "selector": {"batch.kubernetes.io/job-name": name}}}
-    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name}, "spec": {
-        "completions": 2, "parallelism": 2, "completionMode": "Indexed", "backoffLimit": 0,
-        "template": {"spec": {"restartPolicy": "Never", "subdomain": name, "containers": [{
-            "name": "node", "image": "x:1", "command": ["python", "-c", RENDEZVOUS], "args": [f"{name}-0.{name}"]}]}}}}
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name},
+        "spec": {"clusterIP": "None", "selector": {"batch.kubernetes.io/job-name": name}},
+    }
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {
+            "completions": 2,
+            "parallelism": 2,
+            "completionMode": "Indexed",
+            "backoffLimit": 0,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "subdomain": name,
+                    "containers": [
+                        {
+                            "name": "node",
+                            "image": "x:1",
+                            "command": ["python", "-c", RENDEZVOUS],
+                            "args": [f"{name}-0.{name}"],
+                        }
+                    ],
+                }
+            },
+        },
+    }
     return service, job
 
 
@@ -51,11 +76,21 @@ def test_two_concurrent_jobs_rendezvous_by_hostname_on_the_same_port(api: Api, k
         api.ok(api.post(f"/api/v1/namespaces/{ns}/services", service))
         api.ok(api.post(f"/apis/batch/v1/namespaces/{ns}/jobs", job))
     for name in ("alpha", "beta"):
-        job = wait_for(lambda n=name: (lambda j: j if condition(j, "Complete") or condition(j, "Failed") else None)(
-            api.ok(api.get(f"/apis/batch/v1/namespaces/{ns}/jobs/{n}"))), timeout=60)
-        pods = api.ok(api.get(f"/api/v1/namespaces/{ns}/pods?labelSelector=batch.kubernetes.io/job-name%3D{name}"))["items"]
-        outputs = {p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]:
-                   api.get(f"/api/v1/namespaces/{ns}/pods/{p['metadata']['name']}/log").text for p in pods}
+        job = wait_for(
+            lambda n=name: (lambda j: j if condition(j, "Complete") or condition(j, "Failed") else None)(
+                api.ok(api.get(f"/apis/batch/v1/namespaces/{ns}/jobs/{n}"))
+            ),
+            timeout=60,
+        )
+        pods = api.ok(api.get(f"/api/v1/namespaces/{ns}/pods?labelSelector=batch.kubernetes.io/job-name%3D{name}"))[
+            "items"
+        ]
+        outputs = {
+            p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]: api.get(
+                f"/api/v1/namespaces/{ns}/pods/{p['metadata']['name']}/log"
+            ).text
+            for p in pods
+        }
         assert condition(job, "Complete"), outputs
         assert outputs == {"0": "served\n", "1": f"got hello from {name}-0\n"}
         ips = {p["status"]["podIP"] for p in pods}
@@ -71,8 +106,12 @@ def test_host_network_fallback_maps_hostnames_to_loopback(local_cluster_factory:
     service, job = rendezvous_job("solo")
     api.ok(api.post("/api/v1/namespaces/default/services", service))
     api.ok(api.post("/apis/batch/v1/namespaces/default/jobs", job))
-    done = wait_for(lambda: (lambda j: j if condition(j, "Complete") or condition(j, "Failed") else None)(
-        api.ok(api.get("/apis/batch/v1/namespaces/default/jobs/solo"))), timeout=60)
+    done = wait_for(
+        lambda: (lambda j: j if condition(j, "Complete") or condition(j, "Failed") else None)(
+            api.ok(api.get("/apis/batch/v1/namespaces/default/jobs/solo"))
+        ),
+        timeout=60,
+    )
     assert condition(done, "Complete")
     pods = api.ok(api.get("/api/v1/namespaces/default/pods"))["items"]
     assert {p["status"]["podIP"] for p in pods} == {"127.0.0.1"}
@@ -83,16 +122,38 @@ def test_a_pod_resolves_its_own_hostname_to_its_pod_ip(api: Api, k8s_namespace: 
     loopback: gloo and NCCL advertise the address their hostname resolves to."""
     ns = k8s_namespace
     code = "import socket; print(socket.gethostname(), socket.gethostbyname(socket.gethostname()))"
-    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "who"},
-               "spec": {"clusterIP": "None", "selector": {"batch.kubernetes.io/job-name": "who"}}}
-    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "who"}, "spec": {
-        "completions": 1, "parallelism": 1, "completionMode": "Indexed", "backoffLimit": 0,
-        "template": {"spec": {"restartPolicy": "Never", "subdomain": "who", "containers": [{
-            "name": "node", "image": "x:1", "command": ["python", "-c", code]}]}}}}
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "who"},
+        "spec": {"clusterIP": "None", "selector": {"batch.kubernetes.io/job-name": "who"}},
+    }
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "who"},
+        "spec": {
+            "completions": 1,
+            "parallelism": 1,
+            "completionMode": "Indexed",
+            "backoffLimit": 0,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "subdomain": "who",
+                    "containers": [{"name": "node", "image": "x:1", "command": ["python", "-c", code]}],
+                }
+            },
+        },
+    }
     api.ok(api.post(f"/api/v1/namespaces/{ns}/services", service))
     api.ok(api.post(f"/apis/batch/v1/namespaces/{ns}/jobs", job))
-    done = wait_for(lambda: (lambda j: j if condition(j, "Complete") or condition(j, "Failed") else None)(
-        api.ok(api.get(f"/apis/batch/v1/namespaces/{ns}/jobs/who"))), timeout=60)
+    done = wait_for(
+        lambda: (lambda j: j if condition(j, "Complete") or condition(j, "Failed") else None)(
+            api.ok(api.get(f"/apis/batch/v1/namespaces/{ns}/jobs/who"))
+        ),
+        timeout=60,
+    )
     pod = api.ok(api.get(f"/api/v1/namespaces/{ns}/pods?labelSelector=batch.kubernetes.io/job-name%3Dwho"))["items"][0]
     log = api.get(f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}/log").text
     assert condition(done, "Complete"), log

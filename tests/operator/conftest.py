@@ -61,14 +61,38 @@ class E2E:
         self.operator_starts += 1
         self.metrics_port = free_port()
         log = open(self.log_dir / f"operator-{self.operator_starts}.log", "wb")  # noqa: SIM115 - the process keeps it
-        env = {**os.environ, **self.cluster.env(), "KUBETUNE_S3_ENDPOINT": self.cluster.s3_endpoint,
-               "KUBETUNE_S3_CREDENTIALS_SECRET": S3_SECRET}
+        env = {
+            **os.environ,
+            **self.cluster.env(),
+            "KUBETUNE_S3_ENDPOINT": self.cluster.s3_endpoint,
+            "KUBETUNE_S3_CREDENTIALS_SECRET": S3_SECRET,
+        }
         env.pop("PYTHONPATH", None)
         self.operator = subprocess.Popen(
-            [sys.executable, "-m", "kubetune.cli", "operator", "--namespace", self.namespace, "--liveness-port", "0",
-             "--metrics-port", str(self.metrics_port), "--resync-seconds", "1", "--trainer-image", "kubetune-trainer:test",
-             "--collector-image", "kubetune-collector:test"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "kubetune.cli",
+                "operator",
+                "--namespace",
+                self.namespace,
+                "--liveness-port",
+                "0",
+                "--metrics-port",
+                str(self.metrics_port),
+                "--resync-seconds",
+                "1",
+                "--trainer-image",
+                "kubetune-trainer:test",
+                "--collector-image",
+                "kubetune-collector:test",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
         log.close()
 
     def stop_operator(self, sig: int = signal.SIGTERM) -> None:
@@ -101,12 +125,27 @@ class E2E:
     def spec(self, name: str, **overrides: Any) -> dict[str, Any]:
         """A tiny job: the URL list, the tiny model, 2 CPU nodes, a few steps of 32 px."""
         spec: dict[str, Any] = {
-            "dataset": {"urls": {"uri": self.uri("urls.jsonl")}, "resolution": 64, "minSize": 32, "allowPrivateNetwork": True},
+            "dataset": {
+                "urls": {"uri": self.uri("urls.jsonl")},
+                "resolution": 64,
+                "minSize": 32,
+                "allowPrivateNetwork": True,
+            },
             "model": {"base": self.uri("models", "tiny-sd") + "/"},
-            "training": {"resolution": 32, "batchSize": 2, "gradientAccumulationSteps": 1, "maxTrainSteps": 4,
-                         "mixedPrecision": "fp32", "gradientCheckpointing": False, "checkpointEverySteps": 2,
-                         "checkpointsToKeep": 5, "useEma": False, "dataloaderNumWorkers": 0, "seed": 1,
-                         "learningRate": 1e-4},
+            "training": {
+                "resolution": 32,
+                "batchSize": 2,
+                "gradientAccumulationSteps": 1,
+                "maxTrainSteps": 4,
+                "mixedPrecision": "fp32",
+                "gradientCheckpointing": False,
+                "checkpointEverySteps": 2,
+                "checkpointsToKeep": 5,
+                "useEma": False,
+                "dataloaderNumWorkers": 0,
+                "seed": 1,
+                "learningRate": 1e-4,
+            },
             "trainer": {"nodes": 2, "gpusPerNode": 0},
             "collector": {"workers": 4},
             "storage": {"uri": self.uri("jobs", name) + "/"},
@@ -142,8 +181,10 @@ class E2E:
             if status.get("phase") in ("Succeeded", "Failed") and not predicate(status):
                 break
             time.sleep(0.3)
-        raise AssertionError(f"{name}: {what} not reached; status: {json.dumps(status, indent=1)[-3000:]}\n"
-                             f"pods:\n{self.pod_summary()}\noperator log tail:\n{self.operator_log()[-3000:]}")
+        raise AssertionError(
+            f"{name}: {what} not reached; status: {json.dumps(status, indent=1)[-3000:]}\n"
+            f"pods:\n{self.pod_summary()}\noperator log tail:\n{self.operator_log()[-3000:]}"
+        )
 
     def wait_phase(self, name: str, phase: str, timeout: float = 240) -> dict[str, Any]:
         return self.wait(name, lambda s: s.get("phase") == phase, timeout, f"phase {phase}")
@@ -158,8 +199,13 @@ class E2E:
         return sorted(o["metadata"]["name"] for o in self.list(kind, name))
 
     def running_trainer_pods(self, name: str) -> list[dict[str, Any]]:
-        return [p for p in self.list("pods", name) if p["metadata"]["labels"].get("app.kubernetes.io/component") == "trainer"
-                and (p.get("status") or {}).get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
+        return [
+            p
+            for p in self.list("pods", name)
+            if p["metadata"]["labels"].get("app.kubernetes.io/component") == "trainer"
+            and (p.get("status") or {}).get("phase") == "Running"
+            and not p["metadata"].get("deletionTimestamp")
+        ]
 
     def pod_summary(self) -> str:
         """Each pod's phase and state, and the log tail of every failed one (for failure messages)."""
@@ -187,7 +233,7 @@ class E2E:
         prefix = f"{self.prefix}/" + "/".join(parts)
         keys: list[str] = []
         for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-            keys += [item["Key"][len(prefix):].lstrip("/") for item in page.get("Contents") or []]
+            keys += [item["Key"][len(prefix) :].lstrip("/") for item in page.get("Contents") or []]
         return keys
 
     def download(self, target: Path, *parts: str) -> Path:
@@ -225,26 +271,46 @@ class E2E:
 
 
 @pytest.fixture(scope="module")
-def e2e(local_cluster: ClusterInfo, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory,
-        request: pytest.FixtureRequest) -> Iterator[E2E]:
+def e2e(
+    local_cluster: ClusterInfo,
+    tiny_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> Iterator[E2E]:
     from kubetune.dev.testing.shapes import generate
 
     stem = request.module.__name__.rsplit(".", 1)[-1].replace("_", "-")[:30]
     namespace = f"{stem}-{uuid.uuid4().hex[:5]}"
     e2e = E2E(local_cluster, namespace, tmp_path_factory.mktemp("operator-logs"))
-    e2e.api.ok(e2e.api.post("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}))
+    e2e.api.ok(
+        e2e.api.post("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    )
     default_secret = e2e.api.ok(e2e.api.get(f"/api/v1/namespaces/default/secrets/{S3_SECRET}"))
-    e2e.api.ok(e2e.api.post(e2e.path("secrets"), {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                                                  "metadata": {"name": S3_SECRET}, "data": default_secret["data"]}))
+    e2e.api.ok(
+        e2e.api.post(
+            e2e.path("secrets"),
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "type": "Opaque",
+                "metadata": {"name": S3_SECRET},
+                "data": default_secret["data"],
+            },
+        )
+    )
     # the tiny model and the URL list (images on the cluster's image server) in S3
     for path in sorted(p for p in tiny_model_dir.rglob("*") if p.is_file()):
-        e2e.s3.upload_file(str(path), e2e.bucket, f"{e2e.prefix}/models/tiny-sd/{path.relative_to(tiny_model_dir).as_posix()}")
+        e2e.s3.upload_file(
+            str(path), e2e.bucket, f"{e2e.prefix}/models/tiny-sd/{path.relative_to(tiny_model_dir).as_posix()}"
+        )
     folder = Path(local_cluster.state_dir) / "images" / namespace
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for image in generate(IMAGES, size=64):
         (folder / f"{image.name}.jpg").write_bytes(image.jpeg)
-        lines.append(json.dumps({"url": f"{local_cluster.images_url}/{namespace}/{image.name}.jpg", "caption": image.caption}))
+        lines.append(
+            json.dumps({"url": f"{local_cluster.images_url}/{namespace}/{image.name}.jpg", "caption": image.caption})
+        )
     e2e.s3.put_object(Bucket=e2e.bucket, Key=f"{e2e.prefix}/urls.jsonl", Body=("\n".join(lines) + "\n").encode())
     e2e.start_operator()
     try:

@@ -71,15 +71,28 @@ def test_workers_never_overlap_on_one_key() -> None:
 
 
 def test_operator_help_lists_its_flags() -> None:
-    done = subprocess.run([sys.executable, "-m", "kubetune.cli", "operator", "--help"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "operator", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0
-    for flag in ("--namespace", "--all-namespaces", "--liveness-port", "--metrics-port", "--collector-image", "--trainer-image"):
+    for flag in (
+        "--namespace",
+        "--all-namespaces",
+        "--liveness-port",
+        "--metrics-port",
+        "--collector-image",
+        "--trainer-image",
+    ):
         assert flag in done.stdout
 
 
 def test_operator_rejects_both_scopes_in_one_line() -> None:
-    done = subprocess.run([sys.executable, "-m", "kubetune.cli", "operator", "--namespace", "a", "--all-namespaces"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "operator", "--namespace", "a", "--all-namespaces"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "--all-namespaces" in done.stderr
 
 
@@ -92,7 +105,9 @@ def test_kopf_handler_success_lines_are_dropped_and_everything_else_kept() -> No
         return logging.LogRecord("kopf.objects", level, __file__, 1, msg, None, None)
 
     assert not quiet_handler_successes(record(logging.INFO, "Handler 'register.<locals>.pod_event' succeeded."))
-    assert quiet_handler_successes(record(logging.ERROR, "Handler 'register.<locals>.pod_event' failed with an exception."))
+    assert quiet_handler_successes(
+        record(logging.ERROR, "Handler 'register.<locals>.pod_event' failed with an exception.")
+    )
     assert quiet_handler_successes(record(logging.INFO, "BackoffLimitExceeded: the trainer failed 3 time(s)"))
 
 

@@ -52,10 +52,19 @@ class World:
 
     def observed(self) -> Observed:
         return Observed(
-            name=NAME, namespace="default", uid="uid-1", generation=self.generation,
-            spec=parse_spec(self.spec), status=copy.deepcopy(self.status), now=self.now,
-            jobs=copy.deepcopy(self.jobs), pods=copy.deepcopy(self.pods), service_exists=self.service,
-            secrets=copy.deepcopy(self.secrets), dataset_manifest=self.manifest, progress=self.progress,
+            name=NAME,
+            namespace="default",
+            uid="uid-1",
+            generation=self.generation,
+            spec=parse_spec(self.spec),
+            status=copy.deepcopy(self.status),
+            now=self.now,
+            jobs=copy.deepcopy(self.jobs),
+            pods=copy.deepcopy(self.pods),
+            service_exists=self.service,
+            secrets=copy.deepcopy(self.secrets),
+            dataset_manifest=self.manifest,
+            progress=self.progress,
             latest_checkpoint=max(self.checkpoints, default="") if new_attempt_due(self.status) else "",
         )
 
@@ -73,7 +82,9 @@ class World:
         for patch in decision.patch:
             job = self.jobs[patch.name]
             job["spec"].update(patch.body.get("spec", {}))
-            job["metadata"].setdefault("annotations", {}).update((patch.body.get("metadata") or {}).get("annotations", {}))
+            job["metadata"].setdefault("annotations", {}).update(
+                (patch.body.get("metadata") or {}).get("annotations", {})
+            )
         return decision
 
     # what the cluster does
@@ -81,19 +92,36 @@ class World:
     def finish_job(self, name: str, kind: str, message: str = "") -> None:
         self.jobs[name]["status"] = {"conditions": [{"type": kind, "status": "True", "message": message}]}
 
-    def add_pod(self, job: str, exit_code: int | None = None, message: str = "", disrupted: bool = False,
-                phase: str | None = None, component: str = "trainer") -> None:
+    def add_pod(
+        self,
+        job: str,
+        exit_code: int | None = None,
+        message: str = "",
+        disrupted: bool = False,
+        phase: str | None = None,
+        component: str = "trainer",
+    ) -> None:
         uid = f"pod-{len(self.pods)}"
-        status: dict[str, Any] = {"phase": phase or ("Running" if exit_code is None else "Failed" if exit_code else "Succeeded")}
+        status: dict[str, Any] = {
+            "phase": phase or ("Running" if exit_code is None else "Failed" if exit_code else "Succeeded")
+        }
         if exit_code is not None:
-            status["containerStatuses"] = [{"name": component, "state": {"terminated": {"exitCode": exit_code, "message": message}}}]
+            status["containerStatuses"] = [
+                {"name": component, "state": {"terminated": {"exitCode": exit_code, "message": message}}}
+            ]
         if disrupted:
             status["conditions"] = [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}]
-        self.pods.append({
-            "metadata": {"name": f"{job}-0-{uid}", "uid": uid, "creationTimestamp": f"2026-01-01T12:00:{len(self.pods):02d}Z",
-                         "labels": {"batch.kubernetes.io/job-name": job, b.LABEL_COMPONENT: component}},
-            "status": status,
-        })
+        self.pods.append(
+            {
+                "metadata": {
+                    "name": f"{job}-0-{uid}",
+                    "uid": uid,
+                    "creationTimestamp": f"2026-01-01T12:00:{len(self.pods):02d}Z",
+                    "labels": {"batch.kubernetes.io/job-name": job, b.LABEL_COMPONENT: component},
+                },
+                "status": status,
+            }
+        )
 
     def condition(self, kind: str) -> dict[str, Any]:
         return next(c for c in self.status["conditions"] if c["type"] == kind)
@@ -147,7 +175,12 @@ def test_a_second_pass_creates_nothing_and_posts_no_event() -> None:
 def test_collector_success_puts_the_manifest_counts_in_status_and_starts_training() -> None:
     world = World()
     to_training(world)
-    assert world.status["dataset"] == {"uri": "s3://bucket/shapes/dataset", "requested": 20, "kept": 12, "skipped": {"too_small": 8}}
+    assert world.status["dataset"] == {
+        "uri": "s3://bucket/shapes/dataset",
+        "requested": 20,
+        "kept": 12,
+        "skipped": {"too_small": 8},
+    }
     assert world.condition("DatasetReady")["reason"] == "Collected"
     assert set(world.jobs) == {"shapes-collect", "shapes-train"} and world.service
     (attempt,) = world.status["attempts"]
@@ -193,8 +226,12 @@ def test_zero_images_kept_fails_with_an_actionable_message() -> None:
 def test_collector_invalid_input_fails_with_its_last_log_lines() -> None:
     world = World()
     world.step()
-    world.add_pod("shapes-collect", exit_code=2, component="collector",
-                  message="loading list\nspec.dataset.urls.uri: s3://lists/missing.jsonl does not exist")
+    world.add_pod(
+        "shapes-collect",
+        exit_code=2,
+        component="collector",
+        message="loading list\nspec.dataset.urls.uri: s3://lists/missing.jsonl does not exist",
+    )
     world.finish_job("shapes-collect", "Failed", "Container collector failed with exit code 2 matching FailJob rule")
     world.step()
     assert world.status["phase"] == "Failed"
@@ -208,13 +245,17 @@ def test_a_missing_secret_fails_by_name_before_anything_runs() -> None:
     decision = world.step()
     assert decision.create == []
     assert world.status["phase"] == "Failed" and world.condition("Succeeded")["reason"] == "SecretNotFound"
-    assert world.status["message"] == ("Secret 'unsplash' not found (referenced by spec.dataset.unsplash.accessKeySecretRef) "
-                                       "in namespace default: create it, then recreate the FineTuneJob")
+    assert world.status["message"] == (
+        "Secret 'unsplash' not found (referenced by spec.dataset.unsplash.accessKeySecretRef) "
+        "in namespace default: create it, then recreate the FineTuneJob"
+    )
 
 
 def test_a_missing_key_or_trainer_secret_is_named_before_training() -> None:
-    world = World(model={"base": "m", "tokenSecretRef": {"name": "hf", "key": "token"}},
-                  storage={"uri": "s3://bucket/shapes/", "credentialsSecretRef": {"name": "s3"}})
+    world = World(
+        model={"base": "m", "tokenSecretRef": {"name": "hf", "key": "token"}},
+        storage={"uri": "s3://bucket/shapes/", "credentialsSecretRef": {"name": "s3"}},
+    )
     world.secrets = {"unsplash": {"access-key"}, "s3": {"AWS_ACCESS_KEY_ID"}}
     world.manifest = good_manifest(world.spec)
     world.step()
@@ -238,8 +279,16 @@ def test_an_invalid_spec_fails_with_the_field_named() -> None:
 def test_progress_json_becomes_live_training_status() -> None:
     world = World()
     to_training(world)
-    world.progress = {"state": "training", "step": 45, "maxSteps": 100, "epoch": 2, "loss": 0.123456,
-                      "imagesPerSecond": 18.25, "etaSeconds": 61.7, "latestCheckpoint": "s3://bucket/shapes/checkpoints/step-00000040"}
+    world.progress = {
+        "state": "training",
+        "step": 45,
+        "maxSteps": 100,
+        "epoch": 2,
+        "loss": 0.123456,
+        "imagesPerSecond": 18.25,
+        "etaSeconds": 61.7,
+        "latestCheckpoint": "s3://bucket/shapes/checkpoints/step-00000040",
+    }
     world.step()
     training = world.status["training"]
     assert training["step"] == 45 and training["maxSteps"] == 100 and training["progress"] == "45%"
@@ -270,9 +319,11 @@ def test_success_publishes_the_uris() -> None:
 def test_a_failed_attempt_reports_the_trainers_own_error_line_not_the_launchers_banner() -> None:
     world = World()
     to_training(world)
-    log = ("kubetune train: error: (rank 0) SafetensorError: device cpu:0 is invalid\n"
-           "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n===========\nkubetune.trainer FAILED\n"
-           "  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html\n===========")
+    log = (
+        "kubetune train: error: (rank 0) SafetensorError: device cpu:0 is invalid\n"
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n===========\nkubetune.trainer FAILED\n"
+        "  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html\n==========="
+    )
     world.add_pod("shapes-train", exit_code=1, message=log)
     world.finish_job("shapes-train", "Failed", "Job has reached the specified backoff limit")
     world.step()
@@ -282,7 +333,12 @@ def test_a_failed_attempt_reports_the_trainers_own_error_line_not_the_launchers_
 def test_a_failed_attempt_is_replaced_by_one_that_resumes_and_uses_the_budget() -> None:
     world = World()
     to_training(world)
-    world.progress = {"state": "training", "step": 30, "maxSteps": 100, "latestCheckpoint": "s3://bucket/shapes/checkpoints/step-00000020"}
+    world.progress = {
+        "state": "training",
+        "step": 30,
+        "maxSteps": 100,
+        "latestCheckpoint": "s3://bucket/shapes/checkpoints/step-00000020",
+    }
     world.add_pod("shapes-train", exit_code=1, message="Traceback...\nRuntimeError: NCCL timeout")
     world.finish_job("shapes-train", "Failed", "Job has reached the specified backoff limit")
     decision = world.step()
@@ -321,7 +377,11 @@ def test_backoff_exhausted_fails_the_job() -> None:
         world.step()
         world.step()
     assert world.status["phase"] == "Failed" and world.condition("Succeeded")["reason"] == "BackoffLimitExceeded"
-    assert "failed 3 time(s)" in world.status["message"] and "backoffLimit=2" in world.status["message"] and "boom 2" in world.status["message"]
+    assert (
+        "failed 3 time(s)" in world.status["message"]
+        and "backoffLimit=2" in world.status["message"]
+        and "boom 2" in world.status["message"]
+    )
     assert world.status["restarts"] == 3
     assert "shapes-train-r3" not in world.jobs
 
@@ -352,8 +412,12 @@ def test_a_diverged_training_fails_at_once_with_its_own_reason() -> None:
 def test_a_preempted_gang_restarts_without_using_the_budget(how: str) -> None:
     world = World(trainer={"nodes": 2, "gpusPerNode": 0})
     to_training(world)
-    world.progress = {"state": "preempted" if how == "progress" else "training", "step": 60, "maxSteps": 100,
-                      "latestCheckpoint": "s3://bucket/shapes/checkpoints/step-00000060"}
+    world.progress = {
+        "state": "preempted" if how == "progress" else "training",
+        "step": 60,
+        "maxSteps": 100,
+        "latestCheckpoint": "s3://bucket/shapes/checkpoints/step-00000060",
+    }
     world.add_pod("shapes-train", exit_code=1, message="peer closed connection")  # rank 1 lost its peer
     if how != "progress":
         world.add_pod("shapes-train", exit_code=75 if how == "exit75" else 137, disrupted=how == "disruption")
@@ -468,8 +532,12 @@ def test_the_trainer_job_is_recreated_if_deleted_by_hand() -> None:
 def test_a_collector_that_kept_nothing_fails_as_an_empty_dataset() -> None:
     world = World()
     world.step()
-    world.add_pod("shapes-collect", exit_code=EXIT_EMPTY_DATASET, component="collector",
-                  message="kubetune collect: error: nothing could be collected: 0 images kept of 20 requested; 20 too small")
+    world.add_pod(
+        "shapes-collect",
+        exit_code=EXIT_EMPTY_DATASET,
+        component="collector",
+        message="kubetune collect: error: nothing could be collected: 0 images kept of 20 requested; 20 too small",
+    )
     world.finish_job("shapes-collect", "Failed")
     world.step()
     assert world.condition("Succeeded")["reason"] == "EmptyDataset"

@@ -25,7 +25,9 @@ EVERY = 4
 
 def events_of(e2e: Any, name: str) -> list[dict[str, Any]]:
     items = e2e.api.ok(e2e.api.get(e2e.path("events")))["items"]
-    return [e for e in items if e["involvedObject"].get("name") == name and e["involvedObject"].get("kind") == "FineTuneJob"]
+    return [
+        e for e in items if e["involvedObject"].get("name") == name and e["involvedObject"].get("kind") == "FineTuneJob"
+    ]
 
 
 def reasons(e2e: Any, name: str) -> list[str]:
@@ -38,14 +40,18 @@ def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
 
 def checkpoint_steps(e2e: Any, name: str) -> list[int]:
     """Complete checkpoints in S3 (their manifest is written last)."""
-    return sorted(int(k.split("/")[0][5:]) for k in e2e.keys("jobs", name, "checkpoints") if k.endswith("/manifest.json"))
+    return sorted(
+        int(k.split("/")[0][5:]) for k in e2e.keys("jobs", name, "checkpoints") if k.endswith("/manifest.json")
+    )
 
 
 def wait_for_checkpoint_mid_run(e2e: Any, name: str) -> int:
     """Wait until the first attempt has a complete checkpoint in S3 and is still training."""
+
     def ready() -> int:
         steps = checkpoint_steps(e2e, name)
         return steps[-1] if steps and steps[-1] < MAX_STEPS else 0
+
     step = wait_for(ready, timeout=180, interval=0.1)
     assert e2e.status(name).get("phase") == "Training"
     return int(step)
@@ -58,26 +64,37 @@ def trainer_pods(e2e: Any, name: str, job: str) -> list[dict[str, Any]]:
 
 def resumed_from(e2e: Any, name: str, job: str) -> str:
     """The 'resuming from ...' line of rank 0 of a trainer Job."""
-    rank0 = next(p for p in trainer_pods(e2e, name, job)
-                 if p["metadata"]["labels"].get("batch.kubernetes.io/job-completion-index") == "0")
-    return next((line for line in e2e.pod_log(rank0["metadata"]["name"], tail=2000).splitlines() if "resuming from" in line), "")
+    rank0 = next(
+        p
+        for p in trainer_pods(e2e, name, job)
+        if p["metadata"]["labels"].get("batch.kubernetes.io/job-completion-index") == "0"
+    )
+    return next(
+        (line for line in e2e.pod_log(rank0["metadata"]["name"], tail=2000).splitlines() if "resuming from" in line), ""
+    )
 
 
 # -- rejected before anything runs -------------------------------------------------------------
 
 
 def test_an_invalid_spec_is_rejected_by_the_api_naming_the_field(e2e: Any) -> None:
-    for field, spec in (("spec.trainer.nodes", e2e.spec("bad", trainer={"nodes": 0})),
-                        ("spec.training.mixedPrecision", e2e.spec("bad", training={"mixedPrecision": False}))):
-        response = e2e.api.post(e2e.path("finetunejobs"), {"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob",
-                                                           "metadata": {"name": "bad"}, "spec": spec})
+    for field, spec in (
+        ("spec.trainer.nodes", e2e.spec("bad", trainer={"nodes": 0})),
+        ("spec.training.mixedPrecision", e2e.spec("bad", training={"mixedPrecision": False})),
+    ):
+        response = e2e.api.post(
+            e2e.path("finetunejobs"),
+            {"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "bad"}, "spec": spec},
+        )
         assert response.status_code == 422, response.text
         assert field in response.json()["message"]
     assert e2e.api.get(e2e.path("finetunejobs", "bad")).status_code == 404
 
 
 def test_a_missing_secret_fails_the_job_naming_the_secret(e2e: Any) -> None:
-    spec = e2e.spec("nosecret", storage={"uri": e2e.uri("jobs", "nosecret") + "/", "credentialsSecretRef": {"name": "team-s3"}})
+    spec = e2e.spec(
+        "nosecret", storage={"uri": e2e.uri("jobs", "nosecret") + "/", "credentialsSecretRef": {"name": "team-s3"}}
+    )
     e2e.create("nosecret", spec)
     status = e2e.wait_phase("nosecret", "Failed", timeout=60)
     assert condition(status, "Succeeded")["reason"] == "SecretNotFound"
@@ -87,7 +104,9 @@ def test_a_missing_secret_fails_the_job_naming_the_secret(e2e: Any) -> None:
 
 
 def test_an_empty_dataset_fails_the_job_with_the_counts(e2e: Any) -> None:
-    missing = "".join(f'{{"url": "{e2e.cluster.images_url}/{e2e.namespace}/gone-{i}.jpg", "caption": "gone"}}\n' for i in range(3))
+    missing = "".join(
+        f'{{"url": "{e2e.cluster.images_url}/{e2e.namespace}/gone-{i}.jpg", "caption": "gone"}}\n' for i in range(3)
+    )
     e2e.s3.put_object(Bucket=e2e.bucket, Key=f"{e2e.prefix}/gone.jsonl", Body=missing.encode())
     e2e.create("empty", e2e.spec("empty", dataset={"urls": {"uri": e2e.uri("gone.jsonl")}}))
     status = e2e.wait_phase("empty", "Failed", timeout=120)
@@ -116,7 +135,9 @@ def trained(e2e: Any) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_a_job_runs_to_succeeded_with_a_loadable_model_and_samples(e2e: Any, trained: dict[str, Any], tmp_path: Path) -> None:
+def test_a_job_runs_to_succeeded_with_a_loadable_model_and_samples(
+    e2e: Any, trained: dict[str, Any], tmp_path: Path
+) -> None:
     name, status = trained["name"], trained["status"]
     storage = e2e.uri("jobs", name) + "/"
     assert status["modelUri"] == storage
@@ -132,7 +153,9 @@ def test_a_job_runs_to_succeeded_with_a_loadable_model_and_samples(e2e: Any, tra
     assert {"CollectionStarted", "DatasetCollected", "TrainingStarted", "Succeeded"} <= set(reasons(e2e, name))
 
     # what `kubectl get ftj` shows
-    table = e2e.api.ok(e2e.api.get(e2e.path("finetunejobs", name), headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"}))
+    table = e2e.api.ok(
+        e2e.api.get(e2e.path("finetunejobs", name), headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"})
+    )
     columns = [c["name"] for c in table["columnDefinitions"]]
     row = dict(zip(columns, table["rows"][0]["cells"], strict=True))
     assert row["Phase"] == "Succeeded" and row["Progress"] == "100%"
@@ -154,17 +177,30 @@ def test_the_operator_restarted_mid_training_duplicates_nothing(e2e: Any, traine
     assert e2e.names("jobs", name) == ["happy-collect", "happy-train"]
     assert e2e.names("services", name) == ["happy-train"]
     assert [a["reason"] for a in status["attempts"]] == ["Succeeded"]
-    assert len([p for p in e2e.list("pods", name) if p["metadata"]["labels"].get("app.kubernetes.io/component") == "trainer"]) == 2
+    assert (
+        len(
+            [
+                p
+                for p in e2e.list("pods", name)
+                if p["metadata"]["labels"].get("app.kubernetes.io/component") == "trainer"
+            ]
+        )
+        == 2
+    )
     assert reasons(e2e, name).count("TrainingStarted") == 1 and reasons(e2e, name).count("CollectionStarted") == 1
 
 
 @pytest.mark.slow
-def test_deleting_the_finetunejob_removes_its_children_and_keeps_the_artifacts(e2e: Any, trained: dict[str, Any]) -> None:
+def test_deleting_the_finetunejob_removes_its_children_and_keeps_the_artifacts(
+    e2e: Any, trained: dict[str, Any]
+) -> None:
     name = trained["name"]
     before = set(e2e.keys("jobs", name))
     assert e2e.list("pods", name)
     e2e.api.ok(e2e.api.delete(e2e.path("finetunejobs", name)))
-    wait_for(lambda: not e2e.list("jobs", name) and not e2e.list("services", name) and not e2e.list("pods", name), timeout=60)
+    wait_for(
+        lambda: not e2e.list("jobs", name) and not e2e.list("services", name) and not e2e.list("pods", name), timeout=60
+    )
     assert e2e.api.get(e2e.path("finetunejobs", name)).status_code == 404
     assert set(e2e.keys("jobs", name)) == before  # the dataset, checkpoints, samples and model stay
     assert "model_index.json" in before and "dataset/manifest.json" in before
@@ -224,7 +260,10 @@ def test_suspend_then_resume_finishes_from_the_checkpoint(e2e: Any) -> None:
     status = e2e.wait_phase(name, "Suspended", timeout=60)
     assert condition(status, "Suspended")["status"] == "True"
     # the pods get SIGTERM, save a checkpoint and exit (terminating pods still run until then)
-    wait_for(lambda: not [p for p in trainer_pods(e2e, name, "paused-train") if p["status"].get("phase") == "Running"], timeout=90)
+    wait_for(
+        lambda: not [p for p in trainer_pods(e2e, name, "paused-train") if p["status"].get("phase") == "Running"],
+        timeout=90,
+    )
     stopped_at = checkpoint_steps(e2e, name)[-1]
     assert e2e.progress(name)["state"] == "preempted"
 
@@ -249,8 +288,15 @@ def test_backoff_exhausted_fails_the_job(e2e: Any, tiny_model_dir: Path) -> None
             body = json.dumps({**json.loads(body), "model_max_length": 1000}).encode()
         e2e.s3.put_object(Bucket=e2e.bucket, Key=broken + path.relative_to(tiny_model_dir).as_posix(), Body=body)
     name = "broken"
-    e2e.create(name, e2e.spec(name, model={"base": f"s3://{e2e.bucket}/{broken}"}, runPolicy={"backoffLimit": 1},
-                              trainer={"nodes": 1, "gpusPerNode": 0}))
+    e2e.create(
+        name,
+        e2e.spec(
+            name,
+            model={"base": f"s3://{e2e.bucket}/{broken}"},
+            runPolicy={"backoffLimit": 1},
+            trainer={"nodes": 1, "gpusPerNode": 0},
+        ),
+    )
     status = e2e.wait_phase(name, "Failed", timeout=300)
     assert condition(status, "Succeeded")["reason"] == "BackoffLimitExceeded"
     assert "runPolicy.backoffLimit=1" in status["message"]

@@ -113,17 +113,33 @@ def test_a_pass_reads_pods_only_where_decide_looks_at_them(tmp_path: Path) -> No
     def children(namespace: str, name: str, uid: str, kind: str) -> list[dict[str, Any]]:
         calls.append(kind)
         if kind == "Pod":
-            return [{"metadata": {"name": "shapes-collect-x", "uid": "p1", "labels": {"job-name": "shapes-collect"}},
-                     "status": {"containerStatuses": [{"name": "collector", "state": {"terminated": {
-                         "exitCode": 1, "message": "cannot read s3://data/urls.jsonl"}}}]}}]
+            return [
+                {
+                    "metadata": {"name": "shapes-collect-x", "uid": "p1", "labels": {"job-name": "shapes-collect"}},
+                    "status": {
+                        "containerStatuses": [
+                            {
+                                "name": "collector",
+                                "state": {"terminated": {"exitCode": 1, "message": "cannot read s3://data/urls.jsonl"}},
+                            }
+                        ]
+                    },
+                }
+            ]
         return jobs
 
-    kube = _kube(children=children, secret_data=lambda namespace, name: {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""},
-                 store=lambda spec, secrets: Store(str(tmp_path)))
+    kube = _kube(
+        children=children,
+        secret_data=lambda namespace, name: {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""},
+        store=lambda spec, secrets: Store(str(tmp_path)),
+    )
     ftj: dict[str, Any] = {
         "metadata": {"name": "shapes", "namespace": "team", "uid": "u1", "generation": 1},
-        "spec": {"dataset": {"urls": {"uri": "s3://data/urls.jsonl"}}, "model": {"base": "s3://models/tiny/"},
-                 "storage": {"uri": "s3://out/shapes/", "credentialsSecretRef": {"name": "s3"}}},
+        "spec": {
+            "dataset": {"urls": {"uri": "s3://data/urls.jsonl"}},
+            "model": {"base": "s3://models/tiny/"},
+            "storage": {"uri": "s3://out/shapes/", "credentialsSecretRef": {"name": "s3"}},
+        },
     }
 
     first = decide(observe(kube, ftj, []))
@@ -137,7 +153,10 @@ def test_a_pass_reads_pods_only_where_decide_looks_at_them(tmp_path: Path) -> No
     assert running.phase == "Collecting" and not running.create
 
     calls.clear()
-    jobs[0]["status"] = {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}
+    jobs[0]["status"] = {
+        "failed": 1,
+        "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}],
+    }
     failed = decide(observe(kube, ftj, []))
     assert calls == ["Job", "Pod"]
     assert failed.phase == "Failed" and "cannot read s3://data/urls.jsonl" in failed.status["message"]

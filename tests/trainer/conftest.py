@@ -25,16 +25,21 @@ def shapes_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_imagefolder(tmp_path_factory.mktemp("data") / "dataset", 8)
 
 
-
-
 @pytest.fixture(scope="session")
 def reference_run(tiny_model: Path, shapes_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One uninterrupted single-process run; resumed and distributed runs must end where it ends.
     Its latent cache (under latent_cache) is shared with them: same key, encoded once."""
     root = tmp_path_factory.mktemp("reference")
     output = root / "out"
-    result = train(core_flags(tiny_model, shapes_dataset, output, max_train_steps=REFERENCE_STEPS,
-                              checkpointing_steps=12, latent_cache_dir=root.parent / "latent_cache"))
+    result = train(
+        core_flags(
+            tiny_model,
+            shapes_dataset,
+            output,
+            max_train_steps=REFERENCE_STEPS,
+            checkpointing_steps=12,
+            latent_cache_dir=root.parent / "latent_cache",
+        )
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return output
-

@@ -15,32 +15,35 @@ from kubetune.trainer.config import parse_config
 
 
 def test_help_and_dispatch_do_not_import_torch() -> None:
-    code = ("import sys; from kubetune.cli import main; import contextlib, io\n"
-            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
-            "    try: main(['train', '--help'])\n"
-            "    except SystemExit: pass\n"
-            "assert '--pretrained_model_name_or_path' in out.getvalue()\n"
-            "print('torch' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True)
+    code = (
+        "import sys; from kubetune.cli import main; import contextlib, io\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    try: main(['train', '--help'])\n"
+        "    except SystemExit: pass\n"
+        "assert '--pretrained_model_name_or_path' in out.getvalue()\n"
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--resolution", "30"], "--resolution: must be a positive multiple of 8 (got 30)"),
-    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
-    (["--mixed_precision", "fp64"], "--mixed_precision: invalid choice"),
-    (["--validation_guidance_scale", "-1"],
-     "--validation_guidance_scale: must be 0 or more (got -1)"),
-    (["--train_data_dir", "d"], "--pretrained_model_name_or_path: required"),
-    (["--pretrained_model_name_or_path", "m"],
-     "--train_data_dir or --dataset_name: one is required"),
-    (["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--use_8bit_adam"],
-     "--use_8bit_adam: 8-bit Adam"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--resolution", "30"], "--resolution: must be a positive multiple of 8 (got 30)"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["--mixed_precision", "fp64"], "--mixed_precision: invalid choice"),
+        (["--validation_guidance_scale", "-1"], "--validation_guidance_scale: must be 0 or more (got -1)"),
+        (["--train_data_dir", "d"], "--pretrained_model_name_or_path: required"),
+        (["--pretrained_model_name_or_path", "m"], "--train_data_dir or --dataset_name: one is required"),
+        (
+            ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--use_8bit_adam"],
+            "--use_8bit_adam: 8-bit Adam",
+        ),
+    ],
+)
 def test_bad_flags_are_one_line_and_exit_2(args: list[str], message: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "kubetune.trainer", *args],
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "kubetune.trainer", *args], capture_output=True, text=True)
     assert result.returncode == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -49,17 +52,25 @@ def test_bad_flags_are_one_line_and_exit_2(args: list[str], message: str) -> Non
 
 def test_spec_maps_training_model_and_storage(tmp_path: Path) -> None:
     spec = {
-        "apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob",
+        "apiVersion": "kubetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
         "metadata": {"name": "shapes"},
         "spec": {
-            "dataset": {"unsplash": {"prompts": ["a lighthouse"],
-                                     "accessKeySecretRef": {"name": "u", "key": "k"}}},
+            "dataset": {"unsplash": {"prompts": ["a lighthouse"], "accessKeySecretRef": {"name": "u", "key": "k"}}},
             "model": {"base": "org/model", "revision": "v2"},
-            "training": {"method": "lora", "loraRank": 8, "resolution": 256,
-                         "mixedPrecision": "fp32", "checkpointEverySteps": 10,
-                         "checkpointsToKeep": 3, "validationEverySteps": 5,
-                         "validationPrompts": ["a red circle"], "validationGuidanceScale": 1.0,
-                         "batchSize": 2, "maxTrainSteps": 30},
+            "training": {
+                "method": "lora",
+                "loraRank": 8,
+                "resolution": 256,
+                "mixedPrecision": "fp32",
+                "checkpointEverySteps": 10,
+                "checkpointsToKeep": 3,
+                "validationEverySteps": 5,
+                "validationPrompts": ["a red circle"],
+                "validationGuidanceScale": 1.0,
+                "batchSize": 2,
+                "maxTrainSteps": 30,
+            },
             "storage": {"uri": "s3://bucket/jobs/shapes/"},
         },
     }
@@ -72,37 +83,44 @@ def test_spec_maps_training_model_and_storage(tmp_path: Path) -> None:
     assert cfg.latent_cache_dir == "s3://bucket/jobs/shapes/cache"
     assert cfg.resume_from_checkpoint == "latest"
     assert (cfg.method, cfg.rank, cfg.resolution, cfg.precision) == ("lora", 8, 256, "no")
-    assert (cfg.checkpointing_steps, cfg.checkpoints_total_limit,
-            cfg.validation_steps) == (10, 3, 5)
+    assert (cfg.checkpointing_steps, cfg.checkpoints_total_limit, cfg.validation_steps) == (10, 3, 5)
     assert cfg.validation_guidance_scale == 1.0
     assert cfg.train_batch_size == 2 and cfg.gradient_accumulation_steps == 4 and cfg.use_ema
     assert cfg.max_train_steps == 12  # a flag given on the command line wins over the spec
 
 
 def test_spec_from_environment_with_imagefolder_source(monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = {"dataset": {"imagefolder": {"uri": "s3://data/mine/"}}, "model": {"base": "s3://models/base/"},
-            "storage": {"uri": "s3://bucket/job/"}}
+    spec = {
+        "dataset": {"imagefolder": {"uri": "s3://data/mine/"}},
+        "model": {"base": "s3://models/base/"},
+        "storage": {"uri": "s3://bucket/job/"},
+    }
     monkeypatch.setenv("KUBETUNE_SPEC", json.dumps(spec))
     cfg = parse_config(["--spec", "env:KUBETUNE_SPEC"], "kubetune train")
     assert cfg.train_data_dir == "s3://data/mine/" and cfg.pretrained_model_name_or_path == "s3://models/base/"
 
 
 def test_bad_spec_is_one_line() -> None:
-    result = subprocess.run([sys.executable, "-m", "kubetune.trainer",
-                             "--spec", "env:KUBETUNE_SPEC"], capture_output=True, text=True,
-                            env={"PATH": "/usr/bin", "KUBETUNE_SPEC": '{"model": {}}'})
+    result = subprocess.run(
+        [sys.executable, "-m", "kubetune.trainer", "--spec", "env:KUBETUNE_SPEC"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin", "KUBETUNE_SPEC": '{"model": {}}'},
+    )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "spec." in result.stderr
 
 
 def test_launch_command_for_pods() -> None:
-    command = accelerate_launch_command(2, 4, "$(JOB_COMPLETION_INDEX)", "job-0.job", 29500,
-                                        ["--spec", "env:KUBETUNE_SPEC"], mixed_precision="bf16")
+    command = accelerate_launch_command(
+        2, 4, "$(JOB_COMPLETION_INDEX)", "job-0.job", 29500, ["--spec", "env:KUBETUNE_SPEC"], mixed_precision="bf16"
+    )
     assert command[:2] == ["accelerate", "launch"]
     text = " ".join(command)
     assert "--multi_gpu" in command
-    assert ("--num_processes 8 --num_machines 2 --machine_rank $(JOB_COMPLETION_INDEX)"
-            " --main_process_ip job-0.job") in text
+    assert (
+        "--num_processes 8 --num_machines 2 --machine_rank $(JOB_COMPLETION_INDEX) --main_process_ip job-0.job"
+    ) in text
     assert "--main_process_port 29500" in text and "--mixed_precision bf16" in text
     assert command[-4:] == ["-m", "kubetune.trainer", "--spec", "env:KUBETUNE_SPEC"]
 

@@ -21,11 +21,20 @@ TOLERANCE = 0.01
 
 def half_batch_args(tiny_model: Path, shapes_dataset: Path, reference_run: Path, output: Path) -> list[str]:
     # 2 processes x batch 1 x accumulation 2 = the reference's 1 x 2 x 2
-    return core_flags(tiny_model, shapes_dataset, output, max_train_steps=REFERENCE_STEPS, checkpointing_steps=12,
-                      train_batch_size=1, latent_cache_dir=reference_run.parent.parent / "latent_cache")
+    return core_flags(
+        tiny_model,
+        shapes_dataset,
+        output,
+        max_train_steps=REFERENCE_STEPS,
+        checkpointing_steps=12,
+        train_batch_size=1,
+        latent_cache_dir=reference_run.parent.parent / "latent_cache",
+    )
 
 
-def test_two_processes_agree_with_one(tiny_model: Path, shapes_dataset: Path, reference_run: Path, tmp_path: Path) -> None:
+def test_two_processes_agree_with_one(
+    tiny_model: Path, shapes_dataset: Path, reference_run: Path, tmp_path: Path
+) -> None:
     output = tmp_path / "out"
     args = half_batch_args(tiny_model, shapes_dataset, reference_run, output)
     command = accelerate_launch_command(1, 2, 0, "127.0.0.1", free_port(), args, python=sys.executable)
@@ -44,8 +53,9 @@ def test_two_nodes_on_one_machine_agree_with_one(
     output = tmp_path / "out"
     args = half_batch_args(tiny_model, shapes_dataset, reference_run, output)
     port = free_port()
-    nodes = [launch(accelerate_launch_command(2, 0, rank, "127.0.0.1", port, args, python=sys.executable))
-             for rank in (0, 1)]
+    nodes = [
+        launch(accelerate_launch_command(2, 0, rank, "127.0.0.1", port, args, python=sys.executable)) for rank in (0, 1)
+    ]
     logs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     manifest = json.loads((output / "checkpoints" / "step-00000024" / "manifest.json").read_text())

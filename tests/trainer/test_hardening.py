@@ -51,8 +51,9 @@ def test_nan_loss_stops_before_checkpointing_it_and_keeps_the_last_good_checkpoi
 ) -> None:
     output = tmp_path / "out"
     # two forward passes per step (accumulation 2): passes 6 and 7 are step 4's
-    args = core_flags(tiny_model, shapes_dataset, output, max_train_steps=8, checkpointing_steps=2,
-                      checkpoints_total_limit=1)
+    args = core_flags(
+        tiny_model, shapes_dataset, output, max_train_steps=8, checkpointing_steps=2, checkpoints_total_limit=1
+    )
     result = train_with_nan_unet(args, (6, 10**6))
     assert result.returncode == EXIT_DIVERGED, result.stderr[-3000:]
     errors = error_lines(result.stderr)
@@ -72,8 +73,15 @@ def test_max_nonfinite_steps_skips_a_bad_step_and_finishes(
     from safetensors.torch import load_file
 
     output = tmp_path / "out"
-    args = core_flags(tiny_model, shapes_dataset, output, max_train_steps=6, checkpointing_steps=3,
-                      max_nonfinite_steps=1, use_ema=False)
+    args = core_flags(
+        tiny_model,
+        shapes_dataset,
+        output,
+        max_train_steps=6,
+        checkpointing_steps=3,
+        max_nonfinite_steps=1,
+        use_ema=False,
+    )
     result = train_with_nan_unet(args, (4, 6))  # one step (the third) goes NaN
     assert result.returncode == 0, result.stderr[-3000:]
     assert "non-finite loss or gradients; update skipped (1 of at most 1)" in result.stderr
@@ -84,8 +92,15 @@ def test_max_nonfinite_steps_skips_a_bad_step_and_finishes(
 
 def test_more_nonfinite_steps_than_allowed_stop_the_run(tiny_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
     output = tmp_path / "out"
-    args = core_flags(tiny_model, shapes_dataset, output, max_train_steps=6, checkpointing_steps=3,
-                      max_nonfinite_steps=1, use_ema=False)
+    args = core_flags(
+        tiny_model,
+        shapes_dataset,
+        output,
+        max_train_steps=6,
+        checkpointing_steps=3,
+        max_nonfinite_steps=1,
+        use_ema=False,
+    )
     result = train_with_nan_unet(args, (4, 10**6))
     assert result.returncode == EXIT_DIVERGED, result.stderr[-3000:]
     assert "after 2 skipped steps" in error_lines(result.stderr)[0]
@@ -97,8 +112,9 @@ def checkpointed_run(tiny_model: Path, shapes_dataset: Path, tmp_path: Path) -> 
     output = tmp_path / "out"
     result = train(core_flags(tiny_model, shapes_dataset, output, max_train_steps=2, checkpointing_steps=2))
     assert result.returncode == 0, result.stderr[-3000:]
-    return output, core_flags(tiny_model, shapes_dataset, output, max_train_steps=4, checkpointing_steps=2,
-                              resume_from_checkpoint="latest")
+    return output, core_flags(
+        tiny_model, shapes_dataset, output, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest"
+    )
 
 
 def rewrite_manifest(folder: Path, change: Any) -> None:
@@ -178,10 +194,21 @@ class FlakyUploads:
 def write_checkpoint(checkpointer: Any, step: int) -> None:
     folder = checkpointer.folder(step)
     (folder / "trainable.safetensors").write_bytes(b"weights %d" % step)
-    checkpointer.commit(folder, CheckpointState(
-        step=step, samples_seen=step, epoch=0, seed=0, method="full", global_batch_size=1, world_size=1,
-        cache_key="k", dataloader=DataloaderPosition(position=step, epoch=0, index_in_epoch=step, samples=8),
-        rng=RngState(seed=0, scheme="test")))
+    checkpointer.commit(
+        folder,
+        CheckpointState(
+            step=step,
+            samples_seen=step,
+            epoch=0,
+            seed=0,
+            method="full",
+            global_batch_size=1,
+            world_size=1,
+            cache_key="k",
+            dataloader=DataloaderPosition(position=step, epoch=0, index_in_epoch=step, samples=8),
+            rng=RngState(seed=0, scheme="test"),
+        ),
+    )
 
 
 @pytest.fixture

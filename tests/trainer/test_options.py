@@ -24,17 +24,29 @@ NOT_OPTIONS = {
 # spec.training defaults that differ from the flag's (the stock script's) on purpose: a FineTuneJob
 # gets settings that fit one GPU and checkpoint often; `kubetune train` alone behaves as the script
 INTENTIONALLY_DIFFERENT = {
-    "center_crop", "random_flip", "dataloader_num_workers", "train_batch_size",
-    "gradient_accumulation_steps", "gradient_checkpointing", "learning_rate", "lr_warmup_steps",
-    "allow_tf32", "mixed_precision", "use_ema", "checkpointing_steps", "checkpoints_total_limit",
-    "max_train_steps", "revision",
+    "center_crop",
+    "random_flip",
+    "dataloader_num_workers",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "gradient_checkpointing",
+    "learning_rate",
+    "lr_warmup_steps",
+    "allow_tf32",
+    "mixed_precision",
+    "use_ema",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "max_train_steps",
+    "revision",
 }
 
 
 def test_docs_flag_table_is_generated_from_the_declaration() -> None:
     text = options.DOCS.read_text()
     assert options.docs_section(text) == options.markdown(), (
-        "docs/trainer.md is stale: run `python -m kubetune.trainer.options --write`")
+        "docs/trainer.md is stale: run `python -m kubetune.trainer.options --write`"
+    )
 
 
 def test_write_docs_rewrites_only_between_the_markers(tmp_path: Path) -> None:
@@ -77,8 +89,11 @@ def _spec_default(option: options.Option) -> Any:
 
 
 def test_spec_and_flag_defaults_agree_unless_listed() -> None:
-    shared = [o for o in SPECS.values() if o.spec.startswith(("training.", "model."))
-              and not options.spec_field(o.spec).is_required()]
+    shared = [
+        o
+        for o in SPECS.values()
+        if o.spec.startswith(("training.", "model.")) and not options.spec_field(o.spec).is_required()
+    ]
     differ = {o.name for o in shared if _spec_default(o) != o.default}
     assert differ == INTENTIONALLY_DIFFERENT
     assert options.TrainConfig().validation_guidance_scale == defaults.VALIDATION_GUIDANCE_SCALE
@@ -95,31 +110,47 @@ def test_parser_is_generated_from_the_declaration() -> None:
             assert action.default == option.default
         else:
             assert option.name not in actions
-    defaults_only = parse_config(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"],
-                                 "kubetune train")
-    assert defaults_only == options.TrainConfig(pretrained_model_name_or_path="m",
-                                                train_data_dir="d")
+    defaults_only = parse_config(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"], "kubetune train")
+    assert defaults_only == options.TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d")
     assert set(options.UNSUPPORTED) == {"use_8bit_adam", "dream_training", "push_to_hub"}
 
 
 def test_stock_spellings_parse_as_before() -> None:
-    cfg = parse_config(["--pretrained_model_name_or_path=m", "--dataset_name=./images",
-                        "--mixed_precision=no", "--lora_rank", "16", "--validation_prompts", "a",
-                        "b", "--report_to", "none", "--use_ema", "--local_rank", "0"], "x")
+    cfg = parse_config(
+        [
+            "--pretrained_model_name_or_path=m",
+            "--dataset_name=./images",
+            "--mixed_precision=no",
+            "--lora_rank",
+            "16",
+            "--validation_prompts",
+            "a",
+            "b",
+            "--report_to",
+            "none",
+            "--use_ema",
+            "--local_rank",
+            "0",
+        ],
+        "x",
+    )
     assert (cfg.mixed_precision, cfg.precision, cfg.rank) == ("no", "no", 16)
     assert cfg.validation_prompts == ["a", "b"] and cfg.report_to == "none" and cfg.use_ema
 
 
 def _spec(tmp_path: Path, storage: dict[str, str]) -> str:
-    job = {"dataset": {"imagefolder": {"uri": "s3://data/mine/"}}, "model": {"base": "org/m"},
-           "training": {"mixedPrecision": "fp32", "predictionType": ""}, "storage": storage}
+    job = {
+        "dataset": {"imagefolder": {"uri": "s3://data/mine/"}},
+        "model": {"base": "org/m"},
+        "training": {"mixedPrecision": "fp32", "predictionType": ""},
+        "storage": storage,
+    }
     path = tmp_path / "job.json"
     path.write_text(json.dumps(job))
     return str(path)
 
 
-def test_spec_parsing_leaves_the_environment_alone(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_spec_parsing_leaves_the_environment_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.delenv("AWS_REGION", raising=False)
     monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)  # restored after: apply_storage_env sets it
@@ -129,9 +160,14 @@ def test_spec_parsing_leaves_the_environment_alone(tmp_path: Path,
     assert dict(os.environ) == before
     assert cfg.spec_storage is not None and cfg.spec_storage.endpoint == "http://minio:9000"
     assert (cfg.mixed_precision, cfg.prediction_type, cfg.variant) == ("no", None, None)
-    assert cfg.spec_dataset == {"imagefolder": {"uri": "s3://data/mine/"}, "resolution": 512,
-                                "minSize": 256, "dedupe": True, "nearDedupe": False,
-                                "allowPrivateNetwork": False}
+    assert cfg.spec_dataset == {
+        "imagefolder": {"uri": "s3://data/mine/"},
+        "resolution": 512,
+        "minSize": 256,
+        "dedupe": True,
+        "nearDedupe": False,
+        "allowPrivateNetwork": False,
+    }
 
     monkeypatch.setenv("AWS_REGION", "us-east-2")  # set already: the environment wins
     apply_storage_env(cfg)

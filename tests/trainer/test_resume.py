@@ -30,9 +30,15 @@ def test_sigterm_mid_run_then_resume_matches_uninterrupted(
     tiny_model: Path, shapes_dataset: Path, reference_run: Path, tmp_path: Path
 ) -> None:
     output = tmp_path / "out"
-    args = core_flags(tiny_model, shapes_dataset, output, max_train_steps=REFERENCE_STEPS, checkpointing_steps=12,
-                      latent_cache_dir=reference_run.parent.parent / "latent_cache",
-                      resume_from_checkpoint="latest")
+    args = core_flags(
+        tiny_model,
+        shapes_dataset,
+        output,
+        max_train_steps=REFERENCE_STEPS,
+        checkpointing_steps=12,
+        latent_cache_dir=reference_run.parent.parent / "latent_cache",
+        resume_from_checkpoint="latest",
+    )
     first = launch(pod_command(args))
     progress = output / "progress.json"
     wait_for_progress(progress, lambda p: p.get("state") == "training" and p.get("step", 0) >= 2, first)

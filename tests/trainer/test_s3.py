@@ -19,13 +19,24 @@ def test_spec_job_on_s3_resumes_from_s3_checkpoint(tiny_model: Path, s3_bucket: 
     (dataset / "manifest.json").write_text(json.dumps({"fingerprint": "abc123", "kept": 6, "source": "unsplash"}))
     Store(storage).upload_tree(dataset, "dataset")
     job = {
-        "apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "shapes"},
+        "apiVersion": "kubetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "shapes"},
         "spec": {
             "dataset": {"unsplash": {"prompts": ["a red circle"], "accessKeySecretRef": {"name": "u", "key": "k"}}},
             "model": {"base": f"s3://{s3_bucket}/models/tiny/"},
-            "training": {"resolution": 32, "batchSize": 2, "gradientAccumulationSteps": 1, "maxTrainSteps": 4,
-                         "mixedPrecision": "fp32", "checkpointEverySteps": 2, "checkpointsToKeep": 1, "seed": 3,
-                         "learningRate": 1e-4, "dataloaderNumWorkers": 0},
+            "training": {
+                "resolution": 32,
+                "batchSize": 2,
+                "gradientAccumulationSteps": 1,
+                "maxTrainSteps": 4,
+                "mixedPrecision": "fp32",
+                "checkpointEverySteps": 2,
+                "checkpointsToKeep": 1,
+                "seed": 3,
+                "learningRate": 1e-4,
+                "dataloaderNumWorkers": 0,
+            },
             "storage": {"uri": storage + "/"},
         },
     }

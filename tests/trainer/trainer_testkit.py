@@ -26,9 +26,17 @@ def write_imagefolder(folder: Path, count: int, size: int = 48, extra: dict[str,
     rows = []
     for item in generate(count, size=size):
         (train / f"{item.name}.jpg").write_bytes(item.jpeg)
-        rows.append({"file_name": f"{item.name}.jpg", "text": item.caption, "source": "shapes",
-                     "license": "cc0-1.0", "author": "kubetune tests", "url": f"https://example.org/{item.name}",
-                     **(extra or {})})
+        rows.append(
+            {
+                "file_name": f"{item.name}.jpg",
+                "text": item.caption,
+                "source": "shapes",
+                "license": "cc0-1.0",
+                "author": "kubetune tests",
+                "url": f"https://example.org/{item.name}",
+                **(extra or {}),
+            }
+        )
     (train / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
 
@@ -41,16 +49,25 @@ def env(**extra: str) -> dict[str, str]:
 
 def train(args: Sequence[str], **extra_env: str) -> subprocess.CompletedProcess[str]:
     """Run `python -m kubetune.trainer` to the end."""
-    return subprocess.run([PYTHON, "-m", "kubetune.trainer", *args], capture_output=True, text=True,
-                          env=env(**extra_env), cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [PYTHON, "-m", "kubetune.trainer", *args],
+        capture_output=True,
+        text=True,
+        env=env(**extra_env),
+        cwd=ROOT,
+        timeout=300,
+    )
 
 
 def launch(command: Sequence[str], **extra_env: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env(**extra_env), cwd=ROOT)
+    return subprocess.Popen(
+        list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(**extra_env), cwd=ROOT
+    )
 
 
-def wait_for_progress(path: Path, predicate: Any, process: subprocess.Popen[str], timeout: float = 120) -> dict[str, Any]:
+def wait_for_progress(
+    path: Path, predicate: Any, process: subprocess.Popen[str], timeout: float = 120
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists():
@@ -61,7 +78,9 @@ def wait_for_progress(path: Path, predicate: Any, process: subprocess.Popen[str]
             if predicate(progress):
                 return progress
         if process.poll() is not None:
-            raise AssertionError(f"trainer ended early ({process.returncode}):\n{process.stdout.read() if process.stdout else ''}")
+            raise AssertionError(
+                f"trainer ended early ({process.returncode}):\n{process.stdout.read() if process.stdout else ''}"
+            )
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting on {path}")
 
@@ -80,11 +99,25 @@ def max_difference(a: dict[str, Any], b: dict[str, Any]) -> float:
 def core_flags(model: Path, data: Path, output: Path, **overrides: Any) -> list[str]:
     """The shared small-run flags: 32 px, EMA, flip, fixed seed."""
     flags = {
-        "pretrained_model_name_or_path": model, "train_data_dir": data, "output_dir": output, "resolution": 32,
-        "center_crop": True, "random_flip": True, "use_ema": True, "train_batch_size": 2,
-        "gradient_accumulation_steps": 2, "max_train_steps": 8, "learning_rate": 1e-3, "lr_warmup_steps": 0,
-        "max_grad_norm": 1, "lr_scheduler": "constant", "mixed_precision": "no", "seed": 7,
-        "checkpointing_steps": 4, "progress_interval": 0.1, "report_to": "none",
+        "pretrained_model_name_or_path": model,
+        "train_data_dir": data,
+        "output_dir": output,
+        "resolution": 32,
+        "center_crop": True,
+        "random_flip": True,
+        "use_ema": True,
+        "train_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "max_train_steps": 8,
+        "learning_rate": 1e-3,
+        "lr_warmup_steps": 0,
+        "max_grad_norm": 1,
+        "lr_scheduler": "constant",
+        "mixed_precision": "no",
+        "seed": 7,
+        "checkpointing_steps": 4,
+        "progress_interval": 0.1,
+        "report_to": "none",
     }
     flags.update(overrides)
     out: list[str] = []
