@@ -28,7 +28,7 @@ KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
 SINGULAR = "finetunejob"
 SHORT_NAMES = ["ftj"]
-CATEGORIES = ["kubetune", "all"]
+CATEGORIES = ["kubetune"]  # not "all": `kubectl get all` must not list (or delete) jobs
 
 DATASET_SOURCES = ("unsplash", "google", "openverse", "wikimedia", "urls", "huggingface", "imagefolder")
 PHASES = ("Pending", "Collecting", "Training", "Suspended", "Succeeded", "Failed")
@@ -359,8 +359,12 @@ class Collector(PodSettings):
     """Pods the collection is split across (an Indexed Job)."""
     workers: int = Field(default=16, ge=1, le=256)
     """Concurrent downloads per pod."""
-    timeout_seconds: float = Field(default=30.0, gt=0)
-    """Per-request timeout."""
+    timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """Per-request timeout: to connect, and between two reads. A whole download (retries and
+    redirects included) may take four times as long."""
+    active_deadline_seconds: int | None = Field(default=None, ge=60, le=604_800)
+    """Fail the collection when it has run this long; unset means one day (and never longer
+    than `runPolicy.activeDeadlineSeconds`)."""
 
 
 class CredentialsSecretRef(ApiModel):

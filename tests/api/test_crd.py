@@ -105,6 +105,8 @@ def test_crd_metadata_columns_and_subresources(crd_doc: dict[str, Any]) -> None:
     assert spec["group"] == "kubetune.dev" and spec["scope"] == "Namespaced"
     assert spec["names"]["kind"] == "FineTuneJob" and spec["names"]["plural"] == "finetunejobs"
     assert "ftj" in spec["names"]["shortNames"] and spec["names"]["categories"]
+    # `kubectl get all` (and `kubectl delete all --all`) must not take FineTuneJobs with it
+    assert "all" not in spec["names"]["categories"]
     version = spec["versions"][0]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     columns = {c["name"] for c in version["additionalPrinterColumns"]}
