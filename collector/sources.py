@@ -30,7 +30,8 @@ from urllib3.util.retry import Retry
 
 from kubetune import __version__
 from kubetune.api import models
-from kubetune.collector.errors import RetryableError, SourceError
+from kubetune.api.layout import is_safe_file_name
+from kubetune.collector.errors import RetryableError, Skip, SourceError
 from kubetune.collector.images import clean_caption
 from kubetune.storage import StorageError, Store
 
@@ -525,8 +526,14 @@ class HubDataset(Source):
         if isinstance(value, str) and value.startswith(("http://", "https://")):
             return Candidate(key=candidate_key("huggingface", value, caption), caption=caption, source="huggingface", url=value)
         data = value.get("bytes") if isinstance(value, dict) else value if isinstance(value, bytes) else None
-        if data is None and isinstance(value, dict) and value.get("path") and os.path.isfile(value["path"]):
-            data = Path(value["path"]).read_bytes()
+        if data is None and isinstance(value, dict) and value.get("path"):
+            # a file path is read only inside a local dataset folder; a hub row's path must
+            # not make the pod read its own files
+            path = Path(os.path.realpath(value["path"]))
+            if not (os.path.isdir(self.spec.name) and path.is_relative_to(os.path.realpath(self.spec.name))):
+                return Candidate(key=candidate_key("huggingface", self.spec.name, str(path), caption), caption=caption,
+                                 source="huggingface", load=_unsafe_path)
+            data = path.read_bytes() if path.is_file() else None
         data = data or b""
         return Candidate(
             key=candidate_key("huggingface", self.spec.name, hashlib.sha256(data).hexdigest(), caption), caption=caption,
@@ -570,6 +577,9 @@ class ImageFolder(Source):
                 key=candidate_key("imagefolder", store.uri_of(key)), caption=caption, source=str(row.get("source") or "imagefolder"),
                 url=str(row.get("url") or ""), license=str(row.get("license") or ""), author=str(row.get("author") or ""),
                 page=str(row.get("page") or ""), load=lambda key=key: _read_image(store, key),  # type: ignore[misc]
+            ) if is_safe_file_name(file_name) else Candidate(
+                key=candidate_key("imagefolder", store.uri_of(folder), file_name), caption=caption,
+                source="imagefolder", load=_unsafe_path,
             )
 
     def _locate(self) -> tuple[Store, str]:
@@ -583,9 +593,11 @@ class ImageFolder(Source):
         raise SourceError(f"imagefolder: no metadata.jsonl or train/metadata.jsonl in {self.spec.uri}")
 
 
-def _read_image(store: Store, key: str) -> bytes:
-    from kubetune.collector.errors import Skip
+def _unsafe_path() -> bytes:
+    raise Skip("unsafe-path", "absolute, or with '..': outside the dataset")
 
+
+def _read_image(store: Store, key: str) -> bytes:
     try:
         return store.read_bytes(key)
     except FileNotFoundError:

@@ -54,6 +54,14 @@ EXIT_INVALID = 2         # bad input (flags, spec, data, missing model): retryin
 EXIT_PREEMPTED = 75      # EX_TEMPFAIL: stopped by SIGTERM after saving a checkpoint; resume later
 
 
+def is_safe_file_name(name: str) -> bool:
+    """A metadata.jsonl `file_name` stays inside its folder: relative, no `..`, no backslash or
+    NUL (a local store would follow `../../etc/passwd` or `/proc/self/environ` out of it)."""
+    if not name or name.startswith("/") or "\\" in name or "\x00" in name:
+        return False
+    return ".." not in name.split("/")
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
