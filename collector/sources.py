@@ -422,11 +422,15 @@ class UrlList(Source):
                                 license=str(row.get("license") or ""), author=str(row.get("author") or ""))
 
     def _rows(self, path: Path) -> Iterator[dict[str, Any]]:
+        """The rows; errors name the list, a line and a column, never the text there (the file
+        may not be a URL list at all, and its content must not reach logs or pod status)."""
         columns = (self.spec.url_column, self.spec.caption_column)
+        where = self.spec.uri
         try:
             if self.format == "jsonl":
                 with open(path, encoding="utf-8") as handle:
                     for number, line in enumerate(handle, 1):
+                        where = f"{self.spec.uri} line {number}"
                         if line.strip():
                             row = json.loads(line)
                             if not isinstance(row, dict):
@@ -436,7 +440,9 @@ class UrlList(Source):
                 with open(path, encoding="utf-8", newline="") as handle:
                     reader = csv.DictReader(handle)
                     _require_columns(reader.fieldnames or [], columns, self.spec.uri)
-                    yield from reader
+                    for row in reader:
+                        where = f"{self.spec.uri} line {reader.line_num}"
+                        yield row
             else:
                 import pyarrow.parquet as pq
 
@@ -444,16 +450,25 @@ class UrlList(Source):
                 _require_columns(parquet.schema_arrow.names, columns, self.spec.uri)
                 for batch in parquet.iter_batches(batch_size=4096):
                     yield from batch.to_pylist()
-        except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as error:
-            raise SourceError(f"urls: {self.spec.uri} is not valid {self.format}: {error}") from None
+        except json.JSONDecodeError as error:
+            raise SourceError(f"urls: {where} column {error.colno} is not valid JSON: {error.msg}") from None
+        except UnicodeDecodeError as error:
+            raise SourceError(f"urls: {self.spec.uri} is not UTF-8 text (byte {error.start})") from None
+        except csv.Error:
+            raise SourceError(f"urls: {where} is not valid csv") from None
         except OSError as error:
-            raise SourceError(f"urls: cannot read {self.spec.uri}: {error}") from None
+            raise SourceError(f"urls: cannot read {self.spec.uri}: {error.strerror or type(error).__name__}") from None
+        except Exception as error:  # pyarrow's errors quote what they could not parse
+            if type(error).__module__.startswith("pyarrow"):
+                raise SourceError(f"urls: {self.spec.uri} is not valid parquet") from None
+            raise
 
 
 def _require_columns(names: list[str], wanted: tuple[str, ...], uri: str) -> None:
+    """The header is the file's content: only how many columns it has is said, not their names."""
     missing = [c for c in wanted if c not in names]
     if missing:
-        raise SourceError(f"urls: {uri} has no column {missing[0]!r} (columns: {', '.join(names) or 'none'})")
+        raise SourceError(f"urls: {uri} has no column {missing[0]!r} ({len(names)} other columns)")
 
 
 class _local_copy:
@@ -464,6 +479,9 @@ class _local_copy:
         self.tmp: tempfile.TemporaryDirectory[str] | None = None
 
     def __enter__(self) -> Path:
+        if not self.uri.startswith("s3://") and os.environ.get("KUBETUNE_FINETUNEJOB"):
+            # in a pod of the operator: a "local" file is the pod's own (/proc/self/environ)
+            raise SourceError("urls: in a FineTuneJob the list must be in S3 (s3://bucket/key)")
         if not self.uri.startswith("s3://"):
             path = Path(self.uri)
             if not path.is_file():
