@@ -293,7 +293,7 @@ def pod_scheduling(settings: PodSettings) -> dict[str, Any]:
     if settings.node_selector:
         pod["nodeSelector"] = dict(settings.node_selector)
     if settings.tolerations:
-        pod["tolerations"] = [dict(t) for t in settings.tolerations]
+        pod["tolerations"] = [t.model_dump(by_alias=True, exclude_defaults=True) for t in settings.tolerations]
     if settings.affinity:
         pod["affinity"] = dict(settings.affinity)
     if settings.priority_class_name:

@@ -222,7 +222,7 @@ def test_trainer_scheduling_resources_and_shared_memory_come_from_the_spec() -> 
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert pod["restartPolicy"] == "Never"
     # The spec did not touch the user's resources object.
-    assert "nvidia.com/gpu" not in spec.trainer.resources.get("limits", {})
+    assert "nvidia.com/gpu" not in spec.trainer.resources.limits
 
 
 def test_kueue_queue_label_and_jobs_start_suspended() -> None:
