@@ -108,11 +108,11 @@ class Fetcher:
         The whole download (redirects, retries, backoff and the body) must end within
         `total_timeout` seconds (default 4 x `timeout`): a server dripping a byte a second
         would otherwise hold a worker for as long as it likes."""
-        deadline = time.monotonic() + (self.total_timeout or 4 * self.timeout)
+        deadline = time.monotonic() + self._total()
         for _ in range(MAX_REDIRECTS + 1):
             response = self._request(url, headers or {}, deadline)
             if response.status in (301, 302, 303, 307, 308) and response.headers.get("Location"):
-                response.drain_conn()
+                response.close()  # not drained: a redirect's body could drip past the deadline
                 response.release_conn()
                 try:
                     url = urljoin(url, response.headers["Location"])
@@ -128,6 +128,9 @@ class Fetcher:
                 response.release_conn()
             return body
         raise Skip("too-many-redirects", url[:200])
+
+    def _total(self) -> float:
+        return self.total_timeout or 4 * self.timeout
 
     def _request(self, url: str, headers: dict[str, str], deadline: float) -> Any:
         try:
@@ -145,14 +148,16 @@ class Fetcher:
         left = _time_left(deadline)
         retry = CappedRetry(
             total=self.retries, connect=self.retries, read=min(1, self.retries), status=self.retries, other=0,
-            redirect=False, status_forcelist=RETRY_STATUSES, backoff_factor=0.5, backoff_max=min(30, left),
+            redirect=False, status_forcelist=RETRY_STATUSES, backoff_factor=0.5,
+            backoff_max=min(30, left),
             respect_retry_after_header=True, raise_on_status=False, allowed_methods=None,
         )
         try:
             response = pool.urlopen(
                 "GET", path, headers={"Host": host_header, "User-Agent": self.user_agent, **headers},
                 retries=retry, preload_content=False, redirect=False, assert_same_host=False,
-                timeout=urllib3.Timeout(connect=min(self.timeout, left), read=min(self.timeout, left)),
+                timeout=urllib3.Timeout(connect=min(self.timeout, left),
+                                        read=min(self.timeout, left)),
             )
         except urllib3.exceptions.MaxRetryError as error:
             raise _skip_for(error.reason) from None
@@ -167,7 +172,7 @@ class Fetcher:
         if time.monotonic() > deadline:  # retries and backoff used up the time
             response.close()
             response.release_conn()
-            raise Skip("timeout", f"no answer within {self.total_timeout or 4 * self.timeout:g} s")
+            raise Skip("timeout", f"no answer within {self._total():g} s")
         return response
 
     def _read_body(self, response: Any, deadline: float) -> bytes:
@@ -189,7 +194,7 @@ class Fetcher:
                     raise Skip("too-large", f"over {self.max_bytes} bytes")
                 chunks.append(chunk)
                 if time.monotonic() > deadline:
-                    raise Skip("timeout", f"download took over {self.total_timeout or 4 * self.timeout:g} s")
+                    raise Skip("timeout", f"download took over {self._total():g} s")
         except (urllib3.exceptions.HTTPError, OSError) as error:
             raise _skip_for(error) from None
         return b"".join(chunks)

@@ -57,7 +57,8 @@ class PixelBudget:
     @contextmanager
     def hold(self, cost: int) -> Iterator[None]:
         if cost > self.capacity:
-            raise Skip("too-many-pixels", f"decoding needs ~{cost >> 20} MiB, over the {self.capacity >> 20} MiB budget")
+            needed, budget = cost >> 20, self.capacity >> 20
+            raise Skip("too-many-pixels", f"needs ~{needed} MiB, over the {budget} MiB budget")
         with self._cond:
             self._cond.wait_for(lambda: self.used + cost <= self.capacity)
             self.used += cost
@@ -70,7 +71,8 @@ class PixelBudget:
                 self._cond.notify_all()
 
 
-CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"),                      # cgroup v2
+                 Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))    # cgroup v1
 UNLIMITED_BUDGET = 2 << 30   # no memory limit found: 2 GiB of pixels
 MIN_BUDGET = 256 << 20
 

@@ -451,13 +451,15 @@ class UrlList(Source):
                 for batch in parquet.iter_batches(batch_size=4096):
                     yield from batch.to_pylist()
         except json.JSONDecodeError as error:
-            raise SourceError(f"urls: {where} column {error.colno} is not valid JSON: {error.msg}") from None
+            problem = f"column {error.colno} is not valid JSON: {error.msg}"
+            raise SourceError(f"urls: {where} {problem}") from None
         except UnicodeDecodeError as error:
-            raise SourceError(f"urls: {self.spec.uri} is not UTF-8 text (byte {error.start})") from None
+            raise SourceError(f"urls: {self.spec.uri} is not UTF-8 (byte {error.start})") from None
         except csv.Error:
             raise SourceError(f"urls: {where} is not valid csv") from None
         except OSError as error:
-            raise SourceError(f"urls: cannot read {self.spec.uri}: {error.strerror or type(error).__name__}") from None
+            reason = error.strerror or type(error).__name__
+            raise SourceError(f"urls: cannot read {self.spec.uri}: {reason}") from None
         except Exception as error:  # pyarrow's errors quote what they could not parse
             if type(error).__module__.startswith("pyarrow"):
                 raise SourceError(f"urls: {self.spec.uri} is not valid parquet") from None
@@ -548,9 +550,10 @@ class HubDataset(Source):
             # a file path is read only inside a local dataset folder; a hub row's path must
             # not make the pod read its own files
             path = Path(os.path.realpath(value["path"]))
-            if not (os.path.isdir(self.spec.name) and path.is_relative_to(os.path.realpath(self.spec.name))):
-                return Candidate(key=candidate_key("huggingface", self.spec.name, str(path), caption), caption=caption,
-                                 source="huggingface", load=_unsafe_path)
+            folder = self.spec.name
+            if not (os.path.isdir(folder) and path.is_relative_to(os.path.realpath(folder))):
+                return Candidate(key=candidate_key("huggingface", folder, str(path), caption),
+                                 caption=caption, source="huggingface", load=_unsafe_path)
             data = path.read_bytes() if path.is_file() else None
         data = data or b""
         return Candidate(

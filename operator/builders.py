@@ -293,7 +293,8 @@ def pod_scheduling(settings: PodSettings) -> dict[str, Any]:
     if settings.node_selector:
         pod["nodeSelector"] = dict(settings.node_selector)
     if settings.tolerations:
-        pod["tolerations"] = [t.model_dump(by_alias=True, exclude_defaults=True) for t in settings.tolerations]
+        pod["tolerations"] = [t.model_dump(by_alias=True, exclude_defaults=True)
+                              for t in settings.tolerations]
     if settings.affinity:
         pod["affinity"] = dict(settings.affinity)
     if settings.priority_class_name:
@@ -353,7 +354,8 @@ def collector_job(spec: FineTuneJobSpec, owner: Owner, images: Images = Images()
         "securityContext": pod_security_context(),
         "containers": [
             {**container(spec, owner, COLLECTOR, settings.image or images.collector,
-                         ["kubetune", "collect", "--spec", f"env:{SPEC_ENV}"], collector_resources(settings)),
+                         ["kubetune", "collect", "--spec", f"env:{SPEC_ENV}"],
+                         collector_resources(settings)),
              "volumeMounts": [tmp_mount]},
         ],
         "volumes": [tmp],

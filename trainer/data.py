@@ -100,8 +100,8 @@ def open_imagefolder(uri: str, image_column: str, caption_column: str) -> Traini
         manifest = None
     for number, row in enumerate(rows, 1):
         if not isinstance(row.get("file_name"), str) or not is_safe_file_name(row["file_name"]):
-            raise DataError(f"{store.uri_of(key)} row {number}: file_name must be a path inside the dataset "
-                            "(relative, without '..')")
+            raise DataError(f"{store.uri_of(key)} row {number}: file_name must be a path inside "
+                            "the dataset (relative, without '..')")
     files = [f"{prefix}/{row['file_name']}".lstrip("/") for row in rows]
     captions = [_caption(row.get(caption_column), caption_column) for row in rows]
     fingerprint = hashlib.sha256(raw + json.dumps(manifest or {}, sort_keys=True).encode()).hexdigest()[:16]

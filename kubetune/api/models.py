@@ -51,8 +51,10 @@ Text = Annotated[str, StringConstraints(min_length=1, max_length=1000, pattern=N
 Column = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=NO_CONTROL)]
 Uri = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=NO_CONTROL)]
 ObjectName = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
-OptionalObjectName = Annotated[str, StringConstraints(max_length=253, pattern=f"^$|{DNS_SUBDOMAIN}")]
-SecretKey = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
+OptionalObjectName = Annotated[
+    str, StringConstraints(max_length=253, pattern=f"^$|{DNS_SUBDOMAIN}")]
+SecretKey = Annotated[
+    str, StringConstraints(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
 LabelValue = Annotated[str, StringConstraints(max_length=63, pattern=LABEL_VALUE)]
 QuantityStr = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=QUANTITY)]
 
@@ -71,11 +73,17 @@ Quantity = Annotated[
     int | str, PlainValidator(_quantity),
     WithJsonSchema({"x-kubernetes-int-or-string": True, "maxLength": 64, "pattern": QUANTITY}),
 ]
-S3Uri = Annotated[str, StringConstraints(max_length=1024, pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\x00-\x1f\x7f]*)?$")]
+S3Uri = Annotated[str, StringConstraints(
+    max_length=1024, pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\x00-\x1f\x7f]*)?$")]
 # A URI pods read: in a cluster only s3:// (a local path would be the pod's own file, e.g.
 # /proc/self/environ). Local runs (`kubetune run`, `kubetune collect`) may name local files,
 # so the pattern is the API server's alone; operator pods refuse local lists themselves.
-ClusterUri = Annotated[Uri, Field(json_schema_extra={"pattern": r"^s3://[a-z0-9][-a-z0-9.]*(/.*)?$"})]
+ClusterUri = Annotated[
+    Uri, Field(json_schema_extra={"pattern": r"^s3://[a-z0-9][-a-z0-9.]*(/.*)?$"})]
+License = Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[a-z0-9.+-]+$")]
+Split = Annotated[
+    str, StringConstraints(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9._+\[\]:%-]+$")]
+Revision = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=REVISION)]
 
 
 class ApiModel(BaseModel):
@@ -154,8 +162,7 @@ class OpenverseSource(PromptSearch):
     license_type: Literal["all", "all-cc", "commercial", "modification"] = "all"
     """Openverse `license_type` filter: `commercial` allows commercial use, `modification`
     allows derivatives."""
-    licenses: list[Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[a-z0-9.+-]+$")]] = Field(
-        default_factory=list, max_length=32)
+    licenses: list[License] = Field(default_factory=list, max_length=32)
     """Openverse `license` filter, e.g. `by`, `by-sa`, `cc0`, `pdm`. Empty means any."""
     client_id_secret_ref: SecretKeyRef | None = None
     """Secret key holding an Openverse OAuth client id (raises the anonymous rate limit)."""
@@ -189,7 +196,7 @@ class HuggingFaceSource(ApiModel):
 
     name: Annotated[str, StringConstraints(min_length=1, max_length=1024, pattern=NO_CONTROL)]
     """Dataset repository id, e.g. `lambdalabs/naruto-blip-captions`."""
-    split: Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9._+\[\]:%-]+$")] = "train"
+    split: Split = "train"
     """Split to read."""
     revision: Annotated[str, StringConstraints(max_length=256, pattern=REVISION)] = ""
     """Git revision of the dataset repository; empty means the default branch."""
@@ -275,7 +282,7 @@ class BaseModelSpec(ApiModel):
     base: Uri
     """Hugging Face Hub id (e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`) or an `s3://`
     folder holding a diffusers pipeline."""
-    revision: Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=REVISION)] = "main"
+    revision: Revision = "main"
     """Hub revision (branch, tag or commit)."""
     variant: Annotated[str, StringConstraints(max_length=64, pattern=r"^[A-Za-z0-9._-]*$")] = ""
     """Weights variant to load, e.g. `fp16`; empty loads the default weights."""
@@ -373,7 +380,8 @@ class ResourceRequirements(ApiModel):
 
     def items(self) -> list[tuple[str, dict[str, int | str]]]:
         """The set kinds as a Pod spec writes them (`requests`, `limits`)."""
-        return [(kind, dict(values)) for kind, values in (("requests", self.requests), ("limits", self.limits)) if values]
+        kinds = (("requests", self.requests), ("limits", self.limits))
+        return [(kind, dict(values)) for kind, values in kinds if values]
 
 
 class Toleration(ApiModel):
@@ -402,7 +410,8 @@ class PodSettings(ApiModel):
     """Node labels the pods must match."""
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
     """Pod tolerations, as in a Pod spec."""
-    affinity: FreeForm = Field(default_factory=dict, max_length=3, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    affinity: FreeForm = Field(default_factory=dict, max_length=3,
+                               json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
     """Pod affinity, as in a Pod spec."""
     priority_class_name: OptionalObjectName = ""
     """PriorityClass of the pods."""
@@ -451,7 +460,8 @@ class Storage(ApiModel):
     uri: S3Uri = Field(json_schema_extra=validations(("self == oldSelf", "storage.uri is immutable")))
     """`s3://bucket/prefix/`. The dataset, cache, checkpoints, samples, progress and the final
     model live under it; deleting the FineTuneJob leaves them in place."""
-    endpoint: Annotated[str, StringConstraints(max_length=2048, pattern=r"^(https?://[^\s]+)?$")] = ""
+    endpoint: Annotated[
+        str, StringConstraints(max_length=2048, pattern=r"^(https?://[^\s]+)?$")] = ""
     """S3 endpoint URL for S3-compatible stores (MinIO, Ceph); empty uses AWS."""
     region: Annotated[str, StringConstraints(max_length=64, pattern=r"^[a-z0-9-]*$")] = ""
     """S3 region; empty uses the SDK's default."""
@@ -467,7 +477,8 @@ class RunPolicy(ApiModel):
     use this budget."""
     active_deadline_seconds: int | None = Field(default=None, ge=1, le=31_536_000)
     """Fail the job when it has run this long."""
-    queue_name: Annotated[str, StringConstraints(max_length=63, pattern=r"^$|^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")] = ""
+    queue_name: Annotated[str, StringConstraints(
+        max_length=63, pattern=r"^$|^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")] = ""
     """Kueue LocalQueue; when set, child Jobs are created suspended for Kueue to admit."""
 
 

@@ -39,10 +39,12 @@ def host() -> Iterator[StandIn]:
         yield stand_in
 
 
-@pytest.mark.parametrize("location", ["http://example.org:70000/x.jpg", "http://[::1/x.jpg", "http://[zz]:80/x"])
+@pytest.mark.parametrize("location", ["http://example.org:70000/x.jpg", "http://[::1/x.jpg",
+                                      "http://[zz]:80/x"])
 def test_a_redirect_to_a_malformed_url_is_a_bad_url_skip(host: StandIn, location: str) -> None:
     host.route("/moved", lambda _: Reply(302, headers={"Location": location}))
-    fetcher = Fetcher(NetworkPolicy(allow_hosts=frozenset({f"127.0.0.1:{host.port}"})), timeout=1, retries=0)
+    policy = NetworkPolicy(allow_hosts=frozenset({f"127.0.0.1:{host.port}"}))
+    fetcher = Fetcher(policy, timeout=1, retries=0)
     with pytest.raises(Skip) as caught:
         fetcher.get(host.url("/moved"))
     assert caught.value.reason == "bad-url"
@@ -79,7 +81,8 @@ def dripping() -> Iterator[str]:
 
 
 def test_a_dripping_download_ends_at_the_total_deadline(dripping: str) -> None:
-    fetcher = Fetcher(NetworkPolicy(allow_private=True), timeout=0.5, retries=0)  # deadline 4 x 0.5 s
+    # the whole download's deadline: 4 x 0.5 s
+    fetcher = Fetcher(NetworkPolicy(allow_private=True), timeout=0.5, retries=0)
     started = time.monotonic()
     with pytest.raises(Skip) as caught:
         fetcher.get(dripping)
@@ -128,7 +131,8 @@ def test_ipv6_embedding_a_public_ipv4_is_public(address: str) -> None:
 
 
 @pytest.mark.parametrize("address", EMBEDDED_PRIVATE[:4])
-def test_a_url_at_an_embedded_private_address_is_refused_before_connecting(address: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_url_at_an_embedded_private_address_is_refused_before_connecting(
+        address: str, monkeypatch: pytest.MonkeyPatch) -> None:
     def no_connect(*args: object, **kwargs: object) -> None:
         raise AssertionError("connected")
 

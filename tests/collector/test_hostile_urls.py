@@ -89,7 +89,7 @@ def hostile() -> Any:
             ("ftp", "ftp://example.org/a.jpg", "not http"),
             ("port-too-big", "http://example.org:99999/a.jpg", "a port over 65535"),
             ("broken-bracket", "http://[::1/a.jpg", "a broken IPv6 literal"),
-            ("nat64-metadata", "http://[64:ff9b::a9fe:a9fe]/latest/meta-data/", "NAT64 of link-local"),
+            ("nat64-metadata", "http://[64:ff9b::a9fe:a9fe]/latest/", "NAT64 of link-local"),
             ("no-caption", h("/good.jpg?again"), "   "),
         ]
         yield host, private, rows, attempts

@@ -12,14 +12,22 @@ from PIL import Image
 
 from kubetune.collector import images
 from kubetune.collector.errors import Skip
-from kubetune.collector.images import ImageSettings, PixelBudget, budget_for, clean, decode_cost, memory_limit
+from kubetune.collector.images import (
+    ImageSettings,
+    PixelBudget,
+    budget_for,
+    clean,
+    decode_cost,
+    memory_limit,
+)
 
 SETTINGS = ImageSettings(size=64, min_size=32)
 
 
 def png(width: int, height: int, mode: str = "RGBA") -> bytes:
     out = io.BytesIO()
-    Image.new(mode, (width, height), (10, 20, 30, 128) if mode == "RGBA" else (10, 20, 30)).save(out, format="PNG")
+    color = (10, 20, 30, 128) if mode == "RGBA" else (10, 20, 30)
+    Image.new(mode, (width, height), color).save(out, format="PNG")
     return out.getvalue()
 
 

@@ -23,11 +23,14 @@ def test_imagefolder_entries_outside_the_folder_are_skipped(collect: Any, tmp_pa
     (folder / "good.jpg").write_bytes(photo(100, 100, 2))
     rows = [("good.jpg", "inside"), ("../outside.jpg", "climbs out"), (str(outside), "absolute"),
             ("sub/../../outside.jpg", "climbs out later")]
-    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": t}) + "\n" for n, t in rows))
+    lines = [json.dumps({"file_name": name, "text": text}) + "\n" for name, text in rows]
+    (folder / "metadata.jsonl").write_text("".join(lines))
     out = tmp_path / "out"
-    result = collect("--from", str(folder), "--output", str(out), "--size", "64", "--min-size", "64")
+    result = collect("--from", str(folder), "--output", str(out), "--size", "64",
+                     "--min-size", "64")
     assert result.code == 0, result.stderr
-    kept = [json.loads(line)["text"] for line in (out / "train" / "metadata.jsonl").read_text().splitlines()]
+    metadata = (out / "train" / "metadata.jsonl").read_text().splitlines()
+    kept = [json.loads(line)["text"] for line in metadata]
     assert kept == ["inside"]
     counts = json.loads((out / "manifest.json").read_text())["counts"]
     assert counts["skipped"] == {"unsafe-path": 3}
@@ -42,7 +45,8 @@ def test_a_hub_row_path_outside_a_local_dataset_is_not_read(tmp_path: Path) -> N
     secret.write_bytes(photo(100, 100, 1))
     for name in ("org/remote-dataset", str(tmp_path / "dataset")):
         (tmp_path / "dataset").mkdir(exist_ok=True)
-        for path in (str(secret), "/proc/self/environ", str(tmp_path / "dataset" / ".." / "secret.jpg")):
+        climbing = str(tmp_path / "dataset" / ".." / "secret.jpg")
+        for path in (str(secret), "/proc/self/environ", climbing):
             candidate = hub(name)._candidate({"image": {"bytes": None, "path": path}, "text": "x"})
             assert candidate.load is not None
             with pytest.raises(Skip) as caught:
@@ -54,5 +58,6 @@ def test_a_hub_row_path_inside_a_local_dataset_is_read(tmp_path: Path) -> None:
     (tmp_path / "dataset").mkdir()
     image = tmp_path / "dataset" / "a.jpg"
     image.write_bytes(b"jpeg bytes")
-    candidate = hub(str(tmp_path / "dataset"))._candidate({"image": {"bytes": None, "path": str(image)}, "text": "x"})
+    row = {"image": {"bytes": None, "path": str(image)}, "text": "x"}
+    candidate = hub(str(tmp_path / "dataset"))._candidate(row)
     assert candidate.load is not None and candidate.load() == b"jpeg bytes"

@@ -287,9 +287,11 @@ def test_pods_meet_the_restricted_pod_security_standard_with_a_writable_tmp() ->
 # -- hardening (#13) ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("build", [lambda s: b.collector_job(s, OWNER), lambda s: b.trainer_job(s, OWNER)], ids=["collector", "trainer"])
+@pytest.mark.parametrize("build", [lambda s: b.collector_job(s, OWNER),
+                                   lambda s: b.trainer_job(s, OWNER)], ids=["collector", "trainer"])
 def test_pods_get_no_service_account_token(build: Any) -> None:
-    pod = build(make_spec(trainer={"serviceAccountName": "s3-reader"}, collector={"serviceAccountName": "s3-reader"}))
+    account = {"serviceAccountName": "s3-reader"}
+    pod = build(make_spec(trainer=account, collector=account))
     assert pod["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
 
 
@@ -304,8 +306,10 @@ def test_collector_pods_have_default_requests_and_a_memory_limit() -> None:
     ({"requests": {"cpu": "2"}, "limits": {"cpu": "2"}},
      {"requests": {"cpu": "2", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}}),
 ])
-def test_collector_resources_from_the_spec_win_over_the_defaults(given: dict[str, Any], expected: dict[str, Any]) -> None:
-    resources = container_of(b.collector_job(make_spec(collector={"resources": given}), OWNER))["resources"]
+def test_collector_resources_from_the_spec_win_over_the_defaults(given: dict[str, Any],
+                                                                 expected: dict[str, Any]) -> None:
+    job = b.collector_job(make_spec(collector={"resources": given}), OWNER)
+    resources = container_of(job)["resources"]
     assert resources == expected
 
 
@@ -315,6 +319,7 @@ def test_collector_resources_from_the_spec_win_over_the_defaults(given: dict[str
     ({}, {"activeDeadlineSeconds": 600}, 600),
     ({"activeDeadlineSeconds": 3600}, {"activeDeadlineSeconds": 7200}, 3600),
 ])
-def test_collector_jobs_have_an_active_deadline(collector: dict[str, Any], run_policy: dict[str, Any], expected: int) -> None:
+def test_collector_jobs_have_an_active_deadline(collector: dict[str, Any],
+                                               run_policy: dict[str, Any], expected: int) -> None:
     job = b.collector_job(make_spec(collector=collector, runPolicy=run_policy), OWNER)
     assert job["spec"]["activeDeadlineSeconds"] == expected
