@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urljoin, urlsplit
 
 import certifi
@@ -42,6 +42,23 @@ class CappedRetry(Retry):
     def get_retry_after(self, response: Any) -> float | None:
         value = super().get_retry_after(response)
         return None if value is None else min(value, self.backoff_max)
+
+
+class DeadlineRetry(CappedRetry):
+    """CappedRetry that is spent when the download's deadline has passed: retries and their
+    backoff happen inside urllib3, so the deadline must be checked there too."""
+
+    def __init__(self, *args: Any, deadline: float = float("inf"), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+
+    def new(self, **kwargs: Any) -> DeadlineRetry:
+        retry = cast(DeadlineRetry, super().new(**kwargs))
+        retry.deadline = self.deadline
+        return retry
+
+    def is_exhausted(self) -> bool:
+        return super().is_exhausted() or time.monotonic() >= self.deadline
 
 
 @dataclass(frozen=True)
@@ -146,11 +163,12 @@ class Fetcher:
         host_header = parts.netloc.rsplit("@", 1)[-1]
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         left = _time_left(deadline)
-        retry = CappedRetry(
+        retry = DeadlineRetry(
             total=self.retries, connect=self.retries, read=min(1, self.retries), status=self.retries, other=0,
             redirect=False, status_forcelist=RETRY_STATUSES, backoff_factor=0.5,
             backoff_max=min(30, left),
             respect_retry_after_header=True, raise_on_status=False, allowed_methods=None,
+            deadline=deadline,
         )
         try:
             response = pool.urlopen(

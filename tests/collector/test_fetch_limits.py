@@ -140,3 +140,14 @@ def test_a_url_at_an_embedded_private_address_is_refused_before_connecting(
     with pytest.raises(Skip) as caught:
         Fetcher(timeout=1, retries=0).get(f"http://[{address}]/latest/meta-data/")
     assert caught.value.reason == "private-address"
+
+
+def test_retries_and_their_backoff_end_at_the_total_deadline(host: StandIn) -> None:
+    host.route("/busy.jpg", lambda _: Reply(503, b"busy", "text/plain", {"Retry-After": "1"}))
+    fetcher = Fetcher(NetworkPolicy(allow_private=True), timeout=0.5, retries=10)  # deadline 2 s
+    started = time.monotonic()
+    with pytest.raises(Skip) as caught:
+        fetcher.get(host.url("/busy.jpg"))
+    assert caught.value.reason in ("http-503", "timeout")
+    assert time.monotonic() - started < 3.0
+    assert host.count("/busy.jpg") <= 4
