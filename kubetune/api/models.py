@@ -71,7 +71,8 @@ def _quantity(value: Any) -> int | str:
 # an error names the field and not a union member
 Quantity = Annotated[
     int | str, PlainValidator(_quantity),
-    WithJsonSchema({"x-kubernetes-int-or-string": True, "maxLength": 64, "pattern": QUANTITY}),
+    WithJsonSchema({"x-kubernetes-int-or-string": True, "minimum": 0, "maximum": 10**15,
+                    "maxLength": 64, "pattern": QUANTITY}),
 ]
 S3Uri = Annotated[str, StringConstraints(
     max_length=1024, pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\x00-\x1f\x7f]*)?$")]

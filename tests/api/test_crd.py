@@ -220,6 +220,7 @@ BOUNDS: list[tuple[str, str, Any, str | None]] = [
      f"{TR}.resources.limits.memory"),
     ("resources-negative", f"{CO}.resources", {"requests": {"cpu": "-1"}},
      f"{CO}.resources.requests.cpu"),
+    ("resources-negative-int", f"{TR}.resources", {"limits": {"cpu": -2}}, f"{TR}.resources.limits.cpu"),
     ("resources-unknown-kind", f"{TR}.resources", {"claims": []}, f"{TR}.resources.claims"),
     ("node-selector-value", f"{TR}.nodeSelector", {"zone": "a b"}, f"{TR}.nodeSelector.zone"),
     ("toleration-operator", f"{TR}.tolerations", [{"key": "k", "operator": "Maybe"}],
@@ -350,3 +351,11 @@ def test_spec_reference_is_generated_from_the_crd() -> None:
     for field in ("imagesPerPrompt", "mixedPrecision", "gpusPerNode", "backoffLimit", "accessKeySecretRef"):
         assert f"`{field}`" in reference
 
+
+
+def test_quantities_may_be_integers_or_strings(schema: dict[str, Any]) -> None:
+    obj = minimal()
+    resources = {"requests": {"cpu": 2, "memory": "16Gi"}, "limits": {"cpu": "1500m", "memory": "1.5e9"}}
+    obj["spec"]["trainer"] = {"resources": resources, "shmSize": "64Gi"}
+    assert crd_errors(schema, obj) == []
+    assert model_error(obj) is None
