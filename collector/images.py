@@ -109,9 +109,10 @@ def default_budget() -> PixelBudget:
 
 # Bytes per pixel Pillow stores for a mode (RGB is padded to 4); other modes count as 4.
 _PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2}
-# On top of the decoded image: a transposed or converted copy, the alpha channel and the RGB
-# result at full size (4 + 1 + 4 bytes), plus slack for the resampler's intermediate.
-_WORKING_BYTES = 12
+# On top of the decoded image, at full size: the RGB result of compositing onto white and the
+# alpha channel (4 + 1 bytes), or a transposed copy (4), plus slack for the resampler. Measured:
+# a 36-megapixel RGBA PNG peaks at ~9 bytes a pixel (it was ~17 before the copies were cut).
+_WORKING_BYTES = 8
 
 
 def decode_cost(image: Image.Image) -> int:
