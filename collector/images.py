@@ -5,9 +5,13 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import threading
 import unicodedata
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -36,8 +40,91 @@ class CleanImage:
     perceptual_hash: str  # pHash, for near-duplicates
 
 
-def clean(data: bytes, settings: ImageSettings, perceptual: bool = False) -> CleanImage:
+class PixelBudget:
+    """Bytes of decoded pixels that all workers of a process may hold at once.
+
+    An image's bytes say little about its pixels: a 1.4 MB PNG can decode to 81 megapixels and
+    1.3 GB. Each decode holds its estimated cost here, waiting while others use the budget, so
+    16 workers cannot take 16 times that; an image that costs more than the whole budget is
+    skipped ("too-many-pixels")."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, cost: int) -> Iterator[None]:
+        if cost > self.capacity:
+            needed, budget = cost >> 20, self.capacity >> 20
+            raise Skip("too-many-pixels", f"needs ~{needed} MiB, over the {budget} MiB budget")
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + cost <= self.capacity)
+            self.used += cost
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= cost
+                self._cond.notify_all()
+
+
+CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"),                      # cgroup v2
+                 Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))    # cgroup v1
+UNLIMITED_BUDGET = 2 << 30   # no memory limit found: 2 GiB of pixels
+MIN_BUDGET = 256 << 20
+
+
+def memory_limit(paths: tuple[Path, ...] = CGROUP_LIMITS) -> int | None:
+    """This container's memory limit in bytes (cgroup v2, then v1), or None when unlimited."""
+    for path in paths:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # cgroup v1 writes a huge number for no limit
+            return int(text)
+        return None
+    return None
+
+
+def budget_for(limit: int | None) -> int:
+    """Half the memory limit for decoded pixels (downloads, encoders and Python need the rest)."""
+    return UNLIMITED_BUDGET if limit is None else max(MIN_BUDGET, limit // 2)
+
+
+_default_budget: PixelBudget | None = None
+_default_lock = threading.Lock()
+
+
+def default_budget() -> PixelBudget:
+    global _default_budget
+    with _default_lock:
+        if _default_budget is None:
+            _default_budget = PixelBudget(budget_for(memory_limit()))
+        return _default_budget
+
+
+# Bytes per pixel Pillow stores for a mode (RGB is padded to 4); other modes count as 4.
+_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2}
+# On top of the decoded image, at full size: the RGB result of compositing onto white and the
+# alpha channel (4 + 1 bytes), or a transposed copy (4), plus slack for the resampler. Measured:
+# a 36-megapixel RGBA PNG peaks at ~9 bytes a pixel (it was ~17 before the copies were cut).
+_WORKING_BYTES = 8
+
+
+def decode_cost(image: Image.Image) -> int:
+    """Estimated peak bytes of decoding and cleaning `image` (after any draft reduction)."""
+    width, height = image.size
+    return width * height * (_PIXEL_BYTES.get(image.mode, 4) + _WORKING_BYTES)
+
+
+def clean(data: bytes, settings: ImageSettings, perceptual: bool = False,
+          budget: PixelBudget | None = None) -> CleanImage:
     """Decode, check, orient, convert to RGB, resize (shorter side = size) and encode as JPEG."""
+    budget = budget or default_budget()
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
@@ -49,15 +136,16 @@ def clean(data: bytes, settings: ImageSettings, perceptual: bool = False) -> Cle
             if scale < 1 and image.format == "JPEG":
                 # DCT-domain downscaling by 1/2, 1/4 or 1/8 while decoding: the biggest saving
                 image.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
-            image.load()
-            rgb = _to_rgb(ImageOps.exif_transpose(image))
+            with budget.hold(decode_cost(image)):
+                image.load()
+                ImageOps.exif_transpose(image, in_place=True)  # no copy when already upright
+                rgb = _resize_shorter_side(_to_rgb(image), settings.size)
     except Skip:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as error:
         raise Skip("too-many-pixels" if isinstance(error, Image.DecompressionBombError) else "not-an-image") from None
     except Exception as error:  # truncated or corrupt data: Pillow's decoders raise many types
         raise Skip("corrupt", f"{type(error).__name__}: {error}"[:200]) from None
-    rgb = _resize_shorter_side(rgb, settings.size)
     out = io.BytesIO()
     rgb.save(out, format="JPEG", quality=settings.quality, optimize=False)
     return CleanImage(out.getvalue(), rgb.width, rgb.height, _pixel_hash(rgb), _perceptual_hash(rgb) if perceptual else "")
@@ -68,7 +156,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background

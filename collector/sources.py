@@ -31,7 +31,8 @@ from urllib3.util.retry import Retry
 from kubetune import __version__
 from kubetune.api import models
 from kubetune.api.contracts import SOURCE_SECRET_ENV
-from kubetune.collector.errors import RetryableError, SourceError
+from kubetune.api.layout import is_safe_file_name
+from kubetune.collector.errors import RetryableError, Skip, SourceError
 from kubetune.collector.images import clean_caption
 from kubetune.storage import StorageError, Store
 
@@ -413,11 +414,15 @@ class UrlList(Source):
                                 license=str(row.get("license") or ""), author=str(row.get("author") or ""))
 
     def _rows(self, path: Path) -> Iterator[dict[str, Any]]:
+        """The rows; errors name the list, a line and a column, never the text there (the file
+        may not be a URL list at all, and its content must not reach logs or pod status)."""
         columns = (self.spec.url_column, self.spec.caption_column)
+        where = self.spec.uri
         try:
             if self.format == "jsonl":
                 with open(path, encoding="utf-8") as handle:
                     for number, line in enumerate(handle, 1):
+                        where = f"{self.spec.uri} line {number}"
                         if line.strip():
                             row = json.loads(line)
                             if not isinstance(row, dict):
@@ -427,7 +432,9 @@ class UrlList(Source):
                 with open(path, encoding="utf-8", newline="") as handle:
                     reader = csv.DictReader(handle)
                     _require_columns(reader.fieldnames or [], columns, self.spec.uri)
-                    yield from reader
+                    for row in reader:
+                        where = f"{self.spec.uri} line {reader.line_num}"
+                        yield row
             else:
                 import pyarrow.parquet as pq
 
@@ -435,16 +442,27 @@ class UrlList(Source):
                 _require_columns(parquet.schema_arrow.names, columns, self.spec.uri)
                 for batch in parquet.iter_batches(batch_size=4096):
                     yield from batch.to_pylist()
-        except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as error:
-            raise SourceError(f"urls: {self.spec.uri} is not valid {self.format}: {error}") from None
+        except json.JSONDecodeError as error:
+            problem = f"column {error.colno} is not valid JSON: {error.msg}"
+            raise SourceError(f"urls: {where} {problem}") from None
+        except UnicodeDecodeError as error:
+            raise SourceError(f"urls: {self.spec.uri} is not UTF-8 (byte {error.start})") from None
+        except csv.Error:
+            raise SourceError(f"urls: {where} is not valid csv") from None
         except OSError as error:
-            raise SourceError(f"urls: cannot read {self.spec.uri}: {error}") from None
+            reason = error.strerror or type(error).__name__
+            raise SourceError(f"urls: cannot read {self.spec.uri}: {reason}") from None
+        except Exception as error:  # pyarrow's errors quote what they could not parse
+            if type(error).__module__.startswith("pyarrow"):
+                raise SourceError(f"urls: {self.spec.uri} is not valid parquet") from None
+            raise
 
 
 def _require_columns(names: list[str], wanted: tuple[str, ...], uri: str) -> None:
+    """The header is the file's content: only how many columns it has is said, not their names."""
     missing = [c for c in wanted if c not in names]
     if missing:
-        raise SourceError(f"urls: {uri} has no column {missing[0]!r} (columns: {', '.join(names) or 'none'})")
+        raise SourceError(f"urls: {uri} has no column {missing[0]!r} ({len(names)} other columns)")
 
 
 class _local_copy:
@@ -455,6 +473,9 @@ class _local_copy:
         self.tmp: tempfile.TemporaryDirectory[str] | None = None
 
     def __enter__(self) -> Path:
+        if not self.uri.startswith("s3://") and os.environ.get("KUBETUNE_FINETUNEJOB"):
+            # in a pod of the operator: a "local" file is the pod's own (/proc/self/environ)
+            raise SourceError("urls: in a FineTuneJob the list must be in S3 (s3://bucket/key)")
         if not self.uri.startswith("s3://"):
             path = Path(self.uri)
             if not path.is_file():
@@ -517,8 +538,15 @@ class HubDataset(Source):
         if isinstance(value, str) and value.startswith(("http://", "https://")):
             return Candidate(key=candidate_key("huggingface", value, caption), caption=caption, source="huggingface", url=value)
         data = value.get("bytes") if isinstance(value, dict) else value if isinstance(value, bytes) else None
-        if data is None and isinstance(value, dict) and value.get("path") and os.path.isfile(value["path"]):
-            data = Path(value["path"]).read_bytes()
+        if data is None and isinstance(value, dict) and value.get("path"):
+            # a file path is read only inside a local dataset folder; a hub row's path must
+            # not make the pod read its own files
+            path = Path(os.path.realpath(value["path"]))
+            folder = self.spec.name
+            if not (os.path.isdir(folder) and path.is_relative_to(os.path.realpath(folder))):
+                return Candidate(key=candidate_key("huggingface", folder, str(path), caption),
+                                 caption=caption, source="huggingface", load=_unsafe_path)
+            data = path.read_bytes() if path.is_file() else None
         data = data or b""
         return Candidate(
             key=candidate_key("huggingface", self.spec.name, hashlib.sha256(data).hexdigest(), caption), caption=caption,
@@ -555,6 +583,9 @@ class ImageFolder(Source):
                 key=candidate_key("imagefolder", store.uri_of(key)), caption=caption, source=str(row.get("source") or "imagefolder"),
                 url=str(row.get("url") or ""), license=str(row.get("license") or ""), author=str(row.get("author") or ""),
                 page=str(row.get("page") or ""), load=lambda key=key: _read_image(store, key),  # type: ignore[misc]
+            ) if is_safe_file_name(file_name) else Candidate(
+                key=candidate_key("imagefolder", store.uri_of(folder), file_name), caption=caption,
+                source="imagefolder", load=_unsafe_path,
             )
 
     def _locate(self) -> tuple[Store, str]:
@@ -568,9 +599,11 @@ class ImageFolder(Source):
         raise SourceError(f"imagefolder: no metadata.jsonl or train/metadata.jsonl in {self.spec.uri}")
 
 
-def _read_image(store: Store, key: str) -> bytes:
-    from kubetune.collector.errors import Skip
+def _unsafe_path() -> bytes:
+    raise Skip("unsafe-path", "absolute, or with '..': outside the dataset")
 
+
+def _read_image(store: Store, key: str) -> bytes:
     try:
         return store.read_bytes(key)
     except FileNotFoundError:

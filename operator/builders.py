@@ -54,6 +54,13 @@ DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/kubetune-trainer:latest"
 TRAINER_GRACE_SECONDS = 300
 COLLECTOR_GRACE_SECONDS = 30
 
+# A collector Job is failed by Kubernetes after this long unless spec.collector (or a shorter
+# spec.runPolicy) says otherwise: every download has its own deadline, so a day is generous.
+COLLECTOR_DEADLINE_SECONDS = 86_400
+# Collector pods decode untrusted images; without a limit one pod could take a node's memory.
+# The collector budgets the pixels it decodes at once from the limit it finds in its cgroup.
+COLLECTOR_RESOURCES = {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
+
 # A pod hostname is `<job>-<index>` and must be a DNS label (63 chars): keep room for
 # `-train-r99-255` after the base name.
 MAX_BASE_LENGTH = 40
@@ -260,13 +267,37 @@ def pod_failure_policy(container: str) -> dict[str, Any]:
     }
 
 
+def collector_resources(settings: PodSettings) -> dict[str, Any]:
+    """spec.collector.resources, with COLLECTOR_RESOURCES for what it leaves out: the memory
+    request and limit as a pair (so a default can never fall below a request that was given),
+    and the CPU request."""
+    resources = {kind: dict(values) for kind, values in settings.resources.items()}
+    requests, limits = resources.get("requests", {}), resources.get("limits", {})
+    if "memory" not in requests and "memory" not in limits:
+        resources.setdefault("requests", {})["memory"] = COLLECTOR_RESOURCES["requests"]["memory"]
+        resources.setdefault("limits", {})["memory"] = COLLECTOR_RESOURCES["limits"]["memory"]
+    if "cpu" not in requests and "cpu" not in limits:
+        resources.setdefault("requests", {})["cpu"] = COLLECTOR_RESOURCES["requests"]["cpu"]
+    return resources
+
+
+def collector_deadline(spec: FineTuneJobSpec) -> int:
+    """activeDeadlineSeconds of the collector Job: spec.collector.activeDeadlineSeconds or the
+    default, and never past the whole job's spec.runPolicy.activeDeadlineSeconds."""
+    deadline = spec.collector.active_deadline_seconds or COLLECTOR_DEADLINE_SECONDS
+    if spec.run_policy.active_deadline_seconds:
+        deadline = min(deadline, spec.run_policy.active_deadline_seconds)
+    return deadline
+
+
 def pod_scheduling(settings: PodSettings) -> dict[str, Any]:
     """The pod-level scheduling fields a spec may set; unset ones are left out."""
     pod: dict[str, Any] = {}
     if settings.node_selector:
         pod["nodeSelector"] = dict(settings.node_selector)
     if settings.tolerations:
-        pod["tolerations"] = [dict(t) for t in settings.tolerations]
+        pod["tolerations"] = [t.model_dump(by_alias=True, exclude_defaults=True)
+                              for t in settings.tolerations]
     if settings.affinity:
         pod["affinity"] = dict(settings.affinity)
     if settings.priority_class_name:
@@ -321,22 +352,26 @@ def collector_job(spec: FineTuneJobSpec, owner: Owner, images: Images = Images()
     pod_spec = {
         "restartPolicy": "Never",  # podFailurePolicy requires it; the Job makes new pods
         "enableServiceLinks": False,  # hundreds of Services would otherwise become env vars
+        "automountServiceAccountToken": False,  # pods never call the Kubernetes API
         "terminationGracePeriodSeconds": COLLECTOR_GRACE_SECONDS,
         "securityContext": pod_security_context(),
         "containers": [
             {**container(spec, owner, COLLECTOR, settings.image or images.collector,
-                         ["kubetune", "collect", "--spec", f"env:{SPEC_ENV}"], dict(settings.resources)),
+                         ["kubetune", "collect", "--spec", f"env:{SPEC_ENV}"],
+                         collector_resources(settings)),
              "volumeMounts": [tmp_mount]},
         ],
         "volumes": [tmp],
         **pod_scheduling(settings),
     }
-    return job(
+    collector = job(
         owner, collector_job_name(owner.name), COLLECTOR,
         completions=settings.shards, backoff_limit=spec.run_policy.backoff_limit, pod_spec=pod_spec,
         suspend=spec.suspend, queue_name=spec.run_policy.queue_name,
         annotations={ANNOTATION_FINGERPRINT: dataset_fingerprint(spec.dataset)},
     )
+    collector["spec"]["activeDeadlineSeconds"] = collector_deadline(spec)
+    return collector
 
 
 def trainer_service(spec: FineTuneJobSpec, owner: Owner) -> dict[str, Any]:
@@ -417,6 +452,7 @@ def trainer_job(spec: FineTuneJobSpec, owner: Owner, restart: int = 0, images: I
     pod_spec = {
         "restartPolicy": "Never",
         "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
         "subdomain": trainer_service_name(owner.name),
         "terminationGracePeriodSeconds": TRAINER_GRACE_SECONDS,
         "securityContext": pod_security_context(),

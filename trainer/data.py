@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from kubetune.api.layout import is_safe_file_name
 from kubetune.storage import Store
 
 Image.MAX_IMAGE_PIXELS = 16384 * 16384  # big enough for photos; decompression bombs above it fail
@@ -97,6 +98,10 @@ def open_imagefolder(uri: str, image_column: str, caption_column: str) -> Traini
         manifest = store.read_json("manifest.json")  # the collector's, beside train/
     except (FileNotFoundError, ValueError):
         manifest = None
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row.get("file_name"), str) or not is_safe_file_name(row["file_name"]):
+            raise DataError(f"{store.uri_of(key)} row {number}: file_name must be a path inside "
+                            "the dataset (relative, without '..')")
     files = [f"{prefix}/{row['file_name']}".lstrip("/") for row in rows]
     captions = [_caption(row.get(caption_column), caption_column) for row in rows]
     fingerprint = hashlib.sha256(raw + json.dumps(manifest or {}, sort_keys=True).encode()).hexdigest()[:16]

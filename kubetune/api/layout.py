@@ -50,6 +50,14 @@ EXIT_EMPTY_DATASET = ExitCode.EMPTY_DATASET
 EXIT_PREEMPTED = ExitCode.PREEMPTED
 
 
+def is_safe_file_name(name: str) -> bool:
+    """A metadata.jsonl `file_name` stays inside its folder: relative, no `..`, no backslash or
+    NUL (a local store would follow `../../etc/passwd` or `/proc/self/environ` out of it)."""
+    if not name or name.startswith("/") or "\\" in name or "\x00" in name:
+        return False
+    return ".." not in name.split("/")
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 

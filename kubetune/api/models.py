@@ -9,6 +9,7 @@ and once as a pydantic validator for local runs; tests/test_api_crd.py checks th
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -16,7 +17,9 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     StringConstraints,
+    WithJsonSchema,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -28,13 +31,60 @@ KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
 SINGULAR = "finetunejob"
 SHORT_NAMES = ["ftj"]
-CATEGORIES = ["kubetune", "all"]
+CATEGORIES = ["kubetune"]  # not "all": `kubectl get all` must not list (or delete) jobs
 
 DATASET_SOURCES = ("unsplash", "google", "openverse", "wikimedia", "urls", "huggingface", "imagefolder")
 PHASES = ("Pending", "Collecting", "Training", "Suspended", "Succeeded", "Failed")
 
-NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
-S3Uri = Annotated[str, StringConstraints(pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$")]
+# Bounds a real API has: every string a maxLength, every list maxItems, every number a maximum,
+# names and label values their Kubernetes patterns. The API server refuses what the operator
+# could not build (a Secret name that is no DNS name, a 1e300 s timeout, 200000 nodes).
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+# resource.Quantity, unsigned: 500m, 2, 1.5Gi, 1e3
+QUANTITY = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
+NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"  # one line: no newlines, NULs or escapes
+REVISION = r"^[A-Za-z0-9._/-]*$"
+
+NonEmptyStr = Annotated[str, StringConstraints(min_length=1, max_length=253)]
+Text = Annotated[str, StringConstraints(min_length=1, max_length=1000, pattern=NO_CONTROL)]
+Column = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=NO_CONTROL)]
+Uri = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=NO_CONTROL)]
+ObjectName = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
+OptionalObjectName = Annotated[
+    str, StringConstraints(max_length=253, pattern=f"^$|{DNS_SUBDOMAIN}")]
+SecretKey = Annotated[
+    str, StringConstraints(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
+LabelValue = Annotated[str, StringConstraints(max_length=63, pattern=LABEL_VALUE)]
+QuantityStr = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=QUANTITY)]
+
+
+def _quantity(value: Any) -> int | str:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 10**15:
+        return value
+    if isinstance(value, str) and len(value) <= 64 and re.fullmatch(QUANTITY, value):
+        return value
+    raise ValueError(f"must be a Kubernetes quantity such as 500m, 2 or 16Gi (got {value!r:.70})")
+
+
+# int-or-string, as Kubernetes writes quantities (`cpu: 2`, `memory: 16Gi`); one validator, so
+# an error names the field and not a union member
+Quantity = Annotated[
+    int | str, PlainValidator(_quantity),
+    WithJsonSchema({"x-kubernetes-int-or-string": True, "minimum": 0, "maximum": 10**15,
+                    "maxLength": 64, "pattern": QUANTITY}),
+]
+S3Uri = Annotated[str, StringConstraints(
+    max_length=1024, pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\x00-\x1f\x7f]*)?$")]
+# A URI pods read: in a cluster only s3:// (a local path would be the pod's own file, e.g.
+# /proc/self/environ). Local runs (`kubetune run`, `kubetune collect`) may name local files,
+# so the pattern is the API server's alone; operator pods refuse local lists themselves.
+ClusterUri = Annotated[
+    Uri, Field(json_schema_extra={"pattern": r"^s3://[a-z0-9][-a-z0-9.]*(/.*)?$"})]
+License = Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[a-z0-9.+-]+$")]
+Split = Annotated[
+    str, StringConstraints(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9._+\[\]:%-]+$")]
+Revision = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=REVISION)]
 
 
 class ApiModel(BaseModel):
@@ -67,18 +117,18 @@ class SecretKeyRef(ApiModel):
     """A key of a Secret in the FineTuneJob's namespace. Its value is passed to pods as a
     secretKeyRef and never copied into the spec, status, logs or events."""
 
-    name: NonEmptyStr
+    name: ObjectName
     """Name of the Secret."""
-    key: NonEmptyStr
+    key: SecretKey
     """Key within the Secret whose value is used."""
 
 
 class PromptSearch(ApiModel):
     """Common fields of the image-search sources."""
 
-    prompts: list[NonEmptyStr] = Field(min_length=1)
+    prompts: list[Text] = Field(min_length=1, max_length=1000)
     """Search queries. Each image found for a prompt is captioned with that prompt."""
-    images_per_prompt: int = Field(default=20, ge=1)
+    images_per_prompt: int = Field(default=20, ge=1, le=10_000)
     """How many images to keep for each prompt (after filtering and deduplication)."""
 
 
@@ -113,7 +163,7 @@ class OpenverseSource(PromptSearch):
     license_type: Literal["all", "all-cc", "commercial", "modification"] = "all"
     """Openverse `license_type` filter: `commercial` allows commercial use, `modification`
     allows derivatives."""
-    licenses: list[NonEmptyStr] = Field(default_factory=list)
+    licenses: list[License] = Field(default_factory=list, max_length=32)
     """Openverse `license` filter, e.g. `by`, `by-sa`, `cc0`, `pdm`. Empty means any."""
     client_id_secret_ref: SecretKeyRef | None = None
     """Secret key holding an Openverse OAuth client id (raises the anonymous rate limit)."""
@@ -124,37 +174,38 @@ class OpenverseSource(PromptSearch):
 class WikimediaSource(PromptSearch):
     """Files from Wikimedia Commons through the MediaWiki API, with license and author."""
 
-    contact: str = ""
+    contact: Annotated[str, StringConstraints(max_length=256, pattern=NO_CONTROL)] = ""
     """Contact (e-mail or URL) added to the User-Agent, as Wikimedia's policy asks."""
 
 
 class UrlsSource(ApiModel):
     """A list of image URLs with captions: JSON Lines, CSV or Parquet."""
 
-    uri: NonEmptyStr
-    """Where the list is: `s3://bucket/key`, `https://...` or a local path (for `kubetune run`)."""
+    uri: ClusterUri
+    """Where the list is: `s3://bucket/key` (a local path only for `kubetune run` on your own
+    machine)."""
     format: Literal["auto", "jsonl", "csv", "parquet"] = "auto"
     """File format; `auto` decides by the file extension."""
-    url_column: NonEmptyStr = "url"
+    url_column: Column = "url"
     """Column (or JSON key) holding the image URL."""
-    caption_column: NonEmptyStr = "caption"
+    caption_column: Column = "caption"
     """Column (or JSON key) holding the caption."""
 
 
 class HuggingFaceSource(ApiModel):
     """A dataset on the Hugging Face Hub, read by streaming so a subset is not downloaded whole."""
 
-    name: NonEmptyStr
+    name: Annotated[str, StringConstraints(min_length=1, max_length=1024, pattern=NO_CONTROL)]
     """Dataset repository id, e.g. `lambdalabs/naruto-blip-captions`."""
-    split: NonEmptyStr = "train"
+    split: Split = "train"
     """Split to read."""
-    revision: str = ""
+    revision: Annotated[str, StringConstraints(max_length=256, pattern=REVISION)] = ""
     """Git revision of the dataset repository; empty means the default branch."""
-    image_column: NonEmptyStr = "image"
+    image_column: Column = "image"
     """Column holding the image."""
-    caption_column: NonEmptyStr = "text"
+    caption_column: Column = "text"
     """Column holding the caption."""
-    max_samples: int | None = Field(default=None, ge=1)
+    max_samples: int | None = Field(default=None, ge=1, le=1_000_000_000)
     """Take at most this many rows."""
     token_secret_ref: SecretKeyRef | None = None
     """Secret key holding a Hugging Face token, for gated or private datasets."""
@@ -164,7 +215,7 @@ class ImageFolderSource(ApiModel):
     """An imagefolder that already exists (`metadata.jsonl` with `file_name` and `text`). It is
     used as it is: no collector runs."""
 
-    uri: NonEmptyStr
+    uri: Uri
     """Folder holding `metadata.jsonl` (or `train/metadata.jsonl`), e.g. `s3://bucket/datasets/mine/`."""
 
 
@@ -197,7 +248,7 @@ class Dataset(ApiModel):
     resolution: int = Field(default=512, ge=64, le=8192)
     """Stored images are resized so their shorter side is this many pixels (aspect kept, never
     upscaled)."""
-    min_size: int = Field(default=256, ge=1)
+    min_size: int = Field(default=256, ge=1, le=8192)
     """Images whose shorter side is below this many pixels are skipped."""
     dedupe: bool = True
     """Drop exact duplicates (same decoded content)."""
@@ -229,12 +280,12 @@ class Dataset(ApiModel):
 class BaseModelSpec(ApiModel):
     """The diffusers Stable Diffusion pipeline to start from."""
 
-    base: NonEmptyStr
+    base: Uri
     """Hugging Face Hub id (e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`) or an `s3://`
     folder holding a diffusers pipeline."""
-    revision: NonEmptyStr = "main"
+    revision: Revision = "main"
     """Hub revision (branch, tag or commit)."""
-    variant: str = ""
+    variant: Annotated[str, StringConstraints(max_length=64, pattern=r"^[A-Za-z0-9._-]*$")] = ""
     """Weights variant to load, e.g. `fp16`; empty loads the default weights."""
     token_secret_ref: SecretKeyRef | None = None
     """Secret key holding a Hugging Face token, for gated or private models."""
@@ -245,25 +296,25 @@ class Training(ApiModel):
 
     method: Literal["full", "lora"] = "full"
     """`full` fine-tunes the whole UNet; `lora` trains low-rank adapters (much less memory)."""
-    lora_rank: int = Field(default=4, ge=1)
+    lora_rank: int = Field(default=4, ge=1, le=1024)
     """LoRA rank (method lora)."""
-    resolution: int = Field(default=512, ge=8, multiple_of=8)
+    resolution: int = Field(default=512, ge=8, multiple_of=8, le=8192)
     """Training resolution in pixels; a multiple of 8."""
     center_crop: bool = True
     """Crop the center instead of a random crop."""
     random_flip: bool = True
     """Flip images horizontally at random."""
-    batch_size: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=1, ge=1, le=4096)
     """Images per process per step (`--train_batch_size`)."""
-    gradient_accumulation_steps: int = Field(default=4, ge=1)
+    gradient_accumulation_steps: int = Field(default=4, ge=1, le=4096)
     """Micro-batches accumulated per optimizer step."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: less memory, about 20% slower."""
     mixed_precision: Literal["fp32", "fp16", "bf16"] = "bf16"
     """Autocast precision; weights stay fp32. `fp32` is the original script's `no`."""
-    max_train_steps: int = Field(default=100, ge=1)
+    max_train_steps: int = Field(default=100, ge=1, le=100_000_000)
     """Optimizer steps to train."""
-    learning_rate: float = Field(default=1e-5, gt=0)
+    learning_rate: float = Field(default=1e-5, gt=0, le=1)
     """Peak learning rate."""
     scale_lr: bool = False
     """Multiply the learning rate by processes x batch size x accumulation steps."""
@@ -271,17 +322,17 @@ class Training(ApiModel):
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant"
     """Learning-rate schedule."""
-    lr_warmup_steps: int = Field(default=0, ge=0)
+    lr_warmup_steps: int = Field(default=0, ge=0, le=100_000_000)
     """Steps of linear warm-up."""
-    max_grad_norm: float = Field(default=1.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, ge=0, le=1e6)
     """Gradient clipping norm; 0 disables clipping."""
     adam_beta1: float = Field(default=0.9, ge=0, lt=1)
     """AdamW beta1."""
     adam_beta2: float = Field(default=0.999, ge=0, lt=1)
     """AdamW beta2."""
-    adam_weight_decay: float = Field(default=1e-2, ge=0)
+    adam_weight_decay: float = Field(default=1e-2, ge=0, le=10)
     """AdamW weight decay."""
-    adam_epsilon: float = Field(default=1e-8, gt=0)
+    adam_epsilon: float = Field(default=1e-8, gt=0, le=1)
     """AdamW epsilon."""
     use_ema: bool = True
     """Keep an exponential moving average of the trained weights and publish it."""
@@ -289,27 +340,27 @@ class Training(ApiModel):
     """Allow TF32 matmuls and convolutions on Ampere and newer GPUs."""
     compile: bool = False
     """Compile the UNet with torch.compile (slower start, faster steps)."""
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=4_294_967_295)
     """Random seed; unset picks one and records it in the checkpoint."""
-    snr_gamma: float | None = Field(default=None, gt=0)
+    snr_gamma: float | None = Field(default=None, gt=0, le=1000)
     """Min-SNR loss weighting gamma (5.0 is the paper's choice); unset uses plain MSE."""
-    noise_offset: float = Field(default=0.0, ge=0)
+    noise_offset: float = Field(default=0.0, ge=0, le=1)
     """Noise offset (0.05-0.1 helps very dark or bright images)."""
     prediction_type: Literal["", "epsilon", "v_prediction"] = ""
     """Training target; empty keeps the scheduler's own."""
-    max_train_samples: int | None = Field(default=None, ge=1)
+    max_train_samples: int | None = Field(default=None, ge=1, le=1_000_000_000)
     """Use at most this many images of the dataset."""
-    dataloader_num_workers: int = Field(default=2, ge=0)
+    dataloader_num_workers: int = Field(default=2, ge=0, le=64)
     """Data loading worker processes per training process."""
-    checkpoint_every_steps: int = Field(default=50, ge=1)
+    checkpoint_every_steps: int = Field(default=50, ge=1, le=100_000_000)
     """Save a resumable checkpoint to storage every this many steps."""
-    checkpoints_to_keep: int = Field(default=2, ge=1)
+    checkpoints_to_keep: int = Field(default=2, ge=1, le=1000)
     """Keep this many most recent complete checkpoints."""
-    validation_prompts: list[NonEmptyStr] = Field(default_factory=list)
+    validation_prompts: list[Text] = Field(default_factory=list, max_length=64)
     """Prompts rendered to sample images at every checkpoint and at the end."""
-    validation_every_steps: int | None = Field(default=None, ge=1)
+    validation_every_steps: int | None = Field(default=None, ge=1, le=100_000_000)
     """Render validation samples every this many steps; unset means at every checkpoint."""
-    validation_guidance_scale: float = Field(default=7.5, ge=0)
+    validation_guidance_scale: float = Field(default=7.5, ge=0, le=100)
     """Classifier-free guidance scale of the validation samples (7.5, the diffusers pipeline's
     default); 1 renders them without guidance, for a model never trained on empty captions."""
 
@@ -320,33 +371,63 @@ class Training(ApiModel):
 FreeForm = dict[str, Any]
 
 
+class ResourceRequirements(ApiModel):
+    """Container resources, as in a Pod spec: quantities such as `500m`, `2`, `16Gi`."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict, max_length=32)
+    """Resources the pods are scheduled by."""
+    limits: dict[str, Quantity] = Field(default_factory=dict, max_length=32)
+    """Most the pods may use."""
+
+    def items(self) -> list[tuple[str, dict[str, int | str]]]:
+        """The set kinds as a Pod spec writes them (`requests`, `limits`)."""
+        kinds = (("requests", self.requests), ("limits", self.limits))
+        return [(kind, dict(values)) for kind, values in kinds if values]
+
+
+class Toleration(ApiModel):
+    """A pod toleration, as in a Pod spec."""
+
+    key: Annotated[str, StringConstraints(max_length=317, pattern=r"^[A-Za-z0-9./_-]*$")] = ""
+    """Taint key to tolerate; empty with operator `Exists` tolerates every taint."""
+    operator: Literal["Exists", "Equal"] = "Equal"
+    """`Equal` matches the value; `Exists` any value."""
+    value: LabelValue = ""
+    """Taint value (operator `Equal`)."""
+    effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] = ""
+    """Taint effect to tolerate; empty means all."""
+    toleration_seconds: int | None = Field(default=None, ge=0, le=31_536_000)
+    """How long a `NoExecute` taint is tolerated; unset means forever."""
+
+
 class PodSettings(ApiModel):
     """Scheduling and resources of a component's pods."""
 
-    image: str = ""
+    image: Annotated[str, StringConstraints(max_length=512, pattern=r"^[^\s]*$")] = ""
     """Container image; empty uses the operator's default for this component."""
-    resources: FreeForm = Field(default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
     """Container resources (requests and limits), as in a Pod spec."""
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    node_selector: dict[str, LabelValue] = Field(default_factory=dict, max_length=64)
     """Node labels the pods must match."""
-    tolerations: list[FreeForm] = Field(default_factory=list)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
     """Pod tolerations, as in a Pod spec."""
-    affinity: FreeForm = Field(default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    affinity: FreeForm = Field(default_factory=dict, max_length=3,
+                               json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
     """Pod affinity, as in a Pod spec."""
-    priority_class_name: str = ""
+    priority_class_name: OptionalObjectName = ""
     """PriorityClass of the pods."""
-    service_account_name: str = ""
+    service_account_name: OptionalObjectName = ""
     """ServiceAccount the pods run as (e.g. for IAM roles to reach S3)."""
 
 
 class Trainer(PodSettings):
     """The distributed training pods: one pod per node, one process per GPU."""
 
-    nodes: int = Field(default=1, ge=1)
+    nodes: int = Field(default=1, ge=1, le=1000)
     """Number of trainer pods (machines)."""
-    gpus_per_node: int = Field(default=1, ge=0)
+    gpus_per_node: int = Field(default=1, ge=0, le=16)
     """GPUs per pod (`nvidia.com/gpu`); 0 trains on CPU with one process per pod."""
-    shm_size: str = "8Gi"
+    shm_size: QuantityStr = "8Gi"
     """Size of the memory-backed /dev/shm (dataloader workers and NCCL need it)."""
     port: int = Field(default=29500, ge=1024, le=65535)
     """Rendezvous port of the rank-0 pod."""
@@ -359,14 +440,18 @@ class Collector(PodSettings):
     """Pods the collection is split across (an Indexed Job)."""
     workers: int = Field(default=16, ge=1, le=256)
     """Concurrent downloads per pod."""
-    timeout_seconds: float = Field(default=30.0, gt=0)
-    """Per-request timeout."""
+    timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """Per-request timeout: to connect, and between two reads. A whole download (retries and
+    redirects included) may take four times as long."""
+    active_deadline_seconds: int | None = Field(default=None, ge=60, le=604_800)
+    """Fail the collection when it has run this long; unset means one day (and never longer
+    than `runPolicy.activeDeadlineSeconds`)."""
 
 
 class CredentialsSecretRef(ApiModel):
     """A Secret with the keys `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`."""
 
-    name: NonEmptyStr
+    name: ObjectName
     """Name of the Secret."""
 
 
@@ -376,9 +461,10 @@ class Storage(ApiModel):
     uri: S3Uri = Field(json_schema_extra=validations(("self == oldSelf", "storage.uri is immutable")))
     """`s3://bucket/prefix/`. The dataset, cache, checkpoints, samples, progress and the final
     model live under it; deleting the FineTuneJob leaves them in place."""
-    endpoint: str = ""
+    endpoint: Annotated[
+        str, StringConstraints(max_length=2048, pattern=r"^(https?://[^\s]+)?$")] = ""
     """S3 endpoint URL for S3-compatible stores (MinIO, Ceph); empty uses AWS."""
-    region: str = ""
+    region: Annotated[str, StringConstraints(max_length=64, pattern=r"^[a-z0-9-]*$")] = ""
     """S3 region; empty uses the SDK's default."""
     credentials_secret_ref: CredentialsSecretRef | None = None
     """Secret with S3 credentials; unset uses the pods' own identity (IRSA, instance role)."""
@@ -387,12 +473,13 @@ class Storage(ApiModel):
 class RunPolicy(ApiModel):
     """How failures and time limits are handled."""
 
-    backoff_limit: int = Field(default=3, ge=0)
+    backoff_limit: int = Field(default=3, ge=0, le=1000)
     """Failed attempts allowed before the job fails. Preemptions are counted apart and do not
     use this budget."""
-    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    active_deadline_seconds: int | None = Field(default=None, ge=1, le=31_536_000)
     """Fail the job when it has run this long."""
-    queue_name: str = ""
+    queue_name: Annotated[str, StringConstraints(
+        max_length=63, pattern=r"^$|^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")] = ""
     """Kueue LocalQueue; when set, child Jobs are created suspended for Kueue to admit."""
 
 

@@ -88,6 +88,9 @@ def hostile() -> Any:
             ("metadata", "http://169.254.169.254/latest/meta-data/iam", "cloud metadata"),
             ("redirect-to-metadata", h("/to-metadata"), "redirect to link-local"),
             ("ftp", "ftp://example.org/a.jpg", "not http"),
+            ("port-too-big", "http://example.org:99999/a.jpg", "a port over 65535"),
+            ("broken-bracket", "http://[::1/a.jpg", "a broken IPv6 literal"),
+            ("nat64-metadata", "http://[64:ff9b::a9fe:a9fe]/latest/", "NAT64 of link-local"),
             ("no-caption", h("/good.jpg?again"), "   "),
         ]
         yield host, private, rows, attempts
@@ -121,7 +124,7 @@ def test_every_bad_item_is_counted_and_every_good_one_kept(collect: Any, tmp_pat
         "requested": len(rows), "kept": 5,
         "skipped": {
             "duplicate": 1, "http-404": 1, "http-500": 1, "corrupt": 1, "not-an-image": 2, "too-many-pixels": 1,
-            "too-small": 1, "timeout": 1, "private-address": 4, "bad-url": 1, "no-caption": 1,
+            "too-small": 1, "timeout": 1, "private-address": 5, "bad-url": 3, "no-caption": 1,
         },
     }
     assert private.count() == 0  # refused before connecting, by name and by address

@@ -224,7 +224,7 @@ def test_trainer_scheduling_resources_and_shared_memory_come_from_the_spec() -> 
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert pod["restartPolicy"] == "Never"
     # The spec did not touch the user's resources object.
-    assert "nvidia.com/gpu" not in spec.trainer.resources.get("limits", {})
+    assert "nvidia.com/gpu" not in spec.trainer.resources.limits
 
 
 def test_kueue_queue_label_and_jobs_start_suspended() -> None:
@@ -284,3 +284,44 @@ def test_pods_meet_the_restricted_pod_security_standard_with_a_writable_tmp() ->
         volumes = {v["name"]: v for v in pod["volumes"]}
         (tmp,) = [m for m in container_of(job)["volumeMounts"] if m["mountPath"] == "/tmp"]
         assert volumes[tmp["name"]] == {"name": tmp["name"], "emptyDir": {}}
+
+
+# -- hardening (#13) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build", [lambda s: b.collector_job(s, OWNER),
+                                   lambda s: b.trainer_job(s, OWNER)], ids=["collector", "trainer"])
+def test_pods_get_no_service_account_token(build: Any) -> None:
+    account = {"serviceAccountName": "s3-reader"}
+    pod = build(make_spec(trainer=account, collector=account))
+    assert pod["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+
+
+def test_collector_pods_have_default_requests_and_a_memory_limit() -> None:
+    resources = container_of(b.collector_job(make_spec(), OWNER))["resources"]
+    assert resources == {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ({"limits": {"memory": "8Gi"}}, {"requests": {"cpu": "500m"}, "limits": {"memory": "8Gi"}}),
+    ({"requests": {"memory": "16Gi", "cpu": "4"}}, {"requests": {"memory": "16Gi", "cpu": "4"}}),
+    ({"requests": {"cpu": "2"}, "limits": {"cpu": "2"}},
+     {"requests": {"cpu": "2", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}}),
+])
+def test_collector_resources_from_the_spec_win_over_the_defaults(given: dict[str, Any],
+                                                                 expected: dict[str, Any]) -> None:
+    job = b.collector_job(make_spec(collector={"resources": given}), OWNER)
+    resources = container_of(job)["resources"]
+    assert resources == expected
+
+
+@pytest.mark.parametrize(("collector", "run_policy", "expected"), [
+    ({}, {}, 86_400),
+    ({"activeDeadlineSeconds": 3600}, {}, 3600),
+    ({}, {"activeDeadlineSeconds": 600}, 600),
+    ({"activeDeadlineSeconds": 3600}, {"activeDeadlineSeconds": 7200}, 3600),
+])
+def test_collector_jobs_have_an_active_deadline(collector: dict[str, Any],
+                                               run_policy: dict[str, Any], expected: int) -> None:
+    job = b.collector_job(make_spec(collector=collector, runPolicy=run_policy), OWNER)
+    assert job["spec"]["activeDeadlineSeconds"] == expected
