@@ -35,21 +35,39 @@ KEY_MEANING = {
 }
 # model field -> the flag that sets it, so a validation error names what the user typed
 FLAG_OF = {
-    "resolution": "--size", "min_size": "--min-size", "images_per_prompt": "--num-images", "prompts": "--prompts",
-    "size": "--unsplash-size", "uri": "--urls/--from", "name": "--hf-dataset", "max_samples": "--max-samples",
+    "resolution": "--size",
+    "min_size": "--min-size",
+    "images_per_prompt": "--num-images",
+    "prompts": "--prompts",
+    "size": "--unsplash-size",
+    "uri": "--urls/--from",
+    "name": "--hf-dataset",
+    "max_samples": "--max-samples",
 }
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog=prog, description=__doc__, allow_abbrev=False)
     what = parser.add_argument_group("what to collect (one source, or --spec)")
-    what.add_argument("--spec", metavar="FILE", help="a FineTuneJob (file, '-' or env:KUBETUNE_SPEC): reads spec.dataset, spec.collector, spec.storage")
+    what.add_argument(
+        "--spec",
+        metavar="FILE",
+        help="a FineTuneJob (file, '-' or env:KUBETUNE_SPEC): reads spec.dataset, spec.collector, spec.storage",
+    )
     what.add_argument("--prompt-file", "-prompt_file", metavar="FILE", help="search prompts, one per line")
     what.add_argument("--prompts", nargs="+", metavar="PROMPT", help="search prompts")
-    what.add_argument("--site", "-site", choices=SITES, default="unsplash", help="image search API for prompts (default unsplash)")
-    what.add_argument("--num-images", "-num_imgs", type=int, default=20, metavar="N", help="images to keep per prompt (default 20)")
-    what.add_argument("--unsplash-size", "-unsplash_size", choices=("raw", "full", "regular", "small", "thumb"), default="regular")
-    what.add_argument("--openverse-license-type", choices=("all", "all-cc", "commercial", "modification"), default="all")
+    what.add_argument(
+        "--site", "-site", choices=SITES, default="unsplash", help="image search API for prompts (default unsplash)"
+    )
+    what.add_argument(
+        "--num-images", "-num_imgs", type=int, default=20, metavar="N", help="images to keep per prompt (default 20)"
+    )
+    what.add_argument(
+        "--unsplash-size", "-unsplash_size", choices=("raw", "full", "regular", "small", "thumb"), default="regular"
+    )
+    what.add_argument(
+        "--openverse-license-type", choices=("all", "all-cc", "commercial", "modification"), default="all"
+    )
     what.add_argument("--openverse-licenses", nargs="+", default=[], metavar="LICENSE", help="e.g. by by-sa cc0")
     what.add_argument("--wikimedia-contact", default="", metavar="EMAIL_OR_URL", help="contact added to the User-Agent")
     what.add_argument("--no-safe-search", action="store_true", help="google: do not ask for safe=active")
@@ -63,43 +81,104 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     what.add_argument("--hf-image-column", default="image")
     what.add_argument("--hf-caption-column", default="text")
     what.add_argument("--max-samples", type=int, default=None, metavar="N", help="read at most N rows of --hf-dataset")
-    what.add_argument("--from", dest="from_folder", metavar="DIR_OR_S3", help="an existing imagefolder to validate and normalise")
+    what.add_argument(
+        "--from", dest="from_folder", metavar="DIR_OR_S3", help="an existing imagefolder to validate and normalise"
+    )
     images = parser.add_argument_group("images")
-    images.add_argument("--size", "-size", type=int, default=512, help="shorter side of stored images, never upscaled (default 512)")
-    images.add_argument("--min-size", type=int, default=256, help="skip images whose shorter side is smaller (default 256)")
+    images.add_argument(
+        "--size", "-size", type=int, default=512, help="shorter side of stored images, never upscaled (default 512)"
+    )
+    images.add_argument(
+        "--min-size", type=int, default=256, help="skip images whose shorter side is smaller (default 256)"
+    )
     images.add_argument("--no-dedupe", action="store_true", help="keep exact duplicates")
     images.add_argument("--near-dedupe", action="store_true", help="also drop near-duplicates (same perceptual hash)")
-    images.add_argument("--max-pixels", type=int, default=89_478_485, help="larger images are skipped as decompression bombs")
+    images.add_argument(
+        "--max-pixels", type=int, default=89_478_485, help="larger images are skipped as decompression bombs"
+    )
     images.add_argument("--jpeg-quality", type=int, default=95, choices=range(1, 101), metavar="1-100")
     out = parser.add_argument_group("output and run")
     out.add_argument("--output", "-data_dir", metavar="DIR_OR_S3", help="dataset folder or s3://bucket/prefix")
-    out.add_argument("--workers", type=int, default=None, help="concurrent downloads (default 16, or spec.collector.workers)")
-    out.add_argument("--timeout", type=float, default=None, help="seconds per request (default 30, or spec.collector.timeoutSeconds)")
+    out.add_argument(
+        "--workers", type=int, default=None, help="concurrent downloads (default 16, or spec.collector.workers)"
+    )
+    out.add_argument(
+        "--timeout", type=float, default=None, help="seconds per request (default 30, or spec.collector.timeoutSeconds)"
+    )
     out.add_argument("--retries", type=int, default=3, help="retries on 429/5xx/connection errors (default 3)")
     out.add_argument("--max-download-mb", type=float, default=50.0, help="larger downloads are skipped (default 50)")
-    out.add_argument("--allow-private-network", action="store_true", help="allow loopback, private and link-local addresses")
-    out.add_argument("--allow-host", action="append", default=[], metavar="HOST[:PORT]", help="allow this one non-public host (repeatable)")
-    out.add_argument("--shard-index", type=int, default=None, help="this pod's shard (default $JOB_COMPLETION_INDEX or 0)")
+    out.add_argument(
+        "--allow-private-network", action="store_true", help="allow loopback, private and link-local addresses"
+    )
+    out.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="allow this one non-public host (repeatable)",
+    )
+    out.add_argument(
+        "--shard-index", type=int, default=None, help="this pod's shard (default $JOB_COMPLETION_INDEX or 0)"
+    )
     out.add_argument("--num-shards", type=int, default=None, help="shards in all (default spec.collector.shards or 1)")
     out.add_argument("--verbose", "-verbose", action="store_true", help="log every skipped item")
-    then = parser.add_argument_group("then train (what app.py -train True did; `kubetune run SPEC` does it from a spec)")
-    then.add_argument("--train", "-train", type=true_or_false, nargs="?", const=True, default=False, metavar="True|False",
-                      help="after collecting, fine-tune --model on the dataset with the original main.py settings")
-    then.add_argument("--model", "-model_name", default=DEFAULT_MODEL, metavar="NAME_OR_PATH",
-                      help=f"base model for --train: a hub id, folder or s3:// (default {DEFAULT_MODEL})")
-    then.add_argument("--train-output", metavar="DIR_OR_S3", help="where --train writes the model (default: <output>-model)")
-    then.add_argument("--train-args", default="", metavar="'FLAGS'",
-                      help="more `kubetune train` flags for --train, overriding the defaults, e.g. '--max_train_steps 500'")
+    then = parser.add_argument_group(
+        "then train (what app.py -train True did; `kubetune run SPEC` does it from a spec)"
+    )
+    then.add_argument(
+        "--train",
+        "-train",
+        type=true_or_false,
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="True|False",
+        help="after collecting, fine-tune --model on the dataset with the original main.py settings",
+    )
+    then.add_argument(
+        "--model",
+        "-model_name",
+        default=DEFAULT_MODEL,
+        metavar="NAME_OR_PATH",
+        help=f"base model for --train: a hub id, folder or s3:// (default {DEFAULT_MODEL})",
+    )
+    then.add_argument(
+        "--train-output", metavar="DIR_OR_S3", help="where --train writes the model (default: <output>-model)"
+    )
+    then.add_argument(
+        "--train-args",
+        default="",
+        metavar="'FLAGS'",
+        help="more `kubetune train` flags for --train, overriding the defaults, e.g. '--max_train_steps 500'",
+    )
     return parser
 
 
 # The original main.py's training command (diffusers' train_text_to_image.py flags).
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SEED_TRAINING_FLAGS = (
-    "--use_ema", "--resolution", "512", "--center_crop", "--random_flip", "--train_batch_size", "1",
-    "--gradient_accumulation_steps", "4", "--gradient_checkpointing", "--mixed_precision", "no",
-    "--max_train_steps", "100", "--learning_rate", "1e-05", "--max_grad_norm", "1", "--lr_scheduler", "constant",
-    "--lr_warmup_steps", "0",
+    "--use_ema",
+    "--resolution",
+    "512",
+    "--center_crop",
+    "--random_flip",
+    "--train_batch_size",
+    "1",
+    "--gradient_accumulation_steps",
+    "4",
+    "--gradient_checkpointing",
+    "--mixed_precision",
+    "no",
+    "--max_train_steps",
+    "100",
+    "--learning_rate",
+    "1e-05",
+    "--max_grad_norm",
+    "1",
+    "--lr_scheduler",
+    "constant",
+    "--lr_warmup_steps",
+    "0",
 )
 
 
@@ -137,8 +216,18 @@ def training_command(args: argparse.Namespace, dataset: str) -> list[str]:
     except ValueError as error:
         raise OneLineError(f"--train-args: {error}") from None
     output = args.train_output or args.output.rstrip("/") + "-model"
-    trainer_args = ["--pretrained_model_name_or_path", args.model, "--train_data_dir", dataset, "--output_dir", output,
-                    "--resume_from_checkpoint", "latest", *SEED_TRAINING_FLAGS, *extra]
+    trainer_args = [
+        "--pretrained_model_name_or_path",
+        args.model,
+        "--train_data_dir",
+        dataset,
+        "--output_dir",
+        output,
+        "--resume_from_checkpoint",
+        "latest",
+        *SEED_TRAINING_FLAGS,
+        *extra,
+    ]
     return local_launch_command(trainer_args, count_gpus())
 
 
@@ -186,10 +275,19 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
         workers = min(workers, 2)  # Wikimedia's etiquette: be serial and polite
     fingerprint = layout.dataset_fingerprint(dataset)
     return {
-        "dataset": dataset, "output": output, "endpoint": endpoint, "region": region, "workers": workers,
-        "timeout": timeout, "retries": args.retries, "shard": (shard_index, num_shards),
-        "fingerprint": fingerprint, "run": f"{fingerprint}-{num_shards}",
-        "max_pixels": args.max_pixels, "quality": args.jpeg_quality, "max_bytes": int(args.max_download_mb * 1024 * 1024),
+        "dataset": dataset,
+        "output": output,
+        "endpoint": endpoint,
+        "region": region,
+        "workers": workers,
+        "timeout": timeout,
+        "retries": args.retries,
+        "shard": (shard_index, num_shards),
+        "fingerprint": fingerprint,
+        "run": f"{fingerprint}-{num_shards}",
+        "max_pixels": args.max_pixels,
+        "quality": args.jpeg_quality,
+        "max_bytes": int(args.max_download_mb * 1024 * 1024),
         "allow_hosts": frozenset(args.allow_host),
     }
 
@@ -205,8 +303,16 @@ def dataset_from_flags(args: argparse.Namespace) -> models.Dataset:
         prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         if not prompts:
             raise OneLineError(f"--prompt-file {args.prompt_file}: no prompts in it (one per line)")
-    chosen = [flag for flag, given in (("--prompts/--prompt-file", bool(prompts)), ("--urls", args.urls),
-                                       ("--hf-dataset", args.hf_dataset), ("--from", args.from_folder)) if given]
+    chosen = [
+        flag
+        for flag, given in (
+            ("--prompts/--prompt-file", bool(prompts)),
+            ("--urls", args.urls),
+            ("--hf-dataset", args.hf_dataset),
+            ("--from", args.from_folder),
+        )
+        if given
+    ]
     if len(chosen) != 1:
         raise OneLineError(
             "give exactly one source: --prompts/--prompt-file, --urls, --hf-dataset, --from, or --spec"
@@ -218,25 +324,52 @@ def dataset_from_flags(args: argparse.Namespace) -> models.Dataset:
         search = {"prompts": prompts, "imagesPerPrompt": args.num_images}
         source = {
             "unsplash": {**search, "size": args.unsplash_size, "accessKeySecretRef": ref},
-            "google": {**search, "apiKeySecretRef": ref, "searchEngineIdSecretRef": ref, "safeSearch": not args.no_safe_search},
+            "google": {
+                **search,
+                "apiKeySecretRef": ref,
+                "searchEngineIdSecretRef": ref,
+                "safeSearch": not args.no_safe_search,
+            },
             "openverse": {**search, "licenseType": args.openverse_license_type, "licenses": args.openverse_licenses},
             "wikimedia": {**search, "contact": args.wikimedia_contact},
         }[args.site]
         name = args.site
     elif args.urls:
-        name, source = "urls", {"uri": args.urls, "format": args.urls_format, "urlColumn": args.url_column, "captionColumn": args.caption_column}
+        name, source = (
+            "urls",
+            {
+                "uri": args.urls,
+                "format": args.urls_format,
+                "urlColumn": args.url_column,
+                "captionColumn": args.caption_column,
+            },
+        )
     elif args.hf_dataset:
-        name, source = "huggingface", {"name": args.hf_dataset, "split": args.hf_split, "revision": args.hf_revision,
-                                       "imageColumn": args.hf_image_column, "captionColumn": args.hf_caption_column}
+        name, source = (
+            "huggingface",
+            {
+                "name": args.hf_dataset,
+                "split": args.hf_split,
+                "revision": args.hf_revision,
+                "imageColumn": args.hf_image_column,
+                "captionColumn": args.hf_caption_column,
+            },
+        )
         if args.max_samples is not None:
             source["maxSamples"] = args.max_samples
     else:
         name, source = "imagefolder", {"uri": args.from_folder}
     try:
-        return models.Dataset.model_validate({
-            name: source, "resolution": args.size, "minSize": args.min_size, "dedupe": not args.no_dedupe,
-            "nearDedupe": args.near_dedupe, "allowPrivateNetwork": args.allow_private_network,
-        })
+        return models.Dataset.model_validate(
+            {
+                name: source,
+                "resolution": args.size,
+                "minSize": args.min_size,
+                "dedupe": not args.no_dedupe,
+                "nearDedupe": args.near_dedupe,
+                "allowPrivateNetwork": args.allow_private_network,
+            }
+        )
     except ValidationError as error:
         message = format_validation_error(error)
         field, _, rest = message.partition(": ")
@@ -255,8 +388,10 @@ def read_keys(dataset: models.Dataset) -> dict[str, str]:
     if referenced or any(present.values()):
         for variable, value in present.items():
             if not value:
-                raise OneLineError(f"{variable} is not set: the {dataset.source_name} source needs "
-                                   f"{KEY_MEANING[variable]} in this environment variable")
+                raise OneLineError(
+                    f"{variable} is not set: the {dataset.source_name} source needs "
+                    f"{KEY_MEANING[variable]} in this environment variable"
+                )
     return {variable: value for variable, value in present.items() if value}
 
 
@@ -273,14 +408,27 @@ def run(plan: dict[str, Any], keys: dict[str, str], verbose: bool = False) -> in
 
     dataset: models.Dataset = plan["dataset"]
     images = ImageSettings(dataset.resolution, dataset.min_size, plan["max_pixels"], plan["quality"])
-    processing = hashlib.sha256(json.dumps([images.size, images.min_size, images.max_pixels, images.quality]).encode()).hexdigest()[:16]
-    settings = {**dataset.model_dump(by_alias=True, mode="json", exclude_none=True), "workers": plan["workers"],
-                "timeoutSeconds": plan["timeout"], "shards": plan["shard"][1], "maxPixels": images.max_pixels, "jpegQuality": images.quality}
+    processing = hashlib.sha256(
+        json.dumps([images.size, images.min_size, images.max_pixels, images.quality]).encode()
+    ).hexdigest()[:16]
+    settings = {
+        **dataset.model_dump(by_alias=True, mode="json", exclude_none=True),
+        "workers": plan["workers"],
+        "timeoutSeconds": plan["timeout"],
+        "shards": plan["shard"][1],
+        "maxPixels": images.max_pixels,
+        "jpegQuality": images.quality,
+    }
     for value in settings.values():  # which Secret holds a key is not the dataset's business
         if isinstance(value, dict):
             for key in [k for k in value if k.endswith("SecretRef")]:
                 del value[key]
-    info = {"fingerprint": plan["fingerprint"], "settings": settings, "dedupe": dataset.dedupe, "nearDedupe": dataset.near_dedupe}
+    info = {
+        "fingerprint": plan["fingerprint"],
+        "settings": settings,
+        "dedupe": dataset.dedupe,
+        "nearDedupe": dataset.near_dedupe,
+    }
     store = Store(plan["output"], plan["endpoint"], plan["region"])
     shard_index, num_shards = plan["shard"]
     log = Progress(verbose)
@@ -288,8 +436,7 @@ def run(plan: dict[str, Any], keys: dict[str, str], verbose: bool = False) -> in
         output = DatasetOutput(store, plan["run"], processing, shard_index, num_shards, info).open()
         if output.complete:
             kept = output.summary.counts.kept
-            log.line(f"dataset at {plan['output']} is already complete ({kept} images, same settings): "
-                     "nothing to do")
+            log.line(f"dataset at {plan['output']} is already complete ({kept} images, same settings): nothing to do")
             return layout.EXIT_OK
         source = open_source(dataset, keys, plan["timeout"], plan["retries"])
         policy = NetworkPolicy(dataset.allow_private_network, plan["allow_hosts"])
@@ -297,8 +444,16 @@ def run(plan: dict[str, Any], keys: dict[str, str], verbose: bool = False) -> in
         tally = Tally(on_change=log.update)
         log.start(plan, source.name)
         try:
-            manifest = collect(source, fetcher, images, Dedupe(dataset.dedupe, dataset.near_dedupe), output,
-                               plan["workers"], plan["shard"], tally)
+            manifest = collect(
+                source,
+                fetcher,
+                images,
+                Dedupe(dataset.dedupe, dataset.near_dedupe),
+                output,
+                plan["workers"],
+                plan["shard"],
+                tally,
+            )
         finally:
             fetcher.close()
             log.close()
@@ -311,32 +466,42 @@ def run(plan: dict[str, Any], keys: dict[str, str], verbose: bool = False) -> in
     return report(plan, output, tally, manifest, source.notes)
 
 
-def report(plan: dict[str, Any], output: Any, tally: Any, manifest: DatasetManifest | None,
-           notes: list[str]) -> int:
+def report(plan: dict[str, Any], output: Any, tally: Any, manifest: DatasetManifest | None, notes: list[str]) -> int:
     """Say how it went; the exit code tells the operator (EXIT_EMPTY_DATASET: nothing kept)."""
     for note in notes:
         print(f"kubetune collect: note: {note}", file=sys.stderr)
     if manifest is not None and manifest.empty:  # every shard finished, none kept anything
         counts = manifest.counts
-        print("kubetune collect: error: nothing could be collected: 0 images kept of "
-              f"{counts.requested} requested; {_skips(counts.skipped)}", file=sys.stderr)
+        print(
+            "kubetune collect: error: nothing could be collected: 0 images kept of "
+            f"{counts.requested} requested; {_skips(counts.skipped)}",
+            file=sys.stderr,
+        )
         return layout.EXIT_EMPTY_DATASET
     if manifest is not None:
         counts = manifest.counts
-        print(f"kubetune collect: dataset complete at {plan['output']}: {counts.kept} images kept of "
-              f"{counts.requested} requested; {_skips(counts.skipped)}", file=sys.stderr)
+        print(
+            f"kubetune collect: dataset complete at {plan['output']}: {counts.kept} images kept of "
+            f"{counts.requested} requested; {_skips(counts.skipped)}",
+            file=sys.stderr,
+        )
         return layout.EXIT_OK
     shard_index, num_shards = plan["shard"]
     kept, skipped = output.shard_counts()
-    print(f"kubetune collect: shard {shard_index} of {num_shards} done: {kept} images kept; {_skips(skipped)}; "
-          "the last shard to finish merges the dataset", file=sys.stderr)
+    print(
+        f"kubetune collect: shard {shard_index} of {num_shards} done: {kept} images kept; {_skips(skipped)}; "
+        "the last shard to finish merges the dataset",
+        file=sys.stderr,
+    )
     return layout.EXIT_OK
 
 
 def _skips(skipped: dict[str, int]) -> str:
     if not sum(skipped.values()):
         return "none skipped"
-    parts = ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items(), key=lambda item: (-item[1], item[0])))
+    parts = ", ".join(
+        f"{reason} {count}" for reason, count in sorted(skipped.items(), key=lambda item: (-item[1], item[0]))
+    )
     return f"skipped {sum(skipped.values())} ({parts})"
 
 
@@ -356,7 +521,10 @@ class Progress:
 
     def start(self, plan: dict[str, Any], source: str) -> None:
         shard_index, num_shards = plan["shard"]
-        self.line(f"collecting from {source} into {plan['output']} (shard {shard_index} of {num_shards}, {plan['workers']} workers)")
+        self.line(
+            f"collecting from {source} into {plan['output']} (shard {shard_index} of {num_shards}, "
+            f"{plan['workers']} workers)"
+        )
         if self.tty:
             from tqdm import tqdm
 
@@ -377,8 +545,18 @@ class Progress:
         elif time.monotonic() - self.last >= 10:
             self.last = time.monotonic()
             elapsed = time.monotonic() - self.started
-            print(json.dumps({"event": "progress", "kept": tally.kept, "skipped": dict(tally.skipped), "requested": tally.requested,
-                              "imagesPerSecond": round(tally.kept / elapsed, 2) if elapsed else 0.0}), file=sys.stderr)
+            print(
+                json.dumps(
+                    {
+                        "event": "progress",
+                        "kept": tally.kept,
+                        "skipped": dict(tally.skipped),
+                        "requested": tally.requested,
+                        "imagesPerSecond": round(tally.kept / elapsed, 2) if elapsed else 0.0,
+                    }
+                ),
+                file=sys.stderr,
+            )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -27,27 +27,42 @@ class Tally:
     on_change: Callable[[Tally], None] = lambda tally: None
 
 
-def collect(source: Source, fetcher: Fetcher, images: ImageSettings, dedupe: Dedupe, output: DatasetOutput,
-            workers: int, shard: tuple[int, int], tally: Tally) -> DatasetManifest | None:
+def collect(
+    source: Source,
+    fetcher: Fetcher,
+    images: ImageSettings,
+    dedupe: Dedupe,
+    output: DatasetOutput,
+    workers: int,
+    shard: tuple[int, int],
+    tally: Tally,
+) -> DatasetManifest | None:
     """Collect this shard's part of the dataset; returns the manifest once every shard is done."""
 
     def process(candidate: Candidate) -> None:
-        data = candidate.load() if candidate.load else fetcher.get(candidate.url)        # fetch
-        image = clean(data, images, perceptual=dedupe.near)                              # decode/clean
-        dedupe.admit(image.pixel_hash, image.perceptual_hash)                            # dedupe
-        output.write(candidate, image)                                                   # write
+        data = candidate.load() if candidate.load else fetcher.get(candidate.url)  # fetch
+        image = clean(data, images, perceptual=dedupe.near)  # decode/clean
+        dedupe.admit(image.pixel_hash, image.perceptual_hash)  # dedupe
+        output.write(candidate, image)  # write
         if candidate.on_kept:
             candidate.on_kept()
 
     with ThreadPoolExecutor(workers, thread_name_prefix="collect") as pool:
-        for group in source.groups(*shard):                                              # source
+        for group in source.groups(*shard):  # source
             tally.requested += group.quota or 0
             run_group(group, process, pool, workers, output, dedupe, tally)
     return output.finish(tally.requested, source.notes)
 
 
-def run_group(group: Group, process: Callable[[Candidate], None], pool: ThreadPoolExecutor, workers: int,
-              output: DatasetOutput, dedupe: Dedupe, tally: Tally) -> None:
+def run_group(
+    group: Group,
+    process: Callable[[Candidate], None],
+    pool: ThreadPoolExecutor,
+    workers: int,
+    output: DatasetOutput,
+    dedupe: Dedupe,
+    tally: Tally,
+) -> None:
     """Process candidates concurrently until the group's quota is kept (or candidates run out).
 
     At most `quota - kept` are in flight, so no image is downloaded only to be thrown away;
@@ -106,7 +121,13 @@ def _reuse(record: dict[str, Any], candidate: Candidate, output: DatasetOutput, 
             tally.reused += 1
             return 1
         except Skip as skip:
-            record = {"kind": "skipped", "key": record["key"], "group": record["group"], "reason": skip.reason, "run": output.run}
+            record = {
+                "kind": "skipped",
+                "key": record["key"],
+                "group": record["group"],
+                "reason": skip.reason,
+                "run": output.run,
+            }
     output.reuse(record)
     tally.skipped[record["reason"]] += 1
     return 0

@@ -109,12 +109,12 @@ class Fetcher:
     """Thread-safe downloader: one connection pool per checked (address, port, host)."""
 
     policy: NetworkPolicy = field(default_factory=NetworkPolicy)
-    timeout: float = 30.0          # seconds to connect, and between two reads
+    timeout: float = 30.0  # seconds to connect, and between two reads
     retries: int = 3
     max_bytes: int = 50 * 1024 * 1024
     pool_size: int = 16
     user_agent: str = USER_AGENT
-    total_timeout: float = 0.0     # seconds for a whole download; 0: 4 x timeout
+    total_timeout: float = 0.0  # seconds for a whole download; 0: 4 x timeout
     _pools: dict[tuple[str, str, int, str], urllib3.connectionpool.HTTPConnectionPool] = field(default_factory=dict)
     _dns: dict[tuple[str, int], tuple[float, list[IPAddress]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -164,18 +164,30 @@ class Fetcher:
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         left = _time_left(deadline)
         retry = DeadlineRetry(
-            total=self.retries, connect=self.retries, read=min(1, self.retries), status=self.retries, other=0,
-            redirect=False, status_forcelist=RETRY_STATUSES, backoff_factor=0.5,
+            total=self.retries,
+            connect=self.retries,
+            read=min(1, self.retries),
+            status=self.retries,
+            other=0,
+            redirect=False,
+            status_forcelist=RETRY_STATUSES,
+            backoff_factor=0.5,
             backoff_max=min(30, left),
-            respect_retry_after_header=True, raise_on_status=False, allowed_methods=None,
+            respect_retry_after_header=True,
+            raise_on_status=False,
+            allowed_methods=None,
             deadline=deadline,
         )
         try:
             response = pool.urlopen(
-                "GET", path, headers={"Host": host_header, "User-Agent": self.user_agent, **headers},
-                retries=retry, preload_content=False, redirect=False, assert_same_host=False,
-                timeout=urllib3.Timeout(connect=min(self.timeout, left),
-                                        read=min(self.timeout, left)),
+                "GET",
+                path,
+                headers={"Host": host_header, "User-Agent": self.user_agent, **headers},
+                retries=retry,
+                preload_content=False,
+                redirect=False,
+                assert_same_host=False,
+                timeout=urllib3.Timeout(connect=min(self.timeout, left), read=min(self.timeout, left)),
             )
         except urllib3.exceptions.MaxRetryError as error:
             raise _skip_for(error.reason) from None
@@ -253,8 +265,13 @@ class Fetcher:
             if pool is None:
                 if scheme == "https":
                     pool = urllib3.HTTPSConnectionPool(
-                        str(address), port, maxsize=self.pool_size, server_hostname=host,
-                        assert_hostname=host, cert_reqs="CERT_REQUIRED", ca_certs=certifi.where(),
+                        str(address),
+                        port,
+                        maxsize=self.pool_size,
+                        server_hostname=host,
+                        assert_hostname=host,
+                        cert_reqs="CERT_REQUIRED",
+                        ca_certs=certifi.where(),
                     )
                 else:
                     pool = urllib3.HTTPConnectionPool(str(address), port, maxsize=self.pool_size)

@@ -25,10 +25,10 @@ warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 @dataclass(frozen=True)
 class ImageSettings:
-    size: int = 512                  # shorter side of stored images (never upscaled)
-    min_size: int = 256              # shorter side below this: skipped
-    max_pixels: int = 89_478_485     # more pixels than this: skipped as a decompression bomb
-    quality: int = 95                # JPEG quality of stored images
+    size: int = 512  # shorter side of stored images (never upscaled)
+    min_size: int = 256  # shorter side below this: skipped
+    max_pixels: int = 89_478_485  # more pixels than this: skipped as a decompression bomb
+    quality: int = 95  # JPEG quality of stored images
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class CleanImage:
     jpeg: bytes
     width: int
     height: int
-    pixel_hash: str       # sha256 of the decoded, resized pixels: exact duplicates
+    pixel_hash: str  # sha256 of the decoded, resized pixels: exact duplicates
     perceptual_hash: str  # pHash, for near-duplicates
 
 
@@ -71,9 +71,11 @@ class PixelBudget:
                 self._cond.notify_all()
 
 
-CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"),                      # cgroup v2
-                 Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))    # cgroup v1
-UNLIMITED_BUDGET = 2 << 30   # no memory limit found: 2 GiB of pixels
+CGROUP_LIMITS = (
+    Path("/sys/fs/cgroup/memory.max"),  # cgroup v2
+    Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+)  # cgroup v1
+UNLIMITED_BUDGET = 2 << 30  # no memory limit found: 2 GiB of pixels
 MIN_BUDGET = 256 << 20
 
 
@@ -121,8 +123,9 @@ def decode_cost(image: Image.Image) -> int:
     return width * height * (_PIXEL_BYTES.get(image.mode, 4) + _WORKING_BYTES)
 
 
-def clean(data: bytes, settings: ImageSettings, perceptual: bool = False,
-          budget: PixelBudget | None = None) -> CleanImage:
+def clean(
+    data: bytes, settings: ImageSettings, perceptual: bool = False, budget: PixelBudget | None = None
+) -> CleanImage:
     """Decode, check, orient, convert to RGB, resize (shorter side = size) and encode as JPEG."""
     budget = budget or default_budget()
     try:
@@ -148,7 +151,9 @@ def clean(data: bytes, settings: ImageSettings, perceptual: bool = False,
         raise Skip("corrupt", f"{type(error).__name__}: {error}"[:200]) from None
     out = io.BytesIO()
     rgb.save(out, format="JPEG", quality=settings.quality, optimize=False)
-    return CleanImage(out.getvalue(), rgb.width, rgb.height, _pixel_hash(rgb), _perceptual_hash(rgb) if perceptual else "")
+    return CleanImage(
+        out.getvalue(), rgb.width, rgb.height, _pixel_hash(rgb), _perceptual_hash(rgb) if perceptual else ""
+    )
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -69,11 +69,11 @@ class Dedupe:
 @dataclass
 class DatasetOutput:
     store: Store
-    run: str                    # fingerprint of dataset settings + shard count
-    processing: str             # hash of the image settings: kept images are reusable when equal
+    run: str  # fingerprint of dataset settings + shard count
+    processing: str  # hash of the image settings: kept images are reusable when equal
     shard_index: int
     num_shards: int
-    info: dict[str, Any]        # fingerprint, settings, for the manifest
+    info: dict[str, Any]  # fingerprint, settings, for the manifest
     complete: bool = False
     summary: DatasetManifest | None = None  # the manifest found complete by `open`
     _cache: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -94,9 +94,13 @@ class DatasetOutput:
         if self.store.exists("manifest.json"):
             # the dataset is being changed (or an empty result is tried again): no longer complete
             self.store.delete("manifest.json")
-        files = {key[len("train/"):] for key in self.store.list("train/")}
+        files = {key[len("train/") :] for key in self.store.list("train/")}
         for record in self._records(self.store.list(STATE_DIR)):
-            if record["kind"] == "kept" and record.get("processing") == self.processing and record["file_name"] in files:
+            if (
+                record["kind"] == "kept"
+                and record.get("processing") == self.processing
+                and record["file_name"] in files
+            ):
                 self._cache[record["key"]] = record
             elif record["kind"] == "skipped" and record.get("run") == self.run and not Skip(record["reason"]).transient:
                 self._cache.setdefault(record["key"], record)
@@ -117,17 +121,33 @@ class DatasetOutput:
         file_name = f"{candidate.key}.jpg"
         self.store.write_bytes(f"train/{file_name}", image.jpeg, "image/jpeg")
         record = {
-            "kind": "kept", "key": candidate.key, "group": candidate.group, "file_name": file_name,
-            "text": candidate.caption, **candidate.provenance(), "width": image.width, "height": image.height,
-            "sha256": hashlib.sha256(image.jpeg).hexdigest(), "pixel_hash": image.pixel_hash,
-            "perceptual_hash": image.perceptual_hash, "processing": self.processing,
+            "kind": "kept",
+            "key": candidate.key,
+            "group": candidate.group,
+            "file_name": file_name,
+            "text": candidate.caption,
+            **candidate.provenance(),
+            "width": image.width,
+            "height": image.height,
+            "sha256": hashlib.sha256(image.jpeg).hexdigest(),
+            "pixel_hash": image.pixel_hash,
+            "perceptual_hash": image.perceptual_hash,
+            "processing": self.processing,
         }
         self._append(record)
         return record
 
     def skip(self, candidate: Candidate, reason: str) -> None:
-        self._append({"kind": "skipped", "key": candidate.key, "group": candidate.group, "reason": reason,
-                      "url": candidate.url, "run": self.run})
+        self._append(
+            {
+                "kind": "skipped",
+                "key": candidate.key,
+                "group": candidate.group,
+                "reason": reason,
+                "url": candidate.url,
+                "run": self.run,
+            }
+        )
 
     def _append(self, record: dict[str, Any]) -> None:
         with self._lock:
@@ -139,7 +159,9 @@ class DatasetOutput:
         if self._pending:
             self._part += 1
             body = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self._pending)
-            self.store.write_bytes(f"{self._shard_dir()}/part-{self._part:06d}.jsonl", body.encode(), "application/x-ndjson")
+            self.store.write_bytes(
+                f"{self._shard_dir()}/part-{self._part:06d}.jsonl", body.encode(), "application/x-ndjson"
+            )
             self._pending = []
         self._last_flush = time.monotonic()
 
@@ -150,8 +172,13 @@ class DatasetOutput:
         with self._lock:
             self._flush_locked()
         done = {
-            "shard": self.shard_index, "numShards": self.num_shards, "requested": requested, "notes": notes,
-            "startedAt": _iso(self._started), "finishedAt": _iso(time.time()), "seconds": round(time.time() - self._started, 3),
+            "shard": self.shard_index,
+            "numShards": self.num_shards,
+            "requested": requested,
+            "notes": notes,
+            "startedAt": _iso(self._started),
+            "finishedAt": _iso(time.time()),
+            "seconds": round(time.time() - self._started, 3),
         }
         self.store.write_json(f"{self._run_dir()}/shard-{self.shard_index:05d}.done.json", done)
         markers = [k for k in self.store.list(self._run_dir()) if k.endswith(".done.json")]
@@ -179,8 +206,9 @@ class DatasetOutput:
                     skipped[skip.reason] += 1
             else:
                 skipped[record["reason"]] += 1
-        counts = DatasetCounts(requested=sum(s["requested"] for s in shards), kept=len(kept),
-                               skipped=dict(sorted(skipped.items())))
+        counts = DatasetCounts(
+            requested=sum(s["requested"] for s in shards), kept=len(kept), skipped=dict(sorted(skipped.items()))
+        )
         content = hashlib.sha256()
         if kept:  # an empty collection leaves the images of an earlier one alone, as it did before
             metadata = "".join(json.dumps(_metadata_row(r), ensure_ascii=False) + "\n" for r in kept)
@@ -195,14 +223,21 @@ class DatasetOutput:
                 line = f"{record['file_name']}\t{record['sha256']}\t{record['text']}\n"
                 content.update(line.encode())
         manifest = DatasetManifest(
-            kubetune=__version__, run=self.run, fingerprint=self.info["fingerprint"], complete=True,
-            counts=counts, sources=_sources(kept), settings=self.info["settings"],
+            kubetune=__version__,
+            run=self.run,
+            fingerprint=self.info["fingerprint"],
+            complete=True,
+            counts=counts,
+            sources=_sources(kept),
+            settings=self.info["settings"],
             notes=sorted({n for s in shards for n in s["notes"]}),
-            timing=CollectionTiming.model_validate({
-                "startedAt": min(s["startedAt"] for s in shards),
-                "finishedAt": max(s["finishedAt"] for s in shards),
-                "shardSeconds": [s["seconds"] for s in shards],
-            }),
+            timing=CollectionTiming.model_validate(
+                {
+                    "startedAt": min(s["startedAt"] for s in shards),
+                    "finishedAt": max(s["finishedAt"] for s in shards),
+                    "shardSeconds": [s["seconds"] for s in shards],
+                }
+            ),
             content_hash=f"sha256:{content.hexdigest()}",
             metadata="train/metadata.jsonl" if kept else None,
         )
@@ -252,26 +287,40 @@ def _sources(kept: list[dict[str, Any]]) -> list[SourceCount]:
     by_source: dict[str, Counter[str]] = {}
     for record in kept:
         by_source.setdefault(record.get("source", ""), Counter())[record.get("license") or "unknown"] += 1
-    return [SourceCount(source=name, images=sum(c.values()), licenses=dict(sorted(c.items())))
-            for name, c in sorted(by_source.items())]
+    return [
+        SourceCount(source=name, images=sum(c.values()), licenses=dict(sorted(c.items())))
+        for name, c in sorted(by_source.items())
+    ]
 
 
 def _card(info: dict[str, Any], counts: DatasetCounts, sources: list[SourceCount]) -> str:
     lines = [
-        "---", "task_categories: [text-to-image]", "---", "", "# Captioned image dataset", "",
+        "---",
+        "task_categories: [text-to-image]",
+        "---",
+        "",
+        "# Captioned image dataset",
+        "",
         f"Collected by kubetune {__version__} (`kubetune collect`). Images are JPEG, shorter side at most "
         f"{info['settings']['resolution']} px; captions are in `train/metadata.jsonl` (`file_name`, `text`, and "
-        "`source`, `url`, `license`, `author` where known).", "",
-        f"{counts.kept} images kept of {counts.requested} requested.", "",
-        "## Sources and licenses", "", "| source | images | licenses |", "|---|---|---|",
+        "`source`, `url`, `license`, `author` where known).",
+        "",
+        f"{counts.kept} images kept of {counts.requested} requested.",
+        "",
+        "## Sources and licenses",
+        "",
+        "| source | images | licenses |",
+        "|---|---|---|",
     ]
     for entry in sources:
         licenses = ", ".join(f"{name} ({count})" for name, count in entry.licenses.items())
         lines.append(f"| {entry.source} | {entry.images} | {licenses} |")
     lines += [
-        "", "Each image keeps its own license and author (see metadata.jsonl). Check that your use, "
+        "",
+        "Each image keeps its own license and author (see metadata.jsonl). Check that your use, "
         "including training models, is allowed by them and by each source's terms (Unsplash's guidelines, "
-        "for one, discourage training AI models on its photos).", "",
+        "for one, discourage training AI models on its photos).",
+        "",
     ]
     return "\n".join(lines)
 

@@ -43,6 +43,7 @@ API_URL_ENV = {
     "wikimedia": ("KUBETUNE_WIKIMEDIA_API_URL", "https://commons.wikimedia.org/w/api.php"),
 }
 
+
 def api_url(source: str) -> str:
     variable, default = API_URL_ENV[source]
     return os.environ.get(variable) or default
@@ -52,26 +53,32 @@ def api_url(source: str) -> str:
 class Candidate:
     """One image to try: a URL to download, or bytes already at hand (`load`)."""
 
-    key: str                 # stable identity, so a resumed run knows what it already has
+    key: str  # stable identity, so a resumed run knows what it already has
     caption: str
     source: str
-    group: str = ""          # the prompt it was found for
+    group: str = ""  # the prompt it was found for
     url: str = ""
     load: Callable[[], bytes] | None = None
     license: str = ""
     author: str = ""
-    page: str = ""           # where a person can see it and its credits
+    page: str = ""  # where a person can see it and its credits
     on_kept: Callable[[], None] | None = None
 
     def provenance(self) -> dict[str, str]:
-        fields = {"source": self.source, "url": self.url, "license": self.license, "author": self.author, "page": self.page}
+        fields = {
+            "source": self.source,
+            "url": self.url,
+            "license": self.license,
+            "author": self.author,
+            "page": self.page,
+        }
         return {k: v for k, v in fields.items() if v}
 
 
 @dataclass
 class Group:
     name: str
-    quota: int | None               # images to keep; None: every candidate
+    quota: int | None  # images to keep; None: every candidate
     candidates: Iterator[Candidate]
 
 
@@ -95,12 +102,19 @@ class Source:
 # search APIs
 
 
-def api_session(user_agent: str, retries: int, retry_statuses: tuple[int, ...] = (500, 502, 503, 504)) -> requests.Session:
+def api_session(
+    user_agent: str, retries: int, retry_statuses: tuple[int, ...] = (500, 502, 503, 504)
+) -> requests.Session:
     """A requests session with urllib3's backoff (honouring Retry-After) on 5xx."""
     session = requests.Session()
     retry = Retry(
-        total=retries, backoff_factor=0.5, backoff_max=30, status_forcelist=retry_statuses,
-        allowed_methods=None, respect_retry_after_header=True, raise_on_status=False,
+        total=retries,
+        backoff_factor=0.5,
+        backoff_max=30,
+        status_forcelist=retry_statuses,
+        allowed_methods=None,
+        respect_retry_after_header=True,
+        raise_on_status=False,
     )
     session.mount("http://", HTTPAdapter(max_retries=retry))
     session.mount("https://", HTTPAdapter(max_retries=retry))
@@ -144,7 +158,9 @@ class SearchSource(Source):
         if response.status_code >= 500:
             raise RetryableError(f"{self.label} API failed with HTTP {response.status_code}")
         if response.status_code >= 400:
-            raise SourceError(f"{self.label} API refused the request (HTTP {response.status_code}): {_api_message(response)}")
+            raise SourceError(
+                f"{self.label} API refused the request (HTTP {response.status_code}): {_api_message(response)}"
+            )
 
     def stop(self, note: str) -> None:
         self.exhausted = True
@@ -182,7 +198,9 @@ class UnsplashSearch(SearchSource):
     def _candidates(self, prompt: str) -> Iterator[Candidate]:
         page = 1
         while not self.exhausted:
-            response = self.call("GET", f"{self.base}/search/photos", params={"query": prompt, "page": page, "per_page": self.PER_PAGE})
+            response = self.call(
+                "GET", f"{self.base}/search/photos", params={"query": prompt, "page": page, "per_page": self.PER_PAGE}
+            )
             if response.status_code in (403, 429) and "rate limit" in response.text.lower():
                 self._spent(response)
                 return
@@ -213,8 +231,13 @@ class UnsplashSearch(SearchSource):
         user = photo.get("user", {})
         ping = photo.get("links", {}).get("download_location", "")
         return Candidate(
-            key=candidate_key("unsplash", prompt, str(photo["id"])), caption=prompt, source="unsplash", group=prompt,
-            url=url, license="Unsplash License", author=user.get("name", ""),
+            key=candidate_key("unsplash", prompt, str(photo["id"])),
+            caption=prompt,
+            source="unsplash",
+            group=prompt,
+            url=url,
+            license="Unsplash License",
+            author=user.get("name", ""),
             page=photo.get("links", {}).get("html", "") or user.get("links", {}).get("html", ""),
             on_kept=(lambda: self._ping(ping)) if ping else None,
         )
@@ -242,18 +265,32 @@ class GoogleSearch(SearchSource):
         for start in range(1, 100, 10):
             if self.exhausted:
                 return
-            params = {"q": prompt, "cx": self.engine_id, "searchType": "image", "num": 10, "start": start, "safe": self.safe}
+            params = {
+                "q": prompt,
+                "cx": self.engine_id,
+                "searchType": "image",
+                "num": 10,
+                "start": start,
+                "safe": self.safe,
+            }
             response = self.call("GET", f"{self.base}/customsearch/v1", params=params)
             if response.status_code == 429 or (response.status_code == 403 and "limit" in response.text.lower()):
-                self.stop("Google Custom Search quota spent (100 queries per day on the free tier): stopped with what was found")
+                self.stop(
+                    "Google Custom Search quota spent (100 queries per day on the free tier): stopped with what "
+                    "was found"
+                )
                 return
             self.check(response, "GOOGLE_API_KEY and GOOGLE_CSE_ID")
             body = response.json()
             items = body.get("items", [])
             for item in items:
                 yield Candidate(
-                    key=candidate_key("google", prompt, item["link"]), caption=prompt, source="google", group=prompt,
-                    url=item["link"], page=item.get("image", {}).get("contextLink", ""),
+                    key=candidate_key("google", prompt, item["link"]),
+                    caption=prompt,
+                    source="google",
+                    group=prompt,
+                    url=item["link"],
+                    page=item.get("image", {}).get("contextLink", ""),
                 )
             if not items or not body.get("queries", {}).get("nextPage"):
                 return
@@ -264,7 +301,9 @@ class OpenverseSearch(SearchSource):
 
     name, label = "openverse", "Openverse"
 
-    def __init__(self, spec: models.OpenverseSource, client_id: str = "", client_secret: str = "", **kwargs: Any) -> None:
+    def __init__(
+        self, spec: models.OpenverseSource, client_id: str = "", client_secret: str = "", **kwargs: Any
+    ) -> None:
         super().__init__(spec, **kwargs)
         self.spec_ov = spec
         self.base = api_url("openverse").rstrip("/")
@@ -277,7 +316,8 @@ class OpenverseSearch(SearchSource):
             return
         client_id, client_secret = self.credentials
         response = self.call(
-            "POST", f"{self.base}/v1/auth_tokens/token/",
+            "POST",
+            f"{self.base}/v1/auth_tokens/token/",
             data={"grant_type": "client_credentials", "client_id": client_id, "client_secret": client_secret},
         )
         self.check(response, "OPENVERSE_CLIENT_ID and OPENVERSE_CLIENT_SECRET")
@@ -296,7 +336,9 @@ class OpenverseSearch(SearchSource):
                 params["license"] = ",".join(self.spec_ov.licenses)
             response = self.call("GET", f"{self.base}/v1/images/", params=params)
             if response.status_code == 429:
-                self.stop("Openverse rate limit reached: stopped with what was found (client credentials raise the limit)")
+                self.stop(
+                    "Openverse rate limit reached: stopped with what was found (client credentials raise the limit)"
+                )
                 return
             if response.status_code in (400, 401) and page > 1:
                 return  # past the page depth this client may read
@@ -305,8 +347,13 @@ class OpenverseSearch(SearchSource):
             for item in body.get("results", []):
                 license_name = " ".join(p for p in (item.get("license", ""), item.get("license_version", "")) if p)
                 yield Candidate(
-                    key=candidate_key("openverse", prompt, str(item["id"])), caption=prompt, source="openverse", group=prompt,
-                    url=item["url"], license=license_name, author=item.get("creator") or "",
+                    key=candidate_key("openverse", prompt, str(item["id"])),
+                    caption=prompt,
+                    source="openverse",
+                    group=prompt,
+                    url=item["url"],
+                    license=license_name,
+                    author=item.get("creator") or "",
                     page=item.get("foreign_landing_url") or "",
                 )
             if page >= int(body.get("page_count", 0)) or not body.get("results"):
@@ -330,13 +377,22 @@ class WikimediaSearch(SearchSource):
         self.resolution = resolution
         self.base = api_url("wikimedia")
         contact = spec.contact or "https://github.com/kubetune/kubetune"
-        self.session.headers["User-Agent"] = f"kubetune-collector/{__version__} ({contact}) python-requests/{requests.__version__}"
+        self.session.headers["User-Agent"] = (
+            f"kubetune-collector/{__version__} ({contact}) python-requests/{requests.__version__}"
+        )
 
     def _candidates(self, prompt: str) -> Iterator[Candidate]:
         params: dict[str, Any] = {
-            "action": "query", "format": "json", "formatversion": "2",
-            "generator": "search", "gsrsearch": f"{prompt} filetype:bitmap", "gsrnamespace": "6", "gsrlimit": self.PER_PAGE,
-            "prop": "imageinfo", "iiprop": "url|size|mime|extmetadata", "iiurlwidth": self.resolution,
+            "action": "query",
+            "format": "json",
+            "formatversion": "2",
+            "generator": "search",
+            "gsrsearch": f"{prompt} filetype:bitmap",
+            "gsrnamespace": "6",
+            "gsrlimit": self.PER_PAGE,
+            "prop": "imageinfo",
+            "iiprop": "url|size|mime|extmetadata",
+            "iiurlwidth": self.resolution,
             "iiextmetadatafilter": "LicenseShortName|Artist|LicenseUrl",
         }
         while not self.exhausted:
@@ -360,9 +416,14 @@ class WikimediaSearch(SearchSource):
             return None
         meta = info.get("extmetadata", {})
         return Candidate(
-            key=candidate_key("wikimedia", prompt, page.get("title", info["url"])), caption=prompt, source="wikimedia",
-            group=prompt, url=self._image_url(info), license=_TAGS.sub("", meta.get("LicenseShortName", {}).get("value", "")),
-            author=clean_caption(_TAGS.sub("", meta.get("Artist", {}).get("value", ""))), page=info.get("descriptionurl", ""),
+            key=candidate_key("wikimedia", prompt, page.get("title", info["url"])),
+            caption=prompt,
+            source="wikimedia",
+            group=prompt,
+            url=self._image_url(info),
+            license=_TAGS.sub("", meta.get("LicenseShortName", {}).get("value", "")),
+            author=clean_caption(_TAGS.sub("", meta.get("Artist", {}).get("value", ""))),
+            page=info.get("descriptionurl", ""),
         )
 
     def _image_url(self, info: dict[str, Any]) -> str:
@@ -395,9 +456,14 @@ class UrlList(Source):
         fmt = spec.format
         if fmt == "auto":
             suffix = spec.uri.lower().rsplit(".", 1)[-1]
-            fmt = {"jsonl": "jsonl", "json": "jsonl", "ndjson": "jsonl", "csv": "csv", "parquet": "parquet"}.get(suffix, "")
+            fmt = {"jsonl": "jsonl", "json": "jsonl", "ndjson": "jsonl", "csv": "csv", "parquet": "parquet"}.get(
+                suffix, ""
+            )
             if not fmt:
-                raise SourceError(f"urls: cannot tell the format of {spec.uri} from its extension; set the format (jsonl, csv, parquet)")
+                raise SourceError(
+                    f"urls: cannot tell the format of {spec.uri} from its extension; set the format (jsonl, "
+                    "csv, parquet)"
+                )
         self.format = fmt
 
     def groups(self, shard_index: int, num_shards: int) -> Iterator[Group]:
@@ -410,8 +476,14 @@ class UrlList(Source):
                     continue
                 url = str(row.get(self.spec.url_column) or "").strip()
                 caption = clean_caption(row.get(self.spec.caption_column))
-                yield Candidate(key=candidate_key("urls", url, caption), caption=caption, source="urls", url=url,
-                                license=str(row.get("license") or ""), author=str(row.get("author") or ""))
+                yield Candidate(
+                    key=candidate_key("urls", url, caption),
+                    caption=caption,
+                    source="urls",
+                    url=url,
+                    license=str(row.get("license") or ""),
+                    author=str(row.get("author") or ""),
+                )
 
     def _rows(self, path: Path) -> Iterator[dict[str, Any]]:
         """The rows; errors name the list, a line and a column, never the text there (the file
@@ -482,7 +554,7 @@ class _local_copy:
                 raise SourceError(f"urls: {self.uri} does not exist")
             return path
         self.tmp = tempfile.TemporaryDirectory(prefix="kubetune-urls-")
-        bucket_key = self.uri[len("s3://"):]
+        bucket_key = self.uri[len("s3://") :]
         parent, _, name = bucket_key.rpartition("/")
         path = Path(self.tmp.name) / name
         try:
@@ -517,9 +589,13 @@ class HubDataset(Source):
 
         spec = self.spec
         try:
-            stream = datasets.load_dataset(spec.name, split=spec.split, streaming=True, revision=spec.revision or None, token=self.token)
+            stream = datasets.load_dataset(
+                spec.name, split=spec.split, streaming=True, revision=spec.revision or None, token=self.token
+            )
         except Exception as error:  # datasets raises many types for "not found / not allowed"
-            raise SourceError(f"huggingface: cannot open {spec.name} split {spec.split}: {str(error).splitlines()[0][:200]}") from None
+            raise SourceError(
+                f"huggingface: cannot open {spec.name} split {spec.split}: {str(error).splitlines()[0][:200]}"
+            ) from None
         columns = stream.column_names or list((stream.features or {}).keys())
         for column in (spec.image_column, spec.caption_column):
             if columns and column not in columns:
@@ -536,7 +612,9 @@ class HubDataset(Source):
         value = row.get(self.spec.image_column)
         caption = clean_caption(row.get(self.spec.caption_column))
         if isinstance(value, str) and value.startswith(("http://", "https://")):
-            return Candidate(key=candidate_key("huggingface", value, caption), caption=caption, source="huggingface", url=value)
+            return Candidate(
+                key=candidate_key("huggingface", value, caption), caption=caption, source="huggingface", url=value
+            )
         data = value.get("bytes") if isinstance(value, dict) else value if isinstance(value, bytes) else None
         if data is None and isinstance(value, dict) and value.get("path"):
             # a file path is read only inside a local dataset folder; a hub row's path must
@@ -544,13 +622,20 @@ class HubDataset(Source):
             path = Path(os.path.realpath(value["path"]))
             folder = self.spec.name
             if not (os.path.isdir(folder) and path.is_relative_to(os.path.realpath(folder))):
-                return Candidate(key=candidate_key("huggingface", folder, str(path), caption),
-                                 caption=caption, source="huggingface", load=_unsafe_path)
+                return Candidate(
+                    key=candidate_key("huggingface", folder, str(path), caption),
+                    caption=caption,
+                    source="huggingface",
+                    load=_unsafe_path,
+                )
             data = path.read_bytes() if path.is_file() else None
         data = data or b""
         return Candidate(
-            key=candidate_key("huggingface", self.spec.name, hashlib.sha256(data).hexdigest(), caption), caption=caption,
-            source="huggingface", page=f"hf://datasets/{self.spec.name}", load=lambda: data,
+            key=candidate_key("huggingface", self.spec.name, hashlib.sha256(data).hexdigest(), caption),
+            caption=caption,
+            source="huggingface",
+            page=f"hf://datasets/{self.spec.name}",
+            load=lambda: data,
         )
 
 
@@ -576,16 +661,29 @@ class ImageFolder(Source):
                 row = json.loads(line)
                 file_name = str(row["file_name"])
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise SourceError(f"imagefolder: line {index + 1} of {store.uri_of(metadata)} has no file_name") from None
+                raise SourceError(
+                    f"imagefolder: line {index + 1} of {store.uri_of(metadata)} has no file_name"
+                ) from None
             key = f"{folder}/{file_name}" if folder else file_name
             caption = clean_caption(row.get("text", row.get("caption")))
-            yield Candidate(
-                key=candidate_key("imagefolder", store.uri_of(key)), caption=caption, source=str(row.get("source") or "imagefolder"),
-                url=str(row.get("url") or ""), license=str(row.get("license") or ""), author=str(row.get("author") or ""),
-                page=str(row.get("page") or ""), load=lambda key=key: _read_image(store, key),  # type: ignore[misc]
-            ) if is_safe_file_name(file_name) else Candidate(
-                key=candidate_key("imagefolder", store.uri_of(folder), file_name), caption=caption,
-                source="imagefolder", load=_unsafe_path,
+            yield (
+                Candidate(
+                    key=candidate_key("imagefolder", store.uri_of(key)),
+                    caption=caption,
+                    source=str(row.get("source") or "imagefolder"),
+                    url=str(row.get("url") or ""),
+                    license=str(row.get("license") or ""),
+                    author=str(row.get("author") or ""),
+                    page=str(row.get("page") or ""),
+                    load=lambda key=key: _read_image(store, key),  # type: ignore[misc]
+                )
+                if is_safe_file_name(file_name)
+                else Candidate(
+                    key=candidate_key("imagefolder", store.uri_of(folder), file_name),
+                    caption=caption,
+                    source="imagefolder",
+                    load=_unsafe_path,
+                )
             )
 
     def _locate(self) -> tuple[Store, str]:

@@ -136,8 +136,13 @@ def owner_reference(owner: Owner) -> dict[str, Any]:
     }
 
 
-def metadata(owner: Owner, name: str, component: str, extra_labels: dict[str, str] | None = None,
-             annotations: dict[str, str] | None = None) -> dict[str, Any]:
+def metadata(
+    owner: Owner,
+    name: str,
+    component: str,
+    extra_labels: dict[str, str] | None = None,
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "name": name,
         "namespace": owner.namespace,
@@ -213,8 +218,10 @@ def env(spec: FineTuneJobSpec, owner: Owner, component: str) -> list[dict[str, A
         {"name": "KUBETUNE_FINETUNEJOB", "value": owner.name},
         # Declared here (the Job controller adds it too) so `$(JOB_COMPLETION_INDEX)` in the
         # command expands from an env entry the pod spec itself defines.
-        {"name": "JOB_COMPLETION_INDEX",
-         "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}},
+        {
+            "name": "JOB_COMPLETION_INDEX",
+            "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}},
+        },
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     if component == TRAINER:  # torch's agent must stop its workers within the pod's grace period
@@ -233,13 +240,22 @@ TMP_VOLUME = "tmp"
 
 
 def pod_security_context() -> dict[str, Any]:
-    return {"runAsNonRoot": True, "runAsUser": POD_USER, "runAsGroup": POD_USER, "fsGroup": POD_USER,
-            "seccompProfile": {"type": "RuntimeDefault"}}
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": POD_USER,
+        "runAsGroup": POD_USER,
+        "fsGroup": POD_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def container_security_context() -> dict[str, Any]:
-    return {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]}}
+    return {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
 
 
 def tmp_volume() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -253,6 +269,7 @@ def pod_failure_policy(container: str) -> dict[str, Any]:
     saved a checkpoint) is not a failure; invalid input cannot be fixed by a retry, nor can a
     collection that kept nothing (the same search finds the same nothing), nor a training run
     that diverged (NaN/inf: the same settings diverge again)."""
+
     def exit_codes(*codes: int) -> dict[str, Any]:
         return {"containerName": container, "operator": "In", "values": list(codes)}
 
@@ -296,8 +313,7 @@ def pod_scheduling(settings: PodSettings) -> dict[str, Any]:
     if settings.node_selector:
         pod["nodeSelector"] = dict(settings.node_selector)
     if settings.tolerations:
-        pod["tolerations"] = [t.model_dump(by_alias=True, exclude_defaults=True)
-                              for t in settings.tolerations]
+        pod["tolerations"] = [t.model_dump(by_alias=True, exclude_defaults=True) for t in settings.tolerations]
     if settings.affinity:
         pod["affinity"] = dict(settings.affinity)
     if settings.priority_class_name:
@@ -307,9 +323,19 @@ def pod_scheduling(settings: PodSettings) -> dict[str, Any]:
     return pod
 
 
-def job(owner: Owner, name: str, component: str, *, completions: int, backoff_limit: int,
-        pod_spec: dict[str, Any], suspend: bool, queue_name: str,
-        annotations: dict[str, str] | None = None, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+def job(
+    owner: Owner,
+    name: str,
+    component: str,
+    *,
+    completions: int,
+    backoff_limit: int,
+    pod_spec: dict[str, Any],
+    suspend: bool,
+    queue_name: str,
+    annotations: dict[str, str] | None = None,
+    extra_labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
     job_labels = dict(extra_labels or {})
     if queue_name:
         job_labels[KUEUE_QUEUE_LABEL] = queue_name
@@ -326,13 +352,17 @@ def job(owner: Owner, name: str, component: str, *, completions: int, backoff_li
             "podFailurePolicy": pod_failure_policy(component),
             # Kueue admits a Job by unsuspending it, so with a queue every Job starts suspended.
             "suspend": suspend or bool(queue_name),
-            "template": {"metadata": {"labels": pod_labels, "annotations": {ANNOTATION_OWNER: owner.name}}, "spec": pod_spec},
+            "template": {
+                "metadata": {"labels": pod_labels, "annotations": {ANNOTATION_OWNER: owner.name}},
+                "spec": pod_spec,
+            },
         },
     }
 
 
-def container(spec: FineTuneJobSpec, owner: Owner, component: str, image: str, command: list[str],
-              resources: dict[str, Any]) -> dict[str, Any]:
+def container(
+    spec: FineTuneJobSpec, owner: Owner, component: str, image: str, command: list[str], resources: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "name": component,
         "image": image,
@@ -356,18 +386,30 @@ def collector_job(spec: FineTuneJobSpec, owner: Owner, images: Images = Images()
         "terminationGracePeriodSeconds": COLLECTOR_GRACE_SECONDS,
         "securityContext": pod_security_context(),
         "containers": [
-            {**container(spec, owner, COLLECTOR, settings.image or images.collector,
-                         ["kubetune", "collect", "--spec", f"env:{SPEC_ENV}"],
-                         collector_resources(settings)),
-             "volumeMounts": [tmp_mount]},
+            {
+                **container(
+                    spec,
+                    owner,
+                    COLLECTOR,
+                    settings.image or images.collector,
+                    ["kubetune", "collect", "--spec", f"env:{SPEC_ENV}"],
+                    collector_resources(settings),
+                ),
+                "volumeMounts": [tmp_mount],
+            },
         ],
         "volumes": [tmp],
         **pod_scheduling(settings),
     }
     collector = job(
-        owner, collector_job_name(owner.name), COLLECTOR,
-        completions=settings.shards, backoff_limit=spec.run_policy.backoff_limit, pod_spec=pod_spec,
-        suspend=spec.suspend, queue_name=spec.run_policy.queue_name,
+        owner,
+        collector_job_name(owner.name),
+        COLLECTOR,
+        completions=settings.shards,
+        backoff_limit=spec.run_policy.backoff_limit,
+        pod_spec=pod_spec,
+        suspend=spec.suspend,
+        queue_name=spec.run_policy.queue_name,
         annotations={ANNOTATION_FINGERPRINT: dataset_fingerprint(spec.dataset)},
     )
     collector["spec"]["activeDeadlineSeconds"] = collector_deadline(spec)
@@ -386,7 +428,9 @@ def trainer_service(spec: FineTuneJobSpec, owner: Owner) -> dict[str, Any]:
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
             "selector": {LABEL_JOB: base_name(owner.name), LABEL_COMPONENT: TRAINER},
-            "ports": [{"name": "rendezvous", "port": spec.trainer.port, "targetPort": spec.trainer.port, "protocol": "TCP"}],
+            "ports": [
+                {"name": "rendezvous", "port": spec.trainer.port, "targetPort": spec.trainer.port, "protocol": "TCP"}
+            ],
         },
     }
 
@@ -458,8 +502,14 @@ def trainer_job(spec: FineTuneJobSpec, owner: Owner, restart: int = 0, images: I
         "securityContext": pod_security_context(),
         "containers": [
             {
-                **container(spec, owner, TRAINER, settings.image or images.trainer,
-                            trainer_command(spec, owner.name, restart), trainer_resources(spec)),
+                **container(
+                    spec,
+                    owner,
+                    TRAINER,
+                    settings.image or images.trainer,
+                    trainer_command(spec, owner.name, restart),
+                    trainer_resources(spec),
+                ),
                 "ports": [{"name": "rendezvous", "containerPort": settings.port, "protocol": "TCP"}],
                 "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, tmp_mount],
             }
@@ -468,9 +518,14 @@ def trainer_job(spec: FineTuneJobSpec, owner: Owner, restart: int = 0, images: I
         **pod_scheduling(settings),
     }
     return job(
-        owner, trainer_job_name(owner.name, restart), TRAINER,
-        completions=settings.nodes, backoff_limit=0, pod_spec=pod_spec,
-        suspend=spec.suspend, queue_name=spec.run_policy.queue_name,
+        owner,
+        trainer_job_name(owner.name, restart),
+        TRAINER,
+        completions=settings.nodes,
+        backoff_limit=0,
+        pod_spec=pod_spec,
+        suspend=spec.suspend,
+        queue_name=spec.run_policy.queue_name,
         annotations={ANNOTATION_TRAINING_HASH: training_hash(spec)},
         extra_labels={LABEL_ATTEMPT: str(restart)},
     )

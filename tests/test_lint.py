@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # The folders, not kubetune/: kubetune/operator, trainer and collector are links to three of them.
 SOURCES = [
+    ".ci",
     "kubetune/api",
     "kubetune/cli.py",
     "kubetune/cli_util.py",

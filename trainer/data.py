@@ -24,8 +24,12 @@ from kubetune.storage import Store
 Image.MAX_IMAGE_PIXELS = 16384 * 16384  # big enough for photos; decompression bombs above it fail
 
 FILTERS = {
-    "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-    "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS,
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
 }
 
 
@@ -90,8 +94,10 @@ def open_imagefolder(uri: str, image_column: str, caption_column: str) -> Traini
     if "file_name" not in columns:
         raise DataError(f"{store.uri_of(key)}: no 'file_name' column (columns: {', '.join(columns)})")
     if caption_column not in columns:
-        raise DataError(f"--caption_column '{caption_column}' is not a column of {store.uri_of(key)} "
-                        f"(columns: {', '.join(c for c in columns if c != 'file_name')})")
+        raise DataError(
+            f"--caption_column '{caption_column}' is not a column of {store.uri_of(key)} "
+            f"(columns: {', '.join(c for c in columns if c != 'file_name')})"
+        )
     if image_column not in ("image", "file_name"):
         raise DataError(f"--image_column '{image_column}': an imagefolder's images are its 'file_name' entries")
     try:
@@ -100,16 +106,19 @@ def open_imagefolder(uri: str, image_column: str, caption_column: str) -> Traini
         manifest = None
     for number, row in enumerate(rows, 1):
         if not isinstance(row.get("file_name"), str) or not is_safe_file_name(row["file_name"]):
-            raise DataError(f"{store.uri_of(key)} row {number}: file_name must be a path inside "
-                            "the dataset (relative, without '..')")
+            raise DataError(
+                f"{store.uri_of(key)} row {number}: file_name must be a path inside "
+                "the dataset (relative, without '..')"
+            )
     files = [f"{prefix}/{row['file_name']}".lstrip("/") for row in rows]
     captions = [_caption(row.get(caption_column), caption_column) for row in rows]
     fingerprint = hashlib.sha256(raw + json.dumps(manifest or {}, sort_keys=True).encode()).hexdigest()[:16]
     return TrainingData(uri, captions, fingerprint, rows, manifest, store, files)
 
 
-def open_hub_dataset(name: str, config_name: str | None, image_column: str, caption_column: str,
-                     cache_dir: str | None) -> TrainingData:
+def open_hub_dataset(
+    name: str, config_name: str | None, image_column: str, caption_column: str, cache_dir: str | None
+) -> TrainingData:
     import datasets
 
     try:
@@ -143,8 +152,9 @@ def _caption(value: Any, column: str) -> str:
     raise DataError(f"caption column '{column}' must hold strings or lists of strings (got {value!r:.60})")
 
 
-def transform(image: Image.Image, resolution: int, center_crop: bool, interpolation: str,
-              rng: random.Random) -> np.ndarray:
+def transform(
+    image: Image.Image, resolution: int, center_crop: bool, interpolation: str, rng: random.Random
+) -> np.ndarray:
     """Resize the shorter side to `resolution`, crop a square (centre or random), and return a
     float32 CHW array in [-1, 1]."""
     width, height = image.size

@@ -384,7 +384,7 @@ class TrainConfig:
     # checkpoints, validation, logging
     output_dir: str = opt("sd-model-finetuned", group=OUTPUT, spec="storage.uri", help="local folder or s3:// prefix")
     checkpointing_steps: int = opt(
-        500,
+        defaults.CHECKPOINT_EVERY_STEPS,
         group=OUTPUT,
         type=_positive_int,
         spec="training.checkpointEverySteps",
@@ -403,6 +403,7 @@ class TrainConfig:
         kubetune=True,
         type=_non_negative_int,
         metavar="N",
+        spec="training.maxNonfiniteSteps",
         help="skip up to N steps whose loss or gradients are NaN/inf, then stop (default 0: stop "
         "at the first); nothing non-finite is ever checkpointed or published",
     )

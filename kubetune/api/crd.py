@@ -22,13 +22,36 @@ from kubetune.api import models
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Where the job is in its life."},
-    {"name": "Progress", "type": "string", "jsonPath": ".status.training.progress", "description": "Training steps done, in percent."},
+    {
+        "name": "Progress",
+        "type": "string",
+        "jsonPath": ".status.training.progress",
+        "description": "Training steps done, in percent.",
+    },
     {"name": "Step", "type": "integer", "jsonPath": ".status.training.step", "description": "Optimizer steps done."},
     {"name": "Loss", "type": "string", "jsonPath": ".status.training.loss", "description": "Recent training loss."},
-    {"name": "ETA", "type": "integer", "jsonPath": ".status.training.etaSeconds", "description": "Estimated seconds left.", "priority": 1},
+    {
+        "name": "ETA",
+        "type": "integer",
+        "jsonPath": ".status.training.etaSeconds",
+        "description": "Estimated seconds left.",
+        "priority": 1,
+    },
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "description": "Failed trainer attempts."},
-    {"name": "Preemptions", "type": "integer", "jsonPath": ".status.preemptions", "description": "Preempted trainer attempts.", "priority": 1},
-    {"name": "Model", "type": "string", "jsonPath": ".status.modelUri", "description": "The published model.", "priority": 1},
+    {
+        "name": "Preemptions",
+        "type": "integer",
+        "jsonPath": ".status.preemptions",
+        "description": "Preempted trainer attempts.",
+        "priority": 1,
+    },
+    {
+        "name": "Model",
+        "type": "string",
+        "jsonPath": ".status.modelUri",
+        "description": "The published model.",
+        "priority": 1,
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
@@ -119,8 +142,14 @@ def finetunejob_crd() -> dict[str, Any]:
         "description": _one_line(models.FineTuneJob.__doc__ or ""),
         "required": ["spec"],
         "properties": {
-            "apiVersion": {"type": "string", "description": "APIVersion defines the versioned schema of this representation of an object."},
-            "kind": {"type": "string", "description": "Kind is a string value representing the REST resource this object represents."},
+            "apiVersion": {
+                "type": "string",
+                "description": "APIVersion defines the versioned schema of this representation of an object.",
+            },
+            "kind": {
+                "type": "string",
+                "description": "Kind is a string value representing the REST resource this object represents.",
+            },
             "metadata": {"type": "object"},
             "spec": spec_schema,
             "status": status_schema,
@@ -206,17 +235,34 @@ def render_reference_markdown() -> str:
         "Required fields are marked **required**; `kubectl explain ftj.spec.<field>` shows the same text.",
         "",
     ]
-    sections: list[tuple[str, dict[str, Any]]] = [("spec", root["properties"]["spec"]), ("status", root["properties"]["status"])]
+    sections: list[tuple[str, dict[str, Any]]] = [
+        ("spec", root["properties"]["spec"]),
+        ("status", root["properties"]["status"]),
+    ]
     while sections:
         path, node = sections.pop(0)
-        lines += [f"## `{path}`", "", _one_line(node.get("description", "")), "", "| field | type | default | constraints | description |", "|---|---|---|---|---|"]
+        lines += [
+            f"## `{path}`",
+            "",
+            _one_line(node.get("description", "")),
+            "",
+            "| field | type | default | constraints | description |",
+            "|---|---|---|---|---|",
+        ]
         required = set(node.get("required", []))
         nested = []
         for name, child in node.get("properties", {}).items():
             default = child.get("default")
-            shown = "" if default is None else f"`{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}`"
+            shown = (
+                ""
+                if default is None
+                else f"`{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}`"
+            )
             flag = " **required**" if name in required else ""
-            lines.append(f"| `{name}`{flag} | {_type_of(child)} | {shown} | {_constraints(child)} | {child.get('description', '')} |")
+            lines.append(
+                f"| `{name}`{flag} | {_type_of(child)} | {shown} | {_constraints(child)} | "
+                f"{child.get('description', '')} |"
+            )
             target = child.get("items") if child.get("type") == "array" else child
             if isinstance(target, dict) and target.get("properties"):
                 nested.append((f"{path}.{name}" + ("[]" if child.get("type") == "array" else ""), target))

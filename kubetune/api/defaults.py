@@ -9,13 +9,15 @@ imports this module.
 
 from __future__ import annotations
 
-METHOD = "full"
+from typing import Final
+
+METHOD: Final = "full"  # Final: mypy keeps the literal type the API's Literal fields need
 """Fine-tune the whole UNet (`lora`: adapters only)."""
 LORA_RANK = 4
 """Rank of the LoRA adapters (diffusers' train_text_to_image_lora.py default)."""
 RESOLUTION = 512
 """Training resolution in pixels (Stable Diffusion 1.x)."""
-LR_SCHEDULER = "constant"
+LR_SCHEDULER: Final = "constant"
 ADAM_BETA1 = 0.9
 ADAM_BETA2 = 0.999
 ADAM_WEIGHT_DECAY = 1e-2
@@ -23,3 +25,6 @@ ADAM_EPSILON = 1e-8
 MAX_GRAD_NORM = 1.0
 VALIDATION_GUIDANCE_SCALE = 7.5
 """Classifier-free guidance scale of the validation samples: the diffusers pipeline's default."""
+CHECKPOINT_EVERY_STEPS = 500
+"""Steps between resumable checkpoints: the stock script's default; a full SD 1.5 checkpoint with
+EMA and AdamW state is about 14 GB, too much to write every few dozen steps."""

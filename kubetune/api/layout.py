@@ -65,8 +65,8 @@ def checkpoint_name(step: int) -> str:
 def checkpoint_step(name: str) -> int | None:
     """The step of a checkpoint folder name: kubetune's `step-N`, or diffusers' `checkpoint-N`."""
     for prefix in ("step-", "checkpoint-"):
-        if name.startswith(prefix) and name[len(prefix):].isdigit():
-            return int(name[len(prefix):])
+        if name.startswith(prefix) and name[len(prefix) :].isdigit():
+            return int(name[len(prefix) :])
     return None
 
 
@@ -81,7 +81,12 @@ def complete_checkpoint_names(keys: Iterable[str]) -> list[str]:
     names = []
     for key in keys:
         parts = key.split("/")
-        if len(parts) == 3 and parts[0] == CHECKPOINTS_DIR and parts[2] == MANIFEST_FILE and checkpoint_step(parts[1]) is not None:
+        if (
+            len(parts) == 3
+            and parts[0] == CHECKPOINTS_DIR
+            and parts[2] == MANIFEST_FILE
+            and checkpoint_step(parts[1]) is not None
+        ):
             names.append(parts[1])
     return names
 

@@ -24,6 +24,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from kubetune.api import defaults
+
 GROUP = "kubetune.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -51,10 +53,8 @@ Text = Annotated[str, StringConstraints(min_length=1, max_length=1000, pattern=N
 Column = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=NO_CONTROL)]
 Uri = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=NO_CONTROL)]
 ObjectName = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
-OptionalObjectName = Annotated[
-    str, StringConstraints(max_length=253, pattern=f"^$|{DNS_SUBDOMAIN}")]
-SecretKey = Annotated[
-    str, StringConstraints(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
+OptionalObjectName = Annotated[str, StringConstraints(max_length=253, pattern=f"^$|{DNS_SUBDOMAIN}")]
+SecretKey = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
 LabelValue = Annotated[str, StringConstraints(max_length=63, pattern=LABEL_VALUE)]
 QuantityStr = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=QUANTITY)]
 
@@ -70,20 +70,21 @@ def _quantity(value: Any) -> int | str:
 # int-or-string, as Kubernetes writes quantities (`cpu: 2`, `memory: 16Gi`); one validator, so
 # an error names the field and not a union member
 Quantity = Annotated[
-    int | str, PlainValidator(_quantity),
-    WithJsonSchema({"x-kubernetes-int-or-string": True, "minimum": 0, "maximum": 10**15,
-                    "maxLength": 64, "pattern": QUANTITY}),
+    int | str,
+    PlainValidator(_quantity),
+    WithJsonSchema(
+        {"x-kubernetes-int-or-string": True, "minimum": 0, "maximum": 10**15, "maxLength": 64, "pattern": QUANTITY}
+    ),
 ]
-S3Uri = Annotated[str, StringConstraints(
-    max_length=1024, pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\x00-\x1f\x7f]*)?$")]
+S3Uri = Annotated[
+    str, StringConstraints(max_length=1024, pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\x00-\x1f\x7f]*)?$")
+]
 # A URI pods read: in a cluster only s3:// (a local path would be the pod's own file, e.g.
 # /proc/self/environ). Local runs (`kubetune run`, `kubetune collect`) may name local files,
 # so the pattern is the API server's alone; operator pods refuse local lists themselves.
-ClusterUri = Annotated[
-    Uri, Field(json_schema_extra={"pattern": r"^s3://[a-z0-9][-a-z0-9.]*(/.*)?$"})]
+ClusterUri = Annotated[Uri, Field(json_schema_extra={"pattern": r"^s3://[a-z0-9][-a-z0-9.]*(/.*)?$"})]
 License = Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[a-z0-9.+-]+$")]
-Split = Annotated[
-    str, StringConstraints(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9._+\[\]:%-]+$")]
+Split = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9._+\[\]:%-]+$")]
 Revision = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=REVISION)]
 
 
@@ -294,11 +295,11 @@ class BaseModelSpec(ApiModel):
 class Training(ApiModel):
     """Training settings: the flags of diffusers' train_text_to_image.py, flag for flag."""
 
-    method: Literal["full", "lora"] = "full"
+    method: Literal["full", "lora"] = defaults.METHOD
     """`full` fine-tunes the whole UNet; `lora` trains low-rank adapters (much less memory)."""
-    lora_rank: int = Field(default=4, ge=1, le=1024)
+    lora_rank: int = Field(default=defaults.LORA_RANK, ge=1, le=1024)
     """LoRA rank (method lora)."""
-    resolution: int = Field(default=512, ge=8, multiple_of=8, le=8192)
+    resolution: int = Field(default=defaults.RESOLUTION, ge=8, multiple_of=8, le=8192)
     """Training resolution in pixels; a multiple of 8."""
     center_crop: bool = True
     """Crop the center instead of a random crop."""
@@ -320,19 +321,19 @@ class Training(ApiModel):
     """Multiply the learning rate by processes x batch size x accumulation steps."""
     lr_scheduler: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
-    ] = "constant"
+    ] = defaults.LR_SCHEDULER
     """Learning-rate schedule."""
     lr_warmup_steps: int = Field(default=0, ge=0, le=100_000_000)
     """Steps of linear warm-up."""
-    max_grad_norm: float = Field(default=1.0, ge=0, le=1e6)
+    max_grad_norm: float = Field(default=defaults.MAX_GRAD_NORM, ge=0, le=1e6)
     """Gradient clipping norm; 0 disables clipping."""
-    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    adam_beta1: float = Field(default=defaults.ADAM_BETA1, ge=0, lt=1)
     """AdamW beta1."""
-    adam_beta2: float = Field(default=0.999, ge=0, lt=1)
+    adam_beta2: float = Field(default=defaults.ADAM_BETA2, ge=0, lt=1)
     """AdamW beta2."""
-    adam_weight_decay: float = Field(default=1e-2, ge=0, le=10)
+    adam_weight_decay: float = Field(default=defaults.ADAM_WEIGHT_DECAY, ge=0, le=10)
     """AdamW weight decay."""
-    adam_epsilon: float = Field(default=1e-8, gt=0, le=1)
+    adam_epsilon: float = Field(default=defaults.ADAM_EPSILON, gt=0, le=1)
     """AdamW epsilon."""
     use_ema: bool = True
     """Keep an exponential moving average of the trained weights and publish it."""
@@ -352,15 +353,19 @@ class Training(ApiModel):
     """Use at most this many images of the dataset."""
     dataloader_num_workers: int = Field(default=2, ge=0, le=64)
     """Data loading worker processes per training process."""
-    checkpoint_every_steps: int = Field(default=50, ge=1, le=100_000_000)
-    """Save a resumable checkpoint to storage every this many steps."""
+    checkpoint_every_steps: int = Field(default=defaults.CHECKPOINT_EVERY_STEPS, ge=1, le=100_000_000)
+    """Save a resumable checkpoint to storage every this many steps (and when preempted). A full
+    SD 1.5 checkpoint (UNet, EMA, AdamW state) is about 14 GB: the stock script's 500 steps."""
     checkpoints_to_keep: int = Field(default=2, ge=1, le=1000)
     """Keep this many most recent complete checkpoints."""
+    max_nonfinite_steps: int = Field(default=0, ge=0, le=1000)
+    """Skip up to this many steps whose loss or gradients are NaN/inf, then fail the job (reason
+    TrainingDiverged). 0 fails at the first. Nothing non-finite is checkpointed or published."""
     validation_prompts: list[Text] = Field(default_factory=list, max_length=64)
     """Prompts rendered to sample images at every checkpoint and at the end."""
     validation_every_steps: int | None = Field(default=None, ge=1, le=100_000_000)
     """Render validation samples every this many steps; unset means at every checkpoint."""
-    validation_guidance_scale: float = Field(default=7.5, ge=0, le=100)
+    validation_guidance_scale: float = Field(default=defaults.VALIDATION_GUIDANCE_SCALE, ge=0, le=100)
     """Classifier-free guidance scale of the validation samples (7.5, the diffusers pipeline's
     default); 1 renders them without guidance, for a model never trained on empty captions."""
 
@@ -411,8 +416,9 @@ class PodSettings(ApiModel):
     """Node labels the pods must match."""
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
     """Pod tolerations, as in a Pod spec."""
-    affinity: FreeForm = Field(default_factory=dict, max_length=3,
-                               json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    affinity: FreeForm = Field(
+        default_factory=dict, max_length=3, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
     """Pod affinity, as in a Pod spec."""
     priority_class_name: OptionalObjectName = ""
     """PriorityClass of the pods."""
@@ -461,8 +467,7 @@ class Storage(ApiModel):
     uri: S3Uri = Field(json_schema_extra=validations(("self == oldSelf", "storage.uri is immutable")))
     """`s3://bucket/prefix/`. The dataset, cache, checkpoints, samples, progress and the final
     model live under it; deleting the FineTuneJob leaves them in place."""
-    endpoint: Annotated[
-        str, StringConstraints(max_length=2048, pattern=r"^(https?://[^\s]+)?$")] = ""
+    endpoint: Annotated[str, StringConstraints(max_length=2048, pattern=r"^(https?://[^\s]+)?$")] = ""
     """S3 endpoint URL for S3-compatible stores (MinIO, Ceph); empty uses AWS."""
     region: Annotated[str, StringConstraints(max_length=64, pattern=r"^[a-z0-9-]*$")] = ""
     """S3 region; empty uses the SDK's default."""
@@ -478,8 +483,7 @@ class RunPolicy(ApiModel):
     use this budget."""
     active_deadline_seconds: int | None = Field(default=None, ge=1, le=31_536_000)
     """Fail the job when it has run this long."""
-    queue_name: Annotated[str, StringConstraints(
-        max_length=63, pattern=r"^$|^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")] = ""
+    queue_name: Annotated[str, StringConstraints(max_length=63, pattern=r"^$|^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")] = ""
     """Kueue LocalQueue; when set, child Jobs are created suspended for Kueue to admit."""
 
 

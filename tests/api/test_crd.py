@@ -90,7 +90,9 @@ def _walk(node: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any
 def test_crd_schema_is_structural_and_documented(schema: dict[str, Any]) -> None:
     for path, node in _walk(schema):
         # Structural: every node has a type (or says it preserves unknown fields), no unions.
-        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields") or node.get("x-kubernetes-int-or-string"), path
+        assert (
+            "type" in node or node.get("x-kubernetes-preserve-unknown-fields") or node.get("x-kubernetes-int-or-string")
+        ), path
         for forbidden in ("$ref", "anyOf", "oneOf", "allOf", "title", "const"):
             assert forbidden not in node, f"{path} has {forbidden}"
         assert not ("properties" in node and "additionalProperties" in node), path
@@ -118,7 +120,17 @@ def test_crd_metadata_columns_and_subresources(crd_doc: dict[str, Any]) -> None:
 
 def test_there_is_an_example_per_source_plus_lora_and_multinode() -> None:
     names = {p.stem for p in EXAMPLES}
-    assert {"unsplash", "google", "openverse", "wikimedia", "urls", "huggingface", "imagefolder", "lora", "multinode"} <= names
+    assert {
+        "unsplash",
+        "google",
+        "openverse",
+        "wikimedia",
+        "urls",
+        "huggingface",
+        "imagefolder",
+        "lora",
+        "multinode",
+    } <= names
     sources = {parse_finetunejob(load_yaml_documents(p.read_text())[0]).spec.dataset.source_name for p in EXAMPLES}
     assert sources == {"unsplash", "google", "openverse", "wikimedia", "urls", "huggingface", "imagefolder"}
 
@@ -151,7 +163,11 @@ def _set(obj: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 _DELETE = object()
-GOOGLE = {"prompts": ["x"], "apiKeySecretRef": {"name": "g", "key": "k"}, "searchEngineIdSecretRef": {"name": "g", "key": "c"}}
+GOOGLE = {
+    "prompts": ["x"],
+    "apiKeySecretRef": {"name": "g", "key": "k"},
+    "searchEngineIdSecretRef": {"name": "g", "key": "c"},
+}
 
 INVALID = [
     # (case id, dotted path to change, new value, the field the error must name)
@@ -204,8 +220,12 @@ BOUNDS: list[tuple[str, str, Any, str | None]] = [
     ("model-base-too-long", "spec.model.base", "o/" + "m" * 2047, None),
     ("secret-name-not-dns", f"{REF}.name", "Bad_Name", None),
     ("secret-key-slash", f"{REF}.key", "a/b", None),
-    ("credentials-name-too-long", "spec.storage.credentialsSecretRef", {"name": "a" * 254},
-     "spec.storage.credentialsSecretRef.name"),
+    (
+        "credentials-name-too-long",
+        "spec.storage.credentialsSecretRef",
+        {"name": "a" * 254},
+        "spec.storage.credentialsSecretRef.name",
+    ),
     ("storage-uri-too-long", "spec.storage.uri", "s3://bucket/" + "k" * 1100, None),
     ("storage-uri-newline", "spec.storage.uri", "s3://bucket/a\nb", None),
     ("endpoint-not-url", "spec.storage.endpoint", "minio:9000\nX: y", None),
@@ -216,31 +236,45 @@ BOUNDS: list[tuple[str, str, Any, str | None]] = [
     ("priority-class-too-long", f"{CO}.priorityClassName", "p" * 254, None),
     ("image-with-space", f"{TR}.image", "registry/img:1 --privileged", None),
     ("shm-not-quantity", f"{TR}.shmSize", "8 gigs", None),
-    ("resources-not-quantity", f"{TR}.resources", {"limits": {"memory": "lots"}},
-     f"{TR}.resources.limits.memory"),
-    ("resources-negative", f"{CO}.resources", {"requests": {"cpu": "-1"}},
-     f"{CO}.resources.requests.cpu"),
+    ("resources-not-quantity", f"{TR}.resources", {"limits": {"memory": "lots"}}, f"{TR}.resources.limits.memory"),
+    ("resources-negative", f"{CO}.resources", {"requests": {"cpu": "-1"}}, f"{CO}.resources.requests.cpu"),
     ("resources-negative-int", f"{TR}.resources", {"limits": {"cpu": -2}}, f"{TR}.resources.limits.cpu"),
     ("resources-unknown-kind", f"{TR}.resources", {"claims": []}, f"{TR}.resources.claims"),
     ("node-selector-value", f"{TR}.nodeSelector", {"zone": "a b"}, f"{TR}.nodeSelector.zone"),
-    ("toleration-operator", f"{TR}.tolerations", [{"key": "k", "operator": "Maybe"}],
-     f"{TR}.tolerations[0].operator"),
+    ("toleration-operator", f"{TR}.tolerations", [{"key": "k", "operator": "Maybe"}], f"{TR}.tolerations[0].operator"),
     ("too-many-tolerations", f"{TR}.tolerations", [{"key": "k"}] * 65, None),
-    ("urls-column-too-long", "spec.dataset", {"urls": {"uri": "s3://b/l", "urlColumn": "c" * 257}},
-     "spec.dataset.urls.urlColumn"),
-    ("urls-local-path", "spec.dataset", {"urls": {"uri": "/proc/self/environ", "format": "csv"}},
-     "spec.dataset.urls.uri"),
-    ("hf-revision-space", "spec.dataset", {"huggingface": {"name": "o/d", "revision": "main; rm"}},
-     "spec.dataset.huggingface.revision"),
-    ("wikimedia-contact-header", "spec.dataset",
-     {"wikimedia": {"prompts": ["x"], "contact": "a@b\r\nX-Evil: 1"}},
-     "spec.dataset.wikimedia.contact"),
+    (
+        "urls-column-too-long",
+        "spec.dataset",
+        {"urls": {"uri": "s3://b/l", "urlColumn": "c" * 257}},
+        "spec.dataset.urls.urlColumn",
+    ),
+    (
+        "urls-local-path",
+        "spec.dataset",
+        {"urls": {"uri": "/proc/self/environ", "format": "csv"}},
+        "spec.dataset.urls.uri",
+    ),
+    (
+        "hf-revision-space",
+        "spec.dataset",
+        {"huggingface": {"name": "o/d", "revision": "main; rm"}},
+        "spec.dataset.huggingface.revision",
+    ),
+    (
+        "wikimedia-contact-header",
+        "spec.dataset",
+        {"wikimedia": {"prompts": ["x"], "contact": "a@b\r\nX-Evil: 1"}},
+        "spec.dataset.wikimedia.contact",
+    ),
 ]
 INVALID += [(case, path, value, field or path) for case, path, value, field in BOUNDS]
 
 
 @pytest.mark.parametrize(("path", "value", "field"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
-def test_invalid_spec_is_rejected_by_both_naming_the_field(path: str, value: Any, field: str, schema: dict[str, Any]) -> None:
+def test_invalid_spec_is_rejected_by_both_naming_the_field(
+    path: str, value: Any, field: str, schema: dict[str, Any]
+) -> None:
     obj = minimal()
     _set(obj, path, value)
     server = crd_errors(schema, obj)
@@ -259,7 +293,9 @@ def test_yaml_no_is_rejected_not_coerced(schema: dict[str, Any], tmp_path: Path)
     text = yaml.safe_dump(minimal()) + ""
     spec_file = tmp_path / "job.yaml"
     spec_file.write_text(text.replace("spec:\n", "spec:\n  training:\n    mixedPrecision: no\n", 1))
-    with pytest.raises(SpecError, match=r"spec\.training\.mixedPrecision: must be one of 'fp32', 'fp16' or 'bf16' \(got False\)"):
+    with pytest.raises(
+        SpecError, match=r"spec\.training\.mixedPrecision: must be one of 'fp32', 'fp16' or 'bf16' \(got False\)"
+    ):
         load.load_finetunejob(spec_file)
     obj = load_yaml_documents(spec_file.read_text())[0]
     assert any("spec.training.mixedPrecision: Unsupported value: false" in m for m in crd_errors(schema, obj))
@@ -267,7 +303,9 @@ def test_yaml_no_is_rejected_not_coerced(schema: dict[str, Any], tmp_path: Path)
 
 def test_scientific_notation_is_a_number_as_in_kubernetes(tmp_path: Path) -> None:
     spec_file = tmp_path / "job.yaml"
-    spec_file.write_text(yaml.safe_dump(minimal()).replace("spec:\n", "spec:\n  training:\n    learningRate: 1e-4\n", 1))
+    spec_file.write_text(
+        yaml.safe_dump(minimal()).replace("spec:\n", "spec:\n  training:\n    learningRate: 1e-4\n", 1)
+    )
     assert load.load_finetunejob(spec_file).spec.training.learning_rate == pytest.approx(1e-4)
 
 
@@ -322,14 +360,24 @@ def test_models_and_crd_agree_on_every_field_and_value(schema: dict[str, Any]) -
     """Put each probe value at each spec field (all sources, every section) and require the same
     verdict from both sides, and on rejection an error naming the same field."""
     disagreements = []
-    for source, body in [("unsplash", None), ("google", GOOGLE), ("openverse", {"prompts": ["x"]}), ("wikimedia", {"prompts": ["x"]}),
-                         ("urls", {"uri": "s3://b/l.jsonl"}), ("huggingface", {"name": "org/ds"}), ("imagefolder", {"uri": "s3://b/d/"})]:
+    for source, body in [
+        ("unsplash", None),
+        ("google", GOOGLE),
+        ("openverse", {"prompts": ["x"]}),
+        ("wikimedia", {"prompts": ["x"]}),
+        ("urls", {"uri": "s3://b/l.jsonl"}),
+        ("huggingface", {"name": "org/ds"}),
+        ("imagefolder", {"uri": "s3://b/d/"}),
+    ]:
         base = minimal()
         if body is not None:
             base["spec"]["dataset"] = {source: body}
         spec_schema = schema["properties"]["spec"]
-        paths = [p for p in _spec_paths(spec_schema, "spec") if not p.startswith("spec.dataset.") or p.startswith(f"spec.dataset.{source}")
-                 or p.count(".") == 2]
+        paths = [
+            p
+            for p in _spec_paths(spec_schema, "spec")
+            if not p.startswith("spec.dataset.") or p.startswith(f"spec.dataset.{source}") or p.count(".") == 2
+        ]
         for path in paths:
             for value in PROBES:
                 obj = copy.deepcopy(base)
@@ -350,7 +398,6 @@ def test_spec_reference_is_generated_from_the_crd() -> None:
     assert reference == crd.render_reference_markdown(), "run `make crds`"
     for field in ("imagesPerPrompt", "mixedPrecision", "gpusPerNode", "backoffLimit", "accessKeySecretRef"):
         assert f"`{field}`" in reference
-
 
 
 def test_quantities_may_be_integers_or_strings(schema: dict[str, Any]) -> None:

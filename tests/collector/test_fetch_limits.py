@@ -17,9 +17,9 @@ from kubetune.collector.fetch import Fetcher, NetworkPolicy, _is_public
 from kubetune.fixtures.webapis import Reply, StandIn, photo
 
 MALFORMED = [
-    "http://example.org:99999/a.jpg",       # port over 65535
+    "http://example.org:99999/a.jpg",  # port over 65535
     "http://example.org:-1/a.jpg",
-    "http://[::1/a.jpg",                     # broken IPv6 bracket
+    "http://[::1/a.jpg",  # broken IPv6 bracket
     "http://[not-an-ip]/a.jpg",
     "http://example.org:0/a.jpg",
 ]
@@ -39,8 +39,7 @@ def host() -> Iterator[StandIn]:
         yield stand_in
 
 
-@pytest.mark.parametrize("location", ["http://example.org:70000/x.jpg", "http://[::1/x.jpg",
-                                      "http://[zz]:80/x"])
+@pytest.mark.parametrize("location", ["http://example.org:70000/x.jpg", "http://[::1/x.jpg", "http://[zz]:80/x"])
 def test_a_redirect_to_a_malformed_url_is_a_bad_url_skip(host: StandIn, location: str) -> None:
     host.route("/moved", lambda _: Reply(302, headers={"Location": location}))
     policy = NetworkPolicy(allow_hosts=frozenset({f"127.0.0.1:{host.port}"}))
@@ -106,16 +105,16 @@ def test_a_normal_download_is_unaffected(host: StandIn) -> None:
 
 
 EMBEDDED_PRIVATE = [
-    "64:ff9b::a9fe:a9fe",                       # NAT64 of 169.254.169.254
-    "64:ff9b::7f00:1",                          # NAT64 of 127.0.0.1
-    "64:ff9b:1::a00:1",                         # local-use NAT64 of 10.0.0.1
-    "2002:a9fe:a9fe::1",                        # 6to4 of 169.254.169.254
-    "2002:c0a8:0101::",                         # 6to4 of 192.168.1.1
-    "::169.254.169.254",                        # IPv4-compatible
+    "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
+    "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+    "64:ff9b:1::a00:1",  # local-use NAT64 of 10.0.0.1
+    "2002:a9fe:a9fe::1",  # 6to4 of 169.254.169.254
+    "2002:c0a8:0101::",  # 6to4 of 192.168.1.1
+    "::169.254.169.254",  # IPv4-compatible
     "::10.0.0.1",
-    "2001:0:4136:e378:8000:63bf:5601:5601",     # Teredo, client 169.254.169.254 (XORed)
-    "2001:0:4136:e378:8000:63bf:80ff:fffe",     # Teredo, client 127.0.0.1
-    "::ffff:169.254.169.254",                   # IPv4-mapped
+    "2001:0:4136:e378:8000:63bf:5601:5601",  # Teredo, client 169.254.169.254 (XORed)
+    "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo, client 127.0.0.1
+    "::ffff:169.254.169.254",  # IPv4-mapped
 ]
 EMBEDDED_PUBLIC = ["64:ff9b::808:808", "2002:808:808::1", "2606:4700:4700::1111"]
 
@@ -132,7 +131,8 @@ def test_ipv6_embedding_a_public_ipv4_is_public(address: str) -> None:
 
 @pytest.mark.parametrize("address", EMBEDDED_PRIVATE[:4])
 def test_a_url_at_an_embedded_private_address_is_refused_before_connecting(
-        address: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def no_connect(*args: object, **kwargs: object) -> None:
         raise AssertionError("connected")
 

@@ -48,7 +48,11 @@ def hostile() -> Any:
 
         def flaky(_: Any) -> Reply:
             attempts["flaky"] += 1
-            return Reply(503, b"busy", "text/plain", {"Retry-After": "0"}) if attempts["flaky"] == 1 else Reply(200, photo(300, 400, 2), "image/jpeg")
+            return (
+                Reply(503, b"busy", "text/plain", {"Retry-After": "0"})
+                if attempts["flaky"] == 1
+                else Reply(200, photo(300, 400, 2), "image/jpeg")
+            )
 
         host.route("/good.jpg", lambda _: Reply(200, good, "image/jpeg"))
         host.route("/copy-of-good.jpg", lambda _: Reply(200, good, "image/jpeg"))
@@ -65,7 +69,9 @@ def hostile() -> Any:
         host.route("/bomb.png", lambda _: Reply(200, bomb(), "image/png"))
         host.route("/tiny.jpg", lambda _: Reply(200, photo(100, 80, 6), "image/jpeg"))
         host.route("/hang.jpg", lambda _: Reply(hang=True))
-        host.route("/to-metadata", lambda _: Reply(302, headers={"Location": "http://169.254.169.254/latest/meta-data/"}))
+        host.route(
+            "/to-metadata", lambda _: Reply(302, headers={"Location": "http://169.254.169.254/latest/meta-data/"})
+        )
         private.route("/secret.jpg", lambda _: Reply(200, photo(400, 300, 7), "image/jpeg"))
         h, p = host.url, private.url
         rows = [
@@ -98,10 +104,29 @@ def hostile() -> Any:
 
 def run_list(collect: Any, tmp_path: Path, rows: list[tuple[str, str, str]], port: int, *extra: str) -> Any:
     urls = tmp_path / "urls.jsonl"
-    urls.write_text("".join(json.dumps({"url": url, "caption": caption, "name": name}) + "\n" for name, url, caption in rows))
+    urls.write_text(
+        "".join(json.dumps({"url": url, "caption": caption, "name": name}) + "\n" for name, url, caption in rows)
+    )
     out = tmp_path / "out"
-    result = collect("--urls", str(urls), "--output", str(out), "--size", "128", "--min-size", "128",
-                     "--timeout", "1", "--retries", "1", "--workers", "8", "--allow-host", f"127.0.0.1:{port}", *extra)
+    result = collect(
+        "--urls",
+        str(urls),
+        "--output",
+        str(out),
+        "--size",
+        "128",
+        "--min-size",
+        "128",
+        "--timeout",
+        "1",
+        "--retries",
+        "1",
+        "--workers",
+        "8",
+        "--allow-host",
+        f"127.0.0.1:{port}",
+        *extra,
+    )
     return result, out
 
 
@@ -115,16 +140,31 @@ def test_every_bad_item_is_counted_and_every_good_one_kept(collect: Any, tmp_pat
     # of two identical pictures one is kept (which one depends on which download ends first)
     duplicates = {"a good photo", "the same photo again"}
     assert len(set(by_caption) & duplicates) == 1
-    assert set(by_caption) - duplicates == {"a rotated photo", "a transparent png", "a photo behind a busy server", "a photo that moved"}
+    assert set(by_caption) - duplicates == {
+        "a rotated photo",
+        "a transparent png",
+        "a photo behind a busy server",
+        "a photo that moved",
+    }
     assert by_caption["a photo that moved"]["url"] == host.url("/moved")
     assert all(row["source"] == "urls" for row in metadata)
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"] == {
-        "requested": len(rows), "kept": 5,
+        "requested": len(rows),
+        "kept": 5,
         "skipped": {
-            "duplicate": 1, "http-404": 1, "http-500": 1, "corrupt": 1, "not-an-image": 2, "too-many-pixels": 1,
-            "too-small": 1, "timeout": 1, "private-address": 5, "bad-url": 3, "no-caption": 1,
+            "duplicate": 1,
+            "http-404": 1,
+            "http-500": 1,
+            "corrupt": 1,
+            "not-an-image": 2,
+            "too-many-pixels": 1,
+            "too-small": 1,
+            "timeout": 1,
+            "private-address": 5,
+            "bad-url": 3,
+            "no-caption": 1,
         },
     }
     assert private.count() == 0  # refused before connecting, by name and by address
@@ -156,5 +196,12 @@ def test_an_image_over_the_download_limit_is_skipped(collect: Any, tmp_path: Pat
     host, _, rows, _ = hostile
     result, out = run_list(collect, tmp_path, [rows[0]], host.port, "--max-download-mb", "0.001")
     assert result.code == layout.EXIT_EMPTY_DATASET
-    assert result.last_line == "kubetune collect: error: nothing could be collected: 0 images kept of 1 requested; skipped 1 (too-large 1)"
-    assert json.loads((out / "manifest.json").read_text())["counts"] == {"requested": 1, "kept": 0, "skipped": {"too-large": 1}}
+    assert (
+        result.last_line
+        == "kubetune collect: error: nothing could be collected: 0 images kept of 1 requested; skipped 1 (too-large 1)"
+    )
+    assert json.loads((out / "manifest.json").read_text())["counts"] == {
+        "requested": 1,
+        "kept": 0,
+        "skipped": {"too-large": 1},
+    }

@@ -38,8 +38,20 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def flags(server: StandIn, out: Path | str) -> list[str]:
-    return ["--output", str(out), "--size", "64", "--min-size", "64", "--timeout", "2", "--workers", "4",
-            "--allow-host", f"127.0.0.1:{server.port}"]
+    return [
+        "--output",
+        str(out),
+        "--size",
+        "64",
+        "--min-size",
+        "64",
+        "--timeout",
+        "2",
+        "--workers",
+        "4",
+        "--allow-host",
+        f"127.0.0.1:{server.port}",
+    ]
 
 
 def test_url_list_in_csv_and_parquet_and_loads_as_imagefolder(collect: Any, server: StandIn, tmp_path: Path) -> None:
@@ -50,7 +62,9 @@ def test_url_list_in_csv_and_parquet_and_loads_as_imagefolder(collect: Any, serv
     rows = serve_photos(server, 6)
     csv_file = tmp_path / "list.csv"
     csv_file.write_text("link,title\n" + "".join(f"{r['url']},{r['caption']}\n" for r in rows[:3]))
-    result = collect("--urls", str(csv_file), "--url-column", "link", "--caption-column", "title", *flags(server, tmp_path / "a"))
+    result = collect(
+        "--urls", str(csv_file), "--url-column", "link", "--caption-column", "title", *flags(server, tmp_path / "a")
+    )
     assert result.code == 0, result.stderr
     assert sorted(r["text"] for r in metadata(tmp_path / "a")) == ["photo number 0", "photo number 1", "photo number 2"]
 
@@ -115,13 +129,17 @@ def test_an_interrupted_run_resumes_without_downloading_kept_images(server: Stan
     process.kill()
     process.wait()
     assert not (out / "manifest.json").exists()
-    recorded = {json.loads(line)["url"] for part in (out / ".collector").rglob("part-*.jsonl") for line in part.read_text().splitlines()}
+    recorded = {
+        json.loads(line)["url"]
+        for part in (out / ".collector").rglob("part-*.jsonl")
+        for line in part.read_text().splitlines()
+    }
     assert len(recorded) >= 64  # records are flushed in parts as the run goes
     before = [r.path for r in server.requests]
 
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    again = [r.path for r in server.requests[len(before):]]
+    again = [r.path for r in server.requests[len(before) :]]
     assert not {server.url(path) for path in again} & recorded  # nothing already kept is fetched again
     assert "/slow.jpg" in again
     assert len(metadata(out)) == 141
@@ -133,11 +151,26 @@ def test_hub_dataset_streams_a_local_parquet_dataset(collect: Any, tmp_path: Pat
     folder = tmp_path / "hub" / "data"
     folder.mkdir(parents=True)
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
-    table = {"image": [{"bytes": photo(100, 90, i), "path": None} for i in range(6)], "caption": [f" hub  photo {i} " for i in range(6)]}
+    table = {
+        "image": [{"bytes": photo(100, 90, i), "path": None} for i in range(6)],
+        "caption": [f" hub  photo {i} " for i in range(6)],
+    }
     datasets.Dataset.from_dict(table, features=features).to_parquet(str(folder / "train-00000-of-00001.parquet"))
     out = tmp_path / "out"
-    result = collect("--hf-dataset", str(tmp_path / "hub"), "--hf-caption-column", "caption", "--max-samples", "4",
-                     "--output", str(out), "--size", "64", "--min-size", "64")
+    result = collect(
+        "--hf-dataset",
+        str(tmp_path / "hub"),
+        "--hf-caption-column",
+        "caption",
+        "--max-samples",
+        "4",
+        "--output",
+        str(out),
+        "--size",
+        "64",
+        "--min-size",
+        "64",
+    )
     assert result.code == 0, result.stderr
     assert sorted(r["text"] for r in metadata(out)) == [f"hub photo {i}" for i in range(4)]
     assert {r["source"] for r in metadata(out)} == {"huggingface"}
@@ -147,21 +180,31 @@ def test_hub_dataset_missing_column_is_one_line(collect: Any, tmp_path: Path) ->
     import datasets
 
     (tmp_path / "hub").mkdir()
-    datasets.Dataset.from_dict({"image": [{"bytes": photo(80, 80, 1), "path": None}], "text": ["x"]},
-                               features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
-                               ).to_parquet(str(tmp_path / "hub" / "train.parquet"))
-    result = collect("--hf-dataset", str(tmp_path / "hub"), "--hf-caption-column", "caption", "--output", str(tmp_path / "out"))
+    datasets.Dataset.from_dict(
+        {"image": [{"bytes": photo(80, 80, 1), "path": None}], "text": ["x"]},
+        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}),
+    ).to_parquet(str(tmp_path / "hub" / "train.parquet"))
+    result = collect(
+        "--hf-dataset", str(tmp_path / "hub"), "--hf-caption-column", "caption", "--output", str(tmp_path / "out")
+    )
     assert result.code == 2
     assert result.stderr.strip().endswith("has no column 'caption' (columns: image, text)")
 
 
-def test_spec_with_two_shards_builds_one_dataset_in_s3(collect: Any, server: StandIn, s3_bucket: str, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_spec_with_two_shards_builds_one_dataset_in_s3(
+    collect: Any, server: StandIn, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rows = serve_photos(server, 9) + [{"url": server.url("/nothing.jpg"), "caption": "gone"}]
     Store(f"s3://{s3_bucket}/lists").write_bytes("urls.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     spec = {
-        "dataset": {"urls": {"uri": f"s3://{s3_bucket}/lists/urls.jsonl"}, "resolution": 64, "minSize": 64, "allowPrivateNetwork": True},
-        "model": {"base": "tiny"}, "storage": {"uri": f"s3://{s3_bucket}/job"},
+        "dataset": {
+            "urls": {"uri": f"s3://{s3_bucket}/lists/urls.jsonl"},
+            "resolution": 64,
+            "minSize": 64,
+            "allowPrivateNetwork": True,
+        },
+        "model": {"base": "tiny"},
+        "storage": {"uri": f"s3://{s3_bucket}/job"},
         "collector": {"shards": 2, "workers": 3, "timeoutSeconds": 2},
     }
     monkeypatch.setenv(layout.SPEC_ENV, json.dumps(spec))
@@ -188,9 +231,17 @@ def test_folder_in_s3_is_validated_and_normalised(collect: Any, s3_bucket: str, 
     source = Store(f"s3://{s3_bucket}/mine")
     source.write_bytes("a.png", photo(300, 200, 1, fmt="PNG"))
     source.write_bytes("b.jpg", photo(50, 50, 2))
-    source.write_bytes("metadata.jsonl", (json.dumps({"file_name": "a.png", "text": "first\n one"}) + "\n"
-                                          + json.dumps({"file_name": "b.jpg", "text": "too small"}) + "\n"
-                                          + json.dumps({"file_name": "c.jpg", "text": "not there"}) + "\n").encode())
+    source.write_bytes(
+        "metadata.jsonl",
+        (
+            json.dumps({"file_name": "a.png", "text": "first\n one"})
+            + "\n"
+            + json.dumps({"file_name": "b.jpg", "text": "too small"})
+            + "\n"
+            + json.dumps({"file_name": "c.jpg", "text": "not there"})
+            + "\n"
+        ).encode(),
+    )
     out = tmp_path / "out"
     result = collect("--from", f"s3://{s3_bucket}/mine", "--output", str(out), "--size", "64", "--min-size", "64")
     assert result.code == 0, result.stderr
@@ -208,10 +259,13 @@ def test_unreachable_api_is_retryable(collect: Any, tmp_path: Path, monkeypatch:
     monkeypatch.setenv("UNSPLASH_ACCESS_KEY", "k")
     result = collect("--prompts", "x", "--output", str(tmp_path / "out"), "--retries", "0")
     assert result.code == layout.EXIT_FAILED
-    assert result.last_line == f"kubetune collect: error: Unsplash API at 127.0.0.1:{port} cannot be reached: ConnectionError (retrying may help)"
+    expected = f"Unsplash API at 127.0.0.1:{port} cannot be reached: ConnectionError (retrying may help)"
+    assert result.last_line == f"kubetune collect: error: {expected}"
 
 
-def test_original_spellings_still_work(collect: Any, server: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_original_spellings_still_work(
+    collect: Any, server: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from kubetune.dev.testing.webapis import Unsplash, make_photos
 
     monkeypatch.setenv("KUBETUNE_UNSPLASH_API_URL", server.base)
@@ -220,8 +274,25 @@ def test_original_spellings_still_work(collect: Any, server: StandIn, tmp_path: 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n\n# not a prompt\na dog\n")
     out = tmp_path / "data"
-    result = collect("-prompt_file", str(prompts), "-num_imgs", "3", "-size", "96", "-data_dir", str(out), "-site", "unsplash",
-                     "-unsplash_size", "small", "-verbose", "--min-size", "64", "--allow-host", f"127.0.0.1:{server.port}")
+    result = collect(
+        "-prompt_file",
+        str(prompts),
+        "-num_imgs",
+        "3",
+        "-size",
+        "96",
+        "-data_dir",
+        str(out),
+        "-site",
+        "unsplash",
+        "-unsplash_size",
+        "small",
+        "-verbose",
+        "--min-size",
+        "64",
+        "--allow-host",
+        f"127.0.0.1:{server.port}",
+    )
     assert result.code == 0, result.stderr
     rows = metadata(out)
     assert sorted(r["text"] for r in rows) == ["a cat"] * 3 + ["a dog"] * 3
@@ -237,28 +308,53 @@ def test_train_true_collects_then_fine_tunes_like_app_py(collect: Any, server: S
     urls = write_jsonl(tmp_path / "urls.jsonl", serve_photos(server, 4))
     out = tmp_path / "data"
     quick = "--resolution 32 --max_train_steps 2 --gradient_accumulation_steps 1 --checkpointing_steps 2"
-    result = collect("--urls", str(urls), *flags(server, out), "-train", "True", "-model_name", str(model), "--train-args", quick)
+    result = collect(
+        "--urls", str(urls), *flags(server, out), "-train", "True", "-model_name", str(model), "--train-args", quick
+    )
     assert result.code == 0, result.stderr[-3000:]
     trained = tmp_path / "data-model"
-    assert (trained / "model_index.json").exists() and (trained / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert (trained / "model_index.json").exists() and (
+        trained / "unet" / "diffusion_pytorch_model.safetensors"
+    ).exists()
     progress = json.loads((trained / "progress.json").read_text())
     assert progress["state"] == "succeeded" and progress["step"] == 2
     card = (trained / "README.md").read_text()
     assert "| EMA | True |" in card  # main.py's --use_ema is kept, the flags given in --train-args override
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--urls", "x.jsonl", "--output", "o", "-train", "maybe"], "argument --train/-train: must be True or False (got 'maybe')"),
-    (["--urls", "x.jsonl", "--output", "o", "--size", "32"], "--size: Input should be greater than or equal to 64 (got 32)"),
-    (["--urls", "x.jsonl", "--hf-dataset", "d", "--output", "o"], "give exactly one source: --prompts/--prompt-file, --urls, --hf-dataset, --from, or --spec (got --urls, --hf-dataset)"),
-    (["--urls", "x.jsonl"], "--output: required (a folder or s3://bucket/prefix), or use --spec"),
-    (["--urls", "x.jsonl", "--output", "o", "--num-shards", "2", "--shard-index", "2"], "--shard-index: must be from 0 to 1 (got 2)"),
-    (["--spec", "env:NOPE_NOT_SET"], "--spec env:NOPE_NOT_SET: environment variable NOPE_NOT_SET is not set"),
-    (["--site", "bing", "--prompts", "x"], "argument --site/-site: invalid choice: 'bing'"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--urls", "x.jsonl", "--output", "o", "-train", "maybe"],
+            "argument --train/-train: must be True or False (got 'maybe')",
+        ),
+        (
+            ["--urls", "x.jsonl", "--output", "o", "--size", "32"],
+            "--size: Input should be greater than or equal to 64 (got 32)",
+        ),
+        (
+            ["--urls", "x.jsonl", "--hf-dataset", "d", "--output", "o"],
+            "give exactly one source: --prompts/--prompt-file, --urls, --hf-dataset, --from, or --spec (got "
+            "--urls, --hf-dataset)",
+        ),
+        (["--urls", "x.jsonl"], "--output: required (a folder or s3://bucket/prefix), or use --spec"),
+        (
+            ["--urls", "x.jsonl", "--output", "o", "--num-shards", "2", "--shard-index", "2"],
+            "--shard-index: must be from 0 to 1 (got 2)",
+        ),
+        (["--spec", "env:NOPE_NOT_SET"], "--spec env:NOPE_NOT_SET: environment variable NOPE_NOT_SET is not set"),
+        (["--site", "bing", "--prompts", "x"], "argument --site/-site: invalid choice: 'bing'"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "kubetune.cli", "collect", *args], capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "UNSPLASH_ACCESS_KEY": "k"})
+    result = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "collect", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "UNSPLASH_ACCESS_KEY": "k"},
+    )
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
 
@@ -274,9 +370,16 @@ def test_near_duplicates_are_dropped_only_when_asked(collect: Any, server: Stand
     Image.open(io.BytesIO(original)).save(recompressed, format="JPEG", quality=60)  # same picture, other bytes
     server.route("/a.jpg", lambda _: Reply(200, original, "image/jpeg"))
     server.route("/b.jpg", lambda _: Reply(200, recompressed.getvalue(), "image/jpeg"))
-    urls = write_jsonl(tmp_path / "urls.jsonl", [{"url": server.url("/a.jpg"), "caption": "a"}, {"url": server.url("/b.jpg"), "caption": "b"}])
+    urls = write_jsonl(
+        tmp_path / "urls.jsonl",
+        [{"url": server.url("/a.jpg"), "caption": "a"}, {"url": server.url("/b.jpg"), "caption": "b"}],
+    )
     out = tmp_path / "out"
     result = collect("--urls", str(urls), *flags(server, out), *(["--near-dedupe"] if near else []))
     assert result.code == 0, result.stderr
     counts = json.loads((out / "manifest.json").read_text())["counts"]
-    assert counts == ({"requested": 2, "kept": 1, "skipped": {"near-duplicate": 1}} if near else {"requested": 2, "kept": 2, "skipped": {}})
+    assert counts == (
+        {"requested": 2, "kept": 1, "skipped": {"near-duplicate": 1}}
+        if near
+        else {"requested": 2, "kept": 2, "skipped": {}}
+    )

@@ -21,13 +21,16 @@ def test_imagefolder_entries_outside_the_folder_are_skipped(collect: Any, tmp_pa
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "good.jpg").write_bytes(photo(100, 100, 2))
-    rows = [("good.jpg", "inside"), ("../outside.jpg", "climbs out"), (str(outside), "absolute"),
-            ("sub/../../outside.jpg", "climbs out later")]
+    rows = [
+        ("good.jpg", "inside"),
+        ("../outside.jpg", "climbs out"),
+        (str(outside), "absolute"),
+        ("sub/../../outside.jpg", "climbs out later"),
+    ]
     lines = [json.dumps({"file_name": name, "text": text}) + "\n" for name, text in rows]
     (folder / "metadata.jsonl").write_text("".join(lines))
     out = tmp_path / "out"
-    result = collect("--from", str(folder), "--output", str(out), "--size", "64",
-                     "--min-size", "64")
+    result = collect("--from", str(folder), "--output", str(out), "--size", "64", "--min-size", "64")
     assert result.code == 0, result.stderr
     metadata = (out / "train" / "metadata.jsonl").read_text().splitlines()
     kept = [json.loads(line)["text"] for line in metadata]

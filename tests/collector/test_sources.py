@@ -29,8 +29,20 @@ def manifest(out: Path) -> dict[str, Any]:
 
 
 def common(server: StandIn, out: Path) -> list[str]:
-    return ["--output", str(out), "--size", "64", "--min-size", "64", "--timeout", "2", "--workers", "4",
-            "--allow-host", f"127.0.0.1:{server.port}"]
+    return [
+        "--output",
+        str(out),
+        "--size",
+        "64",
+        "--min-size",
+        "64",
+        "--timeout",
+        "2",
+        "--workers",
+        "4",
+        "--allow-host",
+        f"127.0.0.1:{server.port}",
+    ]
 
 
 @pytest.fixture
@@ -41,14 +53,21 @@ def unsplash(server: StandIn, monkeypatch: pytest.MonkeyPatch) -> Unsplash:
     return Unsplash(server, "unsplash-secret-key", photos)
 
 
-def test_unsplash_pages_credits_and_pings_downloads(collect: Any, server: StandIn, unsplash: Unsplash, tmp_path: Path) -> None:
+def test_unsplash_pages_credits_and_pings_downloads(
+    collect: Any, server: StandIn, unsplash: Unsplash, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
-    result = collect("--prompts", "lighthouse", "fog", "--num-images", "32", "--unsplash-size", "raw", *common(server, out))
+    result = collect(
+        "--prompts", "lighthouse", "fog", "--num-images", "32", "--unsplash-size", "raw", *common(server, out)
+    )
     assert result.code == 0, result.stderr
 
     searches = [r for r in server.requests if r.path == "/search/photos"]
     assert [(r.query["query"], r.query["page"], r.query["per_page"]) for r in searches] == [
-        ("lighthouse", "1", "30"), ("lighthouse", "2", "30"), ("fog", "1", "30")]
+        ("lighthouse", "1", "30"),
+        ("lighthouse", "2", "30"),
+        ("fog", "1", "30"),
+    ]
     assert all(r.header("Authorization") == "Client-ID unsplash-secret-key" for r in searches)
     rows = metadata(out)
     assert sum(r["text"] == "lighthouse" for r in rows) == 32 and sum(r["text"] == "fog" for r in rows) == 4
@@ -56,15 +75,24 @@ def test_unsplash_pages_credits_and_pings_downloads(collect: Any, server: StandI
     assert all(r["license"] == "Unsplash License" and r["author"].startswith("Photographer ") for r in rows)
     # raw is resized by Unsplash (imgix) to the dataset resolution, shorter side first
     images = [r for r in server.requests if r.path.startswith("/unsplash-img/")]
-    assert len(images) == 36 and all(r.query.get("fit") == "max" and "64" in (r.query.get("w"), r.query.get("h")) for r in images)
+    assert len(images) == 36 and all(
+        r.query.get("fit") == "max" and "64" in (r.query.get("w"), r.query.get("h")) for r in images
+    )
     assert sorted(unsplash.downloads) == sorted(r["url"].split("/unsplash-img/")[1].split("?")[0] for r in rows)
-    assert "unsplash-secret-key" not in result.stderr + (out / "manifest.json").read_text() + (out / "README.md").read_text()
+    assert (
+        "unsplash-secret-key"
+        not in result.stderr + (out / "manifest.json").read_text() + (out / "README.md").read_text()
+    )
 
 
-def test_unsplash_stops_cleanly_when_the_hourly_budget_is_spent(collect: Any, server: StandIn, unsplash: Unsplash, tmp_path: Path) -> None:
+def test_unsplash_stops_cleanly_when_the_hourly_budget_is_spent(
+    collect: Any, server: StandIn, unsplash: Unsplash, tmp_path: Path
+) -> None:
     unsplash.remaining = 1  # one search left this hour, and then no download pings either
     out = tmp_path / "out"
-    result = collect("--prompts", "lighthouse", "fog", "--num-images", "32", "--unsplash-size", "small", *common(server, out))
+    result = collect(
+        "--prompts", "lighthouse", "fog", "--num-images", "32", "--unsplash-size", "small", *common(server, out)
+    )
     assert result.code == 0, result.stderr
     assert server.count("/search/photos") == 1
     assert manifest(out)["counts"]["kept"] == 30 and manifest(out)["counts"]["requested"] == 64
@@ -72,16 +100,22 @@ def test_unsplash_stops_cleanly_when_the_hourly_budget_is_spent(collect: Any, se
     assert any("rate limit" in note for note in manifest(out)["notes"])
 
 
-def test_unsplash_refused_key_is_one_line_and_exit_2(collect: Any, server: StandIn, unsplash: Unsplash, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unsplash_refused_key_is_one_line_and_exit_2(
+    collect: Any, server: StandIn, unsplash: Unsplash, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("UNSPLASH_ACCESS_KEY", "wrong-key")
     result = collect("--prompts", "fog", *common(server, tmp_path / "out"))
     assert result.code == 2
-    assert result.last_line == "kubetune collect: error: Unsplash refused the credentials (HTTP 401): check UNSPLASH_ACCESS_KEY"
+    assert (
+        result.last_line
+        == "kubetune collect: error: Unsplash refused the credentials (HTTP 401): check UNSPLASH_ACCESS_KEY"
+    )
     assert "wrong-key" not in result.stderr
 
 
-def test_google_image_search_pages_by_ten(collect: Any, server: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_google_image_search_pages_by_ten(
+    collect: Any, server: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("KUBETUNE_GOOGLE_API_URL", server.base)
     monkeypatch.setenv("GOOGLE_API_KEY", "google-secret")
     monkeypatch.setenv("GOOGLE_CSE_ID", "engine-1")
@@ -91,12 +125,17 @@ def test_google_image_search_pages_by_ten(collect: Any, server: StandIn, tmp_pat
     assert result.code == 0, result.stderr
     searches = [r for r in server.requests if r.path == "/customsearch/v1"]
     assert [(r.query["start"], r.query["num"], r.query["searchType"], r.query["safe"]) for r in searches] == [
-        ("1", "10", "image", "active"), ("11", "10", "image", "active"), ("21", "10", "image", "active")]
+        ("1", "10", "image", "active"),
+        ("11", "10", "image", "active"),
+        ("21", "10", "image", "active"),
+    ]
     assert all("key" not in r.query for r in searches)  # the key travels in a header, never in a URL
     assert len(metadata(out)) == 25 and all(r["text"] == "red kite" for r in metadata(out))
 
 
-def test_google_daily_quota_stops_with_what_was_found(collect: Any, server: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_google_daily_quota_stops_with_what_was_found(
+    collect: Any, server: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("KUBETUNE_GOOGLE_API_URL", server.base)
     monkeypatch.setenv("GOOGLE_API_KEY", "google-secret")
     monkeypatch.setenv("GOOGLE_CSE_ID", "engine-1")
@@ -108,7 +147,9 @@ def test_google_daily_quota_stops_with_what_was_found(collect: Any, server: Stan
 
 
 @pytest.mark.parametrize("credentials", [False, True], ids=["anonymous", "client-credentials"])
-def test_openverse_with_license_filters(collect: Any, server: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, credentials: bool) -> None:
+def test_openverse_with_license_filters(
+    collect: Any, server: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, credentials: bool
+) -> None:
     monkeypatch.setenv("KUBETUNE_OPENVERSE_API_URL", server.base)
     if credentials:
         monkeypatch.setenv("OPENVERSE_CLIENT_ID", "ov-id")
@@ -117,8 +158,17 @@ def test_openverse_with_license_filters(collect: Any, server: StandIn, tmp_path:
     photos = [(p, licenses[i % 4]) for i, p in enumerate(make_photos("ov", 40, seed=4))]
     Openverse(server, {"harbour": photos}, client_id="ov-id", client_secret="ov-secret")
     out = tmp_path / "out"
-    result = collect("--site", "openverse", "--prompts", "harbour", "--num-images", "25",
-                     "--openverse-license-type", "commercial", *common(server, out))
+    result = collect(
+        "--site",
+        "openverse",
+        "--prompts",
+        "harbour",
+        "--num-images",
+        "25",
+        "--openverse-license-type",
+        "commercial",
+        *common(server, out),
+    )
     assert result.code == 0, result.stderr
     rows = metadata(out)
     assert len(rows) == 25 and not any("nc" in r["license"] for r in rows)
@@ -138,18 +188,31 @@ def test_openverse_needs_both_client_values(collect: Any, tmp_path: Path, monkey
     assert result.last_line.startswith("kubetune collect: error: OPENVERSE_CLIENT_SECRET is not set")
 
 
-def test_wikimedia_thumbnails_licenses_and_polite_requests(collect: Any, server: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wikimedia_thumbnails_licenses_and_polite_requests(
+    collect: Any, server: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("KUBETUNE_WIKIMEDIA_API_URL", server.url("/w/api.php"))
     wiki = Wikimedia(server, {"windmill": make_photos("wm", 12, seed=5, width=400, height=300)}, page_limit=5)
     out = tmp_path / "out"
-    result = collect("--site", "wikimedia", "--prompts", "windmill", "--num-images", "12", "--wikimedia-contact", "ops@example.org",
-                     *common(server, out))
+    result = collect(
+        "--site",
+        "wikimedia",
+        "--prompts",
+        "windmill",
+        "--num-images",
+        "12",
+        "--wikimedia-contact",
+        "ops@example.org",
+        *common(server, out),
+    )
     assert result.code == 0, result.stderr
     api = [r for r in server.requests if r.path == "/w/api.php"]
     assert len(api) == 3  # 5 per page, paged with `continue`
     assert [r.query.get("gsroffset") for r in api] == [None, "5", "10"]
     assert all(r.query["iiurlwidth"] == "64" and "extmetadata" in r.query["iiprop"] for r in api)
-    assert all("ops@example.org" in r.header("User-Agent") and r.header("User-Agent").startswith("kubetune") for r in api)
+    assert all(
+        "ops@example.org" in r.header("User-Agent") and r.header("User-Agent").startswith("kubetune") for r in api
+    )
     rows = metadata(out)
     assert len(rows) == 12 and all(r["license"] == "CC BY-SA 4.0" and r["author"].startswith("Artist wm") for r in rows)
     # thumbnails whose shorter side covers the resolution: no full-size downloads
@@ -161,11 +224,15 @@ def test_wikimedia_thumbnails_licenses_and_polite_requests(collect: Any, server:
     assert wiki.api_max_active == 1 and server.max_active <= 3  # serial API calls, at most 2 downloads
 
 
-def test_missing_key_fails_before_any_request(collect: Any, server: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_key_fails_before_any_request(
+    collect: Any, server: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("KUBETUNE_UNSPLASH_API_URL", server.base)
     monkeypatch.delenv("UNSPLASH_ACCESS_KEY", raising=False)
     result = collect("--prompts", "fog", "--output", str(tmp_path / "out"))
     assert result.code == 2
     assert result.stderr.strip() == (
-        "kubetune collect: error: UNSPLASH_ACCESS_KEY is not set: the unsplash source needs an Unsplash API access key in this environment variable")
+        "kubetune collect: error: UNSPLASH_ACCESS_KEY is not set: the unsplash source needs an Unsplash API "
+        "access key in this environment variable"
+    )
     assert server.count() == 0 and not (tmp_path / "out").exists()

@@ -17,10 +17,16 @@ OWNER = b.Owner(name="lighthouses", namespace="team-a", uid="uid-123")
 
 def make_spec(**overrides: Any) -> FineTuneJobSpec:
     spec: dict[str, Any] = {
-        "dataset": {"unsplash": {"prompts": ["a lighthouse"], "accessKeySecretRef": {"name": "unsplash", "key": "access-key"}}},
+        "dataset": {
+            "unsplash": {"prompts": ["a lighthouse"], "accessKeySecretRef": {"name": "unsplash", "key": "access-key"}}
+        },
         "model": {"base": "s3://models/tiny-sd/", "tokenSecretRef": {"name": "hf", "key": "token"}},
-        "storage": {"uri": "s3://models/lighthouses/", "endpoint": "http://minio:9000", "region": "eu-west-1",
-                    "credentialsSecretRef": {"name": "s3"}},
+        "storage": {
+            "uri": "s3://models/lighthouses/",
+            "endpoint": "http://minio:9000",
+            "region": "eu-west-1",
+            "credentialsSecretRef": {"name": "s3"},
+        },
     }
     for key, value in overrides.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) and key not in ("dataset",) else value
@@ -68,8 +74,14 @@ def test_children_are_owned_by_the_finetunejob_and_labelled() -> None:
     spec = make_spec()
     for obj in (b.collector_job(spec, OWNER), b.trainer_service(spec, OWNER), b.trainer_job(spec, OWNER)):
         (ref,) = obj["metadata"]["ownerReferences"]
-        assert ref == {"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "name": "lighthouses",
-                       "uid": "uid-123", "controller": True, "blockOwnerDeletion": True}
+        assert ref == {
+            "apiVersion": "kubetune.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "name": "lighthouses",
+            "uid": "uid-123",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
         assert obj["metadata"]["labels"][b.LABEL_JOB] == "lighthouses"
         assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubetune-operator"
     pod_labels = b.trainer_job(spec, OWNER)["spec"]["template"]["metadata"]["labels"]
@@ -77,11 +89,20 @@ def test_children_are_owned_by_the_finetunejob_and_labelled() -> None:
 
 
 def test_pod_failure_policy_ignores_preemption_and_fails_fast_on_invalid_input() -> None:
-    for job, container in ((b.collector_job(make_spec(), OWNER), "collector"), (b.trainer_job(make_spec(), OWNER), "trainer")):
+    for job, container in (
+        (b.collector_job(make_spec(), OWNER), "collector"),
+        (b.trainer_job(make_spec(), OWNER), "trainer"),
+    ):
         rules = job["spec"]["podFailurePolicy"]["rules"]
         assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
-        assert {"action": "Ignore", "onExitCodes": {"containerName": container, "operator": "In", "values": [75]}} in rules
-        assert {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In", "values": [2]}} in rules
+        assert {
+            "action": "Ignore",
+            "onExitCodes": {"containerName": container, "operator": "In", "values": [75]},
+        } in rules
+        assert {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": container, "operator": "In", "values": [2]},
+        } in rules
         diverged = {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In", "values": [3]}}
         assert diverged in rules, "a NaN run is not retried with the same settings"
 
@@ -89,12 +110,30 @@ def test_pod_failure_policy_ignores_preemption_and_fails_fast_on_invalid_input()
 # -- env and secrets ---------------------------------------------------------------------------
 
 SOURCES = {
-    "unsplash": ({"prompts": ["x"], "accessKeySecretRef": {"name": "u", "key": "k"}}, {"UNSPLASH_ACCESS_KEY": ("u", "k")}),
-    "google": ({"prompts": ["x"], "apiKeySecretRef": {"name": "g", "key": "api"}, "searchEngineIdSecretRef": {"name": "g", "key": "cx"}},
-               {"GOOGLE_API_KEY": ("g", "api"), "GOOGLE_CSE_ID": ("g", "cx")}),
-    "openverse": ({"prompts": ["x"], "clientIdSecretRef": {"name": "o", "key": "id"}, "clientSecretSecretRef": {"name": "o", "key": "secret"}},
-                  {"OPENVERSE_CLIENT_ID": ("o", "id"), "OPENVERSE_CLIENT_SECRET": ("o", "secret")}),
-    "huggingface": ({"name": "org/data", "tokenSecretRef": {"name": "hf-data", "key": "token"}}, {"HF_TOKEN": ("hf-data", "token")}),
+    "unsplash": (
+        {"prompts": ["x"], "accessKeySecretRef": {"name": "u", "key": "k"}},
+        {"UNSPLASH_ACCESS_KEY": ("u", "k")},
+    ),
+    "google": (
+        {
+            "prompts": ["x"],
+            "apiKeySecretRef": {"name": "g", "key": "api"},
+            "searchEngineIdSecretRef": {"name": "g", "key": "cx"},
+        },
+        {"GOOGLE_API_KEY": ("g", "api"), "GOOGLE_CSE_ID": ("g", "cx")},
+    ),
+    "openverse": (
+        {
+            "prompts": ["x"],
+            "clientIdSecretRef": {"name": "o", "key": "id"},
+            "clientSecretSecretRef": {"name": "o", "key": "secret"},
+        },
+        {"OPENVERSE_CLIENT_ID": ("o", "id"), "OPENVERSE_CLIENT_SECRET": ("o", "secret")},
+    ),
+    "huggingface": (
+        {"name": "org/data", "tokenSecretRef": {"name": "hf-data", "key": "token"}},
+        {"HF_TOKEN": ("hf-data", "token")},
+    ),
     "wikimedia": ({"prompts": ["x"]}, {}),
     "urls": ({"uri": "s3://lists/a.jsonl"}, {}),
 }
@@ -105,10 +144,20 @@ def test_collector_gets_each_source_key_only_as_a_secret_key_ref(source: str) ->
     settings, expected = SOURCES[source]
     spec = make_spec(dataset={source: settings})
     env = env_map(container_of(b.collector_job(spec, OWNER)))
-    for variable, (secret, key) in {**expected, "AWS_ACCESS_KEY_ID": ("s3", "AWS_ACCESS_KEY_ID"),
-                                    "AWS_SECRET_ACCESS_KEY": ("s3", "AWS_SECRET_ACCESS_KEY")}.items():
+    for variable, (secret, key) in {
+        **expected,
+        "AWS_ACCESS_KEY_ID": ("s3", "AWS_ACCESS_KEY_ID"),
+        "AWS_SECRET_ACCESS_KEY": ("s3", "AWS_SECRET_ACCESS_KEY"),
+    }.items():
         assert env[variable] == {"secretKeyRef": {"name": secret, "key": key}}
-    source_keys = {"UNSPLASH_ACCESS_KEY", "GOOGLE_API_KEY", "GOOGLE_CSE_ID", "OPENVERSE_CLIENT_ID", "OPENVERSE_CLIENT_SECRET", "HF_TOKEN"}
+    source_keys = {
+        "UNSPLASH_ACCESS_KEY",
+        "GOOGLE_API_KEY",
+        "GOOGLE_CSE_ID",
+        "OPENVERSE_CLIENT_ID",
+        "OPENVERSE_CLIENT_SECRET",
+        "HF_TOKEN",
+    }
     assert source_keys & set(env) == set(expected)
 
 
@@ -140,8 +189,17 @@ def test_trainer_gets_the_model_token_and_storage_credentials_but_not_source_key
 
 
 def test_without_credentials_secret_pods_use_their_own_identity() -> None:
-    spec = make_spec().model_copy(update={"storage": parse_spec(
-        {"dataset": {"wikimedia": {"prompts": ["x"]}}, "model": {"base": "m"}, "storage": {"uri": "s3://models/x/"}}).storage})
+    spec = make_spec().model_copy(
+        update={
+            "storage": parse_spec(
+                {
+                    "dataset": {"wikimedia": {"prompts": ["x"]}},
+                    "model": {"base": "m"},
+                    "storage": {"uri": "s3://models/x/"},
+                }
+            ).storage
+        }
+    )
     env = env_map(container_of(b.trainer_job(spec, OWNER)))
     assert "AWS_ACCESS_KEY_ID" not in env and "AWS_ENDPOINT_URL" not in env
 
@@ -178,7 +236,7 @@ def test_trainer_pods_render_the_accelerate_flags_for_their_layout(nodes: int, g
         assert "--multi_gpu" in command  # also what runs gloo on CPU nodes
         assert flag(command, "--main_process_port") == "29511"
     assert flag(command, "--mixed_precision") == "bf16"
-    tail = command[command.index("-m", 3):]
+    tail = command[command.index("-m", 3) :]
     assert tail == ["-m", "kubetune.trainer", "--spec", "env:KUBETUNE_SPEC", "--resume_from_checkpoint", "latest"]
     pod = job["spec"]["template"]["spec"]
     assert pod["subdomain"] == "lighthouses-train"
@@ -189,7 +247,8 @@ def test_trainer_pods_render_the_accelerate_flags_for_their_layout(nodes: int, g
         assert "nvidia.com/gpu" not in json.dumps(resources)
     # The completion index the command refers to is defined in the pod's own env.
     assert env_map(container_of(job))["JOB_COMPLETION_INDEX"] == {
-        "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
+        "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+    }
 
 
 def test_each_restart_gets_its_own_job_and_rank0_address() -> None:
@@ -202,19 +261,28 @@ def test_each_restart_gets_its_own_job_and_rank0_address() -> None:
 
 
 def test_trainer_scheduling_resources_and_shared_memory_come_from_the_spec() -> None:
-    spec = make_spec(trainer={
-        "nodes": 2, "gpusPerNode": 8, "shmSize": "64Gi", "image": "registry/trainer:2",
-        "resources": {"limits": {"memory": "600Gi"}, "requests": {"cpu": "32"}},
-        "nodeSelector": {"nvidia.com/gpu.product": "H100"},
-        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}},
-        "priorityClassName": "training", "serviceAccountName": "trainer-sa",
-    })
+    spec = make_spec(
+        trainer={
+            "nodes": 2,
+            "gpusPerNode": 8,
+            "shmSize": "64Gi",
+            "image": "registry/trainer:2",
+            "resources": {"limits": {"memory": "600Gi"}, "requests": {"cpu": "32"}},
+            "nodeSelector": {"nvidia.com/gpu.product": "H100"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}},
+            "priorityClassName": "training",
+            "serviceAccountName": "trainer-sa",
+        }
+    )
     job = b.trainer_job(spec, OWNER)
     pod = job["spec"]["template"]["spec"]
     container = container_of(job)
     assert container["image"] == "registry/trainer:2"
-    assert container["resources"] == {"limits": {"memory": "600Gi", "nvidia.com/gpu": 8}, "requests": {"cpu": "32", "nvidia.com/gpu": 8}}
+    assert container["resources"] == {
+        "limits": {"memory": "600Gi", "nvidia.com/gpu": 8},
+        "requests": {"cpu": "32", "nvidia.com/gpu": 8},
+    }
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "H100"}
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert "nodeAffinity" in pod["affinity"]
@@ -258,14 +326,29 @@ def test_cluster_wide_s3_defaults_reach_pods_through_the_effective_spec() -> Non
     from kubetune.operator.kube import Kube
 
     kube = Kube.__new__(Kube)  # only the defaults matter here; no API client is needed
-    kube.default_endpoint, kube.default_region, kube.default_credentials_secret = "http://minio:9000", "eu-1", "s3-creds"
-    plain = parse_spec({"dataset": {"urls": {"uri": "s3://bkt/l.jsonl"}}, "model": {"base": "m"}, "storage": {"uri": "s3://bkt/p/"}})
+    kube.default_endpoint, kube.default_region, kube.default_credentials_secret = (
+        "http://minio:9000",
+        "eu-1",
+        "s3-creds",
+    )
+    plain = parse_spec(
+        {"dataset": {"urls": {"uri": "s3://bkt/l.jsonl"}}, "model": {"base": "m"}, "storage": {"uri": "s3://bkt/p/"}}
+    )
     spec = kube.effective_spec(plain)
-    assert (spec.storage.endpoint, spec.storage.region, spec.storage.credentials_secret_ref.name) == ("http://minio:9000", "eu-1", "s3-creds")
+    assert (spec.storage.endpoint, spec.storage.region, spec.storage.credentials_secret_ref.name) == (
+        "http://minio:9000",
+        "eu-1",
+        "s3-creds",
+    )
     assert json.loads(b.spec_json(spec))["storage"]["endpoint"] == "http://minio:9000"
     assert b.secret_refs(spec, b.TRAINER)["AWS_SECRET_ACCESS_KEY"].name == "s3-creds"
-    own = parse_spec({"dataset": {"urls": {"uri": "s3://bkt/l.jsonl"}}, "model": {"base": "m"},
-                      "storage": {"uri": "s3://bkt/p/", "endpoint": "http://own:1", "credentialsSecretRef": {"name": "mine"}}})
+    own = parse_spec(
+        {
+            "dataset": {"urls": {"uri": "s3://bkt/l.jsonl"}},
+            "model": {"base": "m"},
+            "storage": {"uri": "s3://bkt/p/", "endpoint": "http://own:1", "credentialsSecretRef": {"name": "mine"}},
+        }
+    )
     kept = kube.effective_spec(own)
     assert (kept.storage.endpoint, kept.storage.credentials_secret_ref.name) == ("http://own:1", "mine")
 
@@ -289,8 +372,9 @@ def test_pods_meet_the_restricted_pod_security_standard_with_a_writable_tmp() ->
 # -- hardening (#13) ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("build", [lambda s: b.collector_job(s, OWNER),
-                                   lambda s: b.trainer_job(s, OWNER)], ids=["collector", "trainer"])
+@pytest.mark.parametrize(
+    "build", [lambda s: b.collector_job(s, OWNER), lambda s: b.trainer_job(s, OWNER)], ids=["collector", "trainer"]
+)
 def test_pods_get_no_service_account_token(build: Any) -> None:
     account = {"serviceAccountName": "s3-reader"}
     pod = build(make_spec(trainer=account, collector=account))
@@ -302,26 +386,36 @@ def test_collector_pods_have_default_requests_and_a_memory_limit() -> None:
     assert resources == {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
 
 
-@pytest.mark.parametrize(("given", "expected"), [
-    ({"limits": {"memory": "8Gi"}}, {"requests": {"cpu": "500m"}, "limits": {"memory": "8Gi"}}),
-    ({"requests": {"memory": "16Gi", "cpu": "4"}}, {"requests": {"memory": "16Gi", "cpu": "4"}}),
-    ({"requests": {"cpu": "2"}, "limits": {"cpu": "2"}},
-     {"requests": {"cpu": "2", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}}),
-])
-def test_collector_resources_from_the_spec_win_over_the_defaults(given: dict[str, Any],
-                                                                 expected: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({"limits": {"memory": "8Gi"}}, {"requests": {"cpu": "500m"}, "limits": {"memory": "8Gi"}}),
+        ({"requests": {"memory": "16Gi", "cpu": "4"}}, {"requests": {"memory": "16Gi", "cpu": "4"}}),
+        (
+            {"requests": {"cpu": "2"}, "limits": {"cpu": "2"}},
+            {"requests": {"cpu": "2", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
+        ),
+    ],
+)
+def test_collector_resources_from_the_spec_win_over_the_defaults(
+    given: dict[str, Any], expected: dict[str, Any]
+) -> None:
     job = b.collector_job(make_spec(collector={"resources": given}), OWNER)
     resources = container_of(job)["resources"]
     assert resources == expected
 
 
-@pytest.mark.parametrize(("collector", "run_policy", "expected"), [
-    ({}, {}, 86_400),
-    ({"activeDeadlineSeconds": 3600}, {}, 3600),
-    ({}, {"activeDeadlineSeconds": 600}, 600),
-    ({"activeDeadlineSeconds": 3600}, {"activeDeadlineSeconds": 7200}, 3600),
-])
-def test_collector_jobs_have_an_active_deadline(collector: dict[str, Any],
-                                               run_policy: dict[str, Any], expected: int) -> None:
+@pytest.mark.parametrize(
+    ("collector", "run_policy", "expected"),
+    [
+        ({}, {}, 86_400),
+        ({"activeDeadlineSeconds": 3600}, {}, 3600),
+        ({}, {"activeDeadlineSeconds": 600}, 600),
+        ({"activeDeadlineSeconds": 3600}, {"activeDeadlineSeconds": 7200}, 3600),
+    ],
+)
+def test_collector_jobs_have_an_active_deadline(
+    collector: dict[str, Any], run_policy: dict[str, Any], expected: int
+) -> None:
     job = b.collector_job(make_spec(collector=collector, runPolicy=run_policy), OWNER)
     assert job["spec"]["activeDeadlineSeconds"] == expected

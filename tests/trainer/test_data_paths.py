@@ -11,8 +11,7 @@ from kubetune.trainer.data import DataError, open_imagefolder
 
 
 @pytest.mark.parametrize("file_name", ["../outside.jpg", "/etc/passwd", "a/../../outside.jpg"])
-def test_imagefolder_file_name_outside_the_dataset_is_refused(tmp_path: Path,
-                                                              file_name: str) -> None:
+def test_imagefolder_file_name_outside_the_dataset_is_refused(tmp_path: Path, file_name: str) -> None:
     (tmp_path / "outside.jpg").write_bytes(b"x")
     folder = tmp_path / "data"
     folder.mkdir()

@@ -35,7 +35,6 @@ INTENTIONALLY_DIFFERENT = {
     "allow_tf32",
     "mixed_precision",
     "use_ema",
-    "checkpointing_steps",
     "checkpoints_total_limit",
     "max_train_steps",
     "revision",
