@@ -14,7 +14,7 @@ import pytest
 
 from kubetune.collector.errors import Skip
 from kubetune.collector.fetch import Fetcher, NetworkPolicy, _is_public
-from kubetune.fixtures.webapis import Reply, StandIn, photo
+from kubetune.dev.testing.webapis import Reply, StandIn, photo
 
 MALFORMED = [
     "http://example.org:99999/a.jpg",  # port over 65535

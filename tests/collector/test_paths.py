@@ -12,7 +12,7 @@ import pytest
 from kubetune.api import models
 from kubetune.collector.errors import Skip
 from kubetune.collector.sources import HubDataset
-from kubetune.fixtures.webapis import photo
+from kubetune.dev.testing.webapis import photo
 
 
 def test_imagefolder_entries_outside_the_folder_are_skipped(collect: Any, tmp_path: Path) -> None:
