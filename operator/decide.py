@@ -95,6 +95,7 @@ class Observed:
     pods: list[dict[str, Any]] = field(default_factory=list)
     service_exists: bool = False
     secrets: dict[str, set[str] | None] = field(default_factory=dict)  # name -> its keys; None: missing
+    forbidden_secrets: set[str] = field(default_factory=set)  # named by the spec; the API answered 403
     dataset_manifest: dict[str, Any] | None = None
     progress: dict[str, Any] | None = None
     latest_checkpoint: str = ""  # listed in storage when a new attempt is due (progress.json may lag)
@@ -168,13 +169,21 @@ def training_status(progress: TrainingProgress, now: datetime) -> TrainingStatus
     )
 
 
-def missing_secrets(spec: FineTuneJobSpec, component_name: str, secrets: dict[str, set[str] | None]) -> list[str]:
-    """One line per Secret or key a component needs that does not exist, naming the field that
-    refers to it. A pod with a missing Secret would wait forever in CreateContainerConfigError."""
+def missing_secrets(
+    spec: FineTuneJobSpec,
+    component_name: str,
+    secrets: dict[str, set[str] | None],
+    forbidden: set[str] | frozenset[str] = frozenset(),
+) -> list[str]:
+    """One line per Secret or key a component needs that does not exist (or that the operator may
+    not read), naming the field that refers to it. A pod with a missing Secret would wait forever
+    in CreateContainerConfigError."""
     problems = []
     for path, ref in b.secret_ref_paths(spec, component_name):
         keys = secrets.get(ref.name)
-        if keys is None:
+        if ref.name in forbidden:
+            problems.append(f"the operator may not read Secret '{ref.name}' (referenced by {path})")
+        elif keys is None:
             problems.append(f"Secret '{ref.name}' not found (referenced by {path})")
         elif ref.key not in keys:
             problems.append(f"Secret '{ref.name}' has no key '{ref.key}' (referenced by {path})")
@@ -303,10 +312,10 @@ class _Pass:
             return self.use_collected_dataset(manifest, uri, collector, started_with != wanted)
         if o.storage_error:
             return self.storage_unreachable()
-        problems = missing_secrets(spec, b.COLLECTOR, o.secrets)
-        if problems:
-            return self.fail_secret_not_found(problems)
+        secrets_missing = self.secrets_missing(spec, b.COLLECTOR)
         if collector is None:
+            if secrets_missing:
+                return self.finish()  # nothing runs that would wait on the Secret; checked again every resync
             return self.start_collector(spec, uri, collect_name)
         return self.follow_collector(spec, uri, collect_name, collector, started_with != wanted)
 
@@ -397,14 +406,19 @@ class _Pass:
 
     def train(self, spec: FineTuneJobSpec) -> Decision:
         o = self.o
-        problems = missing_secrets(spec, b.TRAINER, o.secrets)
-        if problems:
-            return self.fail_secret_not_found(problems)
+        attempts = self.status.attempts
+        creates_job = (
+            not attempts
+            or attempts[-1].reason in ENDED_NEEDS_NEW_JOB
+            or b.trainer_job_name(o.name, restart_of(attempts, len(attempts) - 1)) not in o.jobs
+        )
+        if self.secrets_missing(spec, b.TRAINER) and creates_job:
+            self.condition("Training", "False", self.secrets_reason(), self.status.message)
+            return self.finish()  # nothing runs that would wait on the Secret; checked again every resync
         if self.progress is not None:
             self.status.training = training_status(self.progress, o.now)
         if not o.service_exists:
             self.decision.create.append(b.trainer_service(spec, self.owner))
-        attempts = self.status.attempts
         if not attempts or attempts[-1].reason in ENDED_NEEDS_NEW_JOB:
             return self.start_attempt(spec)
         restart = restart_of(attempts, len(attempts) - 1)
@@ -595,9 +609,36 @@ class _Pass:
         self.suspend_running_jobs()
         return self.finish()
 
-    def fail_secret_not_found(self, problems: list[str]) -> Decision:
-        where = f" in namespace {self.o.namespace}: create it, then recreate the FineTuneJob"
-        return self.fail("SecretNotFound", "; ".join(problems) + where)
+    def secrets_missing(self, spec: FineTuneJobSpec, component_name: str) -> bool:
+        """Whether a Secret key `component_name` needs is missing (or unreadable). The job does not
+        fail for it: a GitOps apply may land the FineTuneJob before its Secret. Condition
+        `SecretsReady` says what is missing (an Event when that changes); the caller decides
+        whether to wait (before creating pods that would need it) or go on (pods already run)."""
+        o = self.o
+        problems = missing_secrets(spec, component_name, o.secrets, o.forbidden_secrets)
+        if not problems:
+            if any(c.type == "SecretsReady" for c in self.status.conditions):
+                self.condition("SecretsReady", "True", "SecretsFound", "every Secret the job needs exists")
+            return False
+        forbidden = any(p.startswith("the operator may not read") for p in problems)
+        reason = "SecretForbidden" if forbidden else "SecretNotFound"
+        if forbidden:
+            action = (
+                f"the operator's RBAC role cannot get Secrets in namespace {o.namespace}: grant it "
+                "(the chart's operator ClusterRole, or a Role in this namespace); the job continues once it can"
+            )
+        else:
+            action = f"waiting for it in namespace {o.namespace}; the job continues once it exists"
+        message = "; ".join(problems) + f": {action}"
+        old = next((c for c in self.old.conditions if c.type == "SecretsReady"), None)
+        if old is None or old.status != "False" or old.reason != reason or old.message != message:
+            self.event("Warning", reason, message)
+        self.condition("SecretsReady", "False", reason, message)
+        self.status.message = message
+        return True
+
+    def secrets_reason(self) -> str:
+        return next((c.reason for c in self.status.conditions if c.type == "SecretsReady"), "SecretNotFound")
 
     def finish(self) -> Decision:
         """End the pass: the counters and the summary condition, one event for a new phase."""

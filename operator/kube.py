@@ -37,6 +37,11 @@ from .objects import component, job_finished, new_attempt_due, now_utc
 
 log = logging.getLogger("kubetune.operator")
 
+
+class SecretForbidden(Exception):
+    """The API answered 403 to reading a Secret: the operator's RBAC, not the Secret, is missing."""
+
+
 SECRET_TTL_SECONDS = 30.0  # how stale a Secret's values may be (a rotated S3 key is used within this)
 
 
@@ -153,7 +158,8 @@ class Kube:
         """A Secret's data (base64 values), or None when it does not exist. A Secret found is
         remembered for SECRET_TTL_SECONDS: hundreds of jobs usually share one S3 Secret, and
         reading it on every pass of each doubled the API requests of a new job (the operator
-        may get Secrets, not watch them). A missing one is asked for again on every pass."""
+        may get Secrets, not watch them). A missing one is asked for again on every pass. Raises
+        SecretForbidden on a 403 (a permission problem, not a missing Secret)."""
         key = (namespace, name)
         with self._lock:
             cached = self._secrets.get(key)
@@ -164,7 +170,9 @@ class Kube:
         except _api_exception() as error:
             if error.status != 403:
                 raise
-            secret = None
+            with self._lock:
+                self._secrets.pop(key, None)
+            raise SecretForbidden(f"HTTP 403 reading Secret {namespace}/{name}") from None
         if secret is None:
             with self._lock:
                 self._secrets.pop(key, None)
@@ -331,7 +339,13 @@ def observe(kube: Kube, ftj: dict[str, Any], extra_pods: list[dict[str, Any]], n
     seen = {p["metadata"].get("uid") for p in pods}
     observed.pods = pods + [p for p in extra_pods if p["metadata"].get("uid") not in seen]
     wanted = {ref.name for component in (b.COLLECTOR, b.TRAINER) for _, ref in b.secret_ref_paths(spec, component)}
-    secret_values = {secret: kube.secret_data(namespace, secret) for secret in sorted(wanted)}
+    secret_values: dict[str, dict[str, str] | None] = {}
+    for secret in sorted(wanted):
+        try:
+            secret_values[secret] = kube.secret_data(namespace, secret)
+        except SecretForbidden:
+            secret_values[secret] = None
+            observed.forbidden_secrets.add(secret)
     observed.secrets = {secret: (set(data) if data is not None else None) for secret, data in secret_values.items()}
     training_started = bool(status.get("attempts"))
     if training_started or b.trainer_job_name(name, 0) in observed.jobs:

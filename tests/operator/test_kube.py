@@ -160,3 +160,17 @@ def test_a_pass_reads_pods_only_where_decide_looks_at_them(tmp_path: Path) -> No
     failed = decide(observe(kube, ftj, []))
     assert calls == ["Job", "Pod"]
     assert failed.phase == "Failed" and "cannot read s3://data/urls.jsonl" in failed.status["message"]
+
+
+def test_a_secret_read_answered_403_is_reported_as_forbidden_not_missing() -> None:
+    import pytest
+    from kubernetes.client.exceptions import ApiException
+
+    from kubetune.operator.kube import SecretForbidden
+
+    def request(method: str, path: str, missing_ok: bool = False, **_: Any) -> Any:
+        raise ApiException(status=403, reason="Forbidden")
+
+    kube = _kube(request=request)
+    with pytest.raises(SecretForbidden):
+        kube.secret_data("team", "s3")
