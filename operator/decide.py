@@ -737,3 +737,14 @@ class _Pass:
 def decide(observed: Observed) -> Decision:
     """observe -> decide: the new status, children to create, patches and events."""
     return _Pass(copy.deepcopy(observed)).run()
+
+
+def child_rejected(observed: Observed, kind: str, name: str, detail: str) -> Decision:
+    """The pass that follows the API server refusing (HTTP 400/422) a child the spec made: the
+    same spec makes the same object again, so the job fails with reason InvalidChildObject and
+    the fields the API server named (a Warning Event says the same)."""
+    return _Pass(copy.deepcopy(observed)).fail(
+        "InvalidChildObject",
+        f"the API server rejected {kind} {name} built from this spec (retrying cannot help; fix the spec "
+        f"and recreate the FineTuneJob): {detail}",
+    )

@@ -42,6 +42,47 @@ class SecretForbidden(Exception):
     """The API answered 403 to reading a Secret: the operator's RBAC, not the Secret, is missing."""
 
 
+# Answers to a write that the same write cannot get past, however often it is retried: the object
+# itself is invalid (422) or malformed (400). Everything else (409, 429, 5xx, timeouts) may heal.
+PERMANENT_STATUSES = (400, 422)
+
+
+class ChildRejected(Exception):
+    """The API server refused a child object the operator built from the spec (HTTP 400/422):
+    the spec passed the CRD's checks but the object it makes does not pass the Job's (or
+    Service's). Retrying cannot help; `detail` names the fields from the Status's causes."""
+
+    def __init__(self, kind: str, name: str, status: int, detail: str) -> None:
+        super().__init__(f"the API server rejected {kind} {name} (HTTP {status}): {detail}")
+        self.kind, self.name, self.status, self.detail = kind, name, status, detail
+
+
+def api_error_detail(error: Exception) -> str:
+    """What an API error says, from its Status body: each `details.causes[]` as `field: message`,
+    else the Status's message; the HTTP status and reason when there is no body."""
+    status = getattr(error, "status", None)
+    body = getattr(error, "body", None)
+    try:
+        parsed = json.loads(body) if body else None
+    except (TypeError, ValueError):
+        parsed = None
+    if isinstance(parsed, dict):
+        causes = (parsed.get("details") or {}).get("causes") or []
+        lines = [
+            f"{c.get('field')}: {c.get('message', '')}".strip() if c.get("field") else str(c.get("message", ""))
+            for c in causes
+            if isinstance(c, dict)
+        ]
+        lines = [line for line in lines if line]
+        if lines:
+            return "; ".join(dict.fromkeys(lines))[:1000]
+        if parsed.get("message"):
+            return str(parsed["message"])[:1000]
+    if status:
+        return f"HTTP {status} {getattr(error, 'reason', '') or ''}".strip()
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 SECRET_TTL_SECONDS = 30.0  # how stale a Secret's values may be (a rotated S3 key is used within this)
 
 
@@ -298,10 +339,8 @@ def _api_exception() -> type[Exception]:
 
 def _short(error: Exception) -> str:
     status = getattr(error, "status", None)
-    reason = getattr(error, "reason", None)
-    if status:
-        return f"HTTP {status} {reason or ''}".strip()
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+    detail = api_error_detail(error)
+    return f"HTTP {status}: {detail}" if status and not detail.startswith("HTTP") else detail
 
 
 # -- observe and act ---------------------------------------------------------------------------
@@ -399,10 +438,19 @@ def act(kube: Kube, ftj: dict[str, Any], decision: Decision) -> None:
     meta = ftj["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     for obj in decision.create:
-        if kube.create(namespace, obj):
+        try:
+            created = kube.create(namespace, obj)
+        except _api_exception() as error:
+            _raise_if_permanent(error, obj["kind"], obj["metadata"]["name"])
+            raise
+        if created:
             log.info("created %s %s", obj["kind"], obj["metadata"]["name"], extra=_ref(namespace, name))
     for patch in decision.patch:
-        kube.patch_job(namespace, patch.name, patch.body)
+        try:
+            kube.patch_job(namespace, patch.name, patch.body)
+        except _api_exception() as error:
+            _raise_if_permanent(error, patch.kind, patch.name)
+            raise
     old = ftj.get("status") or {}
     if decision.status != old:
         # Merge patch: keys this pass dropped are set to null so that they disappear.
@@ -411,6 +459,11 @@ def act(kube: Kube, ftj: dict[str, Any], decision: Decision) -> None:
     for event in decision.events:
         kube.post_event(ftj, event.type, event.reason, event.message)
         log.info("%s: %s", event.reason, event.message, extra=_ref(namespace, name))
+
+
+def _raise_if_permanent(error: Any, kind: str, name: str) -> None:
+    if error.status in PERMANENT_STATUSES:
+        raise ChildRejected(kind, name, error.status, api_error_detail(error)) from error
 
 
 def _ref(namespace: str, name: str) -> dict[str, Any]:
