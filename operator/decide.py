@@ -100,6 +100,8 @@ class Observed:
     progress: dict[str, Any] | None = None
     latest_checkpoint: str = ""  # listed in storage when a new attempt is due (progress.json may lag)
     storage_error: str = ""
+    storage_unreadable: str = ""  # why the operator reads nothing from storage (progress comes from pods only)
+    storage_refused: str = ""  # spec.storage.endpoint is not allowed: the job fails
     images: b.Images = field(default_factory=b.Images)
 
 
@@ -262,7 +264,7 @@ class _Pass:
             return self.fail("InvalidSpec", self.o.spec_error or "the spec cannot be read")
         if self.status.phase not in TERMINAL:
             self.status.start_time = self.status.start_time or self.o.now
-        for step in (self.stay_finished, self.check_deadline, self.prepare_dataset):
+        for step in (self.stay_finished, self.check_storage_endpoint, self.check_deadline, self.prepare_dataset):
             ended = step(spec)
             if ended is not None:
                 return ended
@@ -275,6 +277,12 @@ class _Pass:
         if self.status.phase == "Failed":
             self.suspend_running_jobs()
         return self.finish()
+
+    def check_storage_endpoint(self, spec: FineTuneJobSpec) -> Decision | None:
+        """A job whose spec.storage.endpoint the operator's allowlist does not admit fails."""
+        if not self.o.storage_refused:
+            return None
+        return self.fail("StorageEndpointNotAllowed", self.o.storage_refused)
 
     def check_deadline(self, spec: FineTuneJobSpec) -> Decision | None:
         deadline = spec.run_policy.active_deadline_seconds
@@ -366,10 +374,17 @@ class _Pass:
 
     def follow_collector(
         self, spec: FineTuneJobSpec, uri: str, collect_name: str, collector: dict[str, Any], spec_changed: bool
-    ) -> Decision:
+    ) -> Decision | None:
         finished = job_finished(collector)
         if finished == "Failed":
             return self.collector_failed(collector, collect_name)
+        if finished == "Complete" and self.o.storage_unreadable:
+            # the collector exits 0 only with a complete dataset; its counts cannot be read
+            message = f"collected into {uri} (counts unavailable: the operator does not read this job's storage)"
+            if not self.has_condition("DatasetReady", "True"):
+                self.event("Normal", "DatasetCollected", message)
+            self.condition("DatasetReady", "True", "Collected", message)
+            return None
         if finished == "Complete":
             what = "is missing or for other settings"
             if self.manifest_problem:
@@ -417,6 +432,15 @@ class _Pass:
             return self.finish()  # nothing runs that would wait on the Secret; checked again every resync
         if self.progress is not None:
             self.status.training = training_status(self.progress, o.now)
+        if o.storage_unreadable:
+            self.condition(
+                "ProgressAvailable",
+                "False",
+                "StorageNotRead",
+                f"the operator does not read this job's storage ({o.storage_unreadable}); status follows the pods only",
+            )
+        else:
+            remove_condition(self.status.conditions, "ProgressAvailable")
         if not o.service_exists:
             self.decision.create.append(b.trainer_service(spec, self.owner))
         if not attempts or attempts[-1].reason in ENDED_NEEDS_NEW_JOB:

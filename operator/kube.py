@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from kubetune import storage
 from kubetune.api.layout import (
@@ -83,7 +84,70 @@ def api_error_detail(error: Exception) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
-SECRET_TTL_SECONDS = 30.0  # how stale a Secret's values may be (a rotated S3 key is used within this)
+SECRET_TTL_SECONDS = 30.0
+
+
+def normalize_endpoint(endpoint: str) -> str:
+    """An S3 endpoint URL as compared with the allowlist: scheme and host lowercased, default port
+    and trailing slash dropped."""
+    parts = urlsplit(endpoint.strip())
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    port = parts.port
+    default = {"http": 80, "https": 443}.get(scheme)
+    netloc = host if port in (None, default) else f"{host}:{port}"
+    return f"{scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
+@dataclass(frozen=True)
+class StorageAccess:
+    """How the operator may read a job's storage (progress.json, the dataset manifest, the
+    checkpoint list). `mode`: "secret" (the job's own credentials Secret, or the chart's default
+    one), "own" (the operator's identity), "none" (it reads nothing; `why` says why) or "refused"
+    (the endpoint is not allowed; the job fails)."""
+
+    mode: str
+    why: str = ""
+
+
+def storage_access(
+    user_endpoint: str,
+    secret_named: bool,
+    credentials: tuple[str, str] | None,
+    own_identity: bool,
+    allowed_endpoints: tuple[str, ...],
+) -> StorageAccess:
+    """Whose identity the operator reads a job's storage with. A FineTuneJob chooses
+    `spec.storage.endpoint`: were the operator to sign requests there with its own identity, any
+    job could make it send them to any host, or read any bucket its role can. So it reads with
+    the job's credentials Secret (`spec.storage.credentialsSecretRef` or the chart's default), at
+    an endpoint the allowlist admits (empty: any); with its own identity only when the job names no
+    endpoint (AWS, or the chart's own endpoint) and `own_identity` (chart value) allows it; and
+    otherwise not at all."""
+    if user_endpoint and allowed_endpoints:
+        allowed = {normalize_endpoint(e) for e in allowed_endpoints}
+        if normalize_endpoint(user_endpoint) not in allowed:
+            return StorageAccess(
+                "refused",
+                f"spec.storage.endpoint {user_endpoint} is not an endpoint this operator allows "
+                f"(--allowed-storage-endpoint: {', '.join(sorted(allowed_endpoints))})",
+            )
+    if credentials is not None:
+        return StorageAccess("secret")
+    if secret_named:
+        return StorageAccess("none", "its credentials Secret is missing or incomplete")
+    if user_endpoint:
+        return StorageAccess(
+            "none",
+            "the job names a storage endpoint but no spec.storage.credentialsSecretRef, and the operator "
+            "never signs requests with its own identity at an endpoint a job chose",
+        )
+    if not own_identity:
+        return StorageAccess(
+            "none",
+            "the job names no spec.storage.credentialsSecretRef and the operator may not read storage with "
+            "its own identity (chart value operator.storageOwnIdentity)",
+        )
+    return StorageAccess("own")  # how stale a Secret's values may be (a rotated S3 key is used within this)
 
 
 def load_kube_config(connections: int = 40) -> Any:
@@ -131,6 +195,8 @@ class Kube:
     default_endpoint: str = ""
     default_region: str = ""
     default_credentials_secret: str = ""  # Secret (in the job's namespace) for jobs that name none
+    allowed_storage_endpoints: tuple[str, ...] = ()  # empty: any endpoint, with the job's own Secret
+    storage_own_identity: bool = False  # read storage with the operator's identity when a job names no Secret
     s3_connections: int = 32  # per S3 client: one per reconcile worker
     _clients: dict[str, Any] = field(default_factory=dict)
     _secrets: dict[tuple[str, str], tuple[float, dict[str, str]]] = field(default_factory=dict)
@@ -247,14 +313,7 @@ class Kube:
         costs tens of milliseconds and megabytes."""
         endpoint = spec.storage.endpoint or None
         region = spec.storage.region or None
-        credentials = None
-        ref = spec.storage.credentials_secret_ref
-        data = secrets.get(ref.name) if ref else None
-        if data and "AWS_ACCESS_KEY_ID" in data and "AWS_SECRET_ACCESS_KEY" in data:
-            credentials = (
-                base64.b64decode(data["AWS_ACCESS_KEY_ID"]).decode(),
-                base64.b64decode(data["AWS_SECRET_ACCESS_KEY"]).decode(),
-            )
+        credentials = storage_credentials(spec, secrets)
         key = hashlib.sha256(json.dumps([endpoint, region, credentials]).encode()).hexdigest()
         with self._lock:
             client = self._clients.get(key)
@@ -326,6 +385,19 @@ class Kube:
             log.warning("cannot post event %s: %s", reason, _short(error))
 
 
+def storage_credentials(spec: FineTuneJobSpec, secrets: dict[str, dict[str, str] | None]) -> tuple[str, str] | None:
+    """The S3 key pair of the (effective) spec's credentials Secret; None when it names none, or
+    the Secret or one of its keys is missing."""
+    ref = spec.storage.credentials_secret_ref
+    data = secrets.get(ref.name) if ref else None
+    if data and "AWS_ACCESS_KEY_ID" in data and "AWS_SECRET_ACCESS_KEY" in data:
+        return (
+            base64.b64decode(data["AWS_ACCESS_KEY_ID"]).decode(),
+            base64.b64decode(data["AWS_SECRET_ACCESS_KEY"]).decode(),
+        )
+    return None
+
+
 def s3_client(endpoint: str | None, region: str | None, credentials: tuple[str, str] | None, connections: int) -> Any:
     """kubetune.storage's client, with the job's Secret's credentials when it has one."""
     return storage.s3_client(endpoint, region, max_pool_connections=connections, credentials=credentials)
@@ -363,7 +435,8 @@ def observe(kube: Kube, ftj: dict[str, Any], extra_pods: list[dict[str, Any]], n
         images=kube.images,
     )
     try:
-        spec = observed.spec = kube.effective_spec(parse_spec(ftj.get("spec")))
+        user_spec = parse_spec(ftj.get("spec"))
+        spec = observed.spec = kube.effective_spec(user_spec)
     except SpecError as error:
         observed.spec_error = str(error)
         return observed
@@ -389,6 +462,19 @@ def observe(kube: Kube, ftj: dict[str, Any], extra_pods: list[dict[str, Any]], n
     training_started = bool(status.get("attempts"))
     if training_started or b.trainer_job_name(name, 0) in observed.jobs:
         observed.service_exists = kube.service_exists(namespace, name)
+    access = storage_access(
+        user_spec.storage.endpoint,
+        spec.storage.credentials_secret_ref is not None,
+        storage_credentials(spec, secret_values),
+        kube.storage_own_identity,
+        kube.allowed_storage_endpoints,
+    )
+    if access.mode == "refused":
+        observed.storage_refused = access.why
+        return observed
+    if access.mode == "none":
+        observed.storage_unreadable = access.why
+        return observed
     store = kube.store(spec, secret_values)
     collector = observed.jobs.get(b.collector_job_name(name))
     collecting = collector is not None and not job_finished(collector)

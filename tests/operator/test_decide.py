@@ -593,3 +593,24 @@ def test_a_collector_that_kept_nothing_fails_as_an_empty_dataset() -> None:
     world.step()
     assert world.condition("Succeeded")["reason"] == "EmptyDataset"
     assert "0 images kept of 20 requested" in world.status["message"]
+
+
+def test_a_job_whose_storage_the_operator_does_not_read_trains_on_the_collectors_word() -> None:
+    """No manifest or progress.json can be read (no credentials the operator may use): the
+    collector's success makes the dataset ready, and status says progress is not read."""
+    world = World()
+    world.step()
+    world.finish_job("shapes-collect", "Complete")
+    observed = world.observed()
+    observed.storage_unreadable = "no credentials"
+    decision = decide(observed)
+    world.status = decision.status
+    assert decision.phase == "Training"
+    assert {(o["kind"], o["metadata"]["name"]) for o in decision.create} == {
+        ("Service", "shapes-train"),
+        ("Job", "shapes-train"),
+    }
+    ready = next(c for c in decision.status["conditions"] if c["type"] == "DatasetReady")
+    assert ready["status"] == "True" and "counts unavailable" in ready["message"]
+    progress = next(c for c in decision.status["conditions"] if c["type"] == "ProgressAvailable")
+    assert progress["status"] == "False" and "no credentials" in progress["message"]
