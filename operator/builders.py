@@ -212,7 +212,16 @@ def spec_json(spec: FineTuneJobSpec) -> str:
     return json.dumps(dump_spec(spec), sort_keys=True, separators=(",", ":"))
 
 
+def literal(text: str) -> str:
+    """`text` as Kubernetes must receive it in an env value, command or arg to hand it to the
+    container unchanged: Kubernetes expands `$(VAR)` there and turns `$$` into `$`, so every `$`
+    is doubled. Every value or argument carrying spec-derived text goes through here (a prompt
+    with `$$` in KUBETUNE_SPEC would otherwise change the dataset fingerprint the pods compute)."""
+    return text.replace("$", "$$")
+
+
 def env(spec: FineTuneJobSpec, owner: Owner, component: str) -> list[dict[str, Any]]:
+    """The container's env; literal values escaped (see `literal`)."""
     entries: list[dict[str, Any]] = [
         {"name": SPEC_ENV, "value": spec_json(spec)},
         {"name": "KUBETUNE_FINETUNEJOB", "value": owner.name},
@@ -227,6 +236,7 @@ def env(spec: FineTuneJobSpec, owner: Owner, component: str) -> list[dict[str, A
     if component == TRAINER:  # torch's agent must stop its workers within the pod's grace period
         entries.append({"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(TRAINER_GRACE_SECONDS - 30)})
     entries += [{"name": name, "value": value} for name, value in storage_env(spec.storage).items()]
+    entries = [{**entry, "value": literal(entry["value"])} if "value" in entry else entry for entry in entries]
     entries += [secret_env(variable, ref) for variable, ref in secret_refs(spec, component).items()]
     return entries
 
@@ -452,16 +462,17 @@ def trainer_command(spec: FineTuneJobSpec, owner_name: str, restart: int) -> lis
     trainers were preempted) around `accelerate launch <flags> -m kubetune.trainer --spec ...`."""
     from kubetune.launch import accelerate_launch_command  # torch-free, owned by the trainer
 
+    rank = "$(JOB_COMPLETION_INDEX)"  # the one `$(...)` meant to be expanded; the rest is literal
     launch = accelerate_launch_command(
         spec.trainer.nodes,
         spec.trainer.gpus_per_node,
-        "$(JOB_COMPLETION_INDEX)",
+        rank,
         rank0_host(owner_name, restart),
         spec.trainer.port,
         trainer_args(),
         mixed_precision=spec.training.mixed_precision,
     )
-    return ["python", "-m", "kubetune.launch", *launch]
+    return ["python", "-m", "kubetune.launch", *(arg if arg == rank else literal(arg) for arg in launch)]
 
 
 def trainer_resources(spec: FineTuneJobSpec) -> dict[str, Any]:

@@ -62,6 +62,21 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         default=10.0,
         help="how often unfinished jobs are re-checked: progress, deadlines (default 10)",
     )
+    parser.add_argument(
+        "--allowed-storage-endpoint",
+        action="append",
+        default=[e for e in os.environ.get("KUBETUNE_ALLOWED_STORAGE_ENDPOINTS", "").split(",") if e.strip()],
+        metavar="URL",
+        help="an S3 endpoint a FineTuneJob's spec.storage.endpoint may name (repeatable; env "
+        "KUBETUNE_ALLOWED_STORAGE_ENDPOINTS, comma-separated); none given: any, read only with the job's own Secret",
+    )
+    parser.add_argument(
+        "--storage-own-identity",
+        action="store_true",
+        default=os.environ.get("KUBETUNE_STORAGE_OWN_IDENTITY", "").lower() in ("1", "true", "yes"),
+        help="read progress of jobs that name no credentials Secret and no endpoint (AWS) with the operator's "
+        "own identity, e.g. IRSA (env KUBETUNE_STORAGE_OWN_IDENTITY)",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logs")
     return parser
 
@@ -199,6 +214,8 @@ def main(argv: Sequence[str], prog: str = "kubetune operator") -> int:
         default_endpoint=os.environ.get("KUBETUNE_S3_ENDPOINT", ""),
         default_region=os.environ.get("KUBETUNE_S3_REGION", ""),
         default_credentials_secret=os.environ.get("KUBETUNE_S3_CREDENTIALS_SECRET", ""),
+        allowed_storage_endpoints=tuple(args.allowed_storage_endpoint),
+        storage_own_identity=args.storage_own_identity,
         s3_connections=args.workers,
     )
     metrics = Metrics()

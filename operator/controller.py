@@ -19,8 +19,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from .decide import decide
-from .kube import Kube, act, observe
+from .decide import child_rejected, decide
+from .kube import ChildRejected, Kube, act, api_error_detail, observe
 from .metrics import Metrics
 
 log = logging.getLogger("kubetune.operator")
@@ -101,6 +101,8 @@ class Controller:
     _unhandled: dict[Key, dict[str, Any]] = field(default_factory=dict)  # watch body of a job no pass has handled yet
     _pods: dict[Key, dict[str, dict[str, Any]]] = field(default_factory=dict)
     _pods_lock: threading.Lock = field(default_factory=threading.Lock)
+    _failures: dict[Key, int] = field(default_factory=dict)  # passes in a row that raised, per job
+    _backoff_until: dict[Key, float] = field(default_factory=dict)  # the resync leaves these alone until then
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
@@ -111,6 +113,8 @@ class Controller:
         if deleted:
             self.known.pop(key, None)
             self._unhandled.pop(key, None)
+            self._failures.pop(key, None)
+            self._backoff_until.pop(key, None)
             self.metrics.forget(key)
             with self._pods_lock:
                 self._pods.pop(key, None)
@@ -143,7 +147,14 @@ class Controller:
             extra = list(self._pods.get(key, {}).values())
         observed = observe(self.kube, ftj, extra)
         decision = decide(observed)
-        act(self.kube, ftj, decision)
+        try:
+            act(self.kube, ftj, decision)
+        except ChildRejected as rejected:  # the same spec would make the same object: fail, do not retry
+            log.warning(
+                "%s", rejected, extra={"k8s_ref": {"kind": "FineTuneJob", "namespace": namespace, "name": name}}
+            )
+            decision = child_rejected(observed, rejected.kind, rejected.name, rejected.detail)
+            act(self.kube, ftj, decision)
         with self._pods_lock:  # pods seen before this pass are now accounted for
             held = self._pods.get(key, {})
             for pod in extra:
@@ -155,24 +166,35 @@ class Controller:
     def _work(self) -> None:
         while not self._stop.is_set():
             item = self.queue.get(timeout=0.5)
-            if item is None:
-                continue
-            key, queued_at = item
-            started = time.monotonic()
-            try:
-                self.reconcile(key)
-            except Exception as error:  # one bad pass must not stop the worker; it is retried
-                self.metrics.reconcile_errors.inc()
-                log.warning(
-                    "reconcile failed, retrying: %s",
-                    _describe(error),
-                    extra={"k8s_ref": {"kind": "FineTuneJob", "namespace": key[0], "name": key[1]}},
-                )
-                self._retry_later(key)
-            finally:
-                self.metrics.reconcile_seconds.observe(time.monotonic() - started)
-                self.metrics.queue_wait_seconds.observe(started - queued_at)
-                self.queue.done(key)
+            if item is not None:
+                self.handle(*item)
+
+    def handle(self, key: Key, queued_at: float) -> None:
+        """One pass of `key` taken off the queue. A pass that raised (the API server or S3 away,
+        a conflict, throttling) is retried with a per-job exponential backoff, so that a job
+        failing every pass does not hammer the API server; success resets it."""
+        started = time.monotonic()
+        try:
+            self.reconcile(key)
+            self._failures.pop(key, None)
+            self._backoff_until.pop(key, None)
+        except Exception as error:  # one bad pass must not stop the worker; it is retried
+            self.metrics.reconcile_errors.inc()
+            failures = self._failures[key] = self._failures.get(key, 0) + 1
+            delay = retry_delay(failures)
+            log.warning(
+                "reconcile failed (%d in a row), retrying in %.0f s: %s",
+                failures,
+                delay,
+                _describe(error),
+                extra={"k8s_ref": {"kind": "FineTuneJob", "namespace": key[0], "name": key[1]}},
+            )
+            self._backoff_until[key] = time.monotonic() + delay
+            self._retry_later(key, delay)
+        finally:
+            self.metrics.reconcile_seconds.observe(time.monotonic() - started)
+            self.metrics.queue_wait_seconds.observe(started - queued_at)
+            self.queue.done(key)
 
     def _retry_later(self, key: Key, delay: float = 2.0) -> None:
         timer = threading.Timer(delay, self.queue.add, args=(key,))
@@ -181,8 +203,9 @@ class Controller:
 
     def _resync(self) -> None:
         while not self._stop.wait(self.resync_seconds):
+            now = time.monotonic()
             for key, phase in list(self.known.items()):
-                if phase not in ("Succeeded", "Failed"):
+                if phase not in ("Succeeded", "Failed") and self._backoff_until.get(key, 0.0) <= now:
                     self.queue.add(key, RESYNC)
 
     def start(self) -> None:
@@ -199,9 +222,19 @@ class Controller:
             thread.join(timeout=5)
 
 
+RETRY_FIRST_SECONDS = 2.0
+RETRY_MAX_SECONDS = 300.0
+
+
+def retry_delay(failures: int) -> float:
+    """Seconds before retrying a job whose last `failures` passes raised: 2, 4, 8, ... 300."""
+    return min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** max(0, failures - 1))
+
+
 def _describe(error: Exception) -> str:
     status = getattr(error, "status", None)
     if status:
-        return f"{type(error).__name__}: HTTP {status} {getattr(error, 'reason', '')}".strip()
+        reason = getattr(error, "reason", "") or ""
+        return f"{type(error).__name__}: HTTP {status} {reason}: {api_error_detail(error)}"[:1200]
     text = str(error).splitlines()[0] if str(error) else ""
     return f"{type(error).__name__}: {text}"[:300]

@@ -95,10 +95,13 @@ class Observed:
     pods: list[dict[str, Any]] = field(default_factory=list)
     service_exists: bool = False
     secrets: dict[str, set[str] | None] = field(default_factory=dict)  # name -> its keys; None: missing
+    forbidden_secrets: set[str] = field(default_factory=set)  # named by the spec; the API answered 403
     dataset_manifest: dict[str, Any] | None = None
     progress: dict[str, Any] | None = None
     latest_checkpoint: str = ""  # listed in storage when a new attempt is due (progress.json may lag)
     storage_error: str = ""
+    storage_unreadable: str = ""  # why the operator reads nothing from storage (progress comes from pods only)
+    storage_refused: str = ""  # spec.storage.endpoint is not allowed: the job fails
     images: b.Images = field(default_factory=b.Images)
 
 
@@ -168,13 +171,21 @@ def training_status(progress: TrainingProgress, now: datetime) -> TrainingStatus
     )
 
 
-def missing_secrets(spec: FineTuneJobSpec, component_name: str, secrets: dict[str, set[str] | None]) -> list[str]:
-    """One line per Secret or key a component needs that does not exist, naming the field that
-    refers to it. A pod with a missing Secret would wait forever in CreateContainerConfigError."""
+def missing_secrets(
+    spec: FineTuneJobSpec,
+    component_name: str,
+    secrets: dict[str, set[str] | None],
+    forbidden: set[str] | frozenset[str] = frozenset(),
+) -> list[str]:
+    """One line per Secret or key a component needs that does not exist (or that the operator may
+    not read), naming the field that refers to it. A pod with a missing Secret would wait forever
+    in CreateContainerConfigError."""
     problems = []
     for path, ref in b.secret_ref_paths(spec, component_name):
         keys = secrets.get(ref.name)
-        if keys is None:
+        if ref.name in forbidden:
+            problems.append(f"the operator may not read Secret '{ref.name}' (referenced by {path})")
+        elif keys is None:
             problems.append(f"Secret '{ref.name}' not found (referenced by {path})")
         elif ref.key not in keys:
             problems.append(f"Secret '{ref.name}' has no key '{ref.key}' (referenced by {path})")
@@ -253,7 +264,7 @@ class _Pass:
             return self.fail("InvalidSpec", self.o.spec_error or "the spec cannot be read")
         if self.status.phase not in TERMINAL:
             self.status.start_time = self.status.start_time or self.o.now
-        for step in (self.stay_finished, self.check_deadline, self.prepare_dataset):
+        for step in (self.stay_finished, self.check_storage_endpoint, self.check_deadline, self.prepare_dataset):
             ended = step(spec)
             if ended is not None:
                 return ended
@@ -266,6 +277,12 @@ class _Pass:
         if self.status.phase == "Failed":
             self.suspend_running_jobs()
         return self.finish()
+
+    def check_storage_endpoint(self, spec: FineTuneJobSpec) -> Decision | None:
+        """A job whose spec.storage.endpoint the operator's allowlist does not admit fails."""
+        if not self.o.storage_refused:
+            return None
+        return self.fail("StorageEndpointNotAllowed", self.o.storage_refused)
 
     def check_deadline(self, spec: FineTuneJobSpec) -> Decision | None:
         deadline = spec.run_policy.active_deadline_seconds
@@ -303,10 +320,10 @@ class _Pass:
             return self.use_collected_dataset(manifest, uri, collector, started_with != wanted)
         if o.storage_error:
             return self.storage_unreachable()
-        problems = missing_secrets(spec, b.COLLECTOR, o.secrets)
-        if problems:
-            return self.fail_secret_not_found(problems)
+        secrets_missing = self.secrets_missing(spec, b.COLLECTOR)
         if collector is None:
+            if secrets_missing:
+                return self.finish()  # nothing runs that would wait on the Secret; checked again every resync
             return self.start_collector(spec, uri, collect_name)
         return self.follow_collector(spec, uri, collect_name, collector, started_with != wanted)
 
@@ -357,10 +374,17 @@ class _Pass:
 
     def follow_collector(
         self, spec: FineTuneJobSpec, uri: str, collect_name: str, collector: dict[str, Any], spec_changed: bool
-    ) -> Decision:
+    ) -> Decision | None:
         finished = job_finished(collector)
         if finished == "Failed":
             return self.collector_failed(collector, collect_name)
+        if finished == "Complete" and self.o.storage_unreadable:
+            # the collector exits 0 only with a complete dataset; its counts cannot be read
+            message = f"collected into {uri} (counts unavailable: the operator does not read this job's storage)"
+            if not self.has_condition("DatasetReady", "True"):
+                self.event("Normal", "DatasetCollected", message)
+            self.condition("DatasetReady", "True", "Collected", message)
+            return None
         if finished == "Complete":
             what = "is missing or for other settings"
             if self.manifest_problem:
@@ -397,14 +421,28 @@ class _Pass:
 
     def train(self, spec: FineTuneJobSpec) -> Decision:
         o = self.o
-        problems = missing_secrets(spec, b.TRAINER, o.secrets)
-        if problems:
-            return self.fail_secret_not_found(problems)
+        attempts = self.status.attempts
+        creates_job = (
+            not attempts
+            or attempts[-1].reason in ENDED_NEEDS_NEW_JOB
+            or b.trainer_job_name(o.name, restart_of(attempts, len(attempts) - 1)) not in o.jobs
+        )
+        if self.secrets_missing(spec, b.TRAINER) and creates_job:
+            self.condition("Training", "False", self.secrets_reason(), self.status.message)
+            return self.finish()  # nothing runs that would wait on the Secret; checked again every resync
         if self.progress is not None:
             self.status.training = training_status(self.progress, o.now)
+        if o.storage_unreadable:
+            self.condition(
+                "ProgressAvailable",
+                "False",
+                "StorageNotRead",
+                f"the operator does not read this job's storage ({o.storage_unreadable}); status follows the pods only",
+            )
+        else:
+            remove_condition(self.status.conditions, "ProgressAvailable")
         if not o.service_exists:
             self.decision.create.append(b.trainer_service(spec, self.owner))
-        attempts = self.status.attempts
         if not attempts or attempts[-1].reason in ENDED_NEEDS_NEW_JOB:
             return self.start_attempt(spec)
         restart = restart_of(attempts, len(attempts) - 1)
@@ -595,9 +633,36 @@ class _Pass:
         self.suspend_running_jobs()
         return self.finish()
 
-    def fail_secret_not_found(self, problems: list[str]) -> Decision:
-        where = f" in namespace {self.o.namespace}: create it, then recreate the FineTuneJob"
-        return self.fail("SecretNotFound", "; ".join(problems) + where)
+    def secrets_missing(self, spec: FineTuneJobSpec, component_name: str) -> bool:
+        """Whether a Secret key `component_name` needs is missing (or unreadable). The job does not
+        fail for it: a GitOps apply may land the FineTuneJob before its Secret. Condition
+        `SecretsReady` says what is missing (an Event when that changes); the caller decides
+        whether to wait (before creating pods that would need it) or go on (pods already run)."""
+        o = self.o
+        problems = missing_secrets(spec, component_name, o.secrets, o.forbidden_secrets)
+        if not problems:
+            if any(c.type == "SecretsReady" for c in self.status.conditions):
+                self.condition("SecretsReady", "True", "SecretsFound", "every Secret the job needs exists")
+            return False
+        forbidden = any(p.startswith("the operator may not read") for p in problems)
+        reason = "SecretForbidden" if forbidden else "SecretNotFound"
+        if forbidden:
+            action = (
+                f"the operator's RBAC role cannot get Secrets in namespace {o.namespace}: grant it "
+                "(the chart's operator ClusterRole, or a Role in this namespace); the job continues once it can"
+            )
+        else:
+            action = f"waiting for it in namespace {o.namespace}; the job continues once it exists"
+        message = "; ".join(problems) + f": {action}"
+        old = next((c for c in self.old.conditions if c.type == "SecretsReady"), None)
+        if old is None or old.status != "False" or old.reason != reason or old.message != message:
+            self.event("Warning", reason, message)
+        self.condition("SecretsReady", "False", reason, message)
+        self.status.message = message
+        return True
+
+    def secrets_reason(self) -> str:
+        return next((c.reason for c in self.status.conditions if c.type == "SecretsReady"), "SecretNotFound")
 
     def finish(self) -> Decision:
         """End the pass: the counters and the summary condition, one event for a new phase."""
@@ -696,3 +761,14 @@ class _Pass:
 def decide(observed: Observed) -> Decision:
     """observe -> decide: the new status, children to create, patches and events."""
     return _Pass(copy.deepcopy(observed)).run()
+
+
+def child_rejected(observed: Observed, kind: str, name: str, detail: str) -> Decision:
+    """The pass that follows the API server refusing (HTTP 400/422) a child the spec made: the
+    same spec makes the same object again, so the job fails with reason InvalidChildObject and
+    the fields the API server named (a Warning Event says the same)."""
+    return _Pass(copy.deepcopy(observed)).fail(
+        "InvalidChildObject",
+        f"the API server rejected {kind} {name} built from this spec (retrying cannot help; fix the spec "
+        f"and recreate the FineTuneJob): {detail}",
+    )

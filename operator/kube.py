@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from kubetune import storage
 from kubetune.api.layout import (
@@ -37,7 +38,116 @@ from .objects import component, job_finished, new_attempt_due, now_utc
 
 log = logging.getLogger("kubetune.operator")
 
-SECRET_TTL_SECONDS = 30.0  # how stale a Secret's values may be (a rotated S3 key is used within this)
+
+class SecretForbidden(Exception):
+    """The API answered 403 to reading a Secret: the operator's RBAC, not the Secret, is missing."""
+
+
+# Answers to a write that the same write cannot get past, however often it is retried: the object
+# itself is invalid (422) or malformed (400). Everything else (409, 429, 5xx, timeouts) may heal.
+PERMANENT_STATUSES = (400, 422)
+
+
+class ChildRejected(Exception):
+    """The API server refused a child object the operator built from the spec (HTTP 400/422):
+    the spec passed the CRD's checks but the object it makes does not pass the Job's (or
+    Service's). Retrying cannot help; `detail` names the fields from the Status's causes."""
+
+    def __init__(self, kind: str, name: str, status: int, detail: str) -> None:
+        super().__init__(f"the API server rejected {kind} {name} (HTTP {status}): {detail}")
+        self.kind, self.name, self.status, self.detail = kind, name, status, detail
+
+
+def api_error_detail(error: Exception) -> str:
+    """What an API error says, from its Status body: each `details.causes[]` as `field: message`,
+    else the Status's message; the HTTP status and reason when there is no body."""
+    status = getattr(error, "status", None)
+    body = getattr(error, "body", None)
+    try:
+        parsed = json.loads(body) if body else None
+    except (TypeError, ValueError):
+        parsed = None
+    if isinstance(parsed, dict):
+        causes = (parsed.get("details") or {}).get("causes") or []
+        lines = [
+            f"{c.get('field')}: {c.get('message', '')}".strip() if c.get("field") else str(c.get("message", ""))
+            for c in causes
+            if isinstance(c, dict)
+        ]
+        lines = [line for line in lines if line]
+        if lines:
+            return "; ".join(dict.fromkeys(lines))[:1000]
+        if parsed.get("message"):
+            return str(parsed["message"])[:1000]
+    if status:
+        return f"HTTP {status} {getattr(error, 'reason', '') or ''}".strip()
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+SECRET_TTL_SECONDS = 30.0
+
+
+def normalize_endpoint(endpoint: str) -> str:
+    """An S3 endpoint URL as compared with the allowlist: scheme and host lowercased, default port
+    and trailing slash dropped."""
+    parts = urlsplit(endpoint.strip())
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    port = parts.port
+    default = {"http": 80, "https": 443}.get(scheme)
+    netloc = host if port in (None, default) else f"{host}:{port}"
+    return f"{scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
+@dataclass(frozen=True)
+class StorageAccess:
+    """How the operator may read a job's storage (progress.json, the dataset manifest, the
+    checkpoint list). `mode`: "secret" (the job's own credentials Secret, or the chart's default
+    one), "own" (the operator's identity), "none" (it reads nothing; `why` says why) or "refused"
+    (the endpoint is not allowed; the job fails)."""
+
+    mode: str
+    why: str = ""
+
+
+def storage_access(
+    user_endpoint: str,
+    secret_named: bool,
+    credentials: tuple[str, str] | None,
+    own_identity: bool,
+    allowed_endpoints: tuple[str, ...],
+) -> StorageAccess:
+    """Whose identity the operator reads a job's storage with. A FineTuneJob chooses
+    `spec.storage.endpoint`: were the operator to sign requests there with its own identity, any
+    job could make it send them to any host, or read any bucket its role can. So it reads with
+    the job's credentials Secret (`spec.storage.credentialsSecretRef` or the chart's default), at
+    an endpoint the allowlist admits (empty: any); with its own identity only when the job names no
+    endpoint (AWS, or the chart's own endpoint) and `own_identity` (chart value) allows it; and
+    otherwise not at all."""
+    if user_endpoint and allowed_endpoints:
+        allowed = {normalize_endpoint(e) for e in allowed_endpoints}
+        if normalize_endpoint(user_endpoint) not in allowed:
+            return StorageAccess(
+                "refused",
+                f"spec.storage.endpoint {user_endpoint} is not an endpoint this operator allows "
+                f"(--allowed-storage-endpoint: {', '.join(sorted(allowed_endpoints))})",
+            )
+    if credentials is not None:
+        return StorageAccess("secret")
+    if secret_named:
+        return StorageAccess("none", "its credentials Secret is missing or incomplete")
+    if user_endpoint:
+        return StorageAccess(
+            "none",
+            "the job names a storage endpoint but no spec.storage.credentialsSecretRef, and the operator "
+            "never signs requests with its own identity at an endpoint a job chose",
+        )
+    if not own_identity:
+        return StorageAccess(
+            "none",
+            "the job names no spec.storage.credentialsSecretRef and the operator may not read storage with "
+            "its own identity (chart value operator.storageOwnIdentity)",
+        )
+    return StorageAccess("own")  # how stale a Secret's values may be (a rotated S3 key is used within this)
 
 
 def load_kube_config(connections: int = 40) -> Any:
@@ -85,6 +195,8 @@ class Kube:
     default_endpoint: str = ""
     default_region: str = ""
     default_credentials_secret: str = ""  # Secret (in the job's namespace) for jobs that name none
+    allowed_storage_endpoints: tuple[str, ...] = ()  # empty: any endpoint, with the job's own Secret
+    storage_own_identity: bool = False  # read storage with the operator's identity when a job names no Secret
     s3_connections: int = 32  # per S3 client: one per reconcile worker
     _clients: dict[str, Any] = field(default_factory=dict)
     _secrets: dict[tuple[str, str], tuple[float, dict[str, str]]] = field(default_factory=dict)
@@ -153,7 +265,8 @@ class Kube:
         """A Secret's data (base64 values), or None when it does not exist. A Secret found is
         remembered for SECRET_TTL_SECONDS: hundreds of jobs usually share one S3 Secret, and
         reading it on every pass of each doubled the API requests of a new job (the operator
-        may get Secrets, not watch them). A missing one is asked for again on every pass."""
+        may get Secrets, not watch them). A missing one is asked for again on every pass. Raises
+        SecretForbidden on a 403 (a permission problem, not a missing Secret)."""
         key = (namespace, name)
         with self._lock:
             cached = self._secrets.get(key)
@@ -164,7 +277,9 @@ class Kube:
         except _api_exception() as error:
             if error.status != 403:
                 raise
-            secret = None
+            with self._lock:
+                self._secrets.pop(key, None)
+            raise SecretForbidden(f"HTTP 403 reading Secret {namespace}/{name}") from None
         if secret is None:
             with self._lock:
                 self._secrets.pop(key, None)
@@ -198,14 +313,7 @@ class Kube:
         costs tens of milliseconds and megabytes."""
         endpoint = spec.storage.endpoint or None
         region = spec.storage.region or None
-        credentials = None
-        ref = spec.storage.credentials_secret_ref
-        data = secrets.get(ref.name) if ref else None
-        if data and "AWS_ACCESS_KEY_ID" in data and "AWS_SECRET_ACCESS_KEY" in data:
-            credentials = (
-                base64.b64decode(data["AWS_ACCESS_KEY_ID"]).decode(),
-                base64.b64decode(data["AWS_SECRET_ACCESS_KEY"]).decode(),
-            )
+        credentials = storage_credentials(spec, secrets)
         key = hashlib.sha256(json.dumps([endpoint, region, credentials]).encode()).hexdigest()
         with self._lock:
             client = self._clients.get(key)
@@ -277,6 +385,19 @@ class Kube:
             log.warning("cannot post event %s: %s", reason, _short(error))
 
 
+def storage_credentials(spec: FineTuneJobSpec, secrets: dict[str, dict[str, str] | None]) -> tuple[str, str] | None:
+    """The S3 key pair of the (effective) spec's credentials Secret; None when it names none, or
+    the Secret or one of its keys is missing."""
+    ref = spec.storage.credentials_secret_ref
+    data = secrets.get(ref.name) if ref else None
+    if data and "AWS_ACCESS_KEY_ID" in data and "AWS_SECRET_ACCESS_KEY" in data:
+        return (
+            base64.b64decode(data["AWS_ACCESS_KEY_ID"]).decode(),
+            base64.b64decode(data["AWS_SECRET_ACCESS_KEY"]).decode(),
+        )
+    return None
+
+
 def s3_client(endpoint: str | None, region: str | None, credentials: tuple[str, str] | None, connections: int) -> Any:
     """kubetune.storage's client, with the job's Secret's credentials when it has one."""
     return storage.s3_client(endpoint, region, max_pool_connections=connections, credentials=credentials)
@@ -290,10 +411,8 @@ def _api_exception() -> type[Exception]:
 
 def _short(error: Exception) -> str:
     status = getattr(error, "status", None)
-    reason = getattr(error, "reason", None)
-    if status:
-        return f"HTTP {status} {reason or ''}".strip()
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+    detail = api_error_detail(error)
+    return f"HTTP {status}: {detail}" if status and not detail.startswith("HTTP") else detail
 
 
 # -- observe and act ---------------------------------------------------------------------------
@@ -316,7 +435,8 @@ def observe(kube: Kube, ftj: dict[str, Any], extra_pods: list[dict[str, Any]], n
         images=kube.images,
     )
     try:
-        spec = observed.spec = kube.effective_spec(parse_spec(ftj.get("spec")))
+        user_spec = parse_spec(ftj.get("spec"))
+        spec = observed.spec = kube.effective_spec(user_spec)
     except SpecError as error:
         observed.spec_error = str(error)
         return observed
@@ -331,11 +451,30 @@ def observe(kube: Kube, ftj: dict[str, Any], extra_pods: list[dict[str, Any]], n
     seen = {p["metadata"].get("uid") for p in pods}
     observed.pods = pods + [p for p in extra_pods if p["metadata"].get("uid") not in seen]
     wanted = {ref.name for component in (b.COLLECTOR, b.TRAINER) for _, ref in b.secret_ref_paths(spec, component)}
-    secret_values = {secret: kube.secret_data(namespace, secret) for secret in sorted(wanted)}
+    secret_values: dict[str, dict[str, str] | None] = {}
+    for secret in sorted(wanted):
+        try:
+            secret_values[secret] = kube.secret_data(namespace, secret)
+        except SecretForbidden:
+            secret_values[secret] = None
+            observed.forbidden_secrets.add(secret)
     observed.secrets = {secret: (set(data) if data is not None else None) for secret, data in secret_values.items()}
     training_started = bool(status.get("attempts"))
     if training_started or b.trainer_job_name(name, 0) in observed.jobs:
         observed.service_exists = kube.service_exists(namespace, name)
+    access = storage_access(
+        user_spec.storage.endpoint,
+        spec.storage.credentials_secret_ref is not None,
+        storage_credentials(spec, secret_values),
+        kube.storage_own_identity,
+        kube.allowed_storage_endpoints,
+    )
+    if access.mode == "refused":
+        observed.storage_refused = access.why
+        return observed
+    if access.mode == "none":
+        observed.storage_unreadable = access.why
+        return observed
     store = kube.store(spec, secret_values)
     collector = observed.jobs.get(b.collector_job_name(name))
     collecting = collector is not None and not job_finished(collector)
@@ -385,10 +524,19 @@ def act(kube: Kube, ftj: dict[str, Any], decision: Decision) -> None:
     meta = ftj["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     for obj in decision.create:
-        if kube.create(namespace, obj):
+        try:
+            created = kube.create(namespace, obj)
+        except _api_exception() as error:
+            _raise_if_permanent(error, obj["kind"], obj["metadata"]["name"])
+            raise
+        if created:
             log.info("created %s %s", obj["kind"], obj["metadata"]["name"], extra=_ref(namespace, name))
     for patch in decision.patch:
-        kube.patch_job(namespace, patch.name, patch.body)
+        try:
+            kube.patch_job(namespace, patch.name, patch.body)
+        except _api_exception() as error:
+            _raise_if_permanent(error, patch.kind, patch.name)
+            raise
     old = ftj.get("status") or {}
     if decision.status != old:
         # Merge patch: keys this pass dropped are set to null so that they disappear.
@@ -397,6 +545,11 @@ def act(kube: Kube, ftj: dict[str, Any], decision: Decision) -> None:
     for event in decision.events:
         kube.post_event(ftj, event.type, event.reason, event.message)
         log.info("%s: %s", event.reason, event.message, extra=_ref(namespace, name))
+
+
+def _raise_if_permanent(error: Any, kind: str, name: str) -> None:
+    if error.status in PERMANENT_STATUSES:
+        raise ChildRejected(kind, name, error.status, api_error_detail(error)) from error
 
 
 def _ref(namespace: str, name: str) -> dict[str, Any]:

@@ -419,3 +419,49 @@ def test_collector_jobs_have_an_active_deadline(
 ) -> None:
     job = b.collector_job(make_spec(collector=collector, runPolicy=run_policy), OWNER)
     assert job["spec"]["activeDeadlineSeconds"] == expected
+
+
+# -- what the kubelet hands the container ------------------------------------------------------
+
+TRICKY = ["cost $$5 a $(HOME) night", "$(KUBETUNE_FINETUNEJOB) at $$(PYTHONUNBUFFERED)", "a $ sign", "$$$("]
+
+
+def as_pod_sees_it(container: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
+    """The container's environment and argv after the kubelet's `$(VAR)` / `$$` expansion (the
+    local cluster's, which follows the documented rules): env values in order, each seeing the
+    ones before it, then command and args seeing them all."""
+    from kubetune.dev.node.kubelet import expand
+
+    seen: dict[str, str] = {"HOME": "/home/pod"}  # an env var the image might define: never expanded
+    resolved: dict[str, str] = {}
+    for entry in container["env"]:
+        if "value" in entry:
+            resolved[entry["name"]] = expand(entry["value"], resolved)
+        else:
+            resolved[entry["name"]] = "0" if entry["name"] == "JOB_COMPLETION_INDEX" else "from-a-secret"
+    argv = [expand(arg, resolved) for arg in container["command"] + container.get("args", [])]
+    return {**seen, **resolved}, argv
+
+
+@pytest.mark.parametrize("build", [b.collector_job, b.trainer_job])
+def test_dollar_signs_in_the_spec_reach_the_pod_unchanged(build: Any) -> None:
+    spec = make_spec(
+        dataset={"unsplash": {"prompts": TRICKY, "accessKeySecretRef": {"name": "unsplash", "key": "access-key"}}},
+        storage={"endpoint": "http://minio:9000/$$(HOME)"},
+        training={"validationPrompts": ["a $$ lighthouse $(KUBETUNE_FINETUNEJOB)"]},
+    )
+    environment, argv = as_pod_sees_it(container_of(build(spec, OWNER)))
+    seen = parse_spec(json.loads(environment["KUBETUNE_SPEC"]))
+    assert seen == spec
+    assert seen.dataset.unsplash is not None and seen.dataset.unsplash.prompts == TRICKY
+    assert dataset_fingerprint(seen.dataset) == dataset_fingerprint(spec.dataset)
+    assert environment["AWS_ENDPOINT_URL"] == "http://minio:9000/$$(HOME)"
+    assert environment["KUBETUNE_FINETUNEJOB"] == OWNER.name
+    if build is b.trainer_job:
+        assert "--spec" in argv and argv[argv.index("--spec") + 1] == "env:KUBETUNE_SPEC"
+
+
+def test_the_machine_rank_is_still_expanded_from_the_completion_index() -> None:
+    spec = make_spec(trainer={"nodes": 2})
+    _, argv = as_pod_sees_it(container_of(b.trainer_job(spec, OWNER)))
+    assert flag(argv, "--machine_rank") == "0"

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
-from kubetune.operator.controller import WorkQueue
+import pytest
+
+from kubetune.operator.controller import Controller, WorkQueue, retry_delay
+from kubetune.operator.kube import Kube
+from kubetune.operator.metrics import Metrics
+from kubetune.storage import Store
 
 
 def test_a_burst_of_events_for_one_job_costs_one_pass() -> None:
@@ -151,3 +160,130 @@ def test_a_key_changed_while_held_comes_back_with_the_most_urgent_priority() -> 
     queue.done(("ns", "a"))
     again = queue.get(timeout=0.1)
     assert again is not None and again[0] == ("ns", "a")
+
+
+# -- API writes the server refuses ---------------------------------------------------------------
+
+INVALID_JOB = {
+    "kind": "Status",
+    "apiVersion": "v1",
+    "status": "Failure",
+    "message": 'Job.batch "bad-collect" is invalid: spec.template.spec.affinity.nodeAffinity: Invalid value',
+    "reason": "Invalid",
+    "details": {
+        "name": "bad-collect",
+        "group": "batch",
+        "kind": "Job",
+        "causes": [
+            {
+                "reason": "FieldValueInvalid",
+                "message": 'Invalid value: "In ": not a valid selector operator',
+                "field": "spec.template.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+                ".nodeSelectorTerms[0].matchExpressions[0].operator",
+            }
+        ],
+    },
+    "code": 422,
+}
+
+
+class _Response:
+    def __init__(self, status: int, body: dict[str, object] | None) -> None:
+        self.status, self.reason, self.headers = status, {422: "Unprocessable Entity", 500: "Internal"}.get(status), {}
+        self.data = json.dumps(body).encode() if body is not None else b""
+
+    def read(self) -> bytes:
+        return self.data
+
+
+class _ApiClient:
+    """The two methods Kube.request uses; every call answered by `answer(method, path, body)`."""
+
+    def __init__(self, answer: Callable[[str, str, object], tuple[int, dict[str, object] | None]]) -> None:
+        self.answer, self.calls = answer, []  # type: ignore[var-annotated]
+
+    def param_serialize(self, method: str, resource_path: str, body: object = None, **_: object) -> tuple[object, ...]:
+        return (method, resource_path, body)
+
+    def call_api(self, method: str, path: str, body: object, **_: object) -> _Response:
+        self.calls.append((method, path, body))
+        return _Response(*self.answer(method, path, body))
+
+
+FTJ = {
+    "apiVersion": "kubetune.dev/v1alpha1",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "bad", "namespace": "team", "uid": "u1", "generation": 1},
+    "spec": {
+        "dataset": {"urls": {"uri": "s3://data/urls.jsonl"}},
+        "model": {"base": "s3://models/tiny/"},
+        "storage": {"uri": "s3://bucket/bad/"},
+        "collector": {"affinity": {"nodeAffinity": {}}},
+    },
+}
+
+
+def _controller(answer: Callable[[str, str, object], tuple[int, dict[str, object] | None]], tmp: Path) -> Controller:
+    def answer_or_the_job(method: str, path: str, body: object) -> tuple[int, dict[str, object] | None]:
+        if method == "GET" and path.endswith("/finetunejobs/bad"):
+            return 200, FTJ
+        return answer(method, path, body)
+
+    kube = Kube(_ApiClient(answer_or_the_job))  # type: ignore[arg-type]
+    kube.store = lambda spec, secrets: Store(str(tmp))  # type: ignore[method-assign]
+    controller = Controller(kube, Metrics())
+    controller.finetunejob_seen("team", "bad", FTJ, deleted=False)
+    return controller
+
+
+def test_a_child_the_api_server_rejects_fails_the_job_naming_the_field(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A spec the CRD accepts but the Job API refuses (422) is not retried forever: the job fails
+    with InvalidChildObject, its condition and Warning Event name the field the API server named."""
+
+    def answer(method: str, path: str, body: object) -> tuple[int, dict[str, object] | None]:
+        if method == "POST" and path.endswith("/jobs"):
+            return 422, INVALID_JOB
+        return 200, {}
+
+    controller = _controller(answer, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="kubetune.operator"):
+        controller.handle(("team", "bad"), time.monotonic())
+    api = controller.kube.api_client
+    statuses = [body["status"] for method, path, body in api.calls if path.endswith("/status")]  # type: ignore[index]
+    assert len(statuses) == 1 and statuses[0]["phase"] == "Failed"
+    summary = next(c for c in statuses[0]["conditions"] if c["type"] == "Succeeded")
+    assert summary["status"] == "False" and summary["reason"] == "InvalidChildObject"
+    field = "matchExpressions[0].operator"
+    assert field in statuses[0]["message"] and "Job bad-collect" in statuses[0]["message"]
+    events = [body for method, path, body in api.calls if path.endswith("/events")]
+    assert [(e["type"], e["reason"]) for e in events] == [("Warning", "InvalidChildObject")]  # type: ignore[index]
+    assert field in events[0]["message"]  # type: ignore[index]
+    assert field in caplog.text  # the log says more than "HTTP 422"
+    assert controller.known[("team", "bad")] == "Failed" and ("team", "bad") not in controller._failures
+
+
+def test_a_transient_api_error_is_retried_with_a_growing_backoff_and_logged_with_its_message(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    down = [True]
+
+    def answer(method: str, path: str, body: object) -> tuple[int, dict[str, object] | None]:
+        if method == "POST" and path.endswith("/jobs") and down[0]:
+            return 500, {"kind": "Status", "message": "etcdserver: request timed out", "code": 500}
+        return 200, {}
+
+    controller = _controller(answer, tmp_path)
+    delays: list[float] = []
+    controller._retry_later = lambda key, delay=2.0: delays.append(delay)  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="kubetune.operator"):
+        for _ in range(4):
+            controller.handle(("team", "bad"), time.monotonic())
+    assert delays == [2.0, 4.0, 8.0, 16.0]
+    assert "etcdserver: request timed out" in caplog.text
+    assert retry_delay(30) == 300.0
+    assert ("team", "bad") in controller._backoff_until
+    down[0] = False
+    controller.handle(("team", "bad"), time.monotonic())  # healed: the backoff starts over
+    assert ("team", "bad") not in controller._failures and ("team", "bad") not in controller._backoff_until

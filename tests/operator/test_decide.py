@@ -239,30 +239,81 @@ def test_collector_invalid_input_fails_with_its_last_log_lines() -> None:
     assert "s3://lists/missing.jsonl does not exist" in world.status["message"]
 
 
-def test_a_missing_secret_fails_by_name_before_anything_runs() -> None:
+def test_a_missing_secret_waits_naming_it_and_the_job_continues_once_it_exists() -> None:
+    """A GitOps apply may land the FineTuneJob before its Secret: nothing runs (a pod would hang in
+    CreateContainerConfigError), the job waits with a condition and one Warning Event, and starts
+    collecting on the pass after the Secret appears."""
     world = World()
-    world.secrets = {}
+    world.secrets = {"unsplash": None}
     decision = world.step()
     assert decision.create == []
-    assert world.status["phase"] == "Failed" and world.condition("Succeeded")["reason"] == "SecretNotFound"
-    assert world.status["message"] == (
-        "Secret 'unsplash' not found (referenced by spec.dataset.unsplash.accessKeySecretRef) "
-        "in namespace default: create it, then recreate the FineTuneJob"
+    assert world.status["phase"] == "Pending"
+    message = (
+        "Secret 'unsplash' not found (referenced by spec.dataset.unsplash.accessKeySecretRef): "
+        "waiting for it in namespace default; the job continues once it exists"
     )
+    assert world.status["message"] == message
+    ready = world.condition("SecretsReady")
+    assert (ready["status"], ready["reason"], ready["message"]) == ("False", "SecretNotFound", message)
+    assert [(e.type, e.reason) for e in decision.events] == [("Warning", "SecretNotFound")]
+    for _ in range(3):  # re-checked every resync; the Event is not posted again
+        decision = world.step()
+        assert decision.create == [] and decision.events == []
+        assert world.status["phase"] == "Pending"
+    world.secrets = {"unsplash": {"access-key"}}
+    decision = world.step()
+    assert [o["metadata"]["name"] for o in decision.create] == ["shapes-collect"]
+    assert world.status["phase"] == "Collecting"
+    assert world.condition("SecretsReady")["status"] == "True"
 
 
-def test_a_missing_key_or_trainer_secret_is_named_before_training() -> None:
+def test_a_secret_the_operator_may_not_read_is_a_permission_problem_not_a_missing_secret() -> None:
+    world = World()
+    world.secrets = {"unsplash": None}
+    observed = world.observed()
+    observed.forbidden_secrets = {"unsplash"}
+    decision = decide(observed)
+    assert decision.create == [] and decision.phase == "Pending"
+    ready = next(c for c in decision.status["conditions"] if c["type"] == "SecretsReady")
+    assert ready["reason"] == "SecretForbidden"
+    assert "the operator may not read Secret 'unsplash'" in ready["message"]
+    assert "RBAC" in ready["message"] and "not found" not in ready["message"]
+    assert [(e.type, e.reason) for e in decision.events] == [("Warning", "SecretForbidden")]
+
+
+def test_a_missing_key_or_trainer_secret_is_named_before_training_which_waits_for_them() -> None:
     world = World(
         model={"base": "m", "tokenSecretRef": {"name": "hf", "key": "token"}},
         storage={"uri": "s3://bucket/shapes/", "credentialsSecretRef": {"name": "s3"}},
     )
-    world.secrets = {"unsplash": {"access-key"}, "s3": {"AWS_ACCESS_KEY_ID"}}
+    world.secrets = {"unsplash": {"access-key"}, "s3": {"AWS_ACCESS_KEY_ID"}, "hf": None}
     world.manifest = good_manifest(world.spec)
-    world.step()
-    assert world.status["phase"] == "Failed" and "shapes-train" not in world.jobs
+    decision = world.step()
+    assert world.status["phase"] != "Failed" and "shapes-train" not in world.jobs
     message = world.status["message"]
     assert "Secret 'hf' not found (referenced by spec.model.tokenSecretRef)" in message
     assert "Secret 's3' has no key 'AWS_SECRET_ACCESS_KEY' (referenced by spec.storage.credentialsSecretRef)" in message
+    assert world.condition("SecretsReady")["reason"] == "SecretNotFound"
+    assert world.condition("Training")["reason"] == "SecretNotFound"
+    assert "SecretNotFound" in [e.reason for e in decision.events]
+    world.secrets = {"unsplash": {"access-key"}, "s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, "hf": {"token"}}
+    world.step()
+    assert "shapes-train" in world.jobs and world.status["phase"] == "Training"
+    assert world.condition("SecretsReady")["status"] == "True"
+
+
+def test_a_secret_deleted_while_training_runs_is_reported_but_the_running_attempt_is_followed() -> None:
+    world = World(storage={"uri": "s3://bucket/shapes/", "credentialsSecretRef": {"name": "s3"}})
+    world.secrets = {"unsplash": {"access-key"}, "s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}}
+    to_training(world)
+    world.secrets["s3"] = None
+    decision = world.step()
+    assert world.status["phase"] == "Training"
+    assert world.condition("SecretsReady")["reason"] == "SecretNotFound"
+    assert "SecretNotFound" in [e.reason for e in decision.events]
+    world.finish_job("shapes-train", "Complete")
+    world.step()
+    assert world.status["phase"] == "Succeeded"
 
 
 def test_an_invalid_spec_fails_with_the_field_named() -> None:
@@ -542,3 +593,24 @@ def test_a_collector_that_kept_nothing_fails_as_an_empty_dataset() -> None:
     world.step()
     assert world.condition("Succeeded")["reason"] == "EmptyDataset"
     assert "0 images kept of 20 requested" in world.status["message"]
+
+
+def test_a_job_whose_storage_the_operator_does_not_read_trains_on_the_collectors_word() -> None:
+    """No manifest or progress.json can be read (no credentials the operator may use): the
+    collector's success makes the dataset ready, and status says progress is not read."""
+    world = World()
+    world.step()
+    world.finish_job("shapes-collect", "Complete")
+    observed = world.observed()
+    observed.storage_unreadable = "no credentials"
+    decision = decide(observed)
+    world.status = decision.status
+    assert decision.phase == "Training"
+    assert {(o["kind"], o["metadata"]["name"]) for o in decision.create} == {
+        ("Service", "shapes-train"),
+        ("Job", "shapes-train"),
+    }
+    ready = next(c for c in decision.status["conditions"] if c["type"] == "DatasetReady")
+    assert ready["status"] == "True" and "counts unavailable" in ready["message"]
+    progress = next(c for c in decision.status["conditions"] if c["type"] == "ProgressAvailable")
+    assert progress["status"] == "False" and "no credentials" in progress["message"]

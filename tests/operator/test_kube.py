@@ -160,3 +160,86 @@ def test_a_pass_reads_pods_only_where_decide_looks_at_them(tmp_path: Path) -> No
     failed = decide(observe(kube, ftj, []))
     assert calls == ["Job", "Pod"]
     assert failed.phase == "Failed" and "cannot read s3://data/urls.jsonl" in failed.status["message"]
+
+
+def test_a_secret_read_answered_403_is_reported_as_forbidden_not_missing() -> None:
+    import pytest
+    from kubernetes.client.exceptions import ApiException
+
+    from kubetune.operator.kube import SecretForbidden
+
+    def request(method: str, path: str, missing_ok: bool = False, **_: Any) -> Any:
+        raise ApiException(status=403, reason="Forbidden")
+
+    kube = _kube(request=request)
+    with pytest.raises(SecretForbidden):
+        kube.secret_data("team", "s3")
+
+
+# -- whose identity reads a job's storage (#13 item 11) ----------------------------------------
+
+KEYS = ("AKIA", "secret")
+
+
+def test_storage_is_read_with_the_jobs_secret_or_the_operators_identity_only_where_no_job_chose_the_host() -> None:
+    from kubetune.operator.kube import storage_access
+
+    minio = "http://minio.team:9000"
+    # the job's own Secret: read, at any endpoint while there is no allowlist
+    assert storage_access(minio, True, KEYS, False, ()).mode == "secret"
+    assert storage_access("", True, KEYS, False, ()).mode == "secret"
+    # a Secret named but missing: nothing read (never the operator's identity instead)
+    assert storage_access("", True, None, True, ()).mode == "none"
+    # no Secret at an endpoint the job chose: never signed with the operator's identity
+    access = storage_access("http://169.254.169.254", False, None, True, ())
+    assert access.mode == "none" and "own identity" in access.why
+    # no Secret, no endpoint (AWS, or the chart's endpoint): the operator's identity if the chart allows it
+    assert storage_access("", False, None, True, ()).mode == "own"
+    assert storage_access("", False, None, False, ()).mode == "none"
+
+
+def test_an_endpoint_outside_the_allowlist_is_refused_naming_the_field() -> None:
+    from kubetune.operator.kube import normalize_endpoint, storage_access
+
+    allowed = ("https://S3.internal/", "http://minio.team:9000")
+    assert storage_access("https://s3.internal:443", True, KEYS, False, allowed).mode == "secret"
+    assert storage_access("http://minio.team:9000/", True, KEYS, False, allowed).mode == "secret"
+    assert storage_access("", False, None, True, allowed).mode == "own"  # no endpoint chosen by the job
+    refused = storage_access("http://evil.example:9000", True, KEYS, False, allowed)
+    assert refused.mode == "refused" and "spec.storage.endpoint http://evil.example:9000" in refused.why
+    assert normalize_endpoint("HTTP://Minio:80/") == "http://minio"
+
+
+def test_observe_never_builds_a_store_for_a_job_the_operator_may_not_read(tmp_path: Path) -> None:
+    """A job naming an endpoint and no Secret: the operator neither signs requests there with its
+    own identity nor fails the job for it; decide starts the collector and says progress is not read."""
+    from kubetune.operator.decide import decide
+    from kubetune.operator.kube import observe
+
+    stores: list[Any] = []
+    kube = _kube(
+        children=lambda namespace, name, uid, kind: [],
+        secret_data=lambda namespace, name: None,
+        store=lambda spec, secrets: stores.append(spec) or Store(str(tmp_path)),
+        storage_own_identity=True,
+    )
+    ftj: dict[str, Any] = {
+        "metadata": {"name": "shapes", "namespace": "team", "uid": "u1", "generation": 1},
+        "spec": {
+            "dataset": {"urls": {"uri": "s3://data/urls.jsonl"}},
+            "model": {"base": "s3://models/tiny/"},
+            "storage": {"uri": "s3://any-bucket/x/", "endpoint": "http://attacker.example"},
+        },
+    }
+    observed = observe(kube, ftj, [])
+    assert stores == [] and "own identity" in observed.storage_unreadable
+    assert [o["metadata"]["name"] for o in decide(observed).create] == ["shapes-collect"]
+
+    kube.allowed_storage_endpoints = ("http://minio:9000",)
+    observed = observe(kube, ftj, [])
+    assert stores == []
+    decision = decide(observed)
+    assert decision.phase == "Failed" and decision.create == []
+    summary = next(c for c in decision.status["conditions"] if c["type"] == "Succeeded")
+    assert summary["reason"] == "StorageEndpointNotAllowed" and "spec.storage.endpoint" in summary["message"]
+    assert [(e.type, e.reason) for e in decision.events] == [("Warning", "StorageEndpointNotAllowed")]
