@@ -116,25 +116,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def serve_command(state_dir: Path, *flags: str) -> list[str]:
+    """The command line of `kubetune dev serve --state-dir STATE_DIR FLAGS...` in this interpreter."""
+    return [sys.executable, "-m", "kubetune.cli", "dev", "serve", "--state-dir", str(state_dir), *flags]
+
+
 def up(state_dir: Path, args: object) -> int:
     info = _read_info(state_dir)
     if info and _alive(int(info.get("pid", 0))):  # type: ignore[call-overload]
         raise OneLineError(f"already running (pid {info['pid']}); run 'kubetune dev down' first")
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / "cluster.json").unlink(missing_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        "kubetune.cli",
-        "dev",
-        "serve",
-        "--state-dir",
-        str(state_dir),
-        "--network",
-        args.network,
-        "--port",
-        str(args.port),
-    ]  # type: ignore[attr-defined]
+    command = serve_command(state_dir, "--network", args.network, "--port", str(args.port))  # type: ignore[attr-defined]
     command += ["--no-operator"] if args.no_operator else []  # type: ignore[attr-defined]
     command += ["--no-model"] if args.no_model else []  # type: ignore[attr-defined]
     command += ["--no-pods"] if args.no_pods else []  # type: ignore[attr-defined]

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from kubetune.dev.testing.shapes import generate
+from kubetune.dev.testing.specs import tiny_training
 
 
 @pytest.fixture
@@ -42,6 +43,16 @@ def image_server() -> Iterator[tuple[str, list[tuple[str, str]]]]:
     server.shutdown()
 
 
+def run_locally(spec_file: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    """`kubetune run SPEC_FILE --storage OUT` in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "run", str(spec_file), "--storage", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def test_run_collects_then_trains_to_a_loadable_model(
     tmp_path: Path, image_server: tuple[str, list[tuple[str, str]]]
 ) -> None:
@@ -60,18 +71,9 @@ def test_run_collects_then_trains_to_a_loadable_model(
         "spec": {
             "dataset": {"urls": {"uri": str(url_list)}, "resolution": 64, "minSize": 32, "allowPrivateNetwork": True},
             "model": {"base": str(model)},
-            "training": {
-                "resolution": 32,
-                "batchSize": 2,
-                "gradientAccumulationSteps": 1,
-                "maxTrainSteps": 4,
-                "mixedPrecision": "fp32",
-                "gradientCheckpointing": False,
-                "checkpointEverySteps": 2,
-                "validationPrompts": ["a red circle on a white background"],
-                "dataloaderNumWorkers": 0,
-                "seed": 1,
-            },
+            "training": tiny_training(
+                gradientCheckpointing=False, validationPrompts=["a red circle on a white background"], seed=1
+            ),
             "trainer": {"gpusPerNode": 0},
             "storage": {"uri": "s3://not-used-locally/run/"},
         },
@@ -80,12 +82,7 @@ def test_run_collects_then_trains_to_a_loadable_model(
     spec_file.write_text(yaml.safe_dump(job))
     out = tmp_path / "out"
 
-    result = subprocess.run(
-        [sys.executable, "-m", "kubetune.cli", "run", str(spec_file), "--storage", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_locally(spec_file, out)
     assert result.returncode == 0, result.stderr[-3000:]
 
     metadata = (out / "dataset" / "train" / "metadata.jsonl").read_text().splitlines()
@@ -103,12 +100,7 @@ def test_run_collects_then_trains_to_a_loadable_model(
     assert image.shape == (32, 32, 3)
 
     # A second run finds the dataset complete and the training finished: nothing is redone.
-    again = subprocess.run(
-        [sys.executable, "-m", "kubetune.cli", "run", str(spec_file), "--storage", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    again = run_locally(spec_file, out)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already complete" in again.stdout + again.stderr
 

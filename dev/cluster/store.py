@@ -142,11 +142,15 @@ class Store:
 
     # -- reads -------------------------------------------------------------------------------------
 
-    def get(self, rt: ResourceType, namespace: str, name: str) -> Obj:
+    def _existing(self, rt: ResourceType, namespace: str, name: str) -> Obj:
+        """The stored object (not a copy), or the API's 404."""
         obj = self.find(rt.key, namespace if rt.namespaced else "", name)
         if obj is None:
             raise not_found(rt.plural, name, rt.group)
-        return self._as_version(rt, obj)
+        return obj
+
+    def get(self, rt: ResourceType, namespace: str, name: str) -> Obj:
+        return self._as_version(rt, self._existing(rt, namespace, name))
 
     def list(self, rt: ResourceType, namespace: str | None, predicate: Callable[[Obj], bool]) -> list[Obj]:
         scope = namespace if rt.namespaced else None
@@ -286,10 +290,7 @@ class Store:
         dry_run: bool = False,
         field_validation: str = "Warn",
     ) -> WriteResult:
-        ns = namespace if rt.namespaced else ""
-        current = self.find(rt.key, ns, name)
-        if current is None:
-            raise not_found(rt.plural, name, rt.group)
+        current = self._existing(rt, namespace, name)
         if not isinstance(body, dict) or not isinstance(body.get("metadata", {}), dict):
             raise ApiError(400, "BadRequest", "the body of the request was in an unknown format")
         meta = body.setdefault("metadata", {})
@@ -430,25 +431,16 @@ class Store:
         self, rt: ResourceType, namespace: str, name: str, options: Obj | None = None, *, dry_run: bool = False
     ) -> Obj:
         options = options or {}
-        ns = namespace if rt.namespaced else ""
-        current = self.find(rt.key, ns, name)
-        if current is None:
-            raise not_found(rt.plural, name, rt.group)
+        current = self._existing(rt, namespace, name)
         pre = options.get("preconditions") or {}
-        if pre.get("uid") and pre["uid"] != current["metadata"]["uid"]:
-            raise ApiError(
-                409,
-                "Conflict",
-                f"Precondition failed: UID in precondition: {pre['uid']}, UID in object meta: "
-                f"{current['metadata']['uid']}",
-            )
-        if pre.get("resourceVersion") and pre["resourceVersion"] != current["metadata"]["resourceVersion"]:
-            raise ApiError(
-                409,
-                "Conflict",
-                f"Precondition failed: ResourceVersion in precondition: {pre['resourceVersion']}, "
-                f"ResourceVersion in object meta: {current['metadata']['resourceVersion']}",
-            )
+        for meta_field, label in (("uid", "UID"), ("resourceVersion", "ResourceVersion")):
+            if pre.get(meta_field) and pre[meta_field] != current["metadata"][meta_field]:
+                raise ApiError(
+                    409,
+                    "Conflict",
+                    f"Precondition failed: {label} in precondition: {pre[meta_field]}, "
+                    f"{label} in object meta: {current['metadata'][meta_field]}",
+                )
         if dry_run:
             return clone(current)
         new = clone(current)

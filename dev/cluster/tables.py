@@ -15,20 +15,16 @@ from kubetune.dev.cluster.resources import ResourceType
 
 Obj = dict[str, Any]
 
-NAME_COLUMN = {
-    "name": "Name",
-    "type": "string",
-    "format": "name",
-    "description": "Name must be unique within a namespace.",
-    "priority": 0,
-}
-AGE_COLUMN = {
-    "name": "Age",
-    "type": "string",
-    "format": "",
-    "description": "CreationTimestamp is a timestamp representing the server time when this object was created.",
-    "priority": 0,
-}
+
+def _column(name: str, description: str = "", priority: int = 0, fmt: str = "") -> Obj:
+    """A TableColumnDefinition of type string (priority 0: shown by default; 1: with `-o wide`)."""
+    return {"name": name, "type": "string", "format": fmt, "description": description, "priority": priority}
+
+
+NAME_COLUMN = _column("Name", "Name must be unique within a namespace.", fmt="name")
+AGE_COLUMN = _column(
+    "Age", "CreationTimestamp is a timestamp representing the server time when this object was created."
+)
 
 
 def human_duration(seconds: float) -> str:
@@ -127,45 +123,16 @@ def _pod_cells(pod: Obj) -> tuple[list[Obj], list[Any]]:
         reason = "Terminating"
     columns = [
         NAME_COLUMN,
-        {
-            "name": "Ready",
-            "type": "string",
-            "format": "",
-            "description": "The aggregate readiness state of this pod for accepting traffic.",
-            "priority": 0,
-        },
-        {
-            "name": "Status",
-            "type": "string",
-            "format": "",
-            "description": "The aggregate status of the containers in this pod.",
-            "priority": 0,
-        },
-        {
-            "name": "Restarts",
-            "type": "string",
-            "format": "",
-            "description": (
-                "The number of times the containers in this pod have been restarted and when the last container "
-                "in this pod has restarted."
-            ),
-            "priority": 0,
-        },
+        _column("Ready", "The aggregate readiness state of this pod for accepting traffic."),
+        _column("Status", "The aggregate status of the containers in this pod."),
+        _column(
+            "Restarts",
+            "The number of times the containers in this pod have been restarted and when the last container "
+            "in this pod has restarted.",
+        ),
         AGE_COLUMN,
-        {
-            "name": "IP",
-            "type": "string",
-            "format": "",
-            "description": "The IP address assigned to the pod",
-            "priority": 1,
-        },
-        {
-            "name": "Node",
-            "type": "string",
-            "format": "",
-            "description": "The name of the node the pod is assigned to",
-            "priority": 1,
-        },
+        _column("IP", "The IP address assigned to the pod", priority=1),
+        _column("Node", "The name of the node the pod is assigned to", priority=1),
     ]
     cells = [
         pod["metadata"]["name"],
@@ -207,43 +174,13 @@ def _job_cells(job: Obj) -> tuple[list[Obj], list[Any]]:
     containers = spec.get("template", {}).get("spec", {}).get("containers") or []
     columns = [
         NAME_COLUMN,
-        {"name": "Status", "type": "string", "format": "", "description": "Status of the job.", "priority": 0},
-        {
-            "name": "Completions",
-            "type": "string",
-            "format": "",
-            "description": "The desired number of successfully finished pods the job should be run with.",
-            "priority": 0,
-        },
-        {
-            "name": "Duration",
-            "type": "string",
-            "format": "",
-            "description": "Time required to complete the job.",
-            "priority": 0,
-        },
+        _column("Status", "Status of the job."),
+        _column("Completions", "The desired number of successfully finished pods the job should be run with."),
+        _column("Duration", "Time required to complete the job."),
         AGE_COLUMN,
-        {
-            "name": "Containers",
-            "type": "string",
-            "format": "",
-            "description": "Names of each container in the template.",
-            "priority": 1,
-        },
-        {
-            "name": "Images",
-            "type": "string",
-            "format": "",
-            "description": "Images referenced by each container in the template.",
-            "priority": 1,
-        },
-        {
-            "name": "Selector",
-            "type": "string",
-            "format": "",
-            "description": "A label query over pods that should match the pod count.",
-            "priority": 1,
-        },
+        _column("Containers", "Names of each container in the template.", priority=1),
+        _column("Images", "Images referenced by each container in the template.", priority=1),
+        _column("Selector", "A label query over pods that should match the pod count.", priority=1),
     ]
     selector = ",".join(f"{k}={v}" for k, v in (spec.get("selector", {}).get("matchLabels") or {}).items())
     cells = [
@@ -261,11 +198,7 @@ def _job_cells(job: Obj) -> tuple[list[Obj], list[Any]]:
 
 def _simple(extra: list[tuple[str, Any]]) -> Any:
     def convert(obj: Obj) -> tuple[list[Obj], list[Any]]:
-        columns = (
-            [NAME_COLUMN]
-            + [{"name": n, "type": "string", "format": "", "description": "", "priority": 0} for n, _ in extra]
-            + [AGE_COLUMN]
-        )
+        columns = [NAME_COLUMN] + [_column(n) for n, _ in extra] + [AGE_COLUMN]
         cells = [obj["metadata"]["name"]] + [f(obj) for _, f in extra] + [age(obj["metadata"].get("creationTimestamp"))]
         return columns, cells
 
@@ -275,11 +208,11 @@ def _simple(extra: list[tuple[str, Any]]) -> Any:
 def _event_cells(event: Obj) -> tuple[list[Obj], list[Any]]:
     involved = event.get("involvedObject") or event.get("regarding") or {}
     columns = [
-        {"name": "Last Seen", "type": "string", "format": "", "description": "", "priority": 0},
-        {"name": "Type", "type": "string", "format": "", "description": "", "priority": 0},
-        {"name": "Reason", "type": "string", "format": "", "description": "", "priority": 0},
-        {"name": "Object", "type": "string", "format": "", "description": "", "priority": 0},
-        {"name": "Message", "type": "string", "format": "", "description": "", "priority": 0},
+        _column("Last Seen"),
+        _column("Type"),
+        _column("Reason"),
+        _column("Object"),
+        _column("Message"),
     ]
     seen = event.get("lastTimestamp") or event.get("eventTime") or event["metadata"].get("creationTimestamp")
     cells = [

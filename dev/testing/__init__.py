@@ -1,5 +1,5 @@
 """Test helpers for code that runs against the local cluster: a thin HTTP client, a poller,
-Job manifests and condition lookup (used by tests/dev and the operator's end-to-end tests).
+Job and Pod manifests and condition lookup (used by tests/dev and the operator's end-to-end tests).
 
 Beside them: `pytest_plugin` (the local cluster and S3 as pytest fixtures) and the offline
 fixtures for tests, benchmarks and the demo: `shapes` (captioned generated images), `tiny_sd` (a
@@ -79,6 +79,11 @@ def job_manifest(name: str, code: str, **spec: Any) -> dict[str, Any]:
         "metadata": {"name": name},
         "spec": {"template": {"spec": template_spec}, **spec},
     }
+
+
+def pod_manifest(name: str, containers: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
+    """A v1 Pod named NAME running CONTAINERS; SPEC adds the pod's other fields (restartPolicy, volumes...)."""
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": {**spec, "containers": containers}}
 
 
 def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:

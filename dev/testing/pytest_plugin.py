@@ -24,7 +24,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,6 +32,7 @@ from typing import Any
 
 import pytest
 
+from kubetune.dev.cli import serve_command
 from kubetune.dev.cluster.local import ClusterInfo, LocalCluster
 
 TEST_BACKOFF = 0.5
@@ -42,19 +42,9 @@ def _start_subprocess(state_dir: Path) -> tuple[ClusterInfo, subprocess.Popen[by
     state_dir.mkdir(parents=True, exist_ok=True)
     log = open(state_dir / "cluster.log", "ab")  # noqa: SIM115 - lives as long as the process
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kubetune.cli",
-            "dev",
-            "serve",
-            "--state-dir",
-            str(state_dir),
-            "--no-operator",
-            "--no-model",
-            "--network",
-            os.environ.get("KUBETUNE_DEV_NETWORK", "auto"),
-        ],
+        serve_command(
+            state_dir, "--no-operator", "--no-model", "--network", os.environ.get("KUBETUNE_DEV_NETWORK", "auto")
+        ),
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,

@@ -15,12 +15,9 @@ import pytest
 
 from kubetune.api import layout
 from kubetune.api.load import read_spec_arg
+from kubetune.dev.testing.collected import fetch_flags, manifest, metadata, output_flags
 from kubetune.dev.testing.webapis import Reply, StandIn, photo
 from kubetune.storage import Store
-
-
-def metadata(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "train" / "metadata.jsonl").read_text().splitlines()]
 
 
 def serve_photos(server: StandIn, count: int, prefix: str = "p") -> list[dict[str, str]]:
@@ -37,23 +34,6 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def flags(server: StandIn, out: Path | str) -> list[str]:
-    return [
-        "--output",
-        str(out),
-        "--size",
-        "64",
-        "--min-size",
-        "64",
-        "--timeout",
-        "2",
-        "--workers",
-        "4",
-        "--allow-host",
-        f"127.0.0.1:{server.port}",
-    ]
-
-
 def test_url_list_in_csv_and_parquet_and_loads_as_imagefolder(collect: Any, server: StandIn, tmp_path: Path) -> None:
     import datasets
     import pyarrow as pa
@@ -63,7 +43,13 @@ def test_url_list_in_csv_and_parquet_and_loads_as_imagefolder(collect: Any, serv
     csv_file = tmp_path / "list.csv"
     csv_file.write_text("link,title\n" + "".join(f"{r['url']},{r['caption']}\n" for r in rows[:3]))
     result = collect(
-        "--urls", str(csv_file), "--url-column", "link", "--caption-column", "title", *flags(server, tmp_path / "a")
+        "--urls",
+        str(csv_file),
+        "--url-column",
+        "link",
+        "--caption-column",
+        "title",
+        *fetch_flags(server, tmp_path / "a"),
     )
     assert result.code == 0, result.stderr
     assert sorted(r["text"] for r in metadata(tmp_path / "a")) == ["photo number 0", "photo number 1", "photo number 2"]
@@ -71,7 +57,7 @@ def test_url_list_in_csv_and_parquet_and_loads_as_imagefolder(collect: Any, serv
     parquet_file = tmp_path / "list.parquet"
     pq.write_table(pa.Table.from_pylist(rows), parquet_file)
     out = tmp_path / "b"
-    result = collect("--urls", str(parquet_file), *flags(server, out))
+    result = collect("--urls", str(parquet_file), *fetch_flags(server, out))
     assert result.code == 0, result.stderr
     loaded = datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
     assert loaded.num_rows == 6
@@ -85,22 +71,22 @@ def test_resume_downloads_nothing_again(collect: Any, server: StandIn, tmp_path:
     rows = serve_photos(server, 8)
     out = tmp_path / "out"
     first = write_jsonl(tmp_path / "first.jsonl", rows[:5])
-    assert collect("--urls", str(first), *flags(server, out)).code == 0
+    assert collect("--urls", str(first), *fetch_flags(server, out)).code == 0
     assert server.count() == 5
-    manifest = json.loads((out / "manifest.json").read_text())
+    written = manifest(out)
 
-    again = collect("--urls", str(first), *flags(server, out))
+    again = collect("--urls", str(first), *fetch_flags(server, out))
     assert again.code == 0 and "already complete" in again.last_line
     assert server.count() == 5  # not one request
-    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert manifest(out) == written
 
     longer = write_jsonl(tmp_path / "longer.jsonl", rows)  # the list grew: only the new ones are fetched
-    assert collect("--urls", str(longer), *flags(server, out)).code == 0
+    assert collect("--urls", str(longer), *fetch_flags(server, out)).code == 0
     assert server.count() == 8
-    assert len(metadata(out)) == 8 and json.loads((out / "manifest.json").read_text())["counts"]["kept"] == 8
+    assert len(metadata(out)) == 8 and manifest(out)["counts"]["kept"] == 8
 
     shorter = write_jsonl(tmp_path / "shorter.jsonl", rows[:2])  # and shrank: the dataset follows the list
-    assert collect("--urls", str(shorter), *flags(server, out)).code == 0
+    assert collect("--urls", str(shorter), *fetch_flags(server, out)).code == 0
     assert server.count() == 8
     assert sorted(r["text"] for r in metadata(out)) == ["photo number 0", "photo number 1"]
     assert len(list((out / "train").glob("*.jpg"))) == 2
@@ -118,7 +104,7 @@ def test_an_interrupted_run_resumes_without_downloading_kept_images(server: Stan
     rows.append({"url": server.url("/slow.jpg"), "caption": "slow"})
     urls = write_jsonl(tmp_path / "urls.jsonl", rows)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "kubetune.cli", "collect", "--urls", str(urls), *flags(server, out)]
+    command = [sys.executable, "-m", "kubetune.cli", "collect", "--urls", str(urls), *fetch_flags(server, out)]
     command[command.index("--timeout") + 1] = "20"
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60  # the last image hangs: stop the run while it waits, as a preempted pod would be
@@ -164,12 +150,7 @@ def test_hub_dataset_streams_a_local_parquet_dataset(collect: Any, tmp_path: Pat
         "caption",
         "--max-samples",
         "4",
-        "--output",
-        str(out),
-        "--size",
-        "64",
-        "--min-size",
-        "64",
+        *output_flags(out),
     )
     assert result.code == 0, result.stderr
     assert sorted(r["text"] for r in metadata(out)) == [f"hub photo {i}" for i in range(4)]
@@ -243,10 +224,10 @@ def test_folder_in_s3_is_validated_and_normalised(collect: Any, s3_bucket: str, 
         ).encode(),
     )
     out = tmp_path / "out"
-    result = collect("--from", f"s3://{s3_bucket}/mine", "--output", str(out), "--size", "64", "--min-size", "64")
+    result = collect("--from", f"s3://{s3_bucket}/mine", *output_flags(out))
     assert result.code == 0, result.stderr
     assert [r["text"] for r in metadata(out)] == ["first one"]
-    assert json.loads((out / "manifest.json").read_text())["counts"]["skipped"] == {"too-small": 1, "no-image": 1}
+    assert manifest(out)["counts"]["skipped"] == {"too-small": 1, "no-image": 1}
 
 
 def test_unreachable_api_is_retryable(collect: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -309,7 +290,15 @@ def test_train_true_collects_then_fine_tunes_like_app_py(collect: Any, server: S
     out = tmp_path / "data"
     quick = "--resolution 32 --max_train_steps 2 --gradient_accumulation_steps 1 --checkpointing_steps 2"
     result = collect(
-        "--urls", str(urls), *flags(server, out), "-train", "True", "-model_name", str(model), "--train-args", quick
+        "--urls",
+        str(urls),
+        *fetch_flags(server, out),
+        "-train",
+        "True",
+        "-model_name",
+        str(model),
+        "--train-args",
+        quick,
     )
     assert result.code == 0, result.stderr[-3000:]
     trained = tmp_path / "data-model"
@@ -375,9 +364,9 @@ def test_near_duplicates_are_dropped_only_when_asked(collect: Any, server: Stand
         [{"url": server.url("/a.jpg"), "caption": "a"}, {"url": server.url("/b.jpg"), "caption": "b"}],
     )
     out = tmp_path / "out"
-    result = collect("--urls", str(urls), *flags(server, out), *(["--near-dedupe"] if near else []))
+    result = collect("--urls", str(urls), *fetch_flags(server, out), *(["--near-dedupe"] if near else []))
     assert result.code == 0, result.stderr
-    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    counts = manifest(out)["counts"]
     assert counts == (
         {"requested": 2, "kept": 1, "skipped": {"near-duplicate": 1}}
         if near

@@ -3,13 +3,13 @@ paging, rate limits, keys, attribution."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
+from kubetune.dev.testing.collected import fetch_flags, manifest, metadata
 from kubetune.dev.testing.webapis import (
     GoogleCSE,
     Openverse,
@@ -18,31 +18,6 @@ from kubetune.dev.testing.webapis import (
     Wikimedia,
     make_photos,
 )
-
-
-def metadata(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "train" / "metadata.jsonl").read_text().splitlines()]
-
-
-def manifest(out: Path) -> dict[str, Any]:
-    return json.loads((out / "manifest.json").read_text())
-
-
-def common(server: StandIn, out: Path) -> list[str]:
-    return [
-        "--output",
-        str(out),
-        "--size",
-        "64",
-        "--min-size",
-        "64",
-        "--timeout",
-        "2",
-        "--workers",
-        "4",
-        "--allow-host",
-        f"127.0.0.1:{server.port}",
-    ]
 
 
 @pytest.fixture
@@ -58,7 +33,7 @@ def test_unsplash_pages_credits_and_pings_downloads(
 ) -> None:
     out = tmp_path / "out"
     result = collect(
-        "--prompts", "lighthouse", "fog", "--num-images", "32", "--unsplash-size", "raw", *common(server, out)
+        "--prompts", "lighthouse", "fog", "--num-images", "32", "--unsplash-size", "raw", *fetch_flags(server, out)
     )
     assert result.code == 0, result.stderr
 
@@ -91,7 +66,7 @@ def test_unsplash_stops_cleanly_when_the_hourly_budget_is_spent(
     unsplash.remaining = 1  # one search left this hour, and then no download pings either
     out = tmp_path / "out"
     result = collect(
-        "--prompts", "lighthouse", "fog", "--num-images", "32", "--unsplash-size", "small", *common(server, out)
+        "--prompts", "lighthouse", "fog", "--num-images", "32", "--unsplash-size", "small", *fetch_flags(server, out)
     )
     assert result.code == 0, result.stderr
     assert server.count("/search/photos") == 1
@@ -104,7 +79,7 @@ def test_unsplash_refused_key_is_one_line_and_exit_2(
     collect: Any, server: StandIn, unsplash: Unsplash, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("UNSPLASH_ACCESS_KEY", "wrong-key")
-    result = collect("--prompts", "fog", *common(server, tmp_path / "out"))
+    result = collect("--prompts", "fog", *fetch_flags(server, tmp_path / "out"))
     assert result.code == 2
     assert (
         result.last_line
@@ -113,15 +88,21 @@ def test_unsplash_refused_key_is_one_line_and_exit_2(
     assert "wrong-key" not in result.stderr
 
 
-def test_google_image_search_pages_by_ten(
-    collect: Any, server: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def google(server: StandIn, monkeypatch: pytest.MonkeyPatch, query: str, **options: Any) -> GoogleCSE:
+    """The Google stand-in on SERVER with 40 photos for QUERY, and the environment that points
+    `kubetune collect` at it."""
     monkeypatch.setenv("KUBETUNE_GOOGLE_API_URL", server.base)
     monkeypatch.setenv("GOOGLE_API_KEY", "google-secret")
     monkeypatch.setenv("GOOGLE_CSE_ID", "engine-1")
-    GoogleCSE(server, "google-secret", "engine-1", {"red kite": make_photos("kite", 40, seed=3)})
+    return GoogleCSE(server, "google-secret", "engine-1", {query: make_photos("kite", 40, seed=3)}, **options)
+
+
+def test_google_image_search_pages_by_ten(
+    collect: Any, server: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    google(server, monkeypatch, "red kite")
     out = tmp_path / "out"
-    result = collect("-site", "google", "--prompts", "red kite", "-num_imgs", "25", *common(server, out))
+    result = collect("-site", "google", "--prompts", "red kite", "-num_imgs", "25", *fetch_flags(server, out))
     assert result.code == 0, result.stderr
     searches = [r for r in server.requests if r.path == "/customsearch/v1"]
     assert [(r.query["start"], r.query["num"], r.query["searchType"], r.query["safe"]) for r in searches] == [
@@ -136,12 +117,9 @@ def test_google_image_search_pages_by_ten(
 def test_google_daily_quota_stops_with_what_was_found(
     collect: Any, server: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("KUBETUNE_GOOGLE_API_URL", server.base)
-    monkeypatch.setenv("GOOGLE_API_KEY", "google-secret")
-    monkeypatch.setenv("GOOGLE_CSE_ID", "engine-1")
-    GoogleCSE(server, "google-secret", "engine-1", {"kite": make_photos("kite", 40, seed=3)}, quota=1)
+    google(server, monkeypatch, "kite", quota=1)
     out = tmp_path / "out"
-    result = collect("--site", "google", "--prompts", "kite", "--num-images", "25", *common(server, out))
+    result = collect("--site", "google", "--prompts", "kite", "--num-images", "25", *fetch_flags(server, out))
     assert result.code == 0, result.stderr
     assert len(metadata(out)) == 10 and "quota spent" in result.stderr
 
@@ -167,7 +145,7 @@ def test_openverse_with_license_filters(
         "25",
         "--openverse-license-type",
         "commercial",
-        *common(server, out),
+        *fetch_flags(server, out),
     )
     assert result.code == 0, result.stderr
     rows = metadata(out)
@@ -203,7 +181,7 @@ def test_wikimedia_thumbnails_licenses_and_polite_requests(
         "12",
         "--wikimedia-contact",
         "ops@example.org",
-        *common(server, out),
+        *fetch_flags(server, out),
     )
     assert result.code == 0, result.stderr
     api = [r for r in server.requests if r.path == "/w/api.php"]

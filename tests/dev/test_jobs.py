@@ -13,7 +13,7 @@ from typing import Any
 
 import requests
 
-from kubetune.dev.testing import Api, condition, job_manifest, wait_for
+from kubetune.dev.testing import Api, condition, job_manifest, pod_manifest, wait_for
 
 
 def jobs(ns: str) -> str:
@@ -265,22 +265,18 @@ def test_missing_secret_is_create_container_config_error(api: Api, k8s_namespace
     """A container whose secretKeyRef points at a missing Secret waits with reason
     CreateContainerConfigError, and starts once the Secret exists."""
     ns = k8s_namespace
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "waiting"},
-        "spec": {
-            "restartPolicy": "Never",
-            "containers": [
-                {
-                    "name": "main",
-                    "image": "x:1",
-                    "command": ["python", "-c", "import os; print(os.environ['K'])"],
-                    "env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "late", "key": "k"}}}],
-                }
-            ],
-        },
-    }
+    pod = pod_manifest(
+        "waiting",
+        [
+            {
+                "name": "main",
+                "image": "x:1",
+                "command": ["python", "-c", "import os; print(os.environ['K'])"],
+                "env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "late", "key": "k"}}}],
+            }
+        ],
+        restartPolicy="Never",
+    )
     api.ok(api.post(f"/api/v1/namespaces/{ns}/pods", pod))
     waiting = wait_for(
         lambda: (
@@ -312,29 +308,20 @@ def test_empty_dir_is_shared_by_containers_and_on_failure_restarts(
         f"first = not pathlib.Path({mount!r} + '/tried').exists()\npathlib.Path({mount!r} + '/tried').touch()\n"
         "print('attempt', 'one' if first else 'two', p.read_text())\nsys.exit(3 if first else 0)"
     )
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "vol"},
-        "spec": {
-            "restartPolicy": "OnFailure",
-            "volumes": [{"name": "scratch", "emptyDir": {}}],
-            "containers": [
-                {
-                    "name": "writer",
-                    "image": "x:1",
-                    "command": ["python", "-c", writer],
-                    "volumeMounts": [{"name": "scratch", "mountPath": mount}],
-                },
-                {
-                    "name": "reader",
-                    "image": "x:1",
-                    "command": ["python", "-c", reader],
-                    "volumeMounts": [{"name": "scratch", "mountPath": mount}],
-                },
-            ],
-        },
-    }
+    pod = pod_manifest(
+        "vol",
+        [
+            {
+                "name": name,
+                "image": "x:1",
+                "command": ["python", "-c", code],
+                "volumeMounts": [{"name": "scratch", "mountPath": mount}],
+            }
+            for name, code in (("writer", writer), ("reader", reader))
+        ],
+        restartPolicy="OnFailure",
+        volumes=[{"name": "scratch", "emptyDir": {}}],
+    )
     api.ok(api.post(f"/api/v1/namespaces/{ns}/pods", pod))
     done = wait_for(
         lambda: (lambda p: p if p["status"].get("phase") == "Succeeded" else None)(
@@ -395,16 +382,12 @@ def test_graceful_deletion_sigterm_then_sigkill(api: Api, k8s_namespace: str) ->
         ("stubborn", stubborn, 137),
         ("polite", "import time; print('ready', flush=True); time.sleep(120)", 143),
     ):
-        pod = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": name},
-            "spec": {
-                "restartPolicy": "Never",
-                "terminationGracePeriodSeconds": 2,
-                "containers": [{"name": "main", "image": "x:1", "command": ["python", "-c", code]}],
-            },
-        }
+        pod = pod_manifest(
+            name,
+            [{"name": "main", "image": "x:1", "command": ["python", "-c", code]}],
+            restartPolicy="Never",
+            terminationGracePeriodSeconds=2,
+        )
         api.ok(api.post(f"/api/v1/namespaces/{ns}/pods", pod))
         wait_for(lambda n=name: api.get(f"/api/v1/namespaces/{ns}/pods/{n}/log").text.startswith("ready"))
         deleting = api.ok(api.delete(f"/api/v1/namespaces/{ns}/pods/{name}"))
