@@ -27,6 +27,7 @@ import requests
 from kubetune.api.models import GROUP, VERSION
 from kubetune.dev.cluster.local import S3_SECRET, ClusterInfo, s3_client_for
 from kubetune.dev.testing import Api
+from kubetune.dev.testing.specs import tiny_training
 from kubetune.launch import free_port
 
 LABEL_JOB = "kubetune.dev/finetunejob"
@@ -132,20 +133,9 @@ class E2E:
                 "allowPrivateNetwork": True,
             },
             "model": {"base": self.uri("models", "tiny-sd") + "/"},
-            "training": {
-                "resolution": 32,
-                "batchSize": 2,
-                "gradientAccumulationSteps": 1,
-                "maxTrainSteps": 4,
-                "mixedPrecision": "fp32",
-                "gradientCheckpointing": False,
-                "checkpointEverySteps": 2,
-                "checkpointsToKeep": 5,
-                "useEma": False,
-                "dataloaderNumWorkers": 0,
-                "seed": 1,
-                "learningRate": 1e-4,
-            },
+            "training": tiny_training(
+                gradientCheckpointing=False, checkpointsToKeep=5, useEma=False, seed=1, learningRate=1e-4
+            ),
             "trainer": {"nodes": 2, "gpusPerNode": 0},
             "collector": {"workers": 4},
             "storage": {"uri": self.uri("jobs", name) + "/"},

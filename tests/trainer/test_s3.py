@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 from trainer_testkit import train, write_imagefolder
 
+from kubetune.dev.testing.specs import tiny_training
 from kubetune.storage import Store
 
 
@@ -25,18 +26,7 @@ def test_spec_job_on_s3_resumes_from_s3_checkpoint(tiny_model: Path, s3_bucket: 
         "spec": {
             "dataset": {"unsplash": {"prompts": ["a red circle"], "accessKeySecretRef": {"name": "u", "key": "k"}}},
             "model": {"base": f"s3://{s3_bucket}/models/tiny/"},
-            "training": {
-                "resolution": 32,
-                "batchSize": 2,
-                "gradientAccumulationSteps": 1,
-                "maxTrainSteps": 4,
-                "mixedPrecision": "fp32",
-                "checkpointEverySteps": 2,
-                "checkpointsToKeep": 1,
-                "seed": 3,
-                "learningRate": 1e-4,
-                "dataloaderNumWorkers": 0,
-            },
+            "training": tiny_training(checkpointsToKeep=1, seed=3, learningRate=1e-4),
             "storage": {"uri": storage + "/"},
         },
     }
