@@ -327,19 +327,24 @@ def test_an_invalid_spec_fails_with_the_field_named() -> None:
 # -- training ----------------------------------------------------------------------------------
 
 
-def test_progress_json_becomes_live_training_status() -> None:
+def world_in_training(**progress: Any) -> World:
+    """A job whose trainer Job runs, with progress.json holding `progress` (state training)."""
     world = World()
     to_training(world)
-    world.progress = {
-        "state": "training",
-        "step": 45,
-        "maxSteps": 100,
-        "epoch": 2,
-        "loss": 0.123456,
-        "imagesPerSecond": 18.25,
-        "etaSeconds": 61.7,
-        "latestCheckpoint": "s3://bucket/shapes/checkpoints/step-00000040",
-    }
+    world.progress = {"state": "training", **progress}
+    return world
+
+
+def test_progress_json_becomes_live_training_status() -> None:
+    world = world_in_training(
+        step=45,
+        maxSteps=100,
+        epoch=2,
+        loss=0.123456,
+        imagesPerSecond=18.25,
+        etaSeconds=61.7,
+        latestCheckpoint="s3://bucket/shapes/checkpoints/step-00000040",
+    )
     world.step()
     training = world.status["training"]
     assert training["step"] == 45 and training["maxSteps"] == 100 and training["progress"] == "45%"
@@ -382,14 +387,7 @@ def test_a_failed_attempt_reports_the_trainers_own_error_line_not_the_launchers_
 
 
 def test_a_failed_attempt_is_replaced_by_one_that_resumes_and_uses_the_budget() -> None:
-    world = World()
-    to_training(world)
-    world.progress = {
-        "state": "training",
-        "step": 30,
-        "maxSteps": 100,
-        "latestCheckpoint": "s3://bucket/shapes/checkpoints/step-00000020",
-    }
+    world = world_in_training(step=30, maxSteps=100, latestCheckpoint="s3://bucket/shapes/checkpoints/step-00000020")
     world.add_pod("shapes-train", exit_code=1, message="Traceback...\nRuntimeError: NCCL timeout")
     world.finish_job("shapes-train", "Failed", "Job has reached the specified backoff limit")
     decision = world.step()
