@@ -435,26 +435,24 @@ def test_backoff_exhausted_fails_the_job() -> None:
     assert "shapes-train-r3" not in world.jobs
 
 
-def test_invalid_trainer_input_fails_without_retrying() -> None:
+@pytest.mark.parametrize(
+    ("exit_code", "message", "reason"),
+    [
+        (2, "training.resolution: the dataset has no caption column 'text'", "TrainerInvalidInput"),
+        (3, "training diverged: NaN or inf (loss) by step 40", "TrainingDiverged"),
+    ],
+)
+def test_a_trainer_failure_retrying_cannot_fix_fails_at_once(exit_code: int, message: str, reason: str) -> None:
+    """Invalid input (2) and a diverged run (3): the same settings would fail again."""
     world = World()
     to_training(world)
-    world.add_pod("shapes-train", exit_code=2, message="training.resolution: the dataset has no caption column 'text'")
-    world.finish_job("shapes-train", "Failed")
-    world.step()
-    assert world.status["phase"] == "Failed" and world.condition("Succeeded")["reason"] == "TrainerInvalidInput"
-    assert "caption column" in world.status["message"] and world.status["restarts"] == 1
-
-
-def test_a_diverged_training_fails_at_once_with_its_own_reason() -> None:
-    world = World()
-    to_training(world)
-    world.add_pod("shapes-train", exit_code=3, message="training diverged: NaN or inf (loss) by step 40")
+    world.add_pod("shapes-train", exit_code=exit_code, message=message)
     world.finish_job("shapes-train", "Failed")
     world.step()
     world.step()
-    assert world.status["phase"] == "Failed" and world.condition("Succeeded")["reason"] == "TrainingDiverged"
-    assert "NaN or inf (loss) by step 40" in world.status["message"]
-    assert "shapes-train-r1" not in world.jobs, "the same settings are not retried"
+    assert world.status["phase"] == "Failed" and world.condition("Succeeded")["reason"] == reason
+    assert message in world.status["message"] and world.status["restarts"] == 1
+    assert "shapes-train-r1" not in world.jobs, "no new attempt"
 
 
 @pytest.mark.parametrize("how", ["exit75", "disruption", "progress"])
