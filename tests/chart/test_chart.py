@@ -246,16 +246,16 @@ def test_every_pod_meets_the_restricted_pod_security_standard(render: Any, value
 
 # --- RBAC: least privilege ------------------------------------------------------------------------
 
-# What the operator may do, exactly. Adding a permission means changing this table on purpose.
+# What the operator may do, exactly: the requests it makes (tests/operator/test_rbac.py checks
+# them against the rendered rules). Adding a permission means changing this table on purpose.
 OPERATOR_PERMISSIONS = {
-    ("kubetune.dev", "finetunejobs"): {"get", "list", "watch", "patch"},
-    ("kubetune.dev", "finetunejobs/status"): {"get", "patch"},
+    ("kubetune.dev", "finetunejobs"): {"get", "list", "watch"},
+    ("kubetune.dev", "finetunejobs/status"): {"patch"},
     ("kubetune.dev", "finetunejobs/finalizers"): {"update"},
-    ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
-    ("", "services"): {"create", "get", "list", "watch", "delete"},
-    ("", "pods"): {"get", "list", "watch"},
-    ("", "pods/log"): {"get"},
-    ("", "events"): {"create", "patch"},
+    ("batch", "jobs"): {"create", "list", "watch", "patch"},
+    ("", "services"): {"create", "get"},
+    ("", "pods"): {"list", "watch"},
+    ("", "events"): {"create"},
     ("", "secrets"): {"get"},
 }
 
