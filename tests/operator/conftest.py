@@ -366,16 +366,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="session")
 def chart_roles() -> Callable[..., list[dict[str, Any]]]:
-    """chart_roles(*--set items) -> the Roles and ClusterRoles `helm template` renders (with the
-    helm that tests/chart installs into .tools/bin)."""
+    """chart_roles(*--set items, namespace="kubetune") -> the Roles and ClusterRoles `helm template`
+    renders for a release "kt" in `namespace` (with the helm tests/chart installs in .tools/bin)."""
     import yaml
 
     helm = REPO / ".tools" / "bin" / "helm"
     if not os.access(helm, os.X_OK):
         subprocess.run([sys.executable, str(REPO / ".ci" / "get-tools.py"), str(helm.parent)], check=True, timeout=300)
 
-    def render(*sets: str) -> list[dict[str, Any]]:
-        args = [str(helm), "template", "kt", str(REPO / "charts" / "kubetune"), "--namespace", "kubetune"]
+    def render(*sets: str, namespace: str = "kubetune") -> list[dict[str, Any]]:
+        args = [str(helm), "template", "kt", str(REPO / "charts" / "kubetune"), "--namespace", namespace]
         for item in sets:
             args += ["--set", item]
         done = subprocess.run(args, capture_output=True, text=True, timeout=120, check=True)

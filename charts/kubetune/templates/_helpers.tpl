@@ -104,3 +104,13 @@ else the chart's appVersion. Call with (dict "image" .Values.x.image "default" $
   resources: [secrets]
   verbs: [get]
 {{- end }}
+
+{{- define "kubetune.leaderElectionRules" -}}
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
+  verbs: [create]
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
+  resourceNames: [{{ include "kubetune.fullname" . }}]
+  verbs: [get, update]
+{{- end }}
