@@ -77,6 +77,11 @@ def test_two_replicas_one_leader_no_duplicates_and_a_bounded_takeover(bare_e2e: 
         assert second is not first
         names.append("after-kill")
         assert_one_set(e2e, names)
+        # and the jobs the old leader started go on: a suspension reaches job-0's collector Job
+        e2e.patch_spec("job-0", {"suspend": True})
+        e2e.wait_phase("job-0", "Suspended", timeout=30)
+        job = e2e.api.ok(e2e.api.get(e2e.path("jobs", "job-0-collect")))
+        assert job["spec"]["suspend"] is True
 
         # an upgrade: a new replica starts, the leader stops normally and hands the Lease back
         replicas.append(e2e.spawn_operator(*flags))
