@@ -84,7 +84,6 @@ class E2E:
                 "kubetune.cli",
                 "operator",
                 *(scope or ("--namespace", self.namespace)),
-                *extra,
                 "--liveness-port",
                 "0",
                 "--metrics-port",
@@ -95,6 +94,7 @@ class E2E:
                 "kubetune-trainer:test",
                 "--collector-image",
                 "kubetune-collector:test",
+                *extra,  # last: they override the flags above
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -14,8 +14,10 @@ import time
 from typing import Any
 
 import pytest
+import requests
 
 from kubetune.dev.testing import rbac, wait_for
+from kubetune.launch import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +44,13 @@ def collector_events(e2e: Any) -> dict[str, int]:
         if event["reason"] == "CollectionStarted":
             counts[event["involvedObject"]["name"]] = counts.get(event["involvedObject"]["name"], 0) + 1
     return counts
+
+
+def _ok(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 def assert_one_set(e2e: Any, names: list[str]) -> None:
@@ -96,6 +105,15 @@ def test_two_replicas_one_leader_no_duplicates_and_a_bounded_takeover(bare_e2e: 
         names.append("after-stop")
         time.sleep(1.5)
         assert_one_set(e2e, names)
+
+        # a standby is alive (/healthz for the chart's probes) and stops at once on SIGTERM
+        port = free_port()
+        standby = e2e.spawn_operator(*flags, "--liveness-port", str(port))
+        replicas.append(standby)
+        healthz = f"http://127.0.0.1:{port}/healthz"
+        wait_for(lambda: _ok(healthz), timeout=60, interval=0.2)
+        standby.send_signal(signal.SIGTERM)
+        assert standby.wait(5) == 0
     finally:
         for process in replicas:
             e2e.stop_operator(process=process)
