@@ -273,7 +273,6 @@ def wait_to_lead(api_client: Any, args: argparse.Namespace) -> Any:
             def log_message(self, *_: Any) -> None:
                 pass
 
-        ThreadingHTTPServer.allow_reuse_address = True
         health = ThreadingHTTPServer(("0.0.0.0", args.liveness_port), Healthy)
         threading.Thread(target=health.serve_forever, name="kubetune-standby-health", daemon=True).start()
     try:

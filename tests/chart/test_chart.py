@@ -109,6 +109,8 @@ def test_values_schema_is_valid_and_accepts_every_values_file() -> None:
         ("s3.credentialsSecret=My_Secret", "/s3/credentialsSecret"),
         ("operator.metricsPort=80", "/operator/metricsPort"),
         ("serviceMonitor.interval=often", "/serviceMonitor/interval"),
+        ("replicaCount=0", "/replicaCount"),
+        ("leaderElection.leaseDurationSeconds=1", "/leaderElection/leaseDurationSeconds"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_value(tools: Any, setting: str, field: str) -> None:
