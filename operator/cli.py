@@ -77,6 +77,24 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         help="read progress of jobs that name no credentials Secret and no endpoint (AWS) with the operator's "
         "own identity, e.g. IRSA (env KUBETUNE_STORAGE_OWN_IDENTITY)",
     )
+    parser.add_argument(
+        "--leader-elect",
+        action="store_true",
+        help="run as one of several replicas: only the holder of a coordination.k8s.io Lease reconciles",
+    )
+    parser.add_argument("--leader-elect-lease", default="kubetune-operator", metavar="NAME", help="the Lease's name")
+    parser.add_argument(
+        "--leader-elect-namespace",
+        default="",
+        metavar="NS",
+        help="the Lease's namespace (default: POD_NAMESPACE, the pod's own namespace, or the kubeconfig's)",
+    )
+    parser.add_argument(
+        "--leader-elect-lease-seconds",
+        type=float,
+        default=15.0,
+        help="a standby takes over this long after the leader last renewed the Lease (default 15)",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logs")
     return parser
 
@@ -221,15 +239,65 @@ def main(argv: Sequence[str], prog: str = "kubetune operator") -> int:
     metrics = Metrics()
     if args.metrics_port:
         metrics.serve(args.metrics_port)
+    leader = wait_to_lead(api_client, args) if args.leader_elect else None
     controller = Controller(kube, metrics, workers=args.workers, resync_seconds=args.resync_seconds)
     namespaces = list(args.namespace)
     registry = register(controller, args.verbose, scan_namespaces=any(is_pattern(ns) for ns in namespaces))
     log.info("starting: namespaces=%s", ",".join(namespaces) or "*")
-    kopf.run(
-        registry=registry,
-        standalone=True,  # one operator replica; no peering resource needed
-        clusterwide=not namespaces,
-        namespaces=namespaces,
-        liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None,
-    )
+    try:
+        kopf.run(
+            registry=registry,
+            # No kopf peering: with --leader-elect only the Lease's holder gets here (kopf's peering
+            # would pause kopf's watches only, not the controller's resync).
+            standalone=True,
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None,
+        )
+    finally:
+        if leader is not None:
+            leader.release()
     return 0
+
+
+def wait_to_lead(api_client: Any, args: argparse.Namespace) -> Any:
+    """Block until this replica holds the Lease (answering /healthz meanwhile: a standby is alive).
+    SIGTERM while waiting exits at once."""
+    import signal
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from .leader import LeaderElection, default_identity, default_namespace
+
+    election = LeaderElection(
+        api_client,
+        args.leader_elect_namespace or default_namespace(),
+        args.leader_elect_lease,
+        default_identity(),
+        lease=args.leader_elect_lease_seconds,
+    )
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    health = None
+    if args.liveness_port:
+
+        class Healthy(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                self.send_response(200 if self.path == "/healthz" else 404)
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        health = ThreadingHTTPServer(("0.0.0.0", args.liveness_port), Healthy)
+        threading.Thread(target=health.serve_forever, name="kubetune-standby-health", daemon=True).start()
+    try:
+        if not election.acquire(stop):
+            raise SystemExit(0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if health is not None:
+            health.shutdown()
+            health.server_close()
+    return election

@@ -8,6 +8,14 @@ of that around it would leave two state models. A small aiohttp server over our 
 Routes: discovery (/api, /apis, groups), /version, /openapi/v3 (kubectl's server-side field
 validation probe), CRUD + watch + deletecollection on every registered resource, the status
 subresource, pods/log (with follow) and pods/eviction.
+
+Audit log: with `audit_path` set, every request made with a bearer token other than the cluster
+admin's (`ADMIN_TOKEN`, what `kubetune dev up`'s kubeconfig uses; requests without a token are
+not recorded either) is appended to that file as one
+JSON line with its RBAC attributes (user, verb, apiGroup, resource, subresource, namespace, name,
+or nonResourceURL) and response code, as the real server's audit log at level Metadata. The
+stand-in authorizes nothing; tests check the recorded attributes against RBAC rules
+(kubetune.dev.testing.rbac). The user is the token itself (the stand-in has no authentication).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import hashlib
 import json
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -49,6 +58,7 @@ KUBERNETES_VERSION = {
     "minCompatibilityMajor": "1",
     "minCompatibilityMinor": "36",
 }
+ADMIN_TOKEN = "kubetune-dev"
 PATCH_TYPES = {
     "application/json-patch+json": "json",
     "application/merge-patch+json": "merge",
@@ -64,14 +74,45 @@ def _json(body: Any, status: int = 200, warnings: list[str] | None = None) -> we
 
 
 class ApiServer:
-    def __init__(self, store: Store, registry: Registry, bookmark_interval: float = 30.0) -> None:
+    def __init__(
+        self, store: Store, registry: Registry, bookmark_interval: float = 30.0, audit_path: Path | None = None
+    ) -> None:
         self.store = store
+        self.audit_path = audit_path
         self.registry = registry
         self.bookmark_interval = bookmark_interval
         self.kubelet: Kubelet | None = None
         self.server_addresses: list[str] = []
-        self.app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._errors])
+        self.app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._audit, self._errors])
         self.app.router.add_route("*", "/{path:.*}", self._dispatch)
+
+    @web.middleware
+    async def _audit(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        auth = request.headers.get("Authorization", "")
+        user = auth[len("Bearer ") :].strip() if auth.startswith("Bearer ") else ""
+        if self.audit_path is None or user in ("", ADMIN_TOKEN):
+            return await handler(request)
+        entry: Obj = {"user": user, **request_attributes(request.method, request.path, request.query)}
+        if entry["verb"] == "watch":  # recorded when it starts: a watch may last as long as the client
+            self._audit_write({**entry, "code": 200})
+            return await handler(request)
+        code = 500
+        try:
+            response = await handler(request)
+            code = response.status
+            return response
+        except web.HTTPException as error:
+            code = error.status
+            raise
+        finally:
+            self._audit_write({**entry, "code": code})
+
+    def _audit_write(self, entry: Obj) -> None:
+        assert self.audit_path is not None
+        with open(self.audit_path, "a") as audit:
+            audit.write(json.dumps(entry) + "\n")
 
     @web.middleware
     async def _errors(
@@ -594,6 +635,44 @@ class ApiServer:
         if "orphanDependents" in query:
             options["orphanDependents"] = query["orphanDependents"] == "true"
         return options
+
+
+def request_attributes(method: str, path: str, query: Any) -> Obj:
+    """A request's RBAC attributes, as the real server's RequestInfoFactory derives them: a GET of one
+    object is `get`, of a collection `list` (`watch` with watch=true), POST `create`, PUT `update`,
+    PATCH `patch`, DELETE `delete` (`deletecollection` on a collection). Paths outside
+    /api/v1/... and /apis/<group>/<version>/... (discovery, /version, /openapi) are non-resource
+    URLs with the lowercased method as verb."""
+    parts = [p for p in path.split("/") if p]
+    if parts[:2] == ["api", "v1"] and len(parts) > 2:
+        group, rest = "", parts[2:]
+    elif len(parts) > 3 and parts[0] == "apis":
+        group, rest = parts[1], parts[3:]
+    else:
+        return {"verb": method.lower(), "nonResourceURL": path}
+    namespace = ""
+    if len(rest) >= 3 and rest[0] == "namespaces" and rest[2] not in ("status", "finalize"):
+        namespace, rest = rest[1], rest[2:]
+    elif len(rest) == 2 and rest[0] == "namespaces":  # a namespace object is also its own namespace
+        namespace = rest[1]
+    resource = rest[0]
+    name = rest[1] if len(rest) > 1 else ""
+    sub = "/".join(rest[2:])
+    watch = query.get("watch") in ("1", "true", "True")
+    if method == "GET":
+        verb = "watch" if watch else ("get" if name else "list")
+    elif method == "DELETE":
+        verb = "delete" if name else "deletecollection"
+    else:
+        verb = {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method, method.lower())
+    return {
+        "verb": verb,
+        "apiGroup": group,
+        "resource": resource,
+        "subresource": sub,
+        "namespace": namespace,
+        "name": name,
+    }
 
 
 def _dry_run(query: Any) -> bool:

@@ -25,7 +25,7 @@ import requests
 import yaml
 from aiohttp import web
 
-from kubetune.dev.cluster.apiserver import ApiServer
+from kubetune.dev.cluster.apiserver import ADMIN_TOKEN, ApiServer
 from kubetune.dev.cluster.resources import Registry
 from kubetune.dev.cluster.store import Store
 from kubetune.dev.controllers.manager import Controllers
@@ -74,6 +74,26 @@ class ClusterInfo:
 
         return config.new_client_from_config(config_file=self.kubeconfig)
 
+    def kubeconfig_for(self, user: str) -> str:
+        """A kubeconfig like this cluster's, whose token is `user`: the API server records that
+        user's requests in the audit log (see `audit`), e.g. a process tested against RBAC rules."""
+        config = yaml.safe_load(Path(self.kubeconfig).read_text())
+        config["users"] = [{"name": "kubetune-dev", "user": {"token": user}}]
+        path = Path(self.state_dir) / f"kubeconfig-{user}"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        path.chmod(0o600)
+        return str(path)
+
+    def audit(self, user: str) -> list[dict[str, Any]]:
+        """The requests made as `user` (a kubeconfig from `kubeconfig_for`), oldest first: verb,
+        apiGroup, resource, subresource, namespace, name (or nonResourceURL) and code."""
+        try:
+            lines = (Path(self.state_dir) / "audit.jsonl").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        records = [json.loads(line) for line in lines if line.strip()]
+        return [r for r in records if r.get("user") == user]
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
@@ -100,7 +120,9 @@ class LocalCluster:
         self.kubelet = Kubelet(
             self.store, self.network, self.state_dir, restart_backoff_base=restart_backoff_base, run_pods=run_pods
         )
-        self.api = ApiServer(self.store, self.registry, bookmark_interval=bookmark_interval)
+        self.api = ApiServer(
+            self.store, self.registry, bookmark_interval=bookmark_interval, audit_path=self.state_dir / "audit.jsonl"
+        )
         self.api.kubelet = self.kubelet
         self.api_port = api_port
         self.with_s3, self.with_images = s3, images
@@ -267,7 +289,7 @@ class LocalCluster:
             "kind": "Config",
             "preferences": {},
             "clusters": [{"name": "kubetune-dev", "cluster": {"server": self.api_url}}],
-            "users": [{"name": "kubetune-dev", "user": {"token": "kubetune-dev"}}],
+            "users": [{"name": "kubetune-dev", "user": {"token": ADMIN_TOKEN}}],
             "contexts": [
                 {
                     "name": "kubetune-dev",

@@ -110,7 +110,8 @@ class Rendered:
 
     @property
     def operator_env(self) -> dict[str, str]:
-        return {e["name"]: e.get("value", "") for e in self.operator_container["env"]}
+        """Plain values (the downward API's POD_NAME and POD_NAMESPACE left out)."""
+        return {e["name"]: e.get("value", "") for e in self.operator_container["env"] if "valueFrom" not in e}
 
 
 RenderFn = Callable[..., Rendered]

@@ -109,6 +109,8 @@ def test_values_schema_is_valid_and_accepts_every_values_file() -> None:
         ("s3.credentialsSecret=My_Secret", "/s3/credentialsSecret"),
         ("operator.metricsPort=80", "/operator/metricsPort"),
         ("serviceMonitor.interval=often", "/serviceMonitor/interval"),
+        ("replicaCount=0", "/replicaCount"),
+        ("leaderElection.leaseDurationSeconds=1", "/leaderElection/leaseDurationSeconds"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_value(tools: Any, setting: str, field: str) -> None:
@@ -120,10 +122,57 @@ def test_bad_values_are_rejected_naming_the_value(tools: Any, setting: str, fiel
 # --- the operator's Deployment ------------------------------------------------------------------
 
 
-def test_deployment_runs_one_operator_replaced_with_recreate(render: Any, values_file: str | None) -> None:
-    spec = render(values_file).deployment["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
+LEADER_ARGS = ["--leader-elect", "--leader-elect-lease=kt-kubetune", "--leader-elect-lease-seconds=15"]
+
+
+def test_deployment_runs_two_replicas_with_leader_election(render: Any, values_file: str | None) -> None:
+    rendered = render(values_file)
+    spec = rendered.deployment["spec"]
+    assert spec["replicas"] == 2
+    # only the Lease's holder reconciles: a new pod may start before the old one stops
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    container = rendered.operator_container
+    assert container["args"][-3:] == LEADER_ARGS
+    env = {e["name"]: e.get("valueFrom") for e in container["env"]}
+    assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    pdb = rendered.one("PodDisruptionBudget")
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": spec["selector"]}
+    # the Lease: a Role in the release namespace, get/update limited to the Lease's name
+    role = rendered.one("Role", "kt-kubetune-leader-election")
+    assert role["metadata"]["namespace"] == rendered.namespace
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["kt-kubetune"],
+            "verbs": ["get", "update"],
+        },
+    ]
+    binding = rendered.one("RoleBinding", "kt-kubetune-leader-election")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == rendered.deployment["spec"]["template"]["spec"]["serviceAccountName"]
+
+
+def test_replicas_on_different_nodes_by_default(render: Any) -> None:
+    affinity = render().deployment["spec"]["template"]["spec"]["affinity"]
+    (term,) = affinity["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    one = render(None, "replicaCount=1").deployment["spec"]["template"]["spec"]
+    assert "affinity" not in one
+
+
+def test_one_replica_without_leader_election_is_replaced_with_recreate(render: Any, tools: Any) -> None:
+    rendered = render(None, "replicaCount=1", "leaderElection.enabled=false")
+    spec = rendered.deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    assert not any(a.startswith("--leader-elect") for a in rendered.operator_container["args"])
+    assert not rendered.all("PodDisruptionBudget")
+    assert not [r for r in rendered.all("Role") if r["metadata"]["name"].endswith("-leader-election")]
+    # two replicas without leader election would race: refused
+    done = sh(tools.helm, "template", "kt", CHART, "--set", "leaderElection.enabled=false")
+    assert done.returncode != 0 and "leaderElection.enabled" in done.stderr
 
 
 def test_operator_command_line_cluster_wide(render: Any) -> None:
@@ -133,6 +182,7 @@ def test_operator_command_line_cluster_wide(render: Any) -> None:
             "--all-namespaces",
             "--liveness-port=8080",
             "--metrics-port=9090",
+            *LEADER_ARGS,
         ]
 
 
@@ -144,6 +194,7 @@ def test_operator_command_line_restricted(render: Any) -> None:
         "--namespace=team-b",
         "--liveness-port=8080",
         "--metrics-port=9090",
+        *LEADER_ARGS,
     ]
 
 
@@ -210,7 +261,7 @@ def test_scheduling_and_resources(render: Any) -> None:
     assert pod["metadata"]["annotations"] == values["podAnnotations"]
     assert pod["spec"]["containers"][0]["resources"] == values["resources"]
     defaults = render().deployment["spec"]["template"]["spec"]
-    assert not {"nodeSelector", "tolerations", "affinity", "priorityClassName"} & defaults.keys()
+    assert not {"nodeSelector", "tolerations", "priorityClassName"} & defaults.keys()
     assert defaults["containers"][0]["resources"]["limits"]["memory"]
 
 
@@ -246,16 +297,16 @@ def test_every_pod_meets_the_restricted_pod_security_standard(render: Any, value
 
 # --- RBAC: least privilege ------------------------------------------------------------------------
 
-# What the operator may do, exactly. Adding a permission means changing this table on purpose.
+# What the operator may do, exactly: the requests it makes (tests/operator/test_rbac.py checks
+# them against the rendered rules). Adding a permission means changing this table on purpose.
 OPERATOR_PERMISSIONS = {
-    ("kubetune.dev", "finetunejobs"): {"get", "list", "watch", "patch"},
-    ("kubetune.dev", "finetunejobs/status"): {"get", "patch"},
+    ("kubetune.dev", "finetunejobs"): {"get", "list", "watch"},
+    ("kubetune.dev", "finetunejobs/status"): {"patch"},
     ("kubetune.dev", "finetunejobs/finalizers"): {"update"},
-    ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
-    ("", "services"): {"create", "get", "list", "watch", "delete"},
-    ("", "pods"): {"get", "list", "watch"},
-    ("", "pods/log"): {"get"},
-    ("", "events"): {"create", "patch"},
+    ("batch", "jobs"): {"create", "list", "watch", "patch"},
+    ("", "services"): {"create", "get"},
+    ("", "pods"): {"list", "watch"},
+    ("", "events"): {"create"},
     ("", "secrets"): {"get"},
 }
 
@@ -317,15 +368,25 @@ def test_cluster_wide_install_gets_exactly_the_operator_permissions(render: Any)
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": rendered.namespace}
     ]
-    assert not [o for o in rendered.without_hooks() if o["kind"] in ("Role", "RoleBinding")]
+    assert not [
+        o
+        for o in rendered.without_hooks()
+        if o["kind"] in ("Role", "RoleBinding") and not o["metadata"]["name"].endswith("-leader-election")
+    ]
 
 
 def test_restricted_install_gets_roles_in_the_watched_namespaces_only(render: Any) -> None:
     rendered = render("restricted.yaml")
     # Nothing cluster-scoped but the CRD.
     assert not rendered.all("ClusterRole") and not rendered.all("ClusterRoleBinding")
-    roles = [o for o in rendered.without_hooks() if o["kind"] == "Role"]
-    bindings = [o for o in rendered.without_hooks() if o["kind"] == "RoleBinding"]
+    roles, bindings = (
+        [
+            o
+            for o in rendered.without_hooks()
+            if o["kind"] == kind and not o["metadata"]["name"].endswith("-leader-election")
+        ]
+        for kind in ("Role", "RoleBinding")
+    )
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     account = rendered.deployment["spec"]["template"]["spec"]["serviceAccountName"]

@@ -55,28 +55,36 @@ class E2E:
         self.operator: subprocess.Popen[bytes] | None = None
         self.operator_starts = 0
         self.metrics_port = 0
+        # The operator's own user (token): the API server's audit log records its requests, which
+        # the RBAC tests check against the chart's rules.
+        self.user = f"operator-{namespace}"
 
     # -- the operator ----------------------------------------------------------------------------
 
-    def start_operator(self) -> None:
+    def start_operator(self, *extra: str) -> None:
+        self.operator = self.spawn_operator(*extra)
+
+    def spawn_operator(self, *extra: str, scope: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+        """A `kubetune operator` process as `self.user` (the caller stops it; `start_operator`
+        keeps it as `self.operator`). `scope`: instead of `--namespace <the namespace>`."""
         self.operator_starts += 1
         self.metrics_port = free_port()
         log = open(self.log_dir / f"operator-{self.operator_starts}.log", "wb")  # noqa: SIM115 - the process keeps it
         env = {
             **os.environ,
             **self.cluster.env(),
+            "KUBECONFIG": self.cluster.kubeconfig_for(self.user),
             "KUBETUNE_S3_ENDPOINT": self.cluster.s3_endpoint,
             "KUBETUNE_S3_CREDENTIALS_SECRET": S3_SECRET,
         }
         env.pop("PYTHONPATH", None)
-        self.operator = subprocess.Popen(
+        process = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "kubetune.cli",
                 "operator",
-                "--namespace",
-                self.namespace,
+                *(scope or ("--namespace", self.namespace)),
                 "--liveness-port",
                 "0",
                 "--metrics-port",
@@ -87,6 +95,7 @@ class E2E:
                 "kubetune-trainer:test",
                 "--collector-image",
                 "kubetune-collector:test",
+                *extra,  # last: they override the flags above
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -95,9 +104,11 @@ class E2E:
             start_new_session=True,
         )
         log.close()
+        return process
 
-    def stop_operator(self, sig: int = signal.SIGTERM) -> None:
-        process, self.operator = self.operator, None
+    def stop_operator(self, sig: int = signal.SIGTERM, process: subprocess.Popen[bytes] | None = None) -> None:
+        if process is None:
+            process, self.operator = self.operator, None
         if process is None or process.poll() is not None:
             return
         os.killpg(process.pid, sig)
@@ -311,6 +322,56 @@ def e2e(
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and e2e.api.get(f"/api/v1/namespaces/{namespace}").status_code == 200:
             time.sleep(0.2)
+
+
+@pytest.fixture
+def bare_e2e(local_cluster_factory: Any, tmp_path: Path) -> Iterator[E2E]:
+    """An E2E on a private local cluster whose pods never run (Jobs get pods that stay Pending),
+    with a namespace and the S3 credentials Secret but no model or data: for tests of the operator
+    process itself (its API requests, several replicas), not of the pods' work. The caller starts
+    the operator; it is stopped afterwards."""
+    cluster = local_cluster_factory(run_pods=False, images=False)
+    assert cluster.info is not None
+    e2e = E2E(cluster.info, f"bare-{uuid.uuid4().hex[:5]}", tmp_path)
+    e2e.api.ok(
+        e2e.api.post(
+            "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": e2e.namespace}}
+        )
+    )
+    secret = e2e.api.ok(e2e.api.get(f"/api/v1/namespaces/default/secrets/{S3_SECRET}"))
+    e2e.api.ok(
+        e2e.api.post(
+            e2e.path("secrets"),
+            {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": S3_SECRET}, "data": secret["data"]},
+        )
+    )
+    try:
+        yield e2e
+    finally:
+        e2e.stop_operator()
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def chart_roles() -> Callable[..., list[dict[str, Any]]]:
+    """chart_roles(*--set items, namespace="kubetune") -> the Roles and ClusterRoles `helm template`
+    renders for a release "kt" in `namespace` (with the helm tests/chart installs in .tools/bin)."""
+    import yaml
+
+    helm = REPO / ".tools" / "bin" / "helm"
+    if not os.access(helm, os.X_OK):
+        subprocess.run([sys.executable, str(REPO / ".ci" / "get-tools.py"), str(helm.parent)], check=True, timeout=300)
+
+    def render(*sets: str, namespace: str = "kubetune") -> list[dict[str, Any]]:
+        args = [str(helm), "template", "kt", str(REPO / "charts" / "kubetune"), "--namespace", namespace]
+        for item in sets:
+            args += ["--set", item]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=120, check=True)
+        return [o for o in yaml.safe_load_all(done.stdout) if o and o["kind"] in ("Role", "ClusterRole")]
+
+    return render
 
 
 def b64(text: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.dev.testing import wait_for
+from kubetune.dev.testing import rbac, wait_for
 
 MAX_STEPS = 16  # long enough to interrupt between two checkpoints, short enough to finish fast
 EVERY = 4
@@ -323,3 +323,25 @@ def test_backoff_exhausted_fails_the_job(e2e: Any, tiny_model_dir: Path) -> None
     assert [a["reason"] for a in status["attempts"]] == ["Failed", "Failed"]
     assert status["restarts"] == 2 and status["preemptions"] == 0
     assert e2e.names("jobs", name) == ["broken-collect", "broken-train", "broken-train-r1"]
+
+
+# -- last: the chart's RBAC against every request the operator made above ------------------------
+
+
+def test_the_chart_rbac_allows_every_request_the_operator_made_and_grants_nothing_unused(
+    e2e: Any, chart_roles: Any, request: pytest.FixtureRequest
+) -> None:
+    requests = e2e.cluster.audit(e2e.user)
+    assert requests
+    namespaced = chart_roles(f"watchNamespaces={{{e2e.namespace}}}")
+    cluster_wide = [r for r in chart_roles() if r["kind"] == "ClusterRole"]
+    for roles in (namespaced, cluster_wide):
+        assert not rbac.denied(roles, requests), rbac.denied(roles, requests)
+    module_tests = {name for name in globals() if name.startswith("test_")}
+    ran = {item.name.split("[")[0] for item in request.session.items if item.module is request.module}
+    if ran >= module_tests:  # the whole module ran: every verb the chart grants was used
+        # finalizers update is checked by admission when a child with blockOwnerDeletion is created,
+        # not a request of its own
+        used = rbac.used(requests) | {("kubetune.dev", "finetunejobs/finalizers", "update")}
+        (role,) = cluster_wide
+        assert rbac.granted(role) - used == set(), f"granted, never used: {sorted(rbac.granted(role) - used)}"

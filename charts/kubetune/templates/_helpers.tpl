@@ -69,38 +69,48 @@ else the chart's appVersion. Call with (dict "image" .Values.x.image "default" $
 
 {{/* The permissions the operator needs, and nothing more (rendered into a ClusterRole or Roles). */}}
 {{- define "kubetune.operatorRules" -}}
-# FineTuneJobs: watched, patched (kopf's finalizer and bookkeeping annotations) and their status written.
+# Exactly the requests the operator makes (tests/operator/test_rbac.py checks the API server's
+# record of them against these rules). FineTuneJobs: read and watched; kopf adds no finalizer or
+# annotation (only event handlers), so no patch of the object itself.
 - apiGroups: [kubetune.dev]
   resources: [finetunejobs]
-  verbs: [get, list, watch, patch]
+  verbs: [get, list, watch]
 - apiGroups: [kubetune.dev]
   resources: [finetunejobs/status]
-  verbs: [get, patch]
-# Children carry ownerReferences with blockOwnerDeletion, which needs update on the owner's finalizers.
+  verbs: [patch]
+# Children carry ownerReferences with blockOwnerDeletion, which needs update on the owner's
+# finalizers (the OwnerReferencesPermissionEnforcement admission check on create).
 - apiGroups: [kubetune.dev]
   resources: [finetunejobs/finalizers]
   verbs: [update]
-# The collector and trainer Jobs: created, watched, suspended/resumed (patch), deleted on restart.
+# The collector and trainer Jobs: created, listed and watched, suspended/resumed (patch).
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [create, get, list, watch, patch, delete]
-# The headless Service that gives trainer pods stable hostnames for the rendezvous.
+  verbs: [create, list, watch, patch]
+# The headless Service that gives trainer pods stable hostnames: created once, looked up by name.
 - apiGroups: [""]
   resources: [services]
-  verbs: [create, get, list, watch, delete]
-# Pods are only read: exit codes (preempted or failed) and log tails for the job's status.
+  verbs: [create, get]
+# Pods are only read: exit codes and termination messages (preempted or failed).
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
-- apiGroups: [""]
-  resources: [pods/log]
-  verbs: [get]
+  verbs: [list, watch]
 - apiGroups: [""]
   resources: [events]
-  verbs: [create, patch]
+  verbs: [create]
 # Secrets: only `get` by name (check that a referenced Secret exists, read S3 credentials for
 # progress.json). Never list or watch: the operator must not be able to enumerate Secrets.
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get]
+{{- end }}
+
+{{- define "kubetune.leaderElectionRules" -}}
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
+  verbs: [create]
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
+  resourceNames: [{{ include "kubetune.fullname" . }}]
+  verbs: [get, update]
 {{- end }}
