@@ -15,7 +15,7 @@ def test_storage_endpoint_allowlist_and_own_identity_reach_the_operators_flags(r
         "operator.allowedStorageEndpoints={http://minio.minio.svc:9000,https://s3.internal}",
         "operator.storageOwnIdentity=true",
     ).operator_container["args"]
-    assert args[-3:] == [
+    assert [arg for arg in args if "storage" in arg] == [
         "--allowed-storage-endpoint=http://minio.minio.svc:9000",
         "--allowed-storage-endpoint=https://s3.internal",
         "--storage-own-identity",

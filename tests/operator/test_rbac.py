@@ -21,12 +21,17 @@ pytestmark = pytest.mark.slow
 
 
 def run_jobs(e2e: Any) -> None:
-    """One job that fails at once (a missing Secret) and one that starts collecting (its pods never
-    run on this cluster), then a few resyncs, then the operator's shutdown."""
+    """One job that waits for a missing Secret and one that starts collecting (its pods never run on
+    this cluster), then a few resyncs, then the operator's shutdown."""
     bad = e2e.spec("bad", storage={"uri": e2e.uri("jobs", "bad") + "/", "credentialsSecretRef": {"name": "nope"}})
     e2e.create("bad", bad)
     e2e.create("good", e2e.spec("good"))
-    e2e.wait_phase("bad", "Failed", timeout=60)
+    e2e.wait(
+        "bad",
+        lambda s: any(c["type"] == "SecretsReady" and c["status"] == "False" for c in s.get("conditions") or []),
+        timeout=60,
+        what="SecretsReady=False",
+    )
     e2e.wait_phase("good", "Collecting", timeout=60)
     time.sleep(2.5)  # resyncs of the unfinished job (resync-seconds 1)
     e2e.stop_operator()
