@@ -338,8 +338,11 @@ class _Pass:
         """The manifest's counts into status; fails an empty dataset, else None (ready)."""
         counts = self.status.dataset = dataset_status(manifest, uri)
         if manifest.empty:
-            skipped = counts.skipped or "none"
-            return self.fail("EmptyDataset", f"the collector kept 0 images (skipped: {skipped}); {CHECK_SOURCE}")
+            skipped = ", ".join(f"{reason}: {count}" for reason, count in sorted(counts.skipped.items())) or "none"
+            return self.fail(
+                "EmptyDataset",
+                f"0 images kept of {counts.requested} requested (skipped: {skipped}); {CHECK_SOURCE}",
+            )
         if spec_changed:
             self.spec_change_ignored(
                 "spec.dataset changed after collection started; the dataset already collected is used"
