@@ -341,7 +341,7 @@ class _Pass:
             skipped = ", ".join(f"{reason}: {count}" for reason, count in sorted(counts.skipped.items())) or "none"
             return self.fail(
                 "EmptyDataset",
-                f"0 images kept of {counts.requested} requested (skipped: {skipped}); {CHECK_SOURCE}",
+                f"the collector kept 0 of {counts.requested} requested images (skipped: {skipped}); {CHECK_SOURCE}",
             )
         if spec_changed:
             self.spec_change_ignored(

@@ -218,7 +218,7 @@ def test_zero_images_kept_fails_with_an_actionable_message() -> None:
     decision = world.step()
     assert world.status["phase"] == "Failed"
     assert world.condition("Succeeded")["reason"] == "EmptyDataset"
-    assert "0 images kept of 20 requested (skipped: too_small: 20)" in world.status["message"]
+    assert "kept 0 of 20 requested images (skipped: too_small: 20)" in world.status["message"]
     assert "shapes-train" not in world.jobs
     assert [(e.type, e.reason) for e in decision.events] == [("Warning", "EmptyDataset")]
 

@@ -131,7 +131,7 @@ def test_an_empty_dataset_fails_the_job_with_the_counts(e2e: Any) -> None:
     status = e2e.wait_phase("empty", "Failed", timeout=120)
     assert condition(status, "Succeeded")["reason"] == "EmptyDataset"
     assert condition(status, "DatasetReady")["status"] == "False"
-    assert "0 images kept of 3 requested" in status["message"], status["message"]
+    assert "kept 0 of 3 requested images (skipped: http-404: 3)" in status["message"], status["message"]
     assert e2e.names("jobs", "empty") == ["empty-collect"]  # no trainer was started
 
 
