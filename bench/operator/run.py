@@ -82,6 +82,7 @@ def start_operator(
     info: dict[str, Any], namespace: str, log_path: Path, metrics_port: int, extra: list[str]
 ) -> subprocess.Popen[bytes]:
     from kubetune.dev.cluster.local import S3_SECRET, ClusterInfo
+    from kubetune.dev.testing import operator_command
 
     fields = ClusterInfo.__dataclass_fields__
     cluster = ClusterInfo(**{k: v for k, v in info.items() if k in fields})
@@ -94,23 +95,7 @@ def start_operator(
     env.pop("PYTHONPATH", None)
     with open(log_path, "wb") as log:
         return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kubetune.cli",
-                "operator",
-                "--namespace",
-                namespace,
-                "--liveness-port",
-                "0",
-                "--metrics-port",
-                str(metrics_port),
-                "--collector-image",
-                "kubetune-collector:bench",
-                "--trainer-image",
-                "kubetune-trainer:bench",
-                *extra,
-            ],
+            operator_command(sys.executable, ("--namespace", namespace), metrics_port, "bench", *extra),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import requests
@@ -91,3 +91,15 @@ def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:
         (c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == ctype and c["status"] == "True"),
         None,
     )
+
+
+def operator_command(python: str, scope: Sequence[str], metrics_port: int, image_tag: str, *extra: str) -> list[str]:
+    """`kubetune operator` as the tests and the operator benchmark start it: `scope` is
+    `--namespace NS` or `--all-namespaces`, images `kubetune-collector:<tag>` and
+    `kubetune-trainer:<tag>` (never pulled: the local cluster runs kubetune from this checkout);
+    `extra` comes last, so it overrides the flags before it."""
+    return [python, "-m", "kubetune.cli", "operator", *scope, "--liveness-port", "0"] + [
+        *("--metrics-port", str(metrics_port)),
+        *("--collector-image", f"kubetune-collector:{image_tag}", "--trainer-image", f"kubetune-trainer:{image_tag}"),
+        *extra,
+    ]

@@ -26,7 +26,7 @@ import requests
 
 from kubetune.api.models import GROUP, VERSION
 from kubetune.dev.cluster.local import S3_SECRET, ClusterInfo, s3_client_for
-from kubetune.dev.testing import Api
+from kubetune.dev.testing import Api, operator_command
 from kubetune.dev.testing.specs import tiny_training
 from kubetune.launch import free_port
 
@@ -79,24 +79,15 @@ class E2E:
         }
         env.pop("PYTHONPATH", None)
         process = subprocess.Popen(
-            [
+            operator_command(
                 sys.executable,
-                "-m",
-                "kubetune.cli",
-                "operator",
-                *(scope or ("--namespace", self.namespace)),
-                "--liveness-port",
-                "0",
-                "--metrics-port",
-                str(self.metrics_port),
+                scope or ("--namespace", self.namespace),
+                self.metrics_port,
+                "test",
                 "--resync-seconds",
                 "1",
-                "--trainer-image",
-                "kubetune-trainer:test",
-                "--collector-image",
-                "kubetune-collector:test",
-                *extra,  # last: they override the flags above
-            ],
+                *extra,
+            ),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
