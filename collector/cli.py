@@ -335,26 +335,13 @@ def dataset_from_flags(args: argparse.Namespace) -> models.Dataset:
         }[args.site]
         name = args.site
     elif args.urls:
-        name, source = (
-            "urls",
-            {
-                "uri": args.urls,
-                "format": args.urls_format,
-                "urlColumn": args.url_column,
-                "captionColumn": args.caption_column,
-            },
-        )
+        name = "urls"
+        source = {"uri": args.urls, "format": args.urls_format}
+        source.update(urlColumn=args.url_column, captionColumn=args.caption_column)
     elif args.hf_dataset:
-        name, source = (
-            "huggingface",
-            {
-                "name": args.hf_dataset,
-                "split": args.hf_split,
-                "revision": args.hf_revision,
-                "imageColumn": args.hf_image_column,
-                "captionColumn": args.hf_caption_column,
-            },
-        )
+        name = "huggingface"
+        source = {"name": args.hf_dataset, "split": args.hf_split, "revision": args.hf_revision}
+        source.update(imageColumn=args.hf_image_column, captionColumn=args.hf_caption_column)
         if args.max_samples is not None:
             source["maxSamples"] = args.max_samples
     else:

@@ -58,9 +58,7 @@ def _parser(prog: str) -> OneLineArgumentParser:
                 "--no-model", action="store_true", help="do not seed the tiny SD pipeline (faster start)"
             )
             action.add_argument(
-                "--no-pods",
-                action="store_true",
-                help="pods are scheduled but never started; they stay Pending (control-plane benchmarks)",
+                "--no-pods", action="store_true", help="pods are scheduled, never started (control-plane benchmarks)"
             )
             action.add_argument(
                 "--network",
