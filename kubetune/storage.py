@@ -11,10 +11,12 @@ manifest written last; see `write_json`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -262,7 +264,6 @@ def s3_client(
     Checksums only when required: boto3 1.36+ sends new checksum headers by default, and several
     S3-compatible stores reject them. Retries in adaptive mode handle throttling (SlowDown).
     """
-    import boto3
     from botocore.config import Config
 
     config = Config(
@@ -273,12 +274,38 @@ def s3_client(
         s3={"addressing_style": "path"} if endpoint or os.environ.get("AWS_ENDPOINT_URL") else {},
     )
     keys = {"aws_access_key_id": credentials[0], "aws_secret_access_key": credentials[1]} if credentials else {}
-    return boto3.session.Session(**keys).client(
-        "s3",
-        endpoint_url=endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None,
-        region_name=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-        config=config,
-    )
+    with _SESSION_LOCK:  # creating clients from one session is not thread-safe; using them is
+        return _session().client(
+            "s3",
+            endpoint_url=endpoint
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or None,
+            region_name=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+            config=config,
+            **keys,
+        )
+
+
+_SESSION_LOCK = threading.Lock()
+
+
+def _session() -> Any:
+    """A session of its own (credentials resolve from the environment as they are now) that shares
+    one loader of the service models: each session loading its own copy cost about 12 MiB."""
+    import boto3
+    import botocore.session
+
+    core = botocore.session.get_session()
+    core.register_component("data_loader", _shared_loader())
+    return boto3.session.Session(botocore_session=core)
+
+
+@functools.cache
+def _shared_loader() -> Any:
+    import botocore.session
+
+    return botocore.session.get_session().get_component("data_loader")
 
 
 def transfer_config() -> Any:

@@ -84,6 +84,9 @@ def api_error_detail(error: Exception) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
+# S3 clients kept, one per (endpoint, region, credentials), least recently used dropped: jobs
+# with distinct endpoints or rotated keys must not grow the operator without bound.
+S3_CLIENTS_CACHED = 16
 SECRET_TTL_SECONDS = 30.0
 
 
@@ -316,9 +319,12 @@ class Kube:
         credentials = storage_credentials(spec, secrets)
         key = hashlib.sha256(json.dumps([endpoint, region, credentials]).encode()).hexdigest()
         with self._lock:
-            client = self._clients.get(key)
+            client = self._clients.pop(key, None)
             if client is None:
-                client = self._clients[key] = s3_client(endpoint, region, credentials, self.s3_connections)
+                client = s3_client(endpoint, region, credentials, self.s3_connections)
+            self._clients[key] = client  # newest last: the least recently used goes first
+            while len(self._clients) > S3_CLIENTS_CACHED:
+                self._clients.pop(next(iter(self._clients))).close()
         return storage.Store(spec.storage.uri, endpoint, region, client)
 
     # -- writes --------------------------------------------------------------------------------

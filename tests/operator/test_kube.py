@@ -243,3 +243,44 @@ def test_observe_never_builds_a_store_for_a_job_the_operator_may_not_read(tmp_pa
     summary = next(c for c in decision.status["conditions"] if c["type"] == "Succeeded")
     assert summary["reason"] == "StorageEndpointNotAllowed" and "spec.storage.endpoint" in summary["message"]
     assert [(e.type, e.reason) for e in decision.events] == [("Warning", "StorageEndpointNotAllowed")]
+
+
+def test_s3_clients_are_bounded_and_share_one_session() -> None:
+    """Jobs with distinct endpoints or rotated keys: the operator keeps a bounded number of S3
+    clients (least recently used dropped and closed), all from one botocore session."""
+    from kubetune.api.load import parse_spec
+    from kubetune.operator.kube import S3_CLIENTS_CACHED
+
+    kube = _kube()
+    base = {"dataset": {"imagefolder": {"uri": "s3://data/x/"}}, "model": {"base": "m"}}
+
+    def store_at(i: int) -> Any:
+        spec = parse_spec({**base, "storage": {"uri": "s3://bucket/p/", "endpoint": f"http://minio-{i}.example:9000"}})
+        return kube.store(spec, {})
+
+    first = store_at(0).client
+    assert store_at(0).client is first, "a client is reused for the same endpoint"
+    clients = [store_at(i).client for i in range(1, 3 * S3_CLIENTS_CACHED)]
+    assert len(kube._clients) == S3_CLIENTS_CACHED
+    assert store_at(0).client is not first, "the least recently used client was dropped"
+    loaders = {id(c._loader) for c in clients}
+    assert len(loaders) == 1, "one botocore session (service models loaded once)"
+
+
+def test_forty_s3_clients_cost_far_less_than_forty_sessions() -> None:
+    """A session per client cost about 12 MiB each; with one shared session they cost well under one."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, sys\n"
+        "from kubetune.storage import s3_client\n"
+        "s3_client('http://warm.example:9000')\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "clients = [s3_client(f'http://minio-{i}.example:9000', credentials=(f'k{i}', 's')) for i in range(40)]\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    grown_mib = float(done.stdout.strip())
+    assert grown_mib < 80, f"40 S3 clients grew the process by {grown_mib:.0f} MiB"
