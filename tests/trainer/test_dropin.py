@@ -131,6 +131,7 @@ def test_the_earlier_checkpoints_step_n_layout_still_resumes(
     """One release of compatibility: `checkpoints/step-NNNNNNNN/` with trainable.safetensors,
     ema.safetensors (by position), optimizer.pt and its manifest."""
     import torch
+    from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file, save_file
 
     output = tmp_path / "out"
@@ -139,7 +140,8 @@ def test_the_earlier_checkpoints_step_n_layout_still_resumes(
     unet = load_file(new / "unet" / "diffusion_pytorch_model.safetensors")
     save_file(unet, old / "trainable.safetensors")
     ema = load_file(new / "unet_ema" / "diffusion_pytorch_model.safetensors")
-    save_file({f"{i}": ema[k] for i, k in enumerate(unet)}, old / "ema.safetensors")
+    order = [name for name, _ in UNet2DConditionModel.from_pretrained(new, subfolder="unet").named_parameters()]
+    save_file({f"{i}": ema[k] for i, k in enumerate(order)}, old / "ema.safetensors")
     shutil.copy(new / "optimizer.pt", old / "optimizer.pt")
     manifest = json.loads((new / "manifest.json").read_text())
     manifest["files"] = {
