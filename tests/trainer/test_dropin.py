@@ -346,3 +346,22 @@ def test_a_stock_checkpoint_it_cannot_use_is_refused_not_ignored(
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "checkpoint-2/optimizer.bin: not a plain optimizer state" in errors[0], errors
     assert not marker.exists(), "loading the checkpoint ran code from it"
+
+
+def test_the_lora_scripts_flags_parse_with_their_meanings() -> None:
+    from kubetune.trainer.config import parse_config
+
+    cfg = parse_config(
+        [
+            "--pretrained_model_name_or_path=m",
+            "--dataset_name=d",
+            "--method=lora",
+            "--rank=8",
+            "--validation_prompt=cute dragon creature",
+            "--num_validation_images=3",
+            "--validation_epochs=2",
+        ],
+        "x",
+    )
+    assert (cfg.rank, cfg.num_validation_images, cfg.validation_epochs) == (8, 3, 2)
+    assert cfg.validation_prompts == ["cute dragon creature"]
