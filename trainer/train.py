@@ -387,14 +387,17 @@ class Trainer:
             from peft import LoraConfig
 
             unet.requires_grad_(False)
-            unet.add_adapter(
-                LoraConfig(
-                    r=cfg.rank,
-                    lora_alpha=cfg.rank,
-                    init_lora_weights="gaussian",
-                    target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+            # the adapter's gaussian init from the seed: the same run twice starts the same
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.session.seed)
+                unet.add_adapter(
+                    LoraConfig(
+                        r=cfg.rank,
+                        lora_alpha=cfg.rank,
+                        init_lora_weights="gaussian",
+                        target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+                    )
                 )
-            )
         unet.train()
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
