@@ -234,7 +234,7 @@ def test_dataset_progress_and_checkpoints_written_by_the_components_drive_the_op
     progress = Progress(output, max_steps=10)
     checkpointer = Checkpointer(output, tmp_path / "staging", keep=2)
     folder = checkpointer.folder(4)
-    (folder / "trainable.safetensors").write_bytes(b"weights")
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
     checkpointer.commit(
         folder,
         CheckpointState.model_validate(
@@ -256,14 +256,17 @@ def test_dataset_progress_and_checkpoints_written_by_the_components_drive_the_op
     progress.state("training", latestCheckpoint=checkpointer.wait())
     checkpointer.close()
 
-    assert TrainingProgress.model_validate_json(output.read_bytes(PROGRESS_FILE)).latest_checkpoint == "step-00000004"
+    assert TrainingProgress.model_validate_json(output.read_bytes(PROGRESS_FILE)).latest_checkpoint == "checkpoint-4"
     (ref,) = complete_checkpoints(output)
-    assert isinstance(ref.manifest, CheckpointManifest) and ref.manifest.files["trainable.safetensors"].size == 7
+    assert (
+        isinstance(ref.manifest, CheckpointManifest)
+        and ref.manifest.files["pytorch_lora_weights.safetensors"].size == 7
+    )
 
     operator.step()
     training = operator.status["training"]
     assert training["step"] == 4 and training["maxSteps"] == 10 and training["progress"] == "40%"
-    assert training["loss"] == "0.25" and training["latestCheckpoint"] == "step-00000004"
+    assert training["loss"] == "0.25" and training["latestCheckpoint"] == "checkpoint-4"
 
     # the attempt fails; the next one resumes from the checkpoint the operator finds in storage
     train_name = b.trainer_job_name("shapes", 0)
@@ -272,7 +275,7 @@ def test_dataset_progress_and_checkpoints_written_by_the_components_drive_the_op
     assert operator.status["attempts"][-1]["reason"] == "Failed"
     decision = operator.step(latest_checkpoint=latest_complete_checkpoint(output))
     assert operator.status["attempts"][-1]["startStep"] == 4
-    assert "resuming from step-00000004" in operator.status["message"]
+    assert "resuming from checkpoint-4" in operator.status["message"]
     assert [o["metadata"]["name"] for o in decision.create] == [b.trainer_job_name("shapes", 1)]
 
 

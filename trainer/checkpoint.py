@@ -1,11 +1,16 @@
 """Resumable checkpoints: complete and atomic, uploaded in the background.
 
-A checkpoint is a folder `checkpoints/step-NNNNNNNN/` under the output. Its `manifest.json`
-(kubetune.api.contracts.CheckpointManifest: files with sizes and SHA-256, step, samples seen,
-seed and the data position) is written last:
-a folder without it does not exist for `--resume_from_checkpoint latest`. Writing the files is
-the only part on the training path; hashing, the manifest, the upload to S3 and removing old
-checkpoints (only after a newer one is complete) run in a background thread.
+A checkpoint is a folder `checkpoint-N/` at the output's root, named and filled as diffusers'
+train_text_to_image(_lora).py fill theirs: `unet/` (and `unet_ema/`) in diffusers format for a full
+fine-tune, `pytorch_lora_weights.safetensors` for LoRA, plus kubetune's `optimizer.pt`. Its
+`manifest.json` (kubetune.api.contracts.CheckpointManifest: files with sizes and SHA-256, step,
+samples seen, seed and the data position) is written last: a folder without it does not exist for
+`--resume_from_checkpoint latest`. Writing the files is the only part on the training path;
+hashing, the manifest, the upload to S3 and removing old checkpoints (only after a newer one is
+complete) run in a background thread.
+
+Also resumed: a `checkpoint-N/` that diffusers' script wrote (accelerate's save_state; no manifest,
+complete once `random_states_0.pkl` exists), and kubetune's earlier `checkpoints/step-N/`.
 """
 
 from __future__ import annotations
@@ -24,16 +29,18 @@ from pydantic import ValidationError
 
 from kubetune.api.contracts import CheckpointFile, CheckpointManifest, CheckpointState, problem
 from kubetune.api.layout import (
-    CHECKPOINTS_DIR,
+    LEGACY_CHECKPOINTS_DIR,
     MANIFEST_FILE,
+    STOCK_CHECKPOINT_MARKER,
     checkpoint_name,
     checkpoint_step,
-    complete_checkpoint_names,
+    complete_checkpoint_paths,
 )
 from kubetune.storage import StorageError, Store
 
 log = logging.getLogger("kubetune.trainer")
 _SAFE_FILE_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
+_MAX_DEPTH = 4  # `unet/diffusion_pytorch_model.safetensors` is 2
 # A whole checkpoint is tried this many times, PUBLISH_RETRY_SECONDS * 2**n apart. boto3 already
 # retries each request (8 attempts, adaptive); this outer loop rides out a longer outage of the
 # store. A hand-written loop: three lines, and no retry library is a dependency of the trainer.
@@ -47,42 +54,116 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class CheckpointRef:
-    name: str
+    name: str  # the folder's name: checkpoint-N (earlier: step-NNNNNNNN)
     step: int
     store: Store  # the checkpoint folder
-    manifest: CheckpointManifest
+    manifest: CheckpointManifest | None  # None: written by diffusers' script (accelerate's save_state)
+
+    @property
+    def stock(self) -> bool:
+        return self.manifest is None
+
+
+def checkpoint_keys(output: Store) -> list[str]:
+    """The keys (relative to the output) of the files directly inside `checkpoint-*/` folders and
+    `checkpoints/*/`: what complete_checkpoint_paths needs, without listing the dataset or cache."""
+    if not output.is_s3:
+        root, keys = Path(output.uri), []
+        folders = [p for p in root.glob("checkpoint-*") if p.is_dir()]
+        folders += [p for p in (root / LEGACY_CHECKPOINTS_DIR).glob("*") if p.is_dir()]
+        for folder in folders:
+            keys += [f.relative_to(root).as_posix() for f in folder.iterdir() if f.is_file()]
+        return sorted(keys)
+    # one prefix covers `checkpoint-N/` and `checkpoints/`: S3 lists only those keys
+    bucket, base = output._bucket_prefix
+    prefix = f"{base}/checkpoint" if base else "checkpoint"
+    strip = len(base) + 1 if base else 0
+    keys = []
+    try:
+        for page in output.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys += [item["Key"][strip:] for item in page.get("Contents", [])]
+    except Exception as error:
+        raise StorageError(f"cannot list {output.uri_of('checkpoint-*')}: {error}") from None
+    return keys
 
 
 def complete_checkpoints(output: Store) -> list[CheckpointRef]:
-    """Complete checkpoints under `output/checkpoints`, oldest first."""
+    """Complete checkpoints in `output` (kubetune's, diffusers' script's, the earlier layout's),
+    oldest first."""
     found = []
-    for name in complete_checkpoint_names(output.list(CHECKPOINTS_DIR)):
-        folder = output.child(CHECKPOINTS_DIR, name)
+    for path in complete_checkpoint_paths(checkpoint_keys(output)):
         try:
-            manifest = read_manifest(folder)
-        except (FileNotFoundError, CheckpointError, StorageError):
+            ref = open_checkpoint(output.child(path))
+        except (CheckpointError, StorageError):
             continue
-        found.append(CheckpointRef(name, manifest.step, folder, manifest))
+        if ref is not None:
+            found.append(ref)
     return sorted(found, key=lambda ref: ref.step)
 
 
-def find_checkpoint(output: Store, value: str) -> CheckpointRef | None:
-    """`latest`, a name under output/checkpoints (`step-N`, `checkpoint-N`), or a folder path/URI."""
-    if value == "latest":
-        refs = complete_checkpoints(output)
-        return refs[-1] if refs else None
-    folder = (
-        output.child(CHECKPOINTS_DIR, value)
-        if checkpoint_step(value) is not None and "/" not in value
-        else Store(value)
-    )
+def open_checkpoint(folder: Store) -> CheckpointRef | None:
+    """The checkpoint in `folder`: kubetune's (with its manifest) or one diffusers' script wrote
+    (accelerate's files, the step in the folder name); None when it is neither (not a checkpoint,
+    or one whose writing was cut off)."""
+    name = folder.uri.rstrip("/").rsplit("/", 1)[-1]
     try:
         manifest = read_manifest(folder)
+        return CheckpointRef(name, manifest.step, folder, manifest)
     except FileNotFoundError:
+        pass
+    if not folder.exists(STOCK_CHECKPOINT_MARKER):
+        return None
+    step = checkpoint_step(name)
+    if step is None or not name.startswith("checkpoint-"):
         raise CheckpointError(
-            f"--resume_from_checkpoint {value}: no complete checkpoint there (no {MANIFEST_FILE})"
-        ) from None
-    return CheckpointRef(folder.uri.rstrip("/").rsplit("/", 1)[-1], manifest.step, folder, manifest)
+            f"{folder.uri}: a checkpoint of diffusers' script, but its step cannot be read from the folder "
+            "name (it must be checkpoint-N)"
+        )
+    return CheckpointRef(name, step, folder, None)
+
+
+def find_checkpoint(output: Store, value: str) -> CheckpointRef | None:
+    """`latest` (None when there is none), `checkpoint-N` (or `step-N`) in the output, or a folder:
+    an s3:// URI, an absolute path, or a relative path (to the working directory when it exists
+    there, else to the output)."""
+    if value == "latest":
+        refs = complete_checkpoints(output)
+        _warn_incomplete(output, refs)
+        return refs[-1] if refs else None
+    if "/" not in value and checkpoint_step(value) is not None:
+        step = checkpoint_step(value)
+        matches = [ref for ref in complete_checkpoints(output) if ref.step == step]
+        if not matches:
+            raise CheckpointError(
+                f"--resume_from_checkpoint {value}: no complete checkpoint of step {step} in {output.uri}"
+            )
+        return matches[-1]
+    if value.startswith("s3://") or Path(value).is_absolute():
+        folder = Store(value)
+    elif Path(value).is_dir():
+        folder = Store(str(Path(value).resolve()))
+    else:
+        folder = output.child(value)
+    ref = open_checkpoint(folder)
+    if ref is None:
+        raise CheckpointError(
+            f"--resume_from_checkpoint {value}: no complete checkpoint at {folder.uri} (no {MANIFEST_FILE}, "
+            f"nor the {STOCK_CHECKPOINT_MARKER} that accelerate's save_state writes last)"
+        )
+    return ref
+
+
+def _warn_incomplete(output: Store, refs: list[CheckpointRef]) -> None:
+    """Say which checkpoint folders `latest` passes over (an interrupted save), never silently."""
+    complete = {ref.name for ref in refs}
+    seen = {key.split("/")[0] for key in checkpoint_keys(output) if key.startswith("checkpoint-")}
+    for name in sorted(seen - complete, key=lambda n: checkpoint_step(n) or -1):
+        log.warning(
+            "%s: passed over (no %s nor %s: its writing was cut off)",
+            output.uri_of(name),
+            MANIFEST_FILE,
+            STOCK_CHECKPOINT_MARKER,
+        )
 
 
 def read_manifest(folder: Store) -> CheckpointManifest:
@@ -95,20 +176,37 @@ def read_manifest(folder: Store) -> CheckpointManifest:
         raise CheckpointError(f"{where}: not a checkpoint manifest: {problem(error)}") from None
 
 
+def is_safe_relative_name(name: str) -> bool:
+    """A manifest's file name stays inside its folder: 1 to _MAX_DEPTH parts joined by '/', each
+    letters, digits, '.', '_', '-' and neither '.' nor '..' (so no absolute path, no '..', no '//')."""
+    parts = name.split("/")
+    return len(parts) <= _MAX_DEPTH and all(
+        _SAFE_FILE_NAME.fullmatch(part) and part not in (".", "..") for part in parts
+    )
+
+
 def fetch(ref: CheckpointRef, staging: Path) -> Path:
-    """A local folder with the checkpoint's files, verified against its manifest."""
+    """A local folder with the checkpoint's files, verified against its manifest (a checkpoint of
+    diffusers' script, which has none, is taken as it is)."""
     local = Path(ref.store.uri) if not ref.store.is_s3 else staging / "resume" / ref.name
+    if ref.manifest is None:
+        if ref.store.is_s3:
+            ref.store.download_tree("", local)
+        return local
+    inside = local.resolve()
     for name, entry in ref.manifest.files.items():
-        if not _SAFE_FILE_NAME.fullmatch(name) or name in (".", ".."):
+        if not is_safe_relative_name(name):
             # the manifest comes from the bucket: a name must not lead outside the folder
             raise CheckpointError(
                 f"{ref.store.uri_of(MANIFEST_FILE)}: file name {name[:80]!r} is not "
-                "a plain file name (letters, digits, '.', '_', '-'); the checkpoint "
-                "is damaged or was tampered with"
+                "a plain file name or relative path of them (letters, digits, '.', '_', '-'; "
+                "no '..'); the checkpoint is damaged or was tampered with"
             )
         path = local / name
         if ref.store.is_s3 and not (path.exists() and path.stat().st_size == entry.size):
             ref.store.download_file(name, path)
+        if not path.is_file() or not path.resolve().is_relative_to(inside):
+            raise CheckpointError(f"{ref.store.uri_of(name)}: missing; the checkpoint is damaged")
         if path.stat().st_size != entry.size or _sha256(path) != entry.sha256:
             raise CheckpointError(
                 f"{ref.store.uri_of(name)}: size or hash differs from the manifest; the checkpoint is damaged"
@@ -143,7 +241,7 @@ class Checkpointer:
     def folder(self, step: int) -> Path:
         """A fresh, empty local folder for the checkpoint of `step` (files go in, then `commit`)."""
         self._settle()
-        path = self.local_root / CHECKPOINTS_DIR / checkpoint_name(step)
+        path = self.local_root / checkpoint_name(step)
         if path.exists():
             shutil.rmtree(path)  # an incomplete leftover of an interrupted save
         path.mkdir(parents=True)
@@ -159,9 +257,7 @@ class Checkpointer:
             error = future.exception()
             if error is not None:
                 self.failed.append(name)
-                log.error(
-                    "checkpoint %s could not be stored in %s: %s", name, self.output.uri_of(CHECKPOINTS_DIR), error
-                )
+                log.error("checkpoint %s could not be stored in %s: %s", name, self.output.uri, error)
         self._pending = []
 
     def _publish_with_retries(self, path: Path, state: CheckpointState) -> str:
@@ -186,22 +282,23 @@ class Checkpointer:
     def _publish(self, path: Path, state: CheckpointState) -> str:
         started = time.monotonic()
         files = {
-            p.name: CheckpointFile(size=p.stat().st_size, sha256=_sha256(p))
-            for p in sorted(path.iterdir())
-            if p.is_file() and p.name != MANIFEST_FILE
+            p.relative_to(path).as_posix(): CheckpointFile(size=p.stat().st_size, sha256=_sha256(p))
+            for p in sorted(path.rglob("*"))
+            if p.is_file() and p.relative_to(path).as_posix() != MANIFEST_FILE
         }
         created = datetime.now(timezone.utc).replace(microsecond=0)
         manifest = CheckpointManifest(**dict(state), files=files, created_at=created).to_json()
         local = Store(str(path))
         if self.output.is_s3:
-            remote = self.output.child(CHECKPOINTS_DIR, path.name)
+            remote = self.output.child(path.name)
             for name in files:
                 remote.upload_file(path / name, name)
             # last: now the checkpoint exists
             remote.write_bytes(MANIFEST_FILE, manifest, "application/json")
             local.write_bytes(MANIFEST_FILE, manifest, "application/json")
-            for old in sorted((self.local_root / CHECKPOINTS_DIR).iterdir()):
-                if old != path and old.name < path.name:
+            step = checkpoint_step(path.name) or 0
+            for old in self.local_root.glob("checkpoint-*"):
+                if old.is_dir() and (checkpoint_step(old.name) or step) < step:
                     shutil.rmtree(old, ignore_errors=True)  # the S3 copy is the one that counts
         else:
             local.write_bytes(MANIFEST_FILE, manifest, "application/json")
@@ -210,7 +307,7 @@ class Checkpointer:
         log.info(
             "checkpoint %s complete in %s (%.1fs in background)",
             path.name,
-            self.output.uri_of(CHECKPOINTS_DIR),
+            self.output.uri,
             time.monotonic() - started,
         )
         return path.name
@@ -218,10 +315,13 @@ class Checkpointer:
     def _prune(self) -> None:
         if self.keep is None:
             return
+        # every complete checkpoint counts, those diffusers' script wrote included (as it counts them)
         refs = complete_checkpoints(self.output)
         for ref in refs[: max(0, len(refs) - self.keep)]:
-            ref.store.delete(MANIFEST_FILE)  # first: a half-deleted checkpoint must not count
+            # first: a half-deleted checkpoint must not count
+            ref.store.delete(MANIFEST_FILE if ref.manifest is not None else STOCK_CHECKPOINT_MARKER)
             ref.store.delete_prefix("")
+            log.info("checkpoint %s removed (--checkpoints_total_limit %d)", ref.store.uri, self.keep)
 
     def wait(self) -> str | None:
         """Block until every checkpoint is published. Raise only if the newest one failed: an
@@ -229,10 +329,7 @@ class Checkpointer:
         newest = self._pending[-1][0] if self._pending else None
         self._settle()
         if newest is not None and newest in self.failed:
-            raise StorageError(
-                f"the newest checkpoint {newest} could not be stored in "
-                f"{self.output.uri_of(CHECKPOINTS_DIR)} (see the log)"
-            )
+            raise StorageError(f"the newest checkpoint {newest} could not be stored in {self.output.uri} (see the log)")
         return self.latest
 
     def close(self) -> None:

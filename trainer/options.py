@@ -375,11 +375,10 @@ class TrainConfig:
     rank: int = opt(
         defaults.LORA_RANK,
         group=LORA,
-        kubetune=True,
         type=_positive_int,
         aliases=("--lora_rank",),
         spec="training.loraRank",
-        help="LoRA rank (--method lora)",
+        help="LoRA rank (--method lora; train_text_to_image_lora.py's flag)",
     )
     # checkpoints, validation, logging
     output_dir: str = opt("sd-model-finetuned", group=OUTPUT, spec="storage.uri", help="local folder or s3:// prefix")
@@ -408,14 +407,28 @@ class TrainConfig:
         "at the first); nothing non-finite is ever checkpointed or published",
     )
     resume_from_checkpoint: str | None = opt(
-        None, group=OUTPUT, derive=lambda spec: "latest", spec_note="`latest`", help="a checkpoint path, or 'latest'"
+        None,
+        group=OUTPUT,
+        derive=lambda spec: "latest",
+        spec_note="`latest`",
+        help="'latest', a checkpoint name in --output_dir (checkpoint-N), or a checkpoint folder (a path relative "
+        "to the working directory or --output_dir, absolute, or s3://); one diffusers' script wrote is resumed too",
     )
     validation_prompts: list[str] = opt(
         [],
         group=OUTPUT,
+        aliases=("--validation_prompt",),
         spec="training.validationPrompts",
         convert=list,
-        help="prompts rendered to sample images at every checkpoint and at the end",
+        help="prompts rendered to sample images at every checkpoint and at the end (--validation_prompt: "
+        "train_text_to_image_lora.py's name; one prompt, or several)",
+    )
+    num_validation_images: int | None = opt(
+        None,
+        group=OUTPUT,
+        type=_positive_int,
+        help="images rendered per validation prompt; unset: 4 with --method lora (train_text_to_image_lora.py's "
+        "default), else 1 (train_text_to_image.py renders one)",
     )
     validation_steps: int | None = opt(
         None,
@@ -423,7 +436,7 @@ class TrainConfig:
         kubetune=True,
         type=_positive_int,
         spec="training.validationEverySteps",
-        help="render validation samples every N steps (default: at every checkpoint)",
+        help="render validation samples every N steps (wins over --validation_epochs; default: at every checkpoint)",
     )
     validation_guidance_scale: float = opt(
         defaults.VALIDATION_GUIDANCE_SCALE,
@@ -433,11 +446,12 @@ class TrainConfig:
         spec="training.validationGuidanceScale",
         help="classifier-free guidance scale of the validation samples (1: no guidance)",
     )
-    validation_epochs: int = opt(
-        5,
+    validation_epochs: int | None = opt(
+        None,
         group=OUTPUT,
         type=_positive_int,
-        help="accepted; unused (validation runs at every checkpoint, see --validation_steps)",
+        help="render validation samples every N epochs (as the stock scripts); unset: every --validation_steps, "
+        "else at every checkpoint (the stock scripts default to 5, LoRA 1)",
     )
     report_to: str = opt(
         "tensorboard",

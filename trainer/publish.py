@@ -12,7 +12,7 @@ import torch
 from pydantic import ValidationError
 
 from kubetune.api.contracts import DatasetManifest
-from kubetune.api.layout import SAMPLES_DIR, checkpoint_name
+from kubetune.api.layout import SAMPLES_DIR
 from kubetune.storage import Store
 from kubetune.trainer.config import TrainConfig
 from kubetune.trainer.data import TrainingData
@@ -20,9 +20,17 @@ from kubetune.trainer.data import TrainingData
 
 @torch.no_grad()
 def render_samples(
-    pipeline: Any, prompts: list[str], resolution: int, seed: int, output: Store, step: int, guidance_scale: float
+    pipeline: Any,
+    prompts: list[str],
+    resolution: int,
+    seed: int,
+    output: Store,
+    step: int,
+    guidance_scale: float,
+    per_prompt: int = 1,
 ) -> list[str]:
-    """PNGs and a grid for `prompts` under samples/step-N/; returns the keys written."""
+    """`per_prompt` PNGs for each of `prompts` and a grid under samples/step-NNNNNNNN/ (prompts.json:
+    each image's prompt); returns the keys written."""
     import io
 
     from diffusers.utils import make_image_grid
@@ -39,8 +47,9 @@ def render_samples(
             generator=generator,
         ).images[0]
         for p in prompts
+        for _ in range(per_prompt)
     ]
-    folder = f"{SAMPLES_DIR}/{checkpoint_name(step)}"
+    folder = f"{SAMPLES_DIR}/step-{step:08d}"
     keys = []
     for index, image in enumerate(images):
         keys.append(f"{folder}/{index:02d}.png")
@@ -52,7 +61,7 @@ def render_samples(
         cols=columns,
     )
     output.write_bytes(f"{folder}/grid.png", _png(grid, io), "image/png")
-    output.write_json(f"{folder}/prompts.json", prompts)
+    output.write_json(f"{folder}/prompts.json", [p for p in prompts for _ in range(per_prompt)])
     return keys
 
 
@@ -76,16 +85,22 @@ def write_pipeline(pipeline: Any, output: Store, staging: Path) -> None:
     output.upload_file(folder / "model_index.json", "model_index.json")
 
 
-def write_lora(unet: Any, output: Store, staging: Path) -> None:
-    """pytorch_lora_weights.safetensors, loadable with `pipe.load_lora_weights(output)`."""
+def save_lora(unet: Any, folder: Path) -> None:
+    """`folder/pytorch_lora_weights.safetensors` as StableDiffusionPipeline.save_lora_weights writes
+    it (diffusers' LoRA format), loadable with `pipe.load_lora_weights(folder)`."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     layers = {k: v.detach().contiguous().float() for k, v in layers.items()}
-    folder = Path(output.uri) if not output.is_s3 else staging / "publish-lora"
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+
+
+def write_lora(unet: Any, output: Store, staging: Path) -> None:
+    """pytorch_lora_weights.safetensors, loadable with `pipe.load_lora_weights(output)`."""
+    folder = Path(output.uri) if not output.is_s3 else staging / "publish-lora"
+    save_lora(unet, folder)
     if output.is_s3:
         output.upload_tree(folder)
 

@@ -78,7 +78,7 @@ def run(cfg: TrainConfig) -> int:
             trainer.save_checkpoint()  # 4. checkpoint
         if stop:
             return session.preempted()
-        if cfg.validation_prompts and step % (cfg.validation_steps or cfg.checkpointing_steps) == 0:
+        if cfg.validation_prompts and step % trainer.validation_every == 0:
             trainer.render_samples()
     trainer.publish(data, len(samples.mean), samples.skipped)  # 5. publish
     return layout.EXIT_OK
@@ -145,14 +145,15 @@ class Session:
     def resume_point(self) -> CheckpointRef | None:
         """The checkpoint to continue from, and the seed (the checkpoint's, the flag's or a new one)."""
         ref = find_checkpoint(self.output, self.cfg.resume_from_checkpoint) if self.cfg.resume_from_checkpoint else None
-        seed = ref.manifest.seed if ref else self.cfg.seed
+        seed = ref.manifest.seed if ref and ref.manifest else self.cfg.seed
         if seed is None:
             from accelerate.utils import broadcast_object_list
 
             seed = broadcast_object_list([int.from_bytes(os.urandom(4), "little")])[0]
         self.seed = int(seed)
         if ref:
-            log.info("resuming from %s (step %d)", ref.store.uri, ref.step)
+            written_by = " (written by diffusers' script)" if ref.stock else ""
+            log.info("resuming from %s (step %d)%s", ref.store.uri, ref.step, written_by)
         elif self.cfg.resume_from_checkpoint and self.cfg.resume_from_checkpoint != "latest":
             raise TrainError(
                 f"--resume_from_checkpoint {self.cfg.resume_from_checkpoint}: not found", layout.EXIT_INVALID
@@ -372,6 +373,10 @@ class Trainer:
         self.world = accelerator.num_processes
         self.global_batch = cfg.train_batch_size * self.world * cfg.gradient_accumulation_steps
         self.max_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(len(self.samples) / self.global_batch)
+        steps_per_epoch = math.ceil(len(self.samples) / self.global_batch)
+        self.validation_every = cfg.validation_steps or (
+            cfg.validation_epochs * steps_per_epoch if cfg.validation_epochs else cfg.checkpointing_steps
+        )
         self.session.progress.max_steps = self.max_steps
         self.session.progress.update(maxSteps=self.max_steps)
         if cfg.allow_tf32 and torch.cuda.is_available():
@@ -382,14 +387,17 @@ class Trainer:
             from peft import LoraConfig
 
             unet.requires_grad_(False)
-            unet.add_adapter(
-                LoraConfig(
-                    r=cfg.rank,
-                    lora_alpha=cfg.rank,
-                    init_lora_weights="gaussian",
-                    target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+            # the adapter's gaussian init from the seed: the same run twice starts the same
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.session.seed)
+                unet.add_adapter(
+                    LoraConfig(
+                        r=cfg.rank,
+                        lora_alpha=cfg.rank,
+                        init_lora_weights="gaussian",
+                        target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+                    )
                 )
-            )
         unet.train()
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -606,22 +614,12 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Write this step's checkpoint (main process); hashing and upload go on in the background.
         When stopping, wait for the upload: the pod is about to go."""
-        from safetensors.torch import save_file
-
         session = self.session
         self.check_finite()
         if session.is_main:
             session.progress.state("checkpointing")
             folder = self.checkpointer.folder(self.step)
-            save_file(
-                {k: v.detach().contiguous() for k, v in self._trainable_state().items()},
-                folder / "trainable.safetensors",
-            )
-            if self.ema is not None:
-                save_file(
-                    {f"{i}": p.detach().contiguous() for i, p in enumerate(self.ema.shadow_params)},
-                    folder / "ema.safetensors",
-                )
+            self._save_weights(folder)
             scaler = session.accelerator.scaler
             torch.save(
                 {
@@ -667,47 +665,184 @@ class Trainer:
             session.progress.state("training", latestCheckpoint=self.checkpointer.latest)
         session.accelerator.wait_for_everyone()
 
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        if self.cfg.method == "lora":
-            from peft.utils import get_peft_model_state_dict
+    def _save_weights(self, folder: Path) -> None:
+        """What diffusers' scripts save: LoRA `pytorch_lora_weights.safetensors`; full `unet/` and,
+        with EMA, `unet_ema/` (save_pretrained's files: config.json, diffusion_pytorch_model.safetensors;
+        the EMA's config also holds its state, as EMAModel.save_pretrained writes it). Written from
+        the live tensors: no copy of the UNet."""
+        import json
 
-            return dict(get_peft_model_state_dict(self.unet))
-        return dict(self.unet.state_dict())
+        from safetensors.torch import save_file
+
+        if self.cfg.method == "lora":
+            publish.save_lora(self.unet, folder)
+            return
+        weights = "diffusion_pytorch_model.safetensors"
+        state = {k: v.detach().contiguous() for k, v in self.unet.state_dict().items()}
+        self.unet.save_config(folder / "unet")
+        save_file(state, folder / "unet" / weights, metadata={"format": "pt"})
+        if self.ema is not None:
+            names = [name for name, p in self.unet.named_parameters() if p.requires_grad]
+            shadow = dict(zip(names, self.ema.shadow_params, strict=True))
+            ema_state = {k: shadow.get(k, v).detach().contiguous() for k, v in state.items()}
+            self.unet.save_config(folder / "unet_ema")
+            config = json.loads((folder / "unet_ema" / "config.json").read_text())
+            config.update({k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"})
+            (folder / "unet_ema" / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            save_file(ema_state, folder / "unet_ema" / weights, metadata={"format": "pt"})
 
     def _load_checkpoint(self, ref: CheckpointRef) -> None:
-        from safetensors.torch import load_file
-
         accelerator = self.session.accelerator
         with accelerator.local_main_process_first():
             folder = fetch(ref, self.session.staging)
-        # onto the CPU: load_state_dict copies into the parameters' own device, and safetensors
-        # rejects the indexed "cpu:0" that accelerate reports for multi-process CPU runs
-        state = load_file(folder / "trainable.safetensors", device="cpu")
+        if ref.manifest is None:
+            self._load_stock_checkpoint(ref, folder)
+            return
+        files = ref.manifest.files  # only files the manifest lists (and fetch verified) are read
+        unet_file, ema_file = "unet/diffusion_pytorch_model.safetensors", "unet_ema/diffusion_pytorch_model.safetensors"
+        if self.cfg.method == "lora" and "pytorch_lora_weights.safetensors" in files:
+            self._load_lora(folder / "pytorch_lora_weights.safetensors")
+        elif self.cfg.method == "full" and unet_file in files:
+            self._load_unet(_load_tensors(folder / unet_file))
+        elif "trainable.safetensors" in files:  # the earlier layout (checkpoints/step-N)
+            self._load_trainable_legacy(_load_tensors(folder / "trainable.safetensors"))
+        else:
+            raise CheckpointError(f"{ref.store.uri}: no {self.cfg.method} weights in this checkpoint")
+        if self.ema is not None:
+            ema = ref.manifest.ema
+            if ema_file in files:
+                self._load_ema(_load_tensors(folder / ema_file), ema.optimization_step if ema else ref.step)
+            elif "ema.safetensors" in files:  # the earlier layout: by position
+                shadow = _load_tensors(folder / "ema.safetensors")
+                for i, p in enumerate(self.ema.shadow_params):
+                    p.data.copy_(shadow[f"{i}"])
+                self.ema.optimization_step = ema.optimization_step if ema else ref.step
+        saved = _load_plain(folder / "optimizer.pt", ref.store.uri_of("optimizer.pt"), "optimizer state")
+        self._load_optimizer(saved["optimizer"], ref)
+        self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        if saved.get("scaler") and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(saved["scaler"])
+        self.step, self.samples_seen = ref.step, ref.manifest.samples_seen
+        self._resumed(ref)
+
+    def _load_stock_checkpoint(self, ref: CheckpointRef, folder: Path) -> None:
+        """A checkpoint diffusers' script wrote (accelerate's save_state and its save hooks): the
+        UNet (or LoRA) and EMA weights, optimizer.bin, scheduler.bin, scaler.pt, the step from the
+        folder name. Its random_states_0.pkl (a pickle) is not read: kubetune's randomness is a
+        function of the seed and the sample position. As the stock script does, the data order
+        restarts at the beginning of the step's epoch."""
+        import json
+
+        accelerator, where = self.session.accelerator, ref.store.uri
+        if self.cfg.method == "lora":
+            if not (folder / "pytorch_lora_weights.safetensors").is_file():
+                raise CheckpointError(f"{where}: no pytorch_lora_weights.safetensors (a LoRA checkpoint has one)")
+            self._load_lora(folder / "pytorch_lora_weights.safetensors")
+        else:
+            self._load_unet(self._stock_unet_state(folder / "unet", where))
+        if self.ema is not None:
+            if (folder / "unet_ema").is_dir():
+                config = json.loads((folder / "unet_ema" / "config.json").read_text())
+                step = int(config.get("optimization_step", ref.step))
+                self._load_ema(self._stock_unet_state(folder / "unet_ema", where), step)
+            else:
+                log.warning("%s has no unet_ema/ (written without --use_ema): the EMA starts from its UNet", where)
+                self.ema.optimization_step = 0
+                for shadow, p in zip(self.ema.shadow_params, self.params, strict=True):
+                    shadow.data.copy_(p.data)
+        for name in ("optimizer.bin", "scheduler.bin"):
+            if not (folder / name).is_file():
+                raise CheckpointError(f"{where}: no {name} (accelerate's save_state writes one)")
+        optimizer = _load_plain(folder / "optimizer.bin", f"{where}/optimizer.bin", "optimizer state")
+        self._load_optimizer(optimizer, ref)
+        scheduler = _load_plain(folder / "scheduler.bin", f"{where}/scheduler.bin", "LR scheduler state")
+        try:
+            self.lr_scheduler.load_state_dict(scheduler)
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{where}/scheduler.bin: not an LR scheduler state ({error})") from None
+        # the stock script counts its schedule in steps x processes; kubetune's counts steps
+        self._set_schedule_step(ref.step)
+        if (folder / "scaler.pt").is_file() and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(_load_plain(folder / "scaler.pt", f"{where}/scaler.pt", "scaler"))
+        count = len(self.samples)
+        epoch = ref.step // math.ceil(count / self.global_batch)
+        self.step, self.samples_seen = ref.step, epoch * count
+        log.warning(
+            "%s was written by diffusers' script: UNet%s, optimizer, LR schedule and step %d restored; "
+            "the data order restarts at the beginning of epoch %d, as that script does (not mid-epoch); "
+            "its random states are not read",
+            where,
+            " (LoRA)" if self.cfg.method == "lora" else (", EMA" if self.ema is not None else ""),
+            ref.step,
+            epoch,
+        )
+        self._resumed(ref)
+
+    def _stock_unet_state(self, folder: Path, where: str) -> dict[str, torch.Tensor]:
+        from diffusers import UNet2DConditionModel
+
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(f"{where}: no {folder.name}/ in diffusers format (save_pretrained's config.json)")
+        try:  # safetensors, sharded or not; a .bin is read with weights_only
+            return dict(UNet2DConditionModel.from_pretrained(folder).state_dict())
+        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as error:
+            raise CheckpointError(f"{where}/{folder.name}: cannot load ({str(error).splitlines()[0][:200]})") from None
+
+    def _load_unet(self, state: dict[str, torch.Tensor]) -> None:
+        try:
+            self.unet.load_state_dict(state)
+        except RuntimeError as error:
+            raise CheckpointError(f"the checkpoint's UNet does not fit this model: {str(error)[:300]}") from None
+
+    def _load_ema(self, state: dict[str, torch.Tensor], optimization_step: int) -> None:
+        assert self.ema is not None
+        names = [name for name, p in self.unet.named_parameters() if p.requires_grad]
+        for name, shadow in zip(names, self.ema.shadow_params, strict=True):
+            if name not in state:
+                raise CheckpointError(f"the checkpoint's EMA weights lack {name}")
+            shadow.data.copy_(state[name])
+        self.ema.optimization_step = optimization_step
+
+    def _load_lora(self, path: Path) -> None:
+        """diffusers' LoRA format (what save_lora_weights writes) back into the peft adapter."""
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft.utils import set_peft_model_state_dict
+
+        state = {k.removeprefix("unet."): v for k, v in _load_tensors(path).items() if k.startswith("unet.")}
+        result = set_peft_model_state_dict(self.unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected or not state:
+            raise CheckpointError(f"{path.name}: not LoRA weights of this model and --rank ({(unexpected or [''])[0]})")
+
+    def _load_trainable_legacy(self, state: dict[str, torch.Tensor]) -> None:
         if self.cfg.method == "lora":
             from peft.utils import set_peft_model_state_dict
 
             set_peft_model_state_dict(self.unet, state)
         else:
-            self.unet.load_state_dict(state)
-        if self.ema is not None and (folder / "ema.safetensors").exists():
-            shadow = load_file(folder / "ema.safetensors")
-            for i, p in enumerate(self.ema.shadow_params):
-                p.data.copy_(shadow[f"{i}"])
-            ema = ref.manifest.ema
-            self.ema.optimization_step = ema.optimization_step if ema else ref.step
-        # weights_only: tensors and plain containers, never code (write access to the bucket
-        # must not mean code execution in the trainer)
+            self._load_unet(state)
+
+    def _load_optimizer(self, state: dict[str, Any], ref: CheckpointRef) -> None:
+        # keep this run's implementation choices (fused on CUDA), take the saved state and hyperparameters
+        kept = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in self.optimizer.param_groups]
         try:
-            saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise CheckpointError(
-                f"{ref.store.uri_of('optimizer.pt')}: not a plain optimizer state ({str(error).splitlines()[0][:200]})"
-            ) from None
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
-        if saved.get("scaler") and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(saved["scaler"])
-        self.step, self.samples_seen = ref.step, ref.manifest.samples_seen
+            self.optimizer.load_state_dict(state)
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{ref.store.uri}: the optimizer state does not fit this run ({error})") from None
+        for group, settings in zip(self.optimizer.param_groups, kept, strict=True):
+            group.update(settings)
+
+    def _set_schedule_step(self, step: int) -> None:
+        scheduler = self.lr_scheduler
+        scheduler.last_epoch = step
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        if lambdas is not None:
+            lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, lambdas, strict=True)]
+            for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr
+            scheduler._last_lr = lrs
+
+    def _resumed(self, ref: CheckpointRef) -> None:
         self.checkpointer.latest = ref.name
         self.session.progress.update(step=self.step, latestCheckpoint=ref.name)
 
@@ -759,6 +894,7 @@ class Trainer:
                 self.session.output,
                 self.step,
                 self.cfg.validation_guidance_scale,
+                self.cfg.num_validation_images or (4 if self.cfg.method == "lora" else 1),
             )
 
     def publish(self, data: TrainingData, images: int, skipped: int) -> None:
@@ -779,7 +915,7 @@ class Trainer:
                     self.model.path, unet=self.unet, variant=cfg.variant or None
                 )
                 publish.write_pipeline(pipeline, session.output, session.staging)
-            if cfg.validation_prompts and self.step % (cfg.validation_steps or cfg.checkpointing_steps):
+            if cfg.validation_prompts and self.step % self.validation_every:
                 self.ema = None  # the EMA weights are in the UNet now: sample with them as they are
                 self._render()
             session.output.write_bytes(
@@ -804,6 +940,25 @@ class Trainer:
             self.writer.flush()
             if self.session.output.is_s3:
                 self.session.output.upload_tree(self.session.staging / self.cfg.logging_dir, layout.LOGS_DIR)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    # onto the CPU: load_state_dict copies into the parameters' own device, and safetensors
+    # rejects the indexed "cpu:0" that accelerate reports for multi-process CPU runs
+    return load_file(path, device="cpu")
+
+
+def _load_plain(path: Path, where: str, what: str) -> Any:
+    """torch.load with weights_only: tensors and plain containers, never code (write access to
+    the bucket must not mean code execution in the trainer)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{where}: not a plain {what} ({str(error).splitlines()[0][:200]}); refusing to unpickle it"
+        ) from None
 
 
 @lru_cache(maxsize=4)

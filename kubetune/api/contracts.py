@@ -125,7 +125,7 @@ class TrainingProgress(Contract):
     message: str | None = None  # why, when state is "failed"
 
 
-# -- checkpoints/step-N/manifest.json: trainer -> trainer (resume), operator (it exists) -----------
+# -- checkpoint-N/manifest.json: trainer -> trainer (resume), operator (it exists) ---------------------
 
 
 class CheckpointFile(Contract):

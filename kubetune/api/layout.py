@@ -14,7 +14,12 @@ Storage layout (the trainer's `--output_dir` is the storage URI itself, as in di
       dataset/train/*.jpg
       dataset/README.md                    dataset card
       cache/<key>/                         latent and text-embedding cache of the trainer
-      checkpoints/step-NNNNNNNN/manifest.json   written last (contracts.CheckpointManifest)
+      checkpoint-N/                        a resumable checkpoint, named as diffusers' scripts name them:
+        unet/, unet_ema/                     full fine-tune: the UNet (and EMA) in diffusers format
+        pytorch_lora_weights.safetensors     LoRA: the adapter, for pipe.load_lora_weights(folder)
+        optimizer.pt                         optimizer, LR schedule, loss scaler (tensors only)
+        manifest.json                        written last (contracts.CheckpointManifest)
+      checkpoints/step-NNNNNNNN/manifest.json   the layout before 0.x: still resumed, never written
       samples/step-NNNNNNNN/*.png, grid.png
       logs/                                TensorBoard
 """
@@ -32,7 +37,10 @@ from kubetune.api.models import Dataset
 DATASET_DIR = "dataset"
 DATASET_MANIFEST = "dataset/manifest.json"
 CACHE_DIR = "cache"
-CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINTS_DIR = ""  # checkpoints are folders at the output's root, as in diffusers' scripts
+LEGACY_CHECKPOINTS_DIR = "checkpoints"  # kubetune's earlier `checkpoints/step-N/` (read, never written)
+# accelerate's save_state writes this (process 0's RNG states) last: a stock checkpoint is complete
+STOCK_CHECKPOINT_MARKER = "random_states_0.pkl"
 SAMPLES_DIR = "samples"
 LOGS_DIR = "logs"
 PROGRESS_FILE = "progress.json"
@@ -59,36 +67,48 @@ def is_safe_file_name(name: str) -> bool:
 
 
 def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
+    """The folder of the checkpoint at `step`: `checkpoint-N`, as diffusers' scripts name it."""
+    return f"checkpoint-{step}"
 
 
 def checkpoint_step(name: str) -> int | None:
-    """The step of a checkpoint folder name: kubetune's `step-N`, or diffusers' `checkpoint-N`."""
-    for prefix in ("step-", "checkpoint-"):
+    """The step of a checkpoint folder name: `checkpoint-N`, or the earlier `step-N` (any padding)."""
+    for prefix in ("checkpoint-", "step-"):
         if name.startswith(prefix) and name[len(prefix) :].isdigit():
             return int(name[len(prefix) :])
     return None
 
 
 def step_of_checkpoint_uri(uri: str) -> int:
-    """The step of a checkpoint name or URI (`.../step-N/` or `checkpoint-N`); 0 for none."""
+    """The step of a checkpoint name or URI (`.../checkpoint-N/`, `checkpoints/step-N`); 0 for none."""
     return checkpoint_step((uri or "").rstrip("/").rsplit("/", 1)[-1]) or 0
 
 
-def complete_checkpoint_names(keys: Iterable[str]) -> list[str]:
-    """Checkpoint folders whose manifest (written last) is among `keys`, the keys listed under
-    CHECKPOINTS_DIR relative to the output (`checkpoints/step-N/manifest.json`)."""
-    names = []
+def complete_checkpoint_paths(keys: Iterable[str]) -> list[str]:
+    """The complete checkpoint folders among `keys` (keys relative to the output): `checkpoint-N`
+    whose manifest (written last) is listed, or, when diffusers' script wrote it, accelerate's last
+    file (STOCK_CHECKPOINT_MARKER); and the earlier layout's `checkpoints/step-N` with its manifest.
+    Paths relative to the output, oldest step first (at a tie, the earlier layout first)."""
+    paths = set()
     for key in keys:
         parts = key.split("/")
-        if (
+        if len(parts) == 2 and parts[1] in (MANIFEST_FILE, STOCK_CHECKPOINT_MARKER):
+            if parts[0].startswith("checkpoint-") and checkpoint_step(parts[0]) is not None:
+                paths.add(parts[0])
+        elif (
             len(parts) == 3
-            and parts[0] == CHECKPOINTS_DIR
+            and parts[0] == LEGACY_CHECKPOINTS_DIR
             and parts[2] == MANIFEST_FILE
             and checkpoint_step(parts[1]) is not None
         ):
-            names.append(parts[1])
-    return names
+            paths.add(f"{parts[0]}/{parts[1]}")
+    return sorted(paths, key=lambda path: (step_of_checkpoint_uri(path), "/" not in path))
+
+
+def complete_checkpoint_names(keys: Iterable[str]) -> list[str]:
+    """The folder names (`checkpoint-N`, earlier: `step-N`) of `complete_checkpoint_paths(keys)`;
+    `keys` are those listed under CHECKPOINTS_DIR (the output's root), relative to the output."""
+    return [path.rsplit("/", 1)[-1] for path in complete_checkpoint_paths(keys)]
 
 
 def dataset_fingerprint(dataset: Dataset) -> str:

@@ -364,7 +364,7 @@ def test_success_publishes_the_uris() -> None:
     assert status["phase"] == "Succeeded"
     assert status["modelUri"] == "s3://bucket/shapes/"
     assert status["samplesUri"] == "s3://bucket/shapes/samples/"
-    assert status["checkpointsUri"] == "s3://bucket/shapes/checkpoints/"
+    assert status["checkpointsUri"] == "s3://bucket/shapes/"  # checkpoint-N/ at the root
     assert status["completionTime"] and status["training"]["progress"] == "100%"
     assert world.condition("Succeeded")["status"] == "True"
     assert status["attempts"][-1]["reason"] == "Succeeded" and status["attempts"][-1]["endStep"] == 100

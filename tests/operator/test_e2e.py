@@ -40,9 +40,8 @@ def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
 
 def checkpoint_steps(e2e: Any, name: str) -> list[int]:
     """Complete checkpoints in S3 (their manifest is written last)."""
-    return sorted(
-        int(k.split("/")[0][5:]) for k in e2e.keys("jobs", name, "checkpoints") if k.endswith("/manifest.json")
-    )
+    # keys under the prefix `.../checkpoint-`: `N/manifest.json`
+    return sorted(int(k.split("/")[0]) for k in e2e.keys("jobs", name, "checkpoint-") if k.endswith("/manifest.json"))
 
 
 def wait_for_checkpoint_mid_run(e2e: Any, name: str) -> int:
@@ -161,7 +160,7 @@ def test_a_job_runs_to_succeeded_with_a_loadable_model_and_samples(
     storage = e2e.uri("jobs", name) + "/"
     assert status["modelUri"] == storage
     assert status["samplesUri"] == storage + "samples/"
-    assert status["checkpointsUri"] == storage + "checkpoints/"
+    assert status["checkpointsUri"] == storage  # checkpoint-N/ folders at the root, as diffusers' scripts
     assert status["training"]["step"] == status["training"]["maxSteps"] == 4
     assert status["training"]["progress"] == "100%"
     assert status["dataset"]["kept"] == 12 and status["dataset"]["requested"] == 12
@@ -247,7 +246,7 @@ def test_a_killed_trainer_is_replaced_by_an_attempt_that_resumes_and_finishes(e2
     assert second["endStep"] == status["training"]["step"] == MAX_STEPS
     assert status["restarts"] == 1 and status["preemptions"] == 0
     assert e2e.names("jobs", name) == ["killed-collect", "killed-train", "killed-train-r1"]
-    assert f"checkpoints/step-{second['startStep']:08d}" in resumed_from(e2e, name, "killed-train-r1")
+    assert f"/checkpoint-{second['startStep']} " in resumed_from(e2e, name, "killed-train-r1")
     assert {"AttemptFailed", "AttemptStarted", "Succeeded"} <= set(reasons(e2e, name))
     assert e2e.progress(name)["step"] == MAX_STEPS
 
@@ -266,7 +265,7 @@ def test_a_preempted_pod_does_not_use_the_backoff_budget(e2e: Any) -> None:
     assert first["reason"] == "Preempted" and second["reason"] == "Succeeded"
     assert status["preemptions"] == 1 and status["restarts"] == 0
     assert second["startStep"] >= step > 0 and second["endStep"] == MAX_STEPS
-    assert f"checkpoints/step-{second['startStep']:08d}" in resumed_from(e2e, name, "evicted-train-r1")
+    assert f"/checkpoint-{second['startStep']} " in resumed_from(e2e, name, "evicted-train-r1")
     assert "PodPreempted" in reasons(e2e, name)
 
 
@@ -292,7 +291,7 @@ def test_suspend_then_resume_finishes_from_the_checkpoint(e2e: Any) -> None:
     assert status["restarts"] == 0 and status["preemptions"] == 0
     assert status["training"]["step"] == MAX_STEPS
     assert e2e.names("jobs", name) == ["paused-collect", "paused-train"]
-    assert f"checkpoints/step-{stopped_at:08d}" in resumed_from(e2e, name, "paused-train")
+    assert f"/checkpoint-{stopped_at} " in resumed_from(e2e, name, "paused-train")
     assert {"Suspended", "Resumed"} <= set(reasons(e2e, name))
 
 

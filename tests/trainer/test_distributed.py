@@ -42,7 +42,7 @@ def test_two_processes_agree_with_one(
     process = launch(command)
     log = process.communicate(timeout=300)[0]
     assert process.returncode == 0, log[-4000:]
-    manifest = json.loads((output / "checkpoints" / "step-00000024" / "manifest.json").read_text())
+    manifest = json.loads((output / "checkpoint-24" / "manifest.json").read_text())
     assert manifest["worldSize"] == 2 and manifest["globalBatchSize"] == 4
     assert relative_update_difference(output, reference_run, tiny_model) < TOLERANCE
 
@@ -58,7 +58,7 @@ def test_two_nodes_on_one_machine_agree_with_one(
     ]
     logs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    manifest = json.loads((output / "checkpoints" / "step-00000024" / "manifest.json").read_text())
+    manifest = json.loads((output / "checkpoint-24" / "manifest.json").read_text())
     assert manifest["worldSize"] == 2
     assert json.loads((output / "progress.json").read_text())["state"] == "succeeded"
     assert relative_update_difference(output, reference_run, tiny_model) < TOLERANCE

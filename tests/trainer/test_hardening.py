@@ -57,11 +57,11 @@ def test_nan_loss_stops_before_checkpointing_it_and_keeps_the_last_good_checkpoi
     result = train_with_nan_unet(args, (6, 10**6))
     assert result.returncode == EXIT_DIVERGED, result.stderr[-3000:]
     errors = error_lines(result.stderr)
-    assert len(errors) == 1 and "NaN or inf" in errors[0] and "step-00000002" in errors[0], result.stderr[-3000:]
+    assert len(errors) == 1 and "NaN or inf" in errors[0] and "checkpoint-2" in errors[0], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    checkpoints = sorted(p.name for p in (output / "checkpoints").iterdir())
-    assert checkpoints == ["step-00000002"], "the good checkpoint is kept, no NaN one is written"
-    assert (output / "checkpoints" / "step-00000002" / "manifest.json").exists()
+    checkpoints = sorted(p.name for p in output.glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-2"], "the good checkpoint is kept, no NaN one is written"
+    assert (output / "checkpoint-2" / "manifest.json").exists()
     assert not (output / "model_index.json").exists() and not (output / "unet").exists(), "nothing published"
     assert json.loads((output / "progress.json").read_text())["state"] == "failed"
 
@@ -137,7 +137,7 @@ def test_a_checkpoint_optimizer_file_cannot_run_code(checkpointed_run: tuple[Pat
     import torch
 
     output, resume = checkpointed_run
-    folder = output / "checkpoints" / "step-00000002"
+    folder = output / "checkpoint-2"
     marker = tmp_path / "code-ran"
     torch.save({"optimizer": WritesAFile(marker)}, folder / "optimizer.pt")
     data = (folder / "optimizer.pt").read_bytes()
@@ -153,12 +153,14 @@ def test_a_checkpoint_optimizer_file_cannot_run_code(checkpointed_run: tuple[Pat
     assert not marker.exists(), "loading the checkpoint ran code from it"
 
 
-@pytest.mark.parametrize("name", ["../escape", "/etc/passwd", "..", "a/b"])
+@pytest.mark.parametrize(
+    "name", ["../escape", "/etc/passwd", "..", "unet/../../escape", "unet//x", "./x", "a\\b", "a/b/c/d/e"]
+)
 def test_checkpoint_manifest_file_names_stay_inside_the_folder(
     checkpointed_run: tuple[Path, list[str]], name: str
 ) -> None:
     output, resume = checkpointed_run
-    folder = output / "checkpoints" / "step-00000002"
+    folder = output / "checkpoint-2"
     rewrite_manifest(folder, lambda m: m["files"].update({name: {"size": 1, "sha256": "0" * 64}}))
     result = train(resume)
     assert result.returncode == EXIT_INVALID, result.stderr[-3000:]
@@ -182,7 +184,7 @@ class FlakyUploads:
         def upload_file(store: Store, source: str | Path, key: str) -> None:
             self.calls += 1
             time.sleep(self.delay)
-            checkpoint = Path(source).parent.name
+            checkpoint = next((p.name for p in Path(source).parents if p.name.startswith("checkpoint-")), "")
             if self.fail.get(checkpoint, 0) > 0:
                 self.fail[checkpoint] -= 1
                 raise StorageError(f"simulated outage uploading {checkpoint}")
@@ -193,7 +195,8 @@ class FlakyUploads:
 
 def write_checkpoint(checkpointer: Any, step: int) -> None:
     folder = checkpointer.folder(step)
-    (folder / "trainable.safetensors").write_bytes(b"weights %d" % step)
+    (folder / "unet").mkdir()
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights %d" % step)
     checkpointer.commit(
         folder,
         CheckpointState(
@@ -229,31 +232,31 @@ def stored_steps(checkpointer: Any) -> list[int]:
 
 
 def test_a_failed_upload_is_retried(checkpointer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    FlakyUploads(monkeypatch, {"step-00000001": 2})
+    FlakyUploads(monkeypatch, {"checkpoint-1": 2})
     write_checkpoint(checkpointer, 1)
-    assert checkpointer.wait() == "step-00000001"
+    assert checkpointer.wait() == "checkpoint-1"
     assert stored_steps(checkpointer) == [1] and checkpointer.failed == []
 
 
 def test_an_older_failed_checkpoint_is_logged_and_does_not_fail_the_run(
     checkpointer: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    FlakyUploads(monkeypatch, {"step-00000001": 99})
+    FlakyUploads(monkeypatch, {"checkpoint-1": 99})
     with caplog.at_level(logging.ERROR, logger="kubetune.trainer"):
         write_checkpoint(checkpointer, 1)
         write_checkpoint(checkpointer, 2)
-        assert checkpointer.wait() == "step-00000002"
-    assert stored_steps(checkpointer) == [2] and checkpointer.failed == ["step-00000001"]
-    assert any("step-00000001 could not be stored" in r.getMessage() for r in caplog.records)
+        assert checkpointer.wait() == "checkpoint-2"
+    assert stored_steps(checkpointer) == [2] and checkpointer.failed == ["checkpoint-1"]
+    assert any("checkpoint-1 could not be stored" in r.getMessage() for r in caplog.records)
 
 
 def test_the_newest_checkpoint_failing_fails_the_run(checkpointer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from kubetune.storage import StorageError
 
-    FlakyUploads(monkeypatch, {"step-00000002": 99})
+    FlakyUploads(monkeypatch, {"checkpoint-2": 99})
     write_checkpoint(checkpointer, 1)
     write_checkpoint(checkpointer, 2)
-    with pytest.raises(StorageError, match="newest checkpoint step-00000002 could not be stored"):
+    with pytest.raises(StorageError, match="newest checkpoint checkpoint-2 could not be stored"):
         checkpointer.wait()
     assert stored_steps(checkpointer) == [1]
 
@@ -265,5 +268,5 @@ def test_training_waits_for_the_previous_upload_before_staging_another(
     write_checkpoint(checkpointer, 1)
     checkpointer.folder(2)  # blocks until checkpoint 1 is stored: at most two on the staging disk
     assert stored_steps(checkpointer) == [1]
-    staged = sorted(p.name for p in (checkpointer.local_root / "checkpoints").iterdir())
-    assert staged == ["step-00000001", "step-00000002"]
+    staged = sorted(p.name for p in checkpointer.local_root.glob("checkpoint-*"))
+    assert staged == ["checkpoint-1", "checkpoint-2"]

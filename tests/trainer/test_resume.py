@@ -50,14 +50,15 @@ def test_sigterm_mid_run_then_resume_matches_uninterrupted(
     assert stopped["state"] == "preempted"
     step = stopped["step"]
     assert 2 <= step < REFERENCE_STEPS
-    manifest = json.loads((output / "checkpoints" / f"step-{step:08d}" / "manifest.json").read_text())
+    manifest = json.loads((output / f"checkpoint-{step}" / "manifest.json").read_text())
     assert manifest["step"] == step and manifest["samplesSeen"] == step * 4 and manifest["seed"] == 7
-    assert {"trainable.safetensors", "optimizer.pt", "ema.safetensors"} <= set(manifest["files"])
+    unet, ema = "unet/diffusion_pytorch_model.safetensors", "unet_ema/diffusion_pytorch_model.safetensors"
+    assert {unet, ema, "optimizer.pt"} <= set(manifest["files"])
     assert not (output / "model_index.json").exists()
 
     second = launch(pod_command(args))
     log = second.communicate(timeout=180)[0]
     assert second.returncode == 0, log[-3000:]
-    assert f"resuming from {output}/checkpoints/step-{step:08d}" in log
+    assert f"resuming from {output}/checkpoint-{step} " in log
     assert json.loads(progress.read_text())["state"] == "succeeded"
     assert max_difference(unet_weights(output), unet_weights(reference_run)) < 1e-6

@@ -37,20 +37,20 @@ def test_spec_job_on_s3_resumes_from_s3_checkpoint(tiny_model: Path, s3_bucket: 
     first = train([*common, "--max_train_steps", "2"], KUBETUNE_WORK_DIR=str(tmp_path / "pod-1"))
     assert first.returncode == 0, first.stderr[-3000:]
     out = Store(storage)
-    assert out.exists("checkpoints/step-00000002/manifest.json")
+    assert out.exists("checkpoint-2/manifest.json")
     assert "cached latents-00000.safetensors" in first.stderr
 
     second = train(common, KUBETUNE_WORK_DIR=str(tmp_path / "pod-2"))  # a fresh pod: nothing local
     assert second.returncode == 0, second.stderr[-3000:]
-    assert f"resuming from {storage}/checkpoints/step-00000002" in second.stderr
+    assert f"resuming from {storage}/checkpoint-2 " in second.stderr
     assert "cached latents" not in second.stderr, "the S3 cache is reused"
 
     progress = out.read_json("progress.json")
     assert progress["state"] == "succeeded" and progress["step"] == 4
-    assert progress["latestCheckpoint"] == "step-00000004"
+    assert progress["latestCheckpoint"] == "checkpoint-4"
     keys = set(out.list(""))
     assert "model_index.json" in keys and "unet/diffusion_pytorch_model.safetensors" in keys
-    assert not any(k.startswith("checkpoints/step-00000002/") for k in keys), "the older checkpoint was removed"
+    assert not any(k.startswith("checkpoint-2/") for k in keys), "the older checkpoint was removed"
     assert any(k.startswith("cache/") and k.endswith("/manifest.json") for k in keys)
     assert "- fingerprint: abc123" in out.read_bytes("README.md").decode()
 

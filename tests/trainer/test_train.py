@@ -90,7 +90,7 @@ def test_validation_samples_and_unreadable_images(tiny_model: Path, tmp_path: Pa
         "grid.png",
         "prompts.json",
     ]
-    assert [p.name for p in (output / "checkpoints").iterdir()] == ["step-00000002"], "only the newest is kept"
+    assert [p.name for p in output.glob("checkpoint-*")] == ["checkpoint-2"], "only the newest is kept"
     # The dataset sits in a folder named `dataset`: the cache goes beside it, where later jobs find it.
     assert (tmp_path / "cache").is_dir()
 
@@ -114,8 +114,9 @@ def test_lora_weights_load_with_load_lora_weights(tiny_model: Path, shapes_datas
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (output / "pytorch_lora_weights.safetensors").exists()
-    manifest = json.loads((output / "checkpoints" / "step-00000004" / "manifest.json").read_text())
-    assert manifest["files"]["trainable.safetensors"]["size"] < 200_000, "LoRA checkpoints hold only the adapter"
+    manifest = json.loads((output / "checkpoint-4" / "manifest.json").read_text())
+    assert manifest["files"]["pytorch_lora_weights.safetensors"]["size"] < 200_000, "LoRA checkpoints hold the adapter"
+    assert set(manifest["files"]) == {"pytorch_lora_weights.safetensors", "optimizer.pt"}
 
     pipeline = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
     before = pipeline(
