@@ -509,8 +509,9 @@ def pods_needed(status: dict[str, Any], jobs: dict[str, dict[str, Any]]) -> bool
 
 
 def latest_complete_checkpoint(store: storage.Store) -> str:
-    """The newest `checkpoints/step-N` with its manifest (written last), as the trainer's
-    `--resume_from_checkpoint latest` will find it; "" when there is none."""
+    """The newest complete checkpoint (`checkpoint-N/`, or `checkpoints/step-N/` of the earlier
+    layout, with its manifest written last), as the trainer's `--resume_from_checkpoint latest`
+    finds it; "" when there is none. Lists the whole storage prefix, once per new attempt."""
     names = complete_checkpoint_names(store.list(CHECKPOINTS_DIR))
     return max(names, key=step_of_checkpoint_uri, default="")
 
