@@ -36,7 +36,7 @@ from kubetune.dev.cluster.errors import ApiError, not_found
 from kubetune.dev.cluster.resources import Registry, ResourceType
 from kubetune.dev.cluster.selectors import field_selector, label_selector
 from kubetune.dev.cluster.status import set_condition
-from kubetune.dev.cluster.store import Store, Watcher
+from kubetune.dev.cluster.store import Store, Watcher, WriteOptions
 from kubetune.dev.cluster.tables import to_table
 
 if TYPE_CHECKING:
@@ -497,9 +497,7 @@ class ApiServer:
         validation = query.get("fieldValidation", "Warn")
         if method == "PUT":
             body = await self._body(request)
-            result = self.store.update(
-                rt, namespace, name, body, subresource=sub, dry_run=_dry_run(query), field_validation=validation
-            )
+            result = self.store.update(rt, namespace, name, body, WriteOptions(sub, _dry_run(query), validation))
             return _json(result.obj, 200, result.warnings)
         if method == "PATCH":
             content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
@@ -516,16 +514,8 @@ class ApiServer:
                 patch = yaml.safe_load(raw) if patch_type == "apply" else json.loads(raw or b"null")
             except (ValueError, yaml.YAMLError) as error:
                 raise ApiError(400, "BadRequest", f"error decoding patch: {error}") from None
-            result = self.store.patch(
-                rt,
-                namespace,
-                name,
-                patch_type,
-                patch,
-                subresource=sub,
-                dry_run=_dry_run(query),
-                field_validation=validation,
-            )
+            options = WriteOptions(sub, _dry_run(query), validation)
+            result = self.store.patch(rt, namespace, name, patch_type, patch, options)
             return _json(result.obj, 200, result.warnings)
         if method == "DELETE":
             options = await self._delete_options(request)

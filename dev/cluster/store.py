@@ -61,6 +61,19 @@ class WriteResult:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class WriteOptions:
+    """The query parameters of an update or patch: `/status`-style subresource, `dryRun=All`,
+    `fieldValidation` (Ignore, Warn, Strict)."""
+
+    subresource: str = ""
+    dry_run: bool = False
+    field_validation: str = "Warn"
+
+
+WRITE = WriteOptions()
+
+
 class Store:
     def __init__(self, registry: Registry, history: int = 20000) -> None:
         self.registry = registry
@@ -280,16 +293,9 @@ class Store:
         return []
 
     def update(
-        self,
-        rt: ResourceType,
-        namespace: str,
-        name: str,
-        body: Obj,
-        *,
-        subresource: str = "",
-        dry_run: bool = False,
-        field_validation: str = "Warn",
+        self, rt: ResourceType, namespace: str, name: str, body: Obj, options: WriteOptions = WRITE
     ) -> WriteResult:
+        subresource, dry_run, field_validation = options.subresource, options.dry_run, options.field_validation
         current = self._existing(rt, namespace, name)
         if not isinstance(body, dict) or not isinstance(body.get("metadata", {}), dict):
             raise ApiError(400, "BadRequest", "the body of the request was in an unknown format")
@@ -364,17 +370,9 @@ class Store:
         return WriteResult(self._commit("MODIFIED", rt.key, new, current), warnings)
 
     def patch(
-        self,
-        rt: ResourceType,
-        namespace: str,
-        name: str,
-        patch_type: str,
-        patch: Any,
-        *,
-        subresource: str = "",
-        dry_run: bool = False,
-        field_validation: str = "Warn",
+        self, rt: ResourceType, namespace: str, name: str, patch_type: str, patch: Any, options: WriteOptions = WRITE
     ) -> WriteResult:
+        dry_run, field_validation = options.dry_run, options.field_validation
         current = self.find(rt.key, namespace if rt.namespaced else "", name)
         if current is None:
             if patch_type == "apply":
@@ -408,9 +406,7 @@ class Store:
             )
         if not isinstance(patched, dict):
             raise ApiError(422, "Invalid", "the patch produced an object that is not a JSON object")
-        return self.update(
-            rt, namespace, name, patched, subresource=subresource, dry_run=dry_run, field_validation=field_validation
-        )
+        return self.update(rt, namespace, name, patched, options)
 
     def internal_write(self, key: Key, obj: Obj) -> Obj:
         """A controller's write (binding, status) that skips admission; keeps the no-op rule."""

@@ -40,6 +40,12 @@ def copy_of(run: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run, tmp_path / "out"))
 
 
+def resume(model: Path, data: Path, output: Path, max_steps: int, checkpoint: str, **overrides: Any) -> Any:
+    """Train to `max_steps`, checkpointing every 2 steps, resuming from `checkpoint`."""
+    flags = core_flags(model, data, output, max_train_steps=max_steps, checkpointing_steps=2, **overrides)
+    return train([*flags, "--resume_from_checkpoint", checkpoint])
+
+
 def test_checkpoints_are_named_and_filled_as_the_stock_script_does(full_run: Path) -> None:
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
@@ -90,32 +96,13 @@ def test_named_and_latest_resume_and_total_limit(
     full_run: Path, tiny_model: Path, shapes_dataset: Path, tmp_path: Path
 ) -> None:
     output = copy_of(full_run, tmp_path)
-    named = train(
-        core_flags(
-            tiny_model,
-            shapes_dataset,
-            output,
-            max_train_steps=6,
-            checkpointing_steps=2,
-            resume_from_checkpoint="checkpoint-2",
-        )
-    )
+    named = resume(tiny_model, shapes_dataset, output, 6, "checkpoint-2")
     assert named.returncode == 0, named.stderr[-3000:]
     assert f"resuming from {output}/checkpoint-2 (step 2)" in named.stderr
     assert checkpoints(output) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     assert progress(output)["step"] == 6
 
-    latest = train(
-        core_flags(
-            tiny_model,
-            shapes_dataset,
-            output,
-            max_train_steps=8,
-            checkpointing_steps=2,
-            checkpoints_total_limit=2,
-            resume_from_checkpoint="latest",
-        )
-    )
+    latest = resume(tiny_model, shapes_dataset, output, 8, "latest", checkpoints_total_limit=2)
     assert latest.returncode == 0, latest.stderr[-3000:]
     assert f"resuming from {output}/checkpoint-6 (step 6)" in latest.stderr
     assert checkpoints(output) == ["checkpoint-6", "checkpoint-8"]
@@ -148,16 +135,7 @@ def test_the_earlier_checkpoints_step_n_layout_still_resumes(
         p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in old.iterdir()
     }
     (old / "manifest.json").write_text(json.dumps(manifest))
-    result = train(
-        core_flags(
-            tiny_model,
-            shapes_dataset,
-            output,
-            max_train_steps=4,
-            checkpointing_steps=2,
-            resume_from_checkpoint="latest",
-        )
-    )
+    result = resume(tiny_model, shapes_dataset, output, 4, "latest")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from {output}/checkpoints/step-00000002 (step 2)" in result.stderr
     assert checkpoints(output) == ["checkpoint-4"]
@@ -294,18 +272,7 @@ def test_resumes_from_checkpoints_the_stock_script_wrote(
     assert {"optimizer.bin", "scheduler.bin", "random_states_0.pkl", "unet", "unet_ema"} <= {
         p.name for p in (output / "checkpoint-4").iterdir()
     }
-    result = train(
-        core_flags(
-            tiny_model,
-            shapes_dataset,
-            output,
-            max_train_steps=8,
-            checkpointing_steps=2,
-            checkpoints_total_limit=2,
-            learning_rate=1e-4,
-            resume_from_checkpoint="latest",
-        )
-    )
+    result = resume(tiny_model, shapes_dataset, output, 8, "latest", checkpoints_total_limit=2, learning_rate=1e-4)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from {output}/checkpoint-4 (step 4) (written by diffusers' script)" in result.stderr
     assert "the data order restarts at the beginning of epoch 2" in result.stderr  # 2 steps an epoch

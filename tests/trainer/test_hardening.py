@@ -66,6 +66,13 @@ def test_nan_loss_stops_before_checkpointing_it_and_keeps_the_last_good_checkpoi
     assert json.loads((output / "progress.json").read_text())["state"] == "failed"
 
 
+def one_skip_allowed(model: Path, data: Path, output: Path) -> list[str]:
+    """6 steps, a checkpoint at 3, at most one non-finite step skipped."""
+    return core_flags(
+        model, data, output, max_train_steps=6, checkpointing_steps=3, max_nonfinite_steps=1, use_ema=False
+    )
+
+
 def test_max_nonfinite_steps_skips_a_bad_step_and_finishes(
     tiny_model: Path, shapes_dataset: Path, tmp_path: Path
 ) -> None:
@@ -73,15 +80,7 @@ def test_max_nonfinite_steps_skips_a_bad_step_and_finishes(
     from safetensors.torch import load_file
 
     output = tmp_path / "out"
-    args = core_flags(
-        tiny_model,
-        shapes_dataset,
-        output,
-        max_train_steps=6,
-        checkpointing_steps=3,
-        max_nonfinite_steps=1,
-        use_ema=False,
-    )
+    args = one_skip_allowed(tiny_model, shapes_dataset, output)
     result = train_with_nan_unet(args, (4, 6))  # one step (the third) goes NaN
     assert result.returncode == 0, result.stderr[-3000:]
     assert "non-finite loss or gradients; update skipped (1 of at most 1)" in result.stderr
@@ -92,15 +91,7 @@ def test_max_nonfinite_steps_skips_a_bad_step_and_finishes(
 
 def test_more_nonfinite_steps_than_allowed_stop_the_run(tiny_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
     output = tmp_path / "out"
-    args = core_flags(
-        tiny_model,
-        shapes_dataset,
-        output,
-        max_train_steps=6,
-        checkpointing_steps=3,
-        max_nonfinite_steps=1,
-        use_ema=False,
-    )
+    args = one_skip_allowed(tiny_model, shapes_dataset, output)
     result = train_with_nan_unet(args, (4, 10**6))
     assert result.returncode == EXIT_DIVERGED, result.stderr[-3000:]
     assert "after 2 skipped steps" in error_lines(result.stderr)[0]

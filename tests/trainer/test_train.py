@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from trainer_testkit import core_flags, env, train, write_imagefolder
@@ -95,8 +96,17 @@ def test_validation_samples_and_unreadable_images(tiny_model: Path, tmp_path: Pa
     assert (tmp_path / "cache").is_dir()
 
 
-def test_lora_weights_load_with_load_lora_weights(tiny_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
+def render(pipeline: Any) -> Any:
+    """The same 2-step 32 px image of "a blue square", as a numpy array."""
     import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return pipeline(
+        "a blue square", num_inference_steps=2, height=32, width=32, output_type="np", generator=generator
+    ).images
+
+
+def test_lora_weights_load_with_load_lora_weights(tiny_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
     output = tmp_path / "lora"
@@ -119,23 +129,9 @@ def test_lora_weights_load_with_load_lora_weights(tiny_model: Path, shapes_datas
     assert set(manifest["files"]) == {"pytorch_lora_weights.safetensors", "optimizer.pt"}
 
     pipeline = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
-    before = pipeline(
-        "a blue square",
-        num_inference_steps=2,
-        height=32,
-        width=32,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    ).images
+    before = render(pipeline)
     pipeline.load_lora_weights(output)
-    after = pipeline(
-        "a blue square",
-        num_inference_steps=2,
-        height=32,
-        width=32,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    ).images
+    after = render(pipeline)
     assert abs(after - before).max() > 1e-4, "the adapter changes the images"
     assert "pipe.load_lora_weights" in (output / "README.md").read_text()
 
