@@ -44,8 +44,10 @@ from kubetune.trainer.checkpoint import (
 from kubetune.trainer.config import TrainConfig
 from kubetune.trainer.data import (
     TrainingData,
+    is_imagefolder,
     open_hub_dataset,
     open_imagefolder,
+    open_local_dataset,
     select,
 )
 from kubetune.trainer.progress import Progress
@@ -287,11 +289,13 @@ def _weights_fingerprint(path: Path) -> str:
 def load_data(cfg: TrainConfig, session: Session) -> tuple[TrainingData, list[int]]:
     source = cfg.train_data_dir if not cfg.dataset_name else cfg.dataset_name
     assert source is not None
-    local_or_s3 = source.startswith("s3://") or Path(source).is_dir()
-    if local_or_s3:
-        data = open_imagefolder(source, cfg.image_column, cfg.caption_column)
+    columns = (cfg.image_column, cfg.caption_column)
+    if source.startswith("s3://") or (Path(source).is_dir() and is_imagefolder(source)):
+        data = open_imagefolder(source, *columns)  # read file by file from the store (S3: no local copy)
+    elif Path(source).is_dir():
+        data = open_local_dataset(source, cfg.dataset_config_name, *columns, cfg.cache_dir)
     else:
-        data = open_hub_dataset(source, cfg.dataset_config_name, cfg.image_column, cfg.caption_column, cfg.cache_dir)
+        data = open_hub_dataset(source, cfg.dataset_config_name, *columns, cfg.cache_dir)
     return data, select(data, cfg.max_train_samples, session.seed)
 
 
@@ -886,7 +890,7 @@ class Trainer:
 
     def _render(self) -> None:
         with self._inference_pipeline() as pipeline:
-            publish.render_samples(
+            images = publish.render_samples(
                 pipeline,
                 self.cfg.validation_prompts,
                 self.cfg.resolution,
@@ -896,6 +900,10 @@ class Trainer:
                 self.cfg.validation_guidance_scale,
                 self.cfg.num_validation_images or (4 if self.cfg.method == "lora" else 1),
             )
+        if self.writer is not None:  # as the stock scripts log them to TensorBoard (by step here)
+            np_images = np.stack([np.asarray(image) for image in images])
+            self.writer.add_images("validation", np_images, self.step, dataformats="NHWC")
+            self.writer.flush()
 
     def publish(self, data: TrainingData, images: int, skipped: int) -> None:
         session, cfg = self.session, self.cfg

@@ -25,3 +25,92 @@ def test_an_imagefolder_inside_its_folder_opens(tmp_path: Path) -> None:
     row = {"file_name": "sub/ok.jpg", "text": "a"}
     (tmp_path / "metadata.jsonl").write_text(json.dumps(row) + "\n")
     assert len(open_imagefolder(str(tmp_path), "image", "text")) == 1
+
+
+# -- `datasets` datasets in a local folder ----------------------------------------------------
+
+
+def _png(colour: str) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _parquet(folder: Path, images: list[dict[str, object]], texts: list[str]) -> Path:
+    """A parquet file as `datasets` writes one with an Image feature (rows as given: no embedding)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    rows = [{"bytes": i.get("bytes"), "path": i.get("path")} for i in images]
+    table = pa.table({"image": rows, "text": texts}, schema=features.arrow_schema)
+    pq.write_table(table, folder / "train-00000-of-00001.parquet")
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+
+
+def test_a_row_naming_a_pod_local_file_is_refused_embedded_bytes_are_read(tmp_path: Path) -> None:
+    from kubetune.trainer.data import open_local_dataset
+
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(_png("red"))
+    bad = _parquet(
+        tmp_path / "bad" / "data", [{"bytes": _png("blue"), "path": None}, {"path": str(secret)}], ["a", "b"]
+    )
+    with pytest.raises(DataError, match=r"row 2: image path '.*secret.png' is outside the dataset"):
+        open_local_dataset(str(bad.parent), None, "image", "text", None)
+    escaping = _parquet(tmp_path / "escaping", [{"path": "../secret.png"}], ["a"])
+    with pytest.raises(DataError, match=r"row 1: image path '../secret.png' is outside the dataset"):
+        open_local_dataset(str(escaping), None, "image", "text", None)
+
+    inside = tmp_path / "good"
+    good = _parquet(inside, [{"bytes": _png("blue"), "path": "/abs/ignored.png"}, {"path": "b.png"}], ["a", "b"])
+    (inside / "b.png").write_bytes(_png("green"))
+    data = open_local_dataset(str(good), None, "image", "text", None)
+    image, beside = data.image(0), data.image(1)
+    assert image is not None and image.getpixel((0, 0)) == (0, 0, 255), "embedded bytes win over the path"
+    assert beside is not None and beside.getpixel((0, 0)) == (0, 128, 0), "a relative path inside the folder"
+
+
+def test_column_errors_name_the_flag_and_a_bounded_list(tmp_path: Path) -> None:
+    import datasets
+
+    from kubetune.trainer.data import open_local_dataset
+
+    wide = {f"column_{i:02d}_" + "x" * 60: ["v"] for i in range(30)}
+    datasets.Dataset.from_dict({"image": [_png("red")], "text": ["a"], **wide}).to_parquet(
+        str(tmp_path / "train.parquet")
+    )
+    with pytest.raises(DataError) as error:
+        open_local_dataset(str(tmp_path), None, "image", "caption", None)
+    message = str(error.value)
+    assert message.startswith("--caption_column 'caption' is not a column of") and "\n" not in message
+    assert "column_00_xxx" in message and "... (12 more)" in message and len(message) < 1200
+    with pytest.raises(DataError, match=r"^--image_column 'picture' is not a column of .*\(columns: image, text, "):
+        open_local_dataset(str(tmp_path), None, "picture", "text", None)
+
+
+def test_imagefolder_metadata_names_the_image_in_a_column_file_name_key(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(_png("red"))
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"image_file_name": "a.png", "text": "red"}) + "\n")
+    data = open_imagefolder(str(tmp_path), "image", "text")
+    assert len(data) == 1 and data.image(0) is not None
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"photo_file_name": "a.png", "text": "red"}) + "\n")
+    assert open_imagefolder(str(tmp_path), "photo", "text").image(0) is not None
+    with pytest.raises(DataError, match=r"--image_column 'image' is not an image column .*\(columns: photo, text\)"):
+        open_imagefolder(str(tmp_path), "image", "text")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"photo_file_name": "../a.png", "text": "red"}) + "\n")
+    with pytest.raises(DataError, match=r"row 1: photo_file_name must be a path inside the dataset"):
+        open_imagefolder(str(tmp_path), "photo", "text")
