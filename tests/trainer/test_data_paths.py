@@ -114,3 +114,22 @@ def test_imagefolder_metadata_names_the_image_in_a_column_file_name_key(tmp_path
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"photo_file_name": "../a.png", "text": "red"}) + "\n")
     with pytest.raises(DataError, match=r"row 1: photo_file_name must be a path inside the dataset"):
         open_imagefolder(str(tmp_path), "photo", "text")
+
+
+def test_a_save_to_disk_folder_opens_and_the_cache_key_follows_the_files(tmp_path: Path) -> None:
+    import datasets
+
+    from kubetune.trainer.data import open_local_dataset
+
+    rows = {"image": [{"bytes": _png("red"), "path": None}], "text": ["red"]}
+    table = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+    datasets.DatasetDict({"train": table}).save_to_disk(str(tmp_path / "disk"))
+    data = open_local_dataset(str(tmp_path / "disk"), None, "image", "text", None)
+    assert data.captions == ["red"] and data.image(0) is not None
+
+    folder = _parquet(tmp_path / "files", [{"bytes": _png("red")}], ["red"])
+    before = open_local_dataset(str(folder), None, "image", "text", None).fingerprint
+    assert open_local_dataset(str(folder), None, "image", "text", None).fingerprint == before
+    _parquet(tmp_path / "other", [{"bytes": _png("red")}], ["red, again"])
+    (tmp_path / "other" / "train-00000-of-00001.parquet").replace(folder / "train-00000-of-00001.parquet")
+    assert open_local_dataset(str(folder), None, "image", "text", None).fingerprint != before

@@ -146,6 +146,37 @@ def test_the_earlier_checkpoints_step_n_layout_still_resumes(
     assert torch.load(output / "checkpoint-4" / "optimizer.pt", weights_only=True)["lr_scheduler"]["last_epoch"] == 4
 
 
+# -- --dataset_name: what datasets.load_dataset takes locally ----------------------------------
+
+
+def test_a_hub_datasets_local_parquet_copy_trains_as_its_imagefolder_does(
+    full_run: Path, tiny_model: Path, shapes_dataset: Path, tmp_path: Path
+) -> None:
+    """The shapes imagefolder as a hub dataset's files (`data/train-*.parquet`, images embedded as
+    an Image feature): the same images and captions in the same order give the same step-2 UNet."""
+    import datasets
+    from safetensors.torch import load_file
+
+    rows = [json.loads(line) for line in (shapes_dataset / "train" / "metadata.jsonl").read_text().splitlines()]
+    images = [{"bytes": (shapes_dataset / "train" / r["file_name"]).read_bytes(), "path": None} for r in rows]
+    table = datasets.Dataset.from_dict({"image": images, "text": [r["text"] for r in rows]})
+    copy = tmp_path / "hub-copy"
+    (copy / "data").mkdir(parents=True)
+    table.cast_column("image", datasets.Image()).to_parquet(str(copy / "data" / "train-00000-of-00001.parquet"))
+
+    output = tmp_path / "out"
+    flags = core_flags(tiny_model, shapes_dataset, output, max_train_steps=2, checkpointing_steps=2)
+    flags[flags.index("--train_data_dir") : flags.index("--train_data_dir") + 2] = ["--dataset_name", str(copy)]
+    result = train(flags, HF_DATASETS_CACHE=str(tmp_path / "hf-datasets"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = load_file(output / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors")
+    reference = load_file(full_run / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert max(float((trained[k] - reference[k]).abs().max()) for k in reference) < 1e-6
+    ours = json.loads((output / "checkpoint-2" / "manifest.json").read_text())["cacheKey"]
+    theirs = json.loads((full_run / "checkpoint-2" / "manifest.json").read_text())["cacheKey"]
+    assert ours != theirs, "the cache is keyed by the dataset's own files"
+
+
 # -- LoRA --------------------------------------------------------------------------------------
 
 
