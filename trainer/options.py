@@ -189,7 +189,8 @@ class TrainConfig:
         group=DATA,
         derive=lambda spec: None,
         spec_note="unset (the data is `--train_data_dir`)",
-        help="hub dataset, or a local/s3:// imagefolder",
+        help="hub dataset; local folder load_dataset reads (parquet/arrow/json(l)/csv, save_to_disk); "
+        "or a local/s3:// imagefolder",
     )
     dataset_config_name: str | None = opt(None, group=DATA, help="hub dataset configuration")
     train_data_dir: str | None = opt(
@@ -199,7 +200,9 @@ class TrainConfig:
         spec_note="`dataset.imagefolder.uri`, else `<storage.uri>/dataset`",
         help="imagefolder (metadata.jsonl with file_name + text), local or s3://",
     )
-    image_column: str = opt("image", group=DATA, help="dataset column holding the images")
+    image_column: str = opt(
+        "image", group=DATA, help="dataset column holding the images (imagefolder: file_name or <column>_file_name)"
+    )
     caption_column: str = opt("text", group=DATA, help="dataset column holding the captions")
     max_train_samples: int | None = opt(
         None,
