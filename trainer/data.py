@@ -175,6 +175,12 @@ def open_local_dataset(
     import datasets
 
     root = Path(folder).resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p.relative_to(root).as_posix()))
+    if not files:
+        raise DataError(
+            f"{folder}: no metadata.jsonl (nor train/metadata.jsonl) and no files `datasets` reads: "
+            "not a dataset or not there"
+        )
     try:
         if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
             dataset = datasets.load_from_disk(str(root))
@@ -188,10 +194,8 @@ def open_local_dataset(
             raise DataError(f"--dataset_name {folder}: no train split (splits: {columns_text(list(dataset))})")
         dataset = dataset["train" if "train" in dataset else next(iter(dataset))]
     digest = hashlib.sha256(f"{config_name}|{image_column}".encode())
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+    for file in files:
         relative = file.relative_to(root).as_posix()
-        if any(part.startswith(".") for part in relative.split("/")):
-            continue  # .cache/ of huggingface_hub's downloads, .git/
         digest.update(f"{relative}\0{file.stat().st_size}\0".encode())
         with file.open("rb") as handle:
             while chunk := handle.read(8 << 20):
@@ -213,6 +217,11 @@ def open_hub_dataset(
     # files the loader downloaded are in its caches; a row naming any other file is refused
     roots = [Path(p) for p in (cache_dir, datasets.config.HF_DATASETS_CACHE, constants.HF_HUB_CACHE) if p]
     return _from_datasets(dataset, name, image_column, caption_column, fingerprint[:16], tuple(roots))
+
+
+def _hidden(relative: str) -> bool:
+    """.cache/ of huggingface_hub's downloads, .git/: not the data."""
+    return any(part.startswith(".") for part in relative.split("/"))
 
 
 def _first_line(error: Exception) -> str:
