@@ -201,7 +201,9 @@ class TrainConfig:
         help="imagefolder (metadata.jsonl with file_name + text), local or s3://",
     )
     image_column: str = opt(
-        "image", group=DATA, help="dataset column holding the images (imagefolder: file_name or <column>_file_name)"
+        "image",
+        group=DATA,
+        help="dataset column holding the images (an imagefolder names it in file_name or COLUMN_file_name)",
     )
     caption_column: str = opt("text", group=DATA, help="dataset column holding the captions")
     max_train_samples: int | None = opt(
