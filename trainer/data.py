@@ -162,7 +162,8 @@ def open_imagefolder(uri: str, image_column: str, caption_column: str) -> Traini
     files = [f"{prefix}/{row[file_key]}".lstrip("/") for row in rows]
     captions = [_caption(row.get(caption_column), caption_column) for row in rows]
     digest = hashlib.sha256(raw + json.dumps(manifest or {}, sort_keys=True).encode())
-    digest.update(file_key.encode())
+    if file_key != "file_name":  # the key of an imagefolder as kubetune always read it is unchanged
+        digest.update(file_key.encode())
     return TrainingData(uri, captions, digest.hexdigest()[:16], rows, manifest, store, files)
 
 
