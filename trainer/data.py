@@ -214,7 +214,8 @@ def open_hub_dataset(
         dataset = datasets.load_dataset(name, config_name, split="train", cache_dir=cache_dir)
     except Exception as error:
         raise DataError(f"--dataset_name {name}: cannot load: {_first_line(error)}") from None
-    fingerprint = hashlib.sha256(f"{name}|{config_name}|{image_column}|{dataset._fingerprint}".encode()).hexdigest()
+    column = f"|{image_column}" if image_column != "image" else ""  # the default: the key it always had
+    fingerprint = hashlib.sha256(f"{name}|{config_name}|{dataset._fingerprint}{column}".encode()).hexdigest()
     # files the loader downloaded are in its caches; a row naming any other file is refused
     roots = [Path(p) for p in (cache_dir, datasets.config.HF_DATASETS_CACHE, constants.HF_HUB_CACHE) if p]
     return _from_datasets(dataset, name, image_column, caption_column, fingerprint[:16], tuple(roots))
