@@ -22,6 +22,10 @@ from kubetune.api.layout import (
     EXIT_EMPTY_DATASET,
     EXIT_INVALID,
     EXIT_PREEMPTED,
+    EXIT_STORAGE_OWNED,
+    OWNER_NAME_ENV,
+    OWNER_NAMESPACE_ENV,
+    OWNER_UID_ENV,
     SPEC_ENV,
     dataset_fingerprint,
 )
@@ -224,7 +228,10 @@ def env(spec: FineTuneJobSpec, owner: Owner, component: str) -> list[dict[str, A
     """The container's env; literal values escaped (see `literal`)."""
     entries: list[dict[str, Any]] = [
         {"name": SPEC_ENV, "value": spec_json(spec)},
-        {"name": "KUBETUNE_FINETUNEJOB", "value": owner.name},
+        # the job's identity: the first pod to write to storage.uri claims it (owner.json)
+        {"name": OWNER_NAME_ENV, "value": owner.name},
+        {"name": OWNER_NAMESPACE_ENV, "value": owner.namespace},
+        {"name": OWNER_UID_ENV, "value": owner.uid},
         # Declared here (the Job controller adds it too) so `$(JOB_COMPLETION_INDEX)` in the
         # command expands from an env entry the pod spec itself defines.
         {
@@ -290,6 +297,7 @@ def pod_failure_policy(container: str) -> dict[str, Any]:
             {"action": "FailJob", "onExitCodes": exit_codes(EXIT_INVALID)},
             {"action": "FailJob", "onExitCodes": exit_codes(EXIT_EMPTY_DATASET)},
             {"action": "FailJob", "onExitCodes": exit_codes(EXIT_DIVERGED)},
+            {"action": "FailJob", "onExitCodes": exit_codes(EXIT_STORAGE_OWNED)},
         ]
     }
 

@@ -23,8 +23,9 @@ from urllib.parse import urlsplit
 
 from kubetune import storage
 from kubetune.api.layout import (
-    CHECKPOINTS_DIR,
+    CHECKPOINT_KEYS_PREFIX,
     DATASET_MANIFEST,
+    OWNER_FILE,
     PROGRESS_FILE,
     complete_checkpoint_names,
     step_of_checkpoint_uri,
@@ -493,6 +494,8 @@ def observe(kube: Kube, ftj: dict[str, Any], extra_pods: list[dict[str, Any]], n
             observed.progress = _read_json(store, PROGRESS_FILE)
         if new_attempt_due(status):
             observed.latest_checkpoint = latest_complete_checkpoint(store)
+        if not observed.jobs or new_attempt_due(status):  # before the operator makes pods
+            observed.storage_owner = _read_json(store, OWNER_FILE)
     except storage.StorageError as error:
         observed.storage_error = str(error)
     return observed
@@ -511,8 +514,8 @@ def pods_needed(status: dict[str, Any], jobs: dict[str, dict[str, Any]]) -> bool
 def latest_complete_checkpoint(store: storage.Store) -> str:
     """The newest complete checkpoint (`checkpoint-N/`, or `checkpoints/step-N/` of the earlier
     layout, with its manifest written last), as the trainer's `--resume_from_checkpoint latest`
-    finds it; "" when there is none. Lists the whole storage prefix, once per new attempt."""
-    names = complete_checkpoint_names(store.list(CHECKPOINTS_DIR))
+    finds it; "" when there is none. Lists only the keys under `checkpoint*`, once per new attempt."""
+    names = complete_checkpoint_names(store.keys_starting_with(CHECKPOINT_KEYS_PREFIX))
     return max(names, key=step_of_checkpoint_uri, default="")
 
 
