@@ -275,10 +275,18 @@ def container_security_context() -> dict[str, Any]:
     }
 
 
-def tmp_volume() -> tuple[dict[str, Any], dict[str, Any]]:
+# The trainer's /tmp (checkpoint staging, the model download) when neither spec.trainer.stagingSize
+# nor the operator's default (chart value trainer.stagingSize) sets one: two full SD 1.5
+# checkpoints being uploaded (about 14 GB each), one being resumed, and the model (about 5 GB).
+DEFAULT_STAGING_SIZE = "64Gi"
+
+
+def tmp_volume(size_limit: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
     """(volume, mount) of a writable /tmp: the root filesystem is read-only, and the images keep
-    HOME, TMPDIR and the Hugging Face / model caches under /tmp."""
-    return {"name": TMP_VOLUME, "emptyDir": {}}, {"name": TMP_VOLUME, "mountPath": "/tmp"}
+    HOME, TMPDIR and the Hugging Face / model caches under /tmp. `size_limit`: the emptyDir's
+    sizeLimit (the kubelet evicts a pod that writes more); empty: none."""
+    empty_dir = {"sizeLimit": size_limit} if size_limit else {}
+    return {"name": TMP_VOLUME, "emptyDir": empty_dir}, {"name": TMP_VOLUME, "mountPath": "/tmp"}
 
 
 def pod_failure_policy(container: str) -> dict[str, Any]:
@@ -511,7 +519,7 @@ def trainer_job(spec: FineTuneJobSpec, owner: Owner, restart: int = 0, images: I
     controller's per-pod retries cannot do, so the operator owns retries (attempts).
     """
     settings = spec.trainer
-    tmp, tmp_mount = tmp_volume()
+    tmp, tmp_mount = tmp_volume(settings.staging_size or DEFAULT_STAGING_SIZE)
     pod_spec = {
         "restartPolicy": "Never",
         "enableServiceLinks": False,

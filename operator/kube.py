@@ -198,6 +198,7 @@ class Kube:
     images: b.Images = field(default_factory=b.Images)
     default_endpoint: str = ""
     default_region: str = ""
+    default_staging_size: str = ""  # spec.trainer.stagingSize for jobs that set none (chart: trainer.stagingSize)
     default_credentials_secret: str = ""  # Secret (in the job's namespace) for jobs that name none
     allowed_storage_endpoints: tuple[str, ...] = ()  # empty: any endpoint, with the job's own Secret
     storage_own_identity: bool = False  # read storage with the operator's identity when a job names no Secret
@@ -297,8 +298,9 @@ class Kube:
         return data
 
     def effective_spec(self, spec: FineTuneJobSpec) -> FineTuneJobSpec:
-        """The spec with the operator's cluster-wide S3 defaults (chart values) filled in, so the
-        pods, the operator's own reads and KUBETUNE_SPEC all see one storage configuration."""
+        """The spec with the operator's cluster-wide S3 defaults and trainer staging size (chart
+        values) filled in, so the pods, the operator's own reads and KUBETUNE_SPEC all see one
+        configuration."""
         storage_spec = spec.storage
         updates: dict[str, Any] = {}
         if not storage_spec.endpoint and self.default_endpoint:
@@ -307,6 +309,9 @@ class Kube:
             updates["region"] = self.default_region
         if storage_spec.credentials_secret_ref is None and self.default_credentials_secret:
             updates["credentials_secret_ref"] = CredentialsSecretRef(name=self.default_credentials_secret)
+        if not spec.trainer.staging_size and self.default_staging_size:
+            trainer = spec.trainer.model_copy(update={"staging_size": self.default_staging_size})
+            spec = spec.model_copy(update={"trainer": trainer})
         if not updates:
             return spec
         return spec.model_copy(update={"storage": storage_spec.model_copy(update=updates)})

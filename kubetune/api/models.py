@@ -440,6 +440,11 @@ class Trainer(PodSettings):
     """GPUs per pod (`nvidia.com/gpu`); 0 trains on CPU with one process per pod."""
     shm_size: QuantityStr = "8Gi"
     """Size of the memory-backed /dev/shm (dataloader workers and NCCL need it)."""
+    staging_size: Annotated[str, StringConstraints(max_length=64, pattern=f"^$|{QUANTITY}")] = ""
+    """Size limit of the pods' /tmp volume (an emptyDir on the node's disk): checkpoint staging (at
+    most two checkpoints being written and uploaded, and one being resumed) and the base model's
+    download. A full SD 1.5 checkpoint is about 14 GB and the model about 5 GB. Empty: the
+    operator's default (chart value `trainer.stagingSize`, 64Gi)."""
     port: int = Field(default=29500, ge=1024, le=65535)
     """Rendezvous port of the rank-0 pod."""
 
