@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from kubetune.api.layout import is_safe_file_name
+from kubetune.cli_util import name_list
 from kubetune.storage import Store
 
 Image.MAX_IMAGE_PIXELS = 16384 * 16384  # big enough for photos; decompression bombs above it fail
@@ -92,11 +93,11 @@ def open_imagefolder(uri: str, image_column: str, caption_column: str) -> Traini
         raise DataError(f"{store.uri_of(key)}: the dataset is empty")
     columns = sorted({c for row in rows for c in row})
     if "file_name" not in columns:
-        raise DataError(f"{store.uri_of(key)}: no 'file_name' column (columns: {', '.join(columns)})")
+        raise DataError(f"{store.uri_of(key)}: no 'file_name' column (columns: {name_list(columns)})")
     if caption_column not in columns:
         raise DataError(
             f"--caption_column '{caption_column}' is not a column of {store.uri_of(key)} "
-            f"(columns: {', '.join(c for c in columns if c != 'file_name')})"
+            f"(columns: {name_list([c for c in columns if c != 'file_name'])})"
         )
     if image_column not in ("image", "file_name"):
         raise DataError(f"--image_column '{image_column}': an imagefolder's images are its 'file_name' entries")
@@ -127,7 +128,7 @@ def open_hub_dataset(
         raise DataError(f"--dataset_name {name}: cannot load: {str(error).splitlines()[0]}") from None
     for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
         if column not in dataset.column_names:
-            raise DataError(f"{flag} '{column}' is not a column of {name} (columns: {', '.join(dataset.column_names)})")
+            raise DataError(f"{flag} '{column}' is not a column of {name} (columns: {name_list(dataset.column_names)})")
     if len(dataset) == 0:
         raise DataError(f"--dataset_name {name}: the dataset is empty")
     captions = [_caption(c, caption_column) for c in dataset[caption_column]]
@@ -149,7 +150,7 @@ def _caption(value: Any, column: str) -> str:
         return value
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
         return value[0]  # the cache holds one text embedding per image: the first caption
-    raise DataError(f"caption column '{column}' must hold strings or lists of strings (got {value!r:.60})")
+    raise DataError(f"caption column '{column}' must hold strings or lists of strings (got {type(value).__name__})")
 
 
 def transform(
