@@ -179,7 +179,7 @@ class Session:
         return {
             "method": cfg.method,
             "model": cfg.pretrained_model_name_or_path,
-            "revision": cfg.revision or "",
+            "revision": cfg.revision or "main",
             "global_batch_size": cfg.train_batch_size * processes * cfg.gradient_accumulation_steps,
             "resolution": cfg.resolution,
             "lora_rank": cfg.rank if cfg.method == "lora" else 0,
@@ -694,7 +694,7 @@ class Trainer:
                         "worldSize": self.world,
                         "cacheKey": self.samples.key,
                         "model": self.cfg.pretrained_model_name_or_path,
-                        "revision": self.cfg.revision or "",
+                        "revision": self.cfg.revision or "main",
                         "resolution": self.cfg.resolution,
                         "loraRank": self.cfg.rank if self.cfg.method == "lora" else 0,
                         "ema": {"optimizationStep": self.ema.optimization_step} if self.ema is not None else None,
