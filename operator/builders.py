@@ -22,6 +22,10 @@ from kubetune.api.layout import (
     EXIT_EMPTY_DATASET,
     EXIT_INVALID,
     EXIT_PREEMPTED,
+    EXIT_STORAGE_OWNED,
+    OWNER_NAME_ENV,
+    OWNER_NAMESPACE_ENV,
+    OWNER_UID_ENV,
     SPEC_ENV,
     dataset_fingerprint,
 )
@@ -224,7 +228,10 @@ def env(spec: FineTuneJobSpec, owner: Owner, component: str) -> list[dict[str, A
     """The container's env; literal values escaped (see `literal`)."""
     entries: list[dict[str, Any]] = [
         {"name": SPEC_ENV, "value": spec_json(spec)},
-        {"name": "KUBETUNE_FINETUNEJOB", "value": owner.name},
+        # the job's identity: the first pod to write to storage.uri claims it (owner.json)
+        {"name": OWNER_NAME_ENV, "value": owner.name},
+        {"name": OWNER_NAMESPACE_ENV, "value": owner.namespace},
+        {"name": OWNER_UID_ENV, "value": owner.uid},
         # Declared here (the Job controller adds it too) so `$(JOB_COMPLETION_INDEX)` in the
         # command expands from an env entry the pod spec itself defines.
         {
@@ -268,10 +275,18 @@ def container_security_context() -> dict[str, Any]:
     }
 
 
-def tmp_volume() -> tuple[dict[str, Any], dict[str, Any]]:
+# The trainer's /tmp (checkpoint staging, the model download) when neither spec.trainer.stagingSize
+# nor the operator's default (chart value trainer.stagingSize) sets one: two full SD 1.5
+# checkpoints being uploaded (about 14 GB each), one being resumed, and the model (about 5 GB).
+DEFAULT_STAGING_SIZE = "64Gi"
+
+
+def tmp_volume(size_limit: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
     """(volume, mount) of a writable /tmp: the root filesystem is read-only, and the images keep
-    HOME, TMPDIR and the Hugging Face / model caches under /tmp."""
-    return {"name": TMP_VOLUME, "emptyDir": {}}, {"name": TMP_VOLUME, "mountPath": "/tmp"}
+    HOME, TMPDIR and the Hugging Face / model caches under /tmp. `size_limit`: the emptyDir's
+    sizeLimit (the kubelet evicts a pod that writes more); empty: none."""
+    empty_dir = {"sizeLimit": size_limit} if size_limit else {}
+    return {"name": TMP_VOLUME, "emptyDir": empty_dir}, {"name": TMP_VOLUME, "mountPath": "/tmp"}
 
 
 def pod_failure_policy(container: str) -> dict[str, Any]:
@@ -290,6 +305,7 @@ def pod_failure_policy(container: str) -> dict[str, Any]:
             {"action": "FailJob", "onExitCodes": exit_codes(EXIT_INVALID)},
             {"action": "FailJob", "onExitCodes": exit_codes(EXIT_EMPTY_DATASET)},
             {"action": "FailJob", "onExitCodes": exit_codes(EXIT_DIVERGED)},
+            {"action": "FailJob", "onExitCodes": exit_codes(EXIT_STORAGE_OWNED)},
         ]
     }
 
@@ -503,7 +519,7 @@ def trainer_job(spec: FineTuneJobSpec, owner: Owner, restart: int = 0, images: I
     controller's per-pod retries cannot do, so the operator owns retries (attempts).
     """
     settings = spec.trainer
-    tmp, tmp_mount = tmp_volume()
+    tmp, tmp_mount = tmp_volume(settings.staging_size or DEFAULT_STAGING_SIZE)
     pod_spec = {
         "restartPolicy": "Never",
         "enableServiceLinks": False,

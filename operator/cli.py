@@ -231,6 +231,7 @@ def main(argv: Sequence[str], prog: str = "kubetune operator") -> int:
         b.Images(args.collector_image, args.trainer_image),
         default_endpoint=os.environ.get("KUBETUNE_S3_ENDPOINT", ""),
         default_region=os.environ.get("KUBETUNE_S3_REGION", ""),
+        default_staging_size=os.environ.get("KUBETUNE_TRAINER_STAGING_SIZE", ""),
         default_credentials_secret=os.environ.get("KUBETUNE_S3_CREDENTIALS_SECRET", ""),
         allowed_storage_endpoints=tuple(args.allowed_storage_endpoint),
         storage_own_identity=args.storage_own_identity,

@@ -26,13 +26,14 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from kubetune import storage
-from kubetune.api.contracts import DatasetManifest, TrainingProgress, problem
+from kubetune.api.contracts import DatasetManifest, StorageOwner, TrainingProgress, problem
 from kubetune.api.layout import (
     CHECKPOINTS_DIR,
     DATASET_DIR,
     EXIT_DIVERGED,
     EXIT_EMPTY_DATASET,
     EXIT_INVALID,
+    EXIT_STORAGE_OWNED,
     SAMPLES_DIR,
     dataset_fingerprint,
     step_of_checkpoint_uri,
@@ -45,6 +46,7 @@ from kubetune.api.models import (
     FineTuneJobStatus,
     TrainingStatus,
 )
+from kubetune.ownership import owned_message
 
 from . import builders as b
 from .objects import (
@@ -98,6 +100,7 @@ class Observed:
     forbidden_secrets: set[str] = field(default_factory=set)  # named by the spec; the API answered 403
     dataset_manifest: dict[str, Any] | None = None
     progress: dict[str, Any] | None = None
+    storage_owner: dict[str, Any] | None = None  # owner.json as read before pods are made; None: absent/not read
     latest_checkpoint: str = ""  # listed in storage when a new attempt is due (progress.json may lag)
     storage_error: str = ""
     storage_unreadable: str = ""  # why the operator reads nothing from storage (progress comes from pods only)
@@ -264,7 +267,14 @@ class _Pass:
             return self.fail("InvalidSpec", self.o.spec_error or "the spec cannot be read")
         if self.status.phase not in TERMINAL:
             self.status.start_time = self.status.start_time or self.o.now
-        for step in (self.stay_finished, self.check_storage_endpoint, self.check_deadline, self.prepare_dataset):
+        steps = (
+            self.stay_finished,
+            self.check_storage_endpoint,
+            self.check_storage_owner,
+            self.check_deadline,
+            self.prepare_dataset,
+        )
+        for step in steps:
             ended = step(spec)
             if ended is not None:
                 return ended
@@ -283,6 +293,20 @@ class _Pass:
         if not self.o.storage_refused:
             return None
         return self.fail("StorageEndpointNotAllowed", self.o.storage_refused)
+
+    def check_storage_owner(self, spec: FineTuneJobSpec) -> Decision | None:
+        """A job whose storage.uri another FineTuneJob owns (its owner.json names another uid)
+        fails before any pod is made: its pods would refuse the prefix anyway. Not retried."""
+        if self.o.storage_owner is None:
+            return None
+        owner, why = read_contract(StorageOwner, self.o.storage_owner)
+        if owner is None:
+            message = f"storage.uri {spec.storage.uri}: owner.json is not an owner marker ({why}); delete it to reuse"
+            return self.fail("StorageOwned", message)
+        assert isinstance(owner, StorageOwner)
+        if owner.uid == self.o.uid:
+            return None
+        return self.fail("StorageOwned", owned_message(spec.storage.uri, owner))
 
     def check_deadline(self, spec: FineTuneJobSpec) -> Decision | None:
         deadline = spec.run_policy.active_deadline_seconds
@@ -410,7 +434,9 @@ class _Pass:
         pods = self.pods_of(collect_name)
         codes = {pod_exit_code(p, b.COLLECTOR) for p in pods}
         detail = termination_message(pods, b.COLLECTOR) or job_failure_message(collector) or "Job failed"
-        if EXIT_EMPTY_DATASET in codes:  # and its manifest (kept 0) could not be read
+        if EXIT_STORAGE_OWNED in codes:  # another job claimed the prefix after this pass looked
+            reason, message = "StorageOwned", detail
+        elif EXIT_EMPTY_DATASET in codes:  # and its manifest (kept 0) could not be read
             reason = "EmptyDataset"
             message = f"the collector kept no images: {detail}; {CHECK_SOURCE}"
         elif EXIT_INVALID in codes:
@@ -585,6 +611,8 @@ class _Pass:
         self, spec: FineTuneJobSpec, job: dict[str, Any], name: str, pods: list[dict[str, Any]]
     ) -> Decision:
         detail = termination_message(pods, b.TRAINER) or job_failure_message(job) or "Job failed"
+        if any(pod_exit_code(p, b.TRAINER) == EXIT_STORAGE_OWNED for p in pods):
+            return self.fail("StorageOwned", detail)
         if any(pod_exit_code(p, b.TRAINER) == EXIT_INVALID for p in pods):
             return self.fail("TrainerInvalidInput", f"the trainer rejected its input (retrying cannot help): {detail}")
         if any(pod_exit_code(p, b.TRAINER) == EXIT_DIVERGED for p in pods):

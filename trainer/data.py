@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from kubetune.api.layout import is_safe_file_name
+from kubetune.cli_util import name_list
 from kubetune.storage import Store
 
 Image.MAX_IMAGE_PIXELS = 16384 * 16384  # big enough for photos; decompression bombs above it fail
@@ -83,13 +84,6 @@ def is_imagefolder(uri: str) -> bool:
     return store.exists("metadata.jsonl") or store.exists("train/metadata.jsonl")
 
 
-def columns_text(columns: list[str], limit: int = 20) -> str:
-    """A dataset's column names for a one-line error: at most `limit`, each at most 40 characters."""
-    shown = [c if len(c) <= 40 else c[:37] + "..." for c in columns[:limit]]
-    more = f", ... ({len(columns) - limit} more)" if len(columns) > limit else ""
-    return ", ".join(shown).replace("\n", " ") + more
-
-
 def _image_key(key: str) -> str | None:
     """The column the `datasets` imagefolder loader makes of a metadata key: `file_name` and
     `image_file_name` -> image, `<column>_file_name` -> column; None for other keys."""
@@ -133,7 +127,7 @@ def open_imagefolder(uri: str, image_column: str, caption_column: str) -> Traini
     image_keys = {_image_key(k): k for k in keys if _image_key(k) is not None}
     if not image_keys:
         raise DataError(
-            f"{store.uri_of(key)}: no 'file_name' (nor '<column>_file_name') column (columns: {columns_text(keys)})"
+            f"{store.uri_of(key)}: no 'file_name' (nor '<column>_file_name') column (columns: {name_list(keys)})"
         )
     columns = [_image_key(k) or k for k in keys]  # as `datasets` names them
     if image_column == "file_name" and "image" in image_keys:
@@ -141,12 +135,12 @@ def open_imagefolder(uri: str, image_column: str, caption_column: str) -> Traini
     if image_column not in image_keys:
         raise DataError(
             f"--image_column '{image_column}' is not an image column of {store.uri_of(key)} "
-            f"(columns: {columns_text(columns)})"
+            f"(columns: {name_list(columns)})"
         )
     if caption_column not in keys or _image_key(caption_column) is not None:
         raise DataError(
             f"--caption_column '{caption_column}' is not a column of {store.uri_of(key)} "
-            f"(columns: {columns_text(columns)})"
+            f"(columns: {name_list(columns)})"
         )
     file_key = image_keys[image_column]
     try:
@@ -192,7 +186,7 @@ def open_local_dataset(
     if isinstance(dataset, datasets.DatasetDict):
         # the split comes from file names (train-*.parquet, test/...); one split alone is the data
         if "train" not in dataset and len(dataset) != 1:
-            raise DataError(f"--dataset_name {folder}: no train split (splits: {columns_text(list(dataset))})")
+            raise DataError(f"--dataset_name {folder}: no train split (splits: {name_list(list(dataset))})")
         dataset = dataset["train" if "train" in dataset else next(iter(dataset))]
     digest = hashlib.sha256(f"{config_name}|{image_column}".encode())
     for file in files:
@@ -238,9 +232,7 @@ def _from_datasets(
 
     for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
         if column not in dataset.column_names:
-            raise DataError(
-                f"{flag} '{column}' is not a column of {name} (columns: {columns_text(dataset.column_names)})"
-            )
+            raise DataError(f"{flag} '{column}' is not a column of {name} (columns: {name_list(dataset.column_names)})")
     if len(dataset) == 0:
         raise DataError(f"--dataset_name {name}: the dataset is empty")
     feature = dataset.features[image_column]
@@ -322,7 +314,7 @@ def _caption(value: Any, column: str) -> str:
         return value
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
         return value[0]  # the cache holds one text embedding per image: the first caption
-    raise DataError(f"caption column '{column}' must hold strings or lists of strings (got {value!r:.60})")
+    raise DataError(f"caption column '{column}' must hold strings or lists of strings (got {type(value).__name__})")
 
 
 def transform(

@@ -419,6 +419,16 @@ class TrainConfig:
         help="'latest', a checkpoint name in --output_dir (checkpoint-N), or a checkpoint folder (a path relative "
         "to the working directory or --output_dir, absolute, or s3://); one diffusers' script wrote is resumed too",
     )
+    resume_mismatch: str = opt(
+        "refuse",
+        group=OUTPUT,
+        kubetune=True,
+        choices=("refuse", "restart"),
+        spec="training.resumeMismatch",
+        help="when the checkpoint to resume was written with other settings (method, model, revision, global "
+        "batch size, resolution, LoRA rank, data/cache key): refuse (exit 2, naming them), or restart from step 0; "
+        "the old checkpoints are deleted once the new run's first checkpoint is complete",
+    )
     validation_prompts: list[str] = opt(
         [],
         group=OUTPUT,

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kubetune import ownership
 from kubetune.api import layout
-from kubetune.api.contracts import CheckpointState
+from kubetune.api.contracts import CheckpointState, resume_mismatches
 from kubetune.storage import StorageError, Store, join
 from kubetune.trainer import cache as latent_cache
 from kubetune.trainer import publish
@@ -38,6 +39,7 @@ from kubetune.trainer.checkpoint import (
     Checkpointer,
     CheckpointError,
     CheckpointRef,
+    complete_checkpoints,
     fetch,
     find_checkpoint,
 )
@@ -99,6 +101,7 @@ class Session:
     progress: Progress
     stop_requested: bool = False
     seed: int = 0
+    superseded: list[CheckpointRef] = field(default_factory=list)  # --resume_mismatch restart: deleted later
 
     @classmethod
     def start(cls, cfg: TrainConfig) -> Session:
@@ -117,6 +120,8 @@ class Session:
                 )
             )
         )
+        # before anything is written: a prefix another FineTuneJob owns is refused untouched
+        ownership.claim(output, ownership.owner_from_env())
         staging.mkdir(parents=True, exist_ok=True)
         progress = Progress(output if accelerator.is_main_process else None, 0, cfg.progress_interval)
         session = cls(cfg, accelerator, output, staging, progress)
@@ -147,6 +152,8 @@ class Session:
     def resume_point(self) -> CheckpointRef | None:
         """The checkpoint to continue from, and the seed (the checkpoint's, the flag's or a new one)."""
         ref = find_checkpoint(self.output, self.cfg.resume_from_checkpoint) if self.cfg.resume_from_checkpoint else None
+        if ref is not None and ref.manifest is not None:
+            ref = self.check_resume(ref, resume_mismatches(ref.manifest, self.resume_settings()))
         seed = ref.manifest.seed if ref and ref.manifest else self.cfg.seed
         if seed is None:
             from accelerate.utils import broadcast_object_list
@@ -156,11 +163,51 @@ class Session:
         if ref:
             written_by = " (written by diffusers' script)" if ref.stock else ""
             log.info("resuming from %s (step %d)%s", ref.store.uri, ref.step, written_by)
+            if ref.stock:
+                log.info("%s records no settings (method, batch, data): resumed without comparing them", ref.name)
+        elif self.superseded:
+            pass
         elif self.cfg.resume_from_checkpoint and self.cfg.resume_from_checkpoint != "latest":
             raise TrainError(
                 f"--resume_from_checkpoint {self.cfg.resume_from_checkpoint}: not found", layout.EXIT_INVALID
             )
         return ref
+
+    def resume_settings(self) -> dict[str, Any]:
+        """This run's values of the settings a checkpoint records (contracts.RESUME_SETTINGS) that
+        are known before loading: all but the cache key."""
+        cfg = self.cfg
+        processes = self.accelerator.num_processes
+        return {
+            "method": cfg.method,
+            "model": cfg.pretrained_model_name_or_path,
+            "revision": cfg.revision or "main",
+            "global_batch_size": cfg.train_batch_size * processes * cfg.gradient_accumulation_steps,
+            "resolution": cfg.resolution,
+            "lora_rank": cfg.rank if cfg.method == "lora" else 0,
+        }
+
+    def check_resume(self, ref: CheckpointRef, mismatches: list[str]) -> CheckpointRef | None:
+        """`ref` when its recorded settings match this run's; otherwise refuse (TrainError, invalid
+        input), or with --resume_mismatch restart: None (start from step 0; every checkpoint now in
+        the output is deleted once the new run's first checkpoint is complete)."""
+        if not mismatches:
+            return ref
+        what = f"{ref.name} in {self.output.uri} was written with other settings: {'; '.join(mismatches)}"
+        if self.cfg.resume_mismatch != "restart":
+            raise TrainError(
+                f"--resume_from_checkpoint {self.cfg.resume_from_checkpoint}: {what}; use another --output_dir "
+                "(storage.uri), or --resume_mismatch restart (training.resumeMismatch) to start again from step 0",
+                layout.EXIT_INVALID,
+            )
+        self.superseded = complete_checkpoints(self.output)
+        log.warning(
+            "%s; --resume_mismatch restart: starting from step 0 (the %d old checkpoints are deleted once the "
+            "first new one is complete)",
+            what,
+            len(self.superseded),
+        )
+        return None
 
 
 def _short_hash(text: str) -> str:
@@ -448,6 +495,10 @@ class Trainer:
         self.ddp, self.optimizer = accelerator.prepare(runnable, optimizer)
         self.checkpointer = Checkpointer(self.session.output, self.session.staging, cfg.checkpoints_total_limit)
         self.writer = self._tensorboard()
+        if self.resume and self.resume.manifest:  # the data is known now
+            found = resume_mismatches(self.resume.manifest, {"cache_key": self.samples.key})
+            self.resume = self.session.check_resume(self.resume, found)
+        self.checkpointer.superseded = list(self.session.superseded)
         if self.resume:
             self._load_checkpoint(self.resume)
 
@@ -646,6 +697,10 @@ class Trainer:
                         "globalBatchSize": self.global_batch,
                         "worldSize": self.world,
                         "cacheKey": self.samples.key,
+                        "model": self.cfg.pretrained_model_name_or_path,
+                        "revision": self.cfg.revision or "main",
+                        "resolution": self.cfg.resolution,
+                        "loraRank": self.cfg.rank if self.cfg.method == "lora" else 0,
                         "ema": {"optimizationStep": self.ema.optimization_step} if self.ema is not None else None,
                         "dataloader": {
                             "position": self.samples_seen,

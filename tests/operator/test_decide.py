@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.api.contracts import DatasetCounts, DatasetManifest
+from kubetune.api.contracts import DatasetCounts, DatasetManifest, StorageOwner
 from kubetune.api.layout import EXIT_EMPTY_DATASET, dataset_fingerprint
 from kubetune.api.load import parse_spec
 from kubetune.operator import builders as b
@@ -46,6 +46,7 @@ class World:
         self.manifest: dict[str, Any] | None = None
         self.progress: dict[str, Any] | None = None
         self.checkpoints: list[str] = []  # complete checkpoints in storage, e.g. "step-00000020"
+        self.owner: dict[str, Any] | None = None  # owner.json at storage.uri
         self.now = T0
         self.generation = 1
         self.created: list[dict[str, Any]] = []
@@ -66,6 +67,7 @@ class World:
             dataset_manifest=self.manifest,
             progress=self.progress,
             latest_checkpoint=max(self.checkpoints, default="") if new_attempt_due(self.status) else "",
+            storage_owner=self.owner,
         )
 
     def step(self, seconds: float = 5) -> Decision:
@@ -453,6 +455,56 @@ def test_a_trainer_failure_retrying_cannot_fix_fails_at_once(exit_code: int, mes
     assert world.status["phase"] == "Failed" and world.condition("Succeeded")["reason"] == reason
     assert message in world.status["message"] and world.status["restarts"] == 1
     assert "shapes-train-r1" not in world.jobs, "no new attempt"
+
+
+def owner_marker(uid: str, namespace: str = "team-a", name: str = "first") -> dict[str, Any]:
+    return StorageOwner(namespace=namespace, name=name, uid=uid).model_dump(mode="json", by_alias=True)
+
+
+def test_a_storage_prefix_another_job_owns_fails_before_any_pod_and_names_the_owner() -> None:
+    world = World()
+    world.owner = owner_marker("uid-0")
+    decision = world.step()
+    assert decision.create == [] and world.jobs == {}
+    assert world.status["phase"] == "Failed" and world.condition("Succeeded")["reason"] == "StorageOwned"
+    message = world.status["message"]
+    assert "storage.uri s3://bucket/shapes/ belongs to FineTuneJob team-a/first (uid uid-0)" in message
+    assert "delete s3://bucket/shapes/owner.json" in message
+    assert [(e.type, e.reason) for e in decision.events] == [("Warning", "StorageOwned")]
+    again = world.step()  # not retried
+    assert again.create == [] and again.events == [] and world.status["phase"] == "Failed"
+
+
+def test_a_storage_prefix_the_job_owns_itself_is_used() -> None:
+    world = World()
+    world.owner = owner_marker("uid-1", "default", NAME)
+    decision = world.step()
+    assert [o["metadata"]["name"] for o in decision.create] == ["shapes-collect"]
+
+
+def test_an_unreadable_owner_marker_fails_the_job_rather_than_taking_the_prefix_over() -> None:
+    world = World()
+    world.owner = {"uid": 7}
+    world.step()
+    assert world.condition("Succeeded")["reason"] == "StorageOwned" and "not an owner marker" in world.status["message"]
+
+
+@pytest.mark.parametrize("component", ["collector", "trainer"])
+def test_a_pod_that_finds_the_prefix_owned_fails_the_job_at_once(component: str) -> None:
+    """Another job claimed the prefix after the operator looked: the pod exits STORAGE_OWNED."""
+    world = World()
+    message = "storage.uri s3://bucket/shapes/ belongs to FineTuneJob team-a/first (uid uid-0); use another"
+    if component == "collector":
+        world.step()
+        world.add_pod("shapes-collect", exit_code=4, message=message, component="collector")
+        world.finish_job("shapes-collect", "Failed")
+    else:
+        to_training(world)
+        world.add_pod("shapes-train", exit_code=4, message=message)
+        world.finish_job("shapes-train", "Failed")
+    world.step()
+    assert world.status["phase"] == "Failed" and world.condition("Succeeded")["reason"] == "StorageOwned"
+    assert "team-a/first" in world.status["message"] and "shapes-train-r1" not in world.jobs
 
 
 @pytest.mark.parametrize("how", ["exit75", "disruption", "progress"])

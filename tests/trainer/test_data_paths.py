@@ -97,8 +97,8 @@ def test_column_errors_name_the_flag_and_a_bounded_list(tmp_path: Path) -> None:
         open_local_dataset(str(tmp_path), None, "image", "caption", None)
     message = str(error.value)
     assert message.startswith("--caption_column 'caption' is not a column of") and "\n" not in message
-    assert "column_00_xxx" in message and "... (12 more)" in message and len(message) < 1200
-    with pytest.raises(DataError, match=r"^--image_column 'picture' is not a column of .*\(columns: image, text, "):
+    assert "column_00_xxx" in message and "and 24 more" in message and len(message) < 1200
+    with pytest.raises(DataError, match=r"^--image_column 'picture' is not a column of .*\(columns: 'image', 'text', "):
         open_local_dataset(str(tmp_path), None, "picture", "text", None)
 
 
@@ -109,7 +109,9 @@ def test_imagefolder_metadata_names_the_image_in_a_column_file_name_key(tmp_path
     assert len(data) == 1 and data.image(0) is not None
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"photo_file_name": "a.png", "text": "red"}) + "\n")
     assert open_imagefolder(str(tmp_path), "photo", "text").image(0) is not None
-    with pytest.raises(DataError, match=r"--image_column 'image' is not an image column .*\(columns: photo, text\)"):
+    with pytest.raises(
+        DataError, match=r"--image_column 'image' is not an image column .*\(columns: 'photo', 'text'\)"
+    ):
         open_imagefolder(str(tmp_path), "image", "text")
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"photo_file_name": "../a.png", "text": "red"}) + "\n")
     with pytest.raises(DataError, match=r"row 1: photo_file_name must be a path inside the dataset"):
@@ -133,3 +135,17 @@ def test_a_save_to_disk_folder_opens_and_the_cache_key_follows_the_files(tmp_pat
     _parquet(tmp_path / "other", [{"bytes": _png("red")}], ["red, again"])
     (tmp_path / "other" / "train-00000-of-00001.parquet").replace(folder / "train-00000-of-00001.parquet")
     assert open_local_dataset(str(folder), None, "image", "text", None).fingerprint != before
+
+
+def test_data_errors_name_the_flag_but_show_column_names_bounded_and_no_content(tmp_path: Path) -> None:
+    secret = "a caption that is private data " * 4
+    row = {"file_name": "ok.jpg", "text": ["not", 3], **{f"column_{i}_{'x' * 60}": secret for i in range(12)}}
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError) as missing:
+        open_imagefolder(str(tmp_path), "image", "caption")
+    message = str(missing.value)
+    assert message.startswith("--caption_column 'caption' is not a column of") and "and 6 more)" in message
+    assert "x" * 40 not in message and "private data" not in message
+    with pytest.raises(DataError) as bad_caption:
+        open_imagefolder(str(tmp_path), "image", "text")
+    assert str(bad_caption.value) == "caption column 'text' must hold strings or lists of strings (got list)"
