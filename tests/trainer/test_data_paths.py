@@ -69,7 +69,7 @@ def test_a_row_naming_a_pod_local_file_is_refused_embedded_bytes_are_read(tmp_pa
     bad = _parquet(
         tmp_path / "bad" / "data", [{"bytes": _png("blue"), "path": None}, {"path": str(secret)}], ["a", "b"]
     )
-    with pytest.raises(DataError, match=r"row 2: image path '.*secret.png' is outside the dataset"):
+    with pytest.raises(DataError, match=r"row 2: image path '/.*' is outside the dataset"):
         open_local_dataset(str(bad.parent), None, "image", "text", None)
     escaping = _parquet(tmp_path / "escaping", [{"path": "../secret.png"}], ["a"])
     with pytest.raises(DataError, match=r"row 1: image path '../secret.png' is outside the dataset"):
