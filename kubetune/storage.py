@@ -155,6 +155,31 @@ class Store:
         except Exception as error:
             raise StorageError(f"cannot list {self.uri_of(prefix)}: {_reason(error)}") from None
 
+    def versions(self, prefix: str = "") -> dict[str, str]:
+        """Each key under `prefix` (as `list` gives them) with a version of its content: size and
+        ETag on S3, size and modification time locally. One listing: no object is read."""
+        if not self.is_s3:
+            base, root = Path(self.uri), self._path(prefix)
+            paths = [root] if root.is_file() else sorted(root.rglob("*")) if root.exists() else []
+            return {
+                p.relative_to(base).as_posix(): f"{(st := p.stat()).st_size}:{st.st_mtime_ns}"
+                for p in paths
+                if p.is_file() and not p.name.startswith(".tmp-")
+            }
+        bucket, _ = self._bucket_prefix
+        wanted = self._s3_key(prefix)
+        strip = len(self._s3_key("")) + 1 if self._s3_key("") else 0
+        found = {}
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=wanted):
+                for item in page.get("Contents", []):
+                    key = item["Key"]
+                    if not wanted or key == wanted or key.startswith(wanted.rstrip("/") + "/"):
+                        found[key[strip:]] = f"{item['Size']}:{item.get('ETag', '')}"
+        except Exception as error:
+            raise StorageError(f"cannot list {self.uri_of(prefix)}: {_reason(error)}") from None
+        return found
+
     def keys_starting_with(self, prefix: str) -> list[str]:
         """Keys (relative to this store, recursively, in lexical order) whose text begins with
         `prefix`, which need not be a folder: `checkpoint` matches `checkpoint-5/unet/x` and

@@ -149,3 +149,23 @@ def test_data_errors_name_the_flag_but_show_column_names_bounded_and_no_content(
     with pytest.raises(DataError) as bad_caption:
         open_imagefolder(str(tmp_path), "image", "text")
     assert str(bad_caption.value) == "caption column 'text' must hold strings or lists of strings (got list)"
+
+
+def test_an_image_replaced_under_its_name_changes_the_cache_key(tmp_path: Path, s3_bucket: str) -> None:
+    """A hand-made imagefolder (no collector manifest): the same metadata.jsonl, other pixels."""
+    from kubetune.storage import Store
+
+    (tmp_path / "a.png").write_bytes(_png("red"))
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "red"}) + "\n")
+    before = open_imagefolder(str(tmp_path), "image", "text").fingerprint
+    assert open_imagefolder(str(tmp_path), "image", "text").fingerprint == before, "the key is stable"
+    (tmp_path / "a.png").write_bytes(_png("blue") + b"\0")
+    assert open_imagefolder(str(tmp_path), "image", "text").fingerprint != before
+
+    remote = Store(f"s3://{s3_bucket}/folder")
+    remote.write_bytes("metadata.jsonl", (tmp_path / "metadata.jsonl").read_bytes())
+    remote.write_bytes("a.png", _png("red"))
+    before = open_imagefolder(remote.uri, "image", "text").fingerprint
+    assert open_imagefolder(remote.uri, "image", "text").fingerprint == before
+    remote.write_bytes("a.png", _png("green"))  # same size, another ETag
+    assert open_imagefolder(remote.uri, "image", "text").fingerprint != before
