@@ -122,22 +122,10 @@ def _source_model(annotation: object) -> type:
 
 def test_resume_mismatches_name_each_recorded_setting_old_to_new_and_skip_unrecorded_ones() -> None:
     from kubetune.api.contracts import StorageOwner, resume_mismatches
+    from kubetune.dev.testing.specs import checkpoint_state
 
     recorded = CheckpointManifest.model_validate(
-        {
-            "step": 4,
-            "samplesSeen": 8,
-            "epoch": 1,
-            "seed": 7,
-            "method": "lora",
-            "globalBatchSize": 8,
-            "worldSize": 1,
-            "cacheKey": "k",
-            "dataloader": {"position": 8, "epoch": 1, "indexInEpoch": 2, "samples": 6},
-            "rng": {"seed": 7, "scheme": "s"},
-            "files": {},
-            "loraRank": 4,
-        }
+        checkpoint_state(epoch=1, globalBatchSize=8, cacheKey="k", files={}, loraRank=4)
     )
     same = {"method": "lora", "global_batch_size": 8, "lora_rank": 4, "model": "other", "resolution": 512}
     assert resume_mismatches(recorded, same) == []  # model and resolution were not recorded (an older manifest)

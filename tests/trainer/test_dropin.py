@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_testkit import core_flags, env, train
+from trainer_testkit import copy_of, core_flags, env, train, trained_output
 
 from kubetune.api.layout import EXIT_INVALID
 
@@ -31,13 +31,7 @@ def progress(output: Path) -> dict[str, Any]:
 def full_run(tiny_model: Path, shapes_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4 steps of a full fine-tune with EMA, a checkpoint every 2 steps."""
     output = tmp_path_factory.mktemp("dropin") / "out"
-    result = train(core_flags(tiny_model, shapes_dataset, output, max_train_steps=4, checkpointing_steps=2))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output
-
-
-def copy_of(run: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(run, tmp_path / "out"))
+    return trained_output(tiny_model, shapes_dataset, output, max_train_steps=4, checkpointing_steps=2)
 
 
 def resume(model: Path, data: Path, output: Path, max_steps: int, checkpoint: str, **overrides: Any) -> Any:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_testkit import core_flags, env, train
+from trainer_testkit import copy_of, core_flags, env, train, trained_output
 
 from kubetune.api.contracts import CheckpointState, DataloaderPosition, RngState
 from kubetune.api.layout import EXIT_DIVERGED, EXIT_INVALID
@@ -102,9 +101,7 @@ def test_more_nonfinite_steps_than_allowed_stop_the_run(tiny_model: Path, shapes
 def pristine_checkpoint(tiny_model: Path, shapes_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-step run with its checkpoint at step 2, trained once for the module (tests damage copies)."""
     output = tmp_path_factory.mktemp("checkpointed") / "out"
-    result = train(core_flags(tiny_model, shapes_dataset, output, max_train_steps=2, checkpointing_steps=2))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output
+    return trained_output(tiny_model, shapes_dataset, output, max_train_steps=2, checkpointing_steps=2)
 
 
 @pytest.fixture
@@ -112,8 +109,7 @@ def checkpointed_run(
     pristine_checkpoint: Path, tiny_model: Path, shapes_dataset: Path, tmp_path: Path
 ) -> tuple[Path, list[str]]:
     """A copy of the 2-step run's output, and the flags to resume it to step 4."""
-    output = tmp_path / "out"
-    shutil.copytree(pristine_checkpoint, output)
+    output = copy_of(pristine_checkpoint, tmp_path)
     return output, core_flags(
         tiny_model, shapes_dataset, output, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest"
     )
