@@ -704,6 +704,7 @@ class _Pass:
         phase = status.phase
         if phase not in TERMINAL:
             self.condition("Succeeded", "Unknown", phase, status.message)
+        self.ready_condition()
         if phase != self.old.phase:
             kind = "Warning" if phase == "Failed" else "Normal"
             reason = (
@@ -715,6 +716,19 @@ class _Pass:
                 self.event(kind, reason, status.message or f"phase {phase}")
         self.decision.status = status.model_dump(mode="json", by_alias=True, exclude_none=True)
         return self.decision
+
+    def ready_condition(self) -> None:
+        """`Ready`, the summary health tools read (kstatus, Argo CD, Flux): True once Succeeded;
+        False with the phase as reason while in progress (Pending, Collecting, Training,
+        Suspended), and with the failure reason once Failed."""
+        status = self.status
+        if status.phase == "Succeeded":
+            self.condition("Ready", "True", "Succeeded", status.message)
+            return
+        reason = status.phase
+        if status.phase == "Failed":
+            reason = next((c.reason for c in status.conditions if c.type == "Succeeded"), "Failed") or "Failed"
+        self.condition("Ready", "False", reason, status.message)
 
     def event(self, kind: str, reason: str, message: str) -> None:
         self.decision.events.append(Event(kind, reason, message))

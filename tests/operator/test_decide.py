@@ -662,3 +662,71 @@ def test_a_job_whose_storage_the_operator_does_not_read_trains_on_the_collectors
     assert ready["status"] == "True" and "counts unavailable" in ready["message"]
     progress = next(c for c in decision.status["conditions"] if c["type"] == "ProgressAvailable")
     assert progress["status"] == "False" and "no credentials" in progress["message"]
+
+
+# -- the Ready summary condition (kstatus, Argo CD, Flux) -------------------------------------------
+
+
+def ready(world: World) -> tuple[str, str, int | None]:
+    condition = world.condition("Ready")
+    assert condition["lastTransitionTime"] and condition["message"] == world.status["message"]
+    return condition["status"], condition["reason"], condition.get("observedGeneration")
+
+
+def test_ready_is_false_with_the_phase_while_waiting_for_a_secret() -> None:
+    world = World()
+    world.secrets = {"unsplash": None}
+    world.step()
+    assert world.status["phase"] == "Pending" and ready(world) == ("False", "Pending", 1)
+
+
+def test_ready_is_false_with_the_phase_while_collecting_and_training() -> None:
+    world = World()
+    world.step()
+    assert ready(world) == ("False", "Collecting", 1)
+    world.finish_job(f"{NAME}-collect", "Complete")
+    world.manifest = good_manifest(world.spec)
+    world.generation = 2
+    world.step()
+    assert ready(world) == ("False", "Training", 2)
+    world.progress = {"state": "training", "step": 10, "maxSteps": 100}
+    world.step()
+    assert ready(world) == ("False", "Training", 2)
+    assert world.condition("Succeeded")["status"] == "Unknown"  # today's summary stays beside it
+
+
+def test_ready_is_false_while_suspended() -> None:
+    world = World()
+    to_training(world)
+    world.spec["suspend"] = True
+    world.generation = 2
+    world.step()
+    assert world.status["phase"] == "Suspended" and ready(world) == ("False", "Suspended", 2)
+
+
+def test_ready_is_true_once_succeeded() -> None:
+    world = World()
+    to_training(world)
+    was = world.condition("Ready")["lastTransitionTime"]
+    world.progress = {"state": "succeeded", "step": 100, "maxSteps": 100}
+    world.finish_job("shapes-train", "Complete")
+    world.step()
+    assert ready(world) == ("True", "Succeeded", 1)
+    assert world.condition("Ready")["lastTransitionTime"] != was
+    assert world.condition("Succeeded")["status"] == "True"
+
+
+@pytest.mark.parametrize("how", ["deadline", "invalid spec"])
+def test_ready_is_false_with_the_failure_reason_once_failed(how: str) -> None:
+    if how == "deadline":
+        world = World(runPolicy={"activeDeadlineSeconds": 60})
+        to_training(world)
+        world.step(seconds=120)
+        reason = "DeadlineExceeded"
+    else:
+        world = World(training={"mixedPrecision": "fp16"})
+        observed = world.observed()
+        observed.spec, observed.spec_error = None, "spec.training.mixedPrecision: must be one of ..."
+        world.status = decide(observed).status
+        reason = "InvalidSpec"
+    assert world.status["phase"] == "Failed" and ready(world) == ("False", reason, 1)
