@@ -730,3 +730,42 @@ def test_ready_is_false_with_the_failure_reason_once_failed(how: str) -> None:
         world.status = decide(observed).status
         reason = "InvalidSpec"
     assert world.status["phase"] == "Failed" and ready(world) == ("False", reason, 1)
+
+
+# -- the ETA as a duration (kubectl get ftj -o wide) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0, "0s"), (45.4, "45s"), (150, "2m30s"), (720, "12m"), (3900, "1h5m"), (7200, "2h"), (183_600, "2d3h")],
+)
+def test_duration_is_written_as_kubectl_writes_ages(seconds: float, text: str) -> None:
+    from kubetune.operator.decide import duration
+
+    assert duration(seconds) == text
+
+
+def test_the_eta_is_the_trainers_estimate_as_a_duration() -> None:
+    world = world_in_training(step=45, maxSteps=100, imagesPerSecond=18.25, etaSeconds=725.2)
+    world.step()
+    assert world.status["training"]["eta"] == "12m" and world.status["training"]["etaSeconds"] == 725
+
+
+def test_without_the_trainers_estimate_the_eta_comes_from_images_per_second_and_steps_left() -> None:
+    # 1 node x 2 GPUs, batch 2, accumulation 4: 16 images a step; 60 steps left at 8 images/s
+    world = World(trainer={"nodes": 1, "gpusPerNode": 2}, training={"batchSize": 2, "gradientAccumulationSteps": 4})
+    to_training(world)
+    world.progress = {"state": "training", "step": 40, "maxSteps": 100, "imagesPerSecond": 8.0}
+    world.step()
+    assert world.status["training"]["etaSeconds"] == 120 and world.status["training"]["eta"] == "2m"
+    world.progress = {"state": "training", "step": 40, "maxSteps": 100}  # no rate yet: no ETA
+    world.step()
+    assert "eta" not in world.status["training"] or world.status["training"]["eta"] == ""
+
+
+def test_a_succeeded_job_has_no_time_left() -> None:
+    world = world_in_training(step=90, maxSteps=100, etaSeconds=30)
+    world.step()
+    world.finish_job("shapes-train", "Complete")
+    world.step()
+    assert world.status["training"]["eta"] == "0s" and world.status["training"]["etaSeconds"] == 0
