@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,7 @@ from kubetune.api.layout import (
     dataset_fingerprint,
 )
 from kubetune.api.load import dump_spec
-from kubetune.api.models import API_VERSION, KIND, FineTuneJobSpec, PodSettings, SecretKeyRef
+from kubetune.api.models import API_VERSION, KIND, CredentialsSecretRef, FineTuneJobSpec, PodSettings, SecretKeyRef
 from kubetune.storage import storage_env
 
 # -- labels and annotations --------------------------------------------------------------------
@@ -77,6 +78,46 @@ class Images:
 
     collector: str = DEFAULT_COLLECTOR_IMAGE
     trainer: str = DEFAULT_TRAINER_IMAGE
+
+
+@dataclass(frozen=True)
+class SpecDefaults:
+    """The operator's cluster-wide settings for what a spec leaves empty (chart values, given to
+    the operator as env: `from_env`): S3 endpoint, region and credentials Secret, and the
+    trainer's staging size."""
+
+    endpoint: str = ""
+    region: str = ""
+    credentials_secret: str = ""
+    staging_size: str = ""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> SpecDefaults:
+        return cls(
+            endpoint=environ.get("KUBETUNE_S3_ENDPOINT", ""),
+            region=environ.get("KUBETUNE_S3_REGION", ""),
+            credentials_secret=environ.get("KUBETUNE_S3_CREDENTIALS_SECRET", ""),
+            staging_size=environ.get("KUBETUNE_TRAINER_STAGING_SIZE", ""),
+        )
+
+
+def effective_spec(spec: FineTuneJobSpec, defaults: SpecDefaults) -> FineTuneJobSpec:
+    """The spec with the operator's defaults filled in where it sets nothing, so that the pods,
+    the operator's own reads and KUBETUNE_SPEC all see one configuration."""
+    storage_spec = spec.storage
+    updates: dict[str, Any] = {}
+    if not storage_spec.endpoint and defaults.endpoint:
+        updates["endpoint"] = defaults.endpoint
+    if not storage_spec.region and defaults.region:
+        updates["region"] = defaults.region
+    if storage_spec.credentials_secret_ref is None and defaults.credentials_secret:
+        updates["credentials_secret_ref"] = CredentialsSecretRef(name=defaults.credentials_secret)
+    if not spec.trainer.staging_size and defaults.staging_size:
+        trainer = spec.trainer.model_copy(update={"staging_size": defaults.staging_size})
+        spec = spec.model_copy(update={"trainer": trainer})
+    if not updates:
+        return spec
+    return spec.model_copy(update={"storage": storage_spec.model_copy(update=updates)})
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from kubetune.api.layout import (
     step_of_checkpoint_uri,
 )
 from kubetune.api.load import SpecError, parse_spec
-from kubetune.api.models import GROUP, KIND, PLURAL, VERSION, CredentialsSecretRef, FineTuneJobSpec
+from kubetune.api.models import GROUP, KIND, PLURAL, VERSION, FineTuneJobSpec
 
 from . import builders as b
 from .decide import Decision, Observed
@@ -299,22 +299,17 @@ class Kube:
 
     def effective_spec(self, spec: FineTuneJobSpec) -> FineTuneJobSpec:
         """The spec with the operator's cluster-wide S3 defaults and trainer staging size (chart
-        values) filled in, so the pods, the operator's own reads and KUBETUNE_SPEC all see one
-        configuration."""
-        storage_spec = spec.storage
-        updates: dict[str, Any] = {}
-        if not storage_spec.endpoint and self.default_endpoint:
-            updates["endpoint"] = self.default_endpoint
-        if not storage_spec.region and self.default_region:
-            updates["region"] = self.default_region
-        if storage_spec.credentials_secret_ref is None and self.default_credentials_secret:
-            updates["credentials_secret_ref"] = CredentialsSecretRef(name=self.default_credentials_secret)
-        if not spec.trainer.staging_size and self.default_staging_size:
-            trainer = spec.trainer.model_copy(update={"staging_size": self.default_staging_size})
-            spec = spec.model_copy(update={"trainer": trainer})
-        if not updates:
-            return spec
-        return spec.model_copy(update={"storage": storage_spec.model_copy(update=updates)})
+        values) filled in (builders.effective_spec; `kubetune render` applies the same)."""
+        return b.effective_spec(spec, self.spec_defaults)
+
+    @property
+    def spec_defaults(self) -> b.SpecDefaults:
+        return b.SpecDefaults(
+            endpoint=self.default_endpoint,
+            region=self.default_region,
+            credentials_secret=self.default_credentials_secret,
+            staging_size=self.default_staging_size,
+        )
 
     def store(self, spec: FineTuneJobSpec, secrets: dict[str, dict[str, str] | None]) -> storage.Store:
         """The job's storage with the credentials of spec.storage.credentialsSecretRef (or the

@@ -569,6 +569,8 @@ class TrainingStatus(ApiModel):
     """Recent throughput over all processes."""
     eta_seconds: int | None = None
     """Estimated seconds left."""
+    eta: str = ""
+    """Estimated time left as a duration, e.g. `12m` or `1h5m` (what `kubectl get ftj -o wide` shows)."""
     latest_checkpoint: str = ""
     """URI of the newest complete checkpoint."""
     updated_at: datetime | None = None

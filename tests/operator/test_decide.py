@@ -662,3 +662,110 @@ def test_a_job_whose_storage_the_operator_does_not_read_trains_on_the_collectors
     assert ready["status"] == "True" and "counts unavailable" in ready["message"]
     progress = next(c for c in decision.status["conditions"] if c["type"] == "ProgressAvailable")
     assert progress["status"] == "False" and "no credentials" in progress["message"]
+
+
+# -- the Ready summary condition (kstatus, Argo CD, Flux) -------------------------------------------
+
+
+def ready(world: World) -> tuple[str, str, int | None]:
+    condition = world.condition("Ready")
+    assert condition["lastTransitionTime"] and condition["message"] == world.status["message"]
+    return condition["status"], condition["reason"], condition.get("observedGeneration")
+
+
+def test_ready_is_false_with_the_phase_while_waiting_for_a_secret() -> None:
+    world = World()
+    world.secrets = {"unsplash": None}
+    world.step()
+    assert world.status["phase"] == "Pending" and ready(world) == ("False", "Pending", 1)
+
+
+def test_ready_is_false_with_the_phase_while_collecting_and_training() -> None:
+    world = World()
+    world.step()
+    assert ready(world) == ("False", "Collecting", 1)
+    world.finish_job(f"{NAME}-collect", "Complete")
+    world.manifest = good_manifest(world.spec)
+    world.generation = 2
+    world.step()
+    assert ready(world) == ("False", "Training", 2)
+    world.progress = {"state": "training", "step": 10, "maxSteps": 100}
+    world.step()
+    assert ready(world) == ("False", "Training", 2)
+    assert world.condition("Succeeded")["status"] == "Unknown"  # today's summary stays beside it
+
+
+def test_ready_is_false_while_suspended() -> None:
+    world = World()
+    to_training(world)
+    world.spec["suspend"] = True
+    world.generation = 2
+    world.step()
+    assert world.status["phase"] == "Suspended" and ready(world) == ("False", "Suspended", 2)
+
+
+def test_ready_is_true_once_succeeded() -> None:
+    world = World()
+    to_training(world)
+    was = world.condition("Ready")["lastTransitionTime"]
+    world.progress = {"state": "succeeded", "step": 100, "maxSteps": 100}
+    world.finish_job("shapes-train", "Complete")
+    world.step()
+    assert ready(world) == ("True", "Succeeded", 1)
+    assert world.condition("Ready")["lastTransitionTime"] != was
+    assert world.condition("Succeeded")["status"] == "True"
+
+
+@pytest.mark.parametrize("how", ["deadline", "invalid spec"])
+def test_ready_is_false_with_the_failure_reason_once_failed(how: str) -> None:
+    if how == "deadline":
+        world = World(runPolicy={"activeDeadlineSeconds": 60})
+        to_training(world)
+        world.step(seconds=120)
+        reason = "DeadlineExceeded"
+    else:
+        world = World(training={"mixedPrecision": "fp16"})
+        observed = world.observed()
+        observed.spec, observed.spec_error = None, "spec.training.mixedPrecision: must be one of ..."
+        world.status = decide(observed).status
+        reason = "InvalidSpec"
+    assert world.status["phase"] == "Failed" and ready(world) == ("False", reason, 1)
+
+
+# -- the ETA as a duration (kubectl get ftj -o wide) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0, "0s"), (45.4, "45s"), (150, "2m30s"), (720, "12m"), (3900, "1h5m"), (7200, "2h"), (183_600, "2d3h")],
+)
+def test_duration_is_written_as_kubectl_writes_ages(seconds: float, text: str) -> None:
+    from kubetune.operator.decide import duration
+
+    assert duration(seconds) == text
+
+
+def test_the_eta_is_the_trainers_estimate_as_a_duration() -> None:
+    world = world_in_training(step=45, maxSteps=100, imagesPerSecond=18.25, etaSeconds=725.2)
+    world.step()
+    assert world.status["training"]["eta"] == "12m" and world.status["training"]["etaSeconds"] == 725
+
+
+def test_without_the_trainers_estimate_the_eta_comes_from_images_per_second_and_steps_left() -> None:
+    # 1 node x 2 GPUs, batch 2, accumulation 4: 16 images a step; 60 steps left at 8 images/s
+    world = World(trainer={"nodes": 1, "gpusPerNode": 2}, training={"batchSize": 2, "gradientAccumulationSteps": 4})
+    to_training(world)
+    world.progress = {"state": "training", "step": 40, "maxSteps": 100, "imagesPerSecond": 8.0}
+    world.step()
+    assert world.status["training"]["etaSeconds"] == 120 and world.status["training"]["eta"] == "2m"
+    world.progress = {"state": "training", "step": 40, "maxSteps": 100}  # no rate yet: no ETA
+    world.step()
+    assert "eta" not in world.status["training"] or world.status["training"]["eta"] == ""
+
+
+def test_a_succeeded_job_has_no_time_left() -> None:
+    world = world_in_training(step=90, maxSteps=100, etaSeconds=30)
+    world.step()
+    world.finish_job("shapes-train", "Complete")
+    world.step()
+    assert world.status["training"]["eta"] == "0s" and world.status["training"]["etaSeconds"] == 0
