@@ -22,6 +22,7 @@ import yaml
 from docker.utils.build import exclude_paths
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[2]
@@ -245,3 +246,19 @@ def test_chart_default_images_name_the_two_dockerfiles_builds() -> None:
     ):
         build = next(line for line in (REPO / name).read_text().splitlines() if "docker build" in line)
         assert f"-t {repository}:" in build, build
+
+
+@pytest.mark.parametrize(
+    ("constraints_file", "extras"), [("operator.txt", ("operator", "collector")), ("trainer.txt", ("trainer",))]
+)
+def test_constraints_pin_every_direct_dependency_within_pyproject_ranges(
+    constraints_file: str, extras: tuple[str, ...]
+) -> None:
+    """A dependency added to pyproject.toml without regenerating the pins (.ci/constraints.py) is caught here."""
+    pins = constraints(constraints_file)
+    direct = [Requirement(r) for r in PYPROJECT["project"]["dependencies"]]
+    direct += [Requirement(r) for extra in extras for r in EXTRAS[extra]]
+    for requirement in direct:
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"constraints/{constraints_file} does not pin {name}: run .ci/constraints.py"
+        assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside {requirement}"
