@@ -1,8 +1,12 @@
 # syntax=docker/dockerfile:1
 # The operator and collector image: `kubetune operator`, `kubetune collect` and the other light
-# subcommands (no torch). Build from the repository root:
+# subcommands (no torch). Multi-arch (linux/amd64, linux/arm64; .github/workflows/release.yml
+# builds and pushes it on a version tag). Build from the repository root:
 #   docker build -t ghcr.io/kubetune/kubetune:0.1.0 .
+# Every dependency is pinned by constraints/operator.txt (.ci/constraints.py writes it from the
+# tested venv): images built on different days hold the same versions.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG VERSION=0.1.0
 
 # --- build: the kubetune wheel and wheels of all its dependencies ------------------------------
 FROM ${PYTHON_IMAGE} AS build
@@ -14,10 +18,17 @@ COPY kubetune/ kubetune/
 COPY operator/ operator/
 COPY collector/ collector/
 COPY trainer/ trainer/
-RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels ".[operator,collector]"
+COPY constraints/operator.txt constraints/operator.txt
+RUN python -m pip wheel --no-cache-dir --constraint constraints/operator.txt --wheel-dir /wheels ".[operator,collector]"
 
 # --- runtime ------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
+ARG VERSION
+LABEL org.opencontainers.image.title="kubetune" \
+      org.opencontainers.image.description="kubetune operator and collector" \
+      org.opencontainers.image.source="https://github.com/kubetune/kubetune" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}"
 # Pods run with a read-only root filesystem and a writable emptyDir on /tmp: the home directory
 # and every cache (Hugging Face datasets, XDG) live there.
 ENV PYTHONDONTWRITEBYTECODE=1 \

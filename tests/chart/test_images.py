@@ -22,6 +22,7 @@ import yaml
 from docker.utils.build import exclude_paths
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[2]
@@ -178,23 +179,48 @@ def test_operator_image_is_slim_python_satisfying_requires_python() -> None:
     assert "--no-index" in install and "from=build" in " ".join(flag for c in stages(commands)[-1] for flag in c.flags)
 
 
-def test_trainer_image_keeps_the_base_images_cuda_torch() -> None:
+def constraints(name: str) -> dict[str, str]:
+    """{name: version} of a constraints file: every line `name==version`."""
+    pins: dict[str, str] = {}
+    for line in (REPO / "constraints" / name).read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            requirement = Requirement(line)
+            [spec] = requirement.specifier
+            assert spec.operator == "==" and not requirement.extras and not requirement.marker, line
+            pins[requirement.name] = spec.version
+    return pins
+
+
+def test_trainer_image_installs_the_cuda_build_of_the_pinned_torch() -> None:
     commands = parse("Dockerfile.trainer")
     final = stages(commands)[-1]
-    base = base_image(commands, final)
-    match = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda[\d.]+-cudnn\d+-(runtime|devel)", base)
-    assert match, base
-    # The trainer extra accepts the base's torch, so pip has nothing to replace...
+    assert re.fullmatch(r"python:\d+\.\d+-slim(-\w+)?", base_image(commands, final))
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", build_args(commands)["TORCH_INDEX_URL"])
+    # The trainer extra accepts the pinned torch...
+    torch_version = constraints("trainer.txt")["torch"]
     [torch] = [Requirement(r) for r in EXTRAS["trainer"] if Requirement(r).name == "torch"]
-    assert torch.specifier.contains(match.group(1)), (
-        f"trainer extra {torch} rejects the base image's torch {match.group(1)}"
-    )
-    # ...and torch is pinned to the installed build while the extra is installed.
+    assert torch.specifier.contains(torch_version), f"trainer extra {torch} rejects the pinned torch {torch_version}"
+    # ...torch alone comes from the CUDA index, then everything else from PyPI, both under the pins
+    # (torch already meets them: pip has nothing to replace).
     install = run_text(final)
-    constraint = re.search(r'"torch==" \+ m\.version\("torch"\)\)\' > (\S+)', install)
-    assert constraint and f"--constraint {constraint.group(1)}" in install
     words = shlex.split(install.replace("\n", " "))
+    assert install.count("--constraint /wheels/constraints.txt") == 2
+    assert '--no-deps --constraint /wheels/constraints.txt --index-url "${TORCH_INDEX_URL}" torch' in " ".join(
+        install.split()
+    )
     assert "--upgrade" not in words and "-U" not in words and "--force-reinstall" not in words
+    assert "torch.version.cuda" in install
+
+
+@pytest.mark.parametrize(
+    ("name", "constraints_file"), [("Dockerfile", "operator.txt"), ("Dockerfile.trainer", "trainer.txt")]
+)
+def test_images_install_under_their_constraints_file(name: str, constraints_file: str) -> None:
+    text = (REPO / name).read_text()
+    assert f"constraints/{constraints_file}" in text
+    build = run_text(stages(parse(name))[0]) + run_text(stages(parse(name))[-1])
+    assert "--constraint" in build
+    assert constraints(constraints_file), constraints_file
 
 
 def test_trainer_image_has_accelerate_on_path() -> None:
@@ -220,3 +246,19 @@ def test_chart_default_images_name_the_two_dockerfiles_builds() -> None:
     ):
         build = next(line for line in (REPO / name).read_text().splitlines() if "docker build" in line)
         assert f"-t {repository}:" in build, build
+
+
+@pytest.mark.parametrize(
+    ("constraints_file", "extras"), [("operator.txt", ("operator", "collector")), ("trainer.txt", ("trainer",))]
+)
+def test_constraints_pin_every_direct_dependency_within_pyproject_ranges(
+    constraints_file: str, extras: tuple[str, ...]
+) -> None:
+    """A dependency added to pyproject.toml without regenerating the pins (.ci/constraints.py) is caught here."""
+    pins = constraints(constraints_file)
+    direct = [Requirement(r) for r in PYPROJECT["project"]["dependencies"]]
+    direct += [Requirement(r) for extra in extras for r in EXTRAS[extra]]
+    for requirement in direct:
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"constraints/{constraints_file} does not pin {name}: run .ci/constraints.py"
+        assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside {requirement}"
