@@ -100,38 +100,42 @@ def build_parser(prog: str, environ: Mapping[str, str]) -> argparse.ArgumentPars
         help="the trainer Job of the N-th restart, <name>-train-rN (default 0: the first, <name>-train)",
     )
     # the operator's flags and env, with the same names and defaults (kubetune operator --help)
-    parser.add_argument(
-        "--collector-image",
-        default=environ.get("KUBETUNE_COLLECTOR_IMAGE", b.DEFAULT_COLLECTOR_IMAGE),
-        help="collector image when a spec sets none (env KUBETUNE_COLLECTOR_IMAGE)",
-    )
-    parser.add_argument(
-        "--trainer-image",
-        default=environ.get("KUBETUNE_TRAINER_IMAGE", b.DEFAULT_TRAINER_IMAGE),
-        help="trainer image when a spec sets none (env KUBETUNE_TRAINER_IMAGE)",
-    )
-    parser.add_argument(
-        "--s3-endpoint",
-        default=defaults.endpoint,
-        metavar="URL",
-        help="S3 endpoint for specs that name none (env KUBETUNE_S3_ENDPOINT)",
-    )
-    parser.add_argument(
-        "--s3-region", default=defaults.region, help="S3 region for specs that name none (env KUBETUNE_S3_REGION)"
-    )
-    parser.add_argument(
-        "--s3-credentials-secret",
-        default=defaults.credentials_secret,
-        metavar="NAME",
-        help="S3 credentials Secret for specs that name none (env KUBETUNE_S3_CREDENTIALS_SECRET)",
-    )
-    parser.add_argument(
-        "--staging-size",
-        default=defaults.staging_size,
-        metavar="SIZE",
-        help=f"trainer /tmp size for specs that set no trainer.stagingSize (env KUBETUNE_TRAINER_STAGING_SIZE; "
-        f"none: {b.DEFAULT_STAGING_SIZE})",
-    )
+    operator_settings = [  # (flag, env, default, metavar, what it is for specs that set none)
+        (
+            "--collector-image",
+            "COLLECTOR_IMAGE",
+            environ.get("KUBETUNE_COLLECTOR_IMAGE", b.DEFAULT_COLLECTOR_IMAGE),
+            None,
+            "collector image",
+        ),
+        (
+            "--trainer-image",
+            "TRAINER_IMAGE",
+            environ.get("KUBETUNE_TRAINER_IMAGE", b.DEFAULT_TRAINER_IMAGE),
+            None,
+            "trainer image",
+        ),
+        ("--s3-endpoint", "S3_ENDPOINT", defaults.endpoint, "URL", "S3 endpoint"),
+        ("--s3-region", "S3_REGION", defaults.region, None, "S3 region"),
+        (
+            "--s3-credentials-secret",
+            "S3_CREDENTIALS_SECRET",
+            defaults.credentials_secret,
+            "NAME",
+            "S3 credentials Secret",
+        ),
+        (
+            "--staging-size",
+            "TRAINER_STAGING_SIZE",
+            defaults.staging_size,
+            "SIZE",
+            f"trainer /tmp size (none: {b.DEFAULT_STAGING_SIZE})",
+        ),
+    ]
+    for flag, env, default, metavar, what in operator_settings:
+        parser.add_argument(
+            flag, default=default, metavar=metavar, help=f"{what} for specs that set none (env KUBETUNE_{env})"
+        )
     return parser
 
 
