@@ -290,9 +290,9 @@ class BaseModelSpec(ApiModel):
     """Weights variant to load, e.g. `fp16`; empty loads the default weights."""
     token_secret_ref: SecretKeyRef | None = None
     """Secret key holding a Hugging Face token, for gated or private models."""
-    family: Literal["", "sd"] = ""
-    """The model family: `sd` (Stable Diffusion 1.x/2.x); empty takes it from the pipeline's
-    `model_index.json`."""
+    family: Literal["", "sd", "sdxl"] = ""
+    """The model family: `sd` (Stable Diffusion 1.x/2.x) or `sdxl` (Stable Diffusion XL); empty
+    takes it from the pipeline's `model_index.json`."""
 
 
 class Training(ApiModel):

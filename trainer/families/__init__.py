@@ -6,8 +6,9 @@ from typing import Any
 
 from kubetune.trainer.families.base import FamilyError, ModelFamily, Parts
 from kubetune.trainer.families.sd import StableDiffusion
+from kubetune.trainer.families.sdxl import StableDiffusionXL
 
-FAMILIES: dict[str, type[ModelFamily]] = {f.name: f for f in (StableDiffusion,)}
+FAMILIES: dict[str, type[ModelFamily]] = {f.name: f for f in (StableDiffusion, StableDiffusionXL)}
 """Family name -> family; the names are --model_family's choices (and spec.model.family's)."""
 BY_PIPELINE = {f.pipeline_class: f.name for f in FAMILIES.values()}
 
