@@ -23,6 +23,20 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def separate_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A VAE of the same layout with other weights, as --pretrained_vae_model_name_or_path (SDXL's
+    fp16-fix VAE in real runs)."""
+    import torch
+
+    from kubetune.dev.testing.tiny_sd import _vae
+
+    torch.manual_seed(99)
+    folder = tmp_path_factory.getbasetemp() / "sdxl-vae"
+    _vae([32, 64], layers_per_block=1, sample_size=64).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six captioned images of different sizes and aspect ratios (so crops and sizes differ)."""
     from PIL import Image
@@ -41,6 +55,7 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def sdxl_flags(model: Path, data: Path, output: Path, **overrides: object) -> list[str]:
     flags = {
+        "pretrained_vae_model_name_or_path": output.parent.parent / "sdxl-vae",  # separate_vae's
         "max_train_steps": 4,
         "checkpointing_steps": 2,
         "gradient_accumulation_steps": 1,
@@ -55,7 +70,7 @@ def sdxl_flags(model: Path, data: Path, output: Path, **overrides: object) -> li
 
 
 @pytest.fixture(scope="module")
-def full_run(tiny_sdxl: Path, photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def full_run(tiny_sdxl: Path, photos: Path, separate_vae: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("sdxl-full") / "out"
     flags = sdxl_flags(tiny_sdxl, photos, output, validation_prompts="a red circle", num_validation_images=1)
     result = train(flags)
@@ -64,7 +79,7 @@ def full_run(tiny_sdxl: Path, photos: Path, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture(scope="module")
-def lora_run(tiny_sdxl: Path, photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def lora_run(tiny_sdxl: Path, photos: Path, separate_vae: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("sdxl-lora") / "out"
     result = train(sdxl_flags(tiny_sdxl, photos, output, method="lora", rank=4, use_ema=False, max_train_steps=2))
     assert result.returncode == 0, result.stderr[-4000:]
@@ -82,9 +97,10 @@ def render(pipeline: object) -> object:
     return np.asarray(image, dtype=np.float32)
 
 
-def test_full_fine_tune_publishes_an_sdxl_pipeline(full_run: Path, tiny_sdxl: Path) -> None:
+def test_full_fine_tune_publishes_an_sdxl_pipeline(full_run: Path, tiny_sdxl: Path, separate_vae: Path) -> None:
     import torch
     from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
 
     pipeline = StableDiffusionXLPipeline.from_pretrained(full_run)
     render(pipeline)
@@ -92,13 +108,13 @@ def test_full_fine_tune_publishes_an_sdxl_pipeline(full_run: Path, tiny_sdxl: Pa
     trained = pipeline.unet.state_dict()
     assert any(not torch.equal(trained[k], base[k]) for k in base), "the UNet was trained"
     assert pipeline.config.force_zeros_for_empty_prompt is True
+    vae = load_file(separate_vae / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(pipeline.vae.state_dict()[k], vae[k]) for k in vae), "published with the separate VAE"
     assert json.loads((full_run / "progress.json").read_text())["state"] == "succeeded"
     assert list((full_run / "samples" / "step-00000002").glob("*.png")), "validation samples rendered"
     card = (full_run / "README.md").read_text()
     assert "StableDiffusionXLPipeline.from_pretrained" in card and "stable-diffusion-xl" in card
     cache = next(p for p in (full_run.parent.parent / "sdxl-cache").iterdir() if (p / "manifest.json").exists())
-    from safetensors.torch import load_file
-
     text = load_file(cache / "text-00000.safetensors")
     assert text["states"].shape[1:] == (77, 64) and text["pooled"].shape[1:] == (32,), "both encoders cached"
     latents = load_file(cache / "latents-00000.safetensors")
@@ -110,7 +126,7 @@ def test_full_fine_tune_publishes_an_sdxl_pipeline(full_run: Path, tiny_sdxl: Pa
 
 
 def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(
-    full_run: Path, tiny_sdxl: Path, photos: Path, tmp_path: Path
+    full_run: Path, tiny_sdxl: Path, photos: Path, tmp_path: Path, separate_vae: Path
 ) -> None:
     output = tmp_path / "out"
     output.mkdir()
