@@ -135,6 +135,7 @@ def model_card(
             "",
         ]
     settings = {
+        "model family": f"{family.name} ({pipeline})",
         "steps": steps,
         "resolution": cfg.resolution,
         "center crop": cfg.center_crop,

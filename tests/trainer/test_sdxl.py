@@ -114,6 +114,7 @@ def test_full_fine_tune_publishes_an_sdxl_pipeline(full_run: Path, tiny_sdxl: Pa
     assert list((full_run / "samples" / "step-00000002").glob("*.png")), "validation samples rendered"
     card = (full_run / "README.md").read_text()
     assert "StableDiffusionXLPipeline.from_pretrained" in card and "stable-diffusion-xl" in card
+    assert "| model family | sdxl (StableDiffusionXLPipeline) |" in card
     cache = next(p for p in (full_run.parent.parent / "sdxl-cache").iterdir() if (p / "manifest.json").exists())
     text = load_file(cache / "text-00000.safetensors")
     assert text["states"].shape[1:] == (77, 64) and text["pooled"].shape[1:] == (32,), "both encoders cached"
