@@ -35,31 +35,46 @@ def test_an_unsupported_pipeline_is_refused_at_once(shapes_dataset: Path, tmp_pa
     assert time.monotonic() - started < 60
 
 
-def test_a_hub_model_is_refused_from_its_model_index_alone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Only model_index.json is fetched (hf_hub_download); the snapshot never starts."""
+@pytest.mark.parametrize("source", ["hub", "s3"])
+def test_a_remote_model_is_refused_from_its_model_index_alone(
+    source: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Only model_index.json is fetched (from the Hub: hf_hub_download; from S3: that one object);
+    the weights never are."""
     import contextlib
     from types import SimpleNamespace
 
     import huggingface_hub
 
+    from kubetune.storage import Store
     from kubetune.trainer.config import TrainConfig
     from kubetune.trainer.train import TrainError, resolve_model
 
-    index = tmp_path / "model_index.json"
-    index.write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    index = {"_class_name": "KandinskyPipeline"}
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model_index.json").write_text(json.dumps(index))
     fetched: list[str] = []
 
     def hf_hub_download(repo_id: str, filename: str, **_: object) -> str:
         fetched.append(filename)
-        return str(index)
+        return str(tmp_path / "model" / filename)
 
-    def snapshot_download(*_: object, **__: object) -> str:
+    def never(*_: object, **__: object) -> None:
         raise AssertionError("the weights must not be downloaded")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", never)
+    monkeypatch.setattr(Store, "download_tree", never)
+    name = "org/kandinsky"
+    if source == "s3":
+        name = f"s3://{request.getfixturevalue('s3_bucket')}/models/kandinsky"
+        (tmp_path / "model" / "unet").mkdir()
+        (tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"0" * 1024)
+        Store(name).upload_tree(tmp_path / "model")
     session = SimpleNamespace(accelerator=SimpleNamespace(local_main_process_first=contextlib.nullcontext))
-    cfg = TrainConfig(pretrained_model_name_or_path="org/kandinsky", cache_dir=str(tmp_path / "hub"))
-    with pytest.raises(TrainError, match="org/kandinsky: pipeline class KandinskyPipeline is not supported") as caught:
+    cfg = TrainConfig(pretrained_model_name_or_path=name, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(TrainError, match=f"{name}: pipeline class KandinskyPipeline is not supported") as caught:
         resolve_model(cfg, session)  # type: ignore[arg-type]
-    assert caught.value.code == ExitCode.INVALID and fetched == ["model_index.json"]
+    assert caught.value.code == ExitCode.INVALID
+    assert fetched == (["model_index.json"] if source == "hub" else [])
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.safetensors"))
