@@ -198,7 +198,8 @@ class TrainConfig:
         choices=FAMILIES,
         spec="model.family",
         convert=_or_none,
-        help="the model family (sd: Stable Diffusion 1.x/2.x); unset: from the pipeline's model_index.json",
+        help="the model family (sd: Stable Diffusion 1.x/2.x, sdxl: Stable Diffusion XL); unset: from the pipeline's "
+        "model_index.json",
     )
     pretrained_vae_model_name_or_path: str | None = opt(
         None,
