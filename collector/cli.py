@@ -243,6 +243,7 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
             raise OneLineError(str(error)) from None
         dataset, collector = spec.dataset, spec.collector
         output = args.output or join(spec.storage.uri, layout.DATASET_DIR)
+        root = spec.storage.uri
         endpoint, region = spec.storage.endpoint or None, spec.storage.region or None
         workers, timeout, shards = collector.workers, collector.timeout_seconds, collector.shards
     else:
@@ -250,6 +251,7 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
         if not args.output:
             raise OneLineError("--output: required (a folder or s3://bucket/prefix), or use --spec")
         output, endpoint, region, workers, timeout, shards = args.output, None, None, 16, 30.0, 1
+        root = None  # the dataset folder's parent
     workers = args.workers if args.workers is not None else workers
     timeout = args.timeout if args.timeout is not None else timeout
     num_shards = args.num_shards if args.num_shards is not None else shards
@@ -277,6 +279,7 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "dataset": dataset,
         "output": output,
+        "root": root,
         "endpoint": endpoint,
         "region": region,
         "workers": workers,
@@ -392,6 +395,7 @@ def run(plan: dict[str, Any], keys: dict[str, str], verbose: bool = False) -> in
     from kubetune.collector.images import ImageSettings
     from kubetune.collector.output import DatasetOutput, Dedupe
     from kubetune.collector.sources import open_source
+    from kubetune.ownership import StorageOwnedError, owner_from_env
 
     dataset: models.Dataset = plan["dataset"]
     images = ImageSettings(dataset.resolution, dataset.min_size, plan["max_pixels"], plan["quality"])
@@ -420,7 +424,10 @@ def run(plan: dict[str, Any], keys: dict[str, str], verbose: bool = False) -> in
     shard_index, num_shards = plan["shard"]
     log = Progress(verbose)
     try:
-        output = DatasetOutput(store, plan["run"], processing, shard_index, num_shards, info).open()
+        root = Store(plan["root"], plan["endpoint"], plan["region"]) if plan.get("root") else None
+        output = DatasetOutput(
+            store, plan["run"], processing, shard_index, num_shards, info, root=root, owner=owner_from_env()
+        ).open()
         if output.complete:
             kept = output.summary.counts.kept
             log.line(f"dataset at {plan['output']} is already complete ({kept} images, same settings): nothing to do")
@@ -444,6 +451,9 @@ def run(plan: dict[str, Any], keys: dict[str, str], verbose: bool = False) -> in
         finally:
             fetcher.close()
             log.close()
+    except StorageOwnedError as error:  # another job's prefix: nothing written, nothing deleted
+        print(f"kubetune collect: error: {error}", file=sys.stderr)
+        return layout.EXIT_STORAGE_OWNED
     except SourceError as error:
         print(f"kubetune collect: error: {error}", file=sys.stderr)
         return layout.EXIT_INVALID

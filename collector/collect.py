@@ -103,7 +103,9 @@ def _valid(candidates: Iterator[Candidate], output: DatasetOutput, tally: Tally)
     for candidate in candidates:
         if not candidate.group:
             tally.requested += 1
-        reason = "no-caption" if not candidate.caption else "no-image" if not (candidate.url or candidate.load) else ""
+        reason = candidate.skip or (
+            "no-caption" if not candidate.caption else "no-image" if not (candidate.url or candidate.load) else ""
+        )
         if reason:
             output.skip(candidate, reason)
             tally.skipped[reason] += 1

@@ -8,8 +8,8 @@ class Skip(Exception):
 
     Reasons: http-NNN, timeout, connection-error, too-many-redirects, private-address, bad-url,
     too-large, not-an-image, corrupt, too-many-pixels, too-small, duplicate, near-duplicate,
-    no-caption, no-image, unsafe-path. `transient` ones are tried again by a resumed run; the
-    rest are not.
+    no-caption, no-image, unsafe-path, incomplete-result (a search result without an expected
+    key). `transient` ones are tried again by a resumed run; the rest are not.
     """
 
     TRANSIENT = frozenset({"timeout", "connection-error", "http-429", "http-500", "http-502", "http-503", "http-504"})

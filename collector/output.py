@@ -33,8 +33,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune import __version__
-from kubetune.api.contracts import CollectionTiming, DatasetCounts, DatasetManifest, SourceCount
+from kubetune import __version__, ownership
+from kubetune.api.contracts import CollectionTiming, DatasetCounts, DatasetManifest, SourceCount, StorageOwner
 from kubetune.collector.errors import Skip
 from kubetune.collector.images import CleanImage
 from kubetune.collector.sources import Candidate
@@ -82,10 +82,15 @@ class DatasetOutput:
     _last_flush: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _started: float = field(default_factory=time.time)
+    root: Store | None = None  # storage.uri, where the owner marker is (None: the dataset's parent)
+    owner: StorageOwner | None = None  # this pod's FineTuneJob (None: nothing claimed nor checked)
 
     # -- opening: what is already there ---------------------------------------------------------
 
     def open(self) -> DatasetOutput:
+        """Claim the prefix for `owner` (ownership.StorageOwnedError when another FineTuneJob owns
+        it: nothing is written or deleted), then read what an earlier run left."""
+        ownership.claim(self.root or self._parent(), self.owner)
         manifest = self._read_manifest()
         if manifest is not None and manifest.run == self.run and not manifest.empty:
             self.complete = True
@@ -246,6 +251,10 @@ class DatasetOutput:
         return manifest
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _parent(self) -> Store:
+        parent, _, _ = self.store.uri.rstrip("/").rpartition("/")
+        return Store(parent or self.store.uri, self.store.endpoint, self.store.region, self.store._client)
 
     def _run_dir(self) -> str:
         return f"{STATE_DIR}/{self.run}"

@@ -32,6 +32,7 @@ from kubetune import __version__
 from kubetune.api import models
 from kubetune.api.contracts import SOURCE_SECRET_ENV
 from kubetune.api.layout import is_safe_file_name
+from kubetune.cli_util import name_list
 from kubetune.collector.errors import RetryableError, Skip, SourceError
 from kubetune.collector.images import clean_caption
 from kubetune.storage import StorageError, Store
@@ -63,6 +64,7 @@ class Candidate:
     author: str = ""
     page: str = ""  # where a person can see it and its credits
     on_kept: Callable[[], None] | None = None
+    skip: str = ""  # a reason to count it as skipped without fetching (e.g. incomplete-result)
 
     def provenance(self) -> dict[str, str]:
         fields = {
@@ -134,6 +136,7 @@ class SearchSource(Source):
         self.session = api_session(user_agent, retries)
         self.exhausted = False
         self._lock = threading.Lock()  # on_kept callbacks run in worker threads
+        self._incomplete = 0
 
     def groups(self, shard_index: int, num_shards: int) -> Iterator[Group]:
         for index, prompt in enumerate(self.spec.prompts):
@@ -142,6 +145,24 @@ class SearchSource(Source):
 
     def _candidates(self, prompt: str) -> Iterator[Candidate]:
         raise NotImplementedError
+
+    def guarded(self, prompt: str, build: Callable[[], Candidate | None]) -> Candidate | None:
+        """`build()`'s candidate from one search result; a result without what it needs (a missing
+        key, a value of the wrong type) is counted as skipped (`incomplete-result`), as any failing
+        external item is, rather than ending the collection."""
+        try:
+            return build()
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+            with self._lock:
+                self._incomplete += 1
+                number = self._incomplete
+            return Candidate(
+                key=candidate_key(self.name, prompt, "incomplete", str(number)),
+                caption=prompt,
+                source=self.name,
+                group=prompt,
+                skip="incomplete-result",
+            )
 
     def call(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         try:
@@ -207,7 +228,9 @@ class UnsplashSearch(SearchSource):
             self.check(response, "UNSPLASH_ACCESS_KEY")
             body = response.json()
             for photo in body.get("results", []):
-                yield self._candidate(prompt, photo)
+                candidate = self.guarded(prompt, lambda photo=photo: self._candidate(prompt, photo))
+                if candidate:
+                    yield candidate
             if response.headers.get("X-Ratelimit-Remaining") == "0":
                 self._spent(response)
                 return
@@ -284,14 +307,19 @@ class GoogleSearch(SearchSource):
             body = response.json()
             items = body.get("items", [])
             for item in items:
-                yield Candidate(
-                    key=candidate_key("google", prompt, item["link"]),
-                    caption=prompt,
-                    source="google",
-                    group=prompt,
-                    url=item["link"],
-                    page=item.get("image", {}).get("contextLink", ""),
+                candidate = self.guarded(
+                    prompt,
+                    lambda item=item: Candidate(
+                        key=candidate_key("google", prompt, item["link"]),
+                        caption=prompt,
+                        source="google",
+                        group=prompt,
+                        url=str(item["link"]),
+                        page=item.get("image", {}).get("contextLink", ""),
+                    ),
                 )
+                if candidate:
+                    yield candidate
             if not items or not body.get("queries", {}).get("nextPage"):
                 return
 
@@ -345,20 +373,25 @@ class OpenverseSearch(SearchSource):
             self.check(response, "OPENVERSE_CLIENT_ID and OPENVERSE_CLIENT_SECRET" if self.credentials else "")
             body = response.json()
             for item in body.get("results", []):
-                license_name = " ".join(p for p in (item.get("license", ""), item.get("license_version", "")) if p)
-                yield Candidate(
-                    key=candidate_key("openverse", prompt, str(item["id"])),
-                    caption=prompt,
-                    source="openverse",
-                    group=prompt,
-                    url=item["url"],
-                    license=license_name,
-                    author=item.get("creator") or "",
-                    page=item.get("foreign_landing_url") or "",
-                )
+                candidate = self.guarded(prompt, lambda item=item: self._candidate(prompt, item))
+                if candidate:
+                    yield candidate
             if page >= int(body.get("page_count", 0)) or not body.get("results"):
                 return
             page += 1
+
+    def _candidate(self, prompt: str, item: dict[str, Any]) -> Candidate:
+        license_name = " ".join(p for p in (item.get("license", ""), item.get("license_version", "")) if p)
+        return Candidate(
+            key=candidate_key("openverse", prompt, str(item["id"])),
+            caption=prompt,
+            source="openverse",
+            group=prompt,
+            url=str(item["url"]),
+            license=license_name,
+            author=item.get("creator") or "",
+            page=item.get("foreign_landing_url") or "",
+        )
 
 
 _TAGS = re.compile(r"<[^>]+>")
@@ -403,7 +436,7 @@ class WikimediaSearch(SearchSource):
                 raise SourceError(f"Wikimedia API error: {body['error'].get('info', body['error'])}")
             pages = sorted(body.get("query", {}).get("pages", []), key=lambda p: p.get("index", 0))
             for page in pages:
-                candidate = self._candidate(prompt, page)
+                candidate = self.guarded(prompt, lambda page=page: self._candidate(prompt, page))
                 if candidate:
                     yield candidate
             if "continue" not in body:
@@ -599,7 +632,7 @@ class HubDataset(Source):
         columns = stream.column_names or list((stream.features or {}).keys())
         for column in (spec.image_column, spec.caption_column):
             if columns and column not in columns:
-                raise SourceError(f"huggingface: {spec.name} has no column {column!r} (columns: {', '.join(columns)})")
+                raise SourceError(f"huggingface: {spec.name} has no column {column!r} (columns: {name_list(columns)})")
         if isinstance((stream.features or {}).get(spec.image_column), datasets.Image):
             stream = stream.cast_column(spec.image_column, datasets.Image(decode=False))  # our own safe decoding
         if spec.max_samples:

@@ -33,6 +33,9 @@ COMMANDS: dict[str, Command] = {
     ),
     "collect": Command("kubetune.collector.cli:main", "build a captioned image dataset (imagefolder) locally or in S3"),
     "operator": Command("kubetune.operator.cli:main", "run the FineTuneJob operator"),
+    "render": Command(
+        "kubetune.operator.render:main", "print the Jobs and Services the operator would create for a FineTuneJob"
+    ),
     # The development tools are their own distribution (dev/, kubetune-dev): in a checkout, not in images.
     "dev": Command(
         "kubetune.dev.cli:main",

@@ -9,6 +9,11 @@ and resumes from the latest checkpoint; Ctrl-C stops after a checkpoint and a la
 
 Keys come from the environment as for `kubetune collect` (UNSPLASH_ACCESS_KEY, ...; Secret
 references in the spec are for clusters), S3 credentials from the usual AWS variables.
+
+It claims no storage prefix (no owner marker, layout.OWNER_FILE): a job started here can continue on a
+cluster, whose FineTuneJob then claims the prefix. Set KUBETUNE_FINETUNEJOB_UID (and
+KUBETUNE_FINETUNEJOB_NAMESPACE, KUBETUNE_FINETUNEJOB) in the environment to claim it under a
+stable id of your own; a prefix a FineTuneJob already claimed is then refused (exit 4).
 """
 
 from __future__ import annotations
@@ -91,7 +96,7 @@ def main(argv: Sequence[str], prog: str = "kubetune run") -> int:
                 "kubetune run: stopped after saving a checkpoint; run the same command again to resume", file=sys.stderr
             )
             return code
-        if code == layout.EXIT_INVALID or attempt == attempts:
+        if code in (layout.EXIT_INVALID, layout.EXIT_STORAGE_OWNED) or attempt == attempts:
             return code
         print(f"kubetune run: training failed (exit {code}); retrying from the latest checkpoint", file=sys.stderr)
     return layout.EXIT_FAILED

@@ -155,6 +155,62 @@ class Store:
         except Exception as error:
             raise StorageError(f"cannot list {self.uri_of(prefix)}: {_reason(error)}") from None
 
+    def versions(self, prefix: str = "") -> dict[str, str]:
+        """Each key under `prefix` (as `list` gives them) with a version of its content: size and
+        ETag on S3, size and modification time locally. One listing: no object is read."""
+        if not self.is_s3:
+            base, root = Path(self.uri), self._path(prefix)
+            paths = [root] if root.is_file() else sorted(root.rglob("*")) if root.exists() else []
+            return {
+                p.relative_to(base).as_posix(): f"{(st := p.stat()).st_size}:{st.st_mtime_ns}"
+                for p in paths
+                if p.is_file() and not p.name.startswith(".tmp-")
+            }
+        bucket, _ = self._bucket_prefix
+        wanted = self._s3_key(prefix)
+        strip = len(self._s3_key("")) + 1 if self._s3_key("") else 0
+        found = {}
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=wanted):
+                for item in page.get("Contents", []):
+                    key = item["Key"]
+                    if not wanted or key == wanted or key.startswith(wanted.rstrip("/") + "/"):
+                        found[key[strip:]] = f"{item['Size']}:{item.get('ETag', '')}"
+        except Exception as error:
+            raise StorageError(f"cannot list {self.uri_of(prefix)}: {_reason(error)}") from None
+        return found
+
+    def keys_starting_with(self, prefix: str) -> list[str]:
+        """Keys (relative to this store, recursively, in lexical order) whose text begins with
+        `prefix`, which need not be a folder: `checkpoint` matches `checkpoint-5/unet/x` and
+        `checkpoints/step-1/manifest.json`. On S3, one listing of exactly those keys; locally, only
+        the matching entries of `prefix`'s folder are walked."""
+        if not self.is_s3:
+            base = Path(self.uri)
+            parent, _, start = prefix.rpartition("/")
+            folder = self._path(parent)
+            if not folder.is_dir():
+                return []
+            keys = []
+            for entry in folder.iterdir():
+                if not entry.name.startswith(start):
+                    continue
+                paths = [entry] if entry.is_file() else entry.rglob("*")
+                keys += [
+                    p.relative_to(base).as_posix() for p in paths if p.is_file() and not p.name.startswith(".tmp-")
+                ]
+            return sorted(keys)
+        bucket, base_key = self._bucket_prefix
+        wanted = f"{base_key}/{prefix}" if base_key else prefix
+        strip = len(base_key) + 1 if base_key else 0
+        keys = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=wanted):
+                keys += [item["Key"][strip:] for item in page.get("Contents", [])]
+        except Exception as error:
+            raise StorageError(f"cannot list {self.uri_of(prefix)}*: {_reason(error)}") from None
+        return keys
+
     def download_file(self, key: str, destination: str | Path) -> None:
         destination = Path(destination)
         destination.parent.mkdir(parents=True, exist_ok=True)
@@ -202,6 +258,38 @@ class Store:
             raise StorageError(f"cannot write {self.uri_of(key)}: {error.strerror or error}") from None
         except Exception as error:
             raise StorageError(f"cannot write {self.uri_of(key)}: {_reason(error)}") from None
+
+    def write_if_absent(self, key: str, data: bytes, content_type: str | None = None) -> bool:
+        """Write `key` only when it does not exist; False when it already did. S3: a conditional
+        PUT (`If-None-Match: *`); a store that does not support it gets a check, then a PUT (a
+        narrow race: callers read the key back). Locally, an exclusive create."""
+        if not self.is_s3:
+            path = self._path(key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with path.open("xb") as handle:
+                    handle.write(data)
+            except FileExistsError:
+                return False
+            except OSError as error:
+                raise StorageError(f"cannot write {self.uri_of(key)}: {error.strerror or error}") from None
+            return True
+        extra = {"ContentType": content_type} if content_type else {}
+        try:
+            self.client.put_object(
+                Bucket=self._bucket_prefix[0], Key=self._s3_key(key), Body=data, IfNoneMatch="*", **extra
+            )
+            return True
+        except Exception as error:
+            code = str((getattr(error, "response", None) or {}).get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            if code not in ("NotImplemented", "501", "InvalidArgument", "InvalidRequest"):
+                raise StorageError(f"cannot write {self.uri_of(key)}: {_reason(error)}") from None
+        if self.exists(key):
+            return False
+        self.write_bytes(key, data, content_type)
+        return True
 
     def write_json(self, key: str, value: Any) -> None:
         self.write_bytes(key, json.dumps(value, indent=2, sort_keys=True).encode() + b"\n", "application/json")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +23,15 @@ from kubetune.api.layout import (
     EXIT_EMPTY_DATASET,
     EXIT_INVALID,
     EXIT_PREEMPTED,
+    EXIT_STORAGE_OWNED,
+    OWNER_NAME_ENV,
+    OWNER_NAMESPACE_ENV,
+    OWNER_UID_ENV,
     SPEC_ENV,
     dataset_fingerprint,
 )
 from kubetune.api.load import dump_spec
-from kubetune.api.models import API_VERSION, KIND, FineTuneJobSpec, PodSettings, SecretKeyRef
+from kubetune.api.models import API_VERSION, KIND, CredentialsSecretRef, FineTuneJobSpec, PodSettings, SecretKeyRef
 from kubetune.storage import storage_env
 
 # -- labels and annotations --------------------------------------------------------------------
@@ -73,6 +78,46 @@ class Images:
 
     collector: str = DEFAULT_COLLECTOR_IMAGE
     trainer: str = DEFAULT_TRAINER_IMAGE
+
+
+@dataclass(frozen=True)
+class SpecDefaults:
+    """The operator's cluster-wide settings for what a spec leaves empty (chart values, given to
+    the operator as env: `from_env`): S3 endpoint, region and credentials Secret, and the
+    trainer's staging size."""
+
+    endpoint: str = ""
+    region: str = ""
+    credentials_secret: str = ""
+    staging_size: str = ""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> SpecDefaults:
+        return cls(
+            endpoint=environ.get("KUBETUNE_S3_ENDPOINT", ""),
+            region=environ.get("KUBETUNE_S3_REGION", ""),
+            credentials_secret=environ.get("KUBETUNE_S3_CREDENTIALS_SECRET", ""),
+            staging_size=environ.get("KUBETUNE_TRAINER_STAGING_SIZE", ""),
+        )
+
+
+def effective_spec(spec: FineTuneJobSpec, defaults: SpecDefaults) -> FineTuneJobSpec:
+    """The spec with the operator's defaults filled in where it sets nothing, so that the pods,
+    the operator's own reads and KUBETUNE_SPEC all see one configuration."""
+    storage_spec = spec.storage
+    updates: dict[str, Any] = {}
+    if not storage_spec.endpoint and defaults.endpoint:
+        updates["endpoint"] = defaults.endpoint
+    if not storage_spec.region and defaults.region:
+        updates["region"] = defaults.region
+    if storage_spec.credentials_secret_ref is None and defaults.credentials_secret:
+        updates["credentials_secret_ref"] = CredentialsSecretRef(name=defaults.credentials_secret)
+    if not spec.trainer.staging_size and defaults.staging_size:
+        trainer = spec.trainer.model_copy(update={"staging_size": defaults.staging_size})
+        spec = spec.model_copy(update={"trainer": trainer})
+    if not updates:
+        return spec
+    return spec.model_copy(update={"storage": storage_spec.model_copy(update=updates)})
 
 
 @dataclass(frozen=True)
@@ -224,7 +269,10 @@ def env(spec: FineTuneJobSpec, owner: Owner, component: str) -> list[dict[str, A
     """The container's env; literal values escaped (see `literal`)."""
     entries: list[dict[str, Any]] = [
         {"name": SPEC_ENV, "value": spec_json(spec)},
-        {"name": "KUBETUNE_FINETUNEJOB", "value": owner.name},
+        # the job's identity: the first pod to write to storage.uri claims it (owner.json)
+        {"name": OWNER_NAME_ENV, "value": owner.name},
+        {"name": OWNER_NAMESPACE_ENV, "value": owner.namespace},
+        {"name": OWNER_UID_ENV, "value": owner.uid},
         # Declared here (the Job controller adds it too) so `$(JOB_COMPLETION_INDEX)` in the
         # command expands from an env entry the pod spec itself defines.
         {
@@ -268,10 +316,18 @@ def container_security_context() -> dict[str, Any]:
     }
 
 
-def tmp_volume() -> tuple[dict[str, Any], dict[str, Any]]:
+# The trainer's /tmp (checkpoint staging, the model download) when neither spec.trainer.stagingSize
+# nor the operator's default (chart value trainer.stagingSize) sets one: two full SD 1.5
+# checkpoints being uploaded (about 14 GB each), one being resumed, and the model (about 5 GB).
+DEFAULT_STAGING_SIZE = "64Gi"
+
+
+def tmp_volume(size_limit: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
     """(volume, mount) of a writable /tmp: the root filesystem is read-only, and the images keep
-    HOME, TMPDIR and the Hugging Face / model caches under /tmp."""
-    return {"name": TMP_VOLUME, "emptyDir": {}}, {"name": TMP_VOLUME, "mountPath": "/tmp"}
+    HOME, TMPDIR and the Hugging Face / model caches under /tmp. `size_limit`: the emptyDir's
+    sizeLimit (the kubelet evicts a pod that writes more); empty: none."""
+    empty_dir = {"sizeLimit": size_limit} if size_limit else {}
+    return {"name": TMP_VOLUME, "emptyDir": empty_dir}, {"name": TMP_VOLUME, "mountPath": "/tmp"}
 
 
 def pod_failure_policy(container: str) -> dict[str, Any]:
@@ -290,6 +346,7 @@ def pod_failure_policy(container: str) -> dict[str, Any]:
             {"action": "FailJob", "onExitCodes": exit_codes(EXIT_INVALID)},
             {"action": "FailJob", "onExitCodes": exit_codes(EXIT_EMPTY_DATASET)},
             {"action": "FailJob", "onExitCodes": exit_codes(EXIT_DIVERGED)},
+            {"action": "FailJob", "onExitCodes": exit_codes(EXIT_STORAGE_OWNED)},
         ]
     }
 
@@ -503,7 +560,7 @@ def trainer_job(spec: FineTuneJobSpec, owner: Owner, restart: int = 0, images: I
     controller's per-pod retries cannot do, so the operator owns retries (attempts).
     """
     settings = spec.trainer
-    tmp, tmp_mount = tmp_volume()
+    tmp, tmp_mount = tmp_volume(settings.staging_size or DEFAULT_STAGING_SIZE)
     pod_spec = {
         "restartPolicy": "Never",
         "enableServiceLinks": False,

@@ -226,12 +226,14 @@ def main(argv: Sequence[str], prog: str = "kubetune operator") -> int:
         api_client = load_kube_config(connections=args.workers + 8)
     except Exception as error:  # no kubeconfig, no in-cluster account
         raise OneLineError(f"cannot reach Kubernetes: {str(error).splitlines()[0]}") from None
+    defaults = b.SpecDefaults.from_env(os.environ)  # `kubetune render` reads the same
     kube = Kube(
         api_client,
         b.Images(args.collector_image, args.trainer_image),
-        default_endpoint=os.environ.get("KUBETUNE_S3_ENDPOINT", ""),
-        default_region=os.environ.get("KUBETUNE_S3_REGION", ""),
-        default_credentials_secret=os.environ.get("KUBETUNE_S3_CREDENTIALS_SECRET", ""),
+        default_endpoint=defaults.endpoint,
+        default_region=defaults.region,
+        default_staging_size=defaults.staging_size,
+        default_credentials_secret=defaults.credentials_secret,
         allowed_storage_endpoints=tuple(args.allowed_storage_endpoint),
         storage_own_identity=args.storage_own_identity,
         s3_connections=args.workers,

@@ -26,13 +26,14 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from kubetune import storage
-from kubetune.api.contracts import DatasetManifest, TrainingProgress, problem
+from kubetune.api.contracts import DatasetManifest, StorageOwner, TrainingProgress, problem
 from kubetune.api.layout import (
     CHECKPOINTS_DIR,
     DATASET_DIR,
     EXIT_DIVERGED,
     EXIT_EMPTY_DATASET,
     EXIT_INVALID,
+    EXIT_STORAGE_OWNED,
     SAMPLES_DIR,
     dataset_fingerprint,
     step_of_checkpoint_uri,
@@ -45,6 +46,7 @@ from kubetune.api.models import (
     FineTuneJobStatus,
     TrainingStatus,
 )
+from kubetune.ownership import owned_message
 
 from . import builders as b
 from .objects import (
@@ -98,6 +100,7 @@ class Observed:
     forbidden_secrets: set[str] = field(default_factory=set)  # named by the spec; the API answered 403
     dataset_manifest: dict[str, Any] | None = None
     progress: dict[str, Any] | None = None
+    storage_owner: dict[str, Any] | None = None  # owner.json as read before pods are made; None: absent/not read
     latest_checkpoint: str = ""  # listed in storage when a new attempt is due (progress.json may lag)
     storage_error: str = ""
     storage_unreadable: str = ""  # why the operator reads nothing from storage (progress comes from pods only)
@@ -149,9 +152,45 @@ def percent(step: int, max_steps: int) -> str:
     return f"{min(100, int(100 * step / max_steps))}%" if max_steps > 0 else ""
 
 
-def training_status(progress: TrainingProgress, now: datetime) -> TrainingStatus:
+def duration(seconds: float) -> str:
+    """Seconds as a short duration the way kubectl writes ages: `45s`, `2m30s`, `12m`, `1h5m`,
+    `2d3h`."""
+    total = max(0, round(seconds))
+    days, rest = divmod(total, 86_400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h" if hours else f"{days}d"
+    if hours:
+        return f"{hours}h{minutes}m" if minutes else f"{hours}h"
+    if minutes:
+        return f"{minutes}m{secs}s" if secs and minutes < 10 else f"{minutes}m"
+    return f"{secs}s"
+
+
+def images_per_step(spec: FineTuneJobSpec) -> int:
+    """Images one optimizer step consumes: the batch per process, accumulated, on every process
+    (one per GPU, or one per node on CPU)."""
+    processes = spec.trainer.nodes * max(spec.trainer.gpus_per_node, 1)
+    return spec.training.batch_size * spec.training.gradient_accumulation_steps * processes
+
+
+def eta_seconds(progress: TrainingProgress, step_images: int = 0) -> float | None:
+    """Seconds left: the trainer's own estimate (from its recent step rate), else the steps left
+    at its recent image throughput; None when neither is known."""
+    if progress.eta_seconds is not None:
+        return max(0.0, progress.eta_seconds)
+    left = progress.max_steps - progress.step
+    if progress.images_per_second and progress.images_per_second > 0 and step_images > 0 and left >= 0:
+        return left * step_images / progress.images_per_second
+    return None
+
+
+def training_status(progress: TrainingProgress, now: datetime, step_images: int = 0) -> TrainingStatus:
     def number(value: float | None, digits: int) -> str:
         return "" if value is None else f"{value:.{digits}g}"
+
+    left = eta_seconds(progress, step_images)
 
     updated = progress.updated_at
     if updated is not None:
@@ -164,7 +203,8 @@ def training_status(progress: TrainingProgress, now: datetime) -> TrainingStatus
         epoch=progress.epoch,
         loss=number(progress.loss, 4),
         images_per_second=number(progress.images_per_second, 3),
-        eta_seconds=None if progress.eta_seconds is None else int(progress.eta_seconds),
+        eta_seconds=None if left is None else int(left),
+        eta="" if left is None else duration(left),
         latest_checkpoint=progress.latest_checkpoint or "",
         # the trainer's own timestamp: status only changes when progress does
         updated_at=updated or now,
@@ -264,7 +304,14 @@ class _Pass:
             return self.fail("InvalidSpec", self.o.spec_error or "the spec cannot be read")
         if self.status.phase not in TERMINAL:
             self.status.start_time = self.status.start_time or self.o.now
-        for step in (self.stay_finished, self.check_storage_endpoint, self.check_deadline, self.prepare_dataset):
+        steps = (
+            self.stay_finished,
+            self.check_storage_endpoint,
+            self.check_storage_owner,
+            self.check_deadline,
+            self.prepare_dataset,
+        )
+        for step in steps:
             ended = step(spec)
             if ended is not None:
                 return ended
@@ -283,6 +330,20 @@ class _Pass:
         if not self.o.storage_refused:
             return None
         return self.fail("StorageEndpointNotAllowed", self.o.storage_refused)
+
+    def check_storage_owner(self, spec: FineTuneJobSpec) -> Decision | None:
+        """A job whose storage.uri another FineTuneJob owns (its owner.json names another uid)
+        fails before any pod is made: its pods would refuse the prefix anyway. Not retried."""
+        if self.o.storage_owner is None:
+            return None
+        owner, why = read_contract(StorageOwner, self.o.storage_owner)
+        if owner is None:
+            message = f"storage.uri {spec.storage.uri}: owner.json is not an owner marker ({why}); delete it to reuse"
+            return self.fail("StorageOwned", message)
+        assert isinstance(owner, StorageOwner)
+        if owner.uid == self.o.uid:
+            return None
+        return self.fail("StorageOwned", owned_message(spec.storage.uri, owner))
 
     def check_deadline(self, spec: FineTuneJobSpec) -> Decision | None:
         deadline = spec.run_policy.active_deadline_seconds
@@ -410,7 +471,9 @@ class _Pass:
         pods = self.pods_of(collect_name)
         codes = {pod_exit_code(p, b.COLLECTOR) for p in pods}
         detail = termination_message(pods, b.COLLECTOR) or job_failure_message(collector) or "Job failed"
-        if EXIT_EMPTY_DATASET in codes:  # and its manifest (kept 0) could not be read
+        if EXIT_STORAGE_OWNED in codes:  # another job claimed the prefix after this pass looked
+            reason, message = "StorageOwned", detail
+        elif EXIT_EMPTY_DATASET in codes:  # and its manifest (kept 0) could not be read
             reason = "EmptyDataset"
             message = f"the collector kept no images: {detail}; {CHECK_SOURCE}"
         elif EXIT_INVALID in codes:
@@ -434,7 +497,7 @@ class _Pass:
             self.condition("Training", "False", self.secrets_reason(), self.status.message)
             return self.finish()  # nothing runs that would wait on the Secret; checked again every resync
         if self.progress is not None:
-            self.status.training = training_status(self.progress, o.now)
+            self.status.training = training_status(self.progress, o.now, images_per_step(spec))
         if o.storage_unreadable:
             self.condition(
                 "ProgressAvailable",
@@ -570,6 +633,7 @@ class _Pass:
             status.training.step = max(status.training.step, status.training.max_steps)
             status.training.progress = "100%"
             status.training.eta_seconds = 0
+            status.training.eta = duration(0)
         self.end_attempt("Succeeded")
         status.phase = "Succeeded"
         status.model_uri = uri
@@ -585,6 +649,8 @@ class _Pass:
         self, spec: FineTuneJobSpec, job: dict[str, Any], name: str, pods: list[dict[str, Any]]
     ) -> Decision:
         detail = termination_message(pods, b.TRAINER) or job_failure_message(job) or "Job failed"
+        if any(pod_exit_code(p, b.TRAINER) == EXIT_STORAGE_OWNED for p in pods):
+            return self.fail("StorageOwned", detail)
         if any(pod_exit_code(p, b.TRAINER) == EXIT_INVALID for p in pods):
             return self.fail("TrainerInvalidInput", f"the trainer rejected its input (retrying cannot help): {detail}")
         if any(pod_exit_code(p, b.TRAINER) == EXIT_DIVERGED for p in pods):
@@ -676,6 +742,7 @@ class _Pass:
         phase = status.phase
         if phase not in TERMINAL:
             self.condition("Succeeded", "Unknown", phase, status.message)
+        self.ready_condition()
         if phase != self.old.phase:
             kind = "Warning" if phase == "Failed" else "Normal"
             reason = (
@@ -687,6 +754,19 @@ class _Pass:
                 self.event(kind, reason, status.message or f"phase {phase}")
         self.decision.status = status.model_dump(mode="json", by_alias=True, exclude_none=True)
         return self.decision
+
+    def ready_condition(self) -> None:
+        """`Ready`, the summary health tools read (kstatus, Argo CD, Flux): True once Succeeded;
+        False with the phase as reason while in progress (Pending, Collecting, Training,
+        Suspended), and with the failure reason once Failed."""
+        status = self.status
+        if status.phase == "Succeeded":
+            self.condition("Ready", "True", "Succeeded", status.message)
+            return
+        reason = status.phase
+        if status.phase == "Failed":
+            reason = next((c.reason for c in status.conditions if c.type == "Succeeded"), "Failed") or "Failed"
+        self.condition("Ready", "False", reason, status.message)
 
     def event(self, kind: str, reason: str, message: str) -> None:
         self.decision.events.append(Event(kind, reason, message))

@@ -23,14 +23,15 @@ from urllib.parse import urlsplit
 
 from kubetune import storage
 from kubetune.api.layout import (
-    CHECKPOINTS_DIR,
+    CHECKPOINT_KEYS_PREFIX,
     DATASET_MANIFEST,
+    OWNER_FILE,
     PROGRESS_FILE,
     complete_checkpoint_names,
     step_of_checkpoint_uri,
 )
 from kubetune.api.load import SpecError, parse_spec
-from kubetune.api.models import GROUP, KIND, PLURAL, VERSION, CredentialsSecretRef, FineTuneJobSpec
+from kubetune.api.models import GROUP, KIND, PLURAL, VERSION, FineTuneJobSpec
 
 from . import builders as b
 from .decide import Decision, Observed
@@ -197,6 +198,7 @@ class Kube:
     images: b.Images = field(default_factory=b.Images)
     default_endpoint: str = ""
     default_region: str = ""
+    default_staging_size: str = ""  # spec.trainer.stagingSize for jobs that set none (chart: trainer.stagingSize)
     default_credentials_secret: str = ""  # Secret (in the job's namespace) for jobs that name none
     allowed_storage_endpoints: tuple[str, ...] = ()  # empty: any endpoint, with the job's own Secret
     storage_own_identity: bool = False  # read storage with the operator's identity when a job names no Secret
@@ -296,19 +298,18 @@ class Kube:
         return data
 
     def effective_spec(self, spec: FineTuneJobSpec) -> FineTuneJobSpec:
-        """The spec with the operator's cluster-wide S3 defaults (chart values) filled in, so the
-        pods, the operator's own reads and KUBETUNE_SPEC all see one storage configuration."""
-        storage_spec = spec.storage
-        updates: dict[str, Any] = {}
-        if not storage_spec.endpoint and self.default_endpoint:
-            updates["endpoint"] = self.default_endpoint
-        if not storage_spec.region and self.default_region:
-            updates["region"] = self.default_region
-        if storage_spec.credentials_secret_ref is None and self.default_credentials_secret:
-            updates["credentials_secret_ref"] = CredentialsSecretRef(name=self.default_credentials_secret)
-        if not updates:
-            return spec
-        return spec.model_copy(update={"storage": storage_spec.model_copy(update=updates)})
+        """The spec with the operator's cluster-wide S3 defaults and trainer staging size (chart
+        values) filled in (builders.effective_spec; `kubetune render` applies the same)."""
+        return b.effective_spec(spec, self.spec_defaults)
+
+    @property
+    def spec_defaults(self) -> b.SpecDefaults:
+        return b.SpecDefaults(
+            endpoint=self.default_endpoint,
+            region=self.default_region,
+            credentials_secret=self.default_credentials_secret,
+            staging_size=self.default_staging_size,
+        )
 
     def store(self, spec: FineTuneJobSpec, secrets: dict[str, dict[str, str] | None]) -> storage.Store:
         """The job's storage with the credentials of spec.storage.credentialsSecretRef (or the
@@ -493,6 +494,8 @@ def observe(kube: Kube, ftj: dict[str, Any], extra_pods: list[dict[str, Any]], n
             observed.progress = _read_json(store, PROGRESS_FILE)
         if new_attempt_due(status):
             observed.latest_checkpoint = latest_complete_checkpoint(store)
+        if not observed.jobs or new_attempt_due(status):  # before the operator makes pods
+            observed.storage_owner = _read_json(store, OWNER_FILE)
     except storage.StorageError as error:
         observed.storage_error = str(error)
     return observed
@@ -511,8 +514,8 @@ def pods_needed(status: dict[str, Any], jobs: dict[str, dict[str, Any]]) -> bool
 def latest_complete_checkpoint(store: storage.Store) -> str:
     """The newest complete checkpoint (`checkpoint-N/`, or `checkpoints/step-N/` of the earlier
     layout, with its manifest written last), as the trainer's `--resume_from_checkpoint latest`
-    finds it; "" when there is none. Lists the whole storage prefix, once per new attempt."""
-    names = complete_checkpoint_names(store.list(CHECKPOINTS_DIR))
+    finds it; "" when there is none. Lists only the keys under `checkpoint*`, once per new attempt."""
+    names = complete_checkpoint_names(store.keys_starting_with(CHECKPOINT_KEYS_PREFIX))
     return max(names, key=step_of_checkpoint_uri, default="")
 
 

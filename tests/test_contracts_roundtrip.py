@@ -35,6 +35,7 @@ from kubetune.collector.errors import Skip
 from kubetune.collector.images import ImageSettings, clean
 from kubetune.collector.output import DatasetOutput
 from kubetune.collector.sources import Candidate
+from kubetune.dev.testing.specs import checkpoint_state
 from kubetune.operator import builders as b
 from kubetune.operator.decide import Decision, Observed, decide
 from kubetune.operator.kube import latest_complete_checkpoint
@@ -237,20 +238,7 @@ def test_dataset_progress_and_checkpoints_written_by_the_components_drive_the_op
     (folder / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
     checkpointer.commit(
         folder,
-        CheckpointState.model_validate(
-            {
-                "step": 4,
-                "samplesSeen": 8,
-                "epoch": 4,
-                "seed": 7,
-                "method": "lora",
-                "globalBatchSize": 2,
-                "worldSize": 1,
-                "cacheKey": "cache",
-                "dataloader": {"position": 8, "epoch": 4, "indexInEpoch": 0, "samples": 2},
-                "rng": {"seed": 7, "scheme": "per sample"},
-            }
-        ),
+        CheckpointState.model_validate(checkpoint_state()),
     )
     progress.step(4, 8, loss=0.25, learningRate=1e-4, epoch=4)
     progress.state("training", latestCheckpoint=checkpointer.wait())

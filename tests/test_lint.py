@@ -18,6 +18,7 @@ SOURCES = [
     "kubetune/cli_util.py",
     "kubetune/launch.py",
     "kubetune/run.py",
+    "kubetune/ownership.py",
     "kubetune/storage.py",
     "kubetune/__init__.py",
     "operator",

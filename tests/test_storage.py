@@ -77,3 +77,33 @@ def test_storage_env_points_at_the_specs_endpoint_and_region_and_nothing_else() 
         "AWS_DEFAULT_REGION": "eu-west-1",
     }
     assert storage_env(Storage.model_validate({"uri": "s3://bucket/p/"})) == {}
+
+
+def test_keys_starting_with_lists_only_the_keys_with_that_text_prefix(store: Store) -> None:
+    for key in ("checkpoint-2/manifest.json", "checkpoints/step-1/manifest.json", "cache/x", "dataset/train/a.jpg"):
+        store.write_bytes(key, b"x")
+    assert sorted(store.keys_starting_with("checkpoint")) == [
+        "checkpoint-2/manifest.json",
+        "checkpoints/step-1/manifest.json",
+    ]
+    assert store.keys_starting_with("nothing") == []
+
+
+def test_write_if_absent_writes_once(store: Store) -> None:
+    assert store.write_if_absent("owner.json", b"first")
+    assert not store.write_if_absent("owner.json", b"second")
+    assert store.read_bytes("owner.json") == b"first"
+
+
+def test_a_prefix_another_job_owns_is_refused_and_left_as_it_is(store: Store) -> None:
+    from kubetune.api.contracts import StorageOwner
+    from kubetune.ownership import StorageOwnedError, claim
+
+    first = StorageOwner(namespace="team-a", name="first", uid="uid-a")
+    claim(store, first)
+    claim(store, first)  # its own: fine, again
+    before = store.read_bytes("owner.json")
+    with pytest.raises(StorageOwnedError, match=r"belongs to FineTuneJob team-a/first \(uid uid-a\)"):
+        claim(store, StorageOwner(namespace="team-b", name="second", uid="uid-b"))
+    assert store.read_bytes("owner.json") == before
+    claim(store, None)  # no owner (a local `kubetune train`): nothing checked

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from kubetune.api.contracts import CheckpointFile, CheckpointManifest, CheckpointState, problem
 from kubetune.api.layout import (
-    LEGACY_CHECKPOINTS_DIR,
+    CHECKPOINT_KEYS_PREFIX,
     MANIFEST_FILE,
     STOCK_CHECKPOINT_MARKER,
     checkpoint_name,
@@ -65,26 +65,9 @@ class CheckpointRef:
 
 
 def checkpoint_keys(output: Store) -> list[str]:
-    """The keys (relative to the output) of the files directly inside `checkpoint-*/` folders and
-    `checkpoints/*/`: what complete_checkpoint_paths needs, without listing the dataset or cache."""
-    if not output.is_s3:
-        root, keys = Path(output.uri), []
-        folders = [p for p in root.glob("checkpoint-*") if p.is_dir()]
-        folders += [p for p in (root / LEGACY_CHECKPOINTS_DIR).glob("*") if p.is_dir()]
-        for folder in folders:
-            keys += [f.relative_to(root).as_posix() for f in folder.iterdir() if f.is_file()]
-        return sorted(keys)
-    # one prefix covers `checkpoint-N/` and `checkpoints/`: S3 lists only those keys
-    bucket, base = output._bucket_prefix
-    prefix = f"{base}/checkpoint" if base else "checkpoint"
-    strip = len(base) + 1 if base else 0
-    keys = []
-    try:
-        for page in output.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            keys += [item["Key"][strip:] for item in page.get("Contents", [])]
-    except Exception as error:
-        raise StorageError(f"cannot list {output.uri_of('checkpoint-*')}: {error}") from None
-    return keys
+    """The keys (relative to the output) under `checkpoint-*/` and `checkpoints/*/`: what
+    complete_checkpoint_paths needs, without listing the dataset or cache (one prefix covers both)."""
+    return output.keys_starting_with(CHECKPOINT_KEYS_PREFIX)
 
 
 def complete_checkpoints(output: Store) -> list[CheckpointRef]:
@@ -237,11 +220,14 @@ class Checkpointer:
         self._pending: list[tuple[str, Future[str]]] = []
         self.failed: list[str] = []  # checkpoints that never reached the store
         self.latest: str | None = None  # newest checkpoint known complete in the output
+        # another run's checkpoints (--resume_mismatch restart): deleted once this run's first is complete
+        self.superseded: list[CheckpointRef] = []
 
     def folder(self, step: int) -> Path:
         """A fresh, empty local folder for the checkpoint of `step` (files go in, then `commit`)."""
         self._settle()
         path = self.local_root / checkpoint_name(step)
+        self._delete_superseded(path.name)  # an old run's checkpoint of the same step goes first
         if path.exists():
             shutil.rmtree(path)  # an incomplete leftover of an interrupted save
         path.mkdir(parents=True)
@@ -303,6 +289,7 @@ class Checkpointer:
         else:
             local.write_bytes(MANIFEST_FILE, manifest, "application/json")
         self.latest = path.name
+        self._delete_superseded()
         self._prune()
         log.info(
             "checkpoint %s complete in %s (%.1fs in background)",
@@ -311,6 +298,15 @@ class Checkpointer:
             time.monotonic() - started,
         )
         return path.name
+
+    def _delete_superseded(self, name: str | None = None) -> None:
+        """Delete the superseded checkpoints (only the one named `name`, when given): the marker
+        that makes one complete first, so that a half-deleted one never counts."""
+        for ref in [ref for ref in self.superseded if name is None or ref.name == name]:
+            ref.store.delete(MANIFEST_FILE if ref.manifest is not None else STOCK_CHECKPOINT_MARKER)
+            ref.store.delete_prefix("")
+            self.superseded.remove(ref)
+            log.info("checkpoint %s of the earlier run removed (--resume_mismatch restart)", ref.store.uri)
 
     def _prune(self) -> None:
         if self.keep is None:

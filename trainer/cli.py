@@ -1,5 +1,5 @@
 """`kubetune train`: parse flags (no torch yet), run, and turn every ending into an exit code
-(kubetune.api.layout: 0 ok, 1 retryable, 2 invalid input, 75 preempted) and one line."""
+(kubetune.api.layout: 0 ok, 1 retryable, 2 invalid input, 4 storage owned by another job, 75 preempted) and one line."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def main(argv: Sequence[str], prog: str = "kubetune train") -> int:
 
     import torch
 
+    from kubetune.ownership import StorageOwnedError
     from kubetune.storage import StorageError
     from kubetune.trainer.checkpoint import CheckpointError
     from kubetune.trainer.data import DataError
@@ -38,6 +39,8 @@ def main(argv: Sequence[str], prog: str = "kubetune train") -> int:
 
     try:
         return _finish(prog, run(cfg))
+    except StorageOwnedError as error:  # another job's prefix: nothing is written there, progress neither
+        return _finish(prog, layout.EXIT_STORAGE_OWNED, str(error))
     except TrainError as error:
         return _finish(prog, error.code, str(error), cfg.output_dir)
     except (DataError, CheckpointError) as error:

@@ -213,7 +213,8 @@ class TrainConfig:
         group=DATA,
         derive=lambda spec: None,
         spec_note="unset (the data is `--train_data_dir`)",
-        help="hub dataset, or a local/s3:// imagefolder",
+        help="hub dataset; local folder load_dataset reads (parquet/arrow/json(l)/csv, save_to_disk); "
+        "or a local/s3:// imagefolder",
     )
     dataset_config_name: str | None = opt(None, group=DATA, help="hub dataset configuration")
     train_data_dir: str | None = opt(
@@ -223,7 +224,11 @@ class TrainConfig:
         spec_note="`dataset.imagefolder.uri`, else `<storage.uri>/dataset`",
         help="imagefolder (metadata.jsonl with file_name + text), local or s3://",
     )
-    image_column: str = opt("image", group=DATA, help="dataset column holding the images")
+    image_column: str = opt(
+        "image",
+        group=DATA,
+        help="dataset column holding the images (an imagefolder names it in file_name or COLUMN_file_name)",
+    )
     caption_column: str = opt("text", group=DATA, help="dataset column holding the captions")
     max_train_samples: int | None = opt(
         None,
@@ -443,6 +448,16 @@ class TrainConfig:
         spec_note="`latest`",
         help="'latest', a checkpoint name in --output_dir (checkpoint-N), or a checkpoint folder (a path relative "
         "to the working directory or --output_dir, absolute, or s3://); one diffusers' script wrote is resumed too",
+    )
+    resume_mismatch: str = opt(
+        "refuse",
+        group=OUTPUT,
+        kubetune=True,
+        choices=("refuse", "restart"),
+        spec="training.resumeMismatch",
+        help="when the checkpoint to resume was written with other settings (method, model, revision, global "
+        "batch size, resolution, LoRA rank, data/cache key): refuse (exit 2, naming them), or restart from step 0; "
+        "the old checkpoints are deleted once the new run's first checkpoint is complete",
     )
     validation_prompts: list[str] = opt(
         [],

@@ -29,9 +29,9 @@ def render_samples(
     step: int,
     guidance_scale: float,
     per_prompt: int = 1,
-) -> list[str]:
+) -> list[Any]:
     """`per_prompt` PNGs for each of `prompts` and a grid under samples/step-NNNNNNNN/ (prompts.json:
-    each image's prompt); returns the keys written."""
+    each image's prompt); returns the images (PIL), in that order."""
     import io
 
     from diffusers.utils import make_image_grid
@@ -51,10 +51,8 @@ def render_samples(
         for _ in range(per_prompt)
     ]
     folder = f"{SAMPLES_DIR}/step-{step:08d}"
-    keys = []
     for index, image in enumerate(images):
-        keys.append(f"{folder}/{index:02d}.png")
-        output.write_bytes(keys[-1], _png(image, io), "image/png")
+        output.write_bytes(f"{folder}/{index:02d}.png", _png(image, io), "image/png")
     columns = min(len(images), 4)
     grid = make_image_grid(
         images + [images[-1].copy().point(lambda _: 0)] * (-len(images) % columns),
@@ -63,7 +61,7 @@ def render_samples(
     )
     output.write_bytes(f"{folder}/grid.png", _png(grid, io), "image/png")
     output.write_json(f"{folder}/prompts.json", [p for p in prompts for _ in range(per_prompt)])
-    return keys
+    return images
 
 
 def _png(image: Any, io: Any) -> bytes:

@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from kubetune import ownership
 from kubetune.api import layout
-from kubetune.api.contracts import CheckpointState
+from kubetune.api.contracts import CheckpointState, resume_mismatches
 from kubetune.storage import StorageError, Store, join
 from kubetune.trainer import cache as latent_cache
 from kubetune.trainer import publish
@@ -37,14 +38,17 @@ from kubetune.trainer.checkpoint import (
     Checkpointer,
     CheckpointError,
     CheckpointRef,
+    complete_checkpoints,
     fetch,
     find_checkpoint,
 )
 from kubetune.trainer.config import TrainConfig
 from kubetune.trainer.data import (
     TrainingData,
+    is_imagefolder,
     open_hub_dataset,
     open_imagefolder,
+    open_local_dataset,
     select,
 )
 from kubetune.trainer.families import FamilyError, ModelFamily, Parts, family_for
@@ -97,6 +101,7 @@ class Session:
     progress: Progress
     stop_requested: bool = False
     seed: int = 0
+    superseded: list[CheckpointRef] = field(default_factory=list)  # --resume_mismatch restart: deleted later
 
     @classmethod
     def start(cls, cfg: TrainConfig) -> Session:
@@ -115,6 +120,8 @@ class Session:
                 )
             )
         )
+        # before anything is written: a prefix another FineTuneJob owns is refused untouched
+        ownership.claim(output, ownership.owner_from_env())
         staging.mkdir(parents=True, exist_ok=True)
         progress = Progress(output if accelerator.is_main_process else None, 0, cfg.progress_interval)
         session = cls(cfg, accelerator, output, staging, progress)
@@ -145,6 +152,8 @@ class Session:
     def resume_point(self) -> CheckpointRef | None:
         """The checkpoint to continue from, and the seed (the checkpoint's, the flag's or a new one)."""
         ref = find_checkpoint(self.output, self.cfg.resume_from_checkpoint) if self.cfg.resume_from_checkpoint else None
+        if ref is not None and ref.manifest is not None:
+            ref = self.check_resume(ref, resume_mismatches(ref.manifest, self.resume_settings()))
         seed = ref.manifest.seed if ref and ref.manifest else self.cfg.seed
         if seed is None:
             from accelerate.utils import broadcast_object_list
@@ -154,11 +163,51 @@ class Session:
         if ref:
             written_by = " (written by diffusers' script)" if ref.stock else ""
             log.info("resuming from %s (step %d)%s", ref.store.uri, ref.step, written_by)
+            if ref.stock:
+                log.info("%s records no settings (method, batch, data): resumed without comparing them", ref.name)
+        elif self.superseded:
+            pass
         elif self.cfg.resume_from_checkpoint and self.cfg.resume_from_checkpoint != "latest":
             raise TrainError(
                 f"--resume_from_checkpoint {self.cfg.resume_from_checkpoint}: not found", layout.EXIT_INVALID
             )
         return ref
+
+    def resume_settings(self) -> dict[str, Any]:
+        """This run's values of the settings a checkpoint records (contracts.RESUME_SETTINGS) that
+        are known before loading: all but the cache key."""
+        cfg = self.cfg
+        processes = self.accelerator.num_processes
+        return {
+            "method": cfg.method,
+            "model": cfg.pretrained_model_name_or_path,
+            "revision": cfg.revision or "main",
+            "global_batch_size": cfg.train_batch_size * processes * cfg.gradient_accumulation_steps,
+            "resolution": cfg.resolution,
+            "lora_rank": cfg.rank if cfg.method == "lora" else 0,
+        }
+
+    def check_resume(self, ref: CheckpointRef, mismatches: list[str]) -> CheckpointRef | None:
+        """`ref` when its recorded settings match this run's; otherwise refuse (TrainError, invalid
+        input), or with --resume_mismatch restart: None (start from step 0; every checkpoint now in
+        the output is deleted once the new run's first checkpoint is complete)."""
+        if not mismatches:
+            return ref
+        what = f"{ref.name} in {self.output.uri} was written with other settings: {'; '.join(mismatches)}"
+        if self.cfg.resume_mismatch != "restart":
+            raise TrainError(
+                f"--resume_from_checkpoint {self.cfg.resume_from_checkpoint}: {what}; use another --output_dir "
+                "(storage.uri), or --resume_mismatch restart (training.resumeMismatch) to start again from step 0",
+                layout.EXIT_INVALID,
+            )
+        self.superseded = complete_checkpoints(self.output)
+        log.warning(
+            "%s; --resume_mismatch restart: starting from step 0 (the %d old checkpoints are deleted once the "
+            "first new one is complete)",
+            what,
+            len(self.superseded),
+        )
+        return None
 
 
 def _short_hash(text: str) -> str:
@@ -335,11 +384,13 @@ def _weights_fingerprint(path: Path, folders: tuple[str, ...], vae: str | None =
 def load_data(cfg: TrainConfig, session: Session) -> tuple[TrainingData, list[int]]:
     source = cfg.train_data_dir if not cfg.dataset_name else cfg.dataset_name
     assert source is not None
-    local_or_s3 = source.startswith("s3://") or Path(source).is_dir()
-    if local_or_s3:
-        data = open_imagefolder(source, cfg.image_column, cfg.caption_column)
+    columns = (cfg.image_column, cfg.caption_column)
+    if source.startswith("s3://") or (Path(source).is_dir() and is_imagefolder(source)):
+        data = open_imagefolder(source, *columns)  # read file by file from the store (S3: no local copy)
+    elif Path(source).is_dir():
+        data = open_local_dataset(source, cfg.dataset_config_name, *columns, cfg.cache_dir)
     else:
-        data = open_hub_dataset(source, cfg.dataset_config_name, cfg.image_column, cfg.caption_column, cfg.cache_dir)
+        data = open_hub_dataset(source, cfg.dataset_config_name, *columns, cfg.cache_dir)
     return data, select(data, cfg.max_train_samples, session.seed)
 
 
@@ -496,6 +547,10 @@ class Trainer:
         self.ddp, self.optimizer = accelerator.prepare(runnable, optimizer)
         self.checkpointer = Checkpointer(self.session.output, self.session.staging, cfg.checkpoints_total_limit)
         self.writer = self._tensorboard()
+        if self.resume and self.resume.manifest:  # the data is known now
+            found = resume_mismatches(self.resume.manifest, {"cache_key": self.samples.key})
+            self.resume = self.session.check_resume(self.resume, found)
+        self.checkpointer.superseded = list(self.session.superseded)
         if self.resume:
             self._load_checkpoint(self.resume)
 
@@ -702,6 +757,10 @@ class Trainer:
                         "globalBatchSize": self.global_batch,
                         "worldSize": self.world,
                         "cacheKey": self.samples.key,
+                        "model": self.cfg.pretrained_model_name_or_path,
+                        "revision": self.cfg.revision or "main",
+                        "resolution": self.cfg.resolution,
+                        "loraRank": self.cfg.rank if self.cfg.method == "lora" else 0,
                         "ema": {"optimizationStep": self.ema.optimization_step} if self.ema is not None else None,
                         "dataloader": {
                             "position": self.samples_seen,
@@ -934,7 +993,7 @@ class Trainer:
 
     def _render(self) -> None:
         with self._inference_pipeline() as pipeline:
-            publish.render_samples(
+            images = publish.render_samples(
                 pipeline,
                 self.cfg.validation_prompts,
                 self.cfg.resolution,
@@ -944,6 +1003,10 @@ class Trainer:
                 self.cfg.validation_guidance_scale,
                 self.cfg.num_validation_images or (4 if self.cfg.method == "lora" else 1),
             )
+        if self.writer is not None:  # as the stock scripts log them to TensorBoard (by step here)
+            np_images = np.stack([np.asarray(image) for image in images])
+            self.writer.add_images("validation", np_images, self.step, dataformats="NHWC")
+            self.writer.flush()
 
     def publish(self, data: TrainingData, images: int, skipped: int) -> None:
         session, cfg = self.session, self.cfg

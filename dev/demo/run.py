@@ -95,7 +95,7 @@ def watch(api: Any, namespace: str, name: str, timeout: float) -> dict[str, Any]
             f"{status.get('phase', 'Pending'):<12} {training.get('progress', ''):<9} "
             f"{step_of_steps:<11} "
             f"{training.get('loss', ''):<9} {training.get('imagesPerSecond', ''):<7} "
-            f"{str(training.get('etaSeconds', '')) + ('s' if training.get('etaSeconds') is not None else '')}"
+            f"{training.get('eta', '')}"
         )
         if line != last:
             say(

@@ -19,3 +19,21 @@ def tiny_training(**overrides: Any) -> dict[str, Any]:
         "dataloaderNumWorkers": 0,
         **overrides,
     }
+
+
+def checkpoint_state(**overrides: Any) -> dict[str, Any]:
+    """A CheckpointState (kubetune.api.contracts) as JSON: a LoRA run at step 4 after 8 samples
+    (global batch 2). OVERRIDES replace fields by their JSON names (e.g. `globalBatchSize=8`)."""
+    return {
+        "step": 4,
+        "samplesSeen": 8,
+        "epoch": 4,
+        "seed": 7,
+        "method": "lora",
+        "globalBatchSize": 2,
+        "worldSize": 1,
+        "cacheKey": "cache",
+        "dataloader": {"position": 8, "epoch": 4, "indexInEpoch": 0, "samples": 2},
+        "rng": {"seed": 7, "scheme": "per sample"},
+        **overrides,
+    }

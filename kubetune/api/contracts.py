@@ -28,6 +28,7 @@ class ExitCode(IntEnum):
     FAILED = 1  # something went wrong that a retry may fix
     INVALID = 2  # bad input (flags, spec, data, missing model): retrying cannot help
     DIVERGED = 3  # the loss, gradients or weights became NaN/inf: the same settings would again
+    STORAGE_OWNED = 4  # storage.uri belongs to another FineTuneJob (its owner marker): nothing written
     EMPTY_DATASET = 65  # EX_DATAERR: the collection finished and kept no image
     PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving a checkpoint; resume later
 
@@ -99,6 +100,24 @@ class DatasetManifest(Contract):
         return self.counts.kept == 0
 
 
+# -- owner.json: the first pod of a FineTuneJob to write to storage.uri -> the others, operator ------
+
+
+class StorageOwner(Contract):
+    """Which FineTuneJob a storage prefix belongs to. Written once, only when absent, by the
+    first of the job's pods to write there; a pod (or the operator) of a job with another `uid`
+    refuses the prefix. Deleting the file releases the prefix."""
+
+    namespace: str
+    name: str
+    uid: str
+    created_at: datetime | None = _timestamp()
+
+    @property
+    def job(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
 # -- progress.json: trainer -> operator ------------------------------------------------------------
 
 ProgressState = Literal[
@@ -150,7 +169,9 @@ class RngState(Contract):
 
 
 class CheckpointState(Contract):
-    """What the trainer needs to continue exactly where a checkpoint left off."""
+    """What the trainer needs to continue exactly where a checkpoint left off. The settings that
+    make resuming meaningful (`RESUME_SETTINGS`) are compared with the resuming run's; a checkpoint
+    written before they were recorded has them empty (0, ""): not compared."""
 
     step: int
     samples_seen: int
@@ -163,6 +184,37 @@ class CheckpointState(Contract):
     dataloader: DataloaderPosition
     rng: RngState
     ema: EmaState | None = None
+    model: str = ""  # --pretrained_model_name_or_path
+    revision: str = ""
+    resolution: int = 0
+    lora_rank: int = 0  # 0 for a full fine-tune
+
+
+# what a resume compares (field of CheckpointState -> how an error names it); cacheKey last: it is
+# known only once the data is loaded and cached
+RESUME_SETTINGS: dict[str, str] = {
+    "method": "method",
+    "model": "model",
+    "revision": "model revision",
+    "global_batch_size": "global batch size",
+    "resolution": "resolution",
+    "lora_rank": "LoRA rank",
+    "cache_key": "data/cache key",
+}
+
+
+def resume_mismatches(recorded: CheckpointState, current: dict[str, Any]) -> list[str]:
+    """`name old -> new` for each of RESUME_SETTINGS in `current` (field -> value) that differs
+    from what the checkpoint recorded; a setting the checkpoint did not record (empty) is skipped."""
+    out = []
+    for key, label in RESUME_SETTINGS.items():
+        if key not in current:
+            continue
+        old = getattr(recorded, key)
+        if old in ("", 0, None) or old == current[key]:
+            continue
+        out.append(f"{label} {old} -> {current[key]}")
+    return out
 
 
 class CheckpointManifest(CheckpointState):

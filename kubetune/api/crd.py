@@ -32,9 +32,9 @@ PRINTER_COLUMNS = [
     {"name": "Loss", "type": "string", "jsonPath": ".status.training.loss", "description": "Recent training loss."},
     {
         "name": "ETA",
-        "type": "integer",
-        "jsonPath": ".status.training.etaSeconds",
-        "description": "Estimated seconds left.",
+        "type": "string",
+        "jsonPath": ".status.training.eta",
+        "description": "Estimated time left, e.g. 12m.",
         "priority": 1,
     },
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "description": "Failed trainer attempts."},

@@ -7,6 +7,7 @@ lives under `spec.storage.uri` (here), what the files in it hold and what an exi
 Storage layout (the trainer's `--output_dir` is the storage URI itself, as in diffusers' script):
 
     <storage>/
+      owner.json                           the FineTuneJob the prefix belongs to (contracts.StorageOwner)
       model_index.json, unet/, vae/, ...   the published diffusers pipeline (LoRA: the adapter)
       progress.json                        live training progress (contracts.TrainingProgress)
       dataset/manifest.json                written last by the collector (contracts.DatasetManifest)
@@ -39,21 +40,30 @@ DATASET_MANIFEST = "dataset/manifest.json"
 CACHE_DIR = "cache"
 CHECKPOINTS_DIR = ""  # checkpoints are folders at the output's root, as in diffusers' scripts
 LEGACY_CHECKPOINTS_DIR = "checkpoints"  # kubetune's earlier `checkpoints/step-N/` (read, never written)
+# one listing prefix covers `checkpoint-N/` and `checkpoints/` (Store.keys_starting_with)
+CHECKPOINT_KEYS_PREFIX = "checkpoint"
 # accelerate's save_state writes this (process 0's RNG states) last: a stock checkpoint is complete
 STOCK_CHECKPOINT_MARKER = "random_states_0.pkl"
 SAMPLES_DIR = "samples"
 LOGS_DIR = "logs"
 PROGRESS_FILE = "progress.json"
+OWNER_FILE = "owner.json"
 MANIFEST_FILE = "manifest.json"
 
 # The spec reaches pods in this environment variable as JSON (no secret values: only refs).
 SPEC_ENV = "KUBETUNE_SPEC"
+# The FineTuneJob a pod belongs to (contracts.StorageOwner); set by the operator, by `kubetune run`
+# (a stable id of the spec's storage.uri); unset: no owner marker is claimed or checked.
+OWNER_UID_ENV = "KUBETUNE_FINETUNEJOB_UID"
+OWNER_NAMESPACE_ENV = "KUBETUNE_FINETUNEJOB_NAMESPACE"
+OWNER_NAME_ENV = "KUBETUNE_FINETUNEJOB"
 
 # Exit codes of `kubetune collect` and `kubetune train` (see ExitCode for what each means).
 EXIT_OK = ExitCode.OK
 EXIT_FAILED = ExitCode.FAILED
 EXIT_INVALID = ExitCode.INVALID
 EXIT_DIVERGED = ExitCode.DIVERGED
+EXIT_STORAGE_OWNED = ExitCode.STORAGE_OWNED
 EXIT_EMPTY_DATASET = ExitCode.EMPTY_DATASET
 EXIT_PREEMPTED = ExitCode.PREEMPTED
 

@@ -361,6 +361,11 @@ class Training(ApiModel):
     SD 1.5 checkpoint (UNet, EMA, AdamW state) is about 14 GB: the stock script's 500 steps."""
     checkpoints_to_keep: int = Field(default=2, ge=1, le=1000)
     """Keep this many most recent complete checkpoints."""
+    resume_mismatch: Literal["refuse", "restart"] = "refuse"
+    """When the checkpoint in storage was written with other settings (method, model, global
+    batch size, resolution, LoRA rank, data): `refuse` fails the job (reason InvalidInput);
+    `restart` trains again from step 0 and deletes the old checkpoints once the new run's first
+    checkpoint is complete."""
     max_nonfinite_steps: int = Field(default=0, ge=0, le=1000)
     """Skip up to this many steps whose loss or gradients are NaN/inf, then fail the job (reason
     TrainingDiverged). 0 fails at the first. Nothing non-finite is checkpointed or published."""
@@ -438,6 +443,11 @@ class Trainer(PodSettings):
     """GPUs per pod (`nvidia.com/gpu`); 0 trains on CPU with one process per pod."""
     shm_size: QuantityStr = "8Gi"
     """Size of the memory-backed /dev/shm (dataloader workers and NCCL need it)."""
+    staging_size: Annotated[str, StringConstraints(max_length=64, pattern=f"^$|{QUANTITY}")] = ""
+    """Size limit of the pods' /tmp volume (an emptyDir on the node's disk): checkpoint staging (at
+    most two checkpoints being written and uploaded, and one being resumed) and the base model's
+    download. A full SD 1.5 checkpoint is about 14 GB and the model about 5 GB. Empty: the
+    operator's default (chart value `trainer.stagingSize`, 64Gi)."""
     port: int = Field(default=29500, ge=1024, le=65535)
     """Rendezvous port of the rank-0 pod."""
 
@@ -562,6 +572,8 @@ class TrainingStatus(ApiModel):
     """Recent throughput over all processes."""
     eta_seconds: int | None = None
     """Estimated seconds left."""
+    eta: str = ""
+    """Estimated time left as a duration, e.g. `12m` or `1h5m` (what `kubectl get ftj -o wide` shows)."""
     latest_checkpoint: str = ""
     """URI of the newest complete checkpoint."""
     updated_at: datetime | None = None

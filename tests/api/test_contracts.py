@@ -118,3 +118,23 @@ def _source_model(annotation: object) -> type:
     from pydantic import BaseModel
 
     return next(a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel))
+
+
+def test_resume_mismatches_name_each_recorded_setting_old_to_new_and_skip_unrecorded_ones() -> None:
+    from kubetune.api.contracts import StorageOwner, resume_mismatches
+    from kubetune.dev.testing.specs import checkpoint_state
+
+    recorded = CheckpointManifest.model_validate(
+        checkpoint_state(epoch=1, globalBatchSize=8, cacheKey="k", files={}, loraRank=4)
+    )
+    same = {"method": "lora", "global_batch_size": 8, "lora_rank": 4, "model": "other", "resolution": 512}
+    assert resume_mismatches(recorded, same) == []  # model and resolution were not recorded (an older manifest)
+    changed = {"method": "full", "global_batch_size": 4, "lora_rank": 8, "cache_key": "k2"}
+    assert resume_mismatches(recorded, changed) == [
+        "method lora -> full",
+        "global batch size 8 -> 4",
+        "LoRA rank 4 -> 8",
+        "data/cache key k -> k2",
+    ]
+    owner = StorageOwner.model_validate_json('{"namespace": "ns", "name": "a", "uid": "u", "createdAt": null}')
+    assert owner.job == "ns/a"

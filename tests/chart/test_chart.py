@@ -106,6 +106,7 @@ def test_values_schema_is_valid_and_accepts_every_values_file() -> None:
         ("image.digest=latest", "/image/digest"),
         ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
         ("s3.endpoint=minio:9000", "/s3/endpoint"),
+        ("trainer.stagingSize=lots", "/trainer/stagingSize"),
         ("s3.credentialsSecret=My_Secret", "/s3/credentialsSecret"),
         ("operator.metricsPort=80", "/operator/metricsPort"),
         ("serviceMonitor.interval=often", "/serviceMonitor/interval"),
@@ -217,6 +218,7 @@ def test_defaults_point_at_this_versions_images_and_leave_s3_to_the_jobs(render:
         "KUBETUNE_S3_ENDPOINT": "",
         "KUBETUNE_S3_REGION": "",
         "KUBETUNE_S3_CREDENTIALS_SECRET": "",
+        "KUBETUNE_TRAINER_STAGING_SIZE": "64Gi",
     }
 
 
@@ -233,6 +235,7 @@ def test_custom_images_s3_and_service_account(render: Any) -> None:
         "KUBETUNE_S3_ENDPOINT": "http://minio.minio.svc:9000",
         "KUBETUNE_S3_REGION": "eu-west-1",
         "KUBETUNE_S3_CREDENTIALS_SECRET": "minio-credentials",
+        "KUBETUNE_TRAINER_STAGING_SIZE": "64Gi",
         "HTTPS_PROXY": "http://proxy.example.com:3128",
     }
     pod = rendered.deployment["spec"]["template"]["spec"]

@@ -169,7 +169,7 @@ def test_hub_dataset_missing_column_is_one_line(collect: Any, tmp_path: Path) ->
         "--hf-dataset", str(tmp_path / "hub"), "--hf-caption-column", "caption", "--output", str(tmp_path / "out")
     )
     assert result.code == 2
-    assert result.stderr.strip().endswith("has no column 'caption' (columns: image, text)")
+    assert result.stderr.strip().endswith("has no column 'caption' (columns: 'image', 'text')")
 
 
 def test_spec_with_two_shards_builds_one_dataset_in_s3(

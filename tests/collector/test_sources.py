@@ -214,3 +214,44 @@ def test_missing_key_fails_before_any_request(
         "access key in this environment variable"
     )
     assert server.count() == 0 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("site", "variable", "path", "page"),
+    [
+        ("unsplash", "KUBETUNE_UNSPLASH_API_URL", "/search/photos", "results"),
+        ("google", "KUBETUNE_GOOGLE_API_URL", "/customsearch/v1", "items"),
+        ("openverse", "KUBETUNE_OPENVERSE_API_URL", "/v1/images/", "results"),
+    ],
+)
+def test_a_search_result_missing_an_expected_key_is_a_counted_skip(
+    collect: Any,
+    server: StandIn,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    site: str,
+    variable: str,
+    path: str,
+    page: str,
+) -> None:
+    from kubetune.dev.testing.webapis import Reply, photo
+
+    monkeypatch.setenv(variable, server.base)
+    for name in ("UNSPLASH_ACCESS_KEY", "GOOGLE_API_KEY", "GOOGLE_CSE_ID"):
+        monkeypatch.setenv(name, "key")
+    image = photo(160, 120, 7)
+    server.route("/good.jpg", lambda _: Reply(200, image, "image/jpeg"))
+    url = server.url("/good.jpg")
+    good = {
+        "unsplash": {"id": "a", "urls": dict.fromkeys(("raw", "full", "regular", "small", "thumb"), url)},
+        "google": {"link": url},
+        "openverse": {"id": "a", "url": url, "license": "by"},
+    }[site]
+    broken = {"unsplash": {"id": "b"}, "google": {"title": "no link"}, "openverse": {"id": "b"}}[site]
+    body = {page: [broken, good, "not an object"], "total_pages": 1, "page_count": 1}
+    server.route(path, lambda _: Reply.json(body))
+    out = tmp_path / "out"
+    result = collect("--site", site, "--prompts", "harbour", "--num-images", "5", *fetch_flags(server, out))
+    assert result.code == 0, result.stderr
+    assert manifest(out)["counts"]["skipped"] == {"incomplete-result": 2}
+    assert [r["url"].split("?")[0] for r in metadata(out)] == [url]

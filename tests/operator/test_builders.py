@@ -366,7 +366,27 @@ def test_pods_meet_the_restricted_pod_security_standard_with_a_writable_tmp() ->
         assert context["readOnlyRootFilesystem"] is True
         volumes = {v["name"]: v for v in pod["volumes"]}
         (tmp,) = [m for m in container_of(job)["volumeMounts"] if m["mountPath"] == "/tmp"]
-        assert volumes[tmp["name"]] == {"name": tmp["name"], "emptyDir": {}}
+        limit = {"sizeLimit": b.DEFAULT_STAGING_SIZE} if "train" in job["metadata"]["name"] else {}
+        assert volumes[tmp["name"]] == {"name": tmp["name"], "emptyDir": limit}
+
+
+def trainer_tmp(spec: FineTuneJobSpec) -> dict[str, Any]:
+    volumes = b.trainer_job(spec, OWNER)["spec"]["template"]["spec"]["volumes"]
+    return next(v for v in volumes if v["name"] == b.TMP_VOLUME)["emptyDir"]  # type: ignore[no-any-return]
+
+
+def test_the_trainers_staging_volume_is_bounded_by_the_spec_or_the_operators_default() -> None:
+    from kubetune.api.load import SpecError
+    from kubetune.operator.kube import Kube
+
+    assert trainer_tmp(make_spec()) == {"sizeLimit": "64Gi"}
+    assert trainer_tmp(make_spec(trainer={"stagingSize": "200Gi"})) == {"sizeLimit": "200Gi"}
+    kube = Kube.__new__(Kube)
+    kube.default_staging_size = "120Gi"
+    assert trainer_tmp(kube.effective_spec(make_spec())) == {"sizeLimit": "120Gi"}
+    assert trainer_tmp(kube.effective_spec(make_spec(trainer={"stagingSize": "10Gi"}))) == {"sizeLimit": "10Gi"}
+    with pytest.raises(SpecError, match="trainer.stagingSize"):
+        make_spec(trainer={"stagingSize": "lots"})
 
 
 # -- hardening (#13) ---------------------------------------------------------------------------

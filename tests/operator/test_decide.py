@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.api.contracts import DatasetCounts, DatasetManifest
+from kubetune.api.contracts import DatasetCounts, DatasetManifest, StorageOwner
 from kubetune.api.layout import EXIT_EMPTY_DATASET, dataset_fingerprint
 from kubetune.api.load import parse_spec
 from kubetune.operator import builders as b
@@ -46,6 +46,7 @@ class World:
         self.manifest: dict[str, Any] | None = None
         self.progress: dict[str, Any] | None = None
         self.checkpoints: list[str] = []  # complete checkpoints in storage, e.g. "step-00000020"
+        self.owner: dict[str, Any] | None = None  # owner.json at storage.uri
         self.now = T0
         self.generation = 1
         self.created: list[dict[str, Any]] = []
@@ -66,6 +67,7 @@ class World:
             dataset_manifest=self.manifest,
             progress=self.progress,
             latest_checkpoint=max(self.checkpoints, default="") if new_attempt_due(self.status) else "",
+            storage_owner=self.owner,
         )
 
     def step(self, seconds: float = 5) -> Decision:
@@ -461,6 +463,56 @@ def test_a_trainer_failure_retrying_cannot_fix_fails_at_once(exit_code: int, mes
     assert "shapes-train-r1" not in world.jobs, "no new attempt"
 
 
+def owner_marker(uid: str, namespace: str = "team-a", name: str = "first") -> dict[str, Any]:
+    return StorageOwner(namespace=namespace, name=name, uid=uid).model_dump(mode="json", by_alias=True)
+
+
+def test_a_storage_prefix_another_job_owns_fails_before_any_pod_and_names_the_owner() -> None:
+    world = World()
+    world.owner = owner_marker("uid-0")
+    decision = world.step()
+    assert decision.create == [] and world.jobs == {}
+    assert world.status["phase"] == "Failed" and world.condition("Succeeded")["reason"] == "StorageOwned"
+    message = world.status["message"]
+    assert "storage.uri s3://bucket/shapes/ belongs to FineTuneJob team-a/first (uid uid-0)" in message
+    assert "delete s3://bucket/shapes/owner.json" in message
+    assert [(e.type, e.reason) for e in decision.events] == [("Warning", "StorageOwned")]
+    again = world.step()  # not retried
+    assert again.create == [] and again.events == [] and world.status["phase"] == "Failed"
+
+
+def test_a_storage_prefix_the_job_owns_itself_is_used() -> None:
+    world = World()
+    world.owner = owner_marker("uid-1", "default", NAME)
+    decision = world.step()
+    assert [o["metadata"]["name"] for o in decision.create] == ["shapes-collect"]
+
+
+def test_an_unreadable_owner_marker_fails_the_job_rather_than_taking_the_prefix_over() -> None:
+    world = World()
+    world.owner = {"uid": 7}
+    world.step()
+    assert world.condition("Succeeded")["reason"] == "StorageOwned" and "not an owner marker" in world.status["message"]
+
+
+@pytest.mark.parametrize("component", ["collector", "trainer"])
+def test_a_pod_that_finds_the_prefix_owned_fails_the_job_at_once(component: str) -> None:
+    """Another job claimed the prefix after the operator looked: the pod exits STORAGE_OWNED."""
+    world = World()
+    message = "storage.uri s3://bucket/shapes/ belongs to FineTuneJob team-a/first (uid uid-0); use another"
+    if component == "collector":
+        world.step()
+        world.add_pod("shapes-collect", exit_code=4, message=message, component="collector")
+        world.finish_job("shapes-collect", "Failed")
+    else:
+        to_training(world)
+        world.add_pod("shapes-train", exit_code=4, message=message)
+        world.finish_job("shapes-train", "Failed")
+    world.step()
+    assert world.status["phase"] == "Failed" and world.condition("Succeeded")["reason"] == "StorageOwned"
+    assert "team-a/first" in world.status["message"] and "shapes-train-r1" not in world.jobs
+
+
 @pytest.mark.parametrize("how", ["exit75", "disruption", "progress"])
 def test_a_preempted_gang_restarts_without_using_the_budget(how: str) -> None:
     world = World(trainer={"nodes": 2, "gpusPerNode": 0})
@@ -616,3 +668,110 @@ def test_a_job_whose_storage_the_operator_does_not_read_trains_on_the_collectors
     assert ready["status"] == "True" and "counts unavailable" in ready["message"]
     progress = next(c for c in decision.status["conditions"] if c["type"] == "ProgressAvailable")
     assert progress["status"] == "False" and "no credentials" in progress["message"]
+
+
+# -- the Ready summary condition (kstatus, Argo CD, Flux) -------------------------------------------
+
+
+def ready(world: World) -> tuple[str, str, int | None]:
+    condition = world.condition("Ready")
+    assert condition["lastTransitionTime"] and condition["message"] == world.status["message"]
+    return condition["status"], condition["reason"], condition.get("observedGeneration")
+
+
+def test_ready_is_false_with_the_phase_while_waiting_for_a_secret() -> None:
+    world = World()
+    world.secrets = {"unsplash": None}
+    world.step()
+    assert world.status["phase"] == "Pending" and ready(world) == ("False", "Pending", 1)
+
+
+def test_ready_is_false_with_the_phase_while_collecting_and_training() -> None:
+    world = World()
+    world.step()
+    assert ready(world) == ("False", "Collecting", 1)
+    world.finish_job(f"{NAME}-collect", "Complete")
+    world.manifest = good_manifest(world.spec)
+    world.generation = 2
+    world.step()
+    assert ready(world) == ("False", "Training", 2)
+    world.progress = {"state": "training", "step": 10, "maxSteps": 100}
+    world.step()
+    assert ready(world) == ("False", "Training", 2)
+    assert world.condition("Succeeded")["status"] == "Unknown"  # today's summary stays beside it
+
+
+def test_ready_is_false_while_suspended() -> None:
+    world = World()
+    to_training(world)
+    world.spec["suspend"] = True
+    world.generation = 2
+    world.step()
+    assert world.status["phase"] == "Suspended" and ready(world) == ("False", "Suspended", 2)
+
+
+def test_ready_is_true_once_succeeded() -> None:
+    world = World()
+    to_training(world)
+    was = world.condition("Ready")["lastTransitionTime"]
+    world.progress = {"state": "succeeded", "step": 100, "maxSteps": 100}
+    world.finish_job("shapes-train", "Complete")
+    world.step()
+    assert ready(world) == ("True", "Succeeded", 1)
+    assert world.condition("Ready")["lastTransitionTime"] != was
+    assert world.condition("Succeeded")["status"] == "True"
+
+
+@pytest.mark.parametrize("how", ["deadline", "invalid spec"])
+def test_ready_is_false_with_the_failure_reason_once_failed(how: str) -> None:
+    if how == "deadline":
+        world = World(runPolicy={"activeDeadlineSeconds": 60})
+        to_training(world)
+        world.step(seconds=120)
+        reason = "DeadlineExceeded"
+    else:
+        world = World(training={"mixedPrecision": "fp16"})
+        observed = world.observed()
+        observed.spec, observed.spec_error = None, "spec.training.mixedPrecision: must be one of ..."
+        world.status = decide(observed).status
+        reason = "InvalidSpec"
+    assert world.status["phase"] == "Failed" and ready(world) == ("False", reason, 1)
+
+
+# -- the ETA as a duration (kubectl get ftj -o wide) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0, "0s"), (45.4, "45s"), (150, "2m30s"), (720, "12m"), (3900, "1h5m"), (7200, "2h"), (183_600, "2d3h")],
+)
+def test_duration_is_written_as_kubectl_writes_ages(seconds: float, text: str) -> None:
+    from kubetune.operator.decide import duration
+
+    assert duration(seconds) == text
+
+
+def test_the_eta_is_the_trainers_estimate_as_a_duration() -> None:
+    world = world_in_training(step=45, maxSteps=100, imagesPerSecond=18.25, etaSeconds=725.2)
+    world.step()
+    assert world.status["training"]["eta"] == "12m" and world.status["training"]["etaSeconds"] == 725
+
+
+def test_without_the_trainers_estimate_the_eta_comes_from_images_per_second_and_steps_left() -> None:
+    # 1 node x 2 GPUs, batch 2, accumulation 4: 16 images a step; 60 steps left at 8 images/s
+    world = World(trainer={"nodes": 1, "gpusPerNode": 2}, training={"batchSize": 2, "gradientAccumulationSteps": 4})
+    to_training(world)
+    world.progress = {"state": "training", "step": 40, "maxSteps": 100, "imagesPerSecond": 8.0}
+    world.step()
+    assert world.status["training"]["etaSeconds"] == 120 and world.status["training"]["eta"] == "2m"
+    world.progress = {"state": "training", "step": 40, "maxSteps": 100}  # no rate yet: no ETA
+    world.step()
+    assert "eta" not in world.status["training"] or world.status["training"]["eta"] == ""
+
+
+def test_a_succeeded_job_has_no_time_left() -> None:
+    world = world_in_training(step=90, maxSteps=100, etaSeconds=30)
+    world.step()
+    world.finish_job("shapes-train", "Complete")
+    world.step()
+    assert world.status["training"]["eta"] == "0s" and world.status["training"]["etaSeconds"] == 0

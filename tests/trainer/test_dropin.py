@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_testkit import core_flags, env, train
+from trainer_testkit import copy_of, core_flags, env, train, trained_output
 
 from kubetune.api.layout import EXIT_INVALID
 
@@ -31,13 +31,7 @@ def progress(output: Path) -> dict[str, Any]:
 def full_run(tiny_model: Path, shapes_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4 steps of a full fine-tune with EMA, a checkpoint every 2 steps."""
     output = tmp_path_factory.mktemp("dropin") / "out"
-    result = train(core_flags(tiny_model, shapes_dataset, output, max_train_steps=4, checkpointing_steps=2))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output
-
-
-def copy_of(run: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(run, tmp_path / "out"))
+    return trained_output(tiny_model, shapes_dataset, output, max_train_steps=4, checkpointing_steps=2)
 
 
 def resume(model: Path, data: Path, output: Path, max_steps: int, checkpoint: str, **overrides: Any) -> Any:
@@ -146,19 +140,46 @@ def test_the_earlier_checkpoints_step_n_layout_still_resumes(
     assert torch.load(output / "checkpoint-4" / "optimizer.pt", weights_only=True)["lr_scheduler"]["last_epoch"] == 4
 
 
+# -- --dataset_name: what datasets.load_dataset takes locally ----------------------------------
+
+
+def test_a_hub_datasets_local_parquet_copy_trains_as_its_imagefolder_does(
+    full_run: Path, tiny_model: Path, shapes_dataset: Path, tmp_path: Path
+) -> None:
+    """The shapes imagefolder as a hub dataset's files (`data/train-*.parquet`, images embedded as
+    an Image feature): the same images and captions in the same order give the same step-2 UNet."""
+    import datasets
+    from safetensors.torch import load_file
+
+    rows = [json.loads(line) for line in (shapes_dataset / "train" / "metadata.jsonl").read_text().splitlines()]
+    images = [{"bytes": (shapes_dataset / "train" / r["file_name"]).read_bytes(), "path": None} for r in rows]
+    table = datasets.Dataset.from_dict({"image": images, "text": [r["text"] for r in rows]})
+    copy = tmp_path / "hub-copy"
+    (copy / "data").mkdir(parents=True)
+    table.cast_column("image", datasets.Image()).to_parquet(str(copy / "data" / "train-00000-of-00001.parquet"))
+
+    output = tmp_path / "out"
+    flags = core_flags(tiny_model, shapes_dataset, output, max_train_steps=2, checkpointing_steps=2)
+    flags[flags.index("--train_data_dir") : flags.index("--train_data_dir") + 2] = ["--dataset_name", str(copy)]
+    result = train(flags, HF_DATASETS_CACHE=str(tmp_path / "hf-datasets"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = load_file(output / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors")
+    reference = load_file(full_run / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert max(float((trained[k] - reference[k]).abs().max()) for k in reference) < 1e-6
+    ours = json.loads((output / "checkpoint-2" / "manifest.json").read_text())["cacheKey"]
+    theirs = json.loads((full_run / "checkpoint-2" / "manifest.json").read_text())["cacheKey"]
+    assert ours != theirs, "the cache is keyed by the dataset's own files"
+
+
 # -- LoRA --------------------------------------------------------------------------------------
 
 
-def test_the_lora_scripts_documented_command(tiny_model: Path, shapes_dataset: Path, tmp_path: Path) -> None:
+def lora_flags(model: Path, data: Path, output: Path, **overrides: Any) -> list[str]:
     """train_text_to_image_lora.py's README command, scaled down (8 images, batch 2: 4 steps an
     epoch), plus `--method lora`."""
-    import torch
-    from diffusers import StableDiffusionPipeline
-
-    output = tmp_path / "lora"
-    flags = {
-        "pretrained_model_name_or_path": tiny_model,
-        "dataset_name": shapes_dataset,
+    flags: dict[str, Any] = {
+        "pretrained_model_name_or_path": model,
+        "dataset_name": data,
         "caption_column": "text",
         "resolution": 32,
         "random_flip": True,
@@ -175,10 +196,27 @@ def test_the_lora_scripts_documented_command(tiny_model: Path, shapes_dataset: P
         "report_to": "tensorboard",
         "method": "lora",
         "mixed_precision": "no",
+        **overrides,
     }
-    args = [part for k, v in flags.items() for part in ([f"--{k}"] if v is True else [f"--{k}", str(v)])]
-    result = train(args)
+    return [
+        part for k, v in flags.items() if v is not None for part in ([f"--{k}"] if v is True else [f"--{k}", str(v)])
+    ]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model: Path, shapes_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("lora") / "out"
+    result = train(lora_flags(tiny_model, shapes_dataset, output))
     assert result.returncode == 0, result.stderr[-3000:]
+    return output
+
+
+def test_the_lora_scripts_documented_command(lora_run: Path, tiny_model: Path) -> None:
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    output = lora_run
     assert checkpoints(output) == ["checkpoint-4", "checkpoint-8"]
     assert sorted(p.name for p in (output / "checkpoint-4").iterdir()) == [
         "manifest.json",
@@ -192,7 +230,14 @@ def test_the_lora_scripts_documented_command(tiny_model: Path, shapes_dataset: P
         "grid.png",
         "prompts.json",
     ], "--num_validation_images per --validation_prompt"
-    assert list((output / "logs").iterdir()), "--report_to tensorboard"
+
+    # --report_to tensorboard: the validation images are in the event file, as the stock script logs them
+    events = EventAccumulator(str(output / "logs"), size_guidance={IMAGES: 0})
+    events.Reload()
+    assert "validation" in events.Tags()["images"], events.Tags()
+    logged = events.Images("validation")
+    assert [e.step for e in logged] == [4, 8]
+    assert (logged[0].width, logged[0].height) == (64, 32), "two 32 px images side by side"
 
     pipeline = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
 
@@ -205,6 +250,24 @@ def test_the_lora_scripts_documented_command(tiny_model: Path, shapes_dataset: P
     before = render()
     pipeline.load_lora_weights(output / "checkpoint-4")
     assert float((render() - before).abs().max()) > 0, "the checkpoint's LoRA weights changed the output"
+
+
+def test_a_resumed_lora_run_ends_with_the_uninterrupted_runs_weights(
+    lora_run: Path, tiny_model: Path, shapes_dataset: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    output = tmp_path / "out"
+    output.mkdir()
+    shutil.copytree(lora_run / "checkpoint-4", output / "checkpoint-4")
+    result = train(lora_flags(tiny_model, shapes_dataset, output, resume_from_checkpoint="latest"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {output}/checkpoint-4 (step 4)" in result.stderr
+    assert checkpoints(output) == checkpoints(lora_run) == ["checkpoint-4", "checkpoint-8"]
+    for name in ("pytorch_lora_weights.safetensors", "checkpoint-8/pytorch_lora_weights.safetensors"):
+        resumed, reference = load_file(output / name), load_file(lora_run / name)
+        assert resumed.keys() == reference.keys()
+        assert max(float((resumed[k] - reference[k]).abs().max()) for k in reference) < 1e-6, name
 
 
 # -- a checkpoint the stock script wrote ---------------------------------------------------------
@@ -250,9 +313,9 @@ for step in range(1, max(steps) + 1):
 """
 
 
-def write_stock_checkpoints(model: Path, output: Path, steps: str) -> None:
+def write_stock_checkpoints(model: Path, output: Path, steps: str, script: str = STOCK_CHECKPOINTS) -> None:
     result = subprocess.run(
-        [sys.executable, "-c", STOCK_CHECKPOINTS, str(model), str(output), steps],
+        [sys.executable, "-c", script, str(model), str(output), steps],
         capture_output=True,
         text=True,
         env=env(),
@@ -261,14 +324,21 @@ def write_stock_checkpoints(model: Path, output: Path, steps: str) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.fixture(scope="module")
+def stock_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """checkpoint-2 and checkpoint-4 as train_text_to_image.py writes them (written once, copied)."""
+    output = tmp_path_factory.mktemp("stock") / "out"
+    write_stock_checkpoints(tiny_model, output, "2,4")
+    return output
+
+
 def test_resumes_from_checkpoints_the_stock_script_wrote(
-    tiny_model: Path, shapes_dataset: Path, tmp_path: Path
+    stock_run: Path, tiny_model: Path, shapes_dataset: Path, tmp_path: Path
 ) -> None:
     import torch
     from safetensors.torch import load_file
 
-    output = tmp_path / "out"
-    write_stock_checkpoints(tiny_model, output, "2,4")
+    output = copy_of(stock_run, tmp_path)
     assert {"optimizer.bin", "scheduler.bin", "random_states_0.pkl", "unet", "unet_ema"} <= {
         p.name for p in (output / "checkpoint-4").iterdir()
     }
@@ -300,12 +370,12 @@ class RunsCode:
 
 
 def test_a_stock_checkpoint_it_cannot_use_is_refused_not_ignored(
-    tiny_model: Path, shapes_dataset: Path, tmp_path: Path
+    stock_run: Path, tiny_model: Path, shapes_dataset: Path, tmp_path: Path
 ) -> None:
     import torch
 
-    output = tmp_path / "out"
-    write_stock_checkpoints(tiny_model, output, "2")
+    output = copy_of(stock_run, tmp_path)
+    shutil.rmtree(output / "checkpoint-4")
     marker = tmp_path / "code-ran"
     torch.save({"state": RunsCode(marker)}, output / "checkpoint-2" / "optimizer.bin")
     result = train(core_flags(tiny_model, shapes_dataset, output, resume_from_checkpoint="latest"))
@@ -313,6 +383,81 @@ def test_a_stock_checkpoint_it_cannot_use_is_refused_not_ignored(
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "checkpoint-2/optimizer.bin: not a plain optimizer state" in errors[0], errors
     assert not marker.exists(), "loading the checkpoint ran code from it"
+
+
+STOCK_LORA_CHECKPOINTS = r"""
+import sys
+from pathlib import Path
+import torch
+from accelerate import Accelerator
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+model, output, steps = Path(sys.argv[1]), Path(sys.argv[2]), [int(s) for s in sys.argv[3].split(",")]
+accelerator = Accelerator(cpu=True)
+unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+unet.requires_grad_(False)
+unet.add_adapter(  # as train_text_to_image_lora.py does, --rank 4
+    LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+)
+lora_layers = [p for p in unet.parameters() if p.requires_grad]
+with torch.no_grad():  # recognisable weights: lora_B is 0 after the init; here everything is +0.01
+    for p in lora_layers:
+        p.add_(0.01)
+optimizer = torch.optim.AdamW(lora_layers, lr=1e-4)
+lr_scheduler = get_scheduler("constant", optimizer=optimizer)
+unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+generator = torch.Generator().manual_seed(0)
+for step in range(1, max(steps) + 1):
+    for p in lora_layers:
+        p.grad = torch.randn(p.shape, generator=generator) * 1e-3
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad()
+    if step in steps:  # the script's checkpoint: save_state, then the LoRA weights beside it
+        save_path = output / f"checkpoint-{step}"
+        accelerator.save_state(save_path)
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(accelerator.unwrap_model(unet)))
+        StableDiffusionPipeline.save_lora_weights(save_path, unet_lora_layers=layers, safe_serialization=True)
+"""
+
+
+def test_resumes_from_a_checkpoint_the_stock_lora_script_wrote(
+    tiny_model: Path, shapes_dataset: Path, tmp_path: Path
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    output = tmp_path / "out"
+    write_stock_checkpoints(tiny_model, output, "4", STOCK_LORA_CHECKPOINTS)
+    stock = output / "checkpoint-4"
+    assert {"optimizer.bin", "scheduler.bin", "random_states_0.pkl", "pytorch_lora_weights.safetensors"} <= {
+        p.name for p in stock.iterdir()
+    }
+    flags = lora_flags(
+        tiny_model, shapes_dataset, output, resume_from_checkpoint="latest", learning_rate=1e-4, validation_prompt=None
+    )
+    result = train(flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {stock} (step 4) (written by diffusers' script)" in result.stderr
+    assert "UNet (LoRA), optimizer, LR schedule and step 4 restored" in result.stderr
+    assert "the data order restarts at the beginning of epoch 1" in result.stderr  # 4 steps an epoch
+    assert checkpoints(output) == ["checkpoint-4", "checkpoint-8"]
+    assert progress(output)["step"] == 8
+
+    # the LoRA weights continued from the stock ones (a fresh adapter's lora_B is 0, theirs 0.01)
+    before, after = (
+        load_file(stock / "pytorch_lora_weights.safetensors"),
+        load_file(output / "checkpoint-8" / "pytorch_lora_weights.safetensors"),
+    )
+    assert before.keys() == after.keys()
+    assert max(float((after[k] - before[k]).abs().max()) for k in before) < 0.005
+    optimizer = torch.load(output / "checkpoint-8" / "optimizer.pt", weights_only=True)
+    assert {float(s["step"]) for s in optimizer["optimizer"]["state"].values()} == {8.0}
+    assert optimizer["lr_scheduler"]["last_epoch"] == 8
 
 
 def test_the_lora_scripts_flags_parse_with_their_meanings() -> None:

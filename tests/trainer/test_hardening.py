@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_testkit import core_flags, env, train
+from trainer_testkit import copy_of, core_flags, env, train, trained_output
 
 from kubetune.api.contracts import CheckpointState, DataloaderPosition, RngState
 from kubetune.api.layout import EXIT_DIVERGED, EXIT_INVALID
@@ -97,12 +97,19 @@ def test_more_nonfinite_steps_than_allowed_stop_the_run(tiny_model: Path, shapes
     assert "after 2 skipped steps" in error_lines(result.stderr)[0]
 
 
+@pytest.fixture(scope="module")
+def pristine_checkpoint(tiny_model: Path, shapes_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-step run with its checkpoint at step 2, trained once for the module (tests damage copies)."""
+    output = tmp_path_factory.mktemp("checkpointed") / "out"
+    return trained_output(tiny_model, shapes_dataset, output, max_train_steps=2, checkpointing_steps=2)
+
+
 @pytest.fixture
-def checkpointed_run(tiny_model: Path, shapes_dataset: Path, tmp_path: Path) -> tuple[Path, list[str]]:
-    """A 2-step run with its checkpoint at step 2, and the flags to resume it to step 4."""
-    output = tmp_path / "out"
-    result = train(core_flags(tiny_model, shapes_dataset, output, max_train_steps=2, checkpointing_steps=2))
-    assert result.returncode == 0, result.stderr[-3000:]
+def checkpointed_run(
+    pristine_checkpoint: Path, tiny_model: Path, shapes_dataset: Path, tmp_path: Path
+) -> tuple[Path, list[str]]:
+    """A copy of the 2-step run's output, and the flags to resume it to step 4."""
+    output = copy_of(pristine_checkpoint, tmp_path)
     return output, core_flags(
         tiny_model, shapes_dataset, output, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest"
     )
@@ -144,19 +151,36 @@ def test_a_checkpoint_optimizer_file_cannot_run_code(checkpointed_run: tuple[Pat
     assert not marker.exists(), "loading the checkpoint ran code from it"
 
 
+def test_a_checkpoint_whose_manifest_names_a_file_outside_it_is_refused(
+    checkpointed_run: tuple[Path, list[str]],
+) -> None:
+    output, resume = checkpointed_run
+    rewrite_manifest(
+        output / "checkpoint-2", lambda m: m["files"].update({"../escape": {"size": 1, "sha256": "0" * 64}})
+    )
+    result = train(resume)
+    assert result.returncode == EXIT_INVALID, result.stderr[-3000:]
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "is not a plain file name" in errors[0], result.stderr[-3000:]
+
+
 @pytest.mark.parametrize(
     "name", ["../escape", "/etc/passwd", "..", "unet/../../escape", "unet//x", "./x", "a\\b", "a/b/c/d/e"]
 )
 def test_checkpoint_manifest_file_names_stay_inside_the_folder(
     checkpointed_run: tuple[Path, list[str]], name: str
 ) -> None:
-    output, resume = checkpointed_run
-    folder = output / "checkpoint-2"
-    rewrite_manifest(folder, lambda m: m["files"].update({name: {"size": 1, "sha256": "0" * 64}}))
-    result = train(resume)
-    assert result.returncode == EXIT_INVALID, result.stderr[-3000:]
-    errors = error_lines(result.stderr)
-    assert len(errors) == 1 and "is not a plain file name" in errors[0], result.stderr[-3000:]
+    """What the trainer does when it resumes (the run above shows the exit code and the one line)."""
+    from kubetune.storage import Store
+    from kubetune.trainer.checkpoint import CheckpointError, fetch, find_checkpoint
+
+    output, _ = checkpointed_run
+    rewrite_manifest(output / "checkpoint-2", lambda m: m["files"].update({name: {"size": 1, "sha256": "0" * 64}}))
+    ref = find_checkpoint(Store(str(output)), "latest")
+    assert ref is not None and ref.name == "checkpoint-2"
+    with pytest.raises(CheckpointError, match="is not a plain file name"):
+        fetch(ref, output.parent / "staging")
+    assert not (output.parent / "escape").exists()
 
 
 # -- background uploads ------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -139,3 +140,16 @@ def relative_update_difference(output: Path, reference: Path, initial: Path) -> 
     difference = sum(float((a[k].float() - ref[k].float()).norm() ** 2) for k in ref) ** 0.5
     update = sum(float((ref[k].float() - init[k].float()).norm() ** 2) for k in ref) ** 0.5
     return difference / update
+
+
+def trained_output(model: Path, data: Path, output: Path, **flags: Any) -> Path:
+    """OUTPUT after a successful run of the core command with FLAGS (tests that damage or resume it
+    work on a copy_of it)."""
+    result = train(core_flags(model, data, output, **flags))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    """A copy of a run's output at TMP_PATH/out."""
+    return Path(shutil.copytree(run, tmp_path / "out"))
