@@ -5,8 +5,10 @@ Kept next to the dataset under `cache/<key>/`, where the key hashes everything t
 content (VAE and text-encoder weights, resolution, crop, flip, filter, the dataset, the chosen
 samples), so resumes and later jobs with the same settings reuse it. What is stored per image
 is the VAE's latent *distribution* (mean and std), so each step still samples a fresh latent as
-the stock script does; with --random_flip the flipped image is encoded too. Captions are
-deduplicated before encoding.
+the stock script does; with --random_flip the flipped image is encoded too. Each image's size
+before resizing and its crop (top, left; also for the flipped image) are kept too: SDXL conditions
+on them. Captions are deduplicated before encoding; what a caption is encoded into (named tensors)
+is the model family's business (kubetune.trainer.families).
 
 Work is split in chunks, spread over ranks; each chunk is one file written atomically, so a
 build stopped by preemption resumes where it was. `manifest.json`, written last, marks the cache
@@ -31,7 +33,7 @@ from safetensors.torch import save as save_tensors
 
 from kubetune.api.layout import MANIFEST_FILE
 from kubetune.storage import Store
-from kubetune.trainer.data import DataError, TrainingData, transform
+from kubetune.trainer.data import DataError, TrainingData, transform_and_crop
 
 log = logging.getLogger("kubetune.trainer")
 
@@ -48,9 +50,13 @@ class LatentCache:
     std: torch.Tensor
     mean_flip: torch.Tensor | None
     std_flip: torch.Tensor | None
-    text: torch.Tensor  # [unique captions, tokens, hidden]
+    text: dict[str, torch.Tensor]  # name -> [unique captions, ...] (the family's encode)
     caption_index: torch.Tensor  # [N] -> row of `text`
     skipped: int  # unreadable images, left out
+    original_size: torch.Tensor | None = None  # [N, 2] (height, width) before resizing
+    crop_top_left: torch.Tensor | None = None  # [N, 2] (top, left) of the crop
+    crop_top_left_flip: torch.Tensor | None = None  # the same in the flipped image
+    empty_caption: int | None = None  # row of `text` holding the empty caption, when encoded
 
     def __len__(self) -> int:
         return int(self.mean.shape[0])
@@ -59,11 +65,10 @@ class LatentCache:
 @dataclass
 class Encoders:
     vae: Any
-    text_encoder: Any
-    tokenizer: Any
     device: torch.device
     vae_dtype: torch.dtype
-    text_dtype: torch.dtype
+    encode_text: Callable[[Sequence[str]], dict[str, torch.Tensor]]
+    """A batch of captions to named tensors (the model family's encode)."""
 
 
 def cache_key(settings: dict[str, Any]) -> str:
@@ -83,13 +88,15 @@ def build_or_load(
     progress: Callable[[str], None],
     batch_size: int = 8,
     workers: int = 4,
+    empty_caption: bool = False,
 ) -> LatentCache:
-    """Load the cache for `settings`, encoding what is missing first (all ranks call this)."""
+    """Load the cache for `settings`, encoding what is missing first (all ranks call this). With
+    `empty_caption`, the empty caption is encoded too (for --proportion_empty_prompts)."""
     key = cache_key(settings)
     root = store.child(key)
     if not root.exists(MANIFEST_FILE):
         progress("caching")
-        captions = list(dict.fromkeys(data.captions[i] for i in indices))
+        captions = list(dict.fromkeys([data.captions[i] for i in indices] + ([""] if empty_caption else [])))
         tasks = [("latents", c) for c in range(_chunks(len(indices), IMAGES_PER_CHUNK))]
         tasks += [("text", c) for c in range(_chunks(len(captions), CAPTIONS_PER_CHUNK))]
         loaded: Encoders | None = None
@@ -105,8 +112,8 @@ def build_or_load(
                 tensors = _encode_images(loaded, data, part, settings, batch_size, workers)
             else:
                 part_captions = captions[chunk * CAPTIONS_PER_CHUNK : (chunk + 1) * CAPTIONS_PER_CHUNK]
-                states = _encode_captions(loaded, part_captions, batch_size * 4)
-                tensors = {"states": states.to(getattr(torch, settings["dtype"]))}
+                encoded = _encode_captions(loaded, part_captions, batch_size * 4)
+                tensors = {name: t.to(getattr(torch, settings["dtype"])) for name, t in encoded.items()}
             root.write_bytes(name, save_tensors({k: v.contiguous() for k, v in tensors.items()}))
             log.info(
                 "cached %s (%d of %d chunks for this process)",
@@ -127,6 +134,7 @@ def build_or_load(
                     "latentChunks": sum(1 for t in tasks if t[0] == "latents"),
                     "textChunks": sum(1 for t in tasks if t[0] == "text"),
                     "captionIndex": [position[data.captions[i]] for i in indices],
+                    "emptyCaption": position.get("") if empty_caption else None,
                 },
             )
         barrier()
@@ -140,9 +148,7 @@ def _chunks(count: int, size: int) -> int:
 def _load(root: Store, key: str) -> LatentCache:
     manifest = root.read_json(MANIFEST_FILE)
     parts = [load_tensors(root.read_bytes(f"latents-{c:05d}.safetensors")) for c in range(manifest["latentChunks"])]
-    texts = [
-        load_tensors(root.read_bytes(f"text-{c:05d}.safetensors"))["states"] for c in range(manifest["textChunks"])
-    ]
+    texts = [load_tensors(root.read_bytes(f"text-{c:05d}.safetensors")) for c in range(manifest["textChunks"])]
     valid = torch.cat([p["valid"] for p in parts]).bool()
 
     def joined(name: str) -> torch.Tensor | None:
@@ -159,9 +165,13 @@ def _load(root: Store, key: str) -> LatentCache:
         std=std,
         mean_flip=joined("mean_flip"),
         std_flip=joined("std_flip"),
-        text=torch.cat(texts),
+        text={name: torch.cat([t[name] for t in texts]) for name in texts[0]},
         caption_index=torch.tensor(manifest["captionIndex"])[valid],
         skipped=int((~valid).sum()),
+        original_size=joined("original_size"),
+        crop_top_left=joined("crop_top_left"),
+        crop_top_left_flip=joined("crop_top_left_flip"),
+        empty_caption=manifest.get("emptyCaption"),
     )
 
 
@@ -171,17 +181,22 @@ def _encode_images(
 ) -> dict[str, torch.Tensor]:
     resolution, flip = settings["resolution"], settings["randomFlip"]
 
-    def prepare(index: int) -> np.ndarray | None:
+    def prepare(index: int) -> tuple[np.ndarray, tuple[int, ...]] | None:
         image = data.image(index)
         if image is None:
             return None
         # A random crop is drawn once per image (seeded by its index), as kohya's cache does.
-        return transform(image, resolution, settings["centerCrop"], settings["interpolation"], random.Random(index))
+        rng = random.Random(index)
+        array, crop = transform_and_crop(image, resolution, settings["centerCrop"], settings["interpolation"], rng)
+        return array, (image.height, image.width, *crop)
 
     out: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "mean_flip": [], "std_flip": []}
     valid: list[bool] = []
     with ThreadPoolExecutor(workers) as pool:  # PIL decodes and resizes without holding the GIL
-        arrays = list(pool.map(prepare, indices))
+        prepared = list(pool.map(prepare, indices))
+    arrays = [p[0] if p is not None else None for p in prepared]
+    # height, width, top, left, left when flipped (0 for unreadable images)
+    geometry = torch.tensor([p[1] if p is not None else (0,) * 5 for p in prepared], dtype=torch.int32)
     for start in range(0, len(arrays), batch_size):
         batch = arrays[start : start + batch_size]
         valid += [a is not None for a in batch]
@@ -195,19 +210,13 @@ def _encode_images(
     dtype = getattr(torch, settings["dtype"])
     tensors = {k: torch.cat(v).to(dtype) for k, v in out.items() if v}
     tensors["valid"] = torch.tensor(valid, dtype=torch.uint8)
+    tensors["original_size"] = geometry[:, 0:2].contiguous()
+    tensors["crop_top_left"] = geometry[:, 2:4].contiguous()
+    tensors["crop_top_left_flip"] = geometry[:, [2, 4]].contiguous()
     return tensors
 
 
 @torch.no_grad()
-def _encode_captions(enc: Encoders, captions: Sequence[str], batch_size: int) -> torch.Tensor:
-    states = []
-    for start in range(0, len(captions), batch_size):
-        ids = enc.tokenizer(
-            list(captions[start : start + batch_size]),
-            max_length=enc.tokenizer.model_max_length,
-            padding="max_length",
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        states.append(enc.text_encoder(ids.to(enc.device), return_dict=False)[0].float().cpu())
-    return torch.cat(states)
+def _encode_captions(enc: Encoders, captions: Sequence[str], batch_size: int) -> dict[str, torch.Tensor]:
+    parts = [enc.encode_text(captions[start : start + batch_size]) for start in range(0, len(captions), batch_size)]
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}

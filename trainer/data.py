@@ -328,6 +328,14 @@ def transform(
 ) -> np.ndarray:
     """Resize the shorter side to `resolution`, crop a square (centre or random), and return a
     float32 CHW array in [-1, 1]."""
+    return transform_and_crop(image, resolution, center_crop, interpolation, rng)[0]
+
+
+def transform_and_crop(
+    image: Image.Image, resolution: int, center_crop: bool, interpolation: str, rng: random.Random
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """`transform`'s array, and where the crop is in the resized image: (top, left, and left in
+    the horizontally flipped image), as SDXL's micro-conditioning takes it."""
     width, height = image.size
     short, long = (width, height) if width <= height else (height, width)
     if short != resolution:
@@ -341,4 +349,4 @@ def transform(
         top, left = rng.randint(0, height - resolution), rng.randint(0, width - resolution)
     image = image.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
-    return array / 127.5 - 1.0
+    return array / 127.5 - 1.0, (top, left, width - left - resolution)

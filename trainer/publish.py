@@ -16,6 +16,7 @@ from kubetune.api.layout import SAMPLES_DIR
 from kubetune.storage import Store
 from kubetune.trainer.config import TrainConfig
 from kubetune.trainer.data import TrainingData
+from kubetune.trainer.families import ModelFamily
 
 
 @torch.no_grad()
@@ -83,33 +84,26 @@ def write_pipeline(pipeline: Any, output: Store, staging: Path) -> None:
     output.upload_file(folder / "model_index.json", "model_index.json")
 
 
-def save_lora(unet: Any, folder: Path) -> None:
-    """`folder/pytorch_lora_weights.safetensors` as StableDiffusionPipeline.save_lora_weights writes
-    it (diffusers' LoRA format), loadable with `pipe.load_lora_weights(folder)`."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    layers = {k: v.detach().contiguous().float() for k, v in layers.items()}
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
-
-
-def write_lora(unet: Any, output: Store, staging: Path) -> None:
-    """pytorch_lora_weights.safetensors, loadable with `pipe.load_lora_weights(output)`."""
+def write_lora(family: ModelFamily, unet: Any, output: Store, staging: Path) -> None:
+    """pytorch_lora_weights.safetensors, loadable with `pipe.load_lora_weights(output)`, and the
+    family's extra formats."""
     folder = Path(output.uri) if not output.is_s3 else staging / "publish-lora"
-    save_lora(unet, folder)
+    family.save_lora(unet, folder)
+    family.publish_lora_extras(unet, folder)
     if output.is_s3:
         output.upload_tree(folder)
 
 
-def model_card(cfg: TrainConfig, data: TrainingData, images: int, skipped: int, steps: int, seed: int) -> str:
+def model_card(
+    cfg: TrainConfig, family: ModelFamily, data: TrainingData, images: int, skipped: int, steps: int, seed: int
+) -> str:
     """README.md: what was trained, with which settings, on whose images under which licenses."""
+    pipeline = family.pipeline_class
     lines = [
         "---",
         f"base_model: {cfg.pretrained_model_name_or_path}",
         "library_name: diffusers",
-        "tags: [stable-diffusion, text-to-image, diffusers, kubetune"
+        f"tags: [{', '.join(family.tags)}, text-to-image, diffusers, kubetune"
         + (", lora" if cfg.method == "lora" else "")
         + "]",
         "---",
@@ -124,8 +118,8 @@ def model_card(cfg: TrainConfig, data: TrainingData, images: int, skipped: int, 
     if cfg.method == "lora":
         lines += [
             "```python",
-            "from diffusers import StableDiffusionPipeline",
-            f'pipe = StableDiffusionPipeline.from_pretrained("{cfg.pretrained_model_name_or_path}")',
+            f"from diffusers import {pipeline}",
+            f'pipe = {pipeline}.from_pretrained("{cfg.pretrained_model_name_or_path}")',
             'pipe.load_lora_weights("<this folder>")',
             "```",
             "",
@@ -133,12 +127,13 @@ def model_card(cfg: TrainConfig, data: TrainingData, images: int, skipped: int, 
     else:
         lines += [
             "```python",
-            "from diffusers import StableDiffusionPipeline",
-            'pipe = StableDiffusionPipeline.from_pretrained("<this folder>")',
+            f"from diffusers import {pipeline}",
+            f'pipe = {pipeline}.from_pretrained("<this folder>")',
             "```",
             "",
         ]
     settings = {
+        "model family": f"{family.name} ({pipeline})",
         "steps": steps,
         "resolution": cfg.resolution,
         "center crop": cfg.center_crop,

@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from kubetune import ownership
 from kubetune.api import layout
@@ -52,6 +51,7 @@ from kubetune.trainer.data import (
     open_local_dataset,
     select,
 )
+from kubetune.trainer.families import FamilyError, ModelFamily, Parts, family_for
 from kubetune.trainer.progress import Progress
 
 log = logging.getLogger("kubetune.trainer")
@@ -222,109 +222,157 @@ def _short_hash(text: str) -> str:
 
 @dataclass
 class Model:
+    """The loaded pipeline's parts and the family that knows what to do with them."""
+
     path: Path
-    unet: Any
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
-    noise_scheduler: Any
+    family: ModelFamily
+    parts: Parts
     fingerprint: str
     scaling_factor: float = 0.18215
 
+    @property
+    def unet(self) -> Any:
+        return self.parts.unet
+
+    @property
+    def vae(self) -> Any:
+        return self.parts.vae
+
+    @property
+    def noise_scheduler(self) -> Any:
+        return self.parts.noise_scheduler
+
+    def encoders_to(
+        self, device: Any, vae_dtype: torch.dtype | None = None, text_dtype: torch.dtype | None = None
+    ) -> None:
+        self.parts.vae.to(device, vae_dtype)
+        for encoder in self.parts.text_encoders:
+            encoder.to(device, text_dtype)
+
     def release_encoders(self, keep_on_cpu: bool) -> None:
-        """Free the accelerator's memory of the VAE and text encoder once the cache is built."""
+        """Free the accelerator's memory of the VAE and text encoders once the cache is built."""
         if keep_on_cpu:
-            self.vae.to("cpu", torch.float32)
-            self.text_encoder.to("cpu", torch.float32)
+            self.encoders_to("cpu", torch.float32, torch.float32)
         else:
-            self.vae = self.text_encoder = None
+            self.parts.text_encoders = []
+            # a separate VAE is published with the model: keep it (on the CPU)
+            self.parts.vae = self.parts.vae.to("cpu", torch.float32) if self.parts.vae_source else None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
-def resolve_model_path(cfg: TrainConfig, session: Session) -> Path:
-    """A local diffusers folder for the model: as given, downloaded from S3, or from the Hub."""
+def _model_family(cfg: TrainConfig, model_index: Any, where: str) -> ModelFamily:
+    """The model's family from its model_index.json: refused (exit 2) before anything else is
+    downloaded when no supported family trains it."""
+    try:
+        if not isinstance(model_index, dict):
+            raise FamilyError("model_index.json is not a JSON object")
+        return family_for(model_index, cfg.model_family)
+    except FamilyError as error:
+        raise TrainError(f"--pretrained_model_name_or_path {where}: {error}", layout.EXIT_INVALID) from None
+
+
+def _read_json_file(path: Path) -> Any:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def resolve_model(cfg: TrainConfig, session: Session) -> tuple[Path, ModelFamily]:
+    """A local diffusers folder for the model (as given, downloaded from S3, or from the Hub) and
+    its family; model_index.json is read first, so that an unsupported pipeline is refused before
+    its weights are downloaded."""
     name = cfg.pretrained_model_name_or_path
     if Path(name).is_dir():
-        return Path(name)
+        index = Path(name) / "model_index.json"
+        if not index.is_file():
+            raise TrainError(f"--pretrained_model_name_or_path {name}: {NOT_A_PIPELINE}", layout.EXIT_INVALID)
+        return Path(name), _model_family(cfg, _read_json_file(index), name)
     cache_root = Path(cfg.cache_dir or Path.home() / ".cache" / "kubetune" / "models")
     with session.accelerator.local_main_process_first():
         if name.startswith("s3://"):
             local = cache_root / _short_hash(name)
-            if not (local / ".complete").exists():
-                if not Store(name).exists("model_index.json"):
-                    raise TrainError(
-                        f"--pretrained_model_name_or_path {name}: no model_index.json there", layout.EXIT_INVALID
-                    )
-                Store(name).download_tree("", local)
-                (local / ".complete").touch()
-            return local
+            if (local / ".complete").exists():
+                return local, _model_family(cfg, _read_json_file(local / "model_index.json"), name)
+            store = Store(name)
+            if not store.exists("model_index.json"):
+                raise TrainError(
+                    f"--pretrained_model_name_or_path {name}: no model_index.json there", layout.EXIT_INVALID
+                )
+            try:
+                index = store.read_json("model_index.json")
+            except ValueError:
+                index = None
+            family = _model_family(cfg, index, name)
+            store.download_tree("", local)
+            (local / ".complete").touch()
+            return local, family
         if name.startswith((".", "/")) or name.count("/") != 1:
             raise TrainError(
                 f"--pretrained_model_name_or_path {name}: no such folder (nor an s3:// URI or a hub id like org/name)",
                 layout.EXIT_INVALID,
             )
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import hf_hub_download, snapshot_download
 
+        hub = {"revision": cfg.revision, "token": os.environ.get("HF_TOKEN") or None, "cache_dir": cfg.cache_dir}
         try:
-            return Path(
-                snapshot_download(
-                    name,
-                    revision=cfg.revision,
-                    token=os.environ.get("HF_TOKEN") or None,
-                    cache_dir=cfg.cache_dir,
-                    ignore_patterns=["*.ckpt", "*.msgpack", "*.onnx", "*.h5", "*.pb", "*.onnx_data"],
-                )
+            family = _model_family(cfg, _read_json_file(Path(hf_hub_download(name, "model_index.json", **hub))), name)
+            path = snapshot_download(
+                name,
+                **hub,
+                ignore_patterns=["*.ckpt", "*.msgpack", "*.onnx", "*.h5", "*.pb", "*.onnx_data"],
             )
+        except TrainError:
+            raise
         except Exception as error:
             raise TrainError(
                 f"--pretrained_model_name_or_path {name}: cannot download: {type(error).__name__}", layout.EXIT_INVALID
             ) from None
+        return Path(path), family
+
+
+NOT_A_PIPELINE = "not a diffusers Stable Diffusion folder (no model_index.json)"
 
 
 def load_model(cfg: TrainConfig, session: Session) -> Model:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    path = resolve_model_path(cfg, session)
-    if not (path / "model_index.json").exists() or not (path / "unet").is_dir():
-        raise TrainError(
-            f"--pretrained_model_name_or_path {cfg.pretrained_model_name_or_path}: not a diffusers "
-            "Stable Diffusion folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/)",
-            layout.EXIT_INVALID,
-        )
-    variant = cfg.variant or None
+    path, family = resolve_model(cfg, session)
+    where = cfg.pretrained_model_name_or_path
+    vae = cfg.pretrained_vae_model_name_or_path
     try:
+        family.check_folder(path)
         model = Model(
             path=path,
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant),
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant),
-            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
-            fingerprint=_weights_fingerprint(path),
+            family=family,
+            parts=family.load(path, cfg.variant or None, vae),
+            fingerprint=_weights_fingerprint(path, family.fingerprint_folders(), vae),
         )
     except (OSError, ValueError) as error:
         raise TrainError(
-            f"--pretrained_model_name_or_path {cfg.pretrained_model_name_or_path}: cannot load: "
-            f"{str(error).splitlines()[0]}",
-            layout.EXIT_INVALID,
+            f"--pretrained_model_name_or_path {where}: cannot load: {str(error).splitlines()[0]}", layout.EXIT_INVALID
         ) from None
-    model.scaling_factor = float(model.vae.config.scaling_factor)
+    model.scaling_factor = model.parts.scaling_factor
     if cfg.prediction_type:
         model.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
-    model.vae.requires_grad_(False)
-    model.text_encoder.requires_grad_(False)
+    log.info("model family %s (%s)", family.name, family.pipeline_class)
     return model
 
 
-def _weights_fingerprint(path: Path) -> str:
-    """What decides cached latents and text states: the VAE's and text encoder's files."""
+def _weights_fingerprint(path: Path, folders: tuple[str, ...], vae: str | None = None) -> str:
+    """What decides cached latents and text states: the VAE's and text encoders' files (a
+    separate VAE's files when it is a folder, else its name)."""
     import hashlib
 
     digest = hashlib.sha256()
-    for sub in ("vae", "text_encoder", "tokenizer"):
-        for file in sorted((path / sub).glob("*")):
+    roots = [path / sub for sub in folders if not (vae and sub == "vae")]
+    if vae and Path(vae).is_dir():
+        roots.append(Path(vae))
+    elif vae:
+        digest.update(f"vae:{vae}".encode())
+    for root in roots:
+        for file in sorted(root.glob("*")):
             if file.is_file():
                 digest.update(file.name.encode())
                 with file.open("rb") as handle:
@@ -376,11 +424,14 @@ def load_cache(cfg: TrainConfig, session: Session, model: Model, data: TrainingD
         "dtype": "float32" if cfg.precision == "no" else "float16",
     }
 
+    if cfg.proportion_empty_prompts:
+        settings["emptyCaption"] = True
+
     def encoders() -> latent_cache.Encoders:
-        model.vae.to(accelerator.device, vae_dtype)
-        model.text_encoder.to(accelerator.device, text_dtype)
+        model.encoders_to(accelerator.device, vae_dtype, text_dtype)
+        device = accelerator.device
         return latent_cache.Encoders(
-            model.vae, model.text_encoder, model.tokenizer, accelerator.device, vae_dtype, text_dtype
+            model.vae, device, vae_dtype, lambda captions: model.family.encode(model.parts, captions, device)
         )
 
     try:
@@ -396,6 +447,7 @@ def load_cache(cfg: TrainConfig, session: Session, model: Model, data: TrainingD
             lambda: session.stop_requested,
             session.progress.state,
             workers=max(4, cfg.dataloader_num_workers),
+            empty_caption=bool(cfg.proportion_empty_prompts),
         )
     except InterruptedError:
         return None  # stopped (SIGTERM) while caching: the chunks done so far are kept
@@ -591,10 +643,11 @@ class Trainer:
         return list(range(start, start + batch))
 
     def _batch(self, positions: list[int]) -> dict[str, torch.Tensor]:
-        """Latents sampled from the cached distributions, text states, noise and timesteps."""
+        """Latents sampled from the cached distributions, noise, timesteps, the cached text tensors
+        (`text.<name>`) and each image's size and crop."""
         cfg, cache, count = self.cfg, self.samples, len(self.samples)
         timesteps_total = self.model.noise_scheduler.config.num_train_timesteps
-        rows = []
+        rows, captions, geometry = [], [], []
         for position in positions:
             index = int(_epoch_order(self.session.seed, position // count, count)[position % count])
             g = torch.Generator().manual_seed((self.session.seed * 1_000_003 + position) % (2**63 - 1))
@@ -605,35 +658,42 @@ class Trainer:
             noise = torch.randn(shape, generator=g) + cfg.noise_offset * torch.randn((shape[0], 1, 1), generator=g)
             perturbed = noise + cfg.input_perturbation * torch.randn(shape, generator=g)
             timestep = torch.randint(0, timesteps_total, (1,), generator=g)
-            rows.append((latent, noise, perturbed, timestep, cache.text[cache.caption_index[index]]))
-        latents, noise, perturbed, timesteps, text = (torch.stack(column) for column in zip(*rows, strict=False))
-        return {
+            rows.append((latent, noise, perturbed, timestep))
+            caption = int(cache.caption_index[index])
+            if cfg.proportion_empty_prompts and bool(torch.rand(1, generator=g) < cfg.proportion_empty_prompts):
+                assert cache.empty_caption is not None
+                caption = cache.empty_caption
+            captions.append(caption)
+            if cache.original_size is not None:
+                crop = cache.crop_top_left_flip if flip else cache.crop_top_left
+                assert crop is not None
+                geometry.append((cache.original_size[index], crop[index]))
+        latents, noise, perturbed, timesteps = (torch.stack(column) for column in zip(*rows, strict=True))
+        batch = {
             "latents": (latents * self.model.scaling_factor).to(self.device),
             "noise": noise.to(self.device),
             "perturbed": perturbed.to(self.device),
             "timesteps": timesteps.squeeze(1).to(self.device),
-            "text": text.to(self.device).float(),
         }
+        rows_of = torch.tensor(captions)
+        for name, tensor in cache.text.items():
+            batch[f"text.{name}"] = tensor[rows_of].to(self.device).float()
+        if geometry:
+            sizes, crops = (torch.stack(column).float().to(self.device) for column in zip(*geometry, strict=True))
+            batch.update(original_size=sizes, crop_top_left=crops)
+        return batch
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """train_text_to_image.py's loss: MSE to the noise (or velocity), optionally min-SNR weighted."""
-        from diffusers.training_utils import compute_snr
+        """The family's loss with the family's conditioning for this batch."""
+        family, cfg = self.model.family, self.cfg
+        conditioning = family.condition(batch, cfg.resolution)
 
-        scheduler, cfg = self.model.noise_scheduler, self.cfg
-        latents, noise, timesteps = batch["latents"], batch["noise"], batch["timesteps"]
-        noisy = scheduler.add_noise(latents, batch["perturbed"] if cfg.input_perturbation else noise, timesteps)
-        if self.channels_last:
-            noisy = noisy.contiguous(memory_format=torch.channels_last)
-        prediction_type = scheduler.config.prediction_type
-        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-        prediction = self.ddp(noisy, timesteps, batch["text"], return_dict=False)[0]
-        if cfg.snr_gamma is None:
-            return F.mse_loss(prediction.float(), target.float(), reduction="mean")
-        snr = compute_snr(scheduler, timesteps)
-        weights = torch.stack([snr, cfg.snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
-        weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
-        loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
-        return (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
+        def predict(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            return self.ddp(noisy, timesteps, **conditioning, return_dict=False)[0]
+
+        return family.loss(
+            self.model.noise_scheduler, predict, batch, cfg.snr_gamma, cfg.input_perturbation, self.channels_last
+        )
 
     def _ema_step(self) -> None:
         assert self.ema is not None
@@ -734,7 +794,7 @@ class Trainer:
         from safetensors.torch import save_file
 
         if self.cfg.method == "lora":
-            publish.save_lora(self.unet, folder)
+            self.model.family.save_lora(self.unet, folder)
             return
         weights = "diffusion_pytorch_model.safetensors"
         state = {k: v.detach().contiguous() for k, v in self.unet.state_dict().items()}
@@ -910,18 +970,7 @@ class Trainer:
     @contextlib.contextmanager
     def _inference_pipeline(self) -> Iterator[Any]:
         """The pipeline with the trained (EMA, when used) UNet, on this device, for sampling."""
-        from diffusers import StableDiffusionPipeline
-
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            self.model.path,
-            unet=self.unet,
-            vae=self.model.vae,
-            text_encoder=self.model.text_encoder,
-            tokenizer=self.model.tokenizer,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        pipeline = self.model.family.pipeline(self.model.path, self.unet, self.model.parts)
         if self.ema is not None:
             self.ema.store(self.params)
             self.ema.copy_to(self.params)
@@ -932,8 +981,7 @@ class Trainer:
             with autocast:
                 yield pipeline
         finally:
-            self.model.vae.to("cpu")
-            self.model.text_encoder.to("cpu")
+            self.model.encoders_to("cpu")
             self.unet.train()
             if self.ema is not None:
                 self.ema.restore(self.params)
@@ -967,23 +1015,21 @@ class Trainer:
             latest = self.checkpointer.wait()
             session.progress.state("publishing", latestCheckpoint=latest)
             self.unet.to(memory_format=torch.contiguous_format)
+            family = self.model.family
             if cfg.method == "lora":
-                publish.write_lora(self.unet, session.output, session.staging)
+                publish.write_lora(family, self.unet, session.output, session.staging)
             else:
                 if self.ema is not None:
                     self.ema.copy_to(self.params)
-                from diffusers import StableDiffusionPipeline
-
-                pipeline = StableDiffusionPipeline.from_pretrained(
-                    self.model.path, unet=self.unet, variant=cfg.variant or None
-                )
+                vae = self.model.vae if self.model.parts.vae_source else None
+                pipeline = family.pipeline(self.model.path, self.unet, variant=cfg.variant or None, vae=vae)
                 publish.write_pipeline(pipeline, session.output, session.staging)
             if cfg.validation_prompts and self.step % self.validation_every:
                 self.ema = None  # the EMA weights are in the UNet now: sample with them as they are
                 self._render()
             session.output.write_bytes(
                 "README.md",
-                publish.model_card(cfg, data, images, skipped, self.step, session.seed).encode(),
+                publish.model_card(cfg, self.model.family, data, images, skipped, self.step, session.seed).encode(),
                 "text/markdown",
             )
             self._upload_logs()

@@ -28,3 +28,5 @@ VALIDATION_GUIDANCE_SCALE = 7.5
 CHECKPOINT_EVERY_STEPS = 500
 """Steps between resumable checkpoints: the stock script's default; a full SD 1.5 checkpoint with
 EMA and AdamW state is about 14 GB, too much to write every few dozen steps."""
+MODEL_FAMILIES = ("sd", "sdxl")
+"""The model families the trainer trains (kubetune.trainer.families; spec.model.family's enum)."""

@@ -279,7 +279,7 @@ class Dataset(ApiModel):
 
 
 class BaseModelSpec(ApiModel):
-    """The diffusers Stable Diffusion pipeline to start from."""
+    """The diffusers Stable Diffusion (1.x, 2.x or XL) pipeline to start from."""
 
     base: Uri
     """Hugging Face Hub id (e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`) or an `s3://`
@@ -290,6 +290,9 @@ class BaseModelSpec(ApiModel):
     """Weights variant to load, e.g. `fp16`; empty loads the default weights."""
     token_secret_ref: SecretKeyRef | None = None
     """Secret key holding a Hugging Face token, for gated or private models."""
+    family: Literal["", "sd", "sdxl"] = ""
+    """The model family: `sd` (Stable Diffusion 1.x/2.x) or `sdxl` (Stable Diffusion XL); empty
+    takes it from the pipeline's `model_index.json`."""
 
 
 class Training(ApiModel):

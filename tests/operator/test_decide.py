@@ -441,6 +441,12 @@ def test_backoff_exhausted_fails_the_job() -> None:
     ("exit_code", "message", "reason"),
     [
         (2, "training.resolution: the dataset has no caption column 'text'", "TrainerInvalidInput"),
+        (
+            2,
+            "--pretrained_model_name_or_path org/kandinsky: pipeline class KandinskyPipeline is not supported; "
+            "supported families: sd (StableDiffusionPipeline), sdxl (StableDiffusionXLPipeline)",
+            "TrainerInvalidInput",
+        ),
         (3, "training diverged: NaN or inf (loss) by step 40", "TrainingDiverged"),
     ],
 )

@@ -1,0 +1,26 @@
+"""Stable Diffusion 1.x / 2.x: one CLIP text encoder, whose last hidden state conditions the UNet
+through cross-attention (train_text_to_image.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from kubetune.trainer.families.base import ModelFamily, Parts
+
+
+class StableDiffusion(ModelFamily):
+    name = "sd"
+    pipeline_class = "StableDiffusionPipeline"
+    text_folders = (("text_encoder", "tokenizer", "CLIPTextModel"),)
+    pipeline_extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    tags = ("stable-diffusion",)
+
+    def encode(self, parts: Parts, captions: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+        ids = self.token_ids(parts.tokenizers[0], captions)
+        return {"states": parts.text_encoders[0](ids.to(device), return_dict=False)[0].float().cpu()}
+
+    def condition(self, batch: dict[str, torch.Tensor], resolution: int) -> dict[str, Any]:
+        return {"encoder_hidden_states": batch["text.states"]}
