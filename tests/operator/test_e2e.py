@@ -324,6 +324,22 @@ def test_backoff_exhausted_fails_the_job(e2e: Any, tiny_model_dir: Path) -> None
     assert e2e.names("jobs", name) == ["broken-collect", "broken-train", "broken-train-r1"]
 
 
+@pytest.mark.slow
+def test_an_unsupported_pipeline_fails_after_one_attempt_naming_its_class(e2e: Any, tiny_model_dir: Path) -> None:
+    # Only model_index.json is there: the trainer must refuse from it alone, before any download.
+    index = json.loads((tiny_model_dir / "model_index.json").read_text())
+    key = f"{e2e.prefix}/models/kandinsky/model_index.json"
+    e2e.s3.put_object(Bucket=e2e.bucket, Key=key, Body=json.dumps({**index, "_class_name": "KandinskyPipeline"}))
+    name = "unsupported"
+    model = {"base": f"s3://{e2e.bucket}/{e2e.prefix}/models/kandinsky/"}
+    e2e.create(name, e2e.spec(name, model=model, runPolicy={"backoffLimit": 3}, trainer={"nodes": 1, "gpusPerNode": 0}))
+    status = e2e.wait_phase(name, "Failed", timeout=300)
+    assert condition(status, "Succeeded")["reason"] == "TrainerInvalidInput"
+    assert "KandinskyPipeline" in status["message"]
+    assert [a["reason"] for a in status["attempts"]] == ["Failed"]  # one attempt: no retry
+    assert e2e.names("jobs", name) == ["unsupported-collect", "unsupported-train"]
+
+
 # -- last: the chart's RBAC against every request the operator made above ------------------------
 
 
