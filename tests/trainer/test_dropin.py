@@ -5,6 +5,7 @@ their own example tests check, restated against the tiny offline pipeline. Check
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_testkit import copy_of, core_flags, env, train, trained_output
+from trainer_testkit import copy_of, core_flags, env, resume_in_a_new_output, train, trained_output
 
 from kubetune.api.layout import EXIT_INVALID
 
@@ -257,11 +258,8 @@ def test_a_resumed_lora_run_ends_with_the_uninterrupted_runs_weights(
 ) -> None:
     from safetensors.torch import load_file
 
-    output = tmp_path / "out"
-    output.mkdir()
-    shutil.copytree(lora_run / "checkpoint-4", output / "checkpoint-4")
-    result = train(lora_flags(tiny_model, shapes_dataset, output, resume_from_checkpoint="latest"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    flags = functools.partial(lora_flags, tiny_model, shapes_dataset, resume_from_checkpoint="latest")
+    output, result = resume_in_a_new_output(lora_run, "checkpoint-4", tmp_path, flags)
     assert f"resuming from {output}/checkpoint-4 (step 4)" in result.stderr
     assert checkpoints(output) == checkpoints(lora_run) == ["checkpoint-4", "checkpoint-8"]
     for name in ("pytorch_lora_weights.safetensors", "checkpoint-8/pytorch_lora_weights.safetensors"):

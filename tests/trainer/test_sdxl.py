@@ -5,12 +5,12 @@ run ends; the LoRA is also written in kohya's key format. The runs are shared by
 
 from __future__ import annotations
 
+import functools
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-from trainer_testkit import core_flags, max_difference, train, unet_weights
+from trainer_testkit import core_flags, max_difference, resume_in_a_new_output, train, unet_weights
 
 from kubetune.api.layout import EXIT_INVALID
 
@@ -129,11 +129,8 @@ def test_full_fine_tune_publishes_an_sdxl_pipeline(full_run: Path, tiny_sdxl: Pa
 def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(
     full_run: Path, tiny_sdxl: Path, photos: Path, tmp_path: Path, separate_vae: Path
 ) -> None:
-    output = tmp_path / "out"
-    output.mkdir()
-    shutil.copytree(full_run / "checkpoint-2", output / "checkpoint-2")
-    result = train(sdxl_flags(tiny_sdxl, photos, output, resume_from_checkpoint="latest"))
-    assert result.returncode == 0, result.stderr[-4000:]
+    flags = functools.partial(sdxl_flags, tiny_sdxl, photos, resume_from_checkpoint="latest")
+    output, result = resume_in_a_new_output(full_run, "checkpoint-2", tmp_path, flags)
     assert "resuming from" in result.stderr and "checkpoint-2" in result.stderr
     assert max_difference(unet_weights(output), unet_weights(full_run)) < 1e-6
 

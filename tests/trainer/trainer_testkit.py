@@ -153,3 +153,16 @@ def trained_output(model: Path, data: Path, output: Path, **flags: Any) -> Path:
 def copy_of(run: Path, tmp_path: Path) -> Path:
     """A copy of a run's output at TMP_PATH/out."""
     return Path(shutil.copytree(run, tmp_path / "out"))
+
+
+def resume_in_a_new_output(
+    run: Path, checkpoint: str, tmp_path: Path, flags: Any
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """A new output holding only RUN's CHECKPOINT, trained on with `flags(output)` (which resume
+    from `latest`); the output and the finished run."""
+    output = tmp_path / "out"
+    output.mkdir()
+    shutil.copytree(run / checkpoint, output / checkpoint)
+    result = train(flags(output))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return output, result
