@@ -7,8 +7,10 @@ samples), so resumes and later jobs with the same settings reuse it. What is sto
 is the VAE's latent *distribution* (mean and std), so each step still samples a fresh latent as
 the stock script does; with --random_flip the flipped image is encoded too. Each image's size
 before resizing and its crop (top, left; also for the flipped image) are kept too: SDXL conditions
-on them. Captions are deduplicated before encoding; what a caption is encoded into (named tensors)
-is the model family's business (kubetune.trainer.families).
+on them. With aspect-ratio buckets (kubetune.trainer.buckets) each image is cropped to its
+bucket instead of a square, and a chunk keeps each bucket's latents apart (`mean@<bucket>`, ...)
+with each image's bucket number. Captions are deduplicated before encoding; what a caption is
+encoded into (named tensors) is the model family's business (kubetune.trainer.families).
 
 Work is split in chunks, spread over ranks; each chunk is one file written atomically, so a
 build stopped by preemption resumes where it was. `manifest.json`, written last, marks the cache
@@ -23,7 +25,7 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,7 @@ from safetensors.torch import save as save_tensors
 
 from kubetune.api.layout import MANIFEST_FILE
 from kubetune.storage import Store
+from kubetune.trainer.buckets import BucketSettings, bucket_for, bucket_sizes
 from kubetune.trainer.data import DataError, TrainingData, transform_and_crop
 
 log = logging.getLogger("kubetune.trainer")
@@ -46,8 +49,8 @@ CAPTIONS_PER_CHUNK = 1024
 class LatentCache:
     key: str
     uri: str
-    mean: torch.Tensor  # [N, C, h, w], scaled later by the VAE's scaling factor
-    std: torch.Tensor
+    mean: torch.Tensor | None  # [N, C, h, w] without buckets (scaled later by the VAE's factor)
+    std: torch.Tensor | None
     mean_flip: torch.Tensor | None
     std_flip: torch.Tensor | None
     text: dict[str, torch.Tensor]  # name -> [unique captions, ...] (the family's encode)
@@ -57,9 +60,33 @@ class LatentCache:
     crop_top_left: torch.Tensor | None = None  # [N, 2] (top, left) of the crop
     crop_top_left_flip: torch.Tensor | None = None  # the same in the flipped image
     empty_caption: int | None = None  # row of `text` holding the empty caption, when encoded
+    bucket: torch.Tensor | None = None  # [N] -> bucket number, with buckets
+    bucket_size: list[tuple[int, int]] = field(default_factory=list)  # bucket -> (height, width) in pixels
+    by_bucket: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # "mean" -> bucket -> [n_b, C, h, w]
+    row: torch.Tensor | None = None  # [N] -> row in its bucket's tensors
 
     def __len__(self) -> int:
-        return int(self.mean.shape[0])
+        return len(self.caption_index)
+
+    def distribution(self, index: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached latent distribution (mean, std) of sample `index`, of its flipped image."""
+        suffix = "_flip" if flip else ""
+        if self.bucket is None:
+            mean, std = getattr(self, "mean" + suffix), getattr(self, "std" + suffix)
+            return mean[index], std[index]
+        bucket, row = int(self.bucket[index]), int(self.row[index])  # type: ignore[index]
+        return self.by_bucket["mean" + suffix][bucket][row], self.by_bucket["std" + suffix][bucket][row]
+
+    def target_size(self, index: int, resolution: int) -> tuple[int, int]:
+        """The (height, width) in pixels sample `index` is trained at."""
+        return self.bucket_size[int(self.bucket[index])] if self.bucket is not None else (resolution, resolution)
+
+    def bucket_counts(self) -> dict[str, int]:
+        """ "HxW" -> images, for the log and the model card."""
+        if self.bucket is None:
+            return {}
+        counts = torch.bincount(self.bucket, minlength=len(self.bucket_size)).tolist()
+        return {f"{h}x{w}": n for (h, w), n in zip(self.bucket_size, counts, strict=True) if n}
 
 
 @dataclass
@@ -135,6 +162,11 @@ def build_or_load(
                     "textChunks": sum(1 for t in tasks if t[0] == "text"),
                     "captionIndex": [position[data.captions[i]] for i in indices],
                     "emptyCaption": position.get("") if empty_caption else None,
+                    "bucketSizes": (
+                        bucket_sizes(BucketSettings(settings["resolution"], **_bucket_args(settings)))
+                        if "buckets" in settings
+                        else None
+                    ),
                 },
             )
         barrier()
@@ -150,19 +182,17 @@ def _load(root: Store, key: str) -> LatentCache:
     parts = [load_tensors(root.read_bytes(f"latents-{c:05d}.safetensors")) for c in range(manifest["latentChunks"])]
     texts = [load_tensors(root.read_bytes(f"text-{c:05d}.safetensors")) for c in range(manifest["textChunks"])]
     valid = torch.cat([p["valid"] for p in parts]).bool()
+    if not valid.any():
+        raise DataError(f"{root.uri}: none of the dataset's {len(valid)} images could be read")
 
     def joined(name: str) -> torch.Tensor | None:
         return torch.cat([p[name] for p in parts])[valid] if name in parts[0] else None
 
-    mean, std = joined("mean"), joined("std")
-    assert mean is not None and std is not None
-    if len(mean) == 0:
-        raise DataError(f"{root.uri}: none of the dataset's {len(valid)} images could be read")
-    return LatentCache(
+    cache = LatentCache(
         key=key,
         uri=root.uri,
-        mean=mean,
-        std=std,
+        mean=joined("mean"),
+        std=joined("std"),
         mean_flip=joined("mean_flip"),
         std_flip=joined("std_flip"),
         text={name: torch.cat([t[name] for t in texts]) for name in texts[0]},
@@ -173,47 +203,92 @@ def _load(root: Store, key: str) -> LatentCache:
         crop_top_left_flip=joined("crop_top_left_flip"),
         empty_caption=manifest.get("emptyCaption"),
     )
+    if "bucket" in parts[0]:
+        _load_buckets(cache, parts, manifest)
+    return cache
+
+
+def _load_buckets(cache: LatentCache, parts: list[dict[str, torch.Tensor]], manifest: dict[str, Any]) -> None:
+    """Each chunk holds, per bucket, the latents of its images of that bucket in image order; so
+    an image's row in its bucket's joined tensor is the number of images of that bucket before it."""
+    buckets = torch.cat([p["bucket"] for p in parts]).long()
+    kept = buckets[buckets >= 0]
+    rows, seen = torch.empty_like(kept), [0] * len(manifest["bucketSizes"])
+    for i, bucket in enumerate(kept.tolist()):
+        rows[i], seen[bucket] = seen[bucket], seen[bucket] + 1
+    cache.bucket, cache.row = kept, rows
+    cache.bucket_size = [(int(h), int(w)) for h, w in manifest["bucketSizes"]]
+    for name in ("mean", "std", "mean_flip", "std_flip"):
+        stored = {}
+        for bucket in range(len(cache.bucket_size)):
+            pieces = [p[f"{name}@{bucket}"] for p in parts if f"{name}@{bucket}" in p]
+            if pieces:
+                stored[bucket] = torch.cat(pieces)
+        if stored:
+            cache.by_bucket[name] = stored
 
 
 @torch.no_grad()
 def _encode_images(
     enc: Encoders, data: TrainingData, indices: Sequence[int], settings: dict[str, Any], batch_size: int, workers: int
 ) -> dict[str, torch.Tensor]:
+    """The latent distributions of `indices`' images (and of their flipped images), their size
+    and crop. Without buckets all are `resolution` squares (an unreadable image's row is a blank,
+    marked invalid); with buckets each image is cropped to its bucket and stored under it
+    (`mean@<bucket>`), `bucket` saying which (-1: unreadable)."""
     resolution, flip = settings["resolution"], settings["randomFlip"]
+    sizes = bucket_sizes(BucketSettings(resolution, **_bucket_args(settings))) if "buckets" in settings else []
 
-    def prepare(index: int) -> tuple[np.ndarray, tuple[int, ...]] | None:
+    def prepare(index: int) -> tuple[np.ndarray, tuple[int, ...], int] | None:
         image = data.image(index)
         if image is None:
             return None
+        bucket = sizes.index(bucket_for(image.height, image.width, sizes)) if sizes else -1
         # A random crop is drawn once per image (seeded by its index), as kohya's cache does.
         rng = random.Random(index)
-        array, crop = transform_and_crop(image, resolution, settings["centerCrop"], settings["interpolation"], rng)
-        return array, (image.height, image.width, *crop)
+        target = sizes[bucket] if sizes else resolution
+        array, crop = transform_and_crop(image, target, settings["centerCrop"], settings["interpolation"], rng)
+        return array, (image.height, image.width, *crop), bucket
 
-    out: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "mean_flip": [], "std_flip": []}
-    valid: list[bool] = []
     with ThreadPoolExecutor(workers) as pool:  # PIL decodes and resizes without holding the GIL
         prepared = list(pool.map(prepare, indices))
-    arrays = [p[0] if p is not None else None for p in prepared]
     # height, width, top, left, left when flipped (0 for unreadable images)
     geometry = torch.tensor([p[1] if p is not None else (0,) * 5 for p in prepared], dtype=torch.int32)
-    for start in range(0, len(arrays), batch_size):
-        batch = arrays[start : start + batch_size]
-        valid += [a is not None for a in batch]
+    tensors: dict[str, torch.Tensor] = {}
+    if sizes:
+        for bucket in sorted({p[2] for p in prepared if p is not None}):
+            arrays = [p[0] for p in prepared if p is not None and p[2] == bucket]
+            encoded = _encode_pixels(enc, arrays, flip, batch_size)
+            tensors.update({f"{name}@{bucket}": t for name, t in encoded.items()})
+        tensors["bucket"] = torch.tensor([p[2] if p is not None else -1 for p in prepared], dtype=torch.int32)
+    else:
         blank = np.zeros((3, resolution, resolution), np.float32)
-        pixels = torch.from_numpy(np.stack([a if a is not None else blank for a in batch]))
+        tensors.update(_encode_pixels(enc, [p[0] if p is not None else blank for p in prepared], flip, batch_size))
+    dtype = getattr(torch, settings["dtype"])
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    tensors["valid"] = torch.tensor([p is not None for p in prepared], dtype=torch.uint8)
+    tensors["original_size"] = geometry[:, 0:2].contiguous()
+    tensors["crop_top_left"] = geometry[:, 2:4].contiguous()
+    tensors["crop_top_left_flip"] = geometry[:, [2, 4]].contiguous()
+    return tensors
+
+
+def _bucket_args(settings: dict[str, Any]) -> dict[str, int]:
+    buckets = settings["buckets"]
+    return {"step": buckets["step"], "min_side": buckets["minSide"], "max_side": buckets["maxSide"]}
+
+
+def _encode_pixels(enc: Encoders, arrays: Sequence[np.ndarray], flip: bool, batch_size: int) -> dict[str, torch.Tensor]:
+    """The VAE's latent distributions (mean, std; `_flip` of the mirrored images) of same-sized images."""
+    out: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "mean_flip": [], "std_flip": []}
+    for start in range(0, len(arrays), batch_size):
+        pixels = torch.from_numpy(np.stack(arrays[start : start + batch_size]))
         variants = [("", pixels)] + ([("_flip", pixels.flip(-1))] if flip else [])
         for suffix, images in variants:
             dist = enc.vae.encode(images.to(enc.device, enc.vae_dtype)).latent_dist
             out["mean" + suffix].append(dist.mean.float().cpu())
             out["std" + suffix].append(dist.std.float().cpu())
-    dtype = getattr(torch, settings["dtype"])
-    tensors = {k: torch.cat(v).to(dtype) for k, v in out.items() if v}
-    tensors["valid"] = torch.tensor(valid, dtype=torch.uint8)
-    tensors["original_size"] = geometry[:, 0:2].contiguous()
-    tensors["crop_top_left"] = geometry[:, 2:4].contiguous()
-    tensors["crop_top_left_flip"] = geometry[:, [2, 4]].contiguous()
-    return tensors
+    return {k: torch.cat(v) for k, v in out.items() if v}
 
 
 @torch.no_grad()

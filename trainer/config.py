@@ -51,6 +51,15 @@ def parse_config(argv: Sequence[str], prog: str) -> TrainConfig:
         raise OneLineError("--train_data_dir or --dataset_name: one is required")
     if config.resolution % 8:
         raise OneLineError(f"--resolution: must be a multiple of 8 (got {config.resolution})")
+    if config.enable_bucket:
+        low, high = config.min_bucket_reso, config.max_bucket_reso
+        if low is not None and high is not None and low > high:
+            raise OneLineError(f"--min_bucket_reso {low}: must not be above --max_bucket_reso ({high})")
+        if low is not None and low > config.resolution or high is not None and high < config.resolution:
+            raise OneLineError(
+                f"--min_bucket_reso/--max_bucket_reso: the range {low or '-'}..{high or '-'} must include "
+                f"--resolution ({config.resolution})"
+            )
     return config
 
 

@@ -332,21 +332,29 @@ def transform(
 
 
 def transform_and_crop(
-    image: Image.Image, resolution: int, center_crop: bool, interpolation: str, rng: random.Random
+    image: Image.Image,
+    resolution: int | tuple[int, int],
+    center_crop: bool,
+    interpolation: str,
+    rng: random.Random,
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
     """`transform`'s array, and where the crop is in the resized image: (top, left, and left in
-    the horizontally flipped image), as SDXL's micro-conditioning takes it."""
+    the horizontally flipped image), as SDXL's micro-conditioning takes it. `resolution` is a
+    square's side, or a bucket's (height, width): the image is resized to cover it (the side that
+    binds set exactly, the other scaled and truncated as torchvision's Resize does) and cropped."""
+    target_h, target_w = (resolution, resolution) if isinstance(resolution, int) else resolution
     width, height = image.size
-    short, long = (width, height) if width <= height else (height, width)
-    if short != resolution:
-        new_long = int(resolution * long / short)
-        size = (resolution, new_long) if width <= height else (new_long, resolution)
+    if target_h / height >= target_w / width:  # the height binds
+        size = (max(target_w, int(target_h * width / height)), target_h)
+    else:
+        size = (target_w, max(target_h, int(target_w * height / width)))
+    if size != (width, height):
         image = image.resize(size, FILTERS[interpolation])
     width, height = image.size
     if center_crop:
-        top, left = int(round((height - resolution) / 2.0)), int(round((width - resolution) / 2.0))
+        top, left = int(round((height - target_h) / 2.0)), int(round((width - target_w) / 2.0))
     else:
-        top, left = rng.randint(0, height - resolution), rng.randint(0, width - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
+        top, left = rng.randint(0, height - target_h), rng.randint(0, width - target_w)
+    image = image.crop((left, top, left + target_w, top + target_h))
     array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
-    return array / 127.5 - 1.0, (top, left, width - left - resolution)
+    return array / 127.5 - 1.0, (top, left, width - left - target_w)

@@ -248,6 +248,38 @@ class TrainConfig:
         False, group=DATA, spec="training.centerCrop", help="crop the center instead of a random crop"
     )
     random_flip: bool = opt(False, group=DATA, spec="training.randomFlip", help="flip images horizontally at random")
+    enable_bucket: bool = opt(
+        False,
+        group=DATA,
+        kubetune=True,
+        spec="training.buckets.enabled",
+        help="aspect-ratio buckets (kohya's flag): each image is trained at the bucket (height x width, area "
+        "about --resolution squared) nearest its shape instead of a square crop; a batch holds one bucket",
+    )
+    bucket_reso_steps: int = opt(
+        defaults.BUCKET_STEP,
+        group=DATA,
+        type=_resolution,
+        kubetune=True,
+        spec="training.buckets.step",
+        help="bucket sides are multiples of this (pixels, a multiple of 8)",
+    )
+    min_bucket_reso: int | None = opt(
+        None,
+        group=DATA,
+        type=_resolution,
+        kubetune=True,
+        spec="training.buckets.minSide",
+        help="shortest bucket side (default: half of --resolution)",
+    )
+    max_bucket_reso: int | None = opt(
+        None,
+        group=DATA,
+        type=_resolution,
+        kubetune=True,
+        spec="training.buckets.maxSide",
+        help="longest bucket side (default: twice --resolution)",
+    )
     proportion_empty_prompts: float = opt(
         0.0,
         group=DATA,

@@ -138,6 +138,11 @@ def model_card(
         "resolution": cfg.resolution,
         "center crop": cfg.center_crop,
         "random flip": cfg.random_flip,
+        "aspect-ratio buckets": (
+            f"{cfg.bucket_reso_steps} px steps, sides {cfg.min_bucket_reso or 'auto'}-{cfg.max_bucket_reso or 'auto'}"
+            if cfg.enable_bucket
+            else "off"
+        ),
         "batch size per process": cfg.train_batch_size,
         "gradient accumulation": cfg.gradient_accumulation_steps,
         "learning rate": cfg.learning_rate,

@@ -14,6 +14,7 @@ exactly, and N processes at the same global batch see the same samples and noise
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -21,7 +22,6 @@ import pickle
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from kubetune.api.contracts import CheckpointState, resume_mismatches
 from kubetune.storage import StorageError, Store, join
 from kubetune.trainer import cache as latent_cache
 from kubetune.trainer import publish
+from kubetune.trainer.buckets import BucketOrder, BucketSettings, StreamOrder
 from kubetune.trainer.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -84,7 +85,7 @@ def run(cfg: TrainConfig) -> int:
             return session.preempted()
         if cfg.validation_prompts and step % trainer.validation_every == 0:
             trainer.render_samples()
-    trainer.publish(data, len(samples.mean), samples.skipped)  # 5. publish
+    trainer.publish(data, len(samples), samples.skipped)  # 5. publish
     return layout.EXIT_OK
 
 
@@ -423,6 +424,9 @@ def load_cache(cfg: TrainConfig, session: Session, model: Model, data: TrainingD
         "captionColumn": cfg.caption_column,
         "dtype": "float32" if cfg.precision == "no" else "float16",
     }
+    if cfg.enable_bucket:  # (absent otherwise: the keys of square caches are unchanged)
+        buckets = BucketSettings(cfg.resolution, cfg.bucket_reso_steps, cfg.min_bucket_reso, cfg.max_bucket_reso)
+        settings["buckets"] = buckets.as_dict()
 
     if cfg.proportion_empty_prompts:
         settings["emptyCaption"] = True
@@ -475,8 +479,16 @@ class Trainer:
         self.nonfinite_seen = torch.zeros((), dtype=torch.bool, device=self.device)
         self.world = accelerator.num_processes
         self.global_batch = cfg.train_batch_size * self.world * cfg.gradient_accumulation_steps
-        self.max_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(len(self.samples) / self.global_batch)
-        steps_per_epoch = math.ceil(len(self.samples) / self.global_batch)
+        cache = self.samples
+        self.order = (
+            BucketOrder(self.session.seed, cache.bucket.tolist(), self.global_batch)
+            if cache.bucket is not None
+            else StreamOrder(self.session.seed, len(cache), self.global_batch)
+        )
+        if cache.bucket is not None:
+            log.info("aspect-ratio buckets (height x width: images): %s", json.dumps(cache.bucket_counts()))
+        steps_per_epoch = self.order.steps_per_epoch
+        self.max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
         self.validation_every = cfg.validation_steps or (
             cfg.validation_epochs * steps_per_epoch if cfg.validation_epochs else cfg.checkpointing_steps
         )
@@ -559,7 +571,7 @@ class Trainer:
     def steps(self) -> Iterator[int]:
         """Run optimizer steps; yields after each one with the new step number."""
         session, cfg = self.session, self.cfg
-        session.progress.state("training", step=self.step, epoch=self.samples_seen // len(self.samples))
+        session.progress.state("training", step=self.step, epoch=self.order.epoch(self.samples_seen))
         accumulation = cfg.gradient_accumulation_steps
         with torch.inference_mode(False):
             while self.step < self.max_steps:
@@ -645,16 +657,16 @@ class Trainer:
     def _batch(self, positions: list[int]) -> dict[str, torch.Tensor]:
         """Latents sampled from the cached distributions, noise, timesteps, the cached text tensors
         (`text.<name>`) and each image's size and crop."""
-        cfg, cache, count = self.cfg, self.samples, len(self.samples)
+        cfg, cache = self.cfg, self.samples
         timesteps_total = self.model.noise_scheduler.config.num_train_timesteps
         rows, captions, geometry = [], [], []
         for position in positions:
-            index = int(_epoch_order(self.session.seed, position // count, count)[position % count])
+            index = self.order.index(position)
             g = torch.Generator().manual_seed((self.session.seed * 1_000_003 + position) % (2**63 - 1))
             flip = bool(torch.rand(1, generator=g) < 0.5) and cfg.random_flip
-            mean, std = (cache.mean_flip, cache.std_flip) if flip else (cache.mean, cache.std)
-            shape = mean.shape[1:]
-            latent = mean[index].float() + std[index].float() * torch.randn(shape, generator=g)
+            mean, std = cache.distribution(index, flip)
+            shape = mean.shape
+            latent = mean.float() + std.float() * torch.randn(shape, generator=g)
             noise = torch.randn(shape, generator=g) + cfg.noise_offset * torch.randn((shape[0], 1, 1), generator=g)
             perturbed = noise + cfg.input_perturbation * torch.randn(shape, generator=g)
             timestep = torch.randint(0, timesteps_total, (1,), generator=g)
@@ -667,7 +679,8 @@ class Trainer:
             if cache.original_size is not None:
                 crop = cache.crop_top_left_flip if flip else cache.crop_top_left
                 assert crop is not None
-                geometry.append((cache.original_size[index], crop[index]))
+                target = torch.tensor(cache.target_size(index, cfg.resolution))
+                geometry.append((cache.original_size[index], crop[index], target))
         latents, noise, perturbed, timesteps = (torch.stack(column) for column in zip(*rows, strict=True))
         batch = {
             "latents": (latents * self.model.scaling_factor).to(self.device),
@@ -679,14 +692,14 @@ class Trainer:
         for name, tensor in cache.text.items():
             batch[f"text.{name}"] = tensor[rows_of].to(self.device).float()
         if geometry:
-            sizes, crops = (torch.stack(column).float().to(self.device) for column in zip(*geometry, strict=True))
-            batch.update(original_size=sizes, crop_top_left=crops)
+            sizes, crops, targets = (torch.stack(c).float().to(self.device) for c in zip(*geometry, strict=True))
+            batch.update(original_size=sizes, crop_top_left=crops, target_size=targets)
         return batch
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The family's loss with the family's conditioning for this batch."""
         family, cfg = self.model.family, self.cfg
-        conditioning = family.condition(batch, cfg.resolution)
+        conditioning = family.condition(batch)
 
         def predict(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
             return self.ddp(noisy, timesteps, **conditioning, return_dict=False)[0]
@@ -708,7 +721,7 @@ class Trainer:
         the GPU and so stops the CPU from queueing the next step. Step-based, so every process
         joins the same all-reduces."""
         values: dict[str, Any] = {
-            "epoch": self.samples_seen // len(self.samples),
+            "epoch": self.order.epoch(self.samples_seen),
             "learningRate": self.lr_scheduler.get_last_lr()[0],
         }
         if self.step % LOSS_EVERY == 0 or self.step <= 2 or self.step == self.max_steps:
@@ -744,14 +757,14 @@ class Trainer:
                 },
                 folder / "optimizer.pt",
             )
-            count = len(self.samples)
+            epoch = self.order.epoch(self.samples_seen)
             self.checkpointer.commit(
                 folder,
                 CheckpointState.model_validate(
                     {
                         "step": self.step,
                         "samplesSeen": self.samples_seen,
-                        "epoch": self.samples_seen // count,
+                        "epoch": epoch,
                         "seed": session.seed,
                         "method": self.cfg.method,
                         "globalBatchSize": self.global_batch,
@@ -764,9 +777,9 @@ class Trainer:
                         "ema": {"optimizationStep": self.ema.optimization_step} if self.ema is not None else None,
                         "dataloader": {
                             "position": self.samples_seen,
-                            "epoch": self.samples_seen // count,
-                            "indexInEpoch": self.samples_seen % count,
-                            "samples": count,
+                            "epoch": epoch,
+                            "indexInEpoch": self.samples_seen - self.order.epoch_start(epoch),
+                            "samples": len(self.samples),
                         },
                         "rng": {
                             "seed": session.seed,
@@ -883,9 +896,8 @@ class Trainer:
         self._set_schedule_step(ref.step)
         if (folder / "scaler.pt").is_file() and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(_load_plain(folder / "scaler.pt", f"{where}/scaler.pt", "scaler"))
-        count = len(self.samples)
-        epoch = ref.step // math.ceil(count / self.global_batch)
-        self.step, self.samples_seen = ref.step, epoch * count
+        epoch = ref.step // self.order.steps_per_epoch
+        self.step, self.samples_seen = ref.step, self.order.epoch_start(epoch)
         log.warning(
             "%s was written by diffusers' script: UNet%s, optimizer, LR schedule and step %d restored; "
             "the data order restarts at the beginning of epoch %d, as that script does (not mid-epoch); "
@@ -1068,12 +1080,6 @@ def _load_plain(path: Path, where: str, what: str) -> Any:
         raise CheckpointError(
             f"{where}: not a plain {what} ({str(error).splitlines()[0][:200]}); refusing to unpickle it"
         ) from None
-
-
-@lru_cache(maxsize=4)
-def _epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
-    """The shuffled order of the cached samples in `epoch` (a pure function: resumable anywhere)."""
-    return np.random.default_rng([seed, epoch]).permutation(count)
 
 
 def cuda_oom_message(cfg: TrainConfig) -> str:

@@ -30,3 +30,6 @@ CHECKPOINT_EVERY_STEPS = 500
 EMA and AdamW state is about 14 GB, too much to write every few dozen steps."""
 MODEL_FAMILIES = ("sd", "sdxl")
 """The model families the trainer trains (kubetune.trainer.families; spec.model.family's enum)."""
+
+BUCKET_STEP = 64
+"""Aspect-ratio bucket sides are multiples of this (pixels), as in kohya's sd-scripts."""

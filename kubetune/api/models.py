@@ -295,6 +295,21 @@ class BaseModelSpec(ApiModel):
     takes it from the pipeline's `model_index.json`."""
 
 
+class AspectBuckets(ApiModel):
+    """Aspect-ratio bucketing: each image is trained at the bucket (height x width, both sides
+    multiples of `step`, area about `resolution` squared) nearest its shape, instead of a square
+    crop; a batch holds one bucket. SDXL is conditioned on each image's true size and crop."""
+
+    enabled: bool = False
+    """Train in aspect-ratio buckets (`--enable_bucket`)."""
+    step: int = Field(default=defaults.BUCKET_STEP, ge=8, le=512, multiple_of=8)
+    """Bucket sides are multiples of this many pixels."""
+    min_side: int | None = Field(default=None, ge=8, le=8192, multiple_of=8)
+    """Shortest bucket side in pixels; unset: half of `training.resolution`."""
+    max_side: int | None = Field(default=None, ge=8, le=16384, multiple_of=8)
+    """Longest bucket side in pixels; unset: twice `training.resolution`."""
+
+
 class Training(ApiModel):
     """Training settings: the flags of diffusers' train_text_to_image.py, flag for flag."""
 
@@ -308,6 +323,8 @@ class Training(ApiModel):
     """Crop the center instead of a random crop."""
     random_flip: bool = True
     """Flip images horizontally at random."""
+    buckets: AspectBuckets = Field(default_factory=AspectBuckets)
+    """Aspect-ratio buckets (off by default: every image is cropped to a square)."""
     batch_size: int = Field(default=1, ge=1, le=4096)
     """Images per process per step (`--train_batch_size`)."""
     gradient_accumulation_steps: int = Field(default=4, ge=1, le=4096)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 import pytest
+from pydantic import BaseModel
 
 from kubetune.api import defaults
 from kubetune.api.models import BaseModelSpec, Training
@@ -60,8 +61,18 @@ def test_write_docs_rewrites_only_between_the_markers(tmp_path: Path) -> None:
 
 
 def test_every_training_field_has_an_option() -> None:
-    training = {f"training.{info.alias}" for info in Training.model_fields.values()}
-    model = {f"model.{info.alias}" for info in BaseModelSpec.model_fields.values()}
+    def paths(prefix: str, model: type[BaseModel]) -> set[str]:
+        """Leaf field paths: a nested model's fields are options each (training.buckets.step)."""
+        found = set()
+        for info in model.model_fields.values():
+            nested = info.annotation if isinstance(info.annotation, type) else None
+            if nested is not None and issubclass(nested, BaseModel):
+                found |= paths(f"{prefix}.{info.alias}", nested)
+            else:
+                found.add(f"{prefix}.{info.alias}")
+        return found
+
+    training, model = paths("training", Training), paths("model", BaseModelSpec)
     missing = (training | model) - set(SPECS) - set(NOT_OPTIONS)
     assert not missing, f"spec fields with no trainer option (declare them): {missing}"
     assert "storage.uri" in SPECS

@@ -8,7 +8,7 @@ A family's methods, in the order a run calls them:
 - `load(path, variant, vae)`: the parts (`Parts`: UNet, VAE, text encoders, tokenizers, scheduler)
 - `fingerprint_folders()`: the folders whose files decide the cached latents and text tensors
 - `encode(parts, captions, device)`: captions to named tensors, cached once per caption
-- `condition(batch, resolution)`: the denoiser's keyword arguments for a batch of cached samples
+- `condition(batch)`: the denoiser's keyword arguments for a batch of cached samples
 - `loss(...)`: noise, target and loss weighting (shared: epsilon / v-prediction, min-SNR)
 - `pipeline(path, unet, parts)`: the diffusers pipeline, to `publish` (full or LoRA) and to `sample`
 """
@@ -117,10 +117,11 @@ class ModelFamily(ABC):
     # -- condition, loss -----------------------------------------------------------------------
 
     @abstractmethod
-    def condition(self, batch: dict[str, torch.Tensor], resolution: int) -> dict[str, Any]:
+    def condition(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The denoiser's keyword arguments (besides the noisy latents and timesteps) for a batch:
-        its `text.<name>` tensors (rows of `encode`'s), `original_size` and `crop_top_left` ([B, 2],
-        pixels, as cached per image)."""
+        its `text.<name>` tensors (rows of `encode`'s), `original_size`, `crop_top_left` and
+        `target_size` ([B, 2], pixels: the image before resizing, its crop as cached, and the size
+        it is trained at: its bucket's, or the `resolution` square)."""
 
     @staticmethod
     def loss(

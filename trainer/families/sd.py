@@ -22,5 +22,5 @@ class StableDiffusion(ModelFamily):
         ids = self.token_ids(parts.tokenizers[0], captions)
         return {"states": parts.text_encoders[0](ids.to(device), return_dict=False)[0].float().cpu()}
 
-    def condition(self, batch: dict[str, torch.Tensor], resolution: int) -> dict[str, Any]:
+    def condition(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {"encoder_hidden_states": batch["text.states"]}

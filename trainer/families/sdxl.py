@@ -34,10 +34,10 @@ class StableDiffusionXL(ModelFamily):
         assert pooled is not None
         return {"states": torch.cat(states, dim=-1).float().cpu(), "pooled": pooled.float().cpu()}
 
-    def condition(self, batch: dict[str, torch.Tensor], resolution: int) -> dict[str, Any]:
+    def condition(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         states = batch["text.states"]
         original = batch["original_size"]
-        target = torch.full_like(original, resolution)
+        target = batch["target_size"]  # the bucket's (height, width); the resolution square without buckets
         time_ids = torch.cat([original, batch["crop_top_left"], target], dim=1).to(states.dtype)
         return {
             "encoder_hidden_states": states,
