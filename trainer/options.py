@@ -197,8 +197,9 @@ class TrainConfig:
         kubetune=True,
         choices=FAMILIES,
         spec="model.family",
-        convert=_or_none,
-        help="the model family (sd: Stable Diffusion 1.x/2.x, sdxl: Stable Diffusion XL); unset: from the pipeline's "
+        convert=lambda family: None if family in ("", "auto") else family,
+        help="the model family (sd: Stable Diffusion 1.x/2.x, sdxl: Stable Diffusion XL, sd3: Stable Diffusion 3/3.5, "
+        "flux: FLUX.1); unset: from the pipeline's "
         "model_index.json",
     )
     pretrained_vae_model_name_or_path: str | None = opt(
@@ -412,6 +413,40 @@ class TrainConfig:
         help="Min-SNR loss weighting gamma (5.0 is the paper's); unset: plain MSE",
     )
     noise_offset: float = opt(0.0, group=LOSS, type=float, spec="training.noiseOffset", help="noise offset")
+    weighting_scheme: str | None = opt(
+        None,
+        group=LOSS,
+        choices=defaults.WEIGHTING_SCHEMES,
+        spec="training.weightingScheme",
+        convert=_or_none,
+        help="flow-matching families (flux, sd3): the timestep density and loss weighting; unset: the stock "
+        "script's (flux: none, sd3: logit_normal)",
+    )
+    logit_mean: float = opt(0.0, group=LOSS, type=float, spec="training.logitMean", help="logit_normal's mean")
+    logit_std: float = opt(1.0, group=LOSS, type=_positive_float, spec="training.logitStd", help="logit_normal's std")
+    mode_scale: float = opt(1.29, group=LOSS, type=float, spec="training.modeScale", help="the mode scheme's scale")
+    guidance_scale: float = opt(
+        3.5,
+        group=LOSS,
+        type=_non_negative_float,
+        spec="training.guidanceScale",
+        help="FLUX.1-dev: the distilled guidance the transformer is given while training",
+    )
+    max_sequence_length: int | None = opt(
+        None,
+        group=DATA,
+        type=_positive_int,
+        spec="training.maxSequenceLength",
+        help="T5 tokens per caption (flux, sd3); unset: the stock script's (flux 512, sd3 77)",
+    )
+    precondition_outputs: int = opt(
+        1,
+        group=LOSS,
+        type=int,
+        choices=(0, 1),
+        help="sd3: compare the preconditioned output (noisy - sigma x prediction) with the latents, as "
+        "train_dreambooth_lora_sd3.py does by default",
+    )
     input_perturbation: float = opt(0.0, group=LOSS, type=float, help="input perturbation")
     prediction_type: str | None = opt(
         None,

@@ -99,6 +99,7 @@ def model_card(
 ) -> str:
     """README.md: what was trained, with which settings, on whose images under which licenses."""
     pipeline = family.pipeline_class
+    what = f"LoRA rank {cfg.rank}" if cfg.method == "lora" else f"full fine-tune of the {family.denoiser_folder}"
     lines = [
         "---",
         f"base_model: {cfg.pretrained_model_name_or_path}",
@@ -110,7 +111,7 @@ def model_card(
         "",
         f"# Fine-tuned {cfg.pretrained_model_name_or_path}",
         "",
-        f"Trained with kubetune ({'LoRA rank ' + str(cfg.rank) if cfg.method == 'lora' else 'full UNet fine-tune'}) "
+        f"Trained with kubetune ({what}) "
         f"on {images} images from `{data.description}`"
         + (f" ({skipped} unreadable images skipped)." if skipped else "."),
         "",

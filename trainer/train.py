@@ -230,10 +230,11 @@ class Model:
     parts: Parts
     fingerprint: str
     scaling_factor: float = 0.18215
+    shift_factor: float = 0.0  # the VAE's (FLUX, SD3): latents are (mean - shift) x scale
 
     @property
-    def unet(self) -> Any:
-        return self.parts.unet
+    def denoiser(self) -> Any:
+        return self.parts.denoiser
 
     @property
     def vae(self) -> Any:
@@ -268,7 +269,9 @@ def _model_family(cfg: TrainConfig, model_index: Any, where: str) -> ModelFamily
     try:
         if not isinstance(model_index, dict):
             raise FamilyError("model_index.json is not a JSON object")
-        return family_for(model_index, cfg.model_family)
+        family = family_for(model_index, cfg.model_family)
+        family.configure(cfg)
+        return family
     except FamilyError as error:
         raise TrainError(f"--pretrained_model_name_or_path {where}: {error}", layout.EXIT_INVALID) from None
 
@@ -354,7 +357,7 @@ def load_model(cfg: TrainConfig, session: Session) -> Model:
         raise TrainError(
             f"--pretrained_model_name_or_path {where}: cannot load: {str(error).splitlines()[0]}", layout.EXIT_INVALID
         ) from None
-    model.scaling_factor = model.parts.scaling_factor
+    model.scaling_factor, model.shift_factor = model.parts.scaling_factor, model.parts.shift_factor
     if cfg.prediction_type:
         model.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
     log.info("model family %s (%s)", family.name, family.pipeline_class)
@@ -430,6 +433,7 @@ def load_cache(cfg: TrainConfig, session: Session, model: Model, data: TrainingD
 
     if cfg.proportion_empty_prompts:
         settings["emptyCaption"] = True
+    settings.update(model.family.cache_settings())
 
     def encoders() -> latent_cache.Encoders:
         model.encoders_to(accelerator.device, vae_dtype, text_dtype)
@@ -497,43 +501,43 @@ class Trainer:
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.unet = unet = self.model.unet  # the plain module; self.ddp is what runs forward
+        family = self.model.family
+        self.denoiser = denoiser = self.model.denoiser  # the plain module; self.ddp is what runs forward
         if cfg.method == "lora":
             from peft import LoraConfig
 
-            unet.requires_grad_(False)
+            denoiser.requires_grad_(False)
             # the adapter's gaussian init from the seed: the same run twice starts the same
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.session.seed)
-                unet.add_adapter(
+                denoiser.add_adapter(
                     LoraConfig(
                         r=cfg.rank,
                         lora_alpha=cfg.rank,
                         init_lora_weights="gaussian",
-                        target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+                        target_modules=list(family.lora_targets),
                     )
                 )
-        unet.train()
+        denoiser.train()
         if cfg.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        unet.to(self.device)
+            denoiser.enable_gradient_checkpointing()
+        denoiser.to(self.device)
         # channels_last measured slower for the SD 1.5 UNet on an H100 (61 vs 68 images/s, bf16,
         # batch 16: its GroupNorms convert layouts), so it is opt-in.
         self.channels_last = self.device.type == "cuda" and os.environ.get("KUBETUNE_CHANNELS_LAST") == "1"
         if self.channels_last:
-            unet.to(memory_format=torch.channels_last)
-        self.params = [p for p in unet.parameters() if p.requires_grad]
+            denoiser.to(memory_format=torch.channels_last)
+        self.params = [p for p in denoiser.parameters() if p.requires_grad]
         for p in self.params:
             p.data = p.data.float()  # fp32 master weights; autocast does the low-precision math
         self.ema = None
         if cfg.use_ema and cfg.method == "full":
-            from diffusers import UNet2DConditionModel
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(
                 self.params,
-                model_cls=UNet2DConditionModel,
-                model_config=unet.config,
+                model_cls=family.denoiser_type(),
+                model_config=denoiser.config,
                 foreach=cfg.foreach_ema or self.device.type == "cuda",
             )
             if cfg.offload_ema:
@@ -555,7 +559,7 @@ class Trainer:
             num_warmup_steps=cfg.lr_warmup_steps,
             num_training_steps=self.max_steps,
         )
-        runnable = torch.compile(unet) if cfg.compile else unet
+        runnable = torch.compile(denoiser) if cfg.compile else denoiser
         self.ddp, self.optimizer = accelerator.prepare(runnable, optimizer)
         self.checkpointer = Checkpointer(self.session.output, self.session.staging, cfg.checkpoints_total_limit)
         self.writer = self._tensorboard()
@@ -658,7 +662,7 @@ class Trainer:
         """Latents sampled from the cached distributions, noise, timesteps, the cached text tensors
         (`text.<name>`) and each image's size and crop."""
         cfg, cache = self.cfg, self.samples
-        timesteps_total = self.model.noise_scheduler.config.num_train_timesteps
+        family, scheduler = self.model.family, self.model.noise_scheduler
         rows, captions, geometry = [], [], []
         for position in positions:
             index = self.order.index(position)
@@ -669,7 +673,7 @@ class Trainer:
             latent = mean.float() + std.float() * torch.randn(shape, generator=g)
             noise = torch.randn(shape, generator=g) + cfg.noise_offset * torch.randn((shape[0], 1, 1), generator=g)
             perturbed = noise + cfg.input_perturbation * torch.randn(shape, generator=g)
-            timestep = torch.randint(0, timesteps_total, (1,), generator=g)
+            timestep = family.draw_timestep(scheduler, g)
             rows.append((latent, noise, perturbed, timestep))
             caption = int(cache.caption_index[index])
             if cfg.proportion_empty_prompts and bool(torch.rand(1, generator=g) < cfg.proportion_empty_prompts):
@@ -683,7 +687,7 @@ class Trainer:
                 geometry.append((cache.original_size[index], crop[index], target))
         latents, noise, perturbed, timesteps = (torch.stack(column) for column in zip(*rows, strict=True))
         batch = {
-            "latents": (latents * self.model.scaling_factor).to(self.device),
+            "latents": ((latents - self.model.shift_factor) * self.model.scaling_factor).to(self.device),
             "noise": noise.to(self.device),
             "perturbed": perturbed.to(self.device),
             "timesteps": timesteps.squeeze(1).to(self.device),
@@ -698,15 +702,7 @@ class Trainer:
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The family's loss with the family's conditioning for this batch."""
-        family, cfg = self.model.family, self.cfg
-        conditioning = family.condition(batch)
-
-        def predict(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-            return self.ddp(noisy, timesteps, **conditioning, return_dict=False)[0]
-
-        return family.loss(
-            self.model.noise_scheduler, predict, batch, cfg.snr_gamma, cfg.input_perturbation, self.channels_last
-        )
+        return self.model.family.loss(self.ddp, self.model.noise_scheduler, batch, self.channels_last)
 
     def _ema_step(self) -> None:
         assert self.ema is not None
@@ -798,30 +794,32 @@ class Trainer:
         session.accelerator.wait_for_everyone()
 
     def _save_weights(self, folder: Path) -> None:
-        """What diffusers' scripts save: LoRA `pytorch_lora_weights.safetensors`; full `unet/` and,
-        with EMA, `unet_ema/` (save_pretrained's files: config.json, diffusion_pytorch_model.safetensors;
-        the EMA's config also holds its state, as EMAModel.save_pretrained writes it). Written from
-        the live tensors: no copy of the UNet."""
+        """What diffusers' scripts save: LoRA `pytorch_lora_weights.safetensors`; full `unet/` (the
+        family's denoiser folder: `transformer/` for FLUX and SD3) and, with EMA, `unet_ema/`
+        (save_pretrained's files: config.json, diffusion_pytorch_model.safetensors; the EMA's config
+        also holds its state, as EMAModel.save_pretrained writes it). Written from the live
+        tensors: no copy of the denoiser."""
         import json
 
         from safetensors.torch import save_file
 
         if self.cfg.method == "lora":
-            self.model.family.save_lora(self.unet, folder)
+            self.model.family.save_lora(self.denoiser, folder)
             return
-        weights = "diffusion_pytorch_model.safetensors"
-        state = {k: v.detach().contiguous() for k, v in self.unet.state_dict().items()}
-        self.unet.save_config(folder / "unet")
-        save_file(state, folder / "unet" / weights, metadata={"format": "pt"})
+        weights, main = "diffusion_pytorch_model.safetensors", self.model.family.denoiser_folder
+        state = {k: v.detach().contiguous() for k, v in self.denoiser.state_dict().items()}
+        self.denoiser.save_config(folder / main)
+        save_file(state, folder / main / weights, metadata={"format": "pt"})
         if self.ema is not None:
-            names = [name for name, p in self.unet.named_parameters() if p.requires_grad]
+            names = [name for name, p in self.denoiser.named_parameters() if p.requires_grad]
             shadow = dict(zip(names, self.ema.shadow_params, strict=True))
             ema_state = {k: shadow.get(k, v).detach().contiguous() for k, v in state.items()}
-            self.unet.save_config(folder / "unet_ema")
-            config = json.loads((folder / "unet_ema" / "config.json").read_text())
+            ema = folder / f"{main}_ema"
+            self.denoiser.save_config(ema)
+            config = json.loads((ema / "config.json").read_text())
             config.update({k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"})
-            (folder / "unet_ema" / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            save_file(ema_state, folder / "unet_ema" / weights, metadata={"format": "pt"})
+            (ema / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            save_file(ema_state, ema / weights, metadata={"format": "pt"})
 
     def _load_checkpoint(self, ref: CheckpointRef) -> None:
         accelerator = self.session.accelerator
@@ -831,11 +829,12 @@ class Trainer:
             self._load_stock_checkpoint(ref, folder)
             return
         files = ref.manifest.files  # only files the manifest lists (and fetch verified) are read
-        unet_file, ema_file = "unet/diffusion_pytorch_model.safetensors", "unet_ema/diffusion_pytorch_model.safetensors"
+        main = self.model.family.denoiser_folder
+        weights_file, ema_file = (f"{f}/diffusion_pytorch_model.safetensors" for f in (main, f"{main}_ema"))
         if self.cfg.method == "lora" and "pytorch_lora_weights.safetensors" in files:
             self._load_lora(folder / "pytorch_lora_weights.safetensors")
-        elif self.cfg.method == "full" and unet_file in files:
-            self._load_unet(_load_tensors(folder / unet_file))
+        elif self.cfg.method == "full" and weights_file in files:
+            self._load_denoiser(_load_tensors(folder / weights_file))
         elif "trainable.safetensors" in files:  # the earlier layout (checkpoints/step-N)
             self._load_trainable_legacy(_load_tensors(folder / "trainable.safetensors"))
         else:
@@ -865,20 +864,22 @@ class Trainer:
         restarts at the beginning of the step's epoch."""
         import json
 
-        accelerator, where = self.session.accelerator, ref.store.uri
+        accelerator, where, main = self.session.accelerator, ref.store.uri, self.model.family.denoiser_folder
         if self.cfg.method == "lora":
             if not (folder / "pytorch_lora_weights.safetensors").is_file():
                 raise CheckpointError(f"{where}: no pytorch_lora_weights.safetensors (a LoRA checkpoint has one)")
             self._load_lora(folder / "pytorch_lora_weights.safetensors")
         else:
-            self._load_unet(self._stock_unet_state(folder / "unet", where))
+            self._load_denoiser(self._stock_state(folder / main, where))
         if self.ema is not None:
-            if (folder / "unet_ema").is_dir():
-                config = json.loads((folder / "unet_ema" / "config.json").read_text())
+            if (folder / f"{main}_ema").is_dir():
+                config = json.loads((folder / f"{main}_ema" / "config.json").read_text())
                 step = int(config.get("optimization_step", ref.step))
-                self._load_ema(self._stock_unet_state(folder / "unet_ema", where), step)
+                self._load_ema(self._stock_state(folder / f"{main}_ema", where), step)
             else:
-                log.warning("%s has no unet_ema/ (written without --use_ema): the EMA starts from its UNet", where)
+                log.warning(
+                    "%s has no %s_ema/ (written without --use_ema): the EMA starts from its weights", where, main
+                )
                 self.ema.optimization_step = 0
                 for shadow, p in zip(self.ema.shadow_params, self.params, strict=True):
                     shadow.data.copy_(p.data)
@@ -909,25 +910,25 @@ class Trainer:
         )
         self._resumed(ref)
 
-    def _stock_unet_state(self, folder: Path, where: str) -> dict[str, torch.Tensor]:
-        from diffusers import UNet2DConditionModel
+    def _stock_state(self, folder: Path, where: str) -> dict[str, torch.Tensor]:
+        denoiser_type = self.model.family.denoiser_type()
 
         if not (folder / "config.json").is_file():
             raise CheckpointError(f"{where}: no {folder.name}/ in diffusers format (save_pretrained's config.json)")
         try:  # safetensors, sharded or not; a .bin is read with weights_only
-            return dict(UNet2DConditionModel.from_pretrained(folder).state_dict())
+            return dict(denoiser_type.from_pretrained(folder).state_dict())
         except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as error:
             raise CheckpointError(f"{where}/{folder.name}: cannot load ({str(error).splitlines()[0][:200]})") from None
 
-    def _load_unet(self, state: dict[str, torch.Tensor]) -> None:
+    def _load_denoiser(self, state: dict[str, torch.Tensor]) -> None:
         try:
-            self.unet.load_state_dict(state)
+            self.denoiser.load_state_dict(state)
         except RuntimeError as error:
-            raise CheckpointError(f"the checkpoint's UNet does not fit this model: {str(error)[:300]}") from None
+            raise CheckpointError(f"the checkpoint's weights do not fit this model: {str(error)[:300]}") from None
 
     def _load_ema(self, state: dict[str, torch.Tensor], optimization_step: int) -> None:
         assert self.ema is not None
-        names = [name for name, p in self.unet.named_parameters() if p.requires_grad]
+        names = [name for name, p in self.denoiser.named_parameters() if p.requires_grad]
         for name, shadow in zip(names, self.ema.shadow_params, strict=True):
             if name not in state:
                 raise CheckpointError(f"the checkpoint's EMA weights lack {name}")
@@ -936,22 +937,17 @@ class Trainer:
 
     def _load_lora(self, path: Path) -> None:
         """diffusers' LoRA format (what save_lora_weights writes) back into the peft adapter."""
-        from diffusers.utils import convert_unet_state_dict_to_peft
-        from peft.utils import set_peft_model_state_dict
-
-        state = {k.removeprefix("unet."): v for k, v in _load_tensors(path).items() if k.startswith("unet.")}
-        result = set_peft_model_state_dict(self.unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected or not state:
+        found, unexpected = self.model.family.load_lora(self.denoiser, _load_tensors(path))
+        if unexpected or not found:
             raise CheckpointError(f"{path.name}: not LoRA weights of this model and --rank ({(unexpected or [''])[0]})")
 
     def _load_trainable_legacy(self, state: dict[str, torch.Tensor]) -> None:
         if self.cfg.method == "lora":
             from peft.utils import set_peft_model_state_dict
 
-            set_peft_model_state_dict(self.unet, state)
+            set_peft_model_state_dict(self.denoiser, state)
         else:
-            self._load_unet(state)
+            self._load_denoiser(state)
 
     def _load_optimizer(self, state: dict[str, Any], ref: CheckpointRef) -> None:
         # keep this run's implementation choices (fused on CUDA), take the saved state and hyperparameters
@@ -981,12 +977,12 @@ class Trainer:
 
     @contextlib.contextmanager
     def _inference_pipeline(self) -> Iterator[Any]:
-        """The pipeline with the trained (EMA, when used) UNet, on this device, for sampling."""
-        pipeline = self.model.family.pipeline(self.model.path, self.unet, self.model.parts)
+        """The pipeline with the trained (EMA, when used) denoiser, on this device, for sampling."""
+        pipeline = self.model.family.pipeline(self.model.path, self.denoiser, self.model.parts)
         if self.ema is not None:
             self.ema.store(self.params)
             self.ema.copy_to(self.params)
-        self.unet.eval()
+        self.denoiser.eval()
         pipeline.to(self.device)
         autocast = torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         try:
@@ -994,7 +990,7 @@ class Trainer:
                 yield pipeline
         finally:
             self.model.encoders_to("cpu")
-            self.unet.train()
+            self.denoiser.train()
             if self.ema is not None:
                 self.ema.restore(self.params)
 
@@ -1026,18 +1022,18 @@ class Trainer:
         if session.is_main:
             latest = self.checkpointer.wait()
             session.progress.state("publishing", latestCheckpoint=latest)
-            self.unet.to(memory_format=torch.contiguous_format)
+            self.denoiser.to(memory_format=torch.contiguous_format)
             family = self.model.family
             if cfg.method == "lora":
-                publish.write_lora(family, self.unet, session.output, session.staging)
+                publish.write_lora(family, self.denoiser, session.output, session.staging)
             else:
                 if self.ema is not None:
                     self.ema.copy_to(self.params)
                 vae = self.model.vae if self.model.parts.vae_source else None
-                pipeline = family.pipeline(self.model.path, self.unet, variant=cfg.variant or None, vae=vae)
+                pipeline = family.pipeline(self.model.path, self.denoiser, variant=cfg.variant or None, vae=vae)
                 publish.write_pipeline(pipeline, session.output, session.staging)
             if cfg.validation_prompts and self.step % self.validation_every:
-                self.ema = None  # the EMA weights are in the UNet now: sample with them as they are
+                self.ema = None  # the EMA weights are in the denoiser now: sample with them as they are
                 self._render()
             session.output.write_bytes(
                 "README.md",

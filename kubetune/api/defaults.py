@@ -28,8 +28,11 @@ VALIDATION_GUIDANCE_SCALE = 7.5
 CHECKPOINT_EVERY_STEPS = 500
 """Steps between resumable checkpoints: the stock script's default; a full SD 1.5 checkpoint with
 EMA and AdamW state is about 14 GB, too much to write every few dozen steps."""
-MODEL_FAMILIES = ("sd", "sdxl")
+MODEL_FAMILIES = ("sd", "sdxl", "sd3", "flux")
 """The model families the trainer trains (kubetune.trainer.families; spec.model.family's enum)."""
 
 BUCKET_STEP = 64
 """Aspect-ratio bucket sides are multiples of this (pixels), as in kohya's sd-scripts."""
+
+WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
+"""Flow-matching timestep densities and loss weightings (diffusers.training_utils)."""

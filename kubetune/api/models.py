@@ -290,9 +290,10 @@ class BaseModelSpec(ApiModel):
     """Weights variant to load, e.g. `fp16`; empty loads the default weights."""
     token_secret_ref: SecretKeyRef | None = None
     """Secret key holding a Hugging Face token, for gated or private models."""
-    family: Literal["", "sd", "sdxl"] = ""
-    """The model family: `sd` (Stable Diffusion 1.x/2.x) or `sdxl` (Stable Diffusion XL); empty
-    takes it from the pipeline's `model_index.json`."""
+    family: Literal["auto", "", "sd", "sdxl", "sd3", "flux"] = "auto"
+    """The model family: `sd` (Stable Diffusion 1.x/2.x), `sdxl` (Stable Diffusion XL), `sd3`
+    (Stable Diffusion 3/3.5) or `flux` (FLUX.1); `auto` (or empty) takes it from the pipeline's
+    `model_index.json`."""
 
 
 class AspectBuckets(ApiModel):
@@ -369,6 +370,19 @@ class Training(ApiModel):
     """Noise offset (0.05-0.1 helps very dark or bright images)."""
     prediction_type: Literal["", "epsilon", "v_prediction"] = ""
     """Training target; empty keeps the scheduler's own."""
+    weighting_scheme: Literal["", "sigma_sqrt", "logit_normal", "mode", "cosmap", "none"] = ""
+    """Flow-matching families (flux, sd3): timestep density and loss weighting; empty: the stock
+    script's (flux: none, sd3: logit_normal)."""
+    logit_mean: float = Field(default=0.0, ge=-10, le=10)
+    """Mean of the logit_normal timestep density."""
+    logit_std: float = Field(default=1.0, gt=0, le=10)
+    """Standard deviation of the logit_normal timestep density."""
+    mode_scale: float = Field(default=1.29, ge=-10, le=10)
+    """Scale of the mode timestep density."""
+    guidance_scale: float = Field(default=3.5, ge=0, le=100)
+    """FLUX.1-dev: the distilled guidance given to the transformer while training."""
+    max_sequence_length: int | None = Field(default=None, ge=1, le=4096)
+    """T5 tokens per caption (flux, sd3); unset: the stock script's (flux 512, sd3 77)."""
     max_train_samples: int | None = Field(default=None, ge=1, le=1_000_000_000)
     """Use at most this many images of the dataset."""
     dataloader_num_workers: int = Field(default=2, ge=0, le=64)

@@ -86,10 +86,11 @@ def wait_for_progress(
     raise AssertionError(f"timed out waiting on {path}")
 
 
-def unet_weights(output: Path) -> dict[str, Any]:
+def unet_weights(output: Path, folder: str = "unet") -> dict[str, Any]:
+    """The trained weights of a full fine-tune's output (`transformer` for FLUX and SD3)."""
     from safetensors.torch import load_file
 
-    return load_file(output / "unet" / "diffusion_pytorch_model.safetensors")
+    return load_file(output / folder / "diffusion_pytorch_model.safetensors")
 
 
 def max_difference(a: dict[str, Any], b: dict[str, Any]) -> float:
@@ -130,13 +131,13 @@ def core_flags(model: Path, data: Path, output: Path, **overrides: Any) -> list[
     return out
 
 
-def relative_update_difference(output: Path, reference: Path, initial: Path) -> float:
+def relative_update_difference(output: Path, reference: Path, initial: Path, folder: str = "unet") -> float:
     """|w - w_ref| / |w_ref - w_initial| over the whole UNet: how far two runs' training updates
     disagree, as a fraction of the update itself (different data or noise gives about 1)."""
     from safetensors.torch import load_file
 
-    a, ref = unet_weights(output), unet_weights(reference)
-    init = load_file(initial / "unet" / "diffusion_pytorch_model.safetensors")
+    a, ref = unet_weights(output, folder), unet_weights(reference, folder)
+    init = load_file(initial / folder / "diffusion_pytorch_model.safetensors")
     difference = sum(float((a[k].float() - ref[k].float()).norm() ** 2) for k in ref) ** 0.5
     update = sum(float((ref[k].float() - init[k].float()).norm() ** 2) for k in ref) ** 0.5
     return difference / update

@@ -5,10 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.trainer.families.base import FamilyError, ModelFamily, Parts
+from kubetune.trainer.families.flux import Flux
 from kubetune.trainer.families.sd import StableDiffusion
+from kubetune.trainer.families.sd3 import StableDiffusion3
 from kubetune.trainer.families.sdxl import StableDiffusionXL
 
-FAMILIES: dict[str, type[ModelFamily]] = {f.name: f for f in (StableDiffusion, StableDiffusionXL)}
+FAMILIES: dict[str, type[ModelFamily]] = {
+    f.name: f for f in (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux)
+}
 """Family name -> family; the names are --model_family's choices (and spec.model.family's)."""
 BY_PIPELINE = {f.pipeline_class: f.name for f in FAMILIES.values()}
 

@@ -1,23 +1,27 @@
 """What a model family is: the few things that differ between pipelines (which parts to load,
-how captions become the denoiser's conditioning, which pipeline class publishes and samples),
-behind one small interface. The training loop, the latent cache, checkpoints and resume only talk
-to a `ModelFamily` and never branch on which one it is.
+how captions become the denoiser's conditioning, the training objective, which pipeline class
+publishes and samples), behind one small interface. The training loop, the latent cache,
+checkpoints and resume only talk to a `ModelFamily` and never branch on which one it is.
 
 A family's methods, in the order a run calls them:
 
-- `load(path, variant, vae)`: the parts (`Parts`: UNet, VAE, text encoders, tokenizers, scheduler)
-- `fingerprint_folders()`: the folders whose files decide the cached latents and text tensors
+- `configure(cfg)`: the run's settings; refuses those the family cannot honour
+- `load(path, variant, vae)`: the parts (`Parts`: denoiser (UNet or transformer), VAE, text
+  encoders, tokenizers, the training scheduler)
+- `fingerprint_folders()`, `cache_settings()`: what decides the cached latents and text tensors
 - `encode(parts, captions, device)`: captions to named tensors, cached once per caption
-- `condition(batch)`: the denoiser's keyword arguments for a batch of cached samples
-- `loss(...)`: noise, target and loss weighting (shared: epsilon / v-prediction, min-SNR)
-- `pipeline(path, unet, parts)`: the diffusers pipeline, to `publish` (full or LoRA) and to `sample`
+- `draw_timestep(scheduler, generator)`: one sample's timestep, from the sample's own generator
+- `loss(denoiser, scheduler, batch)`: noise the latents, `predict`, weigh the error (here: the
+  DDPM objective, epsilon or v-prediction, min-SNR; flow.py: flow matching)
+- `predict(denoiser, noisy, timesteps, batch)`: the denoiser's output, with `condition(batch)`
+- `pipeline(path, denoiser, parts)`: the diffusers pipeline, to `publish` (full or LoRA) and to `sample`
 """
 
 from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,13 +34,23 @@ class FamilyError(ValueError):
     """A model this family cannot train; one line naming what is wrong."""
 
 
+@dataclass(frozen=True)
+class TextEncoder:
+    """Where a pipeline keeps a text encoder and its tokenizer, and their transformers classes."""
+
+    folder: str
+    tokenizer_folder: str
+    model_class: str
+    tokenizer_class: str = "CLIPTokenizer"
+
+
 @dataclass
 class Parts:
     """A loaded pipeline's parts. `text_encoders` and `tokenizers` are in the family's
-    `text_folders` order; the encoders are set to None once the cache is built (and no samples
-    are rendered)."""
+    `text_encoders` order; the encoders are dropped once the cache is built (and no samples are
+    rendered)."""
 
-    unet: Any
+    denoiser: Any
     vae: Any
     noise_scheduler: Any
     text_encoders: list[Any] = field(default_factory=list)
@@ -47,6 +61,11 @@ class Parts:
     def scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
 
+    @property
+    def shift_factor(self) -> float:
+        """Subtracted before scaling (FLUX's and SD3's VAEs); 0 for SD's."""
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
 
 class ModelFamily(ABC):
     """One model family: load / encode / condition / loss / publish / sample."""
@@ -54,45 +73,72 @@ class ModelFamily(ABC):
     name: ClassVar[str]
     pipeline_class: ClassVar[str]
     """The diffusers pipeline class (model_index.json's `_class_name`)."""
-    text_folders: ClassVar[tuple[tuple[str, str, str], ...]]
-    """(text encoder folder, tokenizer folder, transformers class) for each text encoder."""
+    denoiser_folder: ClassVar[str] = "unet"
+    """The trained model's folder in the pipeline (and in checkpoints: `<folder>/`, `<folder>_ema/`)."""
+    denoiser_class: ClassVar[str] = "UNet2DConditionModel"
+    scheduler_class: ClassVar[str] = "DDPMScheduler"
+    """The training scheduler, loaded from the pipeline's scheduler/ config."""
+    text_encoders: ClassVar[tuple[TextEncoder, ...]]
+    lora_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
+    """LoRA target modules (peft's suffix match), as the stock LoRA scripts choose them."""
+    lora_in_diffusers_keys: ClassVar[bool] = True
+    """UNet LoRA files hold diffusers' key names (`to_k.lora.down.weight`); transformer LoRA files
+    hold peft's (`to_k.lora_A.weight`), as the stock scripts save them."""
+    objective: ClassVar[str] = "denoising (DDPM)"
     pipeline_extras: ClassVar[dict[str, Any]] = {}
     """Extra from_pretrained arguments of the pipeline (e.g. no safety checker)."""
     tags: ClassVar[tuple[str, ...]] = ()
     """Model card tags."""
 
+    def __init__(self) -> None:
+        self.cfg: Any = None  # the run's TrainConfig, from `configure`
+
+    def configure(self, cfg: Any) -> None:
+        """Take the run's settings (a TrainConfig); raise FamilyError for one this family cannot
+        honour."""
+        self.cfg = cfg
+
     # -- load ----------------------------------------------------------------------------------
 
+    def denoiser_type(self) -> Any:
+        return getattr(importlib.import_module("diffusers"), self.denoiser_class)
+
     def load(self, path: Path, variant: str | None, vae: str | None = None) -> Parts:
-        """The UNet, VAE (the pipeline's, or `vae`: a folder or hub id), text encoders, tokenizers
-        and the DDPM training scheduler. The VAE and text encoders are frozen."""
+        """The denoiser, VAE (the pipeline's, or `vae`: a folder or hub id), text encoders,
+        tokenizers and the training scheduler. The VAE and text encoders are frozen."""
+        import diffusers
         import transformers
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         parts = Parts(
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant),
+            denoiser=self.denoiser_type().from_pretrained(path, subfolder=self.denoiser_folder, variant=variant),
             vae=(
-                AutoencoderKL.from_pretrained(vae)
+                diffusers.AutoencoderKL.from_pretrained(vae)
                 if vae
-                else AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant)
+                else diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant)
             ),
-            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+            noise_scheduler=getattr(diffusers, self.scheduler_class).from_pretrained(path, subfolder="scheduler"),
             vae_source=vae or "",
         )
-        for encoder_folder, tokenizer_folder, class_name in self.text_folders:
-            encoder = getattr(transformers, class_name).from_pretrained(path, subfolder=encoder_folder, variant=variant)
+        for text in self.text_encoders:
+            model = getattr(transformers, text.model_class)
+            encoder = model.from_pretrained(path, subfolder=text.folder, variant=variant)
             parts.text_encoders.append(encoder.requires_grad_(False))
-            parts.tokenizers.append(transformers.CLIPTokenizer.from_pretrained(path, subfolder=tokenizer_folder))
+            tokenizer = getattr(transformers, text.tokenizer_class)
+            parts.tokenizers.append(tokenizer.from_pretrained(path, subfolder=text.tokenizer_folder))
         parts.vae.requires_grad_(False)
         return parts
 
     def fingerprint_folders(self) -> tuple[str, ...]:
         """Folders whose files decide the cached latents and text tensors."""
-        return ("vae", *(folder for pair in self.text_folders for folder in pair[:2]))
+        return ("vae", *(folder for t in self.text_encoders for folder in (t.folder, t.tokenizer_folder)))
+
+    def cache_settings(self) -> dict[str, Any]:
+        """Settings besides the common ones that decide the cached tensors (e.g. the T5 length)."""
+        return {}
 
     def check_folder(self, path: Path) -> None:
         """Refuse a folder that lacks a part this family loads."""
-        missing = [f for f in ("unet", *self.fingerprint_folders()) if not (path / f).is_dir()]
+        missing = [f for f in (self.denoiser_folder, *self.fingerprint_folders()) if not (path / f).is_dir()]
         if missing:
             raise FamilyError(
                 f"not a diffusers {self.pipeline_class} folder (no {', '.join(m + '/' for m in missing)})"
@@ -114,7 +160,18 @@ class ModelFamily(ABC):
             return_tensors="pt",
         ).input_ids
 
-    # -- condition, loss -----------------------------------------------------------------------
+    # -- timesteps, loss, condition -----------------------------------------------------------
+
+    def draw_timestep(self, scheduler: Any, generator: torch.Generator) -> torch.Tensor:
+        """One sample's training timestep ([1]), drawn from its own generator (exact resume, and N
+        processes drawing what one draws): uniform over the DDPM schedule."""
+        return torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator)
+
+    def predict(
+        self, denoiser: Any, noisy: torch.Tensor, timesteps: torch.Tensor, batch: dict[str, Any]
+    ) -> torch.Tensor:
+        """The denoiser's output for the noisy latents, conditioned on the batch's texts."""
+        return denoiser(noisy, timesteps, **self.condition(batch), return_dict=False)[0]
 
     @abstractmethod
     def condition(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -123,25 +180,20 @@ class ModelFamily(ABC):
         `target_size` ([B, 2], pixels: the image before resizing, its crop as cached, and the size
         it is trained at: its bucket's, or the `resolution` square)."""
 
-    @staticmethod
     def loss(
-        scheduler: Any,
-        predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        batch: dict[str, torch.Tensor],
-        snr_gamma: float | None,
-        input_perturbation: float,
-        channels_last: bool = False,
+        self, denoiser: Any, scheduler: Any, batch: dict[str, torch.Tensor], channels_last: bool = False
     ) -> torch.Tensor:
         """train_text_to_image.py's loss: MSE to the noise (or velocity), optionally min-SNR weighted."""
         from diffusers.training_utils import compute_snr
 
+        snr_gamma, input_perturbation = self.cfg.snr_gamma, self.cfg.input_perturbation
         latents, noise, timesteps = batch["latents"], batch["noise"], batch["timesteps"]
         noisy = scheduler.add_noise(latents, batch["perturbed"] if input_perturbation else noise, timesteps)
         if channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         prediction_type = scheduler.config.prediction_type
         target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-        prediction = predict(noisy, timesteps)
+        prediction = self.predict(denoiser, noisy, timesteps, batch)
         if snr_gamma is None:
             return F.mse_loss(prediction.float(), target.float(), reduction="mean")
         snr = compute_snr(scheduler, timesteps)
@@ -156,38 +208,52 @@ class ModelFamily(ABC):
         return getattr(importlib.import_module("diffusers"), self.pipeline_class)
 
     def pipeline(
-        self, path: Path, unet: Any, parts: Parts | None = None, variant: str | None = None, vae: Any = None
+        self, path: Path, denoiser: Any, parts: Parts | None = None, variant: str | None = None, vae: Any = None
     ) -> Any:
-        """The pipeline at `path` with `unet`. With `parts` (sampling): its loaded VAE and text
+        """The pipeline at `path` with `denoiser`. With `parts` (sampling): its loaded VAE and text
         encoders, no safety checker. Without (publishing): the rest as the base pipeline has it,
         but `vae` when given (a separate VAE the run trained with)."""
-        components: dict[str, Any] = {"unet": unet}
+        components: dict[str, Any] = {self.denoiser_folder: denoiser}
         if vae is not None:
             components["vae"] = vae
         if parts is not None:
             components.update(vae=parts.vae, **self.pipeline_extras)
-            for (encoder_folder, tokenizer_folder, _), encoder, tokenizer in zip(
-                self.text_folders, parts.text_encoders, parts.tokenizers, strict=True
-            ):
-                components[encoder_folder], components[tokenizer_folder] = encoder, tokenizer
+            for text, encoder, tokenizer in zip(self.text_encoders, parts.text_encoders, parts.tokenizers, strict=True):
+                components[text.folder], components[text.tokenizer_folder] = encoder, tokenizer
         return self.pipeline_type().from_pretrained(path, variant=variant, **components)
 
-    def save_lora(self, unet: Any, folder: Path) -> None:
+    def save_lora(self, denoiser: Any, folder: Path) -> None:
         """`folder/pytorch_lora_weights.safetensors` as the pipeline's save_lora_weights writes it
-        (diffusers' LoRA format), loadable with `pipe.load_lora_weights(folder)`."""
+        (the stock LoRA scripts' format), loadable with `pipe.load_lora_weights(folder)`."""
         from diffusers.utils import convert_state_dict_to_diffusers
 
-        layers = convert_state_dict_to_diffusers(unet_lora_state(unet))
+        layers = lora_state(denoiser)
+        if self.lora_in_diffusers_keys:
+            layers = convert_state_dict_to_diffusers(layers)
         layers = {k: v.detach().contiguous().float() for k, v in layers.items()}
-        self.pipeline_type().save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+        self.pipeline_type().save_lora_weights(
+            folder, **{f"{self.denoiser_folder}_lora_layers": layers}, safe_serialization=True
+        )
 
-    def publish_lora_extras(self, unet: Any, folder: Path) -> list[str]:
+    def load_lora(self, denoiser: Any, saved: dict[str, torch.Tensor]) -> tuple[int, list[str]]:
+        """A `save_lora` file's weights back into the denoiser's adapter; (weights found, unexpected keys)."""
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft.utils import set_peft_model_state_dict
+
+        prefix = f"{self.denoiser_folder}."
+        state = {k.removeprefix(prefix): v for k, v in saved.items() if k.startswith(prefix)}
+        if self.lora_in_diffusers_keys:
+            state = convert_unet_state_dict_to_peft(state)
+        result = set_peft_model_state_dict(denoiser, state, adapter_name="default")
+        return len(state), list(getattr(result, "unexpected_keys", None) or [])
+
+    def publish_lora_extras(self, denoiser: Any, folder: Path) -> list[str]:
         """Files written beside the LoRA weights when publishing (none by default); their names."""
         return []
 
 
-def unet_lora_state(unet: Any) -> dict[str, torch.Tensor]:
-    """The UNet's LoRA weights in peft's naming (`...to_k.lora_A.weight`)."""
+def lora_state(denoiser: Any) -> dict[str, torch.Tensor]:
+    """The denoiser's LoRA weights in peft's naming (`...to_k.lora_A.weight`)."""
     from peft.utils import get_peft_model_state_dict
 
-    return dict(get_peft_model_state_dict(unet))
+    return dict(get_peft_model_state_dict(denoiser))

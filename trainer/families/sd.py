@@ -8,13 +8,13 @@ from typing import Any
 
 import torch
 
-from kubetune.trainer.families.base import ModelFamily, Parts
+from kubetune.trainer.families.base import ModelFamily, Parts, TextEncoder
 
 
 class StableDiffusion(ModelFamily):
     name = "sd"
     pipeline_class = "StableDiffusionPipeline"
-    text_folders = (("text_encoder", "tokenizer", "CLIPTextModel"),)
+    text_encoders = (TextEncoder("text_encoder", "tokenizer", "CLIPTextModel"),)
     pipeline_extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     tags = ("stable-diffusion",)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from kubetune.trainer.families.base import ModelFamily, Parts, unet_lora_state
+from kubetune.trainer.families.base import ModelFamily, Parts, TextEncoder, lora_state
 
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 
@@ -19,9 +19,9 @@ KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 class StableDiffusionXL(ModelFamily):
     name = "sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
-    text_folders = (
-        ("text_encoder", "tokenizer", "CLIPTextModel"),
-        ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection"),
+    text_encoders = (
+        TextEncoder("text_encoder", "tokenizer", "CLIPTextModel"),
+        TextEncoder("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection"),
     )
     tags = ("stable-diffusion-xl",)
 
@@ -44,13 +44,13 @@ class StableDiffusionXL(ModelFamily):
             "added_cond_kwargs": {"text_embeds": batch["text.pooled"], "time_ids": time_ids},
         }
 
-    def publish_lora_extras(self, unet: Any, folder: Path) -> list[str]:
+    def publish_lora_extras(self, denoiser: Any, folder: Path) -> list[str]:
         """The LoRA in kohya's key format too (`lora_unet_..._to_k.lora_down.weight`, `lora_up`,
         `alpha`), as ComfyUI and AUTOMATIC1111 load it."""
         from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
         from safetensors.torch import save_file
 
-        peft = {f"unet.{k}": v for k, v in unet_lora_state(unet).items()}
+        peft = {f"unet.{k}": v for k, v in lora_state(denoiser).items()}
         kohya = {k: v.detach().contiguous().float() for k, v in convert_state_dict_to_kohya(peft).items()}
         save_file(kohya, folder / KOHYA_FILE, metadata={"format": "pt", "ss_base_model_version": "sdxl_base_v1-0"})
         return [KOHYA_FILE]
