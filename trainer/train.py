@@ -353,6 +353,8 @@ def load_model(cfg: TrainConfig, session: Session) -> Model:
             parts=family.load(path, cfg.variant or None, vae),
             fingerprint=_weights_fingerprint(path, family.fingerprint_folders(), vae),
         )
+    except FamilyError as error:  # a setting this model cannot train with: the message names the flag
+        raise TrainError(str(error), layout.EXIT_INVALID) from None
     except (OSError, ValueError) as error:
         raise TrainError(
             f"--pretrained_model_name_or_path {where}: cannot load: {str(error).splitlines()[0]}", layout.EXIT_INVALID

@@ -340,6 +340,30 @@ def test_an_unsupported_pipeline_fails_after_one_attempt_naming_its_class(e2e: A
     assert e2e.names("jobs", name) == ["unsupported-collect", "unsupported-train"]
 
 
+@pytest.mark.slow
+def test_a_flux_lora_job_runs_to_succeeded_and_its_lora_loads(e2e: Any, tmp_path: Path) -> None:
+    from diffusers import FluxPipeline
+
+    from kubetune.dev.testing.tiny_flow import build_tiny_flux_pipeline
+
+    model = build_tiny_flux_pipeline(tmp_path / "tiny-flux")
+    for path in sorted(p for p in model.rglob("*") if p.is_file()):
+        key = f"{e2e.prefix}/models/tiny-flux/{path.relative_to(model).as_posix()}"
+        e2e.s3.upload_file(str(path), e2e.bucket, key)
+    name = "flux-lora"
+    training = {"method": "lora", "loraRank": 4, "learningRate": 1e-3, "maxSequenceLength": 16}
+    spec = e2e.spec(name, model={"base": e2e.uri("models", "tiny-flux") + "/"}, training=training, trainer={"nodes": 1})
+    e2e.create(name, spec)
+    status = e2e.wait_phase(name, "Succeeded", timeout=300)
+    assert status["training"]["step"] == 4 and [a["reason"] for a in status["attempts"]] == ["Succeeded"]
+    local = e2e.download(tmp_path / "lora", "jobs", name)
+    assert "| model family | flux (FluxPipeline) |" in (local / "README.md").read_text()
+    pipeline = FluxPipeline.from_pretrained(model)
+    pipeline.load_lora_weights(local)
+    image = pipeline("a red circle", num_inference_steps=2, height=32, width=32, max_sequence_length=16).images[0]
+    assert image.size == (32, 32)
+
+
 # -- last: the chart's RBAC against every request the operator made above ------------------------
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from kubetune.trainer.families.base import Parts, TextEncoder
+from kubetune.trainer.families.base import FamilyError, Parts, TextEncoder
 from kubetune.trainer.families.flow import FlowMatchingFamily
 
 
@@ -32,6 +32,11 @@ class Flux(FlowMatchingFamily):
     def load(self, path: Any, variant: str | None, vae: str | None = None) -> Parts:
         parts = super().load(path, variant, vae)
         self.guidance_embeds = bool(parts.denoiser.config.guidance_embeds)
+        # latents are packed in 2x2 patches: every trained size must be a multiple of twice the VAE's factor
+        multiple = 2 ** len(parts.vae.config.block_out_channels)
+        for flag, value in (("--resolution", self.cfg.resolution), ("--bucket_reso_steps", self.cfg.bucket_reso_steps)):
+            if value % multiple and (flag == "--resolution" or self.cfg.enable_bucket):
+                raise FamilyError(f"{flag} {value}: the flux family needs a multiple of {multiple}")
         return parts
 
     def encode(self, parts: Parts, captions: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
