@@ -7,7 +7,7 @@ the API server leaves out is None or absent alike.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from kubetune.api.layout import EXIT_PREEMPTED
@@ -169,12 +169,18 @@ def pod_preempted(pod: dict[str, Any], container: str) -> bool:
 
 def stopped_before_job_started(pod: dict[str, Any], job: dict[str, Any]) -> bool:
     """A trainer pod deleted (or ended) before its Job's latest start: stopped by a suspension,
-    not a preemption. Kubernetes resets a Job's status.startTime when it is resumed."""
+    not a preemption. Kubernetes resets a Job's status.startTime when it is resumed (a moment
+    after `suspend` turns false: until then its Suspended condition stays True)."""
+    if job_condition(job, "Suspended"):
+        return True  # resumed in spec, but the Job controller has not started it again yet
     started = parse_time((job.get("status") or {}).get("startTime"))
-    stopped = parse_time(meta(pod).get("deletionTimestamp")) or parse_time(
-        (terminated_state(pod, b.TRAINER) or {}).get("finishedAt")
-    )
-    return started is not None and stopped is not None and stopped <= started
+    # a graceful deletion's deletionTimestamp is when the grace period ends: it was asked for before
+    deleted = parse_time(meta(pod).get("deletionTimestamp"))
+    if deleted is not None:
+        deleted -= timedelta(seconds=int(meta(pod).get("deletionGracePeriodSeconds") or 0))
+    finished = parse_time((terminated_state(pod, b.TRAINER) or {}).get("finishedAt"))
+    stops = [t for t in (deleted, finished) if t is not None]
+    return started is not None and bool(stops) and min(stops) <= started
 
 
 def pod_job_name(pod: dict[str, Any]) -> str:

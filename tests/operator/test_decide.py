@@ -664,6 +664,22 @@ def queued_training(**spec: Any) -> World:
     return world
 
 
+def test_pods_stopped_by_a_suspension_are_no_preemption_while_the_job_controller_catches_up() -> None:
+    world = World(trainer={"nodes": 2, "gpusPerNode": 0})
+    to_training(world)
+    # resumed (by Kueue or the operator), but the Job controller has not started it again yet
+    suspended = {"type": "Suspended", "status": "True", "reason": "JobSuspended"}
+    world.jobs["shapes-train"]["status"] = {"startTime": "2026-01-01T12:00:00Z", "conditions": [suspended]}
+    world.add_pod("shapes-train", exit_code=75)  # stopped by the suspension, still listed
+    world.pods[-1]["metadata"].update(deletionTimestamp="2026-01-01T12:05:30Z", deletionGracePeriodSeconds=300)
+    decision = world.step()
+    assert world.status["preemptions"] == 0 and decision.patch == []
+    # started again before the stopped pod's grace period ended: it was deleted (12:00:30) before
+    world.jobs["shapes-train"]["status"] = {"startTime": "2026-01-01T12:01:00Z"}
+    world.step()
+    assert world.status["preemptions"] == 0 and len(world.status["attempts"]) == 1
+
+
 def test_kueue_jobs_wait_for_admission_and_are_not_unsuspended_by_the_operator() -> None:
     world = World(runPolicy={"queueName": "gpu-team"})
     world.step()
