@@ -306,7 +306,8 @@ OPERATOR_PERMISSIONS = {
     ("kubetune.dev", "finetunejobs"): {"get", "list", "watch"},
     ("kubetune.dev", "finetunejobs/status"): {"patch"},
     ("kubetune.dev", "finetunejobs/finalizers"): {"update"},
-    ("batch", "jobs"): {"create", "list", "watch", "patch"},
+    ("batch", "jobs"): {"create", "list", "watch", "patch", "delete"},  # delete: an ended queued attempt's Job
+    ("kueue.x-k8s.io", "workloads"): {"list", "patch"},  # spec.active of queued Jobs' Workloads
     ("", "services"): {"create", "get"},
     ("", "pods"): {"list", "watch"},
     ("", "events"): {"create"},
