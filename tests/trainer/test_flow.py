@@ -126,9 +126,10 @@ def test_flux_resume_matches_the_uninterrupted_run(
     assert max_difference(unet_weights(output, "transformer"), unet_weights(flux_full, "transformer")) < 1e-6
 
 
-def test_flux_lora_loads_with_load_lora_weights_and_resumes_exactly(
+def test_flux_lora_loads_with_load_lora_weights_is_written_in_kohya_layout_and_resumes_exactly(
     flux_lora: Path, tiny_flux: Path, shapes_dataset: Path, tmp_path: Path
 ) -> None:
+    import torch
     from diffusers import FluxPipeline
     from safetensors.torch import load_file
 
@@ -138,6 +139,34 @@ def test_flux_lora_loads_with_load_lora_weights_and_resumes_exactly(
     assert abs(render(pipeline, max_sequence_length=T5_TOKENS) - before).max() > 1e-4, "the adapter changes images"
     saved = load_file(flux_lora / "pytorch_lora_weights.safetensors")
     assert saved and all(k.startswith("transformer.") and ".lora_" in k for k in saved), sorted(saved)[:3]
+
+    # kohya's layout: q, k, v fused as in FLUX's original modules, the same update exactly
+    kohya = load_file(flux_lora / "pytorch_lora_weights_kohya.safetensors")
+
+    def update(module: str) -> Any:  # diffusers' file: scale 1 (alpha = rank)
+        return saved[f"transformer.{module}.lora_B.weight"] @ saved[f"transformer.{module}.lora_A.weight"]
+
+    def kohya_update(module: str) -> Any:
+        down, up = kohya[f"lora_unet_{module}.lora_down.weight"], kohya[f"lora_unet_{module}.lora_up.weight"]
+        return float(kohya[f"lora_unet_{module}.alpha"]) / down.shape[0] * up @ down
+
+    qkv = [update(f"transformer_blocks.0.attn.to_{p}") for p in "qkv"]
+    assert max_difference({"u": kohya_update("double_blocks_0_img_attn_qkv")}, {"u": torch.cat(qkv)}) < 1e-6
+    assert (
+        max_difference(
+            {"u": kohya_update("double_blocks_0_img_attn_proj")}, {"u": update("transformer_blocks.0.attn.to_out.0")}
+        )
+        < 1e-6
+    )
+    linear1 = kohya_update("single_blocks_0_linear1")
+    single = torch.cat([update(f"single_transformer_blocks.0.attn.to_{p}") for p in "qkv"])
+    assert max_difference({"u": linear1[: len(single)]}, {"u": single}) < 1e-6
+    assert not linear1[len(single) :].any(), "the fused MLP rows are not adapted"
+    assert {k.split(".")[0] for k in kohya} == {
+        "lora_unet_double_blocks_0_img_attn_qkv",
+        "lora_unet_double_blocks_0_img_attn_proj",
+        "lora_unet_single_blocks_0_linear1",
+    }
 
     flags = functools.partial(
         flow_flags, tiny_flux, shapes_dataset, method="lora", rank=4, use_ema=False, resume_from_checkpoint="latest"
