@@ -7,24 +7,21 @@ the timestep densities; DDPM-only flags are refused."""
 from __future__ import annotations
 
 import functools
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from trainer_testkit import (
     core_flags,
-    launch,
     max_difference,
     relative_update_difference,
     resume_in_a_new_output,
     train,
+    train_on_two_processes,
     unet_weights,
 )
 
 from kubetune.api.layout import EXIT_INVALID
-from kubetune.launch import accelerate_launch_command, free_port
 
 T5_TOKENS = 16
 
@@ -182,10 +179,7 @@ def test_flux_on_two_processes_agrees_with_one(
     output = tmp_path / "out"
     # 2 processes x batch 1 = the full run's 1 x 2
     args = flow_flags(tiny_flux, shapes_dataset, output, weighting_scheme="logit_normal", train_batch_size=1)
-    process = launch(accelerate_launch_command(1, 2, 0, "127.0.0.1", free_port(), args, python=sys.executable))
-    log = process.communicate(timeout=300)[0]
-    assert process.returncode == 0, log[-4000:]
-    assert json.loads((output / "checkpoint-4" / "manifest.json").read_text())["worldSize"] == 2
+    assert train_on_two_processes(args, output / "checkpoint-4")["worldSize"] == 2
     assert relative_update_difference(output, flux_full, tiny_flux, "transformer") < 0.01
 
 
