@@ -1,10 +1,12 @@
-"""`python -m kubetune.api.crd_write`: write the generated CRD where the repo keeps copies."""
+"""`python -m kubetune.api.crd_write`: write the generated CRD where the repo keeps copies.
+
+First the pod-template schema (kubetune/api/podtemplate.schema.json) from the Kubernetes definitions
+kubernetes-validate ships, when it is installed: the models, and so the CRD, are built from it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from kubetune.api.crd import render_crd_yaml, render_reference_markdown
 
 REPO = Path(__file__).resolve().parents[2]
 TARGETS = [REPO / "crds" / "finetunejob.yaml", REPO / "charts" / "kubetune" / "crds" / "finetunejob.yaml"]
@@ -12,6 +14,18 @@ REFERENCE = REPO / "docs" / "spec-reference.md"
 
 
 def main() -> None:
+    from kubetune.api import podtemplate
+
+    try:
+        schema = podtemplate.render_schema_json()
+    except ImportError:
+        print(f"kubernetes-validate is not installed: {podtemplate.SCHEMA_FILE.name} left as it is")
+    else:
+        podtemplate.SCHEMA_FILE.write_text(schema)
+        print(f"wrote {podtemplate.SCHEMA_FILE.relative_to(REPO)}")
+    # imported only now: the models read the schema written above
+    from kubetune.api.crd import render_crd_yaml, render_reference_markdown
+
     text = render_crd_yaml()
     for target in TARGETS:
         if target.parent.parent.exists() or target.parent.exists():
