@@ -6,11 +6,30 @@ kubernetes-validate ships, when it is installed: the models, and so the CRD, are
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 TARGETS = [REPO / "crds" / "finetunejob.yaml", REPO / "charts" / "kubetune" / "crds" / "finetunejob.yaml"]
 REFERENCE = REPO / "docs" / "spec-reference.md"
+VALUES_SCHEMA = REPO / "charts" / "kubetune" / "values.schema.json"
+
+
+def values_schema(text: str) -> str:
+    """The chart's values.schema.json with jobDefaults checked by the pod-template schema."""
+    from kubetune.api import podtemplate
+
+    schema = json.loads(text)
+    schema["properties"]["jobDefaults"] = {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "Pod-template overlays for every job's pods (spec.<component>.podTemplate's shape).",
+        "properties": {
+            component: podtemplate.for_helm(podtemplate.pod_template_schema(component))
+            for component in ("collector", "trainer")
+        },
+    }
+    return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
 
 
 def main() -> None:
@@ -32,6 +51,9 @@ def main() -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
             print(f"wrote {target.relative_to(REPO)}")
+    if VALUES_SCHEMA.exists():
+        VALUES_SCHEMA.write_text(values_schema(VALUES_SCHEMA.read_text()))
+        print(f"wrote {VALUES_SCHEMA.relative_to(REPO)}")
     REFERENCE.parent.mkdir(exist_ok=True)
     REFERENCE.write_text(render_reference_markdown())
     print(f"wrote {REFERENCE.relative_to(REPO)}")

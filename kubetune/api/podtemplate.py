@@ -316,6 +316,23 @@ def for_crd(schema: Any) -> Any:
     return {key: for_crd(value) for key, value in schema.items() if key != KEY_PATTERN}
 
 
+def for_helm(schema: Any) -> Any:
+    """`schema` as JSON Schema for the chart's values.schema.json (jobDefaults): unknown fields
+    refused (`helm install` then names them), no Kubernetes extensions, no descriptions."""
+    if isinstance(schema, list):
+        return [for_helm(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {
+        key: ({name: for_helm(child) for name, child in value.items()} if key == "properties" else for_helm(value))
+        for key, value in schema.items()
+        if not key.startswith("x-") and key != "description"
+    }
+    if "properties" in out:
+        out["additionalProperties"] = False
+    return out
+
+
 # -- validation ----------------------------------------------------------------------------------
 
 
