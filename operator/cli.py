@@ -221,6 +221,12 @@ def register(controller: Any, verbose: bool = False, scan_namespaces: bool = Fal
 
 def main(argv: Sequence[str], prog: str = "kubetune operator") -> int:
     args = build_parser(prog).parse_args(list(argv))
+    pod_templates: dict[str, dict[str, Any]] = {}
+    if args.job_defaults:  # before anything else: a bad file is refused at once, in one line
+        try:
+            pod_templates = b.pod_template_defaults(load_job_defaults(args.job_defaults))
+        except SpecError as error:
+            raise OneLineError(f"--job-defaults {error}") from None
     import kopf
 
     from .controller import Controller
@@ -235,12 +241,6 @@ def main(argv: Sequence[str], prog: str = "kubetune operator") -> int:
     except Exception as error:  # no kubeconfig, no in-cluster account
         raise OneLineError(f"cannot reach Kubernetes: {str(error).splitlines()[0]}") from None
     defaults = b.SpecDefaults.from_env(os.environ)  # `kubetune render` reads the same
-    pod_templates: dict[str, dict[str, Any]] = {}
-    if args.job_defaults:
-        try:
-            pod_templates = b.pod_template_defaults(load_job_defaults(args.job_defaults))
-        except SpecError as error:
-            raise OneLineError(f"--job-defaults {error}") from None
     kube = Kube(
         api_client,
         b.Images(args.collector_image, args.trainer_image),
