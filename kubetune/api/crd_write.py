@@ -1,12 +1,15 @@
 """`python -m kubetune.api.crd_write`: write the generated CRD where the repo keeps copies.
 
 First the pod-template schema (kubetune/api/podtemplate.schema.json) from the Kubernetes definitions
-kubernetes-validate ships, when it is installed: the models, and so the CRD, are built from it.
+kubernetes-validate ships, when it is installed: the models, and so the CRD, are built from it (a new
+schema restarts the program, as the models were imported with the old one).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,9 +43,11 @@ def main() -> None:
     except ImportError:
         print(f"kubernetes-validate is not installed: {podtemplate.SCHEMA_FILE.name} left as it is")
     else:
-        podtemplate.SCHEMA_FILE.write_text(schema)
-        print(f"wrote {podtemplate.SCHEMA_FILE.relative_to(REPO)}")
-    # imported only now: the models read the schema written above
+        if schema != podtemplate.SCHEMA_FILE.read_text():
+            podtemplate.SCHEMA_FILE.write_text(schema)
+            print(f"wrote {podtemplate.SCHEMA_FILE.relative_to(REPO)}")
+            # the models (imported with kubetune.api) were built from the old schema: start again
+            os.execv(sys.executable, [sys.executable, "-m", "kubetune.api.crd_write"])
     from kubetune.api.crd import render_crd_yaml, render_reference_markdown
 
     text = render_crd_yaml()

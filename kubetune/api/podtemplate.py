@@ -25,10 +25,37 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.contracts import SOURCE_SECRET_ENV
+
 SCHEMA_FILE = Path(__file__).with_name("podtemplate.schema.json")
 KUBERNETES_VERSION = "1.29.0"  # the chart's kubeVersion floor
 PREFIX = "io.k8s.api.core.v1."
 KEY_PATTERN = "x-kubetune-key-pattern"  # Python-only: dropped from the CRD (see the module docstring)
+RESERVED = "x-kubetune-reserved-env"  # a CEL rule in the CRD, a check here
+
+# Env names the operator sets or keeps for itself: an overlay may not set them, so that a job's
+# podTemplate (or envFrom... which env entries beat) cannot point the pods at another S3 endpoint
+# than the one the operator checked (allowedStorageEndpoints), nor change the spec or the wiring.
+RESERVED_ENV_PREFIXES = ["KUBETUNE_", "AWS_ENDPOINT_URL"]
+RESERVED_ENV_NAMES = sorted(
+    {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "JOB_COMPLETION_INDEX",
+        "PYTHONUNBUFFERED",
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
+        *(variable for variables in SOURCE_SECRET_ENV.values() for variable in variables.values()),
+    }
+)
+RESERVED_ENV_MESSAGE = (
+    "env names the operator sets are reserved: "
+    + ", ".join(f"{prefix}*" for prefix in RESERVED_ENV_PREFIXES)
+    + ", "
+    + ", ".join(RESERVED_ENV_NAMES)
+)
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -114,7 +141,12 @@ FIELDS: dict[tuple[str, str], dict[str, Any]] = {
     ("PodSpec", "priorityClassName"): NAME_253,
     ("PodSpec", "serviceAccountName"): NAME_253,
     ("PodSpec", "nodeSelector"): {**LABEL_MAP, "values": LABEL_VALUES},
-    ("Container", "env"): {"maxItems": 256, "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    ("Container", "env"): {
+        "maxItems": 256,
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["name"],
+        RESERVED: True,
+    },
     ("Container", "volumeMounts"): {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["mountPath"]},
     ("EnvVar", "name"): {"maxLength": 256, "pattern": ENV_NAME},
     ("EnvVar", "value"): {"maxLength": 32768},
@@ -307,13 +339,22 @@ def affinity_schema() -> dict[str, Any]:
     return copy.deepcopy(_pod_template()["properties"]["spec"]["properties"]["affinity"])
 
 
+def reserved_env_rule() -> dict[str, str]:
+    names = ", ".join(f"'{name}'" for name in RESERVED_ENV_NAMES)
+    prefixes = " && ".join(f"!e.name.startsWith('{prefix}')" for prefix in RESERVED_ENV_PREFIXES)
+    return {"rule": f"self.all(e, {prefixes} && !(e.name in [{names}]))", "message": RESERVED_ENV_MESSAGE}
+
+
 def for_crd(schema: Any) -> Any:
-    """`schema` without the Python-only keys."""
+    """`schema` without the Python-only keys, the reserved env names as a CEL rule."""
     if isinstance(schema, list):
         return [for_crd(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    return {key: for_crd(value) for key, value in schema.items() if key != KEY_PATTERN}
+    out = {key: for_crd(value) for key, value in schema.items() if key not in (KEY_PATTERN, RESERVED)}
+    if schema.get(RESERVED):
+        out["x-kubernetes-validations"] = [reserved_env_rule()]
+    return out
 
 
 def for_helm(schema: Any) -> Any:
@@ -391,6 +432,11 @@ def validate(schema: dict[str, Any], value: Any, path: str = "") -> str | None:
             problem = validate(schema.get("items") or {}, item, _join(path, index))
             if problem:
                 return problem
+        if schema.get(RESERVED):
+            for index, item in enumerate(value):
+                name = item.get("name", "")
+                if name in RESERVED_ENV_NAMES or name.startswith(tuple(RESERVED_ENV_PREFIXES)):
+                    return f"{_join(path, index)}.name: {RESERVED_ENV_MESSAGE} (got {name!r})"
         keys = schema.get("x-kubernetes-list-map-keys")
         if keys:
             seen: set[tuple[Any, ...]] = set()

@@ -347,6 +347,12 @@ BOUNDS += [
         f"{PT}.spec.imagePullSecrets[0].name",
     ),
     ("pod-runtime-class", PT, {"spec": {"runtimeClassName": "x" * 254}}, f"{PT}.spec.runtimeClassName"),
+    (
+        "pod-env-reserved",
+        PT,
+        _main(env=[{"name": "AWS_ENDPOINT_URL", "value": "http://x"}]),
+        f"{PT}.spec.containers[0].env",
+    ),
     ("pod-too-many-env", PT, _main(env=[{"name": f"E{i}"} for i in range(257)]), f"{PT}.spec.containers[0].env"),
     ("affinity-unknown-field", f"{TR}.affinity", {"nodeAffinity": {"typo": {}}}, f"{TR}.affinity.nodeAffinity.typo"),
     (

@@ -187,7 +187,8 @@ def test_the_operators_env_volumes_mounts_labels_and_annotations_win(component: 
         "labels": {b.LABEL_JOB: "someone-else", b.LABEL_COMPONENT: "x", "team": "a"},
         "annotations": {b.ANNOTATION_OWNER: "someone-else"},
     }
-    template = build(make_spec(**{component: {"podTemplate": overlay}}), component)
+    # the reserved env names are refused by the schema already (below); the builder drops them anyway
+    template = json.loads(json.dumps(b.apply_pod_overlay(plain, overlay)))
     container, plain_container = main_container(template), main_container(plain)
     assert container["env"][: len(plain_container["env"])] == plain_container["env"]
     assert [e["name"] for e in container["env"][len(plain_container["env"]) :]] == ["EXTRA"]
@@ -236,6 +237,9 @@ def test_the_operators_env_volumes_mounts_labels_and_annotations_win(component: 
         ({"metadata": {"labels": {"team": "a b"}}}, "metadata.labels.team"),
         ({"metadata": {"labels": {"bad key": "a"}}}, "metadata.labels.bad key"),
         ({"metadata": {"name": "x"}}, "metadata.name"),
+        ({"spec": {"containers": [{"name": "trainer", "env": [{"name": "AWS_ENDPOINT_URL_S3"}]}]}}, "env[0].name"),
+        ({"spec": {"containers": [{"name": "trainer", "env": [{"name": "KUBETUNE_SPEC"}]}]}}, "env[0].name"),
+        ({"spec": {"containers": [{"name": "trainer", "env": [{"name": "X"}, {"name": "HF_TOKEN"}]}]}}, "env[1].name"),
     ],
 )
 def test_what_the_operator_owns_or_restricted_forbids_is_refused_naming_the_field(
@@ -246,6 +250,19 @@ def test_what_the_operator_owns_or_restricted_forbids_is_refused_naming_the_fiel
     message = str(raised.value)
     assert message.startswith("spec.trainer.podTemplate.") and field in message, message
     assert "\n" not in message
+
+
+def test_every_env_name_the_operator_sets_is_reserved() -> None:
+    from kubetune.api import podtemplate
+
+    spec = make_spec()
+    names = {e["name"] for c in COMPONENTS for e in main_container(build(spec, c))["env"]}
+    for variables in b.SOURCE_SECRET_ENV.values():
+        names |= set(variables.values())
+    assert names, "nothing built"
+    for name in names:
+        assert name in podtemplate.RESERVED_ENV_NAMES or name.startswith(tuple(podtemplate.RESERVED_ENV_PREFIXES)), name
+    assert "AWS_ENDPOINT_URL" in names and "HF_TOKEN" in names and "AWS_SECRET_ACCESS_KEY" in names
 
 
 def test_affinity_has_the_kubernetes_schema_not_free_form() -> None:

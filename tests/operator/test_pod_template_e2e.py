@@ -34,10 +34,7 @@ def test_job_defaults_and_the_jobs_overlay_reach_the_collector_job(bare_e2e: Any
             "containers": [
                 {
                     "name": "collector",
-                    "env": [
-                        {"name": "HTTPS_PROXY", "value": "http://job:3128"},
-                        {"name": "KUBETUNE_SPEC", "value": "{}"},  # the operator's: ignored
-                    ],
+                    "env": [{"name": "HTTPS_PROXY", "value": "http://job:3128"}],
                 }
             ],
             "imagePullSecrets": [{"name": "regcred"}],
@@ -54,4 +51,29 @@ def test_job_defaults_and_the_jobs_overlay_reach_the_collector_job(bare_e2e: Any
     assert template["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
     env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
     assert env["HTTPS_PROXY"] == "http://job:3128"
-    assert env["KUBETUNE_SPEC"].startswith("{") and env["KUBETUNE_SPEC"] != "{}"
+    assert '"podTemplate"' not in env["KUBETUNE_SPEC"]
+    # an env name the operator keeps for itself is refused by the API server, naming the rule
+    reserved = e2e.spec(
+        "reserved",
+        collector={
+            "podTemplate": {
+                "spec": {
+                    "containers": [
+                        {"name": "collector", "env": [{"name": "AWS_ENDPOINT_URL", "value": "http://elsewhere"}]}
+                    ]
+                }
+            }
+        },
+    )
+    response = e2e.api.post(
+        e2e.path("finetunejobs"),
+        {
+            "apiVersion": "kubetune.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "reserved"},
+            "spec": reserved,
+        },
+    )
+    assert response.status_code == 422, response.text
+    assert "spec.collector.podTemplate.spec.containers[0].env" in response.json()["message"]
+    assert "reserved" in response.json()["message"]
