@@ -32,7 +32,7 @@ from kubetune.api.layout import (
     SPEC_ENV,
     dataset_fingerprint,
 )
-from kubetune.api.load import dump_spec
+from kubetune.api.load import SpecError, dump_spec
 from kubetune.api.models import (
     API_VERSION,
     KIND,
@@ -144,6 +144,7 @@ def effective_spec(spec: FineTuneJobSpec, defaults: SpecDefaults) -> FineTuneJob
             settings = getattr(spec, component)
             merged = merge_overlays(template, settings.pod_template)
             spec = spec.model_copy(update={component: settings.model_copy(update={"pod_template": merged})})
+        check_volume_mounts(component, getattr(spec, component).pod_template)
     if not updates:
         return spec
     return spec.model_copy(update={"storage": storage_spec.model_copy(update=updates)})
@@ -471,6 +472,24 @@ def _merge_by_key(old: list[Any], new: list[Any], key: str, path: tuple[str, ...
             index[item.get(key)] = len(merged)
             merged.append(copy.deepcopy(item))
     return merged
+
+
+OPERATOR_VOLUMES = {COLLECTOR: ("tmp",), TRAINER: ("dshm", "tmp")}
+
+
+def check_volume_mounts(component: str, overlay: Mapping[str, Any]) -> None:
+    """Every mount of the overlay (jobDefaults merged in) names a volume the pods will have: caught
+    here, the job fails as InvalidSpec naming the mount, instead of the API server refusing the Job."""
+    spec = overlay.get("spec") or {}
+    volumes = {volume["name"] for volume in spec.get("volumes") or []} | set(OPERATOR_VOLUMES[component])
+    for container in spec.get("containers") or []:
+        for mount in container.get("volumeMounts") or []:
+            if mount["name"] not in volumes:
+                raise SpecError(
+                    f"spec.{component}.podTemplate.spec.containers[name={container['name']}].volumeMounts"
+                    f"[mountPath={mount['mountPath']}].name: no volume {mount['name']!r} in the podTemplate, the "
+                    f"operator's jobDefaults or the operator's own volumes ({', '.join(OPERATOR_VOLUMES[component])})"
+                )
 
 
 def pod_overlay(settings: PodSettings) -> dict[str, Any]:

@@ -380,6 +380,23 @@ def test_defaults_then_the_podtemplate_then_the_direct_fields_then_the_operator(
     assert "tolerations" not in build(b.effective_spec(spec, defaults), b.COLLECTOR)["spec"]
 
 
+def test_a_mount_of_no_volume_is_an_invalid_spec_unless_the_defaults_have_the_volume() -> None:
+    mount = containers("trainer", volumeMounts=[{"name": "cache", "mountPath": "/cache"}])
+    spec = make_spec(trainer={"podTemplate": mount})
+    with pytest.raises(
+        SpecError, match=r"^spec\.trainer\.podTemplate\..*volumeMounts\[mountPath=/cache\]\.name: no volume 'cache'"
+    ):
+        b.effective_spec(spec, b.SpecDefaults())
+    defaults = b.SpecDefaults(pod_templates={b.TRAINER: {"spec": {"volumes": [{"name": "cache", "emptyDir": {}}]}}})
+    template = build(b.effective_spec(spec, defaults), b.TRAINER)
+    assert {"name": "cache", "emptyDir": {}} in template["spec"]["volumes"]
+    # the operator's own volumes may be mounted elsewhere
+    b.effective_spec(
+        make_spec(trainer={"podTemplate": containers("trainer", volumeMounts=[{"name": "dshm", "mountPath": "/x"}])}),
+        b.SpecDefaults(),
+    )
+
+
 def test_the_spec_handed_to_pods_carries_no_pod_template() -> None:
     spec = make_spec(
         trainer={"podTemplate": containers("trainer", env=[{"name": "HTTPS_PROXY", "value": "http://u:p@x"}])}
