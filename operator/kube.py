@@ -202,6 +202,8 @@ class Kube:
     default_region: str = ""
     default_staging_size: str = ""  # spec.trainer.stagingSize for jobs that set none (chart: trainer.stagingSize)
     default_credentials_secret: str = ""  # Secret (in the job's namespace) for jobs that name none
+    # chart value jobDefaults: (component, pod-template overlay) pairs
+    default_pod_templates: tuple[tuple[str, dict[str, Any]], ...] = ()
     allowed_storage_endpoints: tuple[str, ...] = ()  # empty: any endpoint, with the job's own Secret
     storage_own_identity: bool = False  # read storage with the operator's identity when a job names no Secret
     s3_connections: int = 32  # per S3 client: one per reconcile worker
@@ -309,8 +311,8 @@ class Kube:
         return data
 
     def effective_spec(self, spec: FineTuneJobSpec) -> FineTuneJobSpec:
-        """The spec with the operator's cluster-wide S3 defaults and trainer staging size (chart
-        values) filled in (builders.effective_spec; `kubetune render` applies the same)."""
+        """The spec with the operator's cluster-wide S3 defaults, trainer staging size and job pod
+        templates (chart values) filled in (builders.effective_spec; `kubetune render` applies the same)."""
         return b.effective_spec(spec, self.spec_defaults)
 
     @property
@@ -320,6 +322,7 @@ class Kube:
             region=self.default_region,
             credentials_secret=self.default_credentials_secret,
             staging_size=self.default_staging_size,
+            pod_templates=dict(self.default_pod_templates),
         )
 
     def store(self, spec: FineTuneJobSpec, secrets: dict[str, dict[str, str] | None]) -> storage.Store:
