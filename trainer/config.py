@@ -51,7 +51,23 @@ def parse_config(argv: Sequence[str], prog: str) -> TrainConfig:
         raise OneLineError("--train_data_dir or --dataset_name: one is required")
     if config.resolution % 8:
         raise OneLineError(f"--resolution: must be a multiple of 8 (got {config.resolution})")
+    _check_hub(config)
     return config
+
+
+def _check_hub(config: TrainConfig) -> None:
+    import re
+
+    from kubetune.api.models import HUB_REPO
+
+    if config.push_to_hub and not config.hub_model_id:
+        raise OneLineError("--push_to_hub: needs --hub_model_id ORG/NAME (spec.output.hub.repo)")
+    repo = config.hub_model_id
+    if repo is not None and (len(repo) > 193 or not re.fullmatch(HUB_REPO, repo) or "--" in repo or ".." in repo):
+        raise OneLineError(
+            f"--hub_model_id: a Hub repository id namespace/name is required: letters, digits, '-', '_' and '.', "
+            f"at most 96 each, no '--' or '..' (got {repo[:100]!r})"
+        )
 
 
 def spec_values(spec_arg: str) -> dict[str, Any]:

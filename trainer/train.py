@@ -468,6 +468,7 @@ class Trainer:
     samples_seen: int = 0
     skipped_steps: int = 0  # non-finite steps dropped under --max_nonfinite_steps
     params: list[torch.nn.Parameter] = field(default_factory=list)
+    last_render: tuple[int, list[str], list[Any]] = (-1, [], [])  # step, prompts, images
 
     def __post_init__(self) -> None:
         cfg, accelerator = self.cfg, self.session.accelerator
@@ -992,6 +993,7 @@ class Trainer:
         self.session.accelerator.wait_for_everyone()
 
     def _render(self) -> None:
+        per_prompt = self.cfg.num_validation_images or (4 if self.cfg.method == "lora" else 1)
         with self._inference_pipeline() as pipeline:
             images = publish.render_samples(
                 pipeline,
@@ -1001,8 +1003,10 @@ class Trainer:
                 self.session.output,
                 self.step,
                 self.cfg.validation_guidance_scale,
-                self.cfg.num_validation_images or (4 if self.cfg.method == "lora" else 1),
+                per_prompt,
             )
+        # kept for the model card and the Hub push (PIL images of the newest render)
+        self.last_render = (self.step, [p for p in self.cfg.validation_prompts for _ in range(per_prompt)], images)
         if self.writer is not None:  # as the stock scripts log them to TensorBoard (by step here)
             np_images = np.stack([np.asarray(image) for image in images])
             self.writer.add_images("validation", np_images, self.step, dataformats="NHWC")
@@ -1017,25 +1021,60 @@ class Trainer:
             self.unet.to(memory_format=torch.contiguous_format)
             family = self.model.family
             if cfg.method == "lora":
-                publish.write_lora(family, self.unet, session.output, session.staging)
+                folder, files = publish.write_lora(family, self.unet, session.output, session.staging)
             else:
                 if self.ema is not None:
                     self.ema.copy_to(self.params)
                 vae = self.model.vae if self.model.parts.vae_source else None
                 pipeline = family.pipeline(self.model.path, self.unet, variant=cfg.variant or None, vae=vae)
-                publish.write_pipeline(pipeline, session.output, session.staging)
+                folder, files = publish.write_pipeline(pipeline, session.output, session.staging)
             if cfg.validation_prompts and self.step % self.validation_every:
                 self.ema = None  # the EMA weights are in the UNet now: sample with them as they are
                 self._render()
-            session.output.write_bytes(
-                "README.md",
-                publish.model_card(cfg, self.model.family, data, images, skipped, self.step, session.seed).encode(),
-                "text/markdown",
-            )
+            samples = publish.sample_files(*self.last_render) if self.last_render[0] == self.step else []
+            card = publish.model_card(
+                cfg,
+                self.model.family,
+                data,
+                images,
+                skipped,
+                self.step,
+                session.seed,
+                license=publish.base_model_license(self.model.path),
+                samples=samples,
+            ).encode()
+            session.output.write_bytes("README.md", card, "text/markdown")
             self._upload_logs()
+            if cfg.push_to_hub:  # after the output is complete: a failed push loses nothing there
+                self._push_to_hub(folder, files, card, samples)
             session.progress.state("succeeded", step=self.step)
             self.checkpointer.close()
         session.accelerator.wait_for_everyone()
+
+    def _push_to_hub(self, folder: Path, files: list[str], card: bytes, samples: list[Any]) -> None:
+        """The model files, the card and the final samples in one commit. A refused token or a
+        missing namespace is not retried (exit 2); other failures exit 1, and the retry resumes
+        from the latest checkpoint, publishes and pushes again."""
+        from kubetune.trainer import hub
+
+        cfg = self.cfg
+        assert cfg.hub_model_id
+        uploads = [hub.HubFile(name, folder / name) for name in files]
+        uploads += [hub.HubFile("README.md", card)] + [hub.HubFile(s.path, s.png) for s in samples]
+        log.info("pushing %d files to the Hub repository %s", len(uploads), cfg.hub_model_id)
+        try:
+            url = hub.push(
+                cfg.hub_model_id,
+                uploads,
+                private=cfg.hub_private_repo,
+                revision=cfg.hub_revision,
+                token=cfg.hub_token,
+                message=f"kubetune: {cfg.method} fine-tune of {cfg.pretrained_model_name_or_path}, step {self.step}",
+            )
+        except hub.HubError as error:
+            permanent = "HTTP 401" in str(error) or "HTTP 403" in str(error) or "HTTP 404" in str(error)
+            raise TrainError(str(error), layout.EXIT_INVALID if permanent else layout.EXIT_FAILED) from None
+        log.info("pushed to the Hub: %s", url)
 
     def _tensorboard(self) -> Any:
         if not self.session.is_main or self.cfg.report_to == "none":
