@@ -52,6 +52,10 @@ def parse_config(argv: Sequence[str], prog: str) -> TrainConfig:
     if config.resolution % 8:
         raise OneLineError(f"--resolution: must be a multiple of 8 (got {config.resolution})")
     _check_hub(config)
+    from kubetune.trainer.trackers import missing
+
+    if message := missing(config.report_to):
+        raise OneLineError(message)
     return config
 
 
@@ -68,6 +72,11 @@ def _check_hub(config: TrainConfig) -> None:
             f"--hub_model_id: a Hub repository id namespace/name is required: letters, digits, '-', '_' and '.', "
             f"at most 96 each, no '--' or '..' (got {repo[:100]!r})"
         )
+    from kubetune.trainer.trackers import selected
+
+    if config.hub_token is not None and "wandb" in selected(config.report_to):
+        # as diffusers' scripts: wandb records the command line, token included
+        raise OneLineError("--hub_token: not with --report_to wandb (it would record the token); set $HF_TOKEN instead")
 
 
 def spec_values(spec_arg: str) -> dict[str, Any]:

@@ -508,11 +508,15 @@ class TrainConfig:
     report_to: str = opt(
         "tensorboard",
         group=OUTPUT,
-        choices=("tensorboard", "all", "none"),
-        help="TensorBoard logs under 'logs/' in --output_dir, unless none",
+        choices=("tensorboard", "wandb", "mlflow", "all", "none"),
+        help="TensorBoard logs under 'logs/' in --output_dir unless none; wandb or mlflow (kubetune[trackers]) "
+        "as well record the settings, loss, learning rate, images/s and validation images; all: TensorBoard and "
+        "those installed",
     )
-    logging_dir: str = opt("logs", group=OUTPUT, help="local TensorBoard folder")
-    tracker_project_name: str = opt("text2image-fine-tune", group=OUTPUT, help="accepted; unused")
+    logging_dir: str = opt("logs", group=OUTPUT, help="local TensorBoard folder (and wandb's, unless $WANDB_DIR)")
+    tracker_project_name: str = opt(
+        "text2image-fine-tune", group=OUTPUT, help="the wandb project or mlflow experiment name"
+    )
     progress_interval: float = opt(
         5.0, group=OUTPUT, kubetune=True, type=float, help="seconds between progress.json updates"
     )

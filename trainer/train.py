@@ -33,7 +33,7 @@ from kubetune.api import layout
 from kubetune.api.contracts import CheckpointState, resume_mismatches
 from kubetune.storage import StorageError, Store, join
 from kubetune.trainer import cache as latent_cache
-from kubetune.trainer import publish
+from kubetune.trainer import publish, trackers
 from kubetune.trainer.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -109,7 +109,11 @@ class Session:
 
         # cpu=True where there is no GPU: accelerate 1.15 only picks gloo (MULTI_CPU) for several
         # processes when told so; otherwise each process silently trains alone.
-        accelerator = Accelerator(mixed_precision=cfg.precision, cpu=not torch.cuda.is_available())
+        accelerator = Accelerator(
+            mixed_precision=cfg.precision,
+            cpu=not torch.cuda.is_available(),
+            log_with=trackers.selected(cfg.report_to) or None,  # wandb, mlflow; TensorBoard is our own writer
+        )
         output = Store(cfg.output_dir)
         staging = (
             Path(cfg.output_dir)
@@ -548,6 +552,7 @@ class Trainer:
         self.ddp, self.optimizer = accelerator.prepare(runnable, optimizer)
         self.checkpointer = Checkpointer(self.session.output, self.session.staging, cfg.checkpoints_total_limit)
         self.writer = self._tensorboard()
+        trackers.start(accelerator, cfg, self.session.staging / cfg.logging_dir)
         if self.resume and self.resume.manifest:  # the data is known now
             found = resume_mismatches(self.resume.manifest, {"cache_key": self.samples.key})
             self.resume = self.session.check_resume(self.resume, found)
@@ -724,6 +729,10 @@ class Trainer:
                 self.writer.add_scalar("lr", values["learningRate"], self.step)
         if self.session.is_main:
             self.session.progress.step(self.step, self.samples_seen, **values)
+            if "loss" in values and trackers.selected(self.cfg.report_to):
+                rate = self.session.progress.values.get("imagesPerSecond")
+                logged = {"train_loss": values["loss"], "lr": values["learningRate"]}
+                self.session.accelerator.log({**logged, **({"images_per_second": rate} if rate else {})}, self.step)
 
     # -- 4. checkpoint -------------------------------------------------------------------------
 
@@ -1011,6 +1020,7 @@ class Trainer:
             np_images = np.stack([np.asarray(image) for image in images])
             self.writer.add_images("validation", np_images, self.step, dataformats="NHWC")
             self.writer.flush()
+        trackers.log_images(self.session.accelerator, self.cfg.report_to, images, self.last_render[1], self.step)
 
     def publish(self, data: TrainingData, images: int, skipped: int) -> None:
         session, cfg = self.session, self.cfg
@@ -1044,6 +1054,8 @@ class Trainer:
                 samples=samples,
             ).encode()
             session.output.write_bytes("README.md", card, "text/markdown")
+            for tracker in session.accelerator.trackers:  # not end_training(): it ends the process group
+                tracker.finish()  # the trackers' runs end before the logs are uploaded
             self._upload_logs()
             if cfg.push_to_hub:  # after the output is complete: a failed push loses nothing there
                 self._push_to_hub(folder, files, card, samples)
