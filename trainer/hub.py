@@ -28,7 +28,12 @@ WHERE = "--hub_model_id (spec.output.hub)"
 
 
 class HubError(Exception):
-    """The push failed; a one-line message without the token."""
+    """The push failed; a one-line message without the token. `permanent`: retrying cannot help
+    (the token refused, the namespace missing)."""
+
+    def __init__(self, message: str, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,7 @@ def push(
             status = _status(error)
             transient = status in RETRY_STATUS or (status is None and _is_connection_error(error))
             if not transient or attempt == ATTEMPTS:
-                raise HubError(_message(repo, error, status)) from None
+                raise HubError(_message(repo, error, status), permanent=status in (401, 403, 404)) from None
             log.warning("pushing to %s failed (%s); retrying in %gs", repo, status or type(error).__name__, delay)
             time.sleep(delay)
             delay *= 2

@@ -511,7 +511,7 @@ class TrainConfig:
         choices=("tensorboard", "wandb", "mlflow", "all", "none"),
         help="TensorBoard logs under 'logs/' in --output_dir unless none; wandb or mlflow (kubetune[trackers]) "
         "as well record the settings, loss, learning rate, images/s and validation images; all: TensorBoard and "
-        "those installed",
+        "those installed and configured ($WANDB_API_KEY or $WANDB_MODE; $MLFLOW_TRACKING_URI)",
     )
     logging_dir: str = opt("logs", group=OUTPUT, help="local TensorBoard folder (and wandb's, unless $WANDB_DIR)")
     tracker_project_name: str = opt(

@@ -21,12 +21,23 @@ def installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+# `all` takes a tracker only when it is configured too: the trainer image has both installed, and an
+# unconfigured wandb would stop to ask for a login (mlflow would write ./mlruns in the pod)
+CONFIGURED_BY = {"wandb": ("WANDB_API_KEY", "WANDB_MODE"), "mlflow": ("MLFLOW_TRACKING_URI",)}
+
+
 def selected(report_to: str) -> list[str]:
-    """The trackers (besides TensorBoard) `--report_to` asks for; `all`: those installed."""
+    """The trackers (besides TensorBoard) `--report_to` asks for; `all`: those installed and configured."""
+    import os
+
     if report_to in TRACKERS:
         return [report_to]
     if report_to == "all":
-        return [name for name in TRACKERS if installed(name)]
+        return [
+            name
+            for name in TRACKERS
+            if installed(name) and any(os.environ.get(variable) for variable in CONFIGURED_BY[name])
+        ]
     return []
 
 

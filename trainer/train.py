@@ -1084,8 +1084,7 @@ class Trainer:
                 message=f"kubetune: {cfg.method} fine-tune of {cfg.pretrained_model_name_or_path}, step {self.step}",
             )
         except hub.HubError as error:
-            permanent = "HTTP 401" in str(error) or "HTTP 403" in str(error) or "HTTP 404" in str(error)
-            raise TrainError(str(error), layout.EXIT_INVALID if permanent else layout.EXIT_FAILED) from None
+            raise TrainError(str(error), layout.EXIT_INVALID if error.permanent else layout.EXIT_FAILED) from None
         log.info("pushed to the Hub: %s", url)
 
     def _tensorboard(self) -> Any:

@@ -120,3 +120,40 @@ def test_push_flags_are_checked_before_training(tmp_path: Path) -> None:
     )
     result = train([*base, "--push_to_hub", "--hub_model_id", "not a repo"])
     assert result.returncode == 2 and "--hub_model_id: a Hub repository id namespace/name" in result.stderr
+
+
+def test_a_spec_job_on_s3_pushes_with_the_operator_token_variable(
+    tiny_model: Path, hub: Hub, s3_bucket: str, tmp_path: Path
+) -> None:
+    """What the operator's trainer pod runs: `--spec` with spec.output.hub, the model in S3 (published
+    through a local staging folder), and the token in KUBETUNE_HUB_TOKEN beside a read-only HF_TOKEN."""
+    import yaml
+
+    from kubetune.dev.testing.specs import tiny_training
+    from kubetune.storage import Store
+
+    storage = f"s3://{s3_bucket}/jobs/pushed"
+    Store(storage).upload_tree(write_imagefolder(tmp_path / "dataset", 4), "dataset")
+    spec = {
+        "dataset": {"imagefolder": {"uri": f"{storage}/dataset"}},
+        "model": {"base": str(tiny_model)},
+        "training": tiny_training(maxTrainSteps=2, method="lora", validationPrompts=["a blue square"]),
+        "storage": {"uri": storage + "/"},
+        "output": {"hub": {"repo": "alice/from-spec", "tokenSecretRef": {"name": "hf", "key": "token"}}},
+    }
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "spec": spec}))
+    result = train(
+        ["--spec", str(job), "--report_to", "none"],
+        **hub_env(hub, READ_TOKEN),
+        KUBETUNE_HUB_TOKEN=WRITE_TOKEN,
+        KUBETUNE_WORK_DIR=str(tmp_path / "pod"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert WRITE_TOKEN not in result.stdout + result.stderr
+    files = hub.files("alice/from-spec")
+    assert files["pytorch_lora_weights.safetensors"] == Store(storage).read_bytes("pytorch_lora_weights.safetensors")
+    assert files["README.md"] == Store(storage).read_bytes("README.md")
+    assert sorted(name for name in files if name.startswith("samples/")) == [
+        f"samples/step-00000002/{i:02d}.png" for i in range(4)
+    ], "the LoRA default: 4 images per prompt"

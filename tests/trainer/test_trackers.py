@@ -104,3 +104,15 @@ def test_the_hub_token_flag_is_refused_with_wandb(tmp_path: Path) -> None:
         "instead"
     )
     assert "hf_secretvalue" not in result.stdout + result.stderr
+
+
+def test_all_takes_the_trackers_that_are_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubetune.trainer import trackers
+
+    for variable in ("WANDB_API_KEY", "WANDB_MODE", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(variable, raising=False)
+    assert trackers.selected("all") == [] and trackers.selected("tensorboard") == []
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:/tmp/x")
+    expected = [name for name in ("wandb", "mlflow") if trackers.installed(name)]
+    assert trackers.selected("all") == expected and trackers.selected("mlflow") == ["mlflow"]
