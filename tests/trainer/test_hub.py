@@ -157,3 +157,30 @@ def test_a_spec_job_on_s3_pushes_with_the_operator_token_variable(
     assert sorted(name for name in files if name.startswith("samples/")) == [
         f"samples/step-00000002/{i:02d}.png" for i in range(4)
     ], "the LoRA default: 4 images per prompt"
+
+
+def test_transient_failures_are_retried_and_then_reported_without_the_token(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubetune.trainer import hub as push
+
+    monkeypatch.setenv("HF_ENDPOINT", hub.base)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("KUBETUNE_HUB_RETRY_SECONDS", "0.01")
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", hub.base)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    files = [push.HubFile("README.md", b"---\nlicense: mit\n---\n"), push.HubFile("a.bin", b"\0" * 10)]
+
+    hub.failures = [503, 502]
+    url = push.push("alice/retried", files, token=WRITE_TOKEN)
+    assert url.startswith(f"{hub.base}/alice/retried/commit/") and len(hub.repos["alice/retried"].commits) == 1
+
+    hub.failures = [500] * push.ATTEMPTS
+    with pytest.raises(push.HubError) as failed:
+        push.push("alice/retried", files, token=WRITE_TOKEN)
+    assert not failed.value.permanent and str(failed.value) == (
+        "--hub_model_id (spec.output.hub): pushing to alice/retried failed: HTTP 500"
+    )
+    with pytest.raises(push.HubError) as refused:
+        push.push("bob/theirs", files, token=WRITE_TOKEN)
+    assert refused.value.permanent and "HTTP 403" in str(refused.value) and WRITE_TOKEN not in str(refused.value)
