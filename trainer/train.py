@@ -1038,7 +1038,8 @@ class Trainer:
                 vae = self.model.vae if self.model.parts.vae_source else None
                 pipeline = family.pipeline(self.model.path, self.unet, variant=cfg.variant or None, vae=vae)
                 folder, files = publish.write_pipeline(pipeline, session.output, session.staging)
-            if cfg.validation_prompts and self.step % self.validation_every:
+            # also when this attempt resumed at the last step and so rendered nothing (the card shows them)
+            if cfg.validation_prompts and (self.step % self.validation_every or self.last_render[0] != self.step):
                 self.ema = None  # the EMA weights are in the UNet now: sample with them as they are
                 self._render()
             samples = publish.sample_files(*self.last_render) if self.last_render[0] == self.step else []
