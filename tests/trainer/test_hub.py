@@ -184,3 +184,35 @@ def test_transient_failures_are_retried_and_then_reported_without_the_token(
     with pytest.raises(push.HubError) as refused:
         push.push("bob/theirs", files, token=WRITE_TOKEN)
     assert refused.value.permanent and "HTTP 403" in str(refused.value) and WRITE_TOKEN not in str(refused.value)
+
+
+def test_a_push_that_keeps_failing_exits_1_and_the_retry_pushes(tiny_model: Path, hub: Hub, tmp_path: Path) -> None:
+    """The operator's retry of a failed attempt: it resumes at the last checkpoint (the last step),
+    publishes again, renders the samples again and pushes."""
+    data = write_imagefolder(tmp_path / "dataset", 4)
+    output = tmp_path / "out"
+    flags = core_flags(
+        tiny_model,
+        data,
+        output,
+        max_train_steps=2,
+        checkpointing_steps=2,
+        use_ema=False,
+        validation_prompts="a red circle",
+        push_to_hub=True,
+        hub_model_id="alice/flaky",
+        resume_from_checkpoint="latest",
+    )
+    hub.failures = [503] * 4
+    failed = train(flags, **hub_env(hub, WRITE_TOKEN))
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert failed.stderr.strip().splitlines()[-1] == (
+        "kubetune train: error: --hub_model_id (spec.output.hub): pushing to alice/flaky failed: HTTP 503"
+    )
+    assert (output / "unet" / "diffusion_pytorch_model.safetensors").is_file(), "the published model stays"
+
+    retried = train(flags, **hub_env(hub, WRITE_TOKEN))
+    assert retried.returncode == 0, retried.stderr[-3000:]
+    assert "resuming from" in retried.stderr
+    files = hub.files("alice/flaky")
+    assert "unet/diffusion_pytorch_model.safetensors" in files and "samples/step-00000002/00.png" in files
