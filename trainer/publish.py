@@ -149,12 +149,19 @@ def base_model_license(model_path: Path) -> str | None:
     return str(value) if isinstance(value, str | int) and str(value).strip() else None
 
 
+def hub_model_id(name: str) -> bool:
+    """Whether `name` is a Hub repository id (not a local folder or s3://)."""
+    import re
+
+    from kubetune.api.models import HUB_REPO
+
+    return bool(re.fullmatch(HUB_REPO, name)) and not Path(name).exists()
+
+
 def hub_dataset_id(cfg: TrainConfig) -> str | None:
     """The Hub dataset trained on, when --dataset_name is one (not a local folder or s3://)."""
     name = cfg.dataset_name
-    if not name or name.startswith(("s3://", ".", "/")) or Path(name).exists() or name.count("/") > 1:
-        return None
-    return name
+    return name if name and hub_model_id(name) else None
 
 
 def model_card(
@@ -175,7 +182,9 @@ def model_card(
     meta: dict[str, Any] = {}
     if license:
         meta["license"] = license
-    meta.update(base_model=cfg.pretrained_model_name_or_path, library_name="diffusers", pipeline_tag="text-to-image")
+    if hub_model_id(cfg.pretrained_model_name_or_path):  # the Hub refuses a card whose base_model is no model id
+        meta["base_model"] = cfg.pretrained_model_name_or_path
+    meta.update(library_name="diffusers", pipeline_tag="text-to-image")
     dataset = hub_dataset_id(cfg)
     if dataset:
         meta["datasets"] = [dataset]

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
+import yaml
+
 from kubetune.dev.testing.webapis import Reply, Request, StandIn
 
 
@@ -67,7 +69,7 @@ class Hub:
                 return _error(401, "Invalid credentials in Authorization header")
             return Reply.json({"type": "user", "name": user[0], "orgs": [], "auth": {"type": "access_token"}})
         if path == "/api/validate-yaml" and request.method == "POST":
-            return Reply.json({"warnings": []})
+            return self._validate_yaml(json.loads(request.body)["content"])
         if path == "/api/repos/create" and request.method == "POST":
             return self._create(request, user)
         match = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/(preupload|commit|branch)/(.+))?", path)
@@ -116,6 +118,17 @@ class Hub:
         private = body.get("visibility") == "private" or bool(body.get("private"))
         self.repos[repo_id] = Repo(repo_id, private)
         return Reply.json({"url": url, "name": repo_id})
+
+    def _validate_yaml(self, content: str) -> Reply:
+        """The Hub refuses a card whose base_model is not a model id (a local path, an s3:// URI)."""
+        meta = yaml.safe_load(content.split("---", 2)[1]) if content.startswith("---") else {}
+        bases = meta.get("base_model") if isinstance(meta, dict) else None
+        for base in [bases] if isinstance(bases, str) else bases or []:
+            if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(base)):
+                return _error(
+                    400, f'"base_model" with value "{base}" is not valid. Use a model id from https://hf.co/models.'
+                )
+        return Reply.json({"warnings": []})
 
     def _commit(self, request: Request, repo: Repo, revision: str) -> Reply:
         if self.failures:

@@ -36,6 +36,8 @@ def test_without_a_license_or_samples_those_keys_are_left_out(tmp_path: Path) ->
     cfg = TrainConfig(pretrained_model_name_or_path="org/sdxl", train_data_dir=str(tmp_path))
     meta = card_meta(cfg)
     assert "license" not in meta and "widget" not in meta and "datasets" not in meta
+    local = TrainConfig(pretrained_model_name_or_path=str(tmp_path), train_data_dir=str(tmp_path))
+    assert "base_model" not in card_meta(local), "the Hub refuses a base_model that is no model id"
     assert base_model_license(tmp_path) is None
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n")
     assert base_model_license(tmp_path) == "mit"
