@@ -253,7 +253,13 @@ def storage_secret_refs(spec: FineTuneJobSpec) -> dict[str, SecretKeyRef]:
 
 def model_secret_refs(spec: FineTuneJobSpec) -> dict[str, SecretKeyRef]:
     ref = spec.model.token_secret_ref
-    return {"HF_TOKEN": ref} if ref else {}
+    refs = {"HF_TOKEN": ref} if ref else {}
+    if spec.output and spec.output.hub:  # the push token apart: HF_TOKEN may be a read token for the base model
+        refs[HUB_TOKEN_ENV] = spec.output.hub.token_secret_ref
+    return refs
+
+
+HUB_TOKEN_ENV = "KUBETUNE_HUB_TOKEN"  # kubetune.trainer.hub.TOKEN_ENV (the operator does not import the trainer)
 
 
 def secret_refs(spec: FineTuneJobSpec, component: str) -> dict[str, SecretKeyRef]:
@@ -270,8 +276,11 @@ def secret_ref_paths(spec: FineTuneJobSpec, component: str) -> list[tuple[str, S
         for field_name, value in spec.dataset.source:
             if isinstance(value, SecretKeyRef):
                 paths.append((f"spec.dataset.{source}.{_camel(field_name)}", value))
-    elif spec.model.token_secret_ref:
-        paths.append(("spec.model.tokenSecretRef", spec.model.token_secret_ref))
+    else:
+        if spec.model.token_secret_ref:
+            paths.append(("spec.model.tokenSecretRef", spec.model.token_secret_ref))
+        if spec.output and spec.output.hub:
+            paths.append(("spec.output.hub.tokenSecretRef", spec.output.hub.token_secret_ref))
     for ref in storage_secret_refs(spec).values():
         paths.append(("spec.storage.credentialsSecretRef", ref))
     return paths

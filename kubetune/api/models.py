@@ -550,6 +550,32 @@ class Storage(ApiModel):
     """Secret with S3 credentials; unset uses the pods' own identity (IRSA, instance role)."""
 
 
+# the Hub's repository ids: namespace/name, each letters, digits, '-', '_', '.', at most 96
+HUB_NAME = r"[A-Za-z0-9]([A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+HUB_REPO = f"^{HUB_NAME}/{HUB_NAME}$"
+
+
+class HubPush(ApiModel):
+    """A Hugging Face Hub model repository the trained model is pushed to after it is published to
+    `storage.uri`: the model, its card and the final validation samples, in one commit."""
+
+    repo: Annotated[str, StringConstraints(max_length=193, pattern=HUB_REPO)]
+    """The repository, `namespace/name` (created when missing)."""
+    token_secret_ref: SecretKeyRef
+    """Secret key holding a Hub token with write access to `repo`."""
+    private: bool = False
+    """Create the repository private (an existing repository's visibility is kept)."""
+    revision: Annotated[str, StringConstraints(max_length=255, pattern=REVISION)] = ""
+    """Branch to push to, created from main when missing; empty means main."""
+
+
+class Output(ApiModel):
+    """Where the model goes besides `storage.uri`."""
+
+    hub: HubPush | None = None
+    """Push the model to the Hugging Face Hub."""
+
+
 class RunPolicy(ApiModel):
     """How failures and time limits are handled."""
 
@@ -579,6 +605,8 @@ class FineTuneJobSpec(ApiModel):
     """Collector pods."""
     storage: Storage
     """Where the job's artifacts are stored."""
+    output: Output | None = None
+    """Where the model is pushed besides `storage.uri`."""
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
     """Retries, deadlines and queueing."""
 

@@ -44,7 +44,9 @@ def write_imagefolder(folder: Path, count: int, size: int = 48, extra: dict[str,
 
 def env(**extra: str) -> dict[str, str]:
     out = dict(os.environ)
-    out.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **extra)
+    out.update(
+        {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
+    )
     return out
 
 
