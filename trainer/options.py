@@ -489,6 +489,22 @@ class TrainConfig:
         spec="training.loraRank",
         help="LoRA rank (--method lora; train_text_to_image_lora.py's flag)",
     )
+    lora_alpha: int | None = opt(
+        None,
+        group=LORA,
+        type=_positive_int,
+        spec="training.loraAlpha",
+        help="LoRA alpha: the adapters' update is scaled by alpha / rank (saved in the LoRA file's metadata, "
+        "so load_lora_weights applies it); unset: the rank (scale 1), as the stock scripts",
+    )
+    lora_layers: str | None = opt(
+        None,
+        group=LORA,
+        spec="training.loraLayers",
+        convert=lambda layers: ",".join(layers) or None,
+        help="comma-separated modules the adapters target, by name suffix (train_dreambooth_lora_flux.py's "
+        "flag, e.g. to_q,to_k,to_v,to_out.0,ff.net.2); unset: the family's (attention q, k, v, out)",
+    )
     # checkpoints, validation, logging
     output_dir: str = opt("sd-model-finetuned", group=OUTPUT, spec="storage.uri", help="local folder or s3:// prefix")
     checkpointing_steps: int = opt(

@@ -520,9 +520,13 @@ class Trainer:
                 denoiser.add_adapter(
                     LoraConfig(
                         r=cfg.rank,
-                        lora_alpha=cfg.rank,
+                        lora_alpha=cfg.lora_alpha or cfg.rank,
                         init_lora_weights="gaussian",
-                        target_modules=list(family.lora_targets),
+                        target_modules=(
+                            [m.strip() for m in cfg.lora_layers.split(",") if m.strip()]
+                            if cfg.lora_layers
+                            else list(family.lora_targets)
+                        ),
                     )
                 )
         denoiser.train()

@@ -319,6 +319,13 @@ class Training(ApiModel):
     """`full` fine-tunes the whole UNet; `lora` trains low-rank adapters (much less memory)."""
     lora_rank: int = Field(default=defaults.LORA_RANK, ge=1, le=1024)
     """LoRA rank (method lora)."""
+    lora_alpha: int | None = Field(default=None, ge=1, le=4096)
+    """LoRA alpha: the update is scaled by alpha / rank; unset: the rank (scale 1)."""
+    lora_layers: list[Annotated[str, StringConstraints(max_length=128, pattern=r"^[A-Za-z0-9_.]+$")]] = Field(
+        default_factory=list, max_length=64
+    )
+    """Modules the adapters target, by name suffix (e.g. `to_q`, `ff.net.2`); empty: the family's
+    (attention q, k, v, out)."""
     resolution: int = Field(default=defaults.RESOLUTION, ge=8, multiple_of=8, le=8192)
     """Training resolution in pixels; a multiple of 8."""
     center_crop: bool = True

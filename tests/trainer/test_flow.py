@@ -24,6 +24,7 @@ from trainer_testkit import (
 from kubetune.api.layout import EXIT_INVALID
 
 T5_TOKENS = 16
+LORA = {"method": "lora", "rank": 4, "lora_alpha": 8, "use_ema": False}  # scale alpha / rank = 2
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def flux_full(tiny_flux: Path, shapes_dataset: Path, tmp_path_factory: pytest.Te
 
 @pytest.fixture(scope="module")
 def flux_lora(tiny_flux: Path, shapes_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return run(tiny_flux, shapes_dataset, tmp_path_factory.mktemp("flux-lora"), method="lora", rank=4, use_ema=False)
+    return run(tiny_flux, shapes_dataset, tmp_path_factory.mktemp("flux-lora"), **LORA)
 
 
 def render(pipeline: Any, **extra: Any) -> Any:
@@ -133,6 +134,8 @@ def test_flux_lora_loads_with_load_lora_weights_is_written_in_kohya_layout_and_r
     pipeline = FluxPipeline.from_pretrained(tiny_flux)
     before = render(pipeline, max_sequence_length=T5_TOKENS)
     pipeline.load_lora_weights(flux_lora)
+    (config,) = pipeline.transformer.peft_config.values()
+    assert (config.r, config.lora_alpha) == (4, 8), "rank and alpha travel in the file's metadata"
     assert abs(render(pipeline, max_sequence_length=T5_TOKENS) - before).max() > 1e-4, "the adapter changes images"
     saved = load_file(flux_lora / "pytorch_lora_weights.safetensors")
     assert saved and all(k.startswith("transformer.") and ".lora_" in k for k in saved), sorted(saved)[:3]
@@ -140,8 +143,8 @@ def test_flux_lora_loads_with_load_lora_weights_is_written_in_kohya_layout_and_r
     # kohya's layout: q, k, v fused as in FLUX's original modules, the same update exactly
     kohya = load_file(flux_lora / "pytorch_lora_weights_kohya.safetensors")
 
-    def update(module: str) -> Any:  # diffusers' file: scale 1 (alpha = rank)
-        return saved[f"transformer.{module}.lora_B.weight"] @ saved[f"transformer.{module}.lora_A.weight"]
+    def update(module: str) -> Any:  # diffusers' file: the scale alpha / rank is in its metadata
+        return 2 * saved[f"transformer.{module}.lora_B.weight"] @ saved[f"transformer.{module}.lora_A.weight"]
 
     def kohya_update(module: str) -> Any:
         down, up = kohya[f"lora_unet_{module}.lora_down.weight"], kohya[f"lora_unet_{module}.lora_up.weight"]
@@ -165,9 +168,7 @@ def test_flux_lora_loads_with_load_lora_weights_is_written_in_kohya_layout_and_r
         "lora_unet_single_blocks_0_linear1",
     }
 
-    flags = functools.partial(
-        flow_flags, tiny_flux, shapes_dataset, method="lora", rank=4, use_ema=False, resume_from_checkpoint="latest"
-    )
+    flags = functools.partial(flow_flags, tiny_flux, shapes_dataset, **LORA, resume_from_checkpoint="latest")
     output, _ = resume_in_a_new_output(flux_lora, "checkpoint-2", tmp_path, flags)
     resumed = load_file(output / "pytorch_lora_weights.safetensors")
     assert max_difference(resumed, saved) < 1e-6

@@ -231,8 +231,11 @@ class ModelFamily(ABC):
         if self.lora_in_diffusers_keys:
             layers = convert_state_dict_to_diffusers(layers)
         layers = {k: v.detach().contiguous().float() for k, v in layers.items()}
+        config = denoiser.peft_config["default"].to_dict()  # rank, alpha, targets: load_lora_weights reads them
         self.pipeline_type().save_lora_weights(
-            folder, **{f"{self.denoiser_folder}_lora_layers": layers}, safe_serialization=True
+            folder,
+            **{f"{self.denoiser_folder}_lora_layers": layers, f"{self.denoiser_folder}_lora_adapter_metadata": config},
+            safe_serialization=True,
         )
 
     def load_lora(self, denoiser: Any, saved: dict[str, torch.Tensor]) -> tuple[int, list[str]]:
@@ -252,8 +255,14 @@ class ModelFamily(ABC):
         return []
 
 
-def lora_state(denoiser: Any) -> dict[str, torch.Tensor]:
-    """The denoiser's LoRA weights in peft's naming (`...to_k.lora_A.weight`)."""
+def lora_state(denoiser: Any, scaled: bool = False) -> dict[str, torch.Tensor]:
+    """The denoiser's LoRA weights in peft's naming (`...to_k.lora_A.weight`); `scaled`: each
+    `lora_B` multiplied by alpha / rank, for formats that assume alpha = rank (kohya's, as written here)."""
     from peft.utils import get_peft_model_state_dict
 
-    return dict(get_peft_model_state_dict(denoiser))
+    state = dict(get_peft_model_state_dict(denoiser))
+    if scaled:
+        config = denoiser.peft_config["default"]
+        scale = config.lora_alpha / config.r
+        state = {k: v * scale if ".lora_B." in k else v for k, v in state.items()}
+    return state

@@ -8,6 +8,7 @@ outputs are cached: training never loads T5."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,8 @@ import torch
 
 from kubetune.trainer.families.base import FamilyError, Parts, TextEncoder, lora_state
 from kubetune.trainer.families.flow import FlowMatchingFamily
+
+log = logging.getLogger("kubetune.trainer")
 
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 FUSED = {  # diffusers' separate projections -> Black Forest Labs' fused layer (kohya's module names)
@@ -95,20 +98,24 @@ class Flux(FlowMatchingFamily):
         update, exactly."""
         from safetensors.torch import save_file
 
-        save_file(
-            kohya_flux_state(denoiser),
-            folder / KOHYA_FILE,
-            metadata={"format": "pt", "ss_network_module": "networks.lora_flux"},
-        )
+        state, left_out = kohya_flux_state(denoiser)
+        if left_out:  # a partial file would load as a different LoRA: none at all
+            log.warning("no kohya-format LoRA file: no kohya name here for the adapted module %s", left_out[0])
+            return []
+        save_file(state, folder / KOHYA_FILE, metadata={"format": "pt", "ss_network_module": "networks.lora_flux"})
         return [KOHYA_FILE]
 
 
-def kohya_flux_state(denoiser: Any) -> dict[str, torch.Tensor]:
-    """The denoiser's LoRA (targets to_q/k/v and to_out.0) in kohya's FLUX key layout; scale 1 as trained."""
+def kohya_flux_state(denoiser: Any) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The denoiser's LoRA in kohya's FLUX key layout (alpha = rank, the trained scale folded into
+    `lora_up`), and the adapted modules it has no kohya name for (the double blocks' and single
+    blocks' attention q/k/v and out are mapped)."""
     import re
 
-    peft = {k: v.detach().float().contiguous() for k, v in lora_state(denoiser).items()}
+    peft = {k: v.detach().float().contiguous() for k, v in lora_state(denoiser, scaled=True).items()}
     out: dict[str, torch.Tensor] = {}
+
+    done: set[str] = set()
 
     def put(module: str, down: torch.Tensor, up: torch.Tensor) -> None:
         key = "lora_unet_" + module.replace(".", "_")
@@ -127,10 +134,13 @@ def kohya_flux_state(denoiser: Any) -> dict[str, torch.Tensor]:
                 mlp = denoiser.single_transformer_blocks[block].proj_mlp.out_features
                 ups.append(torch.zeros(mlp, 0))
             put(fused.format(block), torch.cat(downs), torch.block_diag(*ups))
+            done.update(names)
     for pattern, target in SINGLE.items():
         for key in peft:
             match = re.fullmatch(re.escape(pattern).replace(r"\{\}", r"(\d+)") + r"\.lora_A\.weight", key)
             if match:
                 name = key.removesuffix(".lora_A.weight")
                 put(target.format(match.group(1)), peft[key], peft[f"{name}.lora_B.weight"])
-    return out
+                done.add(name)
+    adapted = sorted({k.removesuffix(".lora_A.weight") for k in peft if k.endswith(".lora_A.weight")})
+    return out, [m for m in adapted if m not in done]

@@ -50,7 +50,7 @@ class StableDiffusionXL(ModelFamily):
         from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
         from safetensors.torch import save_file
 
-        peft = {f"unet.{k}": v for k, v in lora_state(denoiser).items()}
+        peft = {f"unet.{k}": v for k, v in lora_state(denoiser, scaled=True).items()}
         kohya = {k: v.detach().contiguous().float() for k, v in convert_state_dict_to_kohya(peft).items()}
         save_file(kohya, folder / KOHYA_FILE, metadata={"format": "pt", "ss_base_model_version": "sdxl_base_v1-0"})
         return [KOHYA_FILE]
