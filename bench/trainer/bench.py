@@ -2,13 +2,15 @@
 run. Prints images/s (steady state) of both and their ratio, peak memory, end-to-end time, and on
 CUDA the model FLOPs utilisation (MFU) counted with torch's FlopCounterMode.
 
-Two families (--family, else from the stock script's name):
+Three families (--family, else from the stock script's name):
     sd:   examples/text_to_image/train_text_to_image.py
     sdxl: examples/text_to_image/train_text_to_image_sdxl.py
+    flux: examples/dreambooth/train_dreambooth_lora_flux.py (LoRA; see flux_flags)
 
     CPU smoke (the family's tiny model, 64 px):
         .venv/bin/python bench/trainer/bench.py --stock /path/to/train_text_to_image.py
         .venv/bin/python bench/trainer/bench.py --stock /path/to/train_text_to_image_sdxl.py --steps 32 --threads 1
+        .venv/bin/python bench/trainer/bench.py --stock /path/to/train_dreambooth_lora_flux.py --steps 240 --threads 1
     GPU (the published architecture, random init, bf16 for both; SD 1.5 at 512 px, batch 16;
     SDXL 1.0 base at 1024 px, batch 4), with the stock scripts in bench/results/stock/ and the
     wheels of docs/trainer.md's list in bench/wheels/ (both git-ignored, carried to the machine):
@@ -18,6 +20,19 @@ Two families (--family, else from the stock script's name):
     The SDXL one is prepared for a device session (the `run` tool): carry ["bench/wheels",
     "bench/results/stock"], timeout_s 600; docs/trainer.md ("Benchmark") says how to fill both
     folders, and what to do on 80 GB cards or past 10 minutes.
+    FLUX.1-dev (build_flux_dev_pipeline: 11.9 B transformer, T5-XXL, bf16, 34 GB written once in
+    --work), LoRA rank 16, 512 px batch 4 then 1024 px batch 1, 30 steps each, T5 length 512, in one
+    device command (the second run reuses the model):
+        python bench/trainer/bench.py --stock bench/results/stock/train_dreambooth_lora_flux.py \
+            --wheels bench/wheels --work /tmp/bw --json $OUT/flux512.json && \
+        python bench/trainer/bench.py --stock bench/results/stock/train_dreambooth_lora_flux.py \
+            --work /tmp/bw --resolution 1024 --json $OUT/flux1024.json
+
+FLUX: the stock script gets --lora_layers with kubetune's targets (FLUX_LORA_LAYERS; its default
+adapts more modules: --stock-default-targets), --lora_alpha = --rank, per-image captions from the
+same imagefolder (--dataset_name; it then encodes each batch's captions with CLIP and T5 at every
+step, having no text cache) and --cache_latents (its VAE latent cache). FLOPs are the
+transformer's forward + backward counted on the meta device.
 
 Both scripts get the same flags (kubetune reads the stock flags; the SDXL script takes the SD
 script's flags used here too).
@@ -178,7 +193,7 @@ def main() -> int:
     )
 
     model = build_model(work, model_kind)
-    data = build_dataset(work / "dataset", images, resolution)
+    data = build_dataset(work / f"dataset-{resolution}", images, resolution)  # images larger than trained
     hooks = work / "hooks"
     hooks.mkdir(exist_ok=True)
     (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
