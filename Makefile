@@ -58,8 +58,8 @@ bench-collector: $(STAMP)  ## kubetune collect vs img2dataset on a loopback corp
 	$(BIN)/python bench/collector/run.py
 
 # FAMILY=sd|sdxl: which model family (default: sdxl when STOCK's name says so); BENCH_ARGS: more flags (--steps 32)
-bench-trainer: $(STAMP)  ## kubetune train vs diffusers' train_text_to_image[_sdxl].py (STOCK=path/to/it, FAMILY=sd|sdxl)
-	@test -n "$(STOCK)" || { echo "bench-trainer: set STOCK=path/to/train_text_to_image.py or train_text_to_image_sdxl.py (not shipped)" >&2; exit 2; }
+bench-trainer: $(STAMP)  ## kubetune train vs diffusers' stock script (STOCK=path/to/it, FAMILY=sd|sdxl|flux)
+	@test -n "$(STOCK)" || { echo "bench-trainer: set STOCK=path/to/train_text_to_image[_sdxl].py or train_dreambooth_lora_flux.py (not shipped)" >&2; exit 2; }
 	$(BIN)/python bench/trainer/bench.py --stock $(STOCK) $(if $(FAMILY),--family $(FAMILY)) $(BENCH_ARGS)
 
 bench-operator: $(STAMP)  ## 500 FineTuneJobs at once on the local cluster: latency and operator memory

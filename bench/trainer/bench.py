@@ -2,13 +2,15 @@
 run. Prints images/s (steady state) of both and their ratio, peak memory, end-to-end time, and on
 CUDA the model FLOPs utilisation (MFU) counted with torch's FlopCounterMode.
 
-Two families (--family, else from the stock script's name):
+Three families (--family, else from the stock script's name):
     sd:   examples/text_to_image/train_text_to_image.py
     sdxl: examples/text_to_image/train_text_to_image_sdxl.py
+    flux: examples/dreambooth/train_dreambooth_lora_flux.py (LoRA; see flux_flags)
 
     CPU smoke (the family's tiny model, 64 px):
         .venv/bin/python bench/trainer/bench.py --stock /path/to/train_text_to_image.py
         .venv/bin/python bench/trainer/bench.py --stock /path/to/train_text_to_image_sdxl.py --steps 32 --threads 1
+        .venv/bin/python bench/trainer/bench.py --stock /path/to/train_dreambooth_lora_flux.py --steps 240 --threads 1
     GPU (the published architecture, random init, bf16 for both; SD 1.5 at 512 px, batch 16;
     SDXL 1.0 base at 1024 px, batch 4), with the stock scripts in bench/results/stock/ and the
     wheels of docs/trainer.md's list in bench/wheels/ (both git-ignored, carried to the machine):
@@ -18,6 +20,19 @@ Two families (--family, else from the stock script's name):
     The SDXL one is prepared for a device session (the `run` tool): carry ["bench/wheels",
     "bench/results/stock"], timeout_s 600; docs/trainer.md ("Benchmark") says how to fill both
     folders, and what to do on 80 GB cards or past 10 minutes.
+    FLUX.1-dev (build_flux_dev_pipeline: 11.9 B transformer, T5-XXL, bf16, 34 GB written once in
+    --work), LoRA rank 16, 512 px batch 4 then 1024 px batch 1, 30 steps each, T5 length 512, in one
+    device command (the second run reuses the model):
+        python bench/trainer/bench.py --stock bench/results/stock/train_dreambooth_lora_flux.py \
+            --wheels bench/wheels --work /tmp/bw --json $OUT/flux512.json && \
+        python bench/trainer/bench.py --stock bench/results/stock/train_dreambooth_lora_flux.py \
+            --work /tmp/bw --resolution 1024 --json $OUT/flux1024.json
+
+FLUX: the stock script gets --lora_layers with kubetune's targets (FLUX_LORA_LAYERS; its default
+adapts more modules: --stock-default-targets), --lora_alpha = --rank, per-image captions from the
+same imagefolder (--dataset_name; it then encodes each batch's captions with CLIP and T5 at every
+step, having no text cache) and --cache_latents (its VAE latent cache). FLOPs are the
+transformer's forward + backward counted on the meta device.
 
 Both scripts get the same flags (kubetune reads the stock flags; the SDXL script takes the SD
 script's flags used here too).
@@ -102,17 +117,22 @@ def main() -> int:
     parser.add_argument(
         "--stock",
         required=True,
-        help="path to diffusers' examples/text_to_image/train_text_to_image.py (sd) or train_text_to_image_sdxl.py",
+        help="path to diffusers' examples/text_to_image/train_text_to_image.py (sd), train_text_to_image_sdxl.py "
+        "or examples/dreambooth/train_dreambooth_lora_flux.py",
     )
-    parser.add_argument("--family", choices=("sd", "sdxl"), help="default: sdxl if the stock script's name says so")
+    parser.add_argument(
+        "--family",
+        choices=("sd", "sdxl", "flux"),
+        help="default: flux or sdxl if the stock script's name says so, else sd",
+    )
     parser.add_argument("--wheels", help="install every wheel in this folder first (pip --no-index --no-deps)")
     parser.add_argument("--work", help="working folder (default: a new temporary one)")
     parser.add_argument(
         "--model",
         choices=("auto", "tiny", "full"),
         default="auto",
-        help="tiny: the family's tiny test model; full: its published architecture (SD 1.5, SDXL 1.0 base), "
-        "random init; auto: full on CUDA, else tiny",
+        help="tiny: the family's tiny test model; full: its published architecture (SD 1.5, SDXL 1.0 base, "
+        "FLUX.1-dev), random init; auto: full on CUDA, else tiny",
     )
     parser.add_argument("--resolution", type=int)
     parser.add_argument("--batch-size", type=int)
@@ -121,6 +141,19 @@ def main() -> int:
     parser.add_argument("--workers", type=int, help="--dataloader_num_workers for both")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="pass --gradient_checkpointing to both")
     parser.add_argument("--compile", action="store_true", help="also torch.compile kubetune's UNet")
+    parser.add_argument("--rank", type=int, default=16, help="flux: the LoRA rank of both")
+    parser.add_argument(
+        "--max-sequence-length",
+        type=int,
+        help="flux: T5 tokens per caption for both (default: 512 with the full model; 128 with the tiny one, "
+        "half its 64 px image's 256 tokens, as 512 is half of 1024 at 512 px)",
+    )
+    parser.add_argument(
+        "--stock-default-targets",
+        action="store_true",
+        help="flux: let the stock script adapt its own default modules (also the context projections and both "
+        "feed-forwards of the double blocks) instead of kubetune's to_q/k/v/to_out.0",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -131,7 +164,8 @@ def main() -> int:
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args()
     args.stock = str(Path(args.stock).resolve())
-    family = args.family or ("sdxl" if "sdxl" in Path(args.stock).name else "sd")
+    name = Path(args.stock).name
+    family = args.family or ("flux" if "flux" in name else "sdxl" if "sdxl" in name else "sd")
 
     if args.wheels:
         wheels = sorted(str(p.resolve()) for p in Path(args.wheels).glob("*.whl"))
@@ -143,8 +177,9 @@ def main() -> int:
     size = args.model if args.model != "auto" else ("full" if cuda else "tiny")
     model_kind = MODELS[family, size]
     resolution = args.resolution or (FULL_RESOLUTION[family] if size == "full" else 64)
-    batch = args.batch_size or ((16 if family == "sd" else 4) if cuda else 4)
+    batch = args.batch_size or (FULL_BATCH[family](resolution) if cuda else 4)
     steps = args.steps or ((40 if family == "sd" else 30) if cuda else 24)
+    sequence = args.max_sequence_length or (512 if size == "full" else 128)
     images = args.images or max(64, batch * 4)
     workers = args.workers if args.workers is not None else (4 if cuda else 0)
     precision = "bf16" if cuda else "no"
@@ -158,13 +193,12 @@ def main() -> int:
     )
 
     model = build_model(work, model_kind)
-    data = build_dataset(work / "dataset", images, resolution)
+    data = build_dataset(work / f"dataset-{resolution}", images, resolution)  # images larger than trained
     hooks = work / "hooks"
     hooks.mkdir(exist_ok=True)
     (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
     common = [
         f"--pretrained_model_name_or_path={model}",
-        f"--train_data_dir={data}",
         f"--resolution={resolution}",
         "--center_crop",
         "--random_flip",
@@ -183,6 +217,10 @@ def main() -> int:
         "--checkpointing_steps=1000000",
     ]
     common += ["--gradient_checkpointing"] if args.gradient_checkpointing else []
+    stock_only: list[str] = []
+    kubetune_only = [f"--train_data_dir={data}"]
+    if family == "flux":
+        common, stock_only, kubetune_only = flux_flags(common, data, args, sequence)
 
     results: dict[str, Any] = {
         "family": family,
@@ -193,13 +231,20 @@ def main() -> int:
         "images": images,
         "mixedPrecision": precision,
         "flags": common,
+        "stockFlags": stock_only,
+        "kubetuneFlags": kubetune_only,
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "threads": args.threads,
     }
     if args.only != "kubetune":
         python, stub = stock_python(work)
         results["stock"] = measure(
-            "stock", [python, args.stock, *common, f"--output_dir={work / 'out-stock'}"], work, hooks, batch, stub
+            "stock",
+            [python, args.stock, *common, *stock_only, f"--output_dir={work / 'out-stock'}"],
+            work,
+            hooks,
+            batch,
+            stub,
         )
         # The trained pipelines are not looked at; SDXL's take 14 GB of disk each.
         shutil.rmtree(work / "out-stock", ignore_errors=True)
@@ -212,6 +257,7 @@ def main() -> int:
                 "-m",
                 "kubetune.trainer",
                 *common,
+                *kubetune_only,
                 *extra,
                 f"--output_dir={work / 'out-kubetune'}",
                 "--report_to=tensorboard",
@@ -222,7 +268,11 @@ def main() -> int:
             False,
         )
         shutil.rmtree(work / "out-kubetune", ignore_errors=True)
-    flops = unet_training_flops(model, resolution, 1, cuda)  # per image; batch 1 keeps SDXL's count small
+    if family == "flux":
+        results["maxSequenceLength"] = sequence
+        flops = flux_training_flops(model, resolution, sequence)
+    else:
+        flops = unet_training_flops(model, resolution, 1, cuda)  # per image; batch 1 keeps SDXL's count small
     results["unetTrainingFlopsPerImage"] = flops
     peak = args.peak_tflops or next(
         (v for k, v in PEAK_BF16_TFLOPS.items() if cuda and k in torch.cuda.get_device_name(0)), None
@@ -271,14 +321,59 @@ def ensure_kubetune() -> None:
 
 
 # (family, --model) -> the pipeline built: its name, and the kubetune.dev.testing function building it
-MODELS = {("sd", "tiny"): "tiny", ("sd", "full"): "sd15", ("sdxl", "tiny"): "tiny-sdxl", ("sdxl", "full"): "sdxl"}
-FULL_RESOLUTION = {"sd": 512, "sdxl": 1024}
+MODELS = {
+    ("sd", "tiny"): "tiny",
+    ("sd", "full"): "sd15",
+    ("sdxl", "tiny"): "tiny-sdxl",
+    ("sdxl", "full"): "sdxl",
+    ("flux", "tiny"): "tiny-flux",
+    ("flux", "full"): "flux-dev",
+}
+FULL_RESOLUTION = {"sd": 512, "sdxl": 1024, "flux": 512}
+# the batch size on CUDA with the full model, by resolution (FLUX.1-dev at 1024 px: 4,608 tokens an image)
+FULL_BATCH = {"sd": lambda r: 16, "sdxl": lambda r: 4, "flux": lambda r: 4 if r <= 512 else 1}
 BUILDERS = {
     "tiny": ("tiny_sd", "build_tiny_pipeline"),
     "sd15": ("tiny_sd", "build_sd15_pipeline"),
     "tiny-sdxl": ("tiny_sdxl", "build_tiny_sdxl_pipeline"),
     "sdxl": ("tiny_sdxl", "build_sdxl_base_pipeline"),
+    "tiny-flux": ("tiny_flow", "build_tiny_flux_pipeline"),
+    "flux-dev": ("tiny_flow", "build_flux_dev_pipeline"),
 }
+# The transformer's modules both sides adapt: kubetune's flux family's lora_targets
+# (kubetune/trainer/families/base.py), spelled as the stock script's --lora_layers. The stock default
+# adds attn.add_{q,k,v}_proj, attn.to_add_out, ff.net.{0.proj,2} and ff_context.net.{0.proj,2}.
+FLUX_LORA_LAYERS = "attn.to_k,attn.to_q,attn.to_v,attn.to_out.0"
+
+
+def flux_flags(
+    common: list[str], data: Path, args: argparse.Namespace, sequence: int
+) -> tuple[list[str], list[str], list[str]]:
+    """train_dreambooth_lora_flux.py's flags for the SD run's settings: no EMA (LoRA), a LoRA learning
+    rate, its own weight decay made kubetune's too; per-image captions from the same imagefolder
+    (--dataset_name: the stock script then encodes each batch's captions with CLIP and T5 at every
+    step, as it has no text cache; --instance_prompt is required but unused), its latent cache
+    (--cache_latents), and LoRA alpha = rank (kubetune's scale 1)."""
+    dropped = ("--use_ema", "--learning_rate=")
+    shared = [flag for flag in common if not flag.startswith(dropped)] + [
+        "--learning_rate=0.0001",
+        "--adam_weight_decay=0.0001",
+        f"--rank={args.rank}",
+        "--guidance_scale=3.5",
+        f"--max_sequence_length={sequence}",
+        "--weighting_scheme=none",
+    ]
+    stock = [
+        f"--dataset_name={data}",
+        "--image_column=image",
+        "--caption_column=text",
+        "--instance_prompt=a shape",
+        "--cache_latents",
+        f"--lora_alpha={args.rank}",
+        "--report_to=tensorboard",
+    ]
+    stock += [] if args.stock_default_targets else [f"--lora_layers={FLUX_LORA_LAYERS}"]
+    return shared, stock, [f"--train_data_dir={data}", "--method=lora"]
 
 
 def build_model(work: Path, kind: str) -> Path:
@@ -436,6 +531,37 @@ def unet_training_flops(model: Path, resolution: int, batch: int, cuda: bool) ->
     return float(flops)
 
 
+def flux_training_flops(model: Path, resolution: int, sequence: int) -> float:
+    """FLOPs of one FLUX transformer forward + backward per image (all weights' gradients: as for a
+    full fine-tune; LoRA skips the frozen weights' gradients, about a third), counted on the meta
+    device: no memory, no weights read."""
+    import torch
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = FluxTransformer2DModel.load_config(model, subfolder="transformer")
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel.from_config(config)
+    scale = 2 ** (len(json.loads((model / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+    size = resolution // scale
+    channels = transformer.config.in_channels // 4
+    packed = FluxPipeline._pack_latents(torch.randn(1, channels, size, size, device="meta"), 1, channels, size, size)
+    image_ids = FluxPipeline._prepare_latent_image_ids(1, size // 2, size // 2, "cpu", torch.float32).to("meta")
+    kwargs = {
+        "hidden_states": packed.requires_grad_(),
+        "encoder_hidden_states": torch.randn(1, sequence, transformer.config.joint_attention_dim, device="meta"),
+        "pooled_projections": torch.randn(1, transformer.config.pooled_projection_dim, device="meta"),
+        "timestep": torch.full((1,), 0.5, device="meta"),
+        "img_ids": image_ids,
+        "txt_ids": torch.zeros(sequence, 3, device="meta"),
+        "guidance": torch.full((1,), 3.5, device="meta") if transformer.config.guidance_embeds else None,
+        "return_dict": False,
+    }
+    with FlopCounterMode(display=False) as counter:
+        transformer(**kwargs)[0].float().pow(2).mean().backward()
+    return float(counter.get_total_flops())
+
+
 def report(results: dict[str, Any], peak: float | None) -> None:
     print()
     print(
@@ -443,8 +569,8 @@ def report(results: dict[str, Any], peak: float | None) -> None:
         f"{results['steps']} steps, {results['mixedPrecision']}, {results['device']}"
     )
     print(
-        f"UNet training FLOPs per image: {results['unetTrainingFlopsPerImage'] / 1e9:.1f} GFLOP"
-        + (f"; peak {peak:.0f} TFLOP/s" if peak else "")
+        f"{'Transformer' if results['family'] == 'flux' else 'UNet'} training FLOPs per image: "
+        f"{results['unetTrainingFlopsPerImage'] / 1e9:.1f} GFLOP" + (f"; peak {peak:.0f} TFLOP/s" if peak else "")
     )
     print(f"{'':10} {'images/s':>10} {'(median)':>10} {'per CPU s':>10} {'peak MiB':>10} {'wall s':>8} {'MFU':>7}")
     for side in ("stock", "kubetune"):
