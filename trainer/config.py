@@ -25,6 +25,7 @@ __all__ = [
     "UNSUPPORTED",
     "TrainConfig",
     "build_parser",
+    "fsdp_conflict",
     "parse_config",
     "spec_values",
 ]
@@ -60,7 +61,28 @@ def parse_config(argv: Sequence[str], prog: str) -> TrainConfig:
                 f"--min_bucket_reso/--max_bucket_reso: the range {low or '-'}..{high or '-'} must include "
                 f"--resolution ({config.resolution})"
             )
+    if config.strategy == "fsdp":
+        conflict = fsdp_conflict(config)
+        if conflict:
+            raise OneLineError(conflict)
+    elif config.fsdp_cpu_offload:
+        raise OneLineError(f"--fsdp_cpu_offload: needs --strategy fsdp (got {config.strategy})")
     return config
+
+
+def fsdp_conflict(config: TrainConfig) -> str | None:
+    """Why these settings cannot run sharded (FSDP), as a one-line message; None when they can."""
+    if config.method != "full":
+        return "--strategy fsdp: full fine-tunes only (LoRA fits one GPU: use --strategy ddp or auto)"
+    if config.precision == "fp16":
+        return "--mixed_precision fp16: not with --strategy fsdp (use bf16; sharded steps have no gradient scaler)"
+    if config.validation_prompts:
+        return "--validation_prompts: not yet with --strategy fsdp (sample the published model instead)"
+    if config.compile:
+        return "--compile: not with --strategy fsdp (untested with sharded blocks)"
+    if config.offload_ema:
+        return "--offload_ema: not with --strategy fsdp (the EMA is sharded with the weights)"
+    return None
 
 
 def spec_values(spec_arg: str) -> dict[str, Any]:

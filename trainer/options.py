@@ -404,6 +404,24 @@ class TrainConfig:
     compile: bool = opt(
         False, group=OPTIMISATION, kubetune=True, spec="training.compile", help="torch.compile the UNet"
     )
+    strategy: str = opt(
+        defaults.STRATEGY,
+        group=OPTIMISATION,
+        kubetune=True,
+        choices=defaults.STRATEGIES,
+        spec="trainer.strategy",
+        help="ddp: every process holds the whole model; fsdp: weights, gradients and optimizer state sharded "
+        "across every process of every node (FSDP2, full fine-tunes); auto: fsdp when they would not fit one "
+        "GPU (16 bytes per trained parameter), else ddp (always ddp on CPU)",
+    )
+    fsdp_cpu_offload: bool = opt(
+        False,
+        group=OPTIMISATION,
+        kubetune=True,
+        spec="trainer.fsdpCpuOffload",
+        help="with --strategy fsdp: keep the weight shards, gradients and optimizer state in CPU memory "
+        "(the optimizer steps on the CPU); less GPU memory, slower",
+    )
     # loss
     snr_gamma: float | None = opt(
         None,

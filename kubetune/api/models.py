@@ -481,6 +481,15 @@ class Trainer(PodSettings):
     operator's default (chart value `trainer.stagingSize`, 64Gi)."""
     port: int = Field(default=29500, ge=1024, le=65535)
     """Rendezvous port of the rank-0 pod."""
+    strategy: Literal["auto", "ddp", "fsdp"] = defaults.STRATEGY
+    """`ddp`: every process holds the whole model (data parallel). `fsdp`: the model's weights,
+    gradients and optimizer state are sharded across every GPU of every node (torch FSDP2; full
+    fine-tunes, for models such as FLUX.1 whose AdamW state does not fit one GPU). `auto`: `fsdp`
+    when the trained parameters' weights, gradients and AdamW state (16 bytes each) would not fit
+    one GPU, else `ddp`."""
+    fsdp_cpu_offload: bool = False
+    """With `strategy: fsdp`: keep weight shards, gradients and optimizer state in CPU memory (the
+    optimizer steps on the CPU): less GPU memory, slower steps."""
 
 
 class Collector(PodSettings):

@@ -1,0 +1,162 @@
+"""`--strategy fsdp` on a tiny FLUX.1 over gloo, with real processes: two sharded processes agree
+with one unsharded process at the same global batch; each rank writes its own shards of the
+checkpoint, which resumes to the uninterrupted run's weights (also on another world size: DCP
+reshards); the published model is an ordinary FLUX folder that FluxPipeline loads; what cannot
+run sharded is refused with one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from trainer_testkit import core_flags, launch, max_difference, relative_update_difference, train, unet_weights
+
+from kubetune.api.layout import EXIT_INVALID
+from kubetune.launch import accelerate_launch_command, free_port
+
+T5_TOKENS = 16
+SHARDS = "transformer_sharded"
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kubetune.dev.testing.tiny_flow import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux", seed=0)
+
+
+def flags(model: Path, data: Path, output: Path, **overrides: object) -> list[str]:
+    """4 steps at a global batch of 2, EMA, gradient checkpointing, a checkpoint every 2 steps."""
+    settings = {
+        "max_train_steps": 4,
+        "checkpointing_steps": 2,
+        "gradient_accumulation_steps": 1,
+        "max_sequence_length": T5_TOKENS,
+        "weighting_scheme": "logit_normal",
+        "gradient_checkpointing": True,
+        "latent_cache_dir": output.parent.parent / "flux-cache",
+        **overrides,
+    }
+    return core_flags(model, data, output, **settings)
+
+
+def launch_run(processes: int, args: list[str]) -> str:
+    command = accelerate_launch_command(1, processes, 0, "127.0.0.1", free_port(), args, python=sys.executable)
+    process = launch(command)
+    log = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, log[-4000:]
+    return log
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_flux: Path, shapes_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("ddp") / "out"
+    result = train(flags(tiny_flux, shapes_dataset, output, train_batch_size=2, strategy="ddp"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def sharded(tiny_flux: Path, shapes_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("fsdp") / "out"
+    log = launch_run(2, flags(tiny_flux, shapes_dataset, output, train_batch_size=1, strategy="fsdp"))
+    assert "--strategy fsdp:" in log and "sharded across 2 processes" in log
+    return output
+
+
+def test_two_sharded_processes_agree_with_one_process(sharded: Path, one_process: Path, tiny_flux: Path) -> None:
+    # 2 processes x batch 1, sharded = 1 process x batch 2, unsharded (the published weights are the EMA's)
+    assert relative_update_difference(sharded, one_process, tiny_flux, "transformer") < 0.01
+
+
+def test_each_rank_writes_its_shards_and_the_manifest_lists_them(sharded: Path) -> None:
+    checkpoint = sharded / "checkpoint-2"
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert manifest["worldSize"] == 2 and manifest["ema"] is not None
+    shards = {name for name in manifest["files"] if name.startswith(f"{SHARDS}/")}
+    assert {f"{SHARDS}/__0_0.distcp", f"{SHARDS}/__1_0.distcp", f"{SHARDS}/.metadata"} <= shards
+    assert not (checkpoint / "transformer").exists(), "no full copy of the weights in a sharded checkpoint"
+    for name, entry in manifest["files"].items():
+        assert (checkpoint / name).stat().st_size == entry["size"]
+
+
+def test_the_published_model_is_a_flux_pipeline_that_generates(sharded: Path, tiny_flux: Path) -> None:
+    import numpy as np
+    import torch
+    from diffusers import FluxPipeline
+
+    pipeline = FluxPipeline.from_pretrained(sharded)
+    base = FluxPipeline.from_pretrained(tiny_flux).transformer.state_dict()
+    trained = pipeline.transformer.state_dict()
+    assert trained.keys() == base.keys() and any(not torch.equal(trained[k], base[k]) for k in base)
+    image = pipeline(
+        "a red circle",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        max_sequence_length=T5_TOKENS,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert image.size == (32, 32) and np.isfinite(np.asarray(image, dtype=np.float32)).all()
+
+
+def resumed_output(sharded: Path, tmp_path: Path) -> Path:
+    output = tmp_path / "out"
+    output.mkdir()
+    shutil.copytree(sharded / "checkpoint-2", output / "checkpoint-2")
+    return output
+
+
+def test_a_sharded_checkpoint_resumes_to_the_uninterrupted_runs_weights(
+    sharded: Path, tiny_flux: Path, shapes_dataset: Path, tmp_path: Path
+) -> None:
+    output = resumed_output(sharded, tmp_path)
+    args = flags(
+        tiny_flux, shapes_dataset, output, train_batch_size=1, strategy="fsdp", resume_from_checkpoint="latest"
+    )
+    log = launch_run(2, args)
+    assert "resuming from" in log
+    assert max_difference(unet_weights(output, "transformer"), unet_weights(sharded, "transformer")) < 1e-6
+
+
+def test_a_sharded_checkpoint_resumes_on_another_world_size(
+    sharded: Path, tiny_flux: Path, shapes_dataset: Path, tmp_path: Path
+) -> None:
+    output = resumed_output(sharded, tmp_path)
+    # one process at batch 2: the same global batch; DCP reshards the two ranks' shards into one
+    result = train(
+        flags(tiny_flux, shapes_dataset, output, train_batch_size=2, strategy="fsdp", resume_from_checkpoint="latest")
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert relative_update_difference(output, sharded, tiny_flux, "transformer") < 0.01
+
+
+def test_a_sharded_checkpoint_is_not_resumed_unsharded(
+    sharded: Path, tiny_flux: Path, shapes_dataset: Path, tmp_path: Path
+) -> None:
+    output = resumed_output(sharded, tmp_path)
+    result = train(
+        flags(tiny_flux, shapes_dataset, output, train_batch_size=2, strategy="ddp", resume_from_checkpoint="latest")
+    )
+    assert result.returncode == EXIT_INVALID
+    assert "was written with --strategy fsdp" in result.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"method": "lora"}, "--strategy fsdp: full fine-tunes only"),
+        ({"mixed_precision": "fp16"}, "--mixed_precision fp16: not with --strategy fsdp"),
+        ({"validation_prompts": "a red circle"}, "--validation_prompts: not yet with --strategy fsdp"),
+        ({"strategy": "ddp", "fsdp_cpu_offload": True}, "--fsdp_cpu_offload: needs --strategy fsdp"),
+    ],
+)
+def test_what_cannot_run_sharded_is_refused_in_one_line(
+    extra: dict[str, object], message: str, tiny_flux: Path, shapes_dataset: Path, tmp_path: Path
+) -> None:
+    result = train(flags(tiny_flux, shapes_dataset, tmp_path / "out", **{"strategy": "fsdp", **extra}))
+    assert result.returncode == EXIT_INVALID
+    assert message in result.stderr.splitlines()[-1]
