@@ -152,6 +152,7 @@ def test_a_sharded_checkpoint_is_not_resumed_unsharded(
         ({"mixed_precision": "fp16"}, "--mixed_precision fp16: not with --strategy fsdp"),
         ({"validation_prompts": "a red circle"}, "--validation_prompts: not yet with --strategy fsdp"),
         ({"strategy": "ddp", "fsdp_cpu_offload": True}, "--fsdp_cpu_offload: needs --strategy fsdp"),
+        ({"fsdp_cpu_offload": True}, "--fsdp_cpu_offload: needs GPUs"),  # refused once the processes start
     ],
 )
 def test_what_cannot_run_sharded_is_refused_in_one_line(
@@ -160,3 +161,43 @@ def test_what_cannot_run_sharded_is_refused_in_one_line(
     result = train(flags(tiny_flux, shapes_dataset, tmp_path / "out", **{"strategy": "fsdp", **extra}))
     assert result.returncode == EXIT_INVALID
     assert message in result.stderr.splitlines()[-1]
+
+
+def test_shards_another_node_stored_are_in_the_manifest_and_fetched_on_resume(s3_bucket: str, tmp_path: Path) -> None:
+    from kubetune.api.contracts import CheckpointState, DataloaderPosition, RngState
+    from kubetune.storage import Store
+    from kubetune.trainer.checkpoint import Checkpointer, fetch, find_checkpoint, local_entries
+
+    output = Store(f"s3://{s3_bucket}/run")
+    checkpointer = Checkpointer(output, tmp_path / "node-0", keep=None)
+    folder = checkpointer.folder(2)  # the main process's staging: ranks 0-7 and the metadata
+    (folder / SHARDS).mkdir()
+    for name, data in ((".metadata", b"plan"), ("__0_0.distcp", b"rank 0")):
+        (folder / SHARDS / name).write_bytes(data)
+    (folder / "optimizer.pt").write_bytes(b"schedule")
+    # a process of the second node stores its own shard and hands over its manifest entry
+    other = tmp_path / "node-1" / "checkpoint-2"
+    (other / SHARDS).mkdir(parents=True)
+    (other / SHARDS / "__8_0.distcp").write_bytes(b"rank 8")
+    entries = local_entries(other, [other / SHARDS / "__8_0.distcp"])
+    output.child("checkpoint-2").upload_file(other / SHARDS / "__8_0.distcp", f"{SHARDS}/__8_0.distcp")
+    state = CheckpointState(
+        step=2,
+        samples_seen=4,
+        epoch=0,
+        seed=0,
+        method="full",
+        global_batch_size=2,
+        world_size=16,
+        cache_key="k",
+        dataloader=DataloaderPosition(position=4, epoch=0, index_in_epoch=4, samples=8),
+        rng=RngState(seed=0, scheme="test"),
+    )
+    checkpointer.commit(folder, state, entries)
+    assert checkpointer.wait() == "checkpoint-2"
+    checkpointer.close()
+    ref = find_checkpoint(output, "latest")
+    assert ref is not None and ref.manifest is not None
+    assert {f"{SHARDS}/.metadata", f"{SHARDS}/__0_0.distcp", f"{SHARDS}/__8_0.distcp"} <= set(ref.manifest.files)
+    local = fetch(ref, tmp_path / "resuming-node")  # a node resuming gets (and verifies) every shard
+    assert (local / SHARDS / "__8_0.distcp").read_bytes() == b"rank 8"
