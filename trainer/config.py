@@ -5,6 +5,7 @@ here: `--help` stays instant."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,6 +62,13 @@ def parse_config(argv: Sequence[str], prog: str) -> TrainConfig:
                 f"--min_bucket_reso/--max_bucket_reso: the range {low or '-'}..{high or '-'} must include "
                 f"--resolution ({config.resolution})"
             )
+    if config.use_8bit_adam:
+        if config.optimizer not in ("adamw", "adamw_8bit"):
+            raise OneLineError(f"--use_8bit_adam: means --optimizer adamw_8bit, not {config.optimizer}")
+        config.optimizer = "adamw_8bit"
+    if config.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        flag = "--use_8bit_adam" if config.use_8bit_adam else "--optimizer adamw_8bit"
+        raise OneLineError(f"{flag}: needs the bitsandbytes package, which is not installed (pip install bitsandbytes)")
     if config.strategy == "fsdp":
         conflict = fsdp_conflict(config)
         if conflict:
@@ -72,6 +80,8 @@ def parse_config(argv: Sequence[str], prog: str) -> TrainConfig:
 
 def fsdp_conflict(config: TrainConfig) -> str | None:
     """Why these settings cannot run sharded (FSDP), as a one-line message; None when they can."""
+    if config.optimizer != "adamw":
+        return f"--optimizer {config.optimizer}: not with --strategy fsdp (which shards AdamW's state; use adamw)"
     if config.method != "full":
         return "--strategy fsdp: full fine-tunes only (LoRA fits one GPU: use --strategy ddp or auto)"
     if config.precision == "fp16":

@@ -404,6 +404,18 @@ class TrainConfig:
     compile: bool = opt(
         False, group=OPTIMISATION, kubetune=True, spec="training.compile", help="torch.compile the UNet"
     )
+    optimizer: str = opt(
+        defaults.OPTIMIZER,
+        group=OPTIMISATION,
+        kubetune=True,
+        choices=defaults.OPTIMIZERS,
+        spec="training.optimizer",
+        help="adamw (torch); adamw_8bit: 8-bit moments (bitsandbytes, when installed); adafactor "
+        "(transformers): factored second moments, at --learning_rate (no relative step)",
+    )
+    use_8bit_adam: bool = opt(
+        False, group=OPTIMISATION, help="the stock scripts' flag for --optimizer adamw_8bit (needs bitsandbytes)"
+    )
     strategy: str = opt(
         defaults.STRATEGY,
         group=OPTIMISATION,
@@ -614,12 +626,6 @@ EXTRA_OPTIONS = (
         metavar="FILE",
         help="read spec.model, spec.training and spec.storage of a FineTuneJob (a file, '-' for "
         "stdin, or env:KUBETUNE_SPEC); other flags given override it",
-    ),
-    Option(
-        "use_8bit_adam",
-        False,
-        group=STOCK,
-        refused="8-bit Adam (bitsandbytes) is not bundled; use --method lora to save memory",
     ),
     Option("dream_training", False, group=STOCK, refused="DREAM training is not supported"),
     Option("dream_detail_preservation", 1.0, type=float, group=STOCK, help="accepted; unused"),

@@ -548,14 +548,7 @@ class Trainer:
             if cfg.offload_ema:
                 self.ema.to("cpu")
         lr = cfg.learning_rate * (self.global_batch if cfg.scale_lr else 1)
-        optimizer = torch.optim.AdamW(
-            self.params,
-            lr=lr,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            weight_decay=cfg.adam_weight_decay,
-            eps=cfg.adam_epsilon,
-            fused=self.device.type == "cuda",
-        )
+        optimizer = make_optimizer(cfg, self.params, lr, self.device)
         from diffusers.optimization import get_scheduler
 
         self.lr_scheduler = get_scheduler(
@@ -1177,6 +1170,28 @@ class Trainer:
             self.writer.flush()
             if self.session.output.is_s3:
                 self.session.output.upload_tree(self.session.staging / self.cfg.logging_dir, layout.LOGS_DIR)
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], lr: float, device: torch.device) -> Any:
+    """--optimizer: torch's AdamW, bitsandbytes' AdamW8bit or transformers' Adafactor."""
+    adam = {"lr": lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "weight_decay": cfg.adam_weight_decay}
+    if cfg.optimizer == "adamw_8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, eps=cfg.adam_epsilon, **adam)
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # at --learning_rate and its schedule, as the stock scripts' --optimizer adafactor
+        return Adafactor(
+            params,
+            lr=lr,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+            weight_decay=cfg.adam_weight_decay,
+        )
+    return torch.optim.AdamW(params, eps=cfg.adam_epsilon, fused=device.type == "cuda", **adam)
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

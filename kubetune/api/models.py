@@ -334,6 +334,11 @@ class Training(ApiModel):
     """Recompute activations in the backward pass: less memory, about 20% slower."""
     mixed_precision: Literal["fp32", "fp16", "bf16"] = "bf16"
     """Autocast precision; weights stay fp32. `fp32` is the original script's `no`."""
+    optimizer: Literal["adamw", "adamw_8bit", "adafactor"] = defaults.OPTIMIZER
+    """`adamw` (torch); `adamw_8bit`: AdamW with 8-bit moments (bitsandbytes, which the trainer image
+    must include), 6 instead of 12 bytes per parameter with the fp32 gradient; `adafactor`
+    (transformers): factored second moments, no first moment, at this learning rate (no relative
+    step). Not with `trainer.strategy: fsdp`, which shards AdamW."""
     max_train_steps: int = Field(default=100, ge=1, le=100_000_000)
     """Optimizer steps to train."""
     learning_rate: float = Field(default=1e-5, gt=0, le=1)

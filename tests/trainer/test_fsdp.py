@@ -152,7 +152,11 @@ def test_a_sharded_checkpoint_is_not_resumed_unsharded(
         ({"mixed_precision": "fp16"}, "--mixed_precision fp16: not with --strategy fsdp"),
         ({"validation_prompts": "a red circle"}, "--validation_prompts: not yet with --strategy fsdp"),
         ({"strategy": "ddp", "fsdp_cpu_offload": True}, "--fsdp_cpu_offload: needs --strategy fsdp"),
-        ({"fsdp_cpu_offload": True}, "--fsdp_cpu_offload: needs GPUs"),  # refused once the processes start
+        ({"fsdp_cpu_offload": True}, "--fsdp_cpu_offload: needs GPUs"),
+        (
+            {"optimizer": "adafactor"},
+            "--optimizer adafactor: not with --strategy fsdp",
+        ),  # refused once the processes start
     ],
 )
 def test_what_cannot_run_sharded_is_refused_in_one_line(
