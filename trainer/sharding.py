@@ -37,24 +37,28 @@ BYTES_PER_PARAM = 16  # fp32 weights (4) + fp32 gradients (4) + AdamW's two fp32
 SHARDED_SUFFIX = "_sharded"
 
 
-def choose(strategy: str, trainable_params: int, world: int, device: torch.device) -> str:
+def choose(strategy: str, trainable_params: int, world: int, gpu_memory: int | None) -> str:
     """`ddp` or `fsdp`. auto: FSDP when the weights, gradients and AdamW state of the trainable
-    parameters (16 bytes each) would not fit one GPU's memory, and there is more than one process
-    to shard across; DDP otherwise (always on CPU)."""
+    parameters (16 bytes each) would not fit one GPU's memory (`gpu_memory` bytes; None: no GPU),
+    and there is more than one process to shard across; DDP otherwise (always on CPU)."""
     if strategy != "auto":
         return strategy
-    if device.type != "cuda" or world < 2:
+    if gpu_memory is None or world < 2:
         return "ddp"
-    total = torch.cuda.get_device_properties(device).total_memory
     needed = trainable_params * BYTES_PER_PARAM
-    picked = "fsdp" if needed > total else "ddp"
+    picked = "fsdp" if needed > gpu_memory else "ddp"
     log.info(
         "--strategy auto: %s (%.1f GiB of weights, gradients and AdamW state; %.1f GiB per GPU)",
         picked,
         needed / 2**30,
-        total / 2**30,
+        gpu_memory / 2**30,
     )
     return picked
+
+
+def gpu_memory(device: torch.device) -> int | None:
+    """Bytes of memory of the process's GPU; None on CPU."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
 def blocks(module: torch.nn.Module) -> list[torch.nn.Module]:

@@ -577,7 +577,7 @@ class Trainer:
         from kubetune.trainer import sharding
 
         count = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
-        strategy = sharding.choose(self.cfg.strategy, count, self.world, self.device)
+        strategy = sharding.choose(self.cfg.strategy, count, self.world, sharding.gpu_memory(self.device))
         if strategy != "fsdp":
             return None
         conflict = fsdp_conflict(self.cfg)  # `auto` can pick FSDP only here, on the GPU

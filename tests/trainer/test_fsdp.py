@@ -205,3 +205,23 @@ def test_shards_another_node_stored_are_in_the_manifest_and_fetched_on_resume(s3
     assert {f"{SHARDS}/.metadata", f"{SHARDS}/__0_0.distcp", f"{SHARDS}/__8_0.distcp"} <= set(ref.manifest.files)
     local = fetch(ref, tmp_path / "resuming-node")  # a node resuming gets (and verifies) every shard
     assert (local / SHARDS / "__8_0.distcp").read_bytes() == b"rank 8"
+
+
+@pytest.mark.parametrize(
+    ("strategy", "params", "world", "gpu", "picked"),
+    [
+        ("auto", 11_900_000_000, 16, 80 * 2**30, "fsdp"),  # FLUX.1's transformer: ~190 GB on 80 GB GPUs
+        ("auto", 2_570_000_000, 8, 80 * 2**30, "ddp"),  # SDXL's UNet: ~41 GB
+        ("auto", 2_570_000_000, 8, 24 * 2**30, "fsdp"),  # ... on 24 GB GPUs
+        ("auto", 11_900_000_000, 1, 80 * 2**30, "ddp"),  # one process: nothing to shard across
+        ("auto", 11_900_000_000, 16, None, "ddp"),  # CPU processes
+        ("fsdp", 1000, 2, None, "fsdp"),
+        ("ddp", 11_900_000_000, 16, 80 * 2**30, "ddp"),
+    ],
+)
+def test_auto_shards_when_the_adamw_training_state_does_not_fit_one_gpu(
+    strategy: str, params: int, world: int, gpu: int | None, picked: str
+) -> None:
+    from kubetune.trainer.sharding import choose
+
+    assert choose(strategy, params, world, gpu) == picked
