@@ -225,3 +225,43 @@ def test_auto_shards_when_the_adamw_training_state_does_not_fit_one_gpu(
     from kubetune.trainer.sharding import choose
 
     assert choose(strategy, params, world, gpu) == picked
+
+
+def launch_nodes(args: list[str], work: Path) -> list[str]:
+    """Two "nodes" of one process each on this machine, each with its own staging folder (as two
+    pods have), over one rendezvous."""
+    port = free_port()
+    nodes = [
+        launch(
+            accelerate_launch_command(2, 0, rank, "127.0.0.1", port, args, python=sys.executable),
+            KUBETUNE_WORK_DIR=str(work / f"node-{rank}"),
+        )
+        for rank in (0, 1)
+    ]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    return logs
+
+
+def test_two_nodes_store_their_own_shards_in_s3_and_resume_from_them(
+    sharded: Path, tiny_flux: Path, shapes_dataset: Path, s3_bucket: str, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    from kubetune.storage import Store
+
+    uri = f"s3://{s3_bucket}/run"
+    args = flags(tiny_flux, shapes_dataset, tmp_path / "x" / "out", train_batch_size=1, strategy="fsdp", output_dir=uri)
+    launch_nodes([*args, "--max_train_steps", "2"], tmp_path / "first")
+    output = Store(uri)
+    manifest = json.loads(output.read_bytes("checkpoint-2/manifest.json"))
+    assert {f"{SHARDS}/__0_0.distcp", f"{SHARDS}/__1_0.distcp", f"{SHARDS}/.metadata"} <= set(manifest["files"])
+    # the second node uploaded its shard itself and kept no copy; the main node never had it
+    assert not list((tmp_path / "first" / "node-1").rglob("*.distcp"))
+    assert not list((tmp_path / "first" / "node-0").rglob("__1_0.distcp"))
+
+    logs = launch_nodes([*args, "--resume_from_checkpoint", "latest"], tmp_path / "second")
+    assert "resuming from" in logs[0]
+    published = tmp_path / "published.safetensors"
+    output.download_file("transformer/diffusion_pytorch_model.safetensors", published)
+    assert max_difference(load_file(published), unet_weights(sharded, "transformer")) < 1e-6
