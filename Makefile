@@ -57,9 +57,10 @@ demo: $(STAMP)  ## run examples/demo.yaml end to end on the local cluster; resul
 bench-collector: $(STAMP)  ## kubetune collect vs img2dataset on a loopback corpus (ratio)
 	$(BIN)/python bench/collector/run.py
 
-bench-trainer: $(STAMP)  ## kubetune train vs diffusers' train_text_to_image.py (STOCK=path/to/it)
-	@test -n "$(STOCK)" || { echo "bench-trainer: set STOCK=path/to/train_text_to_image.py (not shipped)" >&2; exit 2; }
-	$(BIN)/python bench/trainer/bench.py --stock $(STOCK)
+# FAMILY=sd|sdxl: which model family (default: sdxl when STOCK's name says so); BENCH_ARGS: more flags (--steps 32)
+bench-trainer: $(STAMP)  ## kubetune train vs diffusers' train_text_to_image[_sdxl].py (STOCK=path/to/it, FAMILY=sd|sdxl)
+	@test -n "$(STOCK)" || { echo "bench-trainer: set STOCK=path/to/train_text_to_image.py or train_text_to_image_sdxl.py (not shipped)" >&2; exit 2; }
+	$(BIN)/python bench/trainer/bench.py --stock $(STOCK) $(if $(FAMILY),--family $(FAMILY)) $(BENCH_ARGS)
 
 bench-operator: $(STAMP)  ## 500 FineTuneJobs at once on the local cluster: latency and operator memory
 	$(BIN)/python bench/operator/run.py

@@ -10,11 +10,12 @@ Secrets never enter an object as a value: keys and S3 credentials reach pods onl
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune import __version__
@@ -31,8 +32,16 @@ from kubetune.api.layout import (
     SPEC_ENV,
     dataset_fingerprint,
 )
-from kubetune.api.load import dump_spec
-from kubetune.api.models import API_VERSION, KIND, CredentialsSecretRef, FineTuneJobSpec, PodSettings, SecretKeyRef
+from kubetune.api.load import SpecError, dump_spec
+from kubetune.api.models import (
+    API_VERSION,
+    KIND,
+    CredentialsSecretRef,
+    FineTuneJobSpec,
+    JobDefaults,
+    PodSettings,
+    SecretKeyRef,
+)
 from kubetune.storage import storage_env
 
 # -- labels and annotations --------------------------------------------------------------------
@@ -96,6 +105,9 @@ class SpecDefaults:
     region: str = ""
     credentials_secret: str = ""
     staging_size: str = ""
+    # chart value jobDefaults: a pod-template overlay per component (COLLECTOR, TRAINER), applied
+    # under each job's own spec.<component>.podTemplate
+    pod_templates: Mapping[str, dict[str, Any]] = field(default_factory=dict, hash=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> SpecDefaults:
@@ -105,6 +117,11 @@ class SpecDefaults:
             credentials_secret=environ.get("KUBETUNE_S3_CREDENTIALS_SECRET", ""),
             staging_size=environ.get("KUBETUNE_TRAINER_STAGING_SIZE", ""),
         )
+
+
+def pod_template_defaults(job_defaults: JobDefaults) -> dict[str, dict[str, Any]]:
+    """SpecDefaults.pod_templates from the operator's --job-defaults (chart value jobDefaults)."""
+    return {COLLECTOR: job_defaults.collector, TRAINER: job_defaults.trainer}
 
 
 def effective_spec(spec: FineTuneJobSpec, defaults: SpecDefaults) -> FineTuneJobSpec:
@@ -121,6 +138,13 @@ def effective_spec(spec: FineTuneJobSpec, defaults: SpecDefaults) -> FineTuneJob
     if not spec.trainer.staging_size and defaults.staging_size:
         trainer = spec.trainer.model_copy(update={"staging_size": defaults.staging_size})
         spec = spec.model_copy(update={"trainer": trainer})
+    for component in (COLLECTOR, TRAINER):  # jobDefaults under the job's own overlay
+        template = defaults.pod_templates.get(component)
+        if template:
+            settings = getattr(spec, component)
+            merged = merge_overlays(template, settings.pod_template)
+            spec = spec.model_copy(update={component: settings.model_copy(update={"pod_template": merged})})
+        check_volume_mounts(component, getattr(spec, component).pod_template)
     if not updates:
         return spec
     return spec.model_copy(update={"storage": storage_spec.model_copy(update=updates)})
@@ -229,7 +253,13 @@ def storage_secret_refs(spec: FineTuneJobSpec) -> dict[str, SecretKeyRef]:
 
 def model_secret_refs(spec: FineTuneJobSpec) -> dict[str, SecretKeyRef]:
     ref = spec.model.token_secret_ref
-    return {"HF_TOKEN": ref} if ref else {}
+    refs = {"HF_TOKEN": ref} if ref else {}
+    if spec.output and spec.output.hub:  # the push token apart: HF_TOKEN may be a read token for the base model
+        refs[HUB_TOKEN_ENV] = spec.output.hub.token_secret_ref
+    return refs
+
+
+HUB_TOKEN_ENV = "KUBETUNE_HUB_TOKEN"  # kubetune.trainer.hub.TOKEN_ENV (the operator does not import the trainer)
 
 
 def secret_refs(spec: FineTuneJobSpec, component: str) -> dict[str, SecretKeyRef]:
@@ -246,8 +276,11 @@ def secret_ref_paths(spec: FineTuneJobSpec, component: str) -> list[tuple[str, S
         for field_name, value in spec.dataset.source:
             if isinstance(value, SecretKeyRef):
                 paths.append((f"spec.dataset.{source}.{_camel(field_name)}", value))
-    elif spec.model.token_secret_ref:
-        paths.append(("spec.model.tokenSecretRef", spec.model.token_secret_ref))
+    else:
+        if spec.model.token_secret_ref:
+            paths.append(("spec.model.tokenSecretRef", spec.model.token_secret_ref))
+        if spec.output and spec.output.hub:
+            paths.append(("spec.output.hub.tokenSecretRef", spec.output.hub.token_secret_ref))
     for ref in storage_secret_refs(spec).values():
         paths.append(("spec.storage.credentialsSecretRef", ref))
     return paths
@@ -259,8 +292,13 @@ def _camel(snake: str) -> str:
 
 
 def spec_json(spec: FineTuneJobSpec) -> str:
-    """The spec as pods receive it: camelCase JSON, defaults filled in, Secret *references* only."""
-    return json.dumps(dump_spec(spec), sort_keys=True, separators=(",", ":"))
+    """The spec as pods receive it: camelCase JSON, defaults filled in, Secret *references* only.
+    Without the pod-template overlays: the pods already are what they say (and an env value such as
+    a proxy URL is not repeated)."""
+    handed = dump_spec(spec)
+    for component in (COLLECTOR, TRAINER):
+        handed.get(component, {}).pop("podTemplate", None)
+    return json.dumps(handed, sort_keys=True, separators=(",", ":"))
 
 
 def literal(text: str) -> str:
@@ -381,19 +419,145 @@ def collector_deadline(spec: FineTuneJobSpec) -> int:
 
 
 def pod_scheduling(settings: PodSettings) -> dict[str, Any]:
-    """The pod-level scheduling fields a spec may set; unset ones are left out."""
+    """The pod-level scheduling fields a spec may set directly (spec.<component>.nodeSelector...);
+    unset ones are left out."""
     pod: dict[str, Any] = {}
     if settings.node_selector:
         pod["nodeSelector"] = dict(settings.node_selector)
     if settings.tolerations:
         pod["tolerations"] = [t.model_dump(by_alias=True, exclude_defaults=True) for t in settings.tolerations]
     if settings.affinity:
-        pod["affinity"] = dict(settings.affinity)
+        pod["affinity"] = copy.deepcopy(settings.affinity)
     if settings.priority_class_name:
         pod["priorityClassName"] = settings.priority_class_name
     if settings.service_account_name:
         pod["serviceAccountName"] = settings.service_account_name
     return pod
+
+
+# -- the pod-template overlay ------------------------------------------------------------------
+#
+# spec.<component>.podTemplate (over the chart's jobDefaults.<component>) is merged like a strategic
+# merge patch: maps key by key, these lists by their merge key, tolerations and envFrom appended,
+# every other list and value replaced. The operator's own fields then win (apply_pod_overlay).
+
+OVERLAY_LIST_KEYS = {
+    ("spec", "containers"): "name",
+    ("spec", "volumes"): "name",
+    ("spec", "imagePullSecrets"): "name",
+    ("spec", "containers", "env"): "name",
+    ("spec", "containers", "volumeMounts"): "mountPath",
+}
+OVERLAY_APPENDED = {("spec", "tolerations"), ("spec", "containers", "envFrom")}
+# restricted Pod Security: what no overlay changes (the schema allows no other value either)
+POD_SECURITY_PINNED = {"runAsNonRoot": True}
+CONTAINER_SECURITY_PINNED = {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def merge_overlays(base: Mapping[str, Any], overlay: Mapping[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`overlay` strategically merged over `base` (two pod-template overlays); neither is changed."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in overlay.items():
+        here = (*path, key)
+        old = merged.get(key)
+        if isinstance(old, dict) and isinstance(value, dict):
+            merged[key] = merge_overlays(old, value, here)
+        elif isinstance(old, list) and isinstance(value, list) and here in OVERLAY_LIST_KEYS:
+            merged[key] = _merge_by_key(old, value, OVERLAY_LIST_KEYS[here], here)
+        elif isinstance(old, list) and isinstance(value, list) and here in OVERLAY_APPENDED:
+            merged[key] = old + copy.deepcopy(value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _merge_by_key(old: list[Any], new: list[Any], key: str, path: tuple[str, ...]) -> list[Any]:
+    merged = list(old)
+    index = {item.get(key): i for i, item in enumerate(merged)}
+    for item in new:
+        if item.get(key) in index:
+            merged[index[item.get(key)]] = merge_overlays(merged[index[item.get(key)]], item, path)
+        else:
+            index[item.get(key)] = len(merged)
+            merged.append(copy.deepcopy(item))
+    return merged
+
+
+OPERATOR_VOLUMES = {COLLECTOR: ("tmp",), TRAINER: ("dshm", "tmp")}
+
+
+def check_volume_mounts(component: str, overlay: Mapping[str, Any]) -> None:
+    """Every mount of the overlay (jobDefaults merged in) names a volume the pods will have: caught
+    here, the job fails as InvalidSpec naming the mount, instead of the API server refusing the Job."""
+    spec = overlay.get("spec") or {}
+    volumes = {volume["name"] for volume in spec.get("volumes") or []} | set(OPERATOR_VOLUMES[component])
+    for container in spec.get("containers") or []:
+        for mount in container.get("volumeMounts") or []:
+            if mount["name"] not in volumes:
+                raise SpecError(
+                    f"spec.{component}.podTemplate.spec.containers[name={container['name']}].volumeMounts"
+                    f"[mountPath={mount['mountPath']}].name: no volume {mount['name']!r} in the podTemplate, the "
+                    f"operator's jobDefaults or the operator's own volumes ({', '.join(OPERATOR_VOLUMES[component])})"
+                )
+
+
+def pod_overlay(settings: PodSettings) -> dict[str, Any]:
+    """A component's whole overlay: its podTemplate (jobDefaults already under it, see effective_spec),
+    then the fields the spec sets directly (nodeSelector, tolerations, affinity, priorityClassName,
+    serviceAccountName), which are the more specific."""
+    direct = pod_scheduling(settings)
+    return merge_overlays(settings.pod_template, {"spec": direct} if direct else {})
+
+
+def apply_pod_overlay(template: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """The operator's pod template (`metadata` and `spec`, one container) with `overlay` merged in,
+    the operator's own fields winning: its labels and annotations, env entries (by name), volumes
+    (by name) and mounts (by mountPath), and the restricted security settings. The overlay cannot
+    name command, args, image, resources or ports at all (the schema has no such fields)."""
+    result = copy.deepcopy(template)
+    meta_overlay, spec_overlay = overlay.get("metadata") or {}, overlay.get("spec") or {}
+    pod_meta, pod = result.setdefault("metadata", {}), result["spec"]
+    for kind in ("labels", "annotations"):
+        if meta_overlay.get(kind):
+            pod_meta[kind] = {**meta_overlay[kind], **(pod_meta.get(kind) or {})}
+    for key in ("runtimeClassName", "priorityClassName", "serviceAccountName", "affinity"):
+        if key in spec_overlay:  # the operator sets none of these itself
+            pod[key] = copy.deepcopy(spec_overlay[key])
+    if spec_overlay.get("nodeSelector"):
+        pod["nodeSelector"] = {**spec_overlay["nodeSelector"], **(pod.get("nodeSelector") or {})}
+    if spec_overlay.get("tolerations"):
+        pod["tolerations"] = (pod.get("tolerations") or []) + copy.deepcopy(spec_overlay["tolerations"])
+    if spec_overlay.get("imagePullSecrets"):
+        pod["imagePullSecrets"] = _merge_by_key(
+            pod.get("imagePullSecrets") or [], spec_overlay["imagePullSecrets"], "name", ("spec", "imagePullSecrets")
+        )
+    if spec_overlay.get("securityContext"):
+        pod["securityContext"] = {**pod.get("securityContext", {}), **spec_overlay["securityContext"]}
+        pod["securityContext"].update(POD_SECURITY_PINNED)
+    pod["volumes"] = _own_first(pod.get("volumes") or [], spec_overlay.get("volumes") or [], "name")
+    main = pod["containers"][0]
+    for container_overlay in spec_overlay.get("containers") or []:
+        if container_overlay.get("name") != main["name"]:
+            continue  # the schema allows only the main container's name
+        main["env"] = _own_first(main.get("env") or [], container_overlay.get("env") or [], "name")
+        if container_overlay.get("envFrom"):
+            main["envFrom"] = (main.get("envFrom") or []) + copy.deepcopy(container_overlay["envFrom"])
+        mounts = _own_first(main.get("volumeMounts") or [], container_overlay.get("volumeMounts") or [], "mountPath")
+        if mounts:
+            main["volumeMounts"] = mounts
+        if container_overlay.get("securityContext"):
+            main["securityContext"] = {**main.get("securityContext", {}), **container_overlay["securityContext"]}
+            main["securityContext"].update(copy.deepcopy(CONTAINER_SECURITY_PINNED))
+    if not pod["volumes"]:
+        del pod["volumes"]
+    return result
+
+
+def _own_first(own: list[dict[str, Any]], extra: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """The operator's entries, then the overlay's whose `key` the operator does not use itself. The
+    operator's env comes first so that the overlay's values may refer to it as $(VAR)."""
+    taken = {item[key] for item in own}
+    return own + [copy.deepcopy(item) for item in extra if item.get(key) not in taken]
 
 
 def job(
@@ -404,6 +568,7 @@ def job(
     completions: int,
     backoff_limit: int,
     pod_spec: dict[str, Any],
+    pod_overlay: Mapping[str, Any],
     suspend: bool,
     queue_name: str,
     annotations: dict[str, str] | None = None,
@@ -425,10 +590,10 @@ def job(
             "podFailurePolicy": pod_failure_policy(component),
             # Kueue admits a Job by unsuspending it, so with a queue every Job starts suspended.
             "suspend": suspend or bool(queue_name),
-            "template": {
-                "metadata": {"labels": pod_labels, "annotations": {ANNOTATION_OWNER: owner.name}},
-                "spec": pod_spec,
-            },
+            "template": apply_pod_overlay(
+                {"metadata": {"labels": pod_labels, "annotations": {ANNOTATION_OWNER: owner.name}}, "spec": pod_spec},
+                pod_overlay,
+            ),
         },
     }
 
@@ -472,7 +637,6 @@ def collector_job(spec: FineTuneJobSpec, owner: Owner, images: Images = Images()
             },
         ],
         "volumes": [tmp],
-        **pod_scheduling(settings),
     }
     collector = job(
         owner,
@@ -481,6 +645,7 @@ def collector_job(spec: FineTuneJobSpec, owner: Owner, images: Images = Images()
         completions=settings.shards,
         backoff_limit=spec.run_policy.backoff_limit,
         pod_spec=pod_spec,
+        pod_overlay=pod_overlay(settings),
         suspend=spec.suspend,
         queue_name=spec.run_policy.queue_name,
         annotations={ANNOTATION_FINGERPRINT: dataset_fingerprint(spec.dataset)},
@@ -591,7 +756,6 @@ def trainer_job(spec: FineTuneJobSpec, owner: Owner, restart: int = 0, images: I
             }
         ],
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}}, tmp],
-        **pod_scheduling(settings),
     }
     return job(
         owner,
@@ -600,6 +764,7 @@ def trainer_job(spec: FineTuneJobSpec, owner: Owner, restart: int = 0, images: I
         completions=settings.nodes,
         backoff_limit=0,
         pod_spec=pod_spec,
+        pod_overlay=pod_overlay(settings),
         suspend=spec.suspend,
         queue_name=spec.run_policy.queue_name,
         annotations={ANNOTATION_TRAINING_HASH: training_hash(spec)},

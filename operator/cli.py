@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from kubetune.api.load import SpecError, load_job_defaults
 from kubetune.api.models import GROUP, PLURAL, VERSION
 from kubetune.cli_util import OneLineArgumentParser, OneLineError
 
@@ -49,6 +50,13 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         "--trainer-image",
         default=os.environ.get("KUBETUNE_TRAINER_IMAGE", b.DEFAULT_TRAINER_IMAGE),
         help="trainer image when a spec sets none (env KUBETUNE_TRAINER_IMAGE)",
+    )
+    parser.add_argument(
+        "--job-defaults",
+        default=os.environ.get("KUBETUNE_JOB_DEFAULTS", ""),
+        metavar="FILE",
+        help="YAML file of pod-template overlays applied to every job's pods under its own podTemplate: "
+        "{collector: ..., trainer: ...} (chart value jobDefaults; env KUBETUNE_JOB_DEFAULTS)",
     )
     parser.add_argument(
         "--workers",
@@ -213,6 +221,12 @@ def register(controller: Any, verbose: bool = False, scan_namespaces: bool = Fal
 
 def main(argv: Sequence[str], prog: str = "kubetune operator") -> int:
     args = build_parser(prog).parse_args(list(argv))
+    pod_templates: dict[str, dict[str, Any]] = {}
+    if args.job_defaults:  # before anything else: a bad file is refused at once, in one line
+        try:
+            pod_templates = b.pod_template_defaults(load_job_defaults(args.job_defaults))
+        except SpecError as error:
+            raise OneLineError(f"--job-defaults {error}") from None
     import kopf
 
     from .controller import Controller
@@ -234,6 +248,7 @@ def main(argv: Sequence[str], prog: str = "kubetune operator") -> int:
         default_region=defaults.region,
         default_staging_size=defaults.staging_size,
         default_credentials_secret=defaults.credentials_secret,
+        default_pod_templates=tuple(pod_templates.items()),
         allowed_storage_endpoints=tuple(args.allowed_storage_endpoint),
         storage_own_identity=args.storage_own_identity,
         s3_connections=args.workers,

@@ -14,6 +14,14 @@ Attempts: attempt i of the trainer runs in the Job for restart ordinal
 `restart = number of attempts before i that ended Failed or Preempted` (`<name>-train`,
 `<name>-train-r1`, ...). Failed attempts use the backoff budget (`status.restarts`); preempted
 ones do not (`status.preemptions`).
+
+Kueue: a Job with the queue label (spec.runPolicy.queueName) is Kueue's to suspend and unsuspend.
+The operator never patches its `suspend`; it stops it (spec.suspend, a failed FineTuneJob) by
+setting its Workload's `spec.active: false`, which Kueue documents as the way to stop a workload
+and which keeps the Job (and so the attempt) to resume later; it deletes the Job of an attempt
+that ended, so that it holds no quota; and it reports a Kueue eviction (preemption) as queued
+again, neither an attempt nor a failure: Kueue readmits the same Job and the trainer resumes from
+its checkpoint.
 """
 
 from __future__ import annotations
@@ -50,21 +58,29 @@ from kubetune.ownership import owned_message
 
 from . import builders as b
 from .objects import (
+    ANNOTATION_KUEUE_EVICTIONS,
     ENDED_NEEDS_NEW_JOB,
+    KUEUE_DEACTIVATED,
     annotations,
     component,
     job_attempt,
     job_failure_message,
     job_finished,
     job_suspended,
+    kueue_eviction,
+    labels,
     meta,
     pod_active,
     pod_exit_code,
     pod_job_name,
     pod_preempted,
+    queued,
+    recorded_kueue_evictions,
     recorded_preemptions,
     stopped_before_job_started,
     termination_message,
+    workload_active,
+    workload_of,
 )
 
 TERMINAL = ("Succeeded", "Failed")
@@ -94,6 +110,7 @@ class Observed:
     now: datetime
     spec_error: str = ""
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    workloads: list[dict[str, Any]] = field(default_factory=list)  # Kueue's Workloads of the queued Jobs
     pods: list[dict[str, Any]] = field(default_factory=list)
     service_exists: bool = False
     secrets: dict[str, set[str] | None] = field(default_factory=dict)  # name -> its keys; None: missing
@@ -110,7 +127,7 @@ class Observed:
 
 @dataclass
 class Patch:
-    kind: str  # "Job"
+    kind: str  # "Job" or "Workload" (Kueue's)
     name: str
     body: dict[str, Any]  # merge patch
 
@@ -120,6 +137,7 @@ class Decision:
     status: dict[str, Any]
     create: list[dict[str, Any]] = field(default_factory=list)
     patch: list[Patch] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)  # Jobs (with their pods)
     events: list[Event] = field(default_factory=list)
 
     @property
@@ -295,6 +313,7 @@ class _Pass:
         self.manifest, self.manifest_problem = read_contract(DatasetManifest, observed.dataset_manifest)
         # an unreadable progress.json is as if absent: the status keeps the last good one
         self.progress, _ = read_contract(TrainingProgress, observed.progress)
+        self.kueue_evicted = ""  # the Training condition's reason while Kueue has evicted the Job
 
     # the flow
 
@@ -545,7 +564,9 @@ class _Pass:
         step = self.status.training.step if self.status.training else 0
         attempt = len(self.status.attempts) - 1
         self.suspension(job, name, "Training", f"training attempt {attempt} (Job {name}) at step {step}")
-        if self.status.phase == "Training":
+        if self.status.phase == "Training" and self.kueue_evicted:
+            self.condition("Training", "False", self.kueue_evicted, self.status.message)
+        elif self.status.phase == "Training":
             self.condition(
                 "Training",
                 "True" if not job_suspended(job) else "False",
@@ -558,7 +579,11 @@ class _Pass:
 
     def restart_preempted_gang(self, spec: FineTuneJobSpec, name: str) -> Decision:
         """One rank preempted breaks the whole gang: stop the rest, start a new attempt."""
-        self.decision.patch.append(Patch("Job", name, {"spec": {"suspend": True}}))
+        job = self.o.jobs[name]
+        if queued(job):
+            self.delete_job(name, job)  # the new attempt gets a fresh Job; this one must not hold quota
+        else:
+            self.decision.patch.append(Patch("Job", name, {"spec": {"suspend": True}}))
         self.end_attempt("Preempted")
         self.event(
             "Warning",
@@ -578,6 +603,8 @@ class _Pass:
         pods are deleted), and the Job controller does not count ignored failures."""
         if job_suspended(job) or job_finished(job) == "Complete":
             return  # pods stopped by a suspension are not preemptions
+        if queued(job) and kueue_eviction(workload_of(job, self.o.workloads)):
+            return  # Kueue is stopping the Job: its pods are stopped by Kueue, reported as such
         known = recorded_preemptions(job)
         new = [
             str(meta(p)["uid"])
@@ -602,6 +629,12 @@ class _Pass:
     def start_attempt(self, spec: FineTuneJobSpec) -> Decision:
         o = self.o
         attempts = self.status.attempts
+        index = len(attempts)
+        restart = restart_of(attempts, index)
+        name = b.trainer_job_name(o.name, restart)
+        for old_name, old in self.trainer_jobs().items():
+            if old_name != name and queued(old):
+                self.delete_job(old_name, old)  # an ended attempt's Job must not hold Kueue quota
         still_running = [meta(p)["name"] for p in o.pods if pod_active(p) and component(p) == b.TRAINER]
         self.status.phase = "Training"
         if still_running:  # never two trainer gangs writing the same checkpoints
@@ -610,13 +643,10 @@ class _Pass:
             )
             self.condition("Training", "False", "WaitingForPreviousAttempt", self.status.message)
             return self.finish()
-        index = len(attempts)
-        restart = restart_of(attempts, index)
         resume_from = self.status.training.latest_checkpoint if self.status.training else ""
         if step_of_checkpoint_uri(o.latest_checkpoint) > step_of_checkpoint_uri(resume_from):
             resume_from = o.latest_checkpoint  # a checkpoint completed after the last progress.json
         attempts.append(Attempt(index=index, start_step=step_of_checkpoint_uri(resume_from), start_time=o.now))
-        name = b.trainer_job_name(o.name, restart)
         if name not in o.jobs:
             self.decision.create.append(b.trainer_job(spec, self.owner, restart, o.images))
         self.status.message = f"starting attempt {index} (Job {name})" + (
@@ -738,7 +768,8 @@ class _Pass:
         status = self.status
         status.observed_generation = self.o.generation
         status.restarts = sum(1 for a in status.attempts if a.reason == "Failed")
-        status.preemptions = self.count_preemptions()
+        # never lower: the Job of an ended attempt of a queued job is deleted with what it recorded
+        status.preemptions = max(self.count_preemptions(), self.old.preemptions or 0)
         phase = status.phase
         if phase not in TERMINAL:
             self.condition("Succeeded", "Unknown", phase, status.message)
@@ -779,8 +810,27 @@ class _Pass:
 
     def suspend_running_jobs(self) -> None:
         for name, job in self.o.jobs.items():
-            if not job_finished(job) and not job_suspended(job):
+            if job_finished(job):
+                continue
+            if queued(job):
+                self.set_workload_active(job, False)  # Kueue suspends it, and releases its quota
+            elif not job_suspended(job):
                 self.decision.patch.append(Patch("Job", name, {"spec": {"suspend": True}}))
+
+    def set_workload_active(self, job: dict[str, Any], active: bool) -> bool:
+        """Set `spec.active` of the queued Job's Kueue Workload: false evicts it (Kueue suspends
+        the Job, keeps it out of the queue and releases its quota), true queues it again. False
+        when Kueue has not made the Workload yet (a later pass does it)."""
+        workload = workload_of(job, self.o.workloads)
+        if workload is None:
+            return False
+        if workload_active(workload) != active:
+            self.decision.patch.append(Patch("Workload", str(meta(workload)["name"]), {"spec": {"active": active}}))
+        return True
+
+    def delete_job(self, name: str, job: dict[str, Any]) -> None:
+        if not meta(job).get("deletionTimestamp") and name not in self.decision.delete:
+            self.decision.delete.append(name)
 
     def end_attempt(self, reason: str) -> None:
         attempt = self.status.attempts[-1]
@@ -793,6 +843,7 @@ class _Pass:
         counted = 0
         seen_restarts: set[int] = set()
         for job in self.trainer_jobs().values():
+            counted += len(recorded_kueue_evictions(job))
             uids = recorded_preemptions(job)
             counted += len(uids)
             if uids:
@@ -814,31 +865,79 @@ class _Pass:
         self.condition("SpecChangeIgnored", "True", "ImmutableFieldChanged", message)
 
     def suspension(self, job: dict[str, Any], job_name: str, running_phase: str, running_message: str) -> None:
-        """Follow spec.suspend on a running child Job, and tell queued from running."""
+        """Follow spec.suspend on a running child Job, and tell queued from running. A Job of
+        Kueue's is stopped and resumed through its Workload, never by patching `suspend`."""
         spec = self.o.spec
         assert spec is not None
-        queued = bool(spec.run_policy.queue_name)
+        kueue = queued(job)
+        workload = workload_of(job, self.o.workloads) if kueue else None
         if spec.suspend:
-            if not job_suspended(job):
+            how = ""
+            if kueue:
+                found = self.set_workload_active(job, False)
+                how = (
+                    " (its Kueue Workload is deactivated)"
+                    if found
+                    else " (once Kueue made its Workload, to deactivate)"
+                )
+            elif not job_suspended(job):
                 self.decision.patch.append(Patch("Job", job_name, {"spec": {"suspend": True}}))
             if self.status.phase != "Suspended":
                 self.event(
                     "Normal", "Suspended", f"suspended Job {job_name}; it continues from its checkpoint when resumed"
                 )
             self.status.phase = "Suspended"
-            self.status.message = f"suspended (spec.suspend); Job {job_name} keeps its progress"
+            self.status.message = f"suspended (spec.suspend); Job {job_name} keeps its progress{how}"
             self.condition("Suspended", "True", "SpecSuspend", self.status.message)
             return
-        if job_suspended(job) and not queued:
+        deactivated = workload is not None and not workload_active(workload)
+        if deactivated and self.has_condition("Suspended", "True"):
+            # the operator deactivated it for spec.suspend: queued again, Kueue readmits it
+            assert workload is not None
+            self.decision.patch.append(Patch("Workload", str(meta(workload)["name"]), {"spec": {"active": True}}))
+            self.event("Normal", "Resumed", f"resumed Job {job_name}: its Kueue Workload is queued again")
+            deactivated = False
+        elif not kueue and job_suspended(job):
             self.decision.patch.append(Patch("Job", job_name, {"spec": {"suspend": False}}))
             if self.old.phase == "Suspended":
                 self.event("Normal", "Resumed", f"resumed Job {job_name}")
         self.condition("Suspended", "False", "NotSuspended")
         self.status.phase = running_phase
-        if job_suspended(job) and queued:
-            self.status.message = f"waiting for Kueue to admit Job {job_name} (queue {spec.run_policy.queue_name})"
+        eviction = kueue_eviction(workload)
+        if eviction is not None and eviction.get("reason") not in KUEUE_DEACTIVATED:
+            self.evicted_by_kueue(job, job_name, eviction)
+        elif deactivated:
+            # not by this operator (an administrator, or Kueue's requeuing limit): not fought
+            self.status.message = (
+                f"Job {job_name} is stopped: its Kueue Workload {meta(workload)['name']} was deactivated "
+                "(spec.active: false); it continues from its checkpoint once reactivated"
+            )
+        elif kueue and job_suspended(job):
+            self.status.message = (
+                f"waiting for Kueue to admit Job {job_name} (queue {labels(job)[b.KUEUE_QUEUE_LABEL]})"
+            )
         else:
             self.status.message = running_message
+
+    def evicted_by_kueue(self, job: dict[str, Any], job_name: str, eviction: dict[str, Any]) -> None:
+        """Kueue evicted the Job (preempted it for another workload, mostly): it suspends the Job,
+        the pods checkpoint and stop, and the same Job runs on when readmitted. Neither an attempt
+        nor a failure; counted once as a preemption (the eviction's time is kept on the Job)."""
+        reason = str(eviction.get("reason") or "Evicted")
+        what = "preemption" if reason == "Preempted" else f"eviction ({reason})"
+        detail = str(eviction.get("message") or "").strip()
+        self.kueue_evicted = "PreemptedByKueue" if reason == "Preempted" else "EvictedByKueue"
+        self.status.message = (
+            f"queued again after {what} by Kueue" + (f" ({detail})" if detail else "") + f"; Job {job_name} "
+            "resumes from the latest checkpoint when Kueue admits it again"
+        )
+        when = str(eviction.get("lastTransitionTime") or "unknown")
+        known = recorded_kueue_evictions(job)
+        if when not in known:
+            recorded = {ANNOTATION_KUEUE_EVICTIONS: ",".join([*known, when])}
+            self.decision.patch.append(Patch("Job", job_name, {"metadata": {"annotations": recorded}}))
+            job.setdefault("metadata", {}).setdefault("annotations", {}).update(recorded)
+            self.event("Warning", self.kueue_evicted, self.status.message)
 
 
 def decide(observed: Observed) -> Decision:

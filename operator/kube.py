@@ -35,9 +35,11 @@ from kubetune.api.models import GROUP, KIND, PLURAL, VERSION, FineTuneJobSpec
 
 from . import builders as b
 from .decide import Decision, Observed
-from .objects import component, job_finished, new_attempt_due, now_utc
+from .objects import KUEUE_JOB_UID_LABEL, component, job_finished, new_attempt_due, now_utc, queued
 
 log = logging.getLogger("kubetune.operator")
+
+KUEUE_WORKLOADS = "/apis/kueue.x-k8s.io/v1beta1/namespaces/{namespace}/workloads"
 
 
 class SecretForbidden(Exception):
@@ -200,6 +202,8 @@ class Kube:
     default_region: str = ""
     default_staging_size: str = ""  # spec.trainer.stagingSize for jobs that set none (chart: trainer.stagingSize)
     default_credentials_secret: str = ""  # Secret (in the job's namespace) for jobs that name none
+    # chart value jobDefaults: (component, pod-template overlay) pairs
+    default_pod_templates: tuple[tuple[str, dict[str, Any]], ...] = ()
     allowed_storage_endpoints: tuple[str, ...] = ()  # empty: any endpoint, with the job's own Secret
     storage_own_identity: bool = False  # read storage with the operator's identity when a job names no Secret
     s3_connections: int = 32  # per S3 client: one per reconcile worker
@@ -262,6 +266,15 @@ class Kube:
             ]
         return objects
 
+    def workloads(self, namespace: str, job_uids: list[str]) -> list[dict[str, Any]]:
+        """Kueue's Workloads of these Jobs, by the job-uid label Kueue puts on them; none where
+        Kueue is not installed (its API answers 404)."""
+        selector = f"{KUEUE_JOB_UID_LABEL} in ({','.join(sorted(job_uids))})"
+        found = self.request(
+            "GET", KUEUE_WORKLOADS.format(namespace=namespace), query={"labelSelector": selector}, missing_ok=True
+        )
+        return list((found or {}).get("items") or [])
+
     def service_exists(self, namespace: str, name: str) -> bool:
         path = f"/api/v1/namespaces/{namespace}/services/{b.trainer_service_name(name)}"
         return self.request("GET", path, missing_ok=True) is not None
@@ -298,8 +311,8 @@ class Kube:
         return data
 
     def effective_spec(self, spec: FineTuneJobSpec) -> FineTuneJobSpec:
-        """The spec with the operator's cluster-wide S3 defaults and trainer staging size (chart
-        values) filled in (builders.effective_spec; `kubetune render` applies the same)."""
+        """The spec with the operator's cluster-wide S3 defaults, trainer staging size and job pod
+        templates (chart values) filled in (builders.effective_spec; `kubetune render` applies the same)."""
         return b.effective_spec(spec, self.spec_defaults)
 
     @property
@@ -309,6 +322,7 @@ class Kube:
             region=self.default_region,
             credentials_secret=self.default_credentials_secret,
             staging_size=self.default_staging_size,
+            pod_templates=dict(self.default_pod_templates),
         )
 
     def store(self, spec: FineTuneJobSpec, secrets: dict[str, dict[str, str] | None]) -> storage.Store:
@@ -352,6 +366,23 @@ class Kube:
             f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}",
             body,
             content_type="application/strategic-merge-patch+json",
+        )
+
+    def patch_workload(self, namespace: str, name: str, body: dict[str, Any]) -> None:
+        self.request(
+            "PATCH",
+            f"{KUEUE_WORKLOADS.format(namespace=namespace)}/{name}",
+            body,
+            content_type="application/merge-patch+json",
+        )
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        """Delete a Job and (in the background) its pods: a Job's own default would orphan them."""
+        self.request(
+            "DELETE",
+            f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}",
+            query={"propagationPolicy": "Background"},
+            missing_ok=True,
         )
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
@@ -452,6 +483,9 @@ def observe(kube: Kube, ftj: dict[str, Any], extra_pods: list[dict[str, Any]], n
         # them and writes status together. (Should an operator stop between the two, the create
         # answers "already exists" and the next pass, status written, lists them.)
         observed.jobs = {j["metadata"]["name"]: j for j in kube.children(namespace, name, uid, "Job")}
+    waiting_for_kueue = [j["metadata"]["uid"] for j in observed.jobs.values() if queued(j) and not job_finished(j)]
+    if waiting_for_kueue and status.get("phase") != "Succeeded":  # a failed job's are deactivated
+        observed.workloads = kube.workloads(namespace, waiting_for_kueue)
     if status.get("phase") in ("Succeeded", "Failed"):
         return observed  # nothing else matters once finished
     pods = kube.children(namespace, name, uid, "Pod") if pods_needed(status, observed.jobs) else []
@@ -543,10 +577,16 @@ def act(kube: Kube, ftj: dict[str, Any], decision: Decision) -> None:
             log.info("created %s %s", obj["kind"], obj["metadata"]["name"], extra=_ref(namespace, name))
     for patch in decision.patch:
         try:
-            kube.patch_job(namespace, patch.name, patch.body)
+            if patch.kind == "Workload":
+                kube.patch_workload(namespace, patch.name, patch.body)
+            else:
+                kube.patch_job(namespace, patch.name, patch.body)
         except _api_exception() as error:
             _raise_if_permanent(error, patch.kind, patch.name)
             raise
+    for job_name in decision.delete:
+        kube.delete_job(namespace, job_name)
+        log.info("deleted Job %s", job_name, extra=_ref(namespace, name))
     old = ftj.get("status") or {}
     if decision.status != old:
         # Merge patch: keys this pass dropped are set to null so that they disappear.

@@ -7,7 +7,7 @@ the API server leaves out is None or absent alike.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from kubetune.api.layout import EXIT_PREEMPTED
@@ -96,6 +96,49 @@ def recorded_preemptions(job: dict[str, Any]) -> list[str]:
     return [uid for uid in value.split(",") if uid]
 
 
+# -- Kueue ------------------------------------------------------------------------------------
+# Kueue (https://kueue.sigs.k8s.io) admits a Job that carries its queue label by unsuspending it,
+# and evicts it by suspending it again; it keeps its decisions on a Workload
+# (kueue.x-k8s.io/v1beta1) that the Job owns. The operator never touches `suspend` on such a
+# Job: it reads the Workload, and stops or resumes it through the Workload's `spec.active`.
+
+KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"  # on each Workload: the uid of the Job it admits
+KUEUE_DEACTIVATED = ("Deactivated", "InactiveWorkload")  # Evicted reasons of `spec.active: false` (new, old)
+# Kueue evictions the operator saw on a Job (their Evicted condition's lastTransitionTime, comma
+# separated): counted as preemptions, once each, across passes.
+ANNOTATION_KUEUE_EVICTIONS = "kubetune.dev/kueue-evictions"
+
+
+def queued(job: dict[str, Any]) -> bool:
+    """Whether Kueue manages the Job (it carries the queue label): Kueue alone suspends it."""
+    return bool(labels(job).get(b.KUEUE_QUEUE_LABEL))
+
+
+def workload_of(job: dict[str, Any], workloads: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The Workload Kueue made for `job` (it owns it), None before Kueue made one."""
+    uid = meta(job).get("uid")
+    for workload in workloads:
+        if uid and any(r.get("uid") == uid for r in meta(workload).get("ownerReferences") or []):
+            return workload
+    return None
+
+
+def workload_active(workload: dict[str, Any]) -> bool:
+    return (workload.get("spec") or {}).get("active", True) is not False
+
+
+def kueue_eviction(workload: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The Workload's Evicted condition while it is evicted (status True), else None."""
+    for condition in ((workload or {}).get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Evicted" and condition.get("status") == "True":
+            return condition  # type: ignore[no-any-return]
+    return None
+
+
+def recorded_kueue_evictions(job: dict[str, Any]) -> list[str]:
+    return [t for t in annotations(job).get(ANNOTATION_KUEUE_EVICTIONS, "").split(",") if t]
+
+
 # -- pods --------------------------------------------------------------------------------------
 
 
@@ -126,12 +169,18 @@ def pod_preempted(pod: dict[str, Any], container: str) -> bool:
 
 def stopped_before_job_started(pod: dict[str, Any], job: dict[str, Any]) -> bool:
     """A trainer pod deleted (or ended) before its Job's latest start: stopped by a suspension,
-    not a preemption. Kubernetes resets a Job's status.startTime when it is resumed."""
+    not a preemption. Kubernetes resets a Job's status.startTime when it is resumed (a moment
+    after `suspend` turns false: until then its Suspended condition stays True)."""
+    if job_condition(job, "Suspended"):
+        return True  # resumed in spec, but the Job controller has not started it again yet
     started = parse_time((job.get("status") or {}).get("startTime"))
-    stopped = parse_time(meta(pod).get("deletionTimestamp")) or parse_time(
-        (terminated_state(pod, b.TRAINER) or {}).get("finishedAt")
-    )
-    return started is not None and stopped is not None and stopped <= started
+    # a graceful deletion's deletionTimestamp is when the grace period ends: it was asked for before
+    deleted = parse_time(meta(pod).get("deletionTimestamp"))
+    if deleted is not None:
+        deleted -= timedelta(seconds=int(meta(pod).get("deletionGracePeriodSeconds") or 0))
+    finished = parse_time((terminated_state(pod, b.TRAINER) or {}).get("finishedAt"))
+    stops = [t for t in (deleted, finished) if t is not None]
+    return started is not None and bool(stops) and min(stops) <= started
 
 
 def pod_job_name(pod: dict[str, Any]) -> str:

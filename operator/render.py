@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from kubetune.api.load import SpecError, load_finetunejob
-from kubetune.api.models import FineTuneJob
+from kubetune.api.load import SpecError, load_finetunejob, load_job_defaults
+from kubetune.api.models import FineTuneJob, JobDefaults
 from kubetune.cli_util import OneLineArgumentParser, OneLineError
 
 from . import builders as b
@@ -136,11 +136,22 @@ def build_parser(prog: str, environ: Mapping[str, str]) -> argparse.ArgumentPars
         parser.add_argument(
             flag, default=default, metavar=metavar, help=f"{what} for specs that set none (env KUBETUNE_{env})"
         )
+    parser.add_argument(
+        "--job-defaults",
+        default=environ.get("KUBETUNE_JOB_DEFAULTS", ""),
+        metavar="FILE",
+        help="the operator's job defaults: a YAML file {collector: ..., trainer: ...} of pod-template overlays, or a "
+        "chart values file with jobDefaults (env KUBETUNE_JOB_DEFAULTS)",
+    )
     return parser
 
 
 def main(argv: Sequence[str], prog: str = "kubetune render", environ: Mapping[str, str] | None = None) -> int:
     args = build_parser(prog, os.environ if environ is None else environ).parse_args(list(argv))
+    try:
+        job_defaults = load_job_defaults(args.job_defaults) if args.job_defaults else JobDefaults()
+    except SpecError as error:
+        raise OneLineError(f"--job-defaults {error}") from None
     try:
         job = load_finetunejob(args.file)
         objects = render_objects(
@@ -148,7 +159,13 @@ def main(argv: Sequence[str], prog: str = "kubetune render", environ: Mapping[st
             phases=[args.phase] if args.phase else PHASES,
             attempt=args.attempt,
             images=b.Images(args.collector_image, args.trainer_image),
-            defaults=b.SpecDefaults(args.s3_endpoint, args.s3_region, args.s3_credentials_secret, args.staging_size),
+            defaults=b.SpecDefaults(
+                args.s3_endpoint,
+                args.s3_region,
+                args.s3_credentials_secret,
+                args.staging_size,
+                b.pod_template_defaults(job_defaults),
+            ),
         )
     except SpecError as error:
         message = str(error)

@@ -56,6 +56,7 @@ def test_the_wheel_has_the_product_modules(wheel_files: list[str]) -> None:
         "kubetune/cli.py",
         "kubetune/launch.py",
         "kubetune/api/models.py",
+        "kubetune/api/podtemplate.schema.json",  # the models read it at import
         "kubetune/operator/kube.py",
         "kubetune/operator/builders.py",
         "kubetune/trainer/train.py",

@@ -23,6 +23,8 @@ def main(argv: Sequence[str], prog: str = "kubetune train") -> int:
     except OneLineError as error:
         return _finish(prog, layout.EXIT_INVALID, str(error))
     apply_storage_env(cfg)
+    if cfg.hub_token:
+        print(f"{prog}: warning: --hub_token shows in process listings; prefer $HF_TOKEN", file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     noisy_loggers = ("diffusers", "transformers", "accelerate", "torch.distributed", "botocore", "urllib3")
     for noisy in noisy_loggers:

@@ -75,6 +75,11 @@ def parse_config(argv: Sequence[str], prog: str) -> TrainConfig:
             raise OneLineError(conflict)
     elif config.fsdp_cpu_offload:
         raise OneLineError(f"--fsdp_cpu_offload: needs --strategy fsdp (got {config.strategy})")
+    _check_hub(config)
+    from kubetune.trainer.trackers import missing
+
+    if message := missing(config.report_to):
+        raise OneLineError(message)
     return config
 
 
@@ -93,6 +98,26 @@ def fsdp_conflict(config: TrainConfig) -> str | None:
     if config.offload_ema:
         return "--offload_ema: not with --strategy fsdp (the EMA is sharded with the weights)"
     return None
+
+
+def _check_hub(config: TrainConfig) -> None:
+    import re
+
+    from kubetune.api.models import HUB_REPO
+
+    if config.push_to_hub and not config.hub_model_id:
+        raise OneLineError("--push_to_hub: needs --hub_model_id ORG/NAME (spec.output.hub.repo)")
+    repo = config.hub_model_id
+    if repo is not None and (len(repo) > 193 or not re.fullmatch(HUB_REPO, repo) or "--" in repo or ".." in repo):
+        raise OneLineError(
+            f"--hub_model_id: a Hub repository id namespace/name is required: letters, digits, '-', '_' and '.', "
+            f"at most 96 each, no '--' or '..' (got {repo[:100]!r})"
+        )
+    from kubetune.trainer.trackers import selected
+
+    if config.hub_token is not None and "wandb" in selected(config.report_to):
+        # as diffusers' scripts: wandb records the command line, token included
+        raise OneLineError("--hub_token: not with --report_to wandb (it would record the token); set $HF_TOKEN instead")
 
 
 def spec_values(spec_arg: str) -> dict[str, Any]:

@@ -60,6 +60,7 @@ LOSS = "loss"
 EMA = "EMA"
 LORA = "LoRA"
 OUTPUT = "checkpoints, validation, logging"
+HUB = "Hugging Face Hub"
 STOCK = "accepted for compatibility"
 
 
@@ -141,6 +142,8 @@ class Option:
     """Computes the value from the whole spec instead (no field of its own); see `spec_note`."""
     spec_note: str = ""
     """What `--spec` sets it to, for the docs, when `derive` is used."""
+    secret: bool = False
+    """A credential: left out of the TrainConfig's repr (and so of logs and tracebacks)."""
 
     @property
     def flags(self) -> tuple[str, ...]:
@@ -156,7 +159,7 @@ def opt(default: T, **declaration: Any) -> T:
     option = Option(default=default, **declaration)
     if isinstance(default, list):
         return cast(T, field(default_factory=lambda: list(default), metadata={OPTION: option}))
-    return field(default=default, metadata={OPTION: option})
+    return field(default=default, repr=not option.secret, metadata={OPTION: option})
 
 
 def _or_none(value: Any) -> Any:
@@ -171,6 +174,10 @@ def _spec_data_dir(spec: FineTuneJobSpec) -> str:
     if spec.dataset.imagefolder:
         return spec.dataset.imagefolder.uri
     return join(spec.storage.uri, layout.DATASET_DIR)
+
+
+def _spec_hub(spec: FineTuneJobSpec) -> Any:
+    return spec.output.hub if spec.output else None
 
 
 def _spec_dataset(spec: FineTuneJobSpec) -> dict[str, Any]:
@@ -598,15 +605,52 @@ class TrainConfig:
     report_to: str = opt(
         "tensorboard",
         group=OUTPUT,
-        choices=("tensorboard", "all", "none"),
-        help="TensorBoard logs under 'logs/' in --output_dir, unless none",
+        choices=("tensorboard", "wandb", "mlflow", "all", "none"),
+        help="TensorBoard logs under 'logs/' in --output_dir unless none; wandb or mlflow (kubetune[trackers]) "
+        "as well record the settings, loss, learning rate, images/s and validation images; all: TensorBoard and "
+        "those installed and configured ($WANDB_API_KEY or $WANDB_MODE; $MLFLOW_TRACKING_URI)",
     )
-    logging_dir: str = opt("logs", group=OUTPUT, help="local TensorBoard folder")
-    tracker_project_name: str = opt("text2image-fine-tune", group=OUTPUT, help="accepted; unused")
+    logging_dir: str = opt("logs", group=OUTPUT, help="local TensorBoard folder (and wandb's, unless $WANDB_DIR)")
+    tracker_project_name: str = opt(
+        "text2image-fine-tune", group=OUTPUT, help="the wandb project or mlflow experiment name"
+    )
     progress_interval: float = opt(
         5.0, group=OUTPUT, kubetune=True, type=float, help="seconds between progress.json updates"
     )
     enable_xformers_memory_efficient_attention: bool = opt(False, group=OUTPUT, help="accepted; PyTorch SDPA is used")
+    # Hugging Face Hub
+    push_to_hub: bool = opt(
+        False,
+        group=HUB,
+        derive=lambda spec: _spec_hub(spec) is not None,
+        spec_note="on when `output.hub` is set",
+        help="after publishing to --output_dir, push the model, its card and the final samples to --hub_model_id "
+        "(one commit); the token: $KUBETUNE_HUB_TOKEN, else $HF_TOKEN or the stored login",
+    )
+    hub_model_id: str | None = opt(
+        None, group=HUB, spec="output.hub.repo", metavar="ORG/NAME", help="the Hub model repository to push to"
+    )
+    hub_private_repo: bool = opt(
+        False,
+        group=HUB,
+        spec="output.hub.private",
+        convert=bool,
+        help="create the repository private (an existing one is kept as is)",
+    )
+    hub_revision: str | None = opt(
+        None,
+        group=HUB,
+        kubetune=True,
+        spec="output.hub.revision",
+        convert=_or_none,
+        help="the branch to push to, created from main when missing; unset: main",
+    )
+    hub_token: str | None = opt(
+        None,
+        group=HUB,
+        secret=True,
+        help="the Hub token to push with; prefer $HF_TOKEN: a flag's value shows in process listings",
+    )
     # provenance, for the model card; the storage settings the CLI applies to the environment
     spec_dataset: dict[str, Any] | None = opt(None, flag=False, derive=_spec_dataset, spec_note="`dataset`")
     spec_storage: Storage | None = opt(None, flag=False, derive=lambda spec: spec.storage, spec_note="`storage`")
@@ -629,14 +673,6 @@ EXTRA_OPTIONS = (
     ),
     Option("dream_training", False, group=STOCK, refused="DREAM training is not supported"),
     Option("dream_detail_preservation", 1.0, type=float, group=STOCK, help="accepted; unused"),
-    Option(
-        "push_to_hub",
-        False,
-        group=STOCK,
-        refused="pushing to the Hub is not supported; the model is published to --output_dir",
-    ),
-    Option("hub_token", group=STOCK, help="accepted; unused (a hub model's token: HF_TOKEN)"),
-    Option("hub_model_id", group=STOCK, help="accepted; unused"),
     Option("local_rank", -1, type=int, group=STOCK, help="accepted; unused (accelerate sets it)"),
 )
 

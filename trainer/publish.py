@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from pydantic import ValidationError
 
 from kubetune.api.contracts import DatasetManifest
@@ -70,11 +72,12 @@ def _png(image: Any, io: Any) -> bytes:
     return bytes(buffer.getvalue())
 
 
-def write_pipeline(pipeline: Any, output: Store, staging: Path) -> None:
-    """save_pretrained into the output root; for S3 via a local folder, model_index.json last."""
+def write_pipeline(pipeline: Any, output: Store, staging: Path) -> tuple[Path, list[str]]:
+    """save_pretrained into the output root; for S3 via a local folder, model_index.json last.
+    Returns the local folder and the model's files in it (relative paths), for the Hub push."""
     if not output.is_s3:
         pipeline.save_pretrained(output.uri, safe_serialization=True)
-        return
+        return Path(output.uri), _pipeline_files(Path(output.uri))
     folder = staging / "publish"
     shutil.rmtree(folder, ignore_errors=True)
     pipeline.save_pretrained(folder, safe_serialization=True)
@@ -82,31 +85,117 @@ def write_pipeline(pipeline: Any, output: Store, staging: Path) -> None:
         if path.is_file() and path.name != "model_index.json":
             output.upload_file(path, path.relative_to(folder).as_posix())
     output.upload_file(folder / "model_index.json", "model_index.json")
+    return folder, _pipeline_files(folder)
 
 
-def write_lora(family: ModelFamily, unet: Any, output: Store, staging: Path) -> None:
+def _pipeline_files(folder: Path) -> list[str]:
+    """model_index.json and the files of the components it names (the output root holds more)."""
+    import json
+
+    index = json.loads((folder / "model_index.json").read_text())
+    files = ["model_index.json"]
+    for name in sorted(k for k in index if not k.startswith("_") and (folder / k).is_dir()):
+        files += sorted(p.relative_to(folder).as_posix() for p in (folder / name).rglob("*") if p.is_file())
+    return files
+
+
+def write_lora(family: ModelFamily, denoiser: Any, output: Store, staging: Path) -> tuple[Path, list[str]]:
     """pytorch_lora_weights.safetensors, loadable with `pipe.load_lora_weights(output)`, and the
-    family's extra formats."""
+    family's extra formats. Returns the local folder and those files' names."""
     folder = Path(output.uri) if not output.is_s3 else staging / "publish-lora"
-    family.save_lora(unet, folder)
-    family.publish_lora_extras(unet, folder)
+    family.save_lora(denoiser, folder)
+    extras = family.publish_lora_extras(denoiser, folder)
     if output.is_s3:
         output.upload_tree(folder)
+    return folder, [LORA_WEIGHTS, *extras]
+
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A published validation image: its prompt and its path in the output (and the Hub repo)."""
+
+    prompt: str
+    path: str
+    png: bytes
+
+
+def sample_files(step: int, prompts: list[str], images: list[Any]) -> list[Sample]:
+    """The samples render_samples wrote for `step`, as the model card and the Hub push use them."""
+    import io
+
+    folder = f"{SAMPLES_DIR}/step-{step:08d}"
+    return [
+        Sample(p, f"{folder}/{i:02d}.png", _png(image, io))
+        for i, (p, image) in enumerate(zip(prompts, images, strict=True))
+    ]
+
+
+def base_model_license(model_path: Path) -> str | None:
+    """The `license` of the base model's own card (README.md front matter), when it has one."""
+    readme = model_path / "README.md"
+    if not readme.is_file():
+        return None
+    try:
+        text = readme.read_text(errors="replace")
+        if not text.startswith("---"):
+            return None
+        meta = yaml.safe_load(text.split("---", 2)[1])
+    except (OSError, yaml.YAMLError, IndexError):
+        return None
+    value = meta.get("license") if isinstance(meta, dict) else None
+    return str(value) if isinstance(value, str | int) and str(value).strip() else None
+
+
+def hub_model_id(name: str) -> bool:
+    """Whether `name` is a Hub repository id (not a local folder or s3://)."""
+    import re
+
+    from kubetune.api.models import HUB_REPO
+
+    return bool(re.fullmatch(HUB_REPO, name)) and not Path(name).exists()
+
+
+def hub_dataset_id(cfg: TrainConfig) -> str | None:
+    """The Hub dataset trained on, when --dataset_name is one (not a local folder or s3://)."""
+    name = cfg.dataset_name
+    return name if name and hub_model_id(name) else None
 
 
 def model_card(
-    cfg: TrainConfig, family: ModelFamily, data: TrainingData, images: int, skipped: int, steps: int, seed: int
+    cfg: TrainConfig,
+    family: ModelFamily,
+    data: TrainingData,
+    images: int,
+    skipped: int,
+    steps: int,
+    seed: int,
+    license: str | None = None,
+    samples: list[Sample] | None = None,
 ) -> str:
-    """README.md: what was trained, with which settings, on whose images under which licenses."""
+    """README.md: what was trained, with which settings, on whose images under which licenses;
+    its front matter is the Hub's model card metadata."""
     pipeline = family.pipeline_class
     what = f"LoRA rank {cfg.rank}" if cfg.method == "lora" else f"full fine-tune of the {family.denoiser_folder}"
+    tags = [*family.tags, "text-to-image", "diffusers", "kubetune", *(["lora"] if cfg.method == "lora" else [])]
+    meta: dict[str, Any] = {}
+    if license:
+        meta["license"] = license
+    if hub_model_id(cfg.pretrained_model_name_or_path):  # the Hub refuses a card whose base_model is no model id
+        meta["base_model"] = cfg.pretrained_model_name_or_path
+    meta.update(library_name="diffusers", pipeline_tag="text-to-image")
+    dataset = hub_dataset_id(cfg)
+    if dataset:
+        meta["datasets"] = [dataset]
+    meta["tags"] = tags
+    if samples:
+        meta["widget"] = [{"text": s.prompt, "output": {"url": s.path}} for s in samples]
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000)
     lines = [
         "---",
-        f"base_model: {cfg.pretrained_model_name_or_path}",
-        "library_name: diffusers",
-        f"tags: [{', '.join(family.tags)}, text-to-image, diffusers, kubetune"
-        + (", lora" if cfg.method == "lora" else "")
-        + "]",
+        front.rstrip("\n"),
         "---",
         "",
         f"# Fine-tuned {cfg.pretrained_model_name_or_path}",
@@ -158,6 +247,9 @@ def model_card(
         "prediction type": cfg.prediction_type or "scheduler default",
         "seed": seed,
     }
+    if samples:
+        lines += ["## Samples", "", f"At step {steps}, seed {seed}:", ""]
+        lines += [f"![{_alt(s.prompt)}]({s.path})" for s in samples] + [""]
     lines += ["## Training settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in settings.items()]
     lines += ["", "## Dataset", ""]
@@ -187,6 +279,10 @@ def model_card(
             if len(credited) > 500:
                 lines.append(f"- ... and {len(credited) - 500} more (see the dataset's metadata.jsonl)")
     return "\n".join(lines) + "\n"
+
+
+def _alt(prompt: str) -> str:
+    return prompt.replace("[", "(").replace("]", ")").replace("\n", " ")
 
 
 def _dataset_manifest_lines(manifest: dict[str, Any] | None) -> list[str]:

@@ -33,7 +33,7 @@ from kubetune.api import layout
 from kubetune.api.contracts import CheckpointState, resume_mismatches
 from kubetune.storage import StorageError, Store, join
 from kubetune.trainer import cache as latent_cache
-from kubetune.trainer import publish
+from kubetune.trainer import publish, trackers
 from kubetune.trainer.buckets import BucketOrder, BucketSettings, StreamOrder
 from kubetune.trainer.checkpoint import (
     Checkpointer,
@@ -110,7 +110,11 @@ class Session:
 
         # cpu=True where there is no GPU: accelerate 1.15 only picks gloo (MULTI_CPU) for several
         # processes when told so; otherwise each process silently trains alone.
-        accelerator = Accelerator(mixed_precision=cfg.precision, cpu=not torch.cuda.is_available())
+        accelerator = Accelerator(
+            mixed_precision=cfg.precision,
+            cpu=not torch.cuda.is_available(),
+            log_with=trackers.selected(cfg.report_to) or None,  # wandb, mlflow; TensorBoard is our own writer
+        )
         output = Store(cfg.output_dir)
         staging = (
             Path(cfg.output_dir)
@@ -353,6 +357,8 @@ def load_model(cfg: TrainConfig, session: Session) -> Model:
             parts=family.load(path, cfg.variant or None, vae),
             fingerprint=_weights_fingerprint(path, family.fingerprint_folders(), vae),
         )
+    except FamilyError as error:  # a setting this model cannot train with: the message names the flag
+        raise TrainError(str(error), layout.EXIT_INVALID) from None
     except (OSError, ValueError) as error:
         raise TrainError(
             f"--pretrained_model_name_or_path {where}: cannot load: {str(error).splitlines()[0]}", layout.EXIT_INVALID
@@ -476,6 +482,7 @@ class Trainer:
     samples_seen: int = 0
     skipped_steps: int = 0  # non-finite steps dropped under --max_nonfinite_steps
     params: list[torch.nn.Parameter] = field(default_factory=list)
+    last_render: tuple[int, list[str], list[Any]] = (-1, [], [])  # step, prompts, images
 
     def __post_init__(self) -> None:
         cfg, accelerator = self.cfg, self.session.accelerator
@@ -564,6 +571,7 @@ class Trainer:
             self.ddp, self.optimizer = runnable, optimizer
         self.checkpointer = Checkpointer(self.session.output, self.session.staging, cfg.checkpoints_total_limit)
         self.writer = self._tensorboard()
+        trackers.start(accelerator, cfg, self.session.staging / cfg.logging_dir)
         if self.resume and self.resume.manifest:  # the data is known now
             found = resume_mismatches(self.resume.manifest, {"cache_key": self.samples.key})
             self.resume = self.session.check_resume(self.resume, found)
@@ -761,6 +769,10 @@ class Trainer:
                 self.writer.add_scalar("lr", values["learningRate"], self.step)
         if self.session.is_main:
             self.session.progress.step(self.step, self.samples_seen, **values)
+            if "loss" in values and trackers.selected(self.cfg.report_to):
+                rate = self.session.progress.values.get("imagesPerSecond")
+                logged = {"train_loss": values["loss"], "lr": values["learningRate"]}
+                self.session.accelerator.log({**logged, **({"images_per_second": rate} if rate else {})}, self.step)
 
     # -- 4. checkpoint -------------------------------------------------------------------------
 
@@ -1108,6 +1120,7 @@ class Trainer:
         self.session.accelerator.wait_for_everyone()
 
     def _render(self) -> None:
+        per_prompt = self.cfg.num_validation_images or (4 if self.cfg.method == "lora" else 1)
         with self._inference_pipeline() as pipeline:
             images = publish.render_samples(
                 pipeline,
@@ -1117,12 +1130,15 @@ class Trainer:
                 self.session.output,
                 self.step,
                 self.cfg.validation_guidance_scale,
-                self.cfg.num_validation_images or (4 if self.cfg.method == "lora" else 1),
+                per_prompt,
             )
+        # kept for the model card and the Hub push (PIL images of the newest render)
+        self.last_render = (self.step, [p for p in self.cfg.validation_prompts for _ in range(per_prompt)], images)
         if self.writer is not None:  # as the stock scripts log them to TensorBoard (by step here)
             np_images = np.stack([np.asarray(image) for image in images])
             self.writer.add_images("validation", np_images, self.step, dataformats="NHWC")
             self.writer.flush()
+        trackers.log_images(self.session.accelerator, self.cfg.report_to, images, self.last_render[1], self.step)
 
     def publish(self, data: TrainingData, images: int, skipped: int) -> None:
         session, cfg = self.session, self.cfg
@@ -1138,25 +1154,62 @@ class Trainer:
             denoiser.to(memory_format=torch.contiguous_format)
             family = self.model.family
             if cfg.method == "lora":
-                publish.write_lora(family, self.denoiser, session.output, session.staging)
+                folder, files = publish.write_lora(family, self.denoiser, session.output, session.staging)
             else:
                 if self.ema is not None and self.sharded is None:
                     self.ema.copy_to(self.params)
                 vae = self.model.vae if self.model.parts.vae_source else None
                 pipeline = family.pipeline(self.model.path, denoiser, variant=cfg.variant or None, vae=vae)
-                publish.write_pipeline(pipeline, session.output, session.staging)
-            if cfg.validation_prompts and self.step % self.validation_every:
+                folder, files = publish.write_pipeline(pipeline, session.output, session.staging)
+            # also when this attempt resumed at the last step and so rendered nothing (the card shows them)
+            if cfg.validation_prompts and (self.step % self.validation_every or self.last_render[0] != self.step):
                 self.ema = None  # the EMA weights are in the denoiser now: sample with them as they are
                 self._render()
-            session.output.write_bytes(
-                "README.md",
-                publish.model_card(cfg, self.model.family, data, images, skipped, self.step, session.seed).encode(),
-                "text/markdown",
-            )
+            samples = publish.sample_files(*self.last_render) if self.last_render[0] == self.step else []
+            card = publish.model_card(
+                cfg,
+                self.model.family,
+                data,
+                images,
+                skipped,
+                self.step,
+                session.seed,
+                license=publish.base_model_license(self.model.path),
+                samples=samples,
+            ).encode()
+            session.output.write_bytes("README.md", card, "text/markdown")
+            for tracker in session.accelerator.trackers:  # not end_training(): it ends the process group
+                tracker.finish()  # the trackers' runs end before the logs are uploaded
             self._upload_logs()
+            if cfg.push_to_hub:  # after the output is complete: a failed push loses nothing there
+                self._push_to_hub(folder, files, card, samples)
             session.progress.state("succeeded", step=self.step)
             self.checkpointer.close()
         session.accelerator.wait_for_everyone()
+
+    def _push_to_hub(self, folder: Path, files: list[str], card: bytes, samples: list[Any]) -> None:
+        """The model files, the card and the final samples in one commit. A refused token or a
+        missing namespace is not retried (exit 2); other failures exit 1, and the retry resumes
+        from the latest checkpoint, publishes and pushes again."""
+        from kubetune.trainer import hub
+
+        cfg = self.cfg
+        assert cfg.hub_model_id
+        uploads = [hub.HubFile(name, folder / name) for name in files]
+        uploads += [hub.HubFile("README.md", card)] + [hub.HubFile(s.path, s.png) for s in samples]
+        log.info("pushing %d files to the Hub repository %s", len(uploads), cfg.hub_model_id)
+        try:
+            url = hub.push(
+                cfg.hub_model_id,
+                uploads,
+                private=cfg.hub_private_repo,
+                revision=cfg.hub_revision,
+                token=cfg.hub_token,
+                message=f"kubetune: {cfg.method} fine-tune of {cfg.pretrained_model_name_or_path}, step {self.step}",
+            )
+        except hub.HubError as error:
+            raise TrainError(str(error), layout.EXIT_INVALID if error.permanent else layout.EXIT_FAILED) from None
+        log.info("pushed to the Hub: %s", url)
 
     def _tensorboard(self) -> Any:
         if not self.session.is_main or self.cfg.report_to == "none":

@@ -1,16 +1,33 @@
-"""kubetune's trainer against diffusers' stock train_text_to_image.py: same model, data and flags,
-in one run. Prints images/s (steady state) of both and their ratio, peak memory, end-to-end
-time, and on CUDA the model FLOPs utilisation (MFU) counted with torch's FlopCounterMode.
+"""kubetune's trainer against diffusers' stock training script: same model, data and flags, in one
+run. Prints images/s (steady state) of both and their ratio, peak memory, end-to-end time, and on
+CUDA the model FLOPs utilisation (MFU) counted with torch's FlopCounterMode.
 
-    CPU smoke (tiny model, 64 px):
+Two families (--family, else from the stock script's name):
+    sd:   examples/text_to_image/train_text_to_image.py
+    sdxl: examples/text_to_image/train_text_to_image_sdxl.py
+
+    CPU smoke (the family's tiny model, 64 px):
         .venv/bin/python bench/trainer/bench.py --stock /path/to/train_text_to_image.py
-    GPU (SD 1.5 architecture, random init, 512 px, bf16 for both):
-        python bench/trainer/bench.py --stock /path/to/train_text_to_image.py --wheels bench/wheels
+        .venv/bin/python bench/trainer/bench.py --stock /path/to/train_text_to_image_sdxl.py --steps 32 --threads 1
+    GPU (the published architecture, random init, bf16 for both; SD 1.5 at 512 px, batch 16;
+    SDXL 1.0 base at 1024 px, batch 4), with the stock scripts in bench/results/stock/ and the
+    wheels of docs/trainer.md's list in bench/wheels/ (both git-ignored, carried to the machine):
+        python bench/trainer/bench.py --stock bench/results/stock/train_text_to_image.py --wheels bench/wheels
+        python bench/trainer/bench.py --stock bench/results/stock/train_text_to_image_sdxl.py --wheels bench/wheels \\
+            --work /tmp/bw --json $OUT/sdxl.json
+    The SDXL one is prepared for a device session (the `run` tool): carry ["bench/wheels",
+    "bench/results/stock"], timeout_s 600; docs/trainer.md ("Benchmark") says how to fill both
+    folders, and what to do on 80 GB cards or past 10 minutes.
+
+Both scripts get the same flags (kubetune reads the stock flags; the SDXL script takes the SD
+script's flags used here too).
 
 How both are timed alike: a sitecustomize.py put on PYTHONPATH registers a global optimizer
 step hook (torch.optim.optimizer.register_optimizer_step_post_hook) that stamps every optimizer
 step and records peak memory at exit, so neither script is changed.
-Steady state = the steps after the first quarter (warm-up, caching, compilation).
+Steady state = the steps after the first quarter (warm-up, caching, compilation). Each side gets
+a fresh datasets cache (HF_DATASETS_CACHE): the SDXL script caches its VAE latents and text
+embeddings there (datasets.map) before training, as kubetune caches its own.
 
 torchvision: the stock script needs it; kubetune does not. Where torchvision cannot be imported,
 the bench makes a separate venv for the stock script (this interpreter's packages plus
@@ -24,8 +41,11 @@ RandomHorizontalFlip, ToTensor, Normalize) run unchanged.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,19 +64,21 @@ if os.environ.get("KUBETUNE_BENCH_TV_STUB") == "1":
 if os.environ.get("KUBETUNE_BENCH_OUT"):
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
-    _stamps = []
+    _stamps, _cpu = [], []
     _cuda = torch.cuda.is_available()
     def _hook(optimizer, args, kwargs):
         # No synchronize: that would stop the CPU queueing ahead. The CUDA queue is bounded, so
         # over tens of steps the CPU's pace is the GPU's.
         _stamps.append(time.perf_counter())
+        _cpu.append(time.process_time())
     register_optimizer_step_post_hook(_hook)
     @atexit.register
     def _write():
         rank = os.environ.get("RANK", "0")
         if rank != "0":
             return
-        out = {"stamps": _stamps, "peakRssMiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        out = {"stamps": _stamps, "cpuStamps": _cpu}
+        out["peakRssMiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if _cuda:
             out["peakCudaMiB"] = torch.cuda.max_memory_allocated() / 2**20
         with open(os.environ["KUBETUNE_BENCH_OUT"], "w") as f:
@@ -78,11 +100,20 @@ PEAK_BF16_TFLOPS = {
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--stock", required=True, help="path to diffusers' examples/text_to_image/train_text_to_image.py"
+        "--stock",
+        required=True,
+        help="path to diffusers' examples/text_to_image/train_text_to_image.py (sd) or train_text_to_image_sdxl.py",
     )
+    parser.add_argument("--family", choices=("sd", "sdxl"), help="default: sdxl if the stock script's name says so")
     parser.add_argument("--wheels", help="install every wheel in this folder first (pip --no-index --no-deps)")
     parser.add_argument("--work", help="working folder (default: a new temporary one)")
-    parser.add_argument("--model", choices=("auto", "tiny", "sd15"), default="auto")
+    parser.add_argument(
+        "--model",
+        choices=("auto", "tiny", "full"),
+        default="auto",
+        help="tiny: the family's tiny test model; full: its published architecture (SD 1.5, SDXL 1.0 base), "
+        "random init; auto: full on CUDA, else tiny",
+    )
     parser.add_argument("--resolution", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--steps", type=int)
@@ -90,11 +121,17 @@ def main() -> int:
     parser.add_argument("--workers", type=int, help="--dataloader_num_workers for both")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="pass --gradient_checkpointing to both")
     parser.add_argument("--compile", action="store_true", help="also torch.compile kubetune's UNet")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="OMP_NUM_THREADS for both sides (CPU: 1 keeps a shared machine's bursts from stalling torch's threads)",
+    )
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU (default: by name)")
     parser.add_argument("--only", choices=("stock", "kubetune"), help="run just one side")
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args()
     args.stock = str(Path(args.stock).resolve())
+    family = args.family or ("sdxl" if "sdxl" in Path(args.stock).name else "sd")
 
     if args.wheels:
         wheels = sorted(str(p.resolve()) for p in Path(args.wheels).glob("*.whl"))
@@ -103,17 +140,20 @@ def main() -> int:
     import torch
 
     cuda = torch.cuda.is_available()
-    model_kind = args.model if args.model != "auto" else ("sd15" if cuda else "tiny")
-    resolution = args.resolution or (512 if model_kind == "sd15" else 64)
-    batch = args.batch_size or (16 if cuda else 4)
-    steps = args.steps or (40 if cuda else 24)
+    size = args.model if args.model != "auto" else ("full" if cuda else "tiny")
+    model_kind = MODELS[family, size]
+    resolution = args.resolution or (FULL_RESOLUTION[family] if size == "full" else 64)
+    batch = args.batch_size or ((16 if family == "sd" else 4) if cuda else 4)
+    steps = args.steps or ((40 if family == "sd" else 30) if cuda else 24)
     images = args.images or max(64, batch * 4)
     workers = args.workers if args.workers is not None else (4 if cuda else 0)
     precision = "bf16" if cuda else "no"
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by both sides (measure copies os.environ)
     work = Path(args.work or tempfile.mkdtemp(prefix="kubetune-bench-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     log(
-        f"work folder {work}; {model_kind} at {resolution}px, batch {batch}, {steps} steps, {images} images, "
+        f"work folder {work}; {family}: {model_kind} at {resolution}px, batch {batch}, {steps} steps, {images} images, "
         f"precision {precision}, device {torch.cuda.get_device_name(0) if cuda else 'cpu'}"
     )
 
@@ -141,9 +181,11 @@ def main() -> int:
         "--allow_tf32",
         f"--dataloader_num_workers={workers}",
         "--checkpointing_steps=1000000",
-    ] + (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
+    ]
+    common += ["--gradient_checkpointing"] if args.gradient_checkpointing else []
 
     results: dict[str, Any] = {
+        "family": family,
         "model": model_kind,
         "resolution": resolution,
         "batchSize": batch,
@@ -152,12 +194,15 @@ def main() -> int:
         "mixedPrecision": precision,
         "flags": common,
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "threads": args.threads,
     }
     if args.only != "kubetune":
         python, stub = stock_python(work)
         results["stock"] = measure(
             "stock", [python, args.stock, *common, f"--output_dir={work / 'out-stock'}"], work, hooks, batch, stub
         )
+        # The trained pipelines are not looked at; SDXL's take 14 GB of disk each.
+        shutil.rmtree(work / "out-stock", ignore_errors=True)
     if args.only != "stock":
         extra = [f"--latent_cache_dir={work / f'cache-{time.time_ns()}'}"] + (["--compile"] if args.compile else [])
         results["kubetune"] = measure(
@@ -176,21 +221,28 @@ def main() -> int:
             batch,
             False,
         )
-    flops = unet_training_flops(model, resolution, batch, cuda)
+        shutil.rmtree(work / "out-kubetune", ignore_errors=True)
+    flops = unet_training_flops(model, resolution, 1, cuda)  # per image; batch 1 keeps SDXL's count small
     results["unetTrainingFlopsPerImage"] = flops
     peak = args.peak_tflops or next(
         (v for k, v in PEAK_BF16_TFLOPS.items() if cuda and k in torch.cuda.get_device_name(0)), None
     )
-    for side in ("stock", "kubetune"):
-        if side in results and peak:
+    measured = [side for side in ("stock", "kubetune") if "imagesPerSecond" in results.get(side, {})]
+    for side in measured:
+        if peak:
             results[side]["mfu"] = round(results[side]["imagesPerSecond"] * flops / (peak * 1e12), 4)
-    if "stock" in results and "kubetune" in results:
+    if len(measured) == 2:
         results["speedup"] = round(results["kubetune"]["imagesPerSecond"] / results["stock"]["imagesPerSecond"], 3)
+        for key, ratio in (
+            ("imagesPerSecondAtMedianStep", "speedupAtMedianStep"),
+            ("imagesPerCpuSecond", "speedupPerCpuSecond"),
+        ):
+            results[ratio] = round(results["kubetune"][key] / results["stock"][key], 3)
         results["peakMemoryRatio"] = round(results["kubetune"]["peakMiB"] / results["stock"]["peakMiB"], 3)
     report(results, peak)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-    return 0
+    return 1 if any("failed" in results.get(side, {}) for side in ("stock", "kubetune")) else 0
 
 
 def log(message: str) -> None:
@@ -218,13 +270,25 @@ def ensure_kubetune() -> None:
         site.addsitedir(sysconfig.get_paths()["purelib"])  # reads the new editable install's .pth
 
 
-def build_model(work: Path, kind: str) -> Path:
-    from kubetune.dev.testing.tiny_sd import build_sd15_pipeline, build_tiny_pipeline
+# (family, --model) -> the pipeline built: its name, and the kubetune.dev.testing function building it
+MODELS = {("sd", "tiny"): "tiny", ("sd", "full"): "sd15", ("sdxl", "tiny"): "tiny-sdxl", ("sdxl", "full"): "sdxl"}
+FULL_RESOLUTION = {"sd": 512, "sdxl": 1024}
+BUILDERS = {
+    "tiny": ("tiny_sd", "build_tiny_pipeline"),
+    "sd15": ("tiny_sd", "build_sd15_pipeline"),
+    "tiny-sdxl": ("tiny_sdxl", "build_tiny_sdxl_pipeline"),
+    "sdxl": ("tiny_sdxl", "build_sdxl_base_pipeline"),
+}
 
+
+def build_model(work: Path, kind: str) -> Path:
+    import importlib
+
+    module, function = BUILDERS[kind]
     path = work / f"model-{kind}"
     if not (path / "model_index.json").exists():
         started = time.monotonic()
-        (build_sd15_pipeline if kind == "sd15" else build_tiny_pipeline)(path)
+        getattr(importlib.import_module(f"kubetune.dev.testing.{module}"), function)(path)
         log(f"built {kind} pipeline in {time.monotonic() - started:.0f}s")
     return path
 
@@ -296,6 +360,7 @@ def measure(name: str, command: list[str], work: Path, hooks: Path, batch: int, 
         KUBETUNE_BENCH_OUT=str(out),
         KUBETUNE_BENCH_TV_STUB="1" if stub else "0",
         HF_HUB_OFFLINE="1",
+        HF_DATASETS_CACHE=str(work / f"datasets-cache-{name}-{time.time_ns()}"),
         TOKENIZERS_PARALLELISM="false",
     )
     log(f"running {name}: {' '.join(command[:3])} ...")
@@ -304,17 +369,33 @@ def measure(name: str, command: list[str], work: Path, hooks: Path, batch: int, 
     wall = time.monotonic() - started
     (work / f"log-{name}.txt").write_text(result.stdout + result.stderr)
     if result.returncode:
+        # Reported, not raised: the other side still runs (one GPU session may be all there is).
         print(result.stderr[-4000:], file=sys.stderr)
-        raise SystemExit(f"[bench] {name} failed ({result.returncode}); log in {work / f'log-{name}.txt'}")
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        reason = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "")
+        log(f"{name} failed ({result.returncode}): {reason}; log in {work / f'log-{name}.txt'}")
+        return {"failed": f"exit {result.returncode}: {reason[:300]}", "wallSeconds": round(wall, 1)}
     data = json.loads(out.read_text())
     stamps = data["stamps"]
     skip = max(2, len(stamps) // 4)
     steady = stamps[skip:]
     rate = (len(steady) - 1) * batch / (steady[-1] - steady[0])
+    # The median step too: on a shared CPU, other processes' bursts stretch some steps manyfold
+    # (torch's threads wait on a busy core); the median step is what an unshared machine does.
+    median = batch / statistics.median(b - a for a, b in itertools.pairwise(steady))
+    # And per CPU second of the process (all its threads; data loading included with 0 workers):
+    # what other processes' load leaves unchanged, with --threads 1 (more threads also count spinning).
+    cpu = data["cpuStamps"][skip:]
+    per_cpu_second = (len(cpu) - 1) * batch / (cpu[-1] - cpu[0])
     peak = data.get("peakCudaMiB", data["peakRssMiB"])
-    log(f"{name}: {rate:.2f} images/s over steps {skip + 1}-{len(stamps)}, peak {peak:.0f} MiB, {wall:.0f}s end to end")
+    log(
+        f"{name}: {rate:.2f} images/s over steps {skip + 1}-{len(stamps)} ({median:.2f} at the median step, "
+        f"{per_cpu_second:.2f} per CPU second), peak {peak:.0f} MiB, {wall:.0f}s end to end"
+    )
     return {
         "imagesPerSecond": round(rate, 3),
+        "imagesPerSecondAtMedianStep": round(median, 3),
+        "imagesPerCpuSecond": round(per_cpu_second, 3),
         "peakMiB": round(peak, 1),
         "peakKind": "cuda max_memory_allocated" if "peakCudaMiB" in data else "process max RSS",
         "wallSeconds": round(wall, 1),
@@ -335,9 +416,19 @@ def unet_training_flops(model: Path, resolution: int, batch: int, cuda: bool) ->
     latents = torch.randn(batch, unet.config.in_channels, size, size, device=device)
     text = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device)
     timesteps = torch.randint(0, 1000, (batch,), device=device)
+    added: dict[str, Any] = {}
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text embedding + 6 time ids
+        time_ids = 6 * unet.config.addition_time_embed_dim
+        pooled = unet.config.projection_class_embeddings_input_dim - time_ids
+        added = {
+            "added_cond_kwargs": {
+                "text_embeds": torch.randn(batch, pooled, device=device),
+                "time_ids": torch.full((batch, 6), float(resolution), device=device),
+            }
+        }
     autocast = torch.autocast(device, torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     with FlopCounterMode(display=False) as counter, autocast:
-        unet(latents, timesteps, text).sample.float().pow(2).mean().backward()
+        unet(latents, timesteps, text, **added).sample.float().pow(2).mean().backward()
     flops = counter.get_total_flops() / batch
     del unet
     if cuda:
@@ -348,21 +439,31 @@ def unet_training_flops(model: Path, resolution: int, batch: int, cuda: bool) ->
 def report(results: dict[str, Any], peak: float | None) -> None:
     print()
     print(
-        f"model {results['model']} {results['resolution']}px, batch {results['batchSize']}, "
+        f"{results['family']}: model {results['model']} {results['resolution']}px, batch {results['batchSize']}, "
         f"{results['steps']} steps, {results['mixedPrecision']}, {results['device']}"
     )
     print(
         f"UNet training FLOPs per image: {results['unetTrainingFlopsPerImage'] / 1e9:.1f} GFLOP"
         + (f"; peak {peak:.0f} TFLOP/s" if peak else "")
     )
-    print(f"{'':10} {'images/s':>10} {'peak MiB':>10} {'wall s':>8} {'MFU':>7}")
+    print(f"{'':10} {'images/s':>10} {'(median)':>10} {'per CPU s':>10} {'peak MiB':>10} {'wall s':>8} {'MFU':>7}")
     for side in ("stock", "kubetune"):
-        if side in results:
+        if "failed" in results.get(side, {}):
+            print(f"{side:10} failed: {results[side]['failed']}")
+        elif side in results:
             r = results[side]
             mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
-            print(f"{side:10} {r['imagesPerSecond']:>10.2f} {r['peakMiB']:>10.0f} {r['wallSeconds']:>8.0f} {mfu:>7}")
+            print(
+                f"{side:10} {r['imagesPerSecond']:>10.2f} {r['imagesPerSecondAtMedianStep']:>10.2f} "
+                f"{r['imagesPerCpuSecond']:>10.2f} "
+                f"{r['peakMiB']:>10.0f} {r['wallSeconds']:>8.0f} {mfu:>7}"
+            )
     if "speedup" in results:
-        print(f"kubetune / stock: {results['speedup']:.2f}x images/s, {results['peakMemoryRatio']:.2f}x peak memory")
+        print(
+            f"kubetune / stock: {results['speedup']:.2f}x images/s ({results['speedupAtMedianStep']:.2f}x at the "
+            f"median step, {results['speedupPerCpuSecond']:.2f}x per CPU second), "
+            f"{results['peakMemoryRatio']:.2f}x peak memory"
+        )
 
 
 if __name__ == "__main__":

@@ -303,7 +303,7 @@ class LocalCluster:
         return path
 
     def _bootstrap(self) -> None:
-        """The S3 credentials Secret and the FineTuneJob CRD."""
+        """The S3 credentials Secret, the FineTuneJob CRD and Kueue's CRDs."""
         if self.with_s3:
             self.apply(
                 {
@@ -318,8 +318,11 @@ class LocalCluster:
                 }
             )
         from kubetune.api.crd import finetunejob_crd
+        from kubetune.dev.controllers.kueue import kueue_crds
 
         self.apply(finetunejob_crd())
+        for crd in kueue_crds():  # the controllers' Kueue admits Jobs labelled with a LocalQueue
+            self.apply(crd)
 
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Create `obj` over HTTP (as a client would), replacing nothing that exists."""

@@ -195,6 +195,43 @@ def _openapi_errors(
         for part in error.absolute_path:
             path = _join(path, part)
         errors.append(_field_error(error, path))
+    return errors + _list_type_errors(schema, obj, "")
+
+
+def _list_type_errors(schema: dict[str, Any], value: Any, path: str) -> list[FieldError]:
+    """Duplicates in `x-kubernetes-list-type: map` (by the map keys) and `set` lists, which the API
+    server refuses as `Duplicate value` (JSON Schema's uniqueItems is not allowed in a CRD)."""
+    errors: list[FieldError] = []
+    if isinstance(value, dict):
+        properties = schema.get("properties") or {}
+        for key, child in value.items():
+            child_schema = properties.get(key)
+            if child_schema is None and isinstance(schema.get("additionalProperties"), dict):
+                child_schema = schema["additionalProperties"]
+            if child_schema is not None:
+                errors += _list_type_errors(child_schema, child, _join(path, key))
+    elif isinstance(value, list):
+        list_type, keys = schema.get("x-kubernetes-list-type"), schema.get("x-kubernetes-list-map-keys") or []
+        seen: list[Any] = []
+        for index, item in enumerate(value):
+            if list_type == "map" and isinstance(item, dict):
+                key: Any = {k: item.get(k) for k in keys}
+            elif list_type == "set":
+                key = item
+            else:
+                key = None
+            if key is not None:
+                if key in seen:
+                    shown = (
+                        "map[string]interface {}" + json.dumps(key, separators=(",", ":"))
+                        if isinstance(key, dict)
+                        else _show(key)
+                    )
+                    where = _join(path, index)
+                    errors.append(FieldError(where, "FieldValueDuplicate", f"{where}: Duplicate value: {shown}"))
+                seen.append(key)
+            if isinstance(schema.get("items"), dict):
+                errors += _list_type_errors(schema["items"], item, _join(path, index))
     return errors
 
 
@@ -222,10 +259,13 @@ def _field_error(error: jsonschema.ValidationError, path: str) -> FieldError:
         "maxLength": f"should be at most {arg} chars long",
         "minItems": f"should have at least {arg} items",
         "maxItems": f"should have at most {arg} items",
+        "minProperties": f"should have at least {arg} properties",
+        "maxProperties": f"should have at most {arg} properties",
         "format": f"must be of type {arg}",
     }
     detail = f"{where} {details[kind]}" if kind in details else error.message
-    shown = len(value) if kind in ("minItems", "maxItems") and isinstance(value, list) else _show(value)
+    sized = kind in ("minItems", "maxItems", "minProperties", "maxProperties") and isinstance(value, (list, dict))
+    shown = len(value) if sized else _show(value)
     return FieldError(path, "FieldValueInvalid", f"{path}: Invalid value: {shown}: {detail}")
 
 

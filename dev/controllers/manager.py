@@ -1,5 +1,6 @@
-"""The control plane's controllers: Job, garbage collector, namespace lifecycle, CRD lifecycle and
-TTL-after-finished (the conditions and events they write: kubetune.dev.cluster.status).
+"""The control plane's controllers: Job, garbage collector, namespace lifecycle, CRD lifecycle,
+TTL-after-finished (the conditions and events they write: kubetune.dev.cluster.status), and a
+small Kueue (kueue.py) for Jobs with its queue label.
 
 They run on the API server's loop and act on the store the way kube-controller-manager acts
 through the API: every change is a normal write (watchers see it, resourceVersions move). Each
@@ -26,6 +27,7 @@ from kubetune.dev.cluster.jsoncopy import clone
 from kubetune.dev.cluster.resources import Registry, ResourceType
 from kubetune.dev.cluster.status import PODS, has_condition, record_event, set_condition
 from kubetune.dev.cluster.store import Key, Obj, Store, parse_time, timestamp
+from kubetune.dev.controllers.kueue import Kueue
 
 log = logging.getLogger("kubetune.dev.controllers.manager")
 
@@ -48,6 +50,7 @@ class Controllers:
         ] = {}  # job uid -> (its and its pods' resourceVersions) a pass left alone
         self._gc_due = True
         self._gc_last = 0.0
+        self.kueue = Kueue(store, registry)  # admits queued Jobs once Kueue's CRDs are installed
         store.listeners.append(self._on_change)
 
     def _on_change(self, etype: str, key: Key, obj: Obj) -> None:
@@ -102,6 +105,7 @@ class Controllers:
             if self.store.revision == revision:
                 settled[uid] = inputs
         self._settled = settled
+        self.kueue.reconcile(lambda uid: owned.get(uid, []))
         self.release_orphans()
         # The collector scans every object: on deletions right away, otherwise (dependents of owners
         # that never existed) once per tick, not on every change of a busy cluster.

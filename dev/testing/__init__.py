@@ -103,3 +103,35 @@ def operator_command(python: str, scope: Sequence[str], metrics_port: int, image
         *("--collector-image", f"kubetune-collector:{image_tag}", "--trainer-image", f"kubetune-trainer:{image_tag}"),
         *extra,
     ]
+
+
+def kueue_queue(api: Api, namespace: str, name: str, quota: dict[str, Any], *, preemption: str = "Never") -> None:
+    """A Kueue ClusterQueue `name` with `quota` (resource -> nominalQuota) in one flavor, and a
+    LocalQueue `name` in `namespace` pointing at it (the local cluster's Kueue admits from them).
+    `preemption`: the ClusterQueue's withinClusterQueue policy (Never or LowerPriority)."""
+    base = "/apis/kueue.x-k8s.io/v1beta1"
+    resources = [{"name": resource, "nominalQuota": value} for resource, value in quota.items()]
+    cluster_queue = {
+        "apiVersion": "kueue.x-k8s.io/v1beta1",
+        "kind": "ClusterQueue",
+        "metadata": {"name": name},
+        "spec": {
+            "namespaceSelector": {},
+            "resourceGroups": [
+                {"coveredResources": list(quota), "flavors": [{"name": "default", "resources": resources}]}
+            ],
+            "preemption": {"withinClusterQueue": preemption},
+        },
+    }
+    api.ok(api.post(f"{base}/clusterqueues", cluster_queue))
+    local = {
+        "apiVersion": "kueue.x-k8s.io/v1beta1",
+        "kind": "LocalQueue",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"clusterQueue": name},
+    }
+    api.ok(api.post(f"{base}/namespaces/{namespace}/localqueues", local))
+
+
+def kueue_workloads(api: Api, namespace: str) -> list[dict[str, Any]]:
+    return api.ok(api.get(f"/apis/kueue.x-k8s.io/v1beta1/namespaces/{namespace}/workloads"))["items"]  # type: ignore[no-any-return]

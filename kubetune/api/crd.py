@@ -222,6 +222,10 @@ def _constraints(node: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+# Fields holding Kubernetes API objects (kubetune.api.podtemplate): the reference stops at them.
+KUBERNETES_OBJECTS = ("podTemplate", "affinity")
+
+
 def render_reference_markdown() -> str:
     """docs/spec-reference.md: every spec field with type, default, constraints and description,
     generated from the same CRD schema the API server enforces."""
@@ -264,6 +268,8 @@ def render_reference_markdown() -> str:
                 f"{child.get('description', '')} |"
             )
             target = child.get("items") if child.get("type") == "array" else child
+            if name in KUBERNETES_OBJECTS:  # the Kubernetes API's own fields: `kubectl explain` lists them
+                continue
             if isinstance(target, dict) and target.get("properties"):
                 nested.append((f"{path}.{name}" + ("[]" if child.get("type") == "array" else ""), target))
         lines.append("")

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kubetune.api.models import FineTuneJob, FineTuneJobSpec
+from kubetune.api.models import FineTuneJob, FineTuneJobSpec, JobDefaults
 
 
 class SpecError(ValueError):
@@ -53,6 +53,8 @@ def format_validation_error(error: ValidationError, prefix: str = "") -> str:
         message = "required"
     elif message.startswith("Value error, "):
         message = message[len("Value error, ") :]
+    if message.startswith((".", "[")) and first["type"] == "value_error":
+        return f"{path}{message}"  # a Kubernetes object's own field path (kubetune.api.podtemplate)
     got = first.get("input")
     if first["type"] not in ("missing", "extra_forbidden") and not isinstance(got, (dict, list)):
         message += f" (got {got!r})"
@@ -91,6 +93,25 @@ def parse_spec(spec: Any) -> FineTuneJobSpec:
         return FineTuneJobSpec.model_validate(drop_nulls(spec))
     except ValidationError as error:
         raise SpecError(format_validation_error(error, prefix="spec")) from None
+
+
+def load_job_defaults(path: str | Path) -> JobDefaults:
+    """The operator's job defaults from a YAML file: `{collector: <overlay>, trainer: <overlay>}`, or
+    a Helm values file holding them under `jobDefaults` (so `kubetune render` takes the chart's)."""
+    path = Path(path)
+    try:
+        documents = load_yaml_documents(path.read_text())
+    except OSError as error:
+        raise SpecError(f"{path}: cannot read: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: is not valid YAML: {getattr(error, 'problem', error)}") from None
+    document = documents[0] if documents else {}
+    if isinstance(document, dict) and "jobDefaults" in document:
+        document = document["jobDefaults"] or {}
+    try:
+        return JobDefaults.model_validate(drop_nulls(document))
+    except ValidationError as error:
+        raise SpecError(f"{path}: {format_validation_error(error, 'jobDefaults')}") from None
 
 
 def load_finetunejob(path: str | Path) -> FineTuneJob:

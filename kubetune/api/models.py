@@ -9,6 +9,7 @@ and once as a pydantic validator for local runs; tests/test_api_crd.py checks th
 
 from __future__ import annotations
 
+import copy
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -24,7 +25,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from kubetune.api import defaults
+from kubetune.api import defaults, podtemplate
 
 GROUP = "kubetune.dev"
 VERSION = "v1alpha1"
@@ -417,7 +418,33 @@ class Training(ApiModel):
 # ---------------------------------------------------------------------------------------------
 # spec.trainer, spec.collector, spec.storage, spec.runPolicy
 
-FreeForm = dict[str, Any]
+
+def _kubernetes(schema: dict[str, Any]) -> Any:
+    """A validator for a field whose value is a Kubernetes object (kept as the dict it is), checked
+    against `schema`: the Kubernetes API's own, cut to what kubetune accepts (kubetune.api.podtemplate)."""
+
+    def check(value: Any) -> dict[str, Any]:
+        problem = podtemplate.validate(schema, value)
+        if problem:
+            # ".field: ..." (load.py joins it to the field's path), or ": ..." about the value itself
+            if problem.startswith(": "):  # load.py adds the value itself
+                problem = problem[2:].split(" (got ")[0]
+            raise ValueError(problem)
+        return copy.deepcopy(value)
+
+    return PlainValidator(check)
+
+
+_AFFINITY = podtemplate.affinity_schema()
+_TRAINER_POD = podtemplate.pod_template_schema("trainer")
+_COLLECTOR_POD = podtemplate.pod_template_schema("collector")
+Affinity = Annotated[dict[str, Any], _kubernetes(_AFFINITY), WithJsonSchema(podtemplate.for_crd(_AFFINITY))]
+TrainerPodTemplate = Annotated[
+    dict[str, Any], _kubernetes(_TRAINER_POD), WithJsonSchema(podtemplate.for_crd(_TRAINER_POD))
+]
+CollectorPodTemplate = Annotated[
+    dict[str, Any], _kubernetes(_COLLECTOR_POD), WithJsonSchema(podtemplate.for_crd(_COLLECTOR_POD))
+]
 
 
 class ResourceRequirements(ApiModel):
@@ -460,10 +487,8 @@ class PodSettings(ApiModel):
     """Node labels the pods must match."""
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
     """Pod tolerations, as in a Pod spec."""
-    affinity: FreeForm = Field(
-        default_factory=dict, max_length=3, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
-    )
-    """Pod affinity, as in a Pod spec."""
+    affinity: Affinity = Field(default_factory=dict)
+    """Pod affinity, as in a Pod spec (the same as podTemplate.spec.affinity, and merged over it)."""
     priority_class_name: OptionalObjectName = ""
     """PriorityClass of the pods."""
     service_account_name: OptionalObjectName = ""
@@ -486,6 +511,9 @@ class Trainer(PodSettings):
     operator's default (chart value `trainer.stagingSize`, 64Gi)."""
     port: int = Field(default=29500, ge=1024, le=65535)
     """Rendezvous port of the rank-0 pod."""
+    pod_template: TrainerPodTemplate = Field(default_factory=dict)
+    """A strategic-merge overlay of the trainer pods' template (env, volumes, imagePullSecrets, labels...);
+    the operator's own fields win. See docs/operator.md."""
     strategy: Literal["auto", "ddp", "fsdp"] = defaults.STRATEGY
     """`ddp`: every process holds the whole model (data parallel). `fsdp`: the model's weights,
     gradients and optimizer state are sharded across every GPU of every node (torch FSDP2; full
@@ -510,6 +538,9 @@ class Collector(PodSettings):
     active_deadline_seconds: int | None = Field(default=None, ge=60, le=604_800)
     """Fail the collection when it has run this long; unset means one day (and never longer
     than `runPolicy.activeDeadlineSeconds`)."""
+    pod_template: CollectorPodTemplate = Field(default_factory=dict)
+    """A strategic-merge overlay of the collector pods' template (env, volumes, imagePullSecrets,
+    labels...); the operator's own fields win. See docs/operator.md."""
 
 
 class CredentialsSecretRef(ApiModel):
@@ -531,6 +562,32 @@ class Storage(ApiModel):
     """S3 region; empty uses the SDK's default."""
     credentials_secret_ref: CredentialsSecretRef | None = None
     """Secret with S3 credentials; unset uses the pods' own identity (IRSA, instance role)."""
+
+
+# the Hub's repository ids: namespace/name, each letters, digits, '-', '_', '.', at most 96
+HUB_NAME = r"[A-Za-z0-9]([A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+HUB_REPO = f"^{HUB_NAME}/{HUB_NAME}$"
+
+
+class HubPush(ApiModel):
+    """A Hugging Face Hub model repository the trained model is pushed to after it is published to
+    `storage.uri`: the model, its card and the final validation samples, in one commit."""
+
+    repo: Annotated[str, StringConstraints(max_length=193, pattern=HUB_REPO)]
+    """The repository, `namespace/name` (created when missing)."""
+    token_secret_ref: SecretKeyRef
+    """Secret key holding a Hub token with write access to `repo`."""
+    private: bool = False
+    """Create the repository private (an existing repository's visibility is kept)."""
+    revision: Annotated[str, StringConstraints(max_length=255, pattern=REVISION)] = ""
+    """Branch to push to, created from main when missing; empty means main."""
+
+
+class Output(ApiModel):
+    """Where the model goes besides `storage.uri`."""
+
+    hub: HubPush | None = None
+    """Push the model to the Hugging Face Hub."""
 
 
 class RunPolicy(ApiModel):
@@ -562,8 +619,20 @@ class FineTuneJobSpec(ApiModel):
     """Collector pods."""
     storage: Storage
     """Where the job's artifacts are stored."""
+    output: Output | None = None
+    """Where the model is pushed besides `storage.uri`."""
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
     """Retries, deadlines and queueing."""
+
+
+class JobDefaults(ApiModel):
+    """The operator's defaults for every job's pods (chart value `jobDefaults`, the operator's
+    --job-defaults file): pod-template overlays applied under each job's own `podTemplate`."""
+
+    collector: CollectorPodTemplate = Field(default_factory=dict)
+    """Overlay of every collector pod's template."""
+    trainer: TrainerPodTemplate = Field(default_factory=dict)
+    """Overlay of every trainer pod's template."""
 
 
 # ---------------------------------------------------------------------------------------------

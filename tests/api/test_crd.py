@@ -69,6 +69,21 @@ def test_crd_file_is_generated_from_the_models() -> None:
     assert CRD_FILE.read_text() == crd.render_crd_yaml(), "run `make crds`"
 
 
+def test_pod_template_schema_is_generated_from_the_kubernetes_definitions() -> None:
+    pytest.importorskip("kubernetes_validate")
+    from kubetune.api import podtemplate
+
+    assert podtemplate.SCHEMA_FILE.read_text() == podtemplate.render_schema_json(), "run `make crds`"
+
+
+def test_crd_fits_a_client_side_apply(crd_doc: dict[str, Any]) -> None:
+    """Two pod templates and two affinities make the CRD large: it must still fit the 256 KiB
+    last-applied annotation of a plain `kubectl apply` (the docs use --server-side)."""
+    import json
+
+    assert len(json.dumps(crd_doc, separators=(",", ":"))) < 240 * 1024
+
+
 def test_crd_passes_kubernetes_validate_strict() -> None:
     tool = Path(sys.executable).parent / "kubernetes-validate"
     result = subprocess.run([str(tool), "--strict", str(CRD_FILE)], capture_output=True, text=True, timeout=300)
@@ -266,6 +281,91 @@ BOUNDS: list[tuple[str, str, Any, str | None]] = [
         "spec.dataset",
         {"wikimedia": {"prompts": ["x"], "contact": "a@b\r\nX-Evil: 1"}},
         "spec.dataset.wikimedia.contact",
+    ),
+]
+PT = f"{TR}.podTemplate"
+
+
+def _main(**fields: Any) -> dict[str, Any]:
+    return {"spec": {"containers": [{"name": "trainer", **fields}]}}
+
+
+# spec.<component>.podTemplate and affinity: the Kubernetes API's own schema, bounded (#18)
+BOUNDS += [
+    ("pod-env-name", PT, _main(env=[{"name": "HTTPS PROXY", "value": "x"}]), f"{PT}.spec.containers[0].env[0].name"),
+    ("pod-env-duplicate", PT, _main(env=[{"name": "A"}, {"name": "A"}]), f"{PT}.spec.containers[0].env[1]"),
+    (
+        "pod-quantity",
+        PT,
+        {"spec": {"volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": "lots"}}]}},
+        f"{PT}.spec.volumes[0].emptyDir.sizeLimit",
+    ),
+    (
+        "pod-pvc-quantity",
+        f"{CO}.podTemplate",
+        {
+            "spec": {
+                "volumes": [
+                    {
+                        "name": "s",
+                        "ephemeral": {
+                            "volumeClaimTemplate": {"spec": {"resources": {"requests": {"storage": "1 TB"}}}}
+                        },
+                    }
+                ]
+            }
+        },
+        f"{CO}.podTemplate.spec.volumes[0].ephemeral.volumeClaimTemplate.spec.resources.requests.storage",
+    ),
+    (
+        "pod-volume-name",
+        PT,
+        {"spec": {"volumes": [{"name": "HF_cache", "emptyDir": {}}]}},
+        f"{PT}.spec.volumes[0].name",
+    ),
+    (
+        "pod-host-path",
+        PT,
+        {"spec": {"volumes": [{"name": "h", "hostPath": {"path": "/"}}]}},
+        f"{PT}.spec.volumes[0].hostPath",
+    ),
+    ("pod-host-network", PT, {"spec": {"hostNetwork": True}}, f"{PT}.spec.hostNetwork"),
+    ("pod-command", PT, _main(command=["sh"]), f"{PT}.spec.containers[0].command"),
+    ("pod-sidecar", PT, {"spec": {"containers": [{"name": "sidecar"}]}}, f"{PT}.spec.containers[0].name"),
+    ("pod-run-as-root", PT, {"spec": {"securityContext": {"runAsUser": 0}}}, f"{PT}.spec.securityContext.runAsUser"),
+    (
+        "pod-privilege-escalation",
+        PT,
+        _main(securityContext={"allowPrivilegeEscalation": True}),
+        f"{PT}.spec.containers[0].securityContext.allowPrivilegeEscalation",
+    ),
+    ("pod-label-value", PT, {"metadata": {"labels": {"team": "a b"}}}, f"{PT}.metadata.labels.team"),
+    (
+        "pod-pull-secret",
+        PT,
+        {"spec": {"imagePullSecrets": [{"name": "Reg Cred"}]}},
+        f"{PT}.spec.imagePullSecrets[0].name",
+    ),
+    ("pod-runtime-class", PT, {"spec": {"runtimeClassName": "x" * 254}}, f"{PT}.spec.runtimeClassName"),
+    (
+        "pod-env-reserved",
+        PT,
+        _main(env=[{"name": "AWS_ENDPOINT_URL", "value": "http://x"}]),
+        f"{PT}.spec.containers[0].env",
+    ),
+    ("pod-too-many-env", PT, _main(env=[{"name": f"E{i}"} for i in range(257)]), f"{PT}.spec.containers[0].env"),
+    ("affinity-unknown-field", f"{TR}.affinity", {"nodeAffinity": {"typo": {}}}, f"{TR}.affinity.nodeAffinity.typo"),
+    (
+        "affinity-weight",
+        f"{CO}.affinity",
+        {
+            "podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {"weight": 101, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}
+                ]
+            }
+        },
+        f"{CO}.affinity.podAntiAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].weight",
     ),
 ]
 INVALID += [(case, path, value, field or path) for case, path, value, field in BOUNDS]

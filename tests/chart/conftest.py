@@ -27,7 +27,14 @@ GET_TOOLS = REPO / ".ci" / "get-tools.py"
 RELEASE, NAMESPACE = "kt", "kubetune"
 
 # Values files under tests/chart/values; None is the chart's defaults.
-VALUES_FILES = [None, "all-namespaces.yaml", "restricted.yaml", "servicemonitor.yaml", "custom.yaml"]
+VALUES_FILES = [
+    None,
+    "all-namespaces.yaml",
+    "restricted.yaml",
+    "servicemonitor.yaml",
+    "custom.yaml",
+    "job-defaults.yaml",
+]
 
 
 @dataclass(frozen=True)

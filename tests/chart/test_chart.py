@@ -97,6 +97,13 @@ def test_values_schema_is_valid_and_accepts_every_values_file() -> None:
         jsonschema.Draft7Validator(schema).validate(merged)
 
 
+def test_values_schema_checks_job_defaults_with_the_pod_template_schema() -> None:
+    from kubetune.api.crd_write import values_schema
+
+    text = (CHART / "values.schema.json").read_text()
+    assert text == values_schema(text), "run `make crds`"
+
+
 @pytest.mark.parametrize(
     ("setting", "field"),
     [
@@ -112,6 +119,13 @@ def test_values_schema_is_valid_and_accepts_every_values_file() -> None:
         ("serviceMonitor.interval=often", "/serviceMonitor/interval"),
         ("replicaCount=0", "/replicaCount"),
         ("leaderElection.leaseDurationSeconds=1", "/leaderElection/leaseDurationSeconds"),
+        ("jobDefaults.trainer.spec.hostNetwork=true", "/jobDefaults/trainer/spec"),
+        (
+            "jobDefaults.trainer.spec.volumes[0].name=s,jobDefaults.trainer.spec.volumes[0].emptyDir.sizeLimit=lots",
+            "/jobDefaults/trainer/spec/volumes/0/emptyDir/sizeLimit",
+        ),
+        ("jobDefaults.collector.spec.containers[0].name=trainer", "/jobDefaults/collector/spec/containers/0/name"),
+        ("jobDefaults.collector.metadata.labels.team=a b", "/jobDefaults/collector/metadata/labels/team"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_value(tools: Any, setting: str, field: str) -> None:
@@ -306,7 +320,8 @@ OPERATOR_PERMISSIONS = {
     ("kubetune.dev", "finetunejobs"): {"get", "list", "watch"},
     ("kubetune.dev", "finetunejobs/status"): {"patch"},
     ("kubetune.dev", "finetunejobs/finalizers"): {"update"},
-    ("batch", "jobs"): {"create", "list", "watch", "patch"},
+    ("batch", "jobs"): {"create", "list", "watch", "patch", "delete"},  # delete: an ended queued attempt's Job
+    ("kueue.x-k8s.io", "workloads"): {"list", "patch"},  # spec.active of queued Jobs' Workloads
     ("", "services"): {"create", "get"},
     ("", "pods"): {"list", "watch"},
     ("", "events"): {"create"},
@@ -525,3 +540,46 @@ def test_operator_accepts_what_the_deployment_passes(render: Any, values_file: s
     for variable in render(values_file).operator_env:
         if variable.startswith("KUBETUNE_"):
             assert variable in sources, f"the operator never reads ${variable}"
+
+
+# --- jobDefaults --------------------------------------------------------------------------------
+
+
+def test_job_defaults_reach_the_operator_as_a_file(render: Any, tmp_path: Path) -> None:
+    """jobDefaults become a ConfigMap mounted into the operator, named by --job-defaults; what the
+    operator (and `kubetune render --job-defaults`) reads from it is the values, applied to the pods."""
+    from kubetune.api.load import load_job_defaults
+
+    values = yaml.safe_load((VALUES / "job-defaults.yaml").read_text())["jobDefaults"]
+    rendered = render("job-defaults.yaml")
+    config_map = rendered.one("ConfigMap", "kt-kubetune-job-defaults")
+    flag = next(a for a in rendered.operator_container["args"] if a.startswith("--job-defaults="))
+    path = Path(flag.split("=", 1)[1])
+    mount = next(m for m in rendered.operator_container["volumeMounts"] if m["name"] == "job-defaults")
+    assert mount["readOnly"] is True and Path(mount["mountPath"]) == path.parent
+    volume = next(v for v in rendered.deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "job-defaults")
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    assert set(config_map["data"]) == {path.name}
+    # a change of the defaults rolls the operator (it reads them at start)
+    annotations = rendered.deployment["spec"]["template"]["metadata"]["annotations"]
+    assert len(annotations["checksum/job-defaults"]) == 64
+    local = tmp_path / path.name
+    local.write_text(config_map["data"][path.name])
+    loaded = load_job_defaults(local)
+    assert (loaded.collector, loaded.trainer) == (values["collector"], values["trainer"])
+    done = sh(
+        BIN / "kubetune", "render", "--phase", "training", "--job-defaults", local, REPO / "examples" / "lora.yaml"
+    )
+    assert done.returncode == 0, done.stderr
+    pod = list(yaml.safe_load_all(done.stdout))[1]["spec"]["template"]
+    assert pod["metadata"]["labels"]["cost-center"] == "ml-platform"
+    assert pod["spec"]["tolerations"] == values["trainer"]["spec"]["tolerations"]
+    assert pod["spec"]["nodeSelector"] == {"karpenter.sh/nodepool": "gpu"}
+    assert {"name": "NCCL_SOCKET_IFNAME", "value": "eth0"} in pod["spec"]["containers"][0]["env"]
+
+
+def test_no_job_defaults_no_configmap_and_no_flag(render: Any) -> None:
+    rendered = render()
+    assert not [c for c in rendered.all("ConfigMap") if c["metadata"]["name"].endswith("-job-defaults")]
+    assert not any(a.startswith("--job-defaults") for a in rendered.operator_container["args"])
+    assert "annotations" not in rendered.deployment["spec"]["template"]["metadata"]

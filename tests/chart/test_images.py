@@ -31,7 +31,7 @@ DOCKERFILES = ["Dockerfile", "Dockerfile.trainer"]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 EXTRAS = PYPROJECT["project"]["optional-dependencies"]
 # What each image must be able to run.
-IMAGE_EXTRAS = {"Dockerfile": {"operator", "collector"}, "Dockerfile.trainer": {"trainer"}}
+IMAGE_EXTRAS = {"Dockerfile": {"operator", "collector"}, "Dockerfile.trainer": {"trainer", "trackers"}}
 
 
 def parse(name: str) -> list[dockerfile.Command]:

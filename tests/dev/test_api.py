@@ -221,6 +221,28 @@ def test_crd_schema_validation_defaults_and_pruning(api: Api, k8s_namespace: str
     assert strict.status_code == 400 and 'unknown field "spec.training.notAField"' in strict.json()["message"]
 
 
+def test_crd_pod_template_rejections_name_the_field(api: Api, k8s_namespace: str) -> None:
+    """spec.trainer.podTemplate carries the Kubernetes schema: a bad env name, a bad quantity and a
+    duplicate env entry (x-kubernetes-list-type map) are refused as a real API server does."""
+    base = FTJ.format(ns=k8s_namespace)
+    cases = [
+        ({"containers": [{"name": "trainer", "env": [{"name": "NO PROXY"}]}]}, "containers[0].env[0].name"),
+        ({"volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": "lots"}}]}, "volumes[0].emptyDir.sizeLimit"),
+        ({"containers": [{"name": "trainer", "env": [{"name": "A"}, {"name": "A"}]}]}, "containers[0].env[1]"),
+    ]
+    for index, (pod_spec, field) in enumerate(cases):
+        job = ftj(f"pod-{index}")
+        job["spec"]["trainer"] = {"podTemplate": {"spec": pod_spec}}
+        bad = api.post(base, job)
+        assert bad.status_code == 422, bad.text
+        causes = [c["field"] for c in bad.json()["details"]["causes"]]
+        assert causes == [f"spec.trainer.podTemplate.spec.{field}"], causes
+    good = ftj("pod-ok")
+    good["spec"]["trainer"] = {"podTemplate": {"spec": {"volumes": [{"name": "s", "emptyDir": {"sizeLimit": 10}}]}}}
+    created = api.ok(api.post(base, good))
+    assert created["spec"]["trainer"]["podTemplate"]["spec"]["volumes"][0]["emptyDir"]["sizeLimit"] == 10
+
+
 def test_label_and_field_selectors(api: Api, k8s_namespace: str) -> None:
     """labelSelector supports =, !=, in, notin, exists and !exists; fieldSelector supports
     metadata.name and each kind's own fields, and rejects others with 400."""

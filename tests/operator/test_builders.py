@@ -188,6 +188,35 @@ def test_trainer_gets_the_model_token_and_storage_credentials_but_not_source_key
     assert "UNSPLASH_ACCESS_KEY" not in env
 
 
+def test_a_hub_push_token_reaches_the_trainer_by_reference_only() -> None:
+    from kubetune.trainer.hub import TOKEN_ENV
+
+    spec = make_spec(output={"hub": {"repo": "org/lighthouses", "tokenSecretRef": {"name": "hf-write", "key": "t"}}})
+    env = env_map(container_of(b.trainer_job(spec, OWNER)))
+    assert env[TOKEN_ENV] == {"secretKeyRef": {"name": "hf-write", "key": "t"}}
+    assert env["HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "token"}}, "the base model's token stays"
+    assert TOKEN_ENV not in env_map(container_of(b.collector_job(spec, OWNER)))
+    assert ("spec.output.hub.tokenSecretRef", spec.output.hub.token_secret_ref) in b.secret_ref_paths(spec, b.TRAINER)
+    handed = json.loads(env["KUBETUNE_SPEC"])["output"]["hub"]
+    assert handed == {
+        "repo": "org/lighthouses",
+        "tokenSecretRef": {"name": "hf-write", "key": "t"},
+        "private": False,
+        "revision": "",
+    }
+
+
+@pytest.mark.parametrize(
+    "repo",
+    ["lighthouses", "org/", "/name", "org/na me", "org/name/extra", "-org/name", "org/" + "n" * 97],
+)
+def test_a_hub_repo_must_be_namespace_slash_name(repo: str) -> None:
+    from kubetune.api.load import SpecError
+
+    with pytest.raises(SpecError, match=r"^spec\.output\.hub\.repo: String should match pattern|at most 193"):
+        make_spec(output={"hub": {"repo": repo, "tokenSecretRef": {"name": "hf-write", "key": "t"}}})
+
+
 def test_without_credentials_secret_pods_use_their_own_identity() -> None:
     spec = make_spec().model_copy(
         update={

@@ -105,6 +105,19 @@ def test_operator_rejects_both_scopes_in_one_line() -> None:
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "--all-namespaces" in done.stderr
 
 
+def test_operator_refuses_bad_job_defaults_in_one_line_naming_the_field(tmp_path: Path) -> None:
+    defaults = tmp_path / "job-defaults.yaml"
+    defaults.write_text("trainer:\n  spec:\n    volumes: [{name: scratch, emptyDir: {sizeLimit: lots}}]\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "operator", "--job-defaults", str(defaults)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "jobDefaults.trainer.spec.volumes[0].emptyDir.sizeLimit: must be a Kubernetes quantity" in done.stderr
+
+
 def test_kopf_handler_success_lines_are_dropped_and_everything_else_kept() -> None:
     import logging
 

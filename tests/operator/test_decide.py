@@ -40,6 +40,8 @@ class World:
         self.spec = spec_dict(**spec_overrides)
         self.status: dict[str, Any] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
+        self.workloads: dict[str, dict[str, Any]] = {}  # Kueue's, by the name of the Job that owns it
+        self.deleted: list[str] = []  # Jobs the operator deleted
         self.pods: list[dict[str, Any]] = []
         self.service = False
         self.secrets: dict[str, set[str] | None] = {"unsplash": {"access-key"}}
@@ -61,6 +63,7 @@ class World:
             status=copy.deepcopy(self.status),
             now=self.now,
             jobs=copy.deepcopy(self.jobs),
+            workloads=copy.deepcopy(list(self.workloads.values())),
             pods=copy.deepcopy(self.pods),
             service_exists=self.service,
             secrets=copy.deepcopy(self.secrets),
@@ -79,17 +82,59 @@ class World:
             if obj["kind"] == "Job":
                 assert obj["metadata"]["name"] not in self.jobs, "a Job was created twice"
                 self.jobs[obj["metadata"]["name"]] = copy.deepcopy(obj)
+                self.jobs[obj["metadata"]["name"]]["metadata"]["uid"] = f"uid-{obj['metadata']['name']}"
             elif obj["kind"] == "Service":
                 self.service = True
         for patch in decision.patch:
+            if patch.kind == "Workload":
+                workload = next(w for w in self.workloads.values() if w["metadata"]["name"] == patch.name)
+                workload["spec"].update(patch.body["spec"])
+                continue
             job = self.jobs[patch.name]
             job["spec"].update(patch.body.get("spec", {}))
             job["metadata"].setdefault("annotations", {}).update(
                 (patch.body.get("metadata") or {}).get("annotations", {})
             )
+        for name in decision.delete:
+            self.deleted.append(name)
+            self.jobs.pop(name)
+            self.workloads.pop(name, None)  # the garbage collector deletes what the Job owned
         return decision
 
     # what the cluster does
+
+    def kueue_workload(self, job: str) -> dict[str, Any]:
+        """Kueue makes the Workload of a queued Job (it owns it)."""
+        self.workloads[job] = {
+            "metadata": {"name": f"job-{job}-abcde", "ownerReferences": [{"uid": f"uid-{job}", "controller": True}]},
+            "spec": {"active": True, "queueName": "gpu-team"},
+            "status": {},
+        }
+        return self.workloads[job]
+
+    def kueue_admits(self, job: str) -> None:
+        workload = self.workloads.get(job) or self.kueue_workload(job)
+        workload["status"]["conditions"] = [
+            {"type": "QuotaReserved", "status": "True", "reason": "QuotaReserved"},
+            {"type": "Admitted", "status": "True", "reason": "Admitted"},
+            *[
+                {**c, "status": "False", "reason": "QuotaReserved", "message": f"Previously: {c['message']}"}
+                for c in workload["status"].get("conditions", [])
+                if c["type"] == "Evicted"
+            ],
+        ]
+        self.jobs[job]["spec"]["suspend"] = False
+        # the Job controller resets startTime when a Job is resumed
+        started = (self.now + timedelta(seconds=1)).isoformat().replace("+00:00", "Z")
+        self.jobs[job].setdefault("status", {})["startTime"] = started
+
+    def kueue_evicts(self, job: str, reason: str, message: str, at: str = "2026-01-01T12:10:00Z") -> None:
+        """Kueue evicts the Workload and suspends its Job (its pods are stopped)."""
+        workload = self.workloads[job]
+        evicted = {"type": "Evicted", "status": "True", "reason": reason, "message": message, "lastTransitionTime": at}
+        conditions = [c for c in workload["status"].get("conditions", []) if c["type"] != "Evicted"]
+        workload["status"]["conditions"] = [*conditions, evicted]
+        self.jobs[job]["spec"]["suspend"] = True
 
     def finish_job(self, name: str, kind: str, message: str = "") -> None:
         self.jobs[name]["status"] = {"conditions": [{"type": kind, "status": "True", "message": message}]}
@@ -594,6 +639,47 @@ def test_suspend_and_resume_a_training() -> None:
     assert world.status["phase"] == "Training" and not world.jobs["shapes-train"]["spec"]["suspend"]
 
 
+# -- Kueue: it owns `suspend` on the Jobs it queues ---------------------------------------------
+
+PREEMPTED = "Preempted to accommodate a workload (UID: 5515f7da) in the ClusterQueue"
+
+
+def suspend_patches(decision: Decision) -> list[Any]:
+    return [p for p in decision.patch if p.kind == "Job" and "suspend" in p.body.get("spec", {})]
+
+
+def queued_training(**spec: Any) -> World:
+    """A queued job admitted by Kueue for collection, then for training (attempt 0 running)."""
+    world = World(**{"runPolicy": {"queueName": "gpu-team"}, **spec})
+    world.step()
+    world.kueue_admits("shapes-collect")
+    world.step()
+    world.finish_job("shapes-collect", "Complete")
+    world.manifest = good_manifest(world.spec)
+    world.step()
+    world.kueue_admits("shapes-train")
+    world.add_pod("shapes-train", phase="Running")
+    world.step()
+    assert world.status["phase"] == "Training" and world.condition("Training")["reason"] == "Running"
+    return world
+
+
+def test_pods_stopped_by_a_suspension_are_no_preemption_while_the_job_controller_catches_up() -> None:
+    world = World(trainer={"nodes": 2, "gpusPerNode": 0})
+    to_training(world)
+    # resumed (by Kueue or the operator), but the Job controller has not started it again yet
+    suspended = {"type": "Suspended", "status": "True", "reason": "JobSuspended"}
+    world.jobs["shapes-train"]["status"] = {"startTime": "2026-01-01T12:00:00Z", "conditions": [suspended]}
+    world.add_pod("shapes-train", exit_code=75)  # stopped by the suspension, still listed
+    world.pods[-1]["metadata"].update(deletionTimestamp="2026-01-01T12:05:30Z", deletionGracePeriodSeconds=300)
+    decision = world.step()
+    assert world.status["preemptions"] == 0 and decision.patch == []
+    # started again before the stopped pod's grace period ended: it was deleted (12:00:30) before
+    world.jobs["shapes-train"]["status"] = {"startTime": "2026-01-01T12:01:00Z"}
+    world.step()
+    assert world.status["preemptions"] == 0 and len(world.status["attempts"]) == 1
+
+
 def test_kueue_jobs_wait_for_admission_and_are_not_unsuspended_by_the_operator() -> None:
     world = World(runPolicy={"queueName": "gpu-team"})
     world.step()
@@ -601,7 +687,139 @@ def test_kueue_jobs_wait_for_admission_and_are_not_unsuspended_by_the_operator()
     assert job["spec"]["suspend"] is True and job["metadata"]["labels"][b.KUEUE_QUEUE_LABEL] == "gpu-team"
     decision = world.step()
     assert decision.patch == []
-    assert "waiting for Kueue" in world.status["message"]
+    assert world.status["message"] == "waiting for Kueue to admit Job shapes-collect (queue gpu-team)"
+    world.kueue_workload("shapes-collect")
+    assert world.step().patch == []
+    world.kueue_admits("shapes-collect")
+    world.step()
+    assert world.status["message"].startswith("collecting the dataset")
+
+
+def test_the_trainer_gang_is_one_queued_job_with_a_pod_per_node() -> None:
+    world = World(runPolicy={"queueName": "gpu-team"}, trainer={"nodes": 4, "gpusPerNode": 8})
+    to_training(world)
+    job = world.jobs["shapes-train"]
+    # one Job, so one Kueue Workload with one podSet of 4 pods: the nodes are admitted together
+    assert job["spec"]["parallelism"] == job["spec"]["completions"] == 4
+    assert job["spec"]["suspend"] is True and job["metadata"]["labels"][b.KUEUE_QUEUE_LABEL] == "gpu-team"
+
+
+def test_suspending_a_queued_job_deactivates_its_workload_and_never_patches_suspend() -> None:
+    world = queued_training()
+    world.spec["suspend"] = True
+    decision = world.step()
+    assert [(p.kind, p.name, p.body) for p in decision.patch] == [
+        ("Workload", "job-shapes-train-abcde", {"spec": {"active": False}})
+    ]
+    assert world.status["phase"] == "Suspended" and world.condition("Suspended")["status"] == "True"
+    assert "its Kueue Workload is deactivated" in world.status["message"] and "Suspended" in reasons(decision)
+    world.kueue_evicts("shapes-train", "Deactivated", "The workload is deactivated")  # Kueue stops the Job
+    world.add_pod("shapes-train", exit_code=75)
+    world.pods[-1]["metadata"]["deletionTimestamp"] = world.now.isoformat().replace("+00:00", "Z")
+    decision = world.step()
+    assert decision.patch == [] and world.status["phase"] == "Suspended" and world.status["preemptions"] == 0
+    world.spec["suspend"] = False
+    decision = world.step()
+    assert [(p.kind, p.body) for p in decision.patch] == [("Workload", {"spec": {"active": True}})]
+    assert "Resumed" in reasons(decision) and world.condition("Suspended")["status"] == "False"
+    assert world.status["message"] == "waiting for Kueue to admit Job shapes-train (queue gpu-team)"
+    world.kueue_admits("shapes-train")
+    decision = world.step()
+    assert decision.patch == [] and world.condition("Training")["reason"] == "Running"
+    assert len(world.status["attempts"]) == 1 and world.status["preemptions"] == 0
+    assert world.deleted == []
+
+
+def test_suspending_before_kueue_made_the_workload_waits_for_it() -> None:
+    world = World(runPolicy={"queueName": "gpu-team"})
+    world.step()
+    world.spec["suspend"] = True
+    decision = world.step()
+    assert decision.patch == [] and world.status["phase"] == "Suspended"
+    assert "once Kueue made its Workload" in world.status["message"]
+    world.kueue_workload("shapes-collect")
+    assert [p.kind for p in world.step().patch] == ["Workload"]
+
+
+def test_a_workload_deactivated_by_someone_else_is_reported_not_reactivated() -> None:
+    world = queued_training()
+    world.workloads["shapes-train"]["spec"]["active"] = False
+    world.kueue_evicts("shapes-train", "Deactivated", "The workload is deactivated")
+    decision = world.step()
+    assert decision.patch == [] and world.status["phase"] == "Training"
+    assert "was deactivated (spec.active: false)" in world.status["message"]
+
+
+def test_a_preemption_by_kueue_is_queued_again_not_a_failed_attempt() -> None:
+    world = queued_training(runPolicy={"queueName": "gpu-team", "backoffLimit": 0})
+    world.kueue_evicts("shapes-train", "Preempted", PREEMPTED)
+    world.pods[-1]["status"] = {  # SIGTERM: the trainer saved a checkpoint and exited 75
+        "phase": "Failed",
+        "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 75}}}],
+    }
+    decision = world.step()
+    assert suspend_patches(decision) == [] and decision.create == [] and decision.delete == []
+    assert world.status["phase"] == "Training"
+    assert world.condition("Training")["reason"] == "PreemptedByKueue"
+    assert world.status["message"].startswith(f"queued again after preemption by Kueue ({PREEMPTED})")
+    assert "resumes from the latest checkpoint" in world.status["message"]
+    assert reasons(decision) == ["PreemptedByKueue"]
+    assert world.status["preemptions"] == 1 and world.status["restarts"] == 0
+    assert len(world.status["attempts"]) == 1 and not world.status["attempts"][0]["reason"]  # still running
+    assert world.step().events == [] and world.status["preemptions"] == 1  # reported and counted once
+    # Kueue admits it again: the same Job's pods restart and resume from the checkpoint
+    world.pods[-1]["metadata"]["deletionTimestamp"] = world.now.isoformat().replace("+00:00", "Z")
+    world.kueue_admits("shapes-train")
+    world.add_pod("shapes-train", phase="Running")
+    decision = world.step()
+    assert decision.patch == [] and world.condition("Training")["reason"] == "Running"
+    assert world.status["preemptions"] == 1
+    world.finish_job("shapes-train", "Complete")
+    world.step()
+    assert world.status["phase"] == "Succeeded"
+    assert [a["reason"] for a in world.status["attempts"]] == ["Succeeded"] and world.status["preemptions"] == 1
+    # a second preemption of the same Job is a second one
+    world2 = queued_training()
+    world2.kueue_evicts("shapes-train", "Preempted", PREEMPTED)
+    world2.step()
+    world2.kueue_admits("shapes-train")
+    world2.step()
+    world2.kueue_evicts("shapes-train", "Preempted", PREEMPTED, at="2026-01-01T12:30:00Z")
+    assert reasons(world2.step()) == ["PreemptedByKueue"] and world2.status["preemptions"] == 2
+
+
+def test_a_new_attempt_of_a_queued_job_gets_a_fresh_job_and_the_old_one_is_deleted() -> None:
+    world = queued_training(trainer={"nodes": 2, "gpusPerNode": 0})
+    world.add_pod("shapes-train", exit_code=75)  # a node lost (not Kueue): the gang restarts
+    decision = world.step()
+    assert decision.delete == ["shapes-train"] and suspend_patches(decision) == []
+    assert world.status["attempts"][0]["reason"] == "Preempted"
+    decision = world.step()
+    assert "waiting for the previous attempt" in world.status["message"]  # its pods are still stopping
+    world.pods[0]["status"]["phase"] = "Failed"
+    decision = world.step()
+    (job,) = decision.create
+    assert job["metadata"]["name"] == "shapes-train-r1"
+    assert job["spec"]["suspend"] is True and job["metadata"]["labels"][b.KUEUE_QUEUE_LABEL] == "gpu-team"
+    assert sorted(world.jobs) == ["shapes-collect", "shapes-train-r1"]
+    # a failed attempt: its Job (finished, holding no quota) is deleted when the next one starts
+    world.kueue_admits("shapes-train-r1")
+    world.add_pod("shapes-train-r1", exit_code=1, message="kubetune train: error: boom")
+    world.finish_job("shapes-train-r1", "Failed")
+    world.step()
+    decision = world.step()
+    assert decision.delete == ["shapes-train-r1"] and [o["metadata"]["name"] for o in decision.create] == [
+        "shapes-train-r2"
+    ]
+    assert world.status["restarts"] == 1 and world.status["preemptions"] == 1
+
+
+def test_a_failed_queued_job_stops_its_jobs_through_kueue() -> None:
+    world = queued_training(runPolicy={"queueName": "gpu-team", "activeDeadlineSeconds": 60})
+    decision = world.step(seconds=120)
+    assert world.status["phase"] == "Failed" and world.condition("Succeeded")["reason"] == "DeadlineExceeded"
+    assert [(p.kind, p.body) for p in decision.patch] == [("Workload", {"spec": {"active": False}})]
+    assert world.step().patch == []  # deactivated once
 
 
 def test_the_deadline_fails_the_job_and_stops_its_pods() -> None:

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from kubetune.dev.testing import rbac, wait_for
+from kubetune.dev.testing import condition as true_condition
+from kubetune.dev.testing import job_manifest, kueue_queue, kueue_workloads, rbac, wait_for
 
 MAX_STEPS = 16  # long enough to interrupt between two checkpoints, short enough to finish fast
 EVERY = 4
@@ -338,6 +339,119 @@ def test_an_unsupported_pipeline_fails_after_one_attempt_naming_its_class(e2e: A
     assert "KandinskyPipeline" in status["message"]
     assert [a["reason"] for a in status["attempts"]] == ["Failed"]  # one attempt: no retry
     assert e2e.names("jobs", name) == ["unsupported-collect", "unsupported-train"]
+
+
+@pytest.mark.slow
+def test_a_flux_lora_job_runs_to_succeeded_and_its_lora_loads(e2e: Any, tmp_path: Path) -> None:
+    from diffusers import FluxPipeline
+
+    from kubetune.dev.testing.tiny_flow import build_tiny_flux_pipeline
+
+    model = build_tiny_flux_pipeline(tmp_path / "tiny-flux")
+    for path in sorted(p for p in model.rglob("*") if p.is_file()):
+        key = f"{e2e.prefix}/models/tiny-flux/{path.relative_to(model).as_posix()}"
+        e2e.s3.upload_file(str(path), e2e.bucket, key)
+    name = "flux-lora"
+    training = {"method": "lora", "loraRank": 4, "learningRate": 1e-3, "maxSequenceLength": 16}
+    spec = e2e.spec(name, model={"base": e2e.uri("models", "tiny-flux") + "/"}, training=training, trainer={"nodes": 1})
+    e2e.create(name, spec)
+    status = e2e.wait_phase(name, "Succeeded", timeout=300)
+    assert status["training"]["step"] == 4 and [a["reason"] for a in status["attempts"]] == ["Succeeded"]
+    local = e2e.download(tmp_path / "lora", "jobs", name)
+    assert "| model family | flux (FluxPipeline) |" in (local / "README.md").read_text()
+    pipeline = FluxPipeline.from_pretrained(model)
+    pipeline.load_lora_weights(local)
+    image = pipeline("a red circle", num_inference_steps=2, height=32, width=32, max_sequence_length=16).images[0]
+    assert image.size == (32, 32)
+
+
+# -- Kueue ---------------------------------------------------------------------------------------
+
+
+def resumed_lines(e2e: Any, name: str, job: str) -> str:
+    """The 'resuming from ...' lines of every rank 0 pod of a trainer Job still listed."""
+    lines = []
+    for pod in trainer_pods(e2e, name, job):
+        if pod["metadata"]["labels"].get("batch.kubernetes.io/job-completion-index") == "0":
+            log = e2e.pod_log(pod["metadata"]["name"], tail=2000)
+            lines += [line for line in log.splitlines() if "resuming from" in line]
+    return "\n".join(lines) or f"no 'resuming from' line; pods:\n{e2e.pod_summary()}"
+
+
+def wait_for_checkpoint_after(e2e: Any, name: str, after: int, below: int) -> int:
+    def ready() -> int:
+        steps = [s for s in checkpoint_steps(e2e, name) if after < s < below]
+        return steps[-1] if steps else 0
+
+    return int(wait_for(ready, timeout=240, interval=0.1))
+
+
+@pytest.mark.slow
+def test_a_kueue_queued_job_survives_preemption_suspension_and_a_failure_resuming_from_checkpoints(e2e: Any) -> None:
+    """Kueue owns the queued Jobs' `suspend`: the local cluster's Kueue admits the trainer gang as one
+    Workload, preempts it for a higher-priority Job (the same Job resumes from its checkpoint when
+    readmitted), spec.suspend goes through the Workload's spec.active, and a new attempt gets a fresh
+    Job while the failed one's is deleted."""
+    name, steps = "queued", 24
+    queue, urgent = f"{e2e.namespace}-q", f"{e2e.namespace}-urgent"
+    kueue_queue(e2e.api, e2e.namespace, queue, {"cpu": "64", "memory": "1Ti", "pods": 2}, preemption="LowerPriority")
+    priority = {"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "WorkloadPriorityClass", "metadata": {"name": urgent}}
+    e2e.api.ok(e2e.api.post("/apis/kueue.x-k8s.io/v1beta1/workloadpriorityclasses", {**priority, "value": 1000}))
+    spec = recovery_spec(e2e, name, runPolicy={"queueName": queue, "backoffLimit": 1})
+    spec["training"]["maxTrainSteps"] = steps
+    e2e.create(name, spec)
+    first = wait_for_checkpoint_after(e2e, name, 0, steps)
+    job = e2e.api.ok(e2e.api.get(e2e.path("jobs", "queued-train")))
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == queue
+    (workload,) = [w for w in kueue_workloads(e2e.api, e2e.namespace) if w["spec"]["podSets"][0]["count"] == 2]
+    assert workload["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]  # the 2 nodes: one Workload
+
+    # a higher-priority Job in the same queue: Kueue evicts the training, runs it, then readmits the training
+    preemptor = job_manifest("urgent", "import time; time.sleep(1)", suspend=True)
+    preemptor["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": queue, "kueue.x-k8s.io/priority-class": urgent}
+    e2e.api.ok(e2e.api.post(e2e.path("jobs"), preemptor))
+    status = e2e.wait(
+        name,
+        lambda s: any(c["reason"] == "PreemptedByKueue" for c in s.get("conditions") or [] if c["type"] == "Training"),
+        60,
+        "preempted by Kueue",
+    )
+    assert status["message"].startswith("queued again after preemption by Kueue (Preempted to accommodate")
+    assert status["phase"] == "Training" and status["preemptions"] == 1 and status["restarts"] == 0
+    wait_for(lambda: true_condition(e2e.api.ok(e2e.api.get(e2e.path("jobs", "urgent"))), "Complete"), timeout=120)
+    preempted_at = checkpoint_steps(e2e, name)[-1]  # the trainer saved one on SIGTERM
+    assert preempted_at >= first
+    wait_for(lambda: len(e2e.running_trainer_pods(name)) == 2, timeout=60)  # readmitted: the same Job
+    second = wait_for_checkpoint_after(e2e, name, preempted_at, steps)
+    assert f"/checkpoint-{preempted_at} " in resumed_lines(e2e, name, "queued-train")
+    assert [a.get("reason") for a in e2e.status(name)["attempts"]] == [""]
+
+    # spec.suspend: the operator deactivates the Workload, Kueue stops the Job; resuming reactivates it
+    e2e.patch_spec(name, {"suspend": True})
+    status = e2e.wait_phase(name, "Suspended", timeout=60)
+    assert "its Kueue Workload is deactivated" in status["message"]
+    wait_for(lambda: e2e.api.ok(e2e.api.get(e2e.path("jobs", "queued-train")))["spec"]["suspend"], timeout=60)
+    # the pods get SIGTERM, save a checkpoint and exit (terminating pods still run until then)
+    wait_for(
+        lambda: not [p for p in trainer_pods(e2e, name, "queued-train") if p["status"].get("phase") == "Running"],
+        timeout=90,
+    )
+    suspended_at = checkpoint_steps(e2e, name)[-1]
+    assert suspended_at >= second
+    e2e.patch_spec(name, {"suspend": False})
+    wait_for(lambda: len(e2e.running_trainer_pods(name)) == 2, timeout=60)
+    third = wait_for_checkpoint_after(e2e, name, suspended_at, steps)
+    assert f"/checkpoint-{suspended_at} " in resumed_lines(e2e, name, "queued-train")
+
+    # a failed attempt: the next one runs in a fresh Job and the old Job is deleted (no quota held)
+    rank0 = next(p for p in e2e.running_trainer_pods(name) if p["metadata"]["name"].startswith("queued-train-0-"))
+    os.kill(e2e.trainer_process(rank0), signal.SIGKILL)
+    status = e2e.wait_phase(name, "Succeeded", timeout=300)
+    assert [a["reason"] for a in status["attempts"]] == ["Failed", "Succeeded"]
+    assert status["restarts"] == 1 and status["preemptions"] == 1
+    assert status["attempts"][1]["startStep"] >= third and status["training"]["step"] == steps
+    assert e2e.names("jobs", name) == ["queued-collect", "queued-train-r1"]
+    assert {"PreemptedByKueue", "Suspended", "Resumed", "AttemptFailed", "Succeeded"} <= set(reasons(e2e, name))
 
 
 # -- last: the chart's RBAC against every request the operator made above ------------------------

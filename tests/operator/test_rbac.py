@@ -15,17 +15,25 @@ from typing import Any
 
 import pytest
 
-from kubetune.dev.testing import rbac
+from kubetune.dev.testing import kueue_queue, kueue_workloads, rbac, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 def run_jobs(e2e: Any) -> None:
-    """One job that waits for a missing Secret and one that starts collecting (its pods never run on
-    this cluster), then a few resyncs, then the operator's shutdown."""
+    """One job that waits for a missing Secret, one that starts collecting (its pods never run on
+    this cluster), and one queued in Kueue that is suspended (through its Workload), then a few
+    resyncs, then the operator's shutdown."""
     bad = e2e.spec("bad", storage={"uri": e2e.uri("jobs", "bad") + "/", "credentialsSecretRef": {"name": "nope"}})
     e2e.create("bad", bad)
     e2e.create("good", e2e.spec("good"))
+    kueue_queue(e2e.api, e2e.namespace, "team", {"cpu": "8", "memory": "32Gi", "pods": 8})
+    e2e.create("queued", e2e.spec("queued", runPolicy={"queueName": "team"}))
+    e2e.wait_phase("queued", "Collecting", timeout=60)
+    wait_for(lambda: kueue_workloads(e2e.api, e2e.namespace), timeout=30)
+    e2e.patch_spec("queued", {"suspend": True})
+    e2e.wait_phase("queued", "Suspended", timeout=60)
+    wait_for(lambda: kueue_workloads(e2e.api, e2e.namespace)[0]["spec"]["active"] is False, timeout=30)
     e2e.wait(
         "bad",
         lambda s: any(c["type"] == "SecretsReady" and c["status"] == "False" for c in s.get("conditions") or []),
@@ -42,6 +50,9 @@ def check(roles: list[dict[str, Any]], requests: list[dict[str, Any]], mode: str
     assert not rbac.denied(roles, requests), f"{mode}: requests the chart's rules deny: {rbac.denied(roles, requests)}"
     failed = [f"{rbac.describe(r)} -> {r['code']}" for r in requests if r["code"] in (401, 403)]
     assert not failed
+    # Kueue's Workloads: read by label and deactivated, nothing else
+    kueue = {(r["verb"], r["resource"]) for r in requests if r.get("apiGroup") == "kueue.x-k8s.io"}
+    assert kueue == {("list", "workloads"), ("patch", "workloads")}, kueue
 
 
 def test_the_namespaced_role_allows_every_request_of_the_operator(bare_e2e: Any, chart_roles: Any) -> None:

@@ -24,6 +24,7 @@ OPERATOR_ENV = (
     "KUBETUNE_S3_REGION",
     "KUBETUNE_S3_CREDENTIALS_SECRET",
     "KUBETUNE_TRAINER_STAGING_SIZE",
+    "KUBETUNE_JOB_DEFAULTS",
 )
 
 
@@ -146,6 +147,19 @@ def test_render_passes_kubernetes_validate_strict(tmp_path: Path) -> None:
         )
         assert out.returncode == 0, out.stderr
         files.append(tmp_path / path.name)
+        files[-1].write_text(out.stdout)
+    # with the chart's jobDefaults (a Helm values file) under the job's own podTemplate
+    job_defaults = Path(__file__).parents[2] / "tests" / "chart" / "values" / "job-defaults.yaml"
+    for path in (EXAMPLES[0], Path(__file__).parents[2] / "examples" / "pod-template.yaml"):
+        out = subprocess.run(
+            [sys.executable, "-m", "kubetune.cli", "render", "--job-defaults", str(job_defaults), str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "NCCL_SOCKET_IFNAME" in out.stdout
+        files.append(tmp_path / f"defaults-{path.name}")
         files[-1].write_text(out.stdout)
     result = subprocess.run([str(tool), "--strict", *map(str, files)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr

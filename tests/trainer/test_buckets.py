@@ -9,21 +9,19 @@ from __future__ import annotations
 import functools
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 from trainer_testkit import (
     core_flags,
-    launch,
     max_difference,
     relative_update_difference,
     resume_in_a_new_output,
     train,
+    train_on_two_processes,
     unet_weights,
 )
 
-from kubetune.launch import accelerate_launch_command, free_port
 from kubetune.trainer.buckets import BucketOrder, BucketSettings, StreamOrder, bucket_for, bucket_sizes
 
 # -- which buckets, which bucket ---------------------------------------------------------------
@@ -180,10 +178,7 @@ def test_two_processes_agree_with_one_on_bucketed_data(
 ) -> None:
     output = tmp_path / "out"
     args = bucket_flags(tiny_model, mixed_aspect_data, output, train_batch_size=1)  # 2 x 1 = the run's 1 x 2
-    process = launch(accelerate_launch_command(1, 2, 0, "127.0.0.1", free_port(), args, python=sys.executable))
-    log = process.communicate(timeout=300)[0]
-    assert process.returncode == 0, log[-4000:]
-    assert json.loads((output / "checkpoint-6" / "manifest.json").read_text())["worldSize"] == 2
+    assert train_on_two_processes(args, output / "checkpoint-6")["worldSize"] == 2
     assert relative_update_difference(output, bucketed_run, tiny_model) < 0.01
 
 

@@ -8,7 +8,13 @@ import json
 import sys
 from pathlib import Path
 
-from trainer_testkit import REFERENCE_STEPS, core_flags, launch, relative_update_difference
+from trainer_testkit import (
+    REFERENCE_STEPS,
+    core_flags,
+    launch,
+    relative_update_difference,
+    train_on_two_processes,
+)
 
 from kubetune.launch import accelerate_launch_command, free_port
 
@@ -36,13 +42,9 @@ def test_two_processes_agree_with_one(
     tiny_model: Path, shapes_dataset: Path, reference_run: Path, tmp_path: Path
 ) -> None:
     output = tmp_path / "out"
-    args = half_batch_args(tiny_model, shapes_dataset, reference_run, output)
-    command = accelerate_launch_command(1, 2, 0, "127.0.0.1", free_port(), args, python=sys.executable)
-    assert "--multi_gpu" in command
-    process = launch(command)
-    log = process.communicate(timeout=300)[0]
-    assert process.returncode == 0, log[-4000:]
-    manifest = json.loads((output / "checkpoint-24" / "manifest.json").read_text())
+    manifest = train_on_two_processes(
+        half_batch_args(tiny_model, shapes_dataset, reference_run, output), output / "checkpoint-24"
+    )
     assert manifest["worldSize"] == 2 and manifest["globalBatchSize"] == 4
     assert relative_update_difference(output, reference_run, tiny_model) < TOLERANCE
 

@@ -7,24 +7,21 @@ the timestep densities; DDPM-only flags are refused."""
 from __future__ import annotations
 
 import functools
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from trainer_testkit import (
     core_flags,
-    launch,
     max_difference,
     relative_update_difference,
     resume_in_a_new_output,
     train,
+    train_on_two_processes,
     unet_weights,
 )
 
 from kubetune.api.layout import EXIT_INVALID
-from kubetune.launch import accelerate_launch_command, free_port
 
 T5_TOKENS = 16
 
@@ -126,9 +123,10 @@ def test_flux_resume_matches_the_uninterrupted_run(
     assert max_difference(unet_weights(output, "transformer"), unet_weights(flux_full, "transformer")) < 1e-6
 
 
-def test_flux_lora_loads_with_load_lora_weights_and_resumes_exactly(
+def test_flux_lora_loads_with_load_lora_weights_is_written_in_kohya_layout_and_resumes_exactly(
     flux_lora: Path, tiny_flux: Path, shapes_dataset: Path, tmp_path: Path
 ) -> None:
+    import torch
     from diffusers import FluxPipeline
     from safetensors.torch import load_file
 
@@ -138,6 +136,34 @@ def test_flux_lora_loads_with_load_lora_weights_and_resumes_exactly(
     assert abs(render(pipeline, max_sequence_length=T5_TOKENS) - before).max() > 1e-4, "the adapter changes images"
     saved = load_file(flux_lora / "pytorch_lora_weights.safetensors")
     assert saved and all(k.startswith("transformer.") and ".lora_" in k for k in saved), sorted(saved)[:3]
+
+    # kohya's layout: q, k, v fused as in FLUX's original modules, the same update exactly
+    kohya = load_file(flux_lora / "pytorch_lora_weights_kohya.safetensors")
+
+    def update(module: str) -> Any:  # diffusers' file: scale 1 (alpha = rank)
+        return saved[f"transformer.{module}.lora_B.weight"] @ saved[f"transformer.{module}.lora_A.weight"]
+
+    def kohya_update(module: str) -> Any:
+        down, up = kohya[f"lora_unet_{module}.lora_down.weight"], kohya[f"lora_unet_{module}.lora_up.weight"]
+        return float(kohya[f"lora_unet_{module}.alpha"]) / down.shape[0] * up @ down
+
+    qkv = [update(f"transformer_blocks.0.attn.to_{p}") for p in "qkv"]
+    assert max_difference({"u": kohya_update("double_blocks_0_img_attn_qkv")}, {"u": torch.cat(qkv)}) < 1e-6
+    assert (
+        max_difference(
+            {"u": kohya_update("double_blocks_0_img_attn_proj")}, {"u": update("transformer_blocks.0.attn.to_out.0")}
+        )
+        < 1e-6
+    )
+    linear1 = kohya_update("single_blocks_0_linear1")
+    single = torch.cat([update(f"single_transformer_blocks.0.attn.to_{p}") for p in "qkv"])
+    assert max_difference({"u": linear1[: len(single)]}, {"u": single}) < 1e-6
+    assert not linear1[len(single) :].any(), "the fused MLP rows are not adapted"
+    assert {k.split(".")[0] for k in kohya} == {
+        "lora_unet_double_blocks_0_img_attn_qkv",
+        "lora_unet_double_blocks_0_img_attn_proj",
+        "lora_unet_single_blocks_0_linear1",
+    }
 
     flags = functools.partial(
         flow_flags, tiny_flux, shapes_dataset, method="lora", rank=4, use_ema=False, resume_from_checkpoint="latest"
@@ -153,10 +179,7 @@ def test_flux_on_two_processes_agrees_with_one(
     output = tmp_path / "out"
     # 2 processes x batch 1 = the full run's 1 x 2
     args = flow_flags(tiny_flux, shapes_dataset, output, weighting_scheme="logit_normal", train_batch_size=1)
-    process = launch(accelerate_launch_command(1, 2, 0, "127.0.0.1", free_port(), args, python=sys.executable))
-    log = process.communicate(timeout=300)[0]
-    assert process.returncode == 0, log[-4000:]
-    assert json.loads((output / "checkpoint-4" / "manifest.json").read_text())["worldSize"] == 2
+    assert train_on_two_processes(args, output / "checkpoint-4")["worldSize"] == 2
     assert relative_update_difference(output, flux_full, tiny_flux, "transformer") < 0.01
 
 

@@ -62,7 +62,7 @@ def test_seed_core_command_publishes_a_loadable_pipeline(
     assert any(not torch.equal(trained[k], base[k]) for k in base), "the UNet was trained"
 
     card = (output / "README.md").read_text()
-    assert f"base_model: {tiny_model}" in card and "| gradient accumulation | 4 |" in card
+    assert f"# Fine-tuned {tiny_model}" in card and "| gradient accumulation | 4 |" in card
     assert "| cc0-1.0 | 8 |" in card and "kubetune tests" in card and "https://example.org/" in card
     cache = [p for p in (output / "cache").iterdir() if (p / "manifest.json").exists()]
     assert len(cache) == 1, "the latent cache is kept for later runs"

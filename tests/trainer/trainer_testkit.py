@@ -44,7 +44,9 @@ def write_imagefolder(folder: Path, count: int, size: int = 48, extra: dict[str,
 
 def env(**extra: str) -> dict[str, str]:
     out = dict(os.environ)
-    out.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **extra)
+    out.update(
+        {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
+    )
     return out
 
 
@@ -141,6 +143,37 @@ def relative_update_difference(output: Path, reference: Path, initial: Path, fol
     difference = sum(float((a[k].float() - ref[k].float()).norm() ** 2) for k in ref) ** 0.5
     update = sum(float((ref[k].float() - init[k].float()).norm() ** 2) for k in ref) ** 0.5
     return difference / update
+
+
+def relative_lora_difference(output: Path, reference: Path) -> float:
+    """relative_update_difference for LoRA outputs: the update of each adapted layer is up @ down
+    (zero before training: `up` starts at zero)."""
+    from safetensors.torch import load_file
+
+    def updates(folder: Path) -> dict[str, Any]:
+        weights = load_file(folder / "pytorch_lora_weights.safetensors")
+        downs = [k for k in weights if k.endswith(".lora.down.weight")]  # diffusers' LoRA format
+        assert downs, sorted(weights)[:4]
+        return {k: weights[k.replace(".down.", ".up.")].float() @ weights[k].float() for k in downs}
+
+    a, ref = updates(output), updates(reference)
+    assert a.keys() == ref.keys()
+    difference = sum(float((a[k] - ref[k]).norm() ** 2) for k in ref) ** 0.5
+    return difference / sum(float(ref[k].norm() ** 2) for k in ref) ** 0.5
+
+
+def train_on_two_processes(args: Sequence[str], checkpoint: Path) -> dict[str, Any]:
+    """Run the trainer as two processes on this machine (`accelerate launch --multi_gpu`, gloo on
+    the CPU) to the end; CHECKPOINT's manifest."""
+    from kubetune.launch import accelerate_launch_command, free_port
+
+    command = accelerate_launch_command(1, 2, 0, "127.0.0.1", free_port(), list(args), python=PYTHON)
+    assert "--multi_gpu" in command
+    process = launch(command)
+    log = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, log[-4000:]
+    manifest: dict[str, Any] = json.loads((checkpoint / "manifest.json").read_text())
+    return manifest
 
 
 def trained_output(model: Path, data: Path, output: Path, **flags: Any) -> Path:

@@ -13,8 +13,15 @@ from typing import Any
 
 import torch
 
-from kubetune.trainer.families.base import Parts, TextEncoder
+from kubetune.trainer.families.base import FamilyError, Parts, TextEncoder, lora_state
 from kubetune.trainer.families.flow import FlowMatchingFamily
+
+KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
+FUSED = {  # diffusers' separate projections -> Black Forest Labs' fused layer (kohya's module names)
+    "transformer_blocks.{}.attn.to_{}": ("double_blocks.{}.img_attn.qkv", ("q", "k", "v")),
+    "single_transformer_blocks.{}.attn.to_{}": ("single_blocks.{}.linear1", ("q", "k", "v", "mlp")),
+}
+SINGLE = {"transformer_blocks.{}.attn.to_out.0": "double_blocks.{}.img_attn.proj"}
 
 
 class Flux(FlowMatchingFamily):
@@ -32,6 +39,11 @@ class Flux(FlowMatchingFamily):
     def load(self, path: Any, variant: str | None, vae: str | None = None) -> Parts:
         parts = super().load(path, variant, vae)
         self.guidance_embeds = bool(parts.denoiser.config.guidance_embeds)
+        # latents are packed in 2x2 patches: every trained size must be a multiple of twice the VAE's factor
+        multiple = 2 ** len(parts.vae.config.block_out_channels)
+        for flag, value in (("--resolution", self.cfg.resolution), ("--bucket_reso_steps", self.cfg.bucket_reso_steps)):
+            if value % multiple and (flag == "--resolution" or self.cfg.enable_bucket):
+                raise FamilyError(f"{flag} {value}: the flux family needs a multiple of {multiple}")
         return parts
 
     def encode(self, parts: Parts, captions: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
@@ -74,3 +86,51 @@ class Flux(FlowMatchingFamily):
             **self.condition(batch),
         )[0]
         return FluxPipeline._unpack_latents(out, height, width, 1)  # latent sizes in, latent sizes out
+
+    def publish_lora_extras(self, denoiser: Any, folder: Any) -> list[str]:
+        """The LoRA in kohya's FLUX layout too (`lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`,
+        `lora_up`, `alpha`), as sd-scripts writes it and ComfyUI loads it: FLUX's original modules fuse
+        q, k and v (and, in single blocks, the MLP's input), so the three adapters become one of
+        three times the rank whose up-projection is block-diagonal (zero rows for the MLP): the same
+        update, exactly."""
+        from safetensors.torch import save_file
+
+        save_file(
+            kohya_flux_state(denoiser),
+            folder / KOHYA_FILE,
+            metadata={"format": "pt", "ss_network_module": "networks.lora_flux"},
+        )
+        return [KOHYA_FILE]
+
+
+def kohya_flux_state(denoiser: Any) -> dict[str, torch.Tensor]:
+    """The denoiser's LoRA (targets to_q/k/v and to_out.0) in kohya's FLUX key layout; scale 1 as trained."""
+    import re
+
+    peft = {k: v.detach().float().contiguous() for k, v in lora_state(denoiser).items()}
+    out: dict[str, torch.Tensor] = {}
+
+    def put(module: str, down: torch.Tensor, up: torch.Tensor) -> None:
+        key = "lora_unet_" + module.replace(".", "_")
+        out[f"{key}.lora_down.weight"], out[f"{key}.lora_up.weight"] = down, up
+        out[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))  # alpha = rank: scale 1
+
+    for pattern, (fused, parts) in FUSED.items():
+        blocks = sorted({int(m.group(1)) for k in peft if (m := re.match(pattern.split("{}")[0] + r"(\d+)\.", k))})
+        for block in blocks:
+            names = [pattern.format(block, p) for p in parts if p != "mlp"]
+            if not all(f"{n}.lora_A.weight" in peft for n in names):
+                continue
+            downs = [peft[f"{n}.lora_A.weight"] for n in names]
+            ups = [peft[f"{n}.lora_B.weight"] for n in names]
+            if "mlp" in parts:  # the fused layer's MLP rows get no update
+                mlp = denoiser.single_transformer_blocks[block].proj_mlp.out_features
+                ups.append(torch.zeros(mlp, 0))
+            put(fused.format(block), torch.cat(downs), torch.block_diag(*ups))
+    for pattern, target in SINGLE.items():
+        for key in peft:
+            match = re.fullmatch(re.escape(pattern).replace(r"\{\}", r"(\d+)") + r"\.lora_A\.weight", key)
+            if match:
+                name = key.removesuffix(".lora_A.weight")
+                put(target.format(match.group(1)), peft[key], peft[f"{name}.lora_B.weight"])
+    return out

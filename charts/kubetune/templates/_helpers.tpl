@@ -83,10 +83,16 @@ else the chart's appVersion. Call with (dict "image" .Values.x.image "default" $
 - apiGroups: [kubetune.dev]
   resources: [finetunejobs/finalizers]
   verbs: [update]
-# The collector and trainer Jobs: created, listed and watched, suspended/resumed (patch).
+# The collector and trainer Jobs: created, listed and watched, suspended/resumed and annotated
+# (patch); with Kueue, an ended attempt's Job is deleted so that it holds no quota.
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [create, list, watch, patch]
+  verbs: [create, list, watch, patch, delete]
+# Kueue's Workloads of queued Jobs (runPolicy.queueName): read by the job-uid label (admitted,
+# evicted), and spec.active patched to stop or resume a queued Job (Kueue owns its suspend).
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [list, patch]
 # The headless Service that gives trainer pods stable hostnames: created once, looked up by name.
 - apiGroups: [""]
   resources: [services]
