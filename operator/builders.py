@@ -721,6 +721,8 @@ def training_hash(spec: FineTuneJobSpec) -> str:
         "nodes": spec.trainer.nodes,
         "gpusPerNode": spec.trainer.gpus_per_node,
     }
+    if spec.trainer.strategy != "auto":  # (absent otherwise: the hashes of jobs made before it are unchanged)
+        settings["strategy"] = spec.trainer.strategy
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 

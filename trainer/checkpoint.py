@@ -197,6 +197,14 @@ def fetch(ref: CheckpointRef, staging: Path) -> Path:
     return local
 
 
+def local_entries(folder: Path, paths: list[Path]) -> dict[str, CheckpointFile]:
+    """Manifest entries (size, SHA-256) of files in `folder`, by their relative names."""
+    return {
+        p.relative_to(folder).as_posix(): CheckpointFile(size=p.stat().st_size, sha256=_sha256(p))
+        for p in sorted(paths)
+    }
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -233,9 +241,12 @@ class Checkpointer:
         path.mkdir(parents=True)
         return path
 
-    def commit(self, path: Path, state: CheckpointState) -> None:
-        """Hash, write the manifest, upload and prune, in the background."""
-        self._pending.append((path.name, self._pool.submit(self._publish_with_retries, path, state)))
+    def commit(self, path: Path, state: CheckpointState, uploaded: dict[str, CheckpointFile] | None = None) -> None:
+        """Hash, write the manifest, upload and prune, in the background. `uploaded`: files of the
+        checkpoint that other processes already stored (sharded checkpoints of several nodes),
+        listed in the manifest as they are."""
+        task = self._pool.submit(self._publish_with_retries, path, state, dict(uploaded or {}))
+        self._pending.append((path.name, task))
 
     def _settle(self) -> None:
         """Wait for the publishes in flight; remember (and log) the ones that failed."""
@@ -246,10 +257,10 @@ class Checkpointer:
                 log.error("checkpoint %s could not be stored in %s: %s", name, self.output.uri, error)
         self._pending = []
 
-    def _publish_with_retries(self, path: Path, state: CheckpointState) -> str:
+    def _publish_with_retries(self, path: Path, state: CheckpointState, uploaded: dict[str, CheckpointFile]) -> str:
         for attempt in range(1, PUBLISH_ATTEMPTS + 1):
             try:
-                return self._publish(path, state)
+                return self._publish(path, state, uploaded)
             except (StorageError, OSError) as error:
                 if attempt == PUBLISH_ATTEMPTS:
                     raise
@@ -265,15 +276,14 @@ class Checkpointer:
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _publish(self, path: Path, state: CheckpointState) -> str:
+    def _publish(self, path: Path, state: CheckpointState, uploaded: dict[str, CheckpointFile]) -> str:
         started = time.monotonic()
-        files = {
-            p.relative_to(path).as_posix(): CheckpointFile(size=p.stat().st_size, sha256=_sha256(p))
-            for p in sorted(path.rglob("*"))
-            if p.is_file() and p.relative_to(path).as_posix() != MANIFEST_FILE
-        }
+        here = [p for p in path.rglob("*") if p.is_file() and p.relative_to(path).as_posix() != MANIFEST_FILE]
+        files = local_entries(path, here)
         created = datetime.now(timezone.utc).replace(microsecond=0)
-        manifest = CheckpointManifest(**dict(state), files=files, created_at=created).to_json()
+        manifest = CheckpointManifest(
+            **dict(state), files=dict(sorted({**files, **uploaded}.items())), created_at=created
+        ).to_json()
         local = Store(str(path))
         if self.output.is_s3:
             remote = self.output.child(path.name)

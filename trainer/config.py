@@ -5,6 +5,7 @@ here: `--help` stays instant."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ __all__ = [
     "UNSUPPORTED",
     "TrainConfig",
     "build_parser",
+    "fsdp_conflict",
     "parse_config",
     "spec_values",
 ]
@@ -60,12 +62,42 @@ def parse_config(argv: Sequence[str], prog: str) -> TrainConfig:
                 f"--min_bucket_reso/--max_bucket_reso: the range {low or '-'}..{high or '-'} must include "
                 f"--resolution ({config.resolution})"
             )
+    if config.use_8bit_adam:
+        if config.optimizer not in ("adamw", "adamw_8bit"):
+            raise OneLineError(f"--use_8bit_adam: means --optimizer adamw_8bit, not {config.optimizer}")
+        config.optimizer = "adamw_8bit"
+    if config.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        flag = "--use_8bit_adam" if config.use_8bit_adam else "--optimizer adamw_8bit"
+        raise OneLineError(f"{flag}: needs the bitsandbytes package, which is not installed (pip install bitsandbytes)")
+    if config.strategy == "fsdp":
+        conflict = fsdp_conflict(config)
+        if conflict:
+            raise OneLineError(conflict)
+    elif config.fsdp_cpu_offload:
+        raise OneLineError(f"--fsdp_cpu_offload: needs --strategy fsdp (got {config.strategy})")
     _check_hub(config)
     from kubetune.trainer.trackers import missing
 
     if message := missing(config.report_to):
         raise OneLineError(message)
     return config
+
+
+def fsdp_conflict(config: TrainConfig) -> str | None:
+    """Why these settings cannot run sharded (FSDP), as a one-line message; None when they can."""
+    if config.optimizer != "adamw":
+        return f"--optimizer {config.optimizer}: not with --strategy fsdp (which shards AdamW's state; use adamw)"
+    if config.method != "full":
+        return "--strategy fsdp: full fine-tunes only (LoRA fits one GPU: use --strategy ddp or auto)"
+    if config.precision == "fp16":
+        return "--mixed_precision fp16: not with --strategy fsdp (use bf16; sharded steps have no gradient scaler)"
+    if config.validation_prompts:
+        return "--validation_prompts: not yet with --strategy fsdp (sample the published model instead)"
+    if config.compile:
+        return "--compile: not with --strategy fsdp (untested with sharded blocks)"
+    if config.offload_ema:
+        return "--offload_ema: not with --strategy fsdp (the EMA is sharded with the weights)"
+    return None
 
 
 def _check_hub(config: TrainConfig) -> None:

@@ -411,6 +411,36 @@ class TrainConfig:
     compile: bool = opt(
         False, group=OPTIMISATION, kubetune=True, spec="training.compile", help="torch.compile the UNet"
     )
+    optimizer: str = opt(
+        defaults.OPTIMIZER,
+        group=OPTIMISATION,
+        kubetune=True,
+        choices=defaults.OPTIMIZERS,
+        spec="training.optimizer",
+        help="adamw (torch); adamw_8bit: 8-bit moments (bitsandbytes, when installed); adafactor "
+        "(transformers): factored second moments, at --learning_rate (no relative step)",
+    )
+    use_8bit_adam: bool = opt(
+        False, group=OPTIMISATION, help="the stock scripts' flag for --optimizer adamw_8bit (needs bitsandbytes)"
+    )
+    strategy: str = opt(
+        defaults.STRATEGY,
+        group=OPTIMISATION,
+        kubetune=True,
+        choices=defaults.STRATEGIES,
+        spec="trainer.strategy",
+        help="ddp: every process holds the whole model; fsdp: weights, gradients and optimizer state sharded "
+        "across every process of every node (FSDP2, full fine-tunes); auto: fsdp when they would not fit one "
+        "GPU (16 bytes per trained parameter), else ddp (always ddp on CPU)",
+    )
+    fsdp_cpu_offload: bool = opt(
+        False,
+        group=OPTIMISATION,
+        kubetune=True,
+        spec="trainer.fsdpCpuOffload",
+        help="with --strategy fsdp: keep the weight shards, gradients and optimizer state in CPU memory "
+        "(the optimizer steps on the CPU); less GPU memory, slower",
+    )
     # loss
     snr_gamma: float | None = opt(
         None,
@@ -656,12 +686,6 @@ EXTRA_OPTIONS = (
         metavar="FILE",
         help="read spec.model, spec.training and spec.storage of a FineTuneJob (a file, '-' for "
         "stdin, or env:KUBETUNE_SPEC); other flags given override it",
-    ),
-    Option(
-        "use_8bit_adam",
-        False,
-        group=STOCK,
-        refused="8-bit Adam (bitsandbytes) is not bundled; use --method lora to save memory",
     ),
     Option("dream_training", False, group=STOCK, refused="DREAM training is not supported"),
     Option("dream_detail_preservation", 1.0, type=float, group=STOCK, help="accepted; unused"),

@@ -43,7 +43,7 @@ from kubetune.trainer.checkpoint import (
     fetch,
     find_checkpoint,
 )
-from kubetune.trainer.config import TrainConfig
+from kubetune.trainer.config import TrainConfig, fsdp_conflict
 from kubetune.trainer.data import (
     TrainingData,
     is_imagefolder,
@@ -536,15 +536,20 @@ class Trainer:
         denoiser.train()
         if cfg.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
-        denoiser.to(self.device)
+        for p in denoiser.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # fp32 master weights; autocast does the low-precision math
+        # FSDP2 moves only this process's shards to the device: no GPU ever holds the whole model
+        self.sharded = self._shard(denoiser)
+        if self.sharded is None:
+            denoiser.to(self.device)
         # channels_last measured slower for the SD 1.5 UNet on an H100 (61 vs 68 images/s, bf16,
         # batch 16: its GroupNorms convert layouts), so it is opt-in.
         self.channels_last = self.device.type == "cuda" and os.environ.get("KUBETUNE_CHANNELS_LAST") == "1"
-        if self.channels_last:
+        if self.channels_last and self.sharded is None:
             denoiser.to(memory_format=torch.channels_last)
+        self.channels_last = self.channels_last and self.sharded is None
         self.params = [p for p in denoiser.parameters() if p.requires_grad]
-        for p in self.params:
-            p.data = p.data.float()  # fp32 master weights; autocast does the low-precision math
         self.ema = None
         if cfg.use_ema and cfg.method == "full":
             from diffusers.training_utils import EMAModel
@@ -558,14 +563,7 @@ class Trainer:
             if cfg.offload_ema:
                 self.ema.to("cpu")
         lr = cfg.learning_rate * (self.global_batch if cfg.scale_lr else 1)
-        optimizer = torch.optim.AdamW(
-            self.params,
-            lr=lr,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            weight_decay=cfg.adam_weight_decay,
-            eps=cfg.adam_epsilon,
-            fused=self.device.type == "cuda",
-        )
+        optimizer = make_optimizer(cfg, self.params, lr, self.device)
         from diffusers.optimization import get_scheduler
 
         self.lr_scheduler = get_scheduler(
@@ -575,7 +573,10 @@ class Trainer:
             num_training_steps=self.max_steps,
         )
         runnable = torch.compile(denoiser) if cfg.compile else denoiser
-        self.ddp, self.optimizer = accelerator.prepare(runnable, optimizer)
+        if self.sharded is None:
+            self.ddp, self.optimizer = accelerator.prepare(runnable, optimizer)
+        else:  # FSDP2 does the gradient reduction; accelerate's wrappers would add DDP's
+            self.ddp, self.optimizer = runnable, optimizer
         self.checkpointer = Checkpointer(self.session.output, self.session.staging, cfg.checkpoints_total_limit)
         self.writer = self._tensorboard()
         trackers.start(accelerator, cfg, self.session.staging / cfg.logging_dir)
@@ -585,6 +586,22 @@ class Trainer:
         self.checkpointer.superseded = list(self.session.superseded)
         if self.resume:
             self._load_checkpoint(self.resume)
+
+    def _shard(self, denoiser: Any) -> Any:
+        """kubetune.trainer.sharding.Sharded when the strategy is FSDP (the denoiser is sharded in
+        place), else None (DDP through accelerate.prepare)."""
+        from kubetune.trainer import sharding
+
+        count = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
+        strategy = sharding.choose(self.cfg.strategy, count, self.world, sharding.gpu_memory(self.device))
+        if strategy != "fsdp":
+            return None
+        conflict = fsdp_conflict(self.cfg)  # `auto` can pick FSDP only here, on the GPU
+        if self.cfg.fsdp_cpu_offload and self.device.type != "cuda":
+            conflict = "--fsdp_cpu_offload: needs GPUs (these processes already train on the CPU)"
+        if conflict:
+            raise TrainError(conflict, layout.EXIT_INVALID)
+        return sharding.Sharded(denoiser, self.device, self.world, self.cfg.precision, self.cfg.fsdp_cpu_offload)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -599,14 +616,14 @@ class Trainer:
                 for micro in range(accumulation):
                     batch = self._batch(self._positions(micro))
                     sync = micro == accumulation - 1
-                    with contextlib.nullcontext() if sync else self.session.accelerator.no_sync(self.ddp):
+                    with self._no_sync(sync):
                         loss = self._loss(batch)
                         self.session.accelerator.backward(loss / accumulation)
                     losses.append(loss.detach())
                 loss = torch.stack(losses).mean()
                 finite = torch.isfinite(loss)
                 if cfg.max_grad_norm > 0:
-                    norm = self.session.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                    norm = self._clip_grad_norm(cfg.max_grad_norm)
                     finite = finite & torch.isfinite(norm)
                 if cfg.max_nonfinite_steps and not self._finite_everywhere(finite):
                     self._skip_nonfinite_step()  # a host sync per step, only with the knob set
@@ -621,6 +638,16 @@ class Trainer:
                 self.samples_seen += self.global_batch
                 self._report(loss)
                 yield self.step
+
+    def _no_sync(self, sync: bool) -> Any:
+        if self.sharded is not None:
+            return self.sharded.no_sync(sync)
+        return contextlib.nullcontext() if sync else self.session.accelerator.no_sync(self.ddp)
+
+    def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        if self.sharded is not None:
+            return self.sharded.clip_grad_norm(self.params, max_norm)
+        return self.session.accelerator.clip_grad_norm_(self.params, max_norm)
 
     def _finite_everywhere(self, finite: torch.Tensor) -> bool:
         """Whether every process's step was finite (all processes skip or step together)."""
@@ -648,7 +675,9 @@ class Trainer:
         on the device since the last check is read here (one sync), and the weights themselves
         are checked: a huge learning rate can overflow them while every loss was still finite."""
         self._raise_if_nonfinite_seen()
-        if not bool(torch.stack([p.detach().isfinite().all() for p in self.params]).all()):
+        local = [p.to_local() if self.sharded is not None else p for p in self.params]  # DTensor: this shard
+        finite = torch.stack([p.detach().isfinite().all() for p in local]).all()
+        if not (self._finite_everywhere(finite) if self.sharded is not None else bool(finite)):
             raise self._nonfinite_error("(weights)")
 
     def _raise_if_nonfinite_seen(self) -> None:
@@ -760,14 +789,18 @@ class Trainer:
         When stopping, wait for the upload: the pod is about to go."""
         session = self.session
         self.check_finite()
+        uploaded: dict[str, Any] = {}
         if session.is_main:
             session.progress.state("checkpointing")
             folder = self.checkpointer.folder(self.step)
+        if self.sharded is not None:
+            folder, uploaded = self._save_shards()
+        if session.is_main:
             self._save_weights(folder)
             scaler = session.accelerator.scaler
             torch.save(
                 {
-                    "optimizer": self.optimizer.state_dict(),
+                    "optimizer": self.optimizer.state_dict() if self.sharded is None else None,  # sharded: DCP's
                     "lr_scheduler": self.lr_scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None,
                 },
@@ -803,6 +836,7 @@ class Trainer:
                         },
                     }
                 ),
+                uploaded,
             )
             if session.stop_requested:  # the pod is about to go: store this checkpoint now
                 try:
@@ -826,6 +860,8 @@ class Trainer:
         if self.cfg.method == "lora":
             self.model.family.save_lora(self.denoiser, folder)
             return
+        if self.sharded is not None:
+            return  # in <denoiser>_sharded/, written by every process (_save_shards)
         weights, main = "diffusion_pytorch_model.safetensors", self.model.family.denoiser_folder
         state = {k: v.detach().contiguous() for k, v in self.denoiser.state_dict().items()}
         self.denoiser.save_config(folder / main)
@@ -841,6 +877,44 @@ class Trainer:
             (ema / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             save_file(ema_state, ema / weights, metadata={"format": "pt"})
 
+    def _ema_names(self) -> list[str]:
+        return [name for name, p in self.denoiser.named_parameters() if p.requires_grad]
+
+    def _save_shards(self) -> tuple[Path, dict[str, Any]]:
+        """Every process writes its shards into `<denoiser>_sharded/` of this step's checkpoint
+        (DCP: `__<rank>_0.distcp`, rank 0 also `.metadata`). A process on another node than the
+        main one (whose staging folder the main process does not see) uploads its own files to S3
+        before the main process writes the manifest; their entries for the manifest come back."""
+        from kubetune.trainer.checkpoint import local_entries
+        from kubetune.trainer.sharding import SHARDED_SUFFIX
+
+        assert self.sharded is not None
+        accelerator = self.session.accelerator
+        folder = self.checkpointer.local_root / layout.checkpoint_name(self.step)
+        accelerator.wait_for_everyone()  # the main process has emptied the folder
+        shards = folder / f"{self.model.family.denoiser_folder}{SHARDED_SUFFIX}"
+        shards.mkdir(parents=True, exist_ok=True)
+        self.sharded.save(shards, self.optimizer, self.ema, self._ema_names())
+        state = accelerator.state
+        other_node = state.process_index != state.local_process_index
+        mine: dict[str, Any] = {}
+        if other_node and self.session.output.is_s3:
+            rank = f"__{state.process_index}_"
+            files = [p for p in shards.iterdir() if p.name.startswith(rank)]
+            mine = local_entries(folder, files)
+            remote = self.session.output.child(folder.name)
+            for name in mine:
+                remote.upload_file(folder / name, name)
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)  # the S3 copy counts; this node's disk is freed
+        from accelerate.utils import gather_object
+
+        uploaded: dict[str, Any] = {}
+        for entries in gather_object([mine]):
+            uploaded.update(entries)
+        return folder, uploaded
+
     def _load_checkpoint(self, ref: CheckpointRef) -> None:
         accelerator = self.session.accelerator
         with accelerator.local_main_process_first():
@@ -850,6 +924,9 @@ class Trainer:
             return
         files = ref.manifest.files  # only files the manifest lists (and fetch verified) are read
         main = self.model.family.denoiser_folder
+        if self._sharded_checkpoint(ref, files):
+            self._load_shards(ref, folder)
+            return
         weights_file, ema_file = (f"{f}/diffusion_pytorch_model.safetensors" for f in (main, f"{main}_ema"))
         if self.cfg.method == "lora" and "pytorch_lora_weights.safetensors" in files:
             self._load_lora(folder / "pytorch_lora_weights.safetensors")
@@ -873,6 +950,37 @@ class Trainer:
         self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
         if saved.get("scaler") and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(saved["scaler"])
+        self.step, self.samples_seen = ref.step, ref.manifest.samples_seen
+        self._resumed(ref)
+
+    def _sharded_checkpoint(self, ref: CheckpointRef, files: Any) -> bool:
+        """Whether `ref` holds shards (written with --strategy fsdp); refused when this run's
+        strategy does not match."""
+        from kubetune.trainer.sharding import SHARDED_SUFFIX
+
+        prefix = f"{self.model.family.denoiser_folder}{SHARDED_SUFFIX}/"
+        sharded = any(name.startswith(prefix) for name in files)
+        if sharded != (self.sharded is not None):
+            written, now = ("fsdp", "ddp") if sharded else ("ddp", "fsdp")
+            raise TrainError(
+                f"--strategy: {ref.name} in {self.session.output.uri} was written with --strategy {written} "
+                f"({'sharded' if sharded else 'full'} weights) and this run is {now}; resume it with "
+                f"--strategy {written} (trainer.strategy)",
+                layout.EXIT_INVALID,
+            )
+        return sharded
+
+    def _load_shards(self, ref: CheckpointRef, folder: Path) -> None:
+        from kubetune.trainer.sharding import SHARDED_SUFFIX
+
+        assert self.sharded is not None and ref.manifest is not None
+        shards = folder / f"{self.model.family.denoiser_folder}{SHARDED_SUFFIX}"
+        self.sharded.load(shards, self.optimizer, self.ema, self._ema_names())
+        if self.ema is not None:
+            ema = ref.manifest.ema
+            self.ema.optimization_step = ema.optimization_step if ema else ref.step
+        saved = _load_plain(folder / "optimizer.pt", ref.store.uri_of("optimizer.pt"), "optimizer state")
+        self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
         self.step, self.samples_seen = ref.step, ref.manifest.samples_seen
         self._resumed(ref)
 
@@ -1043,18 +1151,23 @@ class Trainer:
     def publish(self, data: TrainingData, images: int, skipped: int) -> None:
         session, cfg = self.session, self.cfg
         self.check_finite()
+        denoiser = self.denoiser
+        if self.sharded is not None:  # every process sends its shards; the main one gets the model
+            if self.ema is not None:
+                self.ema.copy_to(self.params)
+            denoiser = self.sharded.full_denoiser(self.model.family.denoiser_type(), session.is_main)
         if session.is_main:
             latest = self.checkpointer.wait()
             session.progress.state("publishing", latestCheckpoint=latest)
-            self.denoiser.to(memory_format=torch.contiguous_format)
+            denoiser.to(memory_format=torch.contiguous_format)
             family = self.model.family
             if cfg.method == "lora":
                 folder, files = publish.write_lora(family, self.denoiser, session.output, session.staging)
             else:
-                if self.ema is not None:
+                if self.ema is not None and self.sharded is None:
                     self.ema.copy_to(self.params)
                 vae = self.model.vae if self.model.parts.vae_source else None
-                pipeline = family.pipeline(self.model.path, self.denoiser, variant=cfg.variant or None, vae=vae)
+                pipeline = family.pipeline(self.model.path, denoiser, variant=cfg.variant or None, vae=vae)
                 folder, files = publish.write_pipeline(pipeline, session.output, session.staging)
             # also when this attempt resumed at the last step and so rendered nothing (the card shows them)
             if cfg.validation_prompts and (self.step % self.validation_every or self.last_render[0] != self.step):
@@ -1118,6 +1231,28 @@ class Trainer:
             self.writer.flush()
             if self.session.output.is_s3:
                 self.session.output.upload_tree(self.session.staging / self.cfg.logging_dir, layout.LOGS_DIR)
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], lr: float, device: torch.device) -> Any:
+    """--optimizer: torch's AdamW, bitsandbytes' AdamW8bit or transformers' Adafactor."""
+    adam = {"lr": lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "weight_decay": cfg.adam_weight_decay}
+    if cfg.optimizer == "adamw_8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, eps=cfg.adam_epsilon, **adam)
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # at --learning_rate and its schedule, as the stock scripts' --optimizer adafactor
+        return Adafactor(
+            params,
+            lr=lr,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+            weight_decay=cfg.adam_weight_decay,
+        )
+    return torch.optim.AdamW(params, eps=cfg.adam_epsilon, fused=device.type == "cuda", **adam)
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -28,6 +28,12 @@ VALIDATION_GUIDANCE_SCALE = 7.5
 CHECKPOINT_EVERY_STEPS = 500
 """Steps between resumable checkpoints: the stock script's default; a full SD 1.5 checkpoint with
 EMA and AdamW state is about 14 GB, too much to write every few dozen steps."""
+OPTIMIZER: Final = "adamw"
+OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor")
+"""torch's AdamW; bitsandbytes' AdamW8bit (8-bit moments); transformers' Adafactor (factored second moments)."""
+STRATEGY: Final = "auto"
+STRATEGIES = ("auto", "ddp", "fsdp")
+"""How the trainer spreads the model over its processes (kubetune.trainer.sharding)."""
 MODEL_FAMILIES = ("sd", "sdxl", "sd3", "flux")
 """The model families the trainer trains (kubetune.trainer.families; spec.model.family's enum)."""
 

@@ -342,6 +342,11 @@ class Training(ApiModel):
     """Recompute activations in the backward pass: less memory, about 20% slower."""
     mixed_precision: Literal["fp32", "fp16", "bf16"] = "bf16"
     """Autocast precision; weights stay fp32. `fp32` is the original script's `no`."""
+    optimizer: Literal["adamw", "adamw_8bit", "adafactor"] = defaults.OPTIMIZER
+    """`adamw` (torch); `adamw_8bit`: AdamW with 8-bit moments (bitsandbytes, which the trainer image
+    must include), 6 instead of 12 bytes per parameter with the fp32 gradient; `adafactor`
+    (transformers): factored second moments, no first moment, at this learning rate (no relative
+    step). Not with `trainer.strategy: fsdp`, which shards AdamW."""
     max_train_steps: int = Field(default=100, ge=1, le=100_000_000)
     """Optimizer steps to train."""
     learning_rate: float = Field(default=1e-5, gt=0, le=1)
@@ -516,6 +521,15 @@ class Trainer(PodSettings):
     pod_template: TrainerPodTemplate = Field(default_factory=dict)
     """A strategic-merge overlay of the trainer pods' template (env, volumes, imagePullSecrets, labels...);
     the operator's own fields win. See docs/operator.md."""
+    strategy: Literal["auto", "ddp", "fsdp"] = defaults.STRATEGY
+    """`ddp`: every process holds the whole model (data parallel). `fsdp`: the model's weights,
+    gradients and optimizer state are sharded across every GPU of every node (torch FSDP2; full
+    fine-tunes, for models such as FLUX.1 whose AdamW state does not fit one GPU). `auto`: `fsdp`
+    when the trained parameters' weights, gradients and AdamW state (16 bytes each) would not fit
+    one GPU, else `ddp`."""
+    fsdp_cpu_offload: bool = False
+    """With `strategy: fsdp`: keep weight shards, gradients and optimizer state in CPU memory (the
+    optimizer steps on the CPU): less GPU memory, slower steps."""
 
 
 class Collector(PodSettings):

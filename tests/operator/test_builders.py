@@ -514,3 +514,30 @@ def test_the_machine_rank_is_still_expanded_from_the_completion_index() -> None:
     spec = make_spec(trainer={"nodes": 2})
     _, argv = as_pod_sees_it(container_of(b.trainer_job(spec, OWNER)))
     assert flag(argv, "--machine_rank") == "0"
+
+
+def test_a_two_node_fsdp_trainer_wires_16_ranks_and_hands_the_trainer_its_strategy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kubetune.trainer.config import parse_config
+
+    spec = make_spec(
+        trainer={"nodes": 2, "gpusPerNode": 8, "strategy": "fsdp", "fsdpCpuOffload": True},
+        training={"mixedPrecision": "bf16", "gradientCheckpointing": True},
+    )
+    job = b.trainer_job(spec, OWNER)
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    env, argv = as_pod_sees_it(container_of(job))  # pod 0 of the Indexed Job
+    assert "--multi_gpu" in argv and flag(argv, "--num_processes") == "16" and flag(argv, "--num_machines") == "2"
+    assert flag(argv, "--machine_rank") == "0" and flag(argv, "--mixed_precision") == "bf16"
+    assert flag(argv, "--main_process_ip") == "lighthouses-train-0.lighthouses-train"
+    assert flag(argv, "--main_process_port") == "29500"
+    # every pod's trainer reads the same strategy from the spec it is handed
+    monkeypatch.setenv("KUBETUNE_SPEC", env["KUBETUNE_SPEC"])
+    config = parse_config(argv[argv.index("kubetune.trainer") + 1 :], "kubetune train")
+    assert (config.strategy, config.fsdp_cpu_offload, config.gradient_checkpointing) == ("fsdp", True, True)
+    assert config.precision == "bf16" and config.method == "full"
+    # a strategy changed after training started is a change of the training, as nodes are
+    changed = make_spec(trainer={"nodes": 2, "gpusPerNode": 8, "strategy": "ddp"}, training={"mixedPrecision": "bf16"})
+    assert b.training_hash(changed) != b.training_hash(spec)
+    assert b.training_hash(make_spec()) == b.training_hash(make_spec(trainer={"strategy": "auto"}))

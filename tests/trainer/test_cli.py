@@ -38,7 +38,7 @@ def test_help_and_dispatch_do_not_import_torch() -> None:
         (["--pretrained_model_name_or_path", "m"], "--train_data_dir or --dataset_name: one is required"),
         (
             ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--use_8bit_adam"],
-            "--use_8bit_adam: 8-bit Adam",
+            "--use_8bit_adam: needs the bitsandbytes package, which is not installed (pip install bitsandbytes)",
         ),
     ],
 )

@@ -122,7 +122,7 @@ def test_parser_is_generated_from_the_declaration() -> None:
             assert option.name not in actions
     defaults_only = parse_config(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"], "kubetune train")
     assert defaults_only == options.TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d")
-    assert set(options.UNSUPPORTED) == {"use_8bit_adam", "dream_training"}
+    assert set(options.UNSUPPORTED) == {"dream_training"}
 
 
 def test_stock_spellings_parse_as_before() -> None:
