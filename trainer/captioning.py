@@ -142,7 +142,9 @@ def prepare(
             _write_columns(store, "metadata.jsonl", rows)
 
         make = _captioner(path, captions, ranks.device)
-        generated = _annotate(store, settings, data, "caption", make, ranks, captions.batch_size, columns)
+        described = {"model": captions.model, "mode": captions.mode, "prompt": captions.prompt}
+        described["trigger"] = captions.trigger
+        generated = _annotate(store, settings, data, "caption", make, ranks, captions.batch_size, columns, described)
         data.captions[:] = texts(generated)
         log.info("captions: training reads the %s column, e.g. %r", captions.mode, data.captions[0][:200])
         # the latent cache's key must change with the captions
@@ -164,11 +166,13 @@ def prepare(
             _write_columns(store, "metadata.jsonl", rows)
 
         make = _scorer(path, originals, ranks.device)
-        scores = _annotate(store, settings, data, "clip_score", make, ranks, filtering.batch_size, score_columns)
-        kept = [i for i in indices if scores[i] is not None and scores[i] >= filtering.min_clip_score]
-        prep.skipped[LOW_SCORE] = sum(
-            1 for i in indices if scores[i] is not None and scores[i] < filtering.min_clip_score
+        described = {"model": filtering.model}
+        scores = _annotate(
+            store, settings, data, "clip_score", make, ranks, filtering.batch_size, score_columns, described
         )
+        # an unreadable image (no score) stays: the latent cache skips it and counts it as unreadable
+        kept = [i for i in indices if scores[i] is None or scores[i] >= filtering.min_clip_score]
+        prep.skipped[LOW_SCORE] = len(indices) - len(kept)
         prep.filter = {"model": filtering.model, "minClipScore": filtering.min_clip_score, "uri": store.uri}
         log.info(
             "relevance filter: %d of %d images kept (CLIP score >= %s), %d dropped",
@@ -203,6 +207,7 @@ def _annotate(
     ranks: Ranks,
     batch: int,
     columns: Callable[[list[Any]], None],
+    described: dict[str, Any],
 ) -> list[Any]:
     """The column's value for every row of `data`, computed by the ranks (or read back)."""
     count = len(data)
@@ -247,6 +252,7 @@ def _annotate(
             manifest = AnnotationManifest(
                 column=column,
                 settings=settings,
+                described=described,
                 count=count,
                 chunks=len(chunks),
                 unreadable=sum(1 for v in values if v is None),

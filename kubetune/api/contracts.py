@@ -241,7 +241,8 @@ class AnnotationManifest(Contract):
     CLIP scores): the column is complete, and reused by runs with the same `settings`."""
 
     column: str
-    settings: dict[str, Any] = Field(default_factory=dict)
+    settings: dict[str, Any] = Field(default_factory=dict)  # what the key hashes (model fingerprint, ...)
+    described: dict[str, Any] = Field(default_factory=dict)  # for people: the model as named, mode, prompt
     count: int  # images (rows) of the dataset
     chunks: int  # part-NNNNN.json files, in order
     unreadable: int = 0  # images that could not be read (value null)
