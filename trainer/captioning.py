@@ -21,9 +21,12 @@ include it.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -356,8 +359,13 @@ def model_fingerprint(name: str, cache_dir: str | None) -> tuple[str, Path]:
     """(fingerprint, local folder) of a model: a local folder's content hash, an s3:// folder
     downloaded and hashed, or a hub snapshot's commit."""
     if name.startswith("s3://"):
-        local = Path(cache_dir or Path.home() / ".cache" / "kubetune" / "models") / _short(name)
-        Store(name).download_tree("", local)
+        # a folder of this process's own: ranks on one node must not read each other's half-written files
+        base = Path(cache_dir or Path.home() / ".cache" / "kubetune" / "models")
+        base.mkdir(parents=True, exist_ok=True)
+        local = Path(tempfile.mkdtemp(prefix=f"{_short(name)}-", dir=base))
+        atexit.register(shutil.rmtree, local, True)
+        if not Store(name).download_tree("", local):
+            raise DataError(f"model {name}: no files there")
         return _folder_hash(local), local
     if Path(name).is_dir():
         return _folder_hash(Path(name)), Path(name)

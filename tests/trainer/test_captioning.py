@@ -123,3 +123,52 @@ def test_caption_command_names_a_model_it_cannot_load(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "captioning model" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (dataset / ".kubetune" / "captions").exists() or not list((dataset / ".kubetune").rglob("manifest.json"))
+
+
+def test_two_ranks_split_the_work_on_s3_and_match_one_process(
+    vlm: tuple[Path, Path], s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two ranks (threads with a real barrier) caption an s3:// imagefolder with an s3:// model:
+    each writes its chunks, rank 0 the columns and the manifest; the captions are those of one
+    process on a local copy."""
+    import threading
+
+    from kubetune.storage import Store
+    from kubetune.trainer import captioning
+    from kubetune.trainer.data import open_imagefolder
+
+    monkeypatch.setattr(captioning, "IMAGES_PER_CHUNK", 2)  # 5 images: 3 chunks, 2 for rank 0
+    dataset = write_imagefolder(tmp_path / "dataset", 5)
+    uri = f"s3://{s3_bucket}/data/shapes"
+    Store(uri).upload_tree(dataset)
+    Store(f"s3://{s3_bucket}/models/blip").upload_tree(vlm[0])
+    settings = captioning.CaptionSettings(f"s3://{s3_bucket}/models/blip/", "append", batch_size=1)
+    barrier = threading.Barrier(2)
+    results: dict[int, list[str]] = {}
+
+    def rank(number: int) -> None:
+        data = open_imagefolder(uri, "image", "text")
+        ranks = captioning.Ranks(number, 2, lambda: barrier.wait(timeout=120))
+        captioning.prepare(data, list(range(5)), settings, None, ranks, str(tmp_path / "models"))
+        results[number] = data.captions
+
+    threads = [threading.Thread(target=rank, args=(n,)) for n in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert results[0] == results[1] and len(results[0]) == 5
+
+    root = Store(uri).child(".kubetune", "captions")
+    keys = sorted(root.list())
+    assert [k.rsplit("/", 1)[1] for k in keys] == [
+        "manifest.json",
+        "metadata.jsonl",
+        "part-00000.json",
+        "part-00001.json",
+        "part-00002.json",
+    ]
+    local = open_imagefolder(str(dataset), "image", "text")
+    local_settings = captioning.CaptionSettings(str(vlm[0]), "append", batch_size=1)
+    captioning.prepare(local, list(range(5)), local_settings, None, captioning.Ranks())
+    assert local.captions == results[0]
