@@ -144,6 +144,19 @@ def test_two_ranks_split_the_work_on_s3_and_match_one_process(
     Store(f"s3://{s3_bucket}/models/blip").upload_tree(vlm[0])
     settings = captioning.CaptionSettings(f"s3://{s3_bucket}/models/blip/", "append", batch_size=1)
     barrier = threading.Barrier(2)
+    # from_pretrained is not thread-safe (a process-wide meta-device context); real ranks are processes
+    loading, captioner = threading.Lock(), captioning._captioner
+
+    def one_load_at_a_time(*args: object) -> object:
+        make = captioner(*args)  # type: ignore[arg-type]
+
+        def locked() -> object:
+            with loading:
+                return make()
+
+        return locked
+
+    monkeypatch.setattr(captioning, "_captioner", one_load_at_a_time)
     results: dict[int, list[str]] = {}
 
     def rank(number: int) -> None:
