@@ -185,7 +185,25 @@ def prepare(
             len(indices) - len(kept),
         )
         indices = kept
+    if ranks.rank == 0:
+        _note_in_dataset_card(data, prep)
     return indices, prep
+
+
+CARD_BEGIN, CARD_END = "<!-- kubetune: prepared for training -->", "<!-- /kubetune: prepared for training -->"
+
+
+def _note_in_dataset_card(data: TrainingData, prep: Preparation) -> None:
+    """The collector's dataset card (README.md) gets a section saying how its latest training job
+    prepared the data; a card kubetune did not write is left alone."""
+    store = data._store
+    if store is None or not (data.manifest or {}).get("contentHash") or not store.exists("README.md"):
+        return
+    card = store.read_bytes("README.md").decode("utf-8")
+    if CARD_BEGIN in card:
+        card = card[: card.index(CARD_BEGIN)].rstrip("\n") + "\n"
+    section = [CARD_BEGIN, "", "## Prepared for training", "", *prep.card_lines(), "", CARD_END, ""]
+    store.write_bytes("README.md", (card + "\n" + "\n".join(section)).encode(), "text/markdown")
 
 
 def compose(mode: str, original: str, caption: str, trigger: str) -> str:
