@@ -31,6 +31,10 @@ COMMANDS: dict[str, Command] = {
         "kubetune.trainer.cli:main",
         "fine-tune a Stable Diffusion model (drop-in for diffusers' train_text_to_image.py)",
     ),
+    "caption": Command(
+        "kubetune.trainer.captioning:main",
+        "caption an imagefolder with an image-to-text model (and score it with CLIP), beside its text",
+    ),
     "collect": Command("kubetune.collector.cli:main", "build a captioned image dataset (imagefolder) locally or in S3"),
     "operator": Command("kubetune.operator.cli:main", "run the FineTuneJob operator"),
     "render": Command(

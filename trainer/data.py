@@ -60,6 +60,7 @@ class TrainingData:
     _hf: Any = None
     _image_column: str = "image"
     _roots: tuple[Path, ...] = ()  # where a `datasets` row's image file may be (resolved)
+    notes: list[str] = field(default_factory=list)  # how the data was prepared (captions, filter), for the card
 
     def __len__(self) -> int:
         return len(self.captions)

@@ -294,6 +294,75 @@ class TrainConfig:
         type=_proportion,
         help="share of samples trained with an empty caption (train_text_to_image_sdxl.py's flag)",
     )
+    caption_model: str | None = opt(
+        None,
+        group=DATA,
+        kubetune=True,
+        spec="dataset.captioning.model",
+        help="caption the images with this transformers image-to-text or image-text-to-text model (hub id, local or "
+        "s3:// folder) before caching; the captions are stored beside the dataset (.kubetune/captions/)",
+    )
+    caption_mode: str = opt(
+        "replace",
+        group=DATA,
+        kubetune=True,
+        choices=("replace", "append", "prefix"),
+        spec="dataset.captioning.mode",
+        convert=lambda mode: mode or "replace",
+        help="what training reads: the generated caption (replace), the original text then it (append), or "
+        "--caption_trigger then it (prefix)",
+    )
+    caption_prompt: str = opt(
+        "",
+        group=DATA,
+        kubetune=True,
+        spec="dataset.captioning.prompt",
+        convert=lambda prompt: prompt or "",
+        help="instruction given to the captioning model (instruction models; BLIP takes it as the caption's start)",
+    )
+    caption_trigger: str = opt(
+        "",
+        group=DATA,
+        kubetune=True,
+        spec="dataset.captioning.trigger",
+        convert=lambda trigger: trigger or "",
+        help="the word or phrase put before each caption in --caption_mode prefix",
+    )
+    caption_max_new_tokens: int = opt(
+        30,
+        group=DATA,
+        kubetune=True,
+        type=_positive_int,
+        spec="dataset.captioning.maxNewTokens",
+        convert=lambda n: n or 30,
+        help="longest generated caption, in tokens",
+    )
+    caption_batch_size: int = opt(
+        8,
+        group=DATA,
+        kubetune=True,
+        type=_positive_int,
+        spec="dataset.captioning.batchSize",
+        convert=lambda n: n or 8,
+        help="images captioned at once per process",
+    )
+    min_clip_score: float | None = opt(
+        None,
+        group=DATA,
+        kubetune=True,
+        type=_proportion,
+        spec="dataset.filter.minClipScore",
+        help="drop images whose CLIP similarity to their original text is below this (0..1); scores are stored "
+        "beside the dataset (.kubetune/clip-scores/)",
+    )
+    clip_model: str = opt(
+        "openai/clip-vit-base-patch32",
+        group=DATA,
+        kubetune=True,
+        spec="dataset.filter.model",
+        convert=lambda model: model or "openai/clip-vit-base-patch32",
+        help="the CLIP model of --min_clip_score (hub id, local or s3:// folder)",
+    )
     image_interpolation_mode: str = opt(
         "lanczos", group=DATA, choices=INTERPOLATIONS, help="resampling filter of the resize"
     )

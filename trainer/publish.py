@@ -261,6 +261,8 @@ def model_card(
             + (f" for the prompts: {', '.join(prompts)}." if prompts else ".")
         )
     lines += _dataset_manifest_lines(data.manifest)
+    if data.notes:
+        lines += ["", "Prepared for training:", "", *data.notes]
     licenses = Counter(str(r.get("license") or "unknown") for r in data.records)
     sources = Counter(str(r["source"]) for r in data.records if r.get("source"))
     if sources:

@@ -45,6 +45,7 @@ from kubetune.trainer.checkpoint import (
 )
 from kubetune.trainer.config import TrainConfig, fsdp_conflict
 from kubetune.trainer.data import (
+    DataError,
     TrainingData,
     is_imagefolder,
     open_hub_dataset,
@@ -401,7 +402,22 @@ def load_data(cfg: TrainConfig, session: Session) -> tuple[TrainingData, list[in
         data = open_local_dataset(source, cfg.dataset_config_name, *columns, cfg.cache_dir)
     else:
         data = open_hub_dataset(source, cfg.dataset_config_name, *columns, cfg.cache_dir)
-    return data, select(data, cfg.max_train_samples, session.seed)
+    indices = select(data, cfg.max_train_samples, session.seed)
+    return data, prepare_data(cfg, session, data, indices)
+
+
+def prepare_data(cfg: TrainConfig, session: Session, data: TrainingData, indices: list[int]) -> list[int]:
+    """Generated captions and the relevance filter (kubetune.trainer.captioning), when asked for."""
+    from kubetune.trainer import captioning
+
+    settings = captioning.from_config(cfg)
+    acc = session.accelerator
+    ranks = captioning.Ranks(acc.process_index, acc.num_processes, acc.wait_for_everyone, device=str(acc.device))
+    indices, prep = captioning.prepare(data, indices, *settings, ranks, cfg.cache_dir)
+    data.notes += prep.card_lines()
+    if not indices:
+        raise DataError(f"every image scored below --min_clip_score {cfg.min_clip_score}: nothing left to train on")
+    return indices
 
 
 # ---------------------------------------------------------------------------------------------

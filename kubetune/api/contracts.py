@@ -231,3 +231,18 @@ def problem(error: ValidationError) -> str:
         where = ".".join(str(part) for part in item["loc"]) or "(top)"
         parts.append(f"{where}: {item['msg']}")
     return "; ".join(parts)
+
+
+# -- <dataset>/.kubetune/{captions,clip-scores}/<key>/manifest.json: trainer -> trainer, later jobs --------
+
+
+class AnnotationManifest(Contract):
+    """Written last beside a column computed for every image of a dataset (generated captions,
+    CLIP scores): the column is complete, and reused by runs with the same `settings`."""
+
+    column: str
+    settings: dict[str, Any] = Field(default_factory=dict)  # what the key hashes (model fingerprint, ...)
+    described: dict[str, Any] = Field(default_factory=dict)  # for people: the model as named, mode, prompt
+    count: int  # images (rows) of the dataset
+    chunks: int  # part-NNNNN.json files, in order
+    unreadable: int = 0  # images that could not be read (value null)

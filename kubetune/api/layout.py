@@ -128,6 +128,8 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     collection when a complete dataset with the same fingerprint is already there.
     """
     settings: dict[str, Any] = dataset.model_dump(by_alias=True, mode="json", exclude_none=True)
+    for prepared in ("captioning", "filter"):  # done by the trainer, beside the collected dataset
+        settings.pop(prepared, None)
     source = settings[dataset.source_name]
     for key in list(source):
         if key.endswith("SecretRef"):  # which Secret holds a key does not change the images
