@@ -159,13 +159,26 @@ def open_imagefolder(uri: str, image_column: str, caption_column: str) -> Traini
     digest = hashlib.sha256(raw + json.dumps(manifest or {}, sort_keys=True).encode())
     if file_key != "file_name":  # the key of an imagefolder as kubetune always read it is unchanged
         digest.update(file_key.encode())
-    if not (manifest or {}).get("content_hash"):
+    if not _collected_content_hash(manifest):
         # not the collector's (whose manifest hashes the images): an image replaced under the same
         # name must not keep its old latents, so its size and version (ETag, mtime) join the key
         versions = store.versions(prefix)
         for file in files:
             digest.update(f"\0{file}\0{versions.get(file, '')}".encode())
     return TrainingData(uri, captions, digest.hexdigest()[:16], rows, manifest, store, files)
+
+
+def _collected_content_hash(manifest: dict[str, Any] | None) -> str:
+    """The collector's hash of every image it kept (DatasetManifest.content_hash), or "" for a
+    manifest.json that is not the collector's."""
+    from pydantic import ValidationError
+
+    from kubetune.api.contracts import DatasetManifest
+
+    try:
+        return DatasetManifest.model_validate(manifest).content_hash if isinstance(manifest, dict) else ""
+    except ValidationError:
+        return ""
 
 
 def open_local_dataset(

@@ -169,3 +169,19 @@ def test_an_image_replaced_under_its_name_changes_the_cache_key(tmp_path: Path, 
     assert open_imagefolder(remote.uri, "image", "text").fingerprint == before
     remote.write_bytes("a.png", _png("green"))  # same size, another ETag
     assert open_imagefolder(remote.uri, "image", "text").fingerprint != before
+
+
+def test_a_collected_dataset_is_keyed_by_its_manifest_not_by_file_versions(tmp_path: Path) -> None:
+    """The collector's manifest hashes every image it kept: its key needs no listing of versions."""
+    import os
+
+    from kubetune.api.contracts import DatasetCounts, DatasetManifest
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "a.png").write_bytes(_png("red"))
+    (tmp_path / "train" / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "red"}) + "\n")
+    manifest = DatasetManifest(fingerprint="f", counts=DatasetCounts(requested=1, kept=1), content_hash="sha256:ab")
+    (tmp_path / "manifest.json").write_text(manifest.model_dump_json(by_alias=True))
+    before = open_imagefolder(str(tmp_path), "image", "text").fingerprint
+    os.utime(tmp_path / "train" / "a.png", ns=(1, 1))  # another version of the same file
+    assert open_imagefolder(str(tmp_path), "image", "text").fingerprint == before
