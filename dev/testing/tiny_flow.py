@@ -9,7 +9,7 @@ import string
 from pathlib import Path
 from typing import Any
 
-from kubetune.dev.testing.tiny_sd import _vae, text_model
+from kubetune.dev.testing.tiny_sd import CLIP_L_TEXT, _vae, text_model
 
 CLIP_HIDDEN = 32
 T5_WIDTH = 64  # SD3's joint attention width: the two CLIPs' states (32 + 32) padded to it
@@ -196,15 +196,6 @@ FLUX_SCHEDULE: dict[str, Any] = {
     "max_shift": 1.15,
     "base_image_seq_len": 256,
     "max_image_seq_len": 4096,
-}
-CLIP_L_TEXT: dict[str, Any] = {  # CLIP ViT-L/14's text tower (FLUX uses its pooled output)
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "projection_dim": 768,
-    "hidden_act": "quick_gelu",
-    "vocab_size": 49408,
 }
 T5_XXL: dict[str, Any] = {  # google/t5-v1_1-xxl's encoder: 4.76 B parameters
     "vocab_size": 32128,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kubetune.dev.testing.tiny_sd import SD_SCHEDULE, TINY_UNET, _vae, text_model
+from kubetune.dev.testing.tiny_sd import CLIP_L_TEXT, SD_SCHEDULE, TINY_UNET, _vae, text_model
 
 TEXT_HIDDEN = (32, 32)  # the two encoders' hidden sizes: the UNet's cross-attention width is their sum
 PROJECTION = 32  # the second encoder's projection (the pooled text embedding)
@@ -61,15 +61,7 @@ SDXL_UNET: dict[str, Any] = {
 }
 SDXL_VAE_SCALING = 0.13025
 SDXL_TEXT: tuple[dict[str, Any], dict[str, Any]] = (
-    {  # CLIP ViT-L/14's text tower
-        "hidden_size": 768,
-        "intermediate_size": 3072,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "projection_dim": 768,
-        "hidden_act": "quick_gelu",
-        "vocab_size": 49408,
-    },
+    CLIP_L_TEXT,  # CLIP ViT-L/14's text tower
     {  # OpenCLIP ViT-bigG/14's text tower, with its projection
         "hidden_size": 1280,
         "intermediate_size": 5120,

@@ -21,6 +21,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny FLUX.1-dev-layout pipeline (kubetune.dev.testing.tiny_flow)."""
+    from kubetune.dev.testing.tiny_flow import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux", seed=0)
+
+
+@pytest.fixture(scope="session")
 def shapes_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_imagefolder(tmp_path_factory.mktemp("data") / "dataset", 8)
 

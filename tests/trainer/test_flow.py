@@ -28,13 +28,6 @@ LORA = {"method": "lora", "rank": 4, "lora_alpha": 8, "use_ema": False}  # scale
 
 
 @pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kubetune.dev.testing.tiny_flow import build_tiny_flux_pipeline
-
-    return build_tiny_flux_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux", seed=0)
-
-
-@pytest.fixture(scope="module")
 def tiny_sd3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from kubetune.dev.testing.tiny_flow import build_tiny_sd3_pipeline
 

@@ -21,13 +21,6 @@ T5_TOKENS = 16
 SHARDS = "transformer_sharded"
 
 
-@pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kubetune.dev.testing.tiny_flow import build_tiny_flux_pipeline
-
-    return build_tiny_flux_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux", seed=0)
-
-
 def flags(model: Path, data: Path, output: Path, **overrides: object) -> list[str]:
     """4 steps at a global batch of 2, EMA, gradient checkpointing, a checkpoint every 2 steps."""
     settings = {
