@@ -236,16 +236,7 @@ class Kueue:
             "metadata": {
                 "name": f"job-{meta['name']}-{digest}"[:253],
                 "labels": {JOB_UID_LABEL: meta["uid"]},
-                "ownerReferences": [
-                    {
-                        "apiVersion": "batch/v1",
-                        "kind": "Job",
-                        "name": meta["name"],
-                        "uid": meta["uid"],
-                        "controller": True,
-                        "blockOwnerDeletion": True,
-                    }
-                ],
+                "ownerReferences": [controlled_by_job(meta)],
             },
             "spec": {
                 "active": True,
@@ -455,3 +446,15 @@ def _finished(job: Obj) -> bool:
 def _negated(text: str) -> tuple[int, ...]:
     """Sorts RFC 3339 timestamps newest first."""
     return tuple(-ord(char) for char in text)
+
+
+def controlled_by_job(meta: Obj) -> Obj:
+    """The ownerReference a Job's pods (and Kueue's Workload) carry: the Job controls them."""
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }

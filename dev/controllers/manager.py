@@ -27,7 +27,7 @@ from kubetune.dev.cluster.jsoncopy import clone
 from kubetune.dev.cluster.resources import Registry, ResourceType
 from kubetune.dev.cluster.status import PODS, has_condition, record_event, set_condition
 from kubetune.dev.cluster.store import Key, Obj, Store, parse_time, timestamp
-from kubetune.dev.controllers.kueue import Kueue
+from kubetune.dev.controllers.kueue import Kueue, controlled_by_job
 
 log = logging.getLogger("kubetune.dev.controllers.manager")
 
@@ -388,16 +388,7 @@ class Controllers:
                 "labels": labels,
                 "annotations": annotations,
                 "finalizers": [JOB_TRACKING_FINALIZER],
-                "ownerReferences": [
-                    {
-                        "apiVersion": "batch/v1",
-                        "kind": "Job",
-                        "name": meta["name"],
-                        "uid": meta["uid"],
-                        "controller": True,
-                        "blockOwnerDeletion": True,
-                    }
-                ],
+                "ownerReferences": [controlled_by_job(meta)],
             },
             "spec": spec,
         }

@@ -27,6 +27,13 @@ def hub_env(hub: Hub, token: str) -> dict[str, str]:
     return {"HF_ENDPOINT": hub.base, "HF_HUB_OFFLINE": "0", "HF_TOKEN": token, "KUBETUNE_HUB_RETRY_SECONDS": "0.01"}
 
 
+def push_flags(model: Path, data: Path, output: Path, **extra: object) -> list[str]:
+    """Two steps, a checkpoint at the last, no EMA, pushing to the Hub."""
+    return core_flags(
+        model, data, output, max_train_steps=2, checkpointing_steps=2, use_ema=False, push_to_hub=True, **extra
+    )
+
+
 def test_a_full_fine_tune_is_pushed_with_its_card_and_samples(tiny_model: Path, hub: Hub, tmp_path: Path) -> None:
     from huggingface_hub import ModelCard
 
@@ -34,17 +41,8 @@ def test_a_full_fine_tune_is_pushed_with_its_card_and_samples(tiny_model: Path, 
     (model / "README.md").write_text("---\nlicense: creativeml-openrail-m\ntags: [tiny]\n---\n# a tiny base model\n")
     data = write_imagefolder(tmp_path / "dataset", 4)
     output = tmp_path / "out"
-    flags = core_flags(
-        model,
-        data,
-        output,
-        max_train_steps=2,
-        checkpointing_steps=2,
-        use_ema=False,
-        validation_prompts="a red circle",
-        push_to_hub=True,
-        hub_model_id="alice/tiny-sd",
-        hub_private_repo=True,
+    flags = push_flags(
+        model, data, output, validation_prompts="a red circle", hub_model_id="alice/tiny-sd", hub_private_repo=True
     )
     result = train(flags, **hub_env(hub, WRITE_TOKEN))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -80,15 +78,11 @@ def test_a_refused_token_fails_in_one_line_and_keeps_the_published_model(
 ) -> None:
     data = write_imagefolder(tmp_path / "dataset", 4)
     output = tmp_path / "out"
-    flags = core_flags(
+    flags = push_flags(
         tiny_model,
         data,
         output,
-        max_train_steps=2,
-        checkpointing_steps=2,
-        use_ema=False,
         method="lora",
-        push_to_hub=True,
         hub_model_id="alice/tiny-lora",
         hub_revision="experiment",
     )
@@ -192,15 +186,11 @@ def test_a_push_that_keeps_failing_exits_1_and_the_retry_pushes(tiny_model: Path
     publishes again, renders the samples again and pushes."""
     data = write_imagefolder(tmp_path / "dataset", 4)
     output = tmp_path / "out"
-    flags = core_flags(
+    flags = push_flags(
         tiny_model,
         data,
         output,
-        max_train_steps=2,
-        checkpointing_steps=2,
-        use_ema=False,
         validation_prompts="a red circle",
-        push_to_hub=True,
         hub_model_id="alice/flaky",
         resume_from_checkpoint="latest",
     )
