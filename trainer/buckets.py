@@ -39,8 +39,13 @@ class BucketSettings:
         return low, _round_down(high, self.step)
 
     def as_dict(self) -> dict[str, int]:
+        """The settings as the cache key records them (`from_dict` reads them back)."""
         low, high = self.sides()
         return {"step": self.step, "minSide": low, "maxSide": high}
+
+    @classmethod
+    def from_dict(cls, resolution: int, recorded: dict[str, int]) -> BucketSettings:
+        return cls(resolution, recorded["step"], recorded["minSide"], recorded["maxSide"])
 
 
 def _round_down(value: int, step: int) -> int:

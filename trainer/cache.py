@@ -162,11 +162,7 @@ def build_or_load(
                     "textChunks": sum(1 for t in tasks if t[0] == "text"),
                     "captionIndex": [position[data.captions[i]] for i in indices],
                     "emptyCaption": position.get("") if empty_caption else None,
-                    "bucketSizes": (
-                        bucket_sizes(BucketSettings(settings["resolution"], **_bucket_args(settings)))
-                        if "buckets" in settings
-                        else None
-                    ),
+                    "bucketSizes": _bucket_sizes(settings) or None,
                 },
             )
         barrier()
@@ -237,7 +233,7 @@ def _encode_images(
     marked invalid); with buckets each image is cropped to its bucket and stored under it
     (`mean@<bucket>`), `bucket` saying which (-1: unreadable)."""
     resolution, flip = settings["resolution"], settings["randomFlip"]
-    sizes = bucket_sizes(BucketSettings(resolution, **_bucket_args(settings))) if "buckets" in settings else []
+    sizes = _bucket_sizes(settings)
 
     def prepare(index: int) -> tuple[np.ndarray, tuple[int, ...], int] | None:
         image = data.image(index)
@@ -273,9 +269,11 @@ def _encode_images(
     return tensors
 
 
-def _bucket_args(settings: dict[str, Any]) -> dict[str, int]:
-    buckets = settings["buckets"]
-    return {"step": buckets["step"], "min_side": buckets["minSide"], "max_side": buckets["maxSide"]}
+def _bucket_sizes(settings: dict[str, Any]) -> list[tuple[int, int]]:
+    """The buckets of a cache's settings; none without buckets."""
+    if "buckets" not in settings:
+        return []
+    return bucket_sizes(BucketSettings.from_dict(settings["resolution"], settings["buckets"]))
 
 
 def _encode_pixels(enc: Encoders, arrays: Sequence[np.ndarray], flip: bool, batch_size: int) -> dict[str, torch.Tensor]:
