@@ -110,11 +110,8 @@ def kohya_flux_state(denoiser: Any) -> tuple[dict[str, torch.Tensor], list[str]]
     """The denoiser's LoRA in kohya's FLUX key layout (alpha = rank, the trained scale folded into
     `lora_up`), and the adapted modules it has no kohya name for (the double blocks' and single
     blocks' attention q/k/v and out are mapped)."""
-    import re
-
     peft = {k: v.detach().float().contiguous() for k, v in lora_state(denoiser, scaled=True).items()}
     out: dict[str, torch.Tensor] = {}
-
     done: set[str] = set()
 
     def put(module: str, down: torch.Tensor, up: torch.Tensor) -> None:
@@ -122,9 +119,10 @@ def kohya_flux_state(denoiser: Any) -> tuple[dict[str, torch.Tensor], list[str]]
         out[f"{key}.lora_down.weight"], out[f"{key}.lora_up.weight"] = down, up
         out[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))  # alpha = rank: scale 1
 
+    blocks = {"transformer_blocks": len(denoiser.transformer_blocks)}
+    blocks["single_transformer_blocks"] = len(denoiser.single_transformer_blocks)
     for pattern, (fused, parts) in FUSED.items():
-        blocks = sorted({int(m.group(1)) for k in peft if (m := re.match(pattern.split("{}")[0] + r"(\d+)\.", k))})
-        for block in blocks:
+        for block in range(blocks[pattern.split(".")[0]]):
             names = [pattern.format(block, p) for p in parts if p != "mlp"]
             if not all(f"{n}.lora_A.weight" in peft for n in names):
                 continue
@@ -136,11 +134,10 @@ def kohya_flux_state(denoiser: Any) -> tuple[dict[str, torch.Tensor], list[str]]
             put(fused.format(block), torch.cat(downs), torch.block_diag(*ups))
             done.update(names)
     for pattern, target in SINGLE.items():
-        for key in peft:
-            match = re.fullmatch(re.escape(pattern).replace(r"\{\}", r"(\d+)") + r"\.lora_A\.weight", key)
-            if match:
-                name = key.removesuffix(".lora_A.weight")
-                put(target.format(match.group(1)), peft[key], peft[f"{name}.lora_B.weight"])
+        for block in range(blocks[pattern.split(".")[0]]):
+            name = pattern.format(block)
+            if f"{name}.lora_A.weight" in peft:
+                put(target.format(block), peft[f"{name}.lora_A.weight"], peft[f"{name}.lora_B.weight"])
                 done.add(name)
     adapted = sorted({k.removesuffix(".lora_A.weight") for k in peft if k.endswith(".lora_A.weight")})
     return out, [m for m in adapted if m not in done]
