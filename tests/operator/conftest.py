@@ -66,10 +66,37 @@ class E2E:
 
     def spawn_operator(self, *extra: str, scope: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
         """A `kubetune operator` process as `self.user` (the caller stops it; `start_operator`
-        keeps it as `self.operator`). `scope`: instead of `--namespace <the namespace>`."""
+        keeps it as `self.operator`). `scope`: instead of `--namespace <the namespace>`.
+
+        Returns once its /metrics answers. A free port can be taken by another process between
+        `free_port` and the operator's bind (the other test worker's pods listen on the cluster's
+        addresses), so a start that lost its port is retried on a new one."""
+        for _ in range(5):
+            process = self._spawn_operator_once(extra, scope)
+            if self._wait_for_metrics(process):
+                return process
+            if b"Address already in use" not in self._log_path().read_bytes():
+                return process  # it exited for another reason: the test reads the log
+        raise AssertionError(f"the operator found no free metrics port:\n{self.operator_log()[-2000:]}")
+
+    def _log_path(self) -> Path:
+        return self.log_dir / f"operator-{self.operator_starts}.log"
+
+    def _wait_for_metrics(self, process: subprocess.Popen[bytes], timeout: float = 60) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2)
+                return True
+            except requests.RequestException:
+                time.sleep(0.2)
+        return process.poll() is None
+
+    def _spawn_operator_once(self, extra: tuple[str, ...], scope: tuple[str, ...]) -> subprocess.Popen[bytes]:
         self.operator_starts += 1
-        self.metrics_port = free_port()
-        log = open(self.log_dir / f"operator-{self.operator_starts}.log", "wb")  # noqa: SIM115 - the process keeps it
+        # The operator binds 0.0.0.0: a port free on every address, not only on loopback.
+        self.metrics_port = free_port("0.0.0.0")
+        log = open(self._log_path(), "wb")  # noqa: SIM115 - the process keeps it
         env = {
             **os.environ,
             **self.cluster.env(),
@@ -172,6 +199,8 @@ class E2E:
                 return status
             if status.get("phase") in ("Succeeded", "Failed") and not predicate(status):
                 break
+            if self.operator is not None and self.operator.poll() is not None:
+                break  # the operator died: nothing will change, say so now rather than at the timeout
             time.sleep(0.3)
         raise AssertionError(
             f"{name}: {what} not reached; status: {json.dumps(status, indent=1)[-3000:]}\n"
