@@ -72,6 +72,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 SITECUSTOMIZE = """
 import atexit, json, os, resource, time
+PROFILE_STEPS = 3
+# Kernel names to kinds, first match wins (cuDNN/CUTLASS/flash names on Hopper).
+PROFILE_GROUPS = [
+    ("attention (flash/cudnn sdpa)", ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
+    ("convolution", ("conv", "implicit_gemm", "xmma_fprop", "xmma_dgrad", "xmma_wgrad", "nhwc", "wgrad", "dgrad")),
+    ("matmul (gemm)", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas")),
+    ("group/layer norm", ("group_norm", "groupnorm", "layer_norm", "layernorm", "welford")),
+    ("optimizer + EMA (foreach)", ("multi_tensor", "foreach", "adam", "lerp")),
+    ("copies + casts", ("copy", "memcpy", "memset", "cast", "to_copy")),
+    ("elementwise + reductions", ("elementwise", "vectorized", "reduce", "silu", "gelu", "triton")),
+]
 if os.environ.get("KUBETUNE_BENCH_TV_STUB") == "1":
     import torch
     for _op in ("nms", "qnms"):
@@ -87,6 +98,51 @@ if os.environ.get("KUBETUNE_BENCH_OUT"):
         _stamps.append(time.perf_counter())
         _cpu.append(time.process_time())
     register_optimizer_step_post_hook(_hook)
+    _profile_at = int(os.environ.get("KUBETUNE_BENCH_PROFILE_AT") or 0)
+    if _profile_at and os.environ.get("RANK", "0") == "0":
+        from torch.profiler import ProfilerActivity, profile
+        _profiler = []
+        _sync = torch.cuda.synchronize if _cuda else (lambda: None)
+        # On CPU the ops' own CPU time stands in for kernel time (a smoke test of the same code).
+        _own = (lambda e: e.self_device_time_total) if _cuda else (lambda e: e.self_cpu_time_total)
+        def _profile_hook(optimizer, args, kwargs):
+            # A window of whole steps: from one optimizer step to another (EMA and data included).
+            step = len(_stamps)
+            if step == _profile_at:
+                _sync()
+                _profiler.append(profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]))
+                _profiler[0].__enter__()
+                _profiler.append(time.perf_counter())
+            elif step == _profile_at + PROFILE_STEPS and _profiler:
+                _sync()
+                wall = time.perf_counter() - _profiler[1]
+                _profiler[0].__exit__(None, None, None)
+                _write_profile(_profiler[0], wall)
+        register_optimizer_step_post_hook(_profile_hook)
+        def _write_profile(prof, wall):
+            kernels = [e for e in prof.key_averages() if _own(e) > 0]
+            busy = sum(_own(e) for e in kernels) / 1e6  # seconds of kernel time
+            groups = {}
+            for e in kernels:
+                name = e.key.lower()
+                group = next((g for g, words in PROFILE_GROUPS if any(w in name for w in words)), "other")
+                groups[group] = groups.get(group, 0.0) + _own(e) / 1e6
+            lines = [f"window: {PROFILE_STEPS} steps from step {_profile_at}, {wall:.3f}s wall, "
+                     f"{busy:.3f}s of GPU kernels ({100 * busy / wall:.1f}% busy)",
+                     "kernel time by kind (share of the window's wall time):"]
+            for group, seconds in sorted(groups.items(), key=lambda kv: -kv[1]):
+                share = 100 * seconds / wall
+                lines.append(f"  {group:28} {seconds / PROFILE_STEPS * 1e3:9.2f} ms/step {share:6.1f}%")
+            def row(us, count, key):
+                return f"  {us / PROFILE_STEPS / 1e3:9.2f} ms/step x{count // PROFILE_STEPS:<5} {key[:100]}"
+            lines.append("top kernels (own GPU time):")
+            for e in sorted(kernels, key=lambda e: -_own(e))[:25]:
+                lines.append(row(_own(e), e.count, e.key))
+            lines.append("top host ops (total CPU time):")
+            for e in sorted(prof.key_averages(), key=lambda e: -e.cpu_time_total)[:15]:
+                lines.append(row(e.cpu_time_total, e.count, e.key))
+            with open(os.environ["KUBETUNE_BENCH_PROFILE"], "w") as f:
+                f.write("\\n".join(lines) + "\\n")
     @atexit.register
     def _write():
         rank = os.environ.get("RANK", "0")
@@ -162,6 +218,14 @@ def main() -> int:
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU (default: by name)")
     parser.add_argument("--only", choices=("stock", "kubetune"), help="run just one side")
     parser.add_argument("--json", help="write the results here as JSON")
+    parser.add_argument(
+        "--profile",
+        help="folder: profile 3 steps near the end of each side (torch.profiler) into profile-<side>.txt there; "
+        "the timed window then ends before them",
+    )
+    parser.add_argument(
+        "--extra", action="append", default=[], help="one more flag for kubetune's side (e.g. --checkpointing_steps=10)"
+    )
     args = parser.parse_args()
     args.stock = str(Path(args.stock).resolve())
     name = Path(args.stock).name
@@ -185,6 +249,9 @@ def main() -> int:
     precision = "bf16" if cuda else "no"
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by both sides (measure copies os.environ)
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        args.profile = str(Path(args.profile).resolve())
     work = Path(args.work or tempfile.mkdtemp(prefix="kubetune-bench-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     log(
@@ -217,7 +284,7 @@ def main() -> int:
         "--checkpointing_steps=1000000",
     ]
     common += ["--gradient_checkpointing"] if args.gradient_checkpointing else []
-    stock_only: list[str] = []
+    stock_only = [f"--train_data_dir={data}"]
     kubetune_only = [f"--train_data_dir={data}"]
     if family == "flux":
         common, stock_only, kubetune_only = flux_flags(common, data, args, sequence)
@@ -245,11 +312,14 @@ def main() -> int:
             hooks,
             batch,
             stub,
+            args.profile,
+            steps,
         )
         # The trained pipelines are not looked at; SDXL's take 14 GB of disk each.
         shutil.rmtree(work / "out-stock", ignore_errors=True)
     if args.only != "stock":
         extra = [f"--latent_cache_dir={work / f'cache-{time.time_ns()}'}"] + (["--compile"] if args.compile else [])
+        extra += args.extra
         results["kubetune"] = measure(
             "kubetune",
             [
@@ -266,6 +336,8 @@ def main() -> int:
             hooks,
             batch,
             False,
+            args.profile,
+            steps,
         )
         shutil.rmtree(work / "out-kubetune", ignore_errors=True)
     if family == "flux":
@@ -306,14 +378,15 @@ def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 def ensure_kubetune() -> None:
     probe = subprocess.run(
-        [sys.executable, "-c", "import kubetune.trainer.train"],
+        [sys.executable, "-c", "import kubetune.trainer.train, kubetune.dev.testing.shapes"],
         capture_output=True,
         text=True,
         cwd=tempfile.gettempdir(),
     )
     if probe.returncode:
-        log("installing kubetune from this checkout (--no-deps)")
-        run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(REPO)])
+        log("installing kubetune and kubetune-dev (its test models) from this checkout (--no-deps)")
+        editable = ["-e", str(REPO), "-e", str(REPO / "dev")]
+        run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", *editable])
         import site
         import sysconfig
 
@@ -446,9 +519,21 @@ def _imports_torchvision(python: str, stub: bool) -> bool:
     return subprocess.run([python, "-c", code], capture_output=True, env=env, cwd=tempfile.gettempdir()).returncode == 0
 
 
-def measure(name: str, command: list[str], work: Path, hooks: Path, batch: int, stub: bool) -> dict[str, Any]:
+def measure(
+    name: str, command: list[str], work: Path, hooks: Path, batch: int, stub: bool, profile: str | None, steps: int
+) -> dict[str, Any]:
     out = work / f"stamps-{name}.json"
     out.unlink(missing_ok=True)
+    # Profiled steps run slower: they sit at the end, and the timed window stops before them.
+    profile_at = max(steps - 5, 4) if profile else 0
+    profile_env = (
+        {
+            "KUBETUNE_BENCH_PROFILE_AT": str(profile_at),
+            "KUBETUNE_BENCH_PROFILE": str(Path(profile) / f"profile-{name}.txt"),
+        }
+        if profile
+        else {}
+    )
     env = dict(
         os.environ,
         PYTHONPATH=str(hooks),
@@ -457,6 +542,7 @@ def measure(name: str, command: list[str], work: Path, hooks: Path, batch: int, 
         HF_HUB_OFFLINE="1",
         HF_DATASETS_CACHE=str(work / f"datasets-cache-{name}-{time.time_ns()}"),
         TOKENIZERS_PARALLELISM="false",
+        **profile_env,
     )
     log(f"running {name}: {' '.join(command[:3])} ...")
     started = time.monotonic()
@@ -471,7 +557,7 @@ def measure(name: str, command: list[str], work: Path, hooks: Path, batch: int, 
         log(f"{name} failed ({result.returncode}): {reason}; log in {work / f'log-{name}.txt'}")
         return {"failed": f"exit {result.returncode}: {reason[:300]}", "wallSeconds": round(wall, 1)}
     data = json.loads(out.read_text())
-    stamps = data["stamps"]
+    stamps = data["stamps"][: profile_at + 1] if profile_at else data["stamps"]
     skip = max(2, len(stamps) // 4)
     steady = stamps[skip:]
     rate = (len(steady) - 1) * batch / (steady[-1] - steady[0])
@@ -480,7 +566,7 @@ def measure(name: str, command: list[str], work: Path, hooks: Path, batch: int, 
     median = batch / statistics.median(b - a for a, b in itertools.pairwise(steady))
     # And per CPU second of the process (all its threads; data loading included with 0 workers):
     # what other processes' load leaves unchanged, with --threads 1 (more threads also count spinning).
-    cpu = data["cpuStamps"][skip:]
+    cpu = data["cpuStamps"][skip : len(stamps)]
     per_cpu_second = (len(cpu) - 1) * batch / (cpu[-1] - cpu[0])
     peak = data.get("peakCudaMiB", data["peakRssMiB"])
     log(
