@@ -8,6 +8,7 @@ set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/bench-out}
 mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1
 STOCK=bench/results/stock
 bench() { python3 bench/trainer/bench.py --work /tmp/bw "$@" 2>&1 | grep -v -E "it/s\]|s/it\]|^\s*$"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
