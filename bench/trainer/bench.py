@@ -75,10 +75,12 @@ import atexit, json, os, resource, time
 PROFILE_STEPS = 3
 # Kernel names to kinds, first match wins (cuDNN/CUTLASS/flash names on Hopper).
 PROFILE_GROUPS = [
-    ("attention (flash/cudnn sdpa)", ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
-    ("convolution", ("conv", "implicit_gemm", "xmma_fprop", "xmma_dgrad", "xmma_wgrad", "nhwc", "wgrad", "dgrad")),
+    ("attention (flash/cudnn sdpa)", ("flash", "fmha", "attention", "sdpa")),
+    ("layout (NCHW <-> NHWC)", ("nchwtonhwc", "nhwctonchw")),
+    ("convolution", ("conv", "implicit_gemm", "xmma_fprop", "xmma_dgrad", "xmma_wgrad", "wgrad", "dgrad")),
     ("matmul (gemm)", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas")),
-    ("group/layer norm", ("group_norm", "groupnorm", "layer_norm", "layernorm", "welford")),
+    ("group/layer norm", ("group_norm", "groupnorm", "layer_norm", "layernorm", "welford", "rowwisemoments",
+                          "gammabeta", "fusedparams")),
     ("optimizer + EMA (foreach)", ("multi_tensor", "foreach", "adam", "lerp")),
     ("copies + casts", ("copy", "memcpy", "memset", "cast", "to_copy")),
     ("elementwise + reductions", ("elementwise", "vectorized", "reduce", "silu", "gelu", "triton")),
@@ -103,8 +105,13 @@ if os.environ.get("KUBETUNE_BENCH_OUT"):
         from torch.profiler import ProfilerActivity, profile
         _profiler = []
         _sync = torch.cuda.synchronize if _cuda else (lambda: None)
-        # On CPU the ops' own CPU time stands in for kernel time (a smoke test of the same code).
-        _own = (lambda e: e.self_device_time_total) if _cuda else (lambda e: e.self_cpu_time_total)
+        # Kernels are the device-side events (an op's own device time would count them twice); on
+        # CPU the ops' own CPU time stands in for them (a smoke test of the same code).
+        from torch.autograd import DeviceType
+        def _own(e):
+            if not _cuda:
+                return e.self_cpu_time_total
+            return e.device_time_total if e.device_type == DeviceType.CUDA else 0
         def _profile_hook(optimizer, args, kwargs):
             # A window of whole steps: from one optimizer step to another (EMA and data included).
             step = len(_stamps)
@@ -135,9 +142,14 @@ if os.environ.get("KUBETUNE_BENCH_OUT"):
                 lines.append(f"  {group:28} {seconds / PROFILE_STEPS * 1e3:9.2f} ms/step {share:6.1f}%")
             def row(us, count, key):
                 return f"  {us / PROFILE_STEPS / 1e3:9.2f} ms/step x{count // PROFILE_STEPS:<5} {key[:100]}"
-            lines.append("top kernels (own GPU time):")
+            lines.append("top kernels (GPU time):")
             for e in sorted(kernels, key=lambda e: -_own(e))[:25]:
                 lines.append(row(_own(e), e.count, e.key))
+            if _cuda:
+                lines.append("top ops by the GPU time of the kernels they launched:")
+                ops = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU]
+                for e in sorted(ops, key=lambda e: -e.self_device_time_total)[:15]:
+                    lines.append(row(e.self_device_time_total, e.count, e.key))
             lines.append("top host ops (total CPU time):")
             for e in sorted(prof.key_averages(), key=lambda e: -e.cpu_time_total)[:15]:
                 lines.append(row(e.cpu_time_total, e.count, e.key))
