@@ -191,6 +191,7 @@ class Session:
             "global_batch_size": cfg.train_batch_size * processes * cfg.gradient_accumulation_steps,
             "resolution": cfg.resolution,
             "lora_rank": cfg.rank if cfg.method == "lora" else 0,
+            "optimizer": cfg.optimizer,  # its state in the checkpoint is only another optimizer's
         }
 
     def check_resume(self, ref: CheckpointRef, mismatches: list[str]) -> CheckpointRef | None:
@@ -831,14 +832,9 @@ class Trainer:
                         "samplesSeen": self.samples_seen,
                         "epoch": epoch,
                         "seed": session.seed,
-                        "method": self.cfg.method,
-                        "globalBatchSize": self.global_batch,
+                        **session.resume_settings(),  # what a later resume compares
                         "worldSize": self.world,
                         "cacheKey": self.samples.key,
-                        "model": self.cfg.pretrained_model_name_or_path,
-                        "revision": self.cfg.revision or "main",
-                        "resolution": self.cfg.resolution,
-                        "loraRank": self.cfg.rank if self.cfg.method == "lora" else 0,
                         "ema": {"optimizationStep": self.ema.optimization_step} if self.ema is not None else None,
                         "dataloader": {
                             "position": self.samples_seen,

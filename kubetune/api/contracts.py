@@ -188,6 +188,7 @@ class CheckpointState(Contract):
     revision: str = ""
     resolution: int = 0
     lora_rank: int = 0  # 0 for a full fine-tune
+    optimizer: str = ""  # --optimizer
 
 
 # what a resume compares (field of CheckpointState -> how an error names it); cacheKey last: it is
@@ -199,6 +200,7 @@ RESUME_SETTINGS: dict[str, str] = {
     "global_batch_size": "global batch size",
     "resolution": "resolution",
     "lora_rank": "LoRA rank",
+    "optimizer": "optimizer",
     "cache_key": "data/cache key",
 }
 

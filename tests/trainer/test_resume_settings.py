@@ -1,5 +1,5 @@
 """A resume compares the checkpoint's recorded settings with the run's own: another method or
-global batch is refused naming them (old -> new), unless --resume_mismatch restart; a trainer of a
+global batch or optimizer is refused naming them (old -> new), unless --resume_mismatch restart; a trainer of a
 second FineTuneJob refuses a storage prefix the first one owns and writes nothing there."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ def test_a_resume_with_other_settings_is_refused_then_restarts_when_asked(
     assert first.returncode == 0, first.stderr[-3000:]
     old = json.loads((output / "checkpoint-2" / "manifest.json").read_text())
     assert old["globalBatchSize"] == 4 and old["model"] == str(tiny_model) and old["resolution"] == 32
+    assert old["optimizer"] == "adamw"
 
     other = core_flags(
         tiny_model,
@@ -34,12 +35,14 @@ def test_a_resume_with_other_settings_is_refused_then_restarts_when_asked(
         checkpointing_steps=3,
         gradient_accumulation_steps=1,
         method="lora",
+        optimizer="adafactor",
         resume_from_checkpoint="latest",
     )
     refused = train(other)
     assert refused.returncode == layout.EXIT_INVALID
     line = error_line(refused.stderr)
     assert "checkpoint-2" in line and "method full -> lora" in line and "global batch size 4 -> 2" in line
+    assert "optimizer adamw -> adafactor" in line  # AdamW's moments cannot seed Adafactor
     assert "--resume_mismatch restart" in line
     assert json.loads((output / "checkpoint-2" / "manifest.json").read_text()) == old  # untouched
 
