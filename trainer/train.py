@@ -587,6 +587,8 @@ class Trainer:
             optimizer=optimizer,
             num_warmup_steps=cfg.lr_warmup_steps,
             num_training_steps=self.max_steps,
+            num_cycles=cfg.lr_num_cycles,
+            power=cfg.lr_power,
         )
         runnable = torch.compile(denoiser) if cfg.compile else denoiser
         if self.sharded is None:
