@@ -23,12 +23,13 @@ import json
 import logging
 import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from kubetune.storage import Store, join
-from kubetune.trainer.data import DataError, TrainingData, is_imagefolder, open_imagefolder
+from kubetune.trainer.data import DataError, TrainingData, is_imagefolder
 
 log = logging.getLogger("kubetune.trainer")
 
@@ -50,25 +51,25 @@ def image_names(store: Store) -> list[str]:
     )
 
 
-def open_image_files(uri: str, prompt: str) -> TrainingData:
-    """A folder of images (no metadata), each captioned `prompt`."""
+def is_plain_image_folder(uri: str) -> bool:
+    """A folder (local or s3://) of images without metadata.jsonl: the instance data as
+    train_dreambooth.py takes it."""
+    if not (uri.startswith("s3://") or Path(uri).is_dir()) or is_imagefolder(uri):
+        return False
+    return bool(image_names(Store(uri)))
+
+
+def open_image_files(uri: str, caption: str = "") -> TrainingData:
+    """A folder of images (no metadata), each captioned `caption`."""
     store = Store(uri)
     files = image_names(store)
     if not files:
         raise DataError(f"{uri}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
     versions = store.versions("")
-    digest = hashlib.sha256(prompt.encode())
+    digest = hashlib.sha256(caption.encode())
     for file in files:  # an image replaced under the same name must not keep its old latents
         digest.update(f"\0{file}\0{versions.get(file, '')}".encode())
-    return TrainingData(uri, [prompt] * len(files), digest.hexdigest()[:16], _store=store, _files=files)
-
-
-def open_instance_data(uri: str, prompt: str, image_column: str, caption_column: str) -> TrainingData:
-    """The subject's images in a folder (local or s3://): an imagefolder (its captions replaced by
-    `prompt`) or a plain folder of images."""
-    if is_imagefolder(uri):
-        return caption_all(open_imagefolder(uri, image_column, caption_column), prompt)
-    return open_image_files(uri, prompt)
+    return TrainingData(uri, [caption] * len(files), digest.hexdigest()[:16], _store=store, _files=files)
 
 
 def caption_all(data: TrainingData, prompt: str) -> TrainingData:
@@ -135,7 +136,7 @@ def generate_class_images(
     world: int,
     barrier: Callable[[], None],
     resolution: int,
-    device: Any,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> int:
     """Complete `store` to `wanted` class images (all ranks call this); how many this process made.
 
@@ -152,6 +153,8 @@ def generate_class_images(
         pipeline = make_pipeline()
         try:
             for start in range(0, len(mine), batch_size):
+                if should_stop():  # preempted: the images written so far are kept, a resume makes the rest
+                    raise InterruptedError("stopped while generating class images")
                 batch = mine[start : start + batch_size]
                 generators = [torch.Generator(device="cpu").manual_seed(class_image_seed(prompt, i)) for i in batch]
                 with torch.no_grad():

@@ -73,7 +73,10 @@ def run(cfg: TrainConfig) -> int:
     resume = session.resume_point()  # 0. where to continue from
     model = load_model(cfg, session)  # 1. load
     data, indices = load_data(cfg, session)
-    class_data = load_class_data(cfg, session, model, data)  # DreamBooth's prior preservation, else None
+    try:
+        class_data = load_class_data(cfg, session, model, data)  # DreamBooth's prior preservation, else None
+    except InterruptedError:
+        return session.preempted()  # stopped (SIGTERM) while generating: the images written are kept
     samples = load_cache(cfg, session, model, data, indices, class_data)  # 2. cache
     if samples is None:
         return session.preempted()
@@ -398,16 +401,16 @@ def load_data(cfg: TrainConfig, session: Session) -> tuple[TrainingData, list[in
     source = cfg.instance_data_dir or (cfg.train_data_dir if not cfg.dataset_name else cfg.dataset_name)
     assert source is not None
     columns = (cfg.image_column, cfg.caption_column)
-    if cfg.instance_prompt and (source.startswith("s3://") or Path(source).is_dir()):
-        data = dreambooth.open_instance_data(source, cfg.instance_prompt, *columns)  # images, or an imagefolder
+    if cfg.instance_prompt and dreambooth.is_plain_image_folder(source):
+        data = dreambooth.open_image_files(source)  # DreamBooth's usual instance data: photos, no metadata
     elif source.startswith("s3://") or (Path(source).is_dir() and is_imagefolder(source)):
         data = open_imagefolder(source, *columns)  # read file by file from the store (S3: no local copy)
     elif Path(source).is_dir():
         data = open_local_dataset(source, cfg.dataset_config_name, *columns, cfg.cache_dir)
     else:
         data = open_hub_dataset(source, cfg.dataset_config_name, *columns, cfg.cache_dir)
-    if cfg.instance_prompt and data.captions and data.captions[0] != cfg.instance_prompt:
-        dreambooth.caption_all(data, cfg.instance_prompt)  # a hub or local `datasets` dataset
+    if cfg.instance_prompt:
+        dreambooth.caption_all(data, cfg.instance_prompt)
     indices = select(data, cfg.max_train_samples, session.seed)
     return data, prepare_data(cfg, session, data, indices)
 
@@ -441,7 +444,7 @@ def load_class_data(cfg: TrainConfig, session: Session, model: Model, data: Trai
         accelerator.num_processes,
         accelerator.wait_for_everyone,
         cfg.resolution,
-        accelerator.device,
+        lambda: session.stop_requested,
     )
     return dreambooth.open_image_files(cfg.class_data_dir, cfg.class_prompt)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from trainer_testkit import core_flags, train, train_on_two_processes
+from trainer_testkit import core_flags, relative_lora_difference, train, train_on_two_processes
 
 from kubetune.cli_util import OneLineError
 from kubetune.storage import Store
@@ -211,7 +211,7 @@ def test_two_ranks_complete_the_class_images_without_duplicates_and_a_rerun_gene
 
     def rank(number: int) -> None:
         made[number] = dreambooth.generate_class_images(
-            Store(str(folder)), 5, "a dog", 2, lambda: PictureMaker(calls), number, 2, barrier.wait, 16, "cpu"
+            Store(str(folder)), 5, "a dog", 2, lambda: PictureMaker(calls), number, 2, barrier.wait, 16
         )
 
     threads = [threading.Thread(target=rank, args=(n,)) for n in range(2)]
@@ -228,7 +228,7 @@ def test_two_ranks_complete_the_class_images_without_duplicates_and_a_rerun_gene
     calls.clear()
     assert (
         dreambooth.generate_class_images(
-            Store(str(folder)), 5, "a dog", 4, lambda: PictureMaker(calls), 0, 1, lambda: None, 16, "cpu"
+            Store(str(folder)), 5, "a dog", 4, lambda: PictureMaker(calls), 0, 1, lambda: None, 16
         )
         == 1
     )
@@ -237,10 +237,7 @@ def test_two_ranks_complete_the_class_images_without_duplicates_and_a_rerun_gene
     def no_pipeline() -> Any:
         raise AssertionError("nothing is missing: no pipeline is loaded")
 
-    assert (
-        dreambooth.generate_class_images(Store(str(folder)), 5, "a dog", 4, no_pipeline, 0, 1, lambda: None, 16, "cpu")
-        == 0
-    )
+    assert dreambooth.generate_class_images(Store(str(folder)), 5, "a dog", 4, no_pipeline, 0, 1, lambda: None, 16) == 0
 
 
 # -- the loss ------------------------------------------------------------------------------------
@@ -414,17 +411,19 @@ def test_a_dreambooth_lora_with_prior_preservation_trains_every_family(
     assert f"| model family | {family} (" in (tmp_path / "out" / "README.md").read_text()
 
 
-def test_two_processes_generate_their_shares_and_train(
-    tiny_model: Path, instance_images: Path, shapes_dataset: Path, tmp_path: Path
+def test_two_processes_generate_their_shares_and_train_as_one_does(
+    sd_lora: tuple[Path, Path, str], tiny_model: Path, instance_images: Path, shapes_dataset: Path, tmp_path: Path
 ) -> None:
     classes = class_folder(tmp_path, shapes_dataset)
     output = tmp_path / "out"
+    # 2 processes x batch 1 = sd_lora's 1 x 2: each process weighs its own pair, DDP averages them
     args = dreambooth_flags(
         tiny_model,
         instance_images,
         output,
         class_data_dir=classes,
         num_class_images=5,
+        prior_loss_weight=0.5,
         train_batch_size=1,
         **PRIOR,
         **LORA,
@@ -432,6 +431,7 @@ def test_two_processes_generate_their_shares_and_train(
     assert train_on_two_processes(args, output / "checkpoint-4")["worldSize"] == 2
     assert sorted(p.name for p in classes.glob("class-*")) == ["class-00000.png", "class-00001.png", "class-00002.png"]
     assert not [p for p in classes.iterdir() if p.name.startswith(".tmp-")]
+    assert relative_lora_difference(output, sd_lora[0]) < 0.01
 
 
 # -- the FineTuneJob's spec.training.dreambooth ------------------------------------------------------
