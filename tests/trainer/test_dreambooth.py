@@ -285,7 +285,7 @@ def class_folder(root: Path, shapes_dataset: Path) -> Path:
     return folder
 
 
-def dreambooth_flags(model: Path, data: Path, output: Path, **overrides: Any) -> list[str]:
+def dreambooth_flags(model: Path, data: Path | str, output: Path, **overrides: Any) -> list[str]:
     flags: dict[str, Any] = {
         "train_data_dir": None,
         "instance_data_dir": data,
@@ -479,3 +479,27 @@ def test_the_spec_maps_to_the_dreambooth_flags_and_the_dataset_is_the_instance_d
 
     plain = parse_config(["--spec", _spec_file(tmp_path, folder, {})], "x")
     assert (plain.instance_data_dir, plain.instance_prompt) == (None, None)
+
+
+def test_class_images_of_s3_instance_data_are_kept_in_s3_and_reused_by_a_later_job(
+    tiny_model: Path, instance_images: Path, s3_bucket: str, tmp_path: Path
+) -> None:
+    data = f"s3://{s3_bucket}/dog"
+    Store(data).upload_tree(instance_images)
+    Store(data).delete_prefix(".kubetune")  # the other tests' class images, if any
+    runs = []
+    for job in ("first", "later"):
+        flags = dreambooth_flags(
+            tiny_model, data, tmp_path / job, num_class_images=3, max_train_steps=1, **PRIOR, **LORA
+        )
+        result = train(flags)
+        assert result.returncode == 0, result.stderr[-4000:]
+        runs.append(result.stderr)
+    generated = [k for k in Store(data).list(".kubetune/class-images") if k.endswith(".png")]
+    assert [k.rsplit("/", 1)[-1] for k in sorted(generated)] == [
+        "class-00000.png",
+        "class-00001.png",
+        "class-00002.png",
+    ]
+    assert "generating 3 (of 3 wanted)" in runs[0] and "generat" not in runs[1]
+    assert "| class images | 3 (`s3://" in (tmp_path / "later" / "README.md").read_text()
