@@ -419,6 +419,8 @@ def load_class_data(cfg: TrainConfig, session: Session, model: Model, data: Trai
     """DreamBooth's class images, the missing ones generated first (kubetune.trainer.dreambooth);
     None without --with_prior_preservation."""
     if not (cfg.instance_prompt and cfg.with_prior_preservation):
+        if cfg.class_data_dir or cfg.class_prompt:  # as train_dreambooth.py, a warning rather than an error
+            log.warning("--class_data_dir/--class_prompt: unused without --with_prior_preservation")
         return None
     assert cfg.class_prompt
     if not cfg.class_data_dir:  # beside the instance data (a hub dataset: in the output)
