@@ -395,6 +395,31 @@ def test_a_full_dreambooth_fine_tune_of_an_imagefolder_trains_on_the_instance_pr
     assert "## DreamBooth" in card and "Without prior preservation" in card
 
 
+def test_a_full_dreambooth_fine_tune_with_prior_preservation_caches_the_class_images_as_their_own_set(
+    tiny_model: Path, instance_images: Path, tmp_path: Path
+) -> None:
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    output, cache, classes = tmp_path / "out", tmp_path / "cache", tmp_path / "class"
+    flags = dreambooth_flags(
+        tiny_model,
+        instance_images,
+        output,
+        max_train_steps=2,
+        latent_cache_dir=cache,
+        class_data_dir=classes,
+        num_class_images=2,
+        **PRIOR,
+    )
+    result = train(flags)
+    assert result.returncode == 0, result.stderr[-4000:]
+    StableDiffusionPipeline.from_pretrained(output)(INSTANCE_PROMPT, num_inference_steps=2, height=32, width=32)
+    sets = [p for p in cache.iterdir() if (p / "manifest.json").exists()]
+    assert sorted(len(load_file(p / "latents-00000.safetensors")["mean"]) for p in sets) == [2, 4]  # class, instance
+    assert "| class images | 2 (" in (output / "README.md").read_text()
+
+
 @pytest.mark.parametrize("family", ["sdxl", "flux", "sd3"])
 def test_a_dreambooth_lora_with_prior_preservation_trains_every_family(
     family: str, request: pytest.FixtureRequest, instance_images: Path, tmp_path: Path
