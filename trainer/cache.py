@@ -64,6 +64,7 @@ class LatentCache:
     bucket_size: list[tuple[int, int]] = field(default_factory=list)  # bucket -> (height, width) in pixels
     by_bucket: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # "mean" -> bucket -> [n_b, C, h, w]
     row: torch.Tensor | None = None  # [N] -> row in its bucket's tensors
+    prior_start: int | None = None  # DreamBooth: samples from this one on are class images (see `with_prior`)
 
     def __len__(self) -> int:
         return len(self.caption_index)
@@ -87,6 +88,36 @@ class LatentCache:
             return {}
         counts = torch.bincount(self.bucket, minlength=len(self.bucket_size)).tolist()
         return {f"{h}x{w}": n for (h, w), n in zip(self.bucket_size, counts, strict=True) if n}
+
+
+def with_prior(instance: LatentCache, prior: LatentCache) -> LatentCache:
+    """One cache of the instance samples followed by the class samples (DreamBooth's prior
+    preservation): the class samples' caption rows follow the instance ones'. Square images only
+    (--enable_bucket is refused with --with_prior_preservation)."""
+    if instance.bucket is not None or prior.bucket is not None:
+        raise DataError("--enable_bucket: not with --with_prior_preservation")
+
+    def joined(name: str) -> torch.Tensor | None:
+        a, b = getattr(instance, name), getattr(prior, name)
+        return torch.cat([a, b]) if a is not None and b is not None else None
+
+    rows = len(next(iter(instance.text.values())))
+    return LatentCache(
+        key=cache_key({"instance": instance.key, "prior": prior.key}),
+        uri=instance.uri,
+        mean=joined("mean"),
+        std=joined("std"),
+        mean_flip=joined("mean_flip"),
+        std_flip=joined("std_flip"),
+        text={name: torch.cat([tensor, prior.text[name]]) for name, tensor in instance.text.items()},
+        caption_index=torch.cat([instance.caption_index, prior.caption_index + rows]),
+        skipped=instance.skipped + prior.skipped,
+        original_size=joined("original_size"),
+        crop_top_left=joined("crop_top_left"),
+        crop_top_left_flip=joined("crop_top_left_flip"),
+        empty_caption=instance.empty_caption,
+        prior_start=len(instance),
+    )
 
 
 @dataclass

@@ -49,8 +49,9 @@ def parse_config(argv: Sequence[str], prog: str) -> TrainConfig:
     config = TrainConfig(**values)
     if not config.pretrained_model_name_or_path:
         raise OneLineError("--pretrained_model_name_or_path: required (a hub id, a local folder or s3://)")
-    if not config.dataset_name and not config.train_data_dir:
+    if not config.dataset_name and not config.train_data_dir and not config.instance_data_dir:
         raise OneLineError("--train_data_dir or --dataset_name: one is required")
+    _check_dreambooth(config)
     if config.resolution % 8:
         raise OneLineError(f"--resolution: must be a multiple of 8 (got {config.resolution})")
     if config.enable_bucket:
@@ -81,6 +82,26 @@ def parse_config(argv: Sequence[str], prog: str) -> TrainConfig:
     if message := missing(config.report_to):
         raise OneLineError(message)
     return config
+
+
+def _check_dreambooth(config: TrainConfig) -> None:
+    """train_dreambooth.py's checks, and what kubetune cannot combine with DreamBooth."""
+    if config.offset_noise and not config.noise_offset:
+        config.noise_offset = 0.1  # train_dreambooth.py's --offset_noise
+    if config.instance_data_dir and not config.instance_prompt:
+        raise OneLineError("--instance_data_dir: needs --instance_prompt (the prompt of every instance image)")
+    if not config.instance_prompt:
+        if config.with_prior_preservation:
+            raise OneLineError("--with_prior_preservation: needs --instance_prompt (DreamBooth training)")
+        return
+    if config.caption_model:
+        raise OneLineError("--caption_model: not with --instance_prompt (every instance image has that prompt)")
+    if not config.with_prior_preservation:
+        return
+    if not config.class_prompt:
+        raise OneLineError("--with_prior_preservation: needs --class_prompt (spec.training.dreambooth.classPrompt)")
+    if config.enable_bucket:
+        raise OneLineError("--enable_bucket: not with --with_prior_preservation (a batch pairs square images)")
 
 
 def fsdp_conflict(config: TrainConfig) -> str | None:

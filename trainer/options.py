@@ -55,6 +55,7 @@ END = "<!-- END flags -->"
 JOB = "FineTuneJob"
 MODEL = "model"
 DATA = "data"
+DREAMBOOTH = "DreamBooth"
 OPTIMISATION = "optimisation"
 LOSS = "loss"
 EMA = "EMA"
@@ -174,6 +175,11 @@ def _spec_data_dir(spec: FineTuneJobSpec) -> str:
     if spec.dataset.imagefolder:
         return spec.dataset.imagefolder.uri
     return join(spec.storage.uri, layout.DATASET_DIR)
+
+
+def _spec_instance_data_dir(spec: FineTuneJobSpec) -> str | None:
+    """With `training.dreambooth` the job's dataset (collected or an imagefolder) is the instance data."""
+    return _spec_data_dir(spec) if spec.training.dreambooth else None
 
 
 def _spec_hub(spec: FineTuneJobSpec) -> Any:
@@ -383,6 +389,74 @@ class TrainConfig:
         help="where the latent/text-embedding cache lives (local or s3://); default: 'cache/' "
         "beside a dataset folder named 'dataset', else 'cache/' in --output_dir",
     )
+    # DreamBooth (train_dreambooth.py's flags)
+    instance_data_dir: str | None = opt(
+        None,
+        group=DREAMBOOTH,
+        derive=_spec_instance_data_dir,
+        spec_note="the dataset (as `--train_data_dir`) when `training.dreambooth` is set",
+        help="the subject's images: a folder of images (local or s3://), or an imagefolder whose captions are "
+        "ignored; each is trained with --instance_prompt (unset with --instance_prompt: --train_data_dir "
+        "or --dataset_name)",
+    )
+    instance_prompt: str | None = opt(
+        None,
+        group=DREAMBOOTH,
+        spec="training.dreambooth.instancePrompt",
+        help="the prompt of every instance image, e.g. 'a photo of sks dog'; set: DreamBooth training",
+    )
+    class_data_dir: str | None = opt(
+        None,
+        group=DREAMBOOTH,
+        help="the class images (local or s3://), completed to --num_class_images by generating the missing ones; "
+        "unset: <instance data>/.kubetune/class-images/<key>/, keyed by model, --class_prompt and --resolution",
+    )
+    class_prompt: str | None = opt(
+        None,
+        group=DREAMBOOTH,
+        spec="training.dreambooth.classPrompt",
+        convert=_or_none,
+        help="the prompt of the class images and of their generation, e.g. 'a photo of dog'",
+    )
+    with_prior_preservation: bool = opt(
+        False,
+        group=DREAMBOOTH,
+        spec="training.dreambooth.priorPreservation",
+        convert=bool,
+        help="add the prior-preservation loss: each batch also holds as many class images, whose loss is "
+        "weighted by --prior_loss_weight",
+    )
+    prior_loss_weight: float = opt(
+        1.0,
+        group=DREAMBOOTH,
+        type=_non_negative_float,
+        spec="training.dreambooth.priorLossWeight",
+        convert=lambda weight: 1.0 if weight is None else weight,
+        help="weight of the class images' loss",
+    )
+    num_class_images: int = opt(
+        100,
+        group=DREAMBOOTH,
+        type=_positive_int,
+        spec="training.dreambooth.numClassImages",
+        convert=lambda count: count or 100,
+        help="class images wanted for prior preservation; those missing in --class_data_dir are generated "
+        "from --class_prompt with the base model, split over the processes",
+    )
+    sample_batch_size: int = opt(
+        4,
+        group=DREAMBOOTH,
+        type=_positive_int,
+        spec="training.dreambooth.sampleBatchSize",
+        convert=lambda count: count or 4,
+        help="class images generated at once per process",
+    )
+    prior_generation_precision: str | None = opt(
+        None,
+        group=DREAMBOOTH,
+        choices=PRECISIONS,
+        help="the dtype class images are generated in; unset: fp16 on a GPU, else fp32",
+    )
     # optimisation
     train_batch_size: int = opt(
         16, group=OPTIMISATION, type=_positive_int, spec="training.batchSize", help="images per process per step"
@@ -429,6 +503,8 @@ class TrainConfig:
     lr_warmup_steps: int = opt(
         500, group=OPTIMISATION, type=_non_negative_int, spec="training.lrWarmupSteps", help="steps of linear warm-up"
     )
+    lr_num_cycles: int = opt(1, group=OPTIMISATION, type=_positive_int, help="hard restarts of cosine_with_restarts")
+    lr_power: float = opt(1.0, group=OPTIMISATION, type=float, help="power of the polynomial schedule")
     adam_beta1: float = opt(
         defaults.ADAM_BETA1, group=OPTIMISATION, type=float, spec="training.adamBeta1", help="AdamW beta1"
     )
@@ -519,6 +595,9 @@ class TrainConfig:
         help="Min-SNR loss weighting gamma (5.0 is the paper's); unset: plain MSE",
     )
     noise_offset: float = opt(0.0, group=LOSS, type=float, spec="training.noiseOffset", help="noise offset")
+    offset_noise: bool = opt(
+        False, group=LOSS, help="train_dreambooth.py's switch: --noise_offset 0.1 (unless --noise_offset is given)"
+    )
     weighting_scheme: str | None = opt(
         None,
         group=LOSS,
@@ -759,6 +838,48 @@ EXTRA_OPTIONS = (
     Option("dream_training", False, group=STOCK, refused="DREAM training is not supported"),
     Option("dream_detail_preservation", 1.0, type=float, group=STOCK, help="accepted; unused"),
     Option("local_rank", -1, type=int, group=STOCK, help="accepted; unused (accelerate sets it)"),
+    # train_dreambooth.py's flags that are not settings
+    Option("set_grads_to_none", False, group=STOCK, help="accepted; gradients are always set to None"),
+    Option("pre_compute_text_embeddings", False, group=STOCK, help="accepted; text embeddings are always cached"),
+    Option("skip_save_text_encoder", False, group=STOCK, help="accepted; the text encoder is not trained"),
+    Option(
+        "train_text_encoder",
+        False,
+        group=STOCK,
+        refused="training the text encoder is not supported (its outputs are cached once)",
+    ),
+    Option(
+        "tokenizer_name",
+        None,
+        group=STOCK,
+        refused="a separate tokenizer is not supported (the pipeline's tokenizers are used)",
+    ),
+    Option(
+        "tokenizer_max_length",
+        None,
+        type=int,
+        group=STOCK,
+        refused="the tokenizer's own maximum length is used (see --max_sequence_length for T5)",
+    ),
+    Option(
+        "text_encoder_use_attention_mask",
+        False,
+        group=STOCK,
+        refused="an attention mask for the text encoder is not supported (cached states are unmasked)",
+    ),
+    Option("validation_images", [], group=STOCK, refused="image-to-image validation (DeepFloyd IF) is not supported"),
+    Option(
+        "class_labels_conditioning",
+        None,
+        group=STOCK,
+        refused="class-label conditioning is for DeepFloyd IF's upscaler, not a supported family",
+    ),
+    Option(
+        "validation_scheduler",
+        None,
+        group=STOCK,
+        refused="validation samples use the pipeline's own scheduler",
+    ),
 )
 
 

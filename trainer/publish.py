@@ -174,12 +174,15 @@ def model_card(
     seed: int,
     license: str | None = None,
     samples: list[Sample] | None = None,
+    class_images: int = 0,
 ) -> str:
     """README.md: what was trained, with which settings, on whose images under which licenses;
     its front matter is the Hub's model card metadata."""
     pipeline = family.pipeline_class
     what = f"LoRA rank {cfg.rank}" if cfg.method == "lora" else f"full fine-tune of the {family.denoiser_folder}"
     tags = [*family.tags, "text-to-image", "diffusers", "kubetune", *(["lora"] if cfg.method == "lora" else [])]
+    if cfg.instance_prompt:
+        tags.append("dreambooth")
     meta: dict[str, Any] = {}
     if license:
         meta["license"] = license
@@ -205,6 +208,8 @@ def model_card(
         + (f" ({skipped} unreadable images skipped)." if skipped else "."),
         "",
     ]
+    if cfg.instance_prompt:
+        lines += _dreambooth_lines(cfg, images, class_images)
     if cfg.method == "lora":
         lines += [
             "```python",
@@ -281,6 +286,29 @@ def model_card(
             if len(credited) > 500:
                 lines.append(f"- ... and {len(credited) - 500} more (see the dataset's metadata.jsonl)")
     return "\n".join(lines) + "\n"
+
+
+def _dreambooth_lines(cfg: TrainConfig, images: int, class_images: int) -> list[str]:
+    """What a DreamBooth run learnt and how: the subject's prompt, and the prior preservation."""
+    lines = [
+        "## DreamBooth",
+        "",
+        f"DreamBooth-trained on {images} images of the subject, each with the instance prompt "
+        f"`{cfg.instance_prompt}`: use it (or its rare token) in prompts.",
+        "",
+    ]
+    if cfg.with_prior_preservation:
+        lines += [
+            "| prior preservation | |",
+            "|---|---|",
+            f"| class prompt | `{cfg.class_prompt}` |",
+            f"| class images | {class_images} (`{cfg.class_data_dir}`) |",
+            f"| prior loss weight | {cfg.prior_loss_weight:g} |",
+            "",
+        ]
+    else:
+        lines += ["Without prior preservation (no class images).", ""]
+    return lines
 
 
 def _alt(prompt: str) -> str:

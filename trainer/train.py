@@ -33,7 +33,7 @@ from kubetune.api import layout
 from kubetune.api.contracts import CheckpointState, resume_mismatches
 from kubetune.storage import StorageError, Store, join
 from kubetune.trainer import cache as latent_cache
-from kubetune.trainer import publish, trackers
+from kubetune.trainer import dreambooth, publish, trackers
 from kubetune.trainer.buckets import BucketOrder, BucketSettings, StreamOrder
 from kubetune.trainer.checkpoint import (
     Checkpointer,
@@ -73,7 +73,11 @@ def run(cfg: TrainConfig) -> int:
     resume = session.resume_point()  # 0. where to continue from
     model = load_model(cfg, session)  # 1. load
     data, indices = load_data(cfg, session)
-    samples = load_cache(cfg, session, model, data, indices)  # 2. cache
+    try:
+        class_data = load_class_data(cfg, session, model, data)  # DreamBooth's prior preservation, else None
+    except InterruptedError:
+        return session.preempted()  # stopped (SIGTERM) while generating: the images written are kept
+    samples = load_cache(cfg, session, model, data, indices, class_data)  # 2. cache
     if samples is None:
         return session.preempted()
     model.release_encoders(keep_on_cpu=bool(cfg.validation_prompts))
@@ -86,7 +90,8 @@ def run(cfg: TrainConfig) -> int:
             return session.preempted()
         if cfg.validation_prompts and step % trainer.validation_every == 0:
             trainer.render_samples()
-    trainer.publish(data, len(samples), samples.skipped)  # 5. publish
+    instances = len(samples) if samples.prior_start is None else samples.prior_start
+    trainer.publish(data, instances, samples.skipped, len(samples) - instances)  # 5. publish
     return layout.EXIT_OK
 
 
@@ -394,17 +399,57 @@ def _weights_fingerprint(path: Path, folders: tuple[str, ...], vae: str | None =
 
 
 def load_data(cfg: TrainConfig, session: Session) -> tuple[TrainingData, list[int]]:
-    source = cfg.train_data_dir if not cfg.dataset_name else cfg.dataset_name
+    source = cfg.instance_data_dir or (cfg.train_data_dir if not cfg.dataset_name else cfg.dataset_name)
     assert source is not None
     columns = (cfg.image_column, cfg.caption_column)
-    if source.startswith("s3://") or (Path(source).is_dir() and is_imagefolder(source)):
+    if cfg.instance_prompt and dreambooth.is_plain_image_folder(source):
+        data = dreambooth.open_image_files(source)  # DreamBooth's usual instance data: photos, no metadata
+    elif source.startswith("s3://") or (Path(source).is_dir() and is_imagefolder(source)):
         data = open_imagefolder(source, *columns)  # read file by file from the store (S3: no local copy)
     elif Path(source).is_dir():
         data = open_local_dataset(source, cfg.dataset_config_name, *columns, cfg.cache_dir)
     else:
         data = open_hub_dataset(source, cfg.dataset_config_name, *columns, cfg.cache_dir)
+    if cfg.instance_prompt:
+        dreambooth.caption_all(data, cfg.instance_prompt)
     indices = select(data, cfg.max_train_samples, session.seed)
     return data, prepare_data(cfg, session, data, indices)
+
+
+def load_class_data(cfg: TrainConfig, session: Session, model: Model, data: TrainingData) -> TrainingData | None:
+    """DreamBooth's class images, the missing ones generated first (kubetune.trainer.dreambooth);
+    None without --with_prior_preservation."""
+    if not (cfg.instance_prompt and cfg.with_prior_preservation):
+        if cfg.class_data_dir or cfg.class_prompt:  # as train_dreambooth.py, a warning rather than an error
+            log.warning("--class_data_dir/--class_prompt: unused without --with_prior_preservation")
+        return None
+    assert cfg.class_prompt
+    if not cfg.class_data_dir:  # beside the instance data (a hub dataset: in the output)
+        beside = data._store.uri if data._store is not None else cfg.output_dir
+        model_name = cfg.pretrained_model_name_or_path
+        cfg.class_data_dir = dreambooth.default_class_dir(
+            beside, model_name, cfg.revision, cfg.class_prompt, cfg.resolution
+        )
+    accelerator = session.accelerator
+    dtype = dreambooth.generation_dtype(cfg.prior_generation_precision, accelerator.device.type == "cuda")
+    vae = cfg.pretrained_vae_model_name_or_path
+
+    def pipeline() -> Any:
+        return model.family.generation_pipeline(model.path, dtype, cfg.variant or None, vae).to(accelerator.device)
+
+    dreambooth.generate_class_images(
+        Store(cfg.class_data_dir),
+        cfg.num_class_images,
+        cfg.class_prompt,
+        cfg.sample_batch_size,
+        pipeline,
+        accelerator.process_index,
+        accelerator.num_processes,
+        accelerator.wait_for_everyone,
+        cfg.resolution,
+        lambda: session.stop_requested,
+    )
+    return dreambooth.open_image_files(cfg.class_data_dir, cfg.class_prompt)
 
 
 def prepare_data(cfg: TrainConfig, session: Session, data: TrainingData, indices: list[int]) -> list[int]:
@@ -434,7 +479,17 @@ def cache_root(cfg: TrainConfig) -> str:
     return join(cfg.output_dir, layout.CACHE_DIR)
 
 
-def load_cache(cfg: TrainConfig, session: Session, model: Model, data: TrainingData, indices: list[int]) -> Any | None:
+def load_cache(
+    cfg: TrainConfig,
+    session: Session,
+    model: Model,
+    data: TrainingData,
+    indices: list[int],
+    class_data: TrainingData | None = None,
+) -> Any | None:
+    """The latent cache of the training images; with DreamBooth's class images, one of the instance
+    images followed by the class images (each set cached under its own key, so class images are
+    encoded once for every job that uses them)."""
     accelerator = session.accelerator
     vae_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32  # an fp16 VAE can overflow
     text_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
@@ -465,7 +520,7 @@ def load_cache(cfg: TrainConfig, session: Session, model: Model, data: TrainingD
             model.vae, device, vae_dtype, lambda captions: model.family.encode(model.parts, captions, device)
         )
 
-    try:
+    def build(data: TrainingData, indices: list[int], settings: dict[str, Any]) -> Any:
         return latent_cache.build_or_load(
             Store(cache_root(cfg)),
             settings,
@@ -480,6 +535,18 @@ def load_cache(cfg: TrainConfig, session: Session, model: Model, data: TrainingD
             workers=max(4, cfg.dataloader_num_workers),
             empty_caption=bool(cfg.proportion_empty_prompts),
         )
+
+    try:
+        samples = build(data, indices, settings)
+        if class_data is None:
+            return samples
+        class_indices = list(range(min(len(class_data), cfg.num_class_images)))  # as train_dreambooth.py: the first
+        class_settings = {
+            **settings,
+            "data": class_data.fingerprint,
+            "samples": _short_hash(",".join(map(str, class_indices))),
+        }
+        return latent_cache.with_prior(samples, build(class_data, class_indices, class_settings))
     except InterruptedError:
         return None  # stopped (SIGTERM) while caching: the chunks done so far are kept
 
@@ -511,7 +578,7 @@ class Trainer:
         self.order = (
             BucketOrder(self.session.seed, cache.bucket.tolist(), self.global_batch)
             if cache.bucket is not None
-            else StreamOrder(self.session.seed, len(cache), self.global_batch)
+            else StreamOrder(self.session.seed, _stream_length(cache), self.global_batch)
         )
         if cache.bucket is not None:
             log.info("aspect-ratio buckets (height x width: images): %s", json.dumps(cache.bucket_counts()))
@@ -588,6 +655,8 @@ class Trainer:
             optimizer=optimizer,
             num_warmup_steps=cfg.lr_warmup_steps,
             num_training_steps=self.max_steps,
+            num_cycles=cfg.lr_num_cycles,
+            power=cfg.lr_power,
         )
         runnable = torch.compile(denoiser) if cfg.compile else denoiser
         if self.sharded is None:
@@ -725,28 +794,34 @@ class Trainer:
         (`text.<name>`) and each image's size and crop."""
         cfg, cache = self.cfg, self.samples
         family, scheduler = self.model.family, self.model.noise_scheduler
-        rows, captions, geometry = [], [], []
+        # per slot (0: the sample; 1: its class sample with prior preservation), so that the batch
+        # holds the instance examples first and the class examples after, as train_dreambooth.py's
+        rows: list[list[Any]] = [[], []]
+        captions: list[list[int]] = [[], []]
+        geometry: list[list[Any]] = [[], []]
         for position in positions:
-            index = self.order.index(position)
             g = torch.Generator().manual_seed((self.session.seed * 1_000_003 + position) % (2**63 - 1))
-            flip = bool(torch.rand(1, generator=g) < 0.5) and cfg.random_flip
-            mean, std = cache.distribution(index, flip)
-            shape = mean.shape
-            latent = mean.float() + std.float() * torch.randn(shape, generator=g)
-            noise = torch.randn(shape, generator=g) + cfg.noise_offset * torch.randn((shape[0], 1, 1), generator=g)
-            perturbed = noise + cfg.input_perturbation * torch.randn(shape, generator=g)
-            timestep = family.draw_timestep(scheduler, g)
-            rows.append((latent, noise, perturbed, timestep))
-            caption = int(cache.caption_index[index])
-            if cfg.proportion_empty_prompts and bool(torch.rand(1, generator=g) < cfg.proportion_empty_prompts):
-                assert cache.empty_caption is not None
-                caption = cache.empty_caption
-            captions.append(caption)
-            if cache.original_size is not None:
-                crop = cache.crop_top_left_flip if flip else cache.crop_top_left
-                assert crop is not None
-                target = torch.tensor(cache.target_size(index, cfg.resolution))
-                geometry.append((cache.original_size[index], crop[index], target))
+            for slot, index in enumerate(_members(cache, self.order.index(position))):
+                flip = bool(torch.rand(1, generator=g) < 0.5) and cfg.random_flip
+                mean, std = cache.distribution(index, flip)
+                shape = mean.shape
+                latent = mean.float() + std.float() * torch.randn(shape, generator=g)
+                noise = torch.randn(shape, generator=g) + cfg.noise_offset * torch.randn((shape[0], 1, 1), generator=g)
+                perturbed = noise + cfg.input_perturbation * torch.randn(shape, generator=g)
+                timestep = family.draw_timestep(scheduler, g)
+                rows[slot].append((latent, noise, perturbed, timestep))
+                caption = int(cache.caption_index[index])
+                if cfg.proportion_empty_prompts and bool(torch.rand(1, generator=g) < cfg.proportion_empty_prompts):
+                    assert cache.empty_caption is not None
+                    caption = cache.empty_caption
+                captions[slot].append(caption)
+                if cache.original_size is not None:
+                    crop = cache.crop_top_left_flip if flip else cache.crop_top_left
+                    assert crop is not None
+                    target = torch.tensor(cache.target_size(index, cfg.resolution))
+                    geometry[slot].append((cache.original_size[index], crop[index], target))
+        class_examples = len(rows[1])
+        rows, captions, geometry = rows[0] + rows[1], captions[0] + captions[1], geometry[0] + geometry[1]
         latents, noise, perturbed, timesteps = (torch.stack(column) for column in zip(*rows, strict=True))
         batch = {
             "latents": ((latents - self.model.shift_factor) * self.model.scaling_factor).to(self.device),
@@ -760,11 +835,21 @@ class Trainer:
         if geometry:
             sizes, crops, targets = (torch.stack(c).float().to(self.device) for c in zip(*geometry, strict=True))
             batch.update(original_size=sizes, crop_top_left=crops, target_size=targets)
+        if class_examples:
+            is_class = torch.zeros(len(rows), dtype=torch.bool)
+            is_class[len(rows) - class_examples :] = True
+            batch["is_class"] = is_class.to(self.device)
         return batch
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The family's loss with the family's conditioning for this batch."""
-        return self.model.family.loss(self.ddp, self.model.noise_scheduler, batch, self.channels_last)
+        """The family's loss with the family's conditioning for this batch; with class examples
+        (DreamBooth's prior preservation) the instance loss plus --prior_loss_weight times theirs."""
+        is_class = batch.pop("is_class", None)
+        family, scheduler = self.model.family, self.model.noise_scheduler
+        if is_class is None:
+            return family.loss(self.ddp, scheduler, batch, self.channels_last)
+        losses = family.example_losses(self.ddp, scheduler, batch, self.channels_last)
+        return dreambooth.prior_preservation_loss(losses, is_class, self.cfg.prior_loss_weight)
 
     def _ema_step(self) -> None:
         assert self.ema is not None
@@ -1160,7 +1245,7 @@ class Trainer:
             self.writer.flush()
         trackers.log_images(self.session.accelerator, self.cfg.report_to, images, self.last_render[1], self.step)
 
-    def publish(self, data: TrainingData, images: int, skipped: int) -> None:
+    def publish(self, data: TrainingData, images: int, skipped: int, class_images: int = 0) -> None:
         session, cfg = self.session, self.cfg
         self.check_finite()
         denoiser = self.denoiser
@@ -1196,6 +1281,7 @@ class Trainer:
                 session.seed,
                 license=publish.base_model_license(self.model.path),
                 samples=samples,
+                class_images=class_images,
             ).encode()
             session.output.write_bytes("README.md", card, "text/markdown")
             for tracker in session.accelerator.trackers:  # not end_training(): it ends the process group
@@ -1243,6 +1329,23 @@ class Trainer:
             self.writer.flush()
             if self.session.output.is_s3:
                 self.session.output.upload_tree(self.session.staging / self.cfg.logging_dir, layout.LOGS_DIR)
+
+
+def _stream_length(cache: Any) -> int:
+    """Entries of the sample stream per epoch: the samples; with prior preservation the pairs of an
+    instance and a class sample, as many as the larger set (train_dreambooth.py's dataset length)."""
+    if cache.prior_start is None:
+        return len(cache)
+    return max(cache.prior_start, len(cache) - cache.prior_start)
+
+
+def _members(cache: Any, entry: int) -> list[int]:
+    """The samples a stream entry trains: itself; with prior preservation its instance sample and
+    its class sample (each set cycled, as train_dreambooth.py's `index % count`)."""
+    start = cache.prior_start
+    if start is None:
+        return [entry]
+    return [entry % start, start + entry % (len(cache) - start)]
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], lr: float, device: torch.device) -> Any:

@@ -362,6 +362,41 @@ class AspectBuckets(ApiModel):
     """Longest bucket side in pixels; unset: twice `training.resolution`."""
 
 
+class DreamBooth(ApiModel):
+    """DreamBooth subject training (diffusers' train_dreambooth.py): every image of the dataset is
+    the subject, trained with `instancePrompt`; with `priorPreservation` each batch also holds class
+    images (generated from `classPrompt` by the base model when missing, and kept beside the
+    dataset under `.kubetune/class-images/` for later jobs) whose loss keeps the class's prior."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            (
+                "!self.priorPreservation || (has(self.classPrompt) && self.classPrompt != '')",
+                "classPrompt is required when priorPreservation is true",
+            ),
+        )
+    )
+
+    instance_prompt: Text
+    """The prompt of every instance image, naming the subject with a rare token, e.g. `a photo of sks dog`."""
+    class_prompt: Annotated[str, StringConstraints(max_length=1000, pattern=NO_CONTROL)] = ""
+    """The prompt of the class images, e.g. `a photo of dog`; required with `priorPreservation`."""
+    prior_preservation: bool = False
+    """Add the prior-preservation loss on class images (against overfitting and language drift)."""
+    prior_loss_weight: float = Field(default=1.0, ge=0, le=10)
+    """Weight of the class images' loss."""
+    num_class_images: int = Field(default=100, ge=1, le=10000)
+    """Class images used; the missing ones are generated with the base model before training."""
+    sample_batch_size: int = Field(default=4, ge=1, le=64)
+    """Class images generated at once per GPU."""
+
+    @model_validator(mode="after")
+    def _prior_preservation_needs_class_prompt(self) -> DreamBooth:
+        if self.prior_preservation and not self.class_prompt:
+            raise ValueError("classPrompt is required when priorPreservation is true")
+        return self
+
+
 class Training(ApiModel):
     """Training settings: the flags of diffusers' train_text_to_image.py, flag for flag."""
 
@@ -384,6 +419,8 @@ class Training(ApiModel):
     """Flip images horizontally at random."""
     buckets: AspectBuckets = Field(default_factory=AspectBuckets)
     """Aspect-ratio buckets (off by default: every image is cropped to a square)."""
+    dreambooth: DreamBooth | None = None
+    """DreamBooth subject training on the dataset's images (unset: text-to-image fine-tuning on their captions)."""
     batch_size: int = Field(default=1, ge=1, le=4096)
     """Images per process per step (`--train_batch_size`)."""
     gradient_accumulation_steps: int = Field(default=4, ge=1, le=4096)

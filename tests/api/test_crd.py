@@ -290,6 +290,18 @@ def _main(**fields: Any) -> dict[str, Any]:
     return {"spec": {"containers": [{"name": "trainer", **fields}]}}
 
 
+# spec.training.dreambooth (#17)
+DB = "spec.training.dreambooth"
+BOUNDS += [
+    ("dreambooth-no-instancePrompt", DB, {"classPrompt": "a dog"}, f"{DB}.instancePrompt"),
+    ("dreambooth-prior-without-classPrompt", DB, {"instancePrompt": "sks dog", "priorPreservation": True}, DB),
+    ("dreambooth-priorLossWeight-11", DB, {"instancePrompt": "sks dog", "priorLossWeight": 11.0}, None),
+    ("dreambooth-numClassImages-0", DB, {"instancePrompt": "sks dog", "numClassImages": 0}, None),
+    ("dreambooth-numClassImages-10001", DB, {"instancePrompt": "sks dog", "numClassImages": 10001}, None),
+    ("dreambooth-sampleBatchSize-65", DB, {"instancePrompt": "sks dog", "sampleBatchSize": 65}, None),
+    ("dreambooth-instancePrompt-newline", DB, {"instancePrompt": "sks\ndog"}, f"{DB}.instancePrompt"),
+]
+
 # spec.<component>.podTemplate and affinity: the Kubernetes API's own schema, bounded (#18)
 BOUNDS += [
     ("pod-env-name", PT, _main(env=[{"name": "HTTPS PROXY", "value": "x"}]), f"{PT}.spec.containers[0].env[0].name"),

@@ -29,6 +29,22 @@ def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SDXL pipeline (kubetune.dev.testing.tiny_sdxl), for the SDXL and DreamBooth tests."""
+    from kubetune.dev.testing.tiny_sdxl import build_tiny_sdxl_pipeline
+
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD3 pipeline (kubetune.dev.testing.tiny_flow), for the flow and DreamBooth tests."""
+    from kubetune.dev.testing.tiny_flow import build_tiny_sd3_pipeline
+
+    return build_tiny_sd3_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd3", seed=0)
+
+
+@pytest.fixture(scope="session")
 def shapes_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_imagefolder(tmp_path_factory.mktemp("data") / "dataset", 8)
 

@@ -27,13 +27,6 @@ T5_TOKENS = 16
 LORA = {"method": "lora", "rank": 4, "lora_alpha": 8, "use_ema": False}  # scale alpha / rank = 2
 
 
-@pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kubetune.dev.testing.tiny_flow import build_tiny_sd3_pipeline
-
-    return build_tiny_sd3_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd3", seed=0)
-
-
 def flow_flags(model: Path, data: Path, output: Path, **overrides: object) -> list[str]:
     flags = {
         "max_train_steps": 4,

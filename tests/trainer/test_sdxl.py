@@ -26,13 +26,6 @@ from kubetune.api.layout import EXIT_INVALID
 
 
 @pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kubetune.dev.testing.tiny_sdxl import build_tiny_sdxl_pipeline
-
-    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)
-
-
-@pytest.fixture(scope="module")
 def separate_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A VAE of the same layout with other weights, as --pretrained_vae_model_name_or_path (SDXL's
     fp16-fix VAE in real runs)."""

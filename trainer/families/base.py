@@ -11,8 +11,9 @@ A family's methods, in the order a run calls them:
 - `fingerprint_folders()`, `cache_settings()`: what decides the cached latents and text tensors
 - `encode(parts, captions, device)`: captions to named tensors, cached once per caption
 - `draw_timestep(scheduler, generator)`: one sample's timestep, from the sample's own generator
-- `loss(denoiser, scheduler, batch)`: noise the latents, `predict`, weigh the error (here: the
-  DDPM objective, epsilon or v-prediction, min-SNR; flow.py: flow matching)
+- `example_losses(denoiser, scheduler, batch)`: noise the latents, `predict`, weigh the error,
+  one loss per example (here: the DDPM objective, epsilon or v-prediction, min-SNR; flow.py:
+  flow matching); `loss` is their mean
 - `predict(denoiser, noisy, timesteps, batch)`: the denoiser's output, with `condition(batch)`
 - `pipeline(path, denoiser, parts)`: the diffusers pipeline, to `publish` (full or LoRA) and to `sample`
 """
@@ -183,7 +184,15 @@ class ModelFamily(ABC):
     def loss(
         self, denoiser: Any, scheduler: Any, batch: dict[str, torch.Tensor], channels_last: bool = False
     ) -> torch.Tensor:
-        """train_text_to_image.py's loss: MSE to the noise (or velocity), optionally min-SNR weighted."""
+        """The batch's loss: the mean of `example_losses`."""
+        return self.example_losses(denoiser, scheduler, batch, channels_last).mean()
+
+    def example_losses(
+        self, denoiser: Any, scheduler: Any, batch: dict[str, torch.Tensor], channels_last: bool = False
+    ) -> torch.Tensor:
+        """Each example's loss ([B]; the training loop weighs and averages them, e.g. DreamBooth's
+        prior preservation): train_text_to_image.py's MSE to the noise (or velocity), optionally
+        min-SNR weighted."""
         from diffusers.training_utils import compute_snr
 
         snr_gamma, input_perturbation = self.cfg.snr_gamma, self.cfg.input_perturbation
@@ -194,13 +203,14 @@ class ModelFamily(ABC):
         prediction_type = scheduler.config.prediction_type
         target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
         prediction = self.predict(denoiser, noisy, timesteps, batch)
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
+        per_example = loss.mean(dim=list(range(1, loss.ndim)))
         if snr_gamma is None:
-            return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+            return per_example
         snr = compute_snr(scheduler, timesteps)
         weights = torch.stack([snr, snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
         weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
-        loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
-        return (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
+        return per_example * weights
 
     # -- publish, sample -----------------------------------------------------------------------
 
@@ -221,6 +231,20 @@ class ModelFamily(ABC):
             for text, encoder, tokenizer in zip(self.text_encoders, parts.text_encoders, parts.tokenizers, strict=True):
                 components[text.folder], components[text.tokenizer_folder] = encoder, tokenizer
         return self.pipeline_type().from_pretrained(path, variant=variant, **components)
+
+    def generation_pipeline(
+        self, path: Path, dtype: torch.dtype, variant: str | None = None, vae: str | None = None
+    ) -> Any:
+        """A fresh pipeline of the base model in `dtype`, to generate DreamBooth's class images
+        (its own copy: the weights being trained are never cast); `vae`: a separate VAE's source."""
+        import diffusers
+
+        components = dict(self.pipeline_extras)
+        if vae:
+            components["vae"] = diffusers.AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
+        pipeline = self.pipeline_type().from_pretrained(path, torch_dtype=dtype, variant=variant, **components)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
 
     def save_lora(self, denoiser: Any, folder: Path) -> None:
         """`folder/pytorch_lora_weights.safetensors` as the pipeline's save_lora_weights writes it

@@ -59,7 +59,9 @@ class FlowMatchingFamily(ModelFamily):
         total = scheduler.config.num_train_timesteps
         return (u * total).long().clamp(0, total - 1)
 
-    def loss(self, denoiser: Any, scheduler: Any, batch: dict[str, Any], channels_last: bool = False) -> torch.Tensor:
+    def example_losses(
+        self, denoiser: Any, scheduler: Any, batch: dict[str, Any], channels_last: bool = False
+    ) -> torch.Tensor:
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
         latents, noise, index = batch["latents"], batch["noise"], batch["timesteps"]
@@ -72,4 +74,4 @@ class FlowMatchingFamily(ModelFamily):
             prediction, target = prediction * (-sigmas) + noisy, latents
         weighting = compute_loss_weighting_for_sd3(self.weighting_scheme, sigmas)
         error = (weighting.float() * (prediction - target.float()) ** 2).reshape(len(latents), -1)
-        return error.mean(dim=1).mean()
+        return error.mean(dim=1)
