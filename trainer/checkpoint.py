@@ -20,10 +20,12 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -213,6 +215,98 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# A checkpoint's tensors are copied to CPU memory and written in the background when the copy takes
+# at most this share of the memory available (the process's cgroup limit or the machine's), or at
+# most COPY_LIMIT_ENV gigabytes when set (0: always write before training goes on).
+BACKGROUND_SHARE = 0.5
+COPY_LIMIT_ENV = "KUBETUNE_CHECKPOINT_COPY_MAX_GB"
+
+
+def background_copy_limit() -> float:
+    """Bytes a checkpoint's copy in memory may take to be written in the background."""
+    import os
+
+    configured = os.environ.get(COPY_LIMIT_ENV)
+    if configured:
+        try:
+            return max(0.0, float(configured)) * 1e9
+        except ValueError:
+            log.warning("%s=%r: not a number of gigabytes; using half the memory available", COPY_LIMIT_ENV, configured)
+    return BACKGROUND_SHARE * available_memory()
+
+
+def tensor_bytes(payload: Any) -> int:
+    """Bytes of the tensors in a nest of dicts, lists and tuples."""
+    import torch
+
+    if isinstance(payload, torch.Tensor):
+        return payload.numel() * payload.element_size()
+    if isinstance(payload, dict):
+        return sum(tensor_bytes(v) for v in payload.values())
+    if isinstance(payload, (list, tuple)):
+        return sum(tensor_bytes(v) for v in payload)
+    return 0
+
+
+def cpu_copy(payload: Any) -> Any:
+    """The same nest with every tensor copied into CPU memory (never a view of the live one, which
+    training goes on changing) and every container new; other values are immutable or not changed
+    in place (the optimizer's and scheduler's hyperparameters)."""
+    import torch
+
+    if isinstance(payload, torch.Tensor):
+        return payload.detach().to("cpu", copy=True)
+    if isinstance(payload, dict):
+        return {k: cpu_copy(v) for k, v in payload.items()}
+    if type(payload) in (list, tuple):
+        return type(payload)(cpu_copy(v) for v in payload)
+    return payload
+
+
+def write_checkpoint_files(folder: Path, files: dict[str, Any]) -> None:
+    """`relative path -> payload`: tensor dicts of `.safetensors` paths with safetensors, others with
+    torch.save (read back with weights_only)."""
+    import torch
+    from safetensors.torch import save_file
+
+    for name, payload in files.items():
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".safetensors"):
+            save_file(payload, target, metadata={"format": "pt"})
+        else:
+            torch.save(payload, target)
+
+
+def available_memory() -> int:
+    """Bytes this process may still take: the smaller of the machine's MemAvailable and what its
+    cgroup (v2, else v1) leaves under its limit."""
+    available = _meminfo_available()
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            limit_text = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit_text.isdigit() and int(limit_text) < 1 << 60:  # "max" or a huge v1 value: no limit
+            available = min(available, max(0, int(limit_text) - usage))
+        break
+    return available
+
+
+def _meminfo_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0  # unknown: write before training goes on
+
+
 class Checkpointer:
     """Writes checkpoints into `staging` and publishes them to `output` in the background.
 
@@ -241,12 +335,28 @@ class Checkpointer:
         path.mkdir(parents=True)
         return path
 
-    def commit(self, path: Path, state: CheckpointState, uploaded: dict[str, CheckpointFile] | None = None) -> None:
-        """Hash, write the manifest, upload and prune, in the background. `uploaded`: files of the
-        checkpoint that other processes already stored (sharded checkpoints of several nodes),
-        listed in the manifest as they are."""
-        task = self._pool.submit(self._publish_with_retries, path, state, dict(uploaded or {}))
+    def commit(
+        self,
+        path: Path,
+        state: CheckpointState,
+        uploaded: dict[str, CheckpointFile] | None = None,
+        write: Callable[[], None] | None = None,
+    ) -> None:
+        """Hash, write the manifest, upload and prune, in the background; first `write` the
+        checkpoint's files into `path`, when given (once: a failed write fails the checkpoint).
+        `uploaded`: files of the checkpoint that other processes already stored (sharded
+        checkpoints of several nodes), listed in the manifest as they are."""
+        task = self._pool.submit(self._write_and_publish, path, state, dict(uploaded or {}), write)
         self._pending.append((path.name, task))
+
+    def _write_and_publish(
+        self, path: Path, state: CheckpointState, uploaded: dict[str, CheckpointFile], write: Callable[[], None] | None
+    ) -> str:
+        if write is not None:
+            started = time.monotonic()
+            write()
+            log.info("%s written in %.1fs in the background", path.name, time.monotonic() - started)
+        return self._publish_with_retries(path, state, uploaded)
 
     def _settle(self) -> None:
         """Wait for the publishes in flight; remember (and log) the ones that failed."""

@@ -20,6 +20,7 @@ import math
 import os
 import pickle
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +40,13 @@ from kubetune.trainer.checkpoint import (
     Checkpointer,
     CheckpointError,
     CheckpointRef,
+    background_copy_limit,
     complete_checkpoints,
+    cpu_copy,
     fetch,
     find_checkpoint,
+    tensor_bytes,
+    write_checkpoint_files,
 )
 from kubetune.trainer.config import TrainConfig, fsdp_conflict
 from kubetune.trainer.data import (
@@ -887,8 +892,10 @@ class Trainer:
     # -- 4. checkpoint -------------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
-        """Write this step's checkpoint (main process); hashing and upload go on in the background.
-        When stopping, wait for the upload: the pod is about to go."""
+        """Write this step's checkpoint (main process). The full weights, EMA and optimizer state are
+        copied to CPU memory and written, hashed and uploaded in the background, so training waits
+        only for the copy; when the copy would not fit in memory they are written first. When
+        stopping, wait for the upload: the pod is about to go."""
         session = self.session
         self.check_finite()
         uploaded: dict[str, Any] = {}
@@ -898,16 +905,23 @@ class Trainer:
         if self.sharded is not None:
             folder, uploaded = self._save_shards()
         if session.is_main:
-            self._save_weights(folder)
-            scaler = session.accelerator.scaler
-            torch.save(
-                {
-                    "optimizer": self.optimizer.state_dict() if self.sharded is None else None,  # sharded: DCP's
-                    "lr_scheduler": self.lr_scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                },
-                folder / "optimizer.pt",
-            )
+            started = time.monotonic()
+            files = self._checkpoint_files(folder)
+            size = sum(tensor_bytes(payload) for payload in files.values())
+            allowed = background_copy_limit()
+            background = size <= allowed
+            if background:
+                files = {name: cpu_copy(payload) for name, payload in files.items()}
+            else:
+                write_checkpoint_files(folder, files)
+                log.info(
+                    "checkpoint-%d: written before training goes on (a %.1f GB copy in memory is over the %.1f GB "
+                    "allowed)",
+                    self.step,
+                    size / 1e9,
+                    allowed / 1e9,
+                )
+            log.info("checkpoint-%d: training paused %.2fs", self.step, time.monotonic() - started)
             epoch = self.order.epoch(self.samples_seen)
             self.checkpointer.commit(
                 folder,
@@ -934,6 +948,7 @@ class Trainer:
                     }
                 ),
                 uploaded,
+                write=(lambda: write_checkpoint_files(folder, files)) if background else None,
             )
             if session.stop_requested:  # the pod is about to go: store this checkpoint now
                 try:
@@ -944,35 +959,41 @@ class Trainer:
             session.progress.state("training", latestCheckpoint=self.checkpointer.latest)
         session.accelerator.wait_for_everyone()
 
-    def _save_weights(self, folder: Path) -> None:
-        """What diffusers' scripts save: LoRA `pytorch_lora_weights.safetensors`; full `unet/` (the
-        family's denoiser folder: `transformer/` for FLUX and SD3) and, with EMA, `unet_ema/`
-        (save_pretrained's files: config.json, diffusion_pytorch_model.safetensors; the EMA's config
-        also holds its state, as EMAModel.save_pretrained writes it). Written from the live
-        tensors: no copy of the denoiser."""
+    def _checkpoint_files(self, folder: Path) -> dict[str, Any]:
+        """What diffusers' scripts save, as `relative path -> payload` (a tensor dict for
+        safetensors, any other object for torch.save), from the live tensors (no copy yet): full
+        `unet/` (the family's denoiser folder: `transformer/` for FLUX and SD3) and, with EMA,
+        `unet_ema/` (save_pretrained's files; the EMA's config also holds its state, as
+        EMAModel.save_pretrained writes it), and `optimizer.pt`. The configs are written here, and
+        LoRA's small `pytorch_lora_weights.safetensors` too."""
         import json
 
-        from safetensors.torch import save_file
-
+        files: dict[str, Any] = {}
+        scaler = self.session.accelerator.scaler
+        files["optimizer.pt"] = {
+            "optimizer": self.optimizer.state_dict() if self.sharded is None else None,  # sharded: DCP's
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+        }
         if self.cfg.method == "lora":
             self.model.family.save_lora(self.denoiser, folder)
-            return
+            return files
         if self.sharded is not None:
-            return  # in <denoiser>_sharded/, written by every process (_save_shards)
+            return files  # in <denoiser>_sharded/, written by every process (_save_shards)
         weights, main = "diffusion_pytorch_model.safetensors", self.model.family.denoiser_folder
         state = {k: v.detach().contiguous() for k, v in self.denoiser.state_dict().items()}
         self.denoiser.save_config(folder / main)
-        save_file(state, folder / main / weights, metadata={"format": "pt"})
+        files[f"{main}/{weights}"] = state
         if self.ema is not None:
             names = [name for name, p in self.denoiser.named_parameters() if p.requires_grad]
             shadow = dict(zip(names, self.ema.shadow_params, strict=True))
-            ema_state = {k: shadow.get(k, v).detach().contiguous() for k, v in state.items()}
             ema = folder / f"{main}_ema"
             self.denoiser.save_config(ema)
             config = json.loads((ema / "config.json").read_text())
             config.update({k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"})
             (ema / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            save_file(ema_state, ema / weights, metadata={"format": "pt"})
+            files[f"{main}_ema/{weights}"] = {k: shadow.get(k, v).detach().contiguous() for k, v in state.items()}
+        return files
 
     def _ema_names(self) -> list[str]:
         return [name for name, p in self.denoiser.named_parameters() if p.requires_grad]
