@@ -444,7 +444,22 @@ class _Pass:
         self.condition("DatasetReady", "Unknown", "StorageUnreachable", self.status.message)
         return self.finish()
 
+    def held_out_of_the_queue(self, spec: FineTuneJobSpec, what: str) -> Decision | None:
+        """A suspended FineTuneJob with a Kueue queue creates no Job: Kueue admits a queued Job
+        whose Workload is active, so a Job created suspended could run before the operator
+        deactivates its Workload. The Job is created once spec.suspend is false."""
+        if not (spec.suspend and spec.run_policy.queue_name):
+            return None
+        self.status.phase = "Suspended"
+        self.status.message = f"suspended (spec.suspend); its {what} Job is created when it is resumed"
+        self.condition("Suspended", "True", "SpecSuspend", self.status.message)
+        if self.old.phase != "Suspended":
+            self.event("Normal", "Suspended", self.status.message)
+        return self.finish()
+
     def start_collector(self, spec: FineTuneJobSpec, uri: str, collect_name: str) -> Decision:
+        if (held := self.held_out_of_the_queue(spec, "collector")) is not None:
+            return held
         self.decision.create.append(b.collector_job(spec, self.owner, self.o.images))
         self.status.phase = "Collecting"
         self.status.message = f"collecting the dataset ({spec.dataset.source_name}) into {uri}"
@@ -534,6 +549,8 @@ class _Pass:
         name = b.trainer_job_name(o.name, restart)
         job = o.jobs.get(name)
         if job is None:  # recorded in status but not created yet (or deleted by hand): create it
+            if (held := self.held_out_of_the_queue(spec, "trainer")) is not None:
+                return held
             self.decision.create.append(b.trainer_job(spec, self.owner, restart, o.images))
             self.status.phase = "Training"
             self.status.message = f"starting attempt {len(attempts) - 1} (Job {name})"
@@ -632,6 +649,8 @@ class _Pass:
         index = len(attempts)
         restart = restart_of(attempts, index)
         name = b.trainer_job_name(o.name, restart)
+        if name not in o.jobs and (held := self.held_out_of_the_queue(spec, "trainer")) is not None:
+            return held
         for old_name, old in self.trainer_jobs().items():
             if old_name != name and queued(old):
                 self.delete_job(old_name, old)  # an ended attempt's Job must not hold Kueue quota

@@ -695,6 +695,34 @@ def test_kueue_jobs_wait_for_admission_and_are_not_unsuspended_by_the_operator()
     assert world.status["message"].startswith("collecting the dataset")
 
 
+def test_a_suspended_queued_job_creates_no_job_until_it_is_resumed() -> None:
+    """Kueue admits any queued Job whose Workload is active: a FineTuneJob created suspended must
+    not give it one to admit, nor must its next attempt while suspended."""
+    world = World(runPolicy={"queueName": "gpu-team"}, suspend=True)
+    decision = world.step()
+    assert world.jobs == {} and world.status["phase"] == "Suspended"
+    assert world.condition("Suspended")["status"] == "True" and "Suspended" in reasons(decision)
+    assert "collector Job is created when it is resumed" in world.status["message"]
+    assert world.step().create == [] and world.jobs == {}
+    world.spec["suspend"] = False
+    world.generation = 2
+    world.step()
+    assert world.jobs["shapes-collect"]["spec"]["suspend"] is True  # queued: Kueue's to admit
+    world.kueue_admits("shapes-collect")
+    world.step()
+    world.finish_job("shapes-collect", "Complete")
+    world.manifest = good_manifest(world.spec)
+    world.spec["suspend"] = True  # suspended between collection and training
+    world.generation = 3
+    world.step()
+    assert "shapes-train" not in world.jobs and world.status["phase"] == "Suspended"
+    assert "trainer Job is created when it is resumed" in world.status["message"]
+    world.spec["suspend"] = False
+    world.generation = 4
+    world.step()
+    assert world.jobs["shapes-train"]["metadata"]["labels"][b.KUEUE_QUEUE_LABEL] == "gpu-team"
+
+
 def test_the_trainer_gang_is_one_queued_job_with_a_pod_per_node() -> None:
     world = World(runPolicy={"queueName": "gpu-team"}, trainer={"nodes": 4, "gpusPerNode": 8})
     to_training(world)
