@@ -59,14 +59,26 @@ class FlowMatchingFamily(ModelFamily):
         total = scheduler.config.num_train_timesteps
         return (u * total).long().clamp(0, total - 1)
 
+    def _schedule_on(self, scheduler: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training schedule's sigmas (fp32) and timesteps on `device`, copied there once rather
+        than every step (again only if the scheduler's tensors are replaced)."""
+        source = (scheduler.sigmas, scheduler.timesteps)
+        cached = getattr(self, "_schedule_cache", None)
+        stale = cached is None or cached[0][0] is not source[0] or cached[0][1] is not source[1]
+        if stale or cached[1] != str(device):
+            cached = (source, str(device), source[0].to(device).float(), source[1].to(device))
+            self._schedule_cache = cached
+        return cached[2], cached[3]
+
     def example_losses(
         self, denoiser: Any, scheduler: Any, batch: dict[str, Any], channels_last: bool = False
     ) -> torch.Tensor:
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
         latents, noise, index = batch["latents"], batch["noise"], batch["timesteps"]
-        sigmas = scheduler.sigmas.to(latents.device)[index].float().view(-1, *[1] * (latents.ndim - 1))
-        timesteps = scheduler.timesteps.to(latents.device)[index]
+        all_sigmas, all_timesteps = self._schedule_on(scheduler, latents.device)
+        sigmas = all_sigmas[index].view(-1, *[1] * (latents.ndim - 1))
+        timesteps = all_timesteps[index]
         noisy = (1.0 - sigmas) * latents + sigmas * noise
         prediction = self.predict(denoiser, noisy, timesteps, batch).float()
         target = noise - latents
