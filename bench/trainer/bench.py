@@ -59,6 +59,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -167,6 +168,9 @@ if os.environ.get("KUBETUNE_BENCH_OUT"):
         with open(os.environ["KUBETUNE_BENCH_OUT"], "w") as f:
             json.dump(out, f)
 """
+
+# kubetune's log line for the time training waited on a checkpoint
+CHECKPOINT_PAUSE = re.compile(r"checkpoint-\d+: training paused ([\d.]+)s")
 
 # Dense bf16 peak of the GPUs this is likely to meet, TFLOP/s.
 PEAK_BF16_TFLOPS = {
@@ -560,7 +564,8 @@ def measure(
     started = time.monotonic()
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=work)
     wall = time.monotonic() - started
-    (work / f"log-{name}.txt").write_text(result.stdout + result.stderr)
+    result_log = result.stdout + result.stderr
+    (work / f"log-{name}.txt").write_text(result_log)
     if result.returncode:
         # Reported, not raised: the other side still runs (one GPU session may be all there is).
         print(result.stderr[-4000:], file=sys.stderr)
@@ -585,7 +590,20 @@ def measure(
         f"{name}: {rate:.2f} images/s over steps {skip + 1}-{len(stamps)} ({median:.2f} at the median step, "
         f"{per_cpu_second:.2f} per CPU second), peak {peak:.0f} MiB, {wall:.0f}s end to end"
     )
-    return {
+    result: dict[str, Any] = {}
+    pauses = [float(seconds) for seconds in CHECKPOINT_PAUSE.findall(result_log)]
+    if pauses:
+        # what training waited for per checkpoint, against the steps between two at the default cadence
+        from kubetune.api.defaults import CHECKPOINT_EVERY_STEPS as DEFAULT_CHECKPOINT_STEPS
+
+        step_seconds = batch / median
+        share = statistics.mean(pauses) / (DEFAULT_CHECKPOINT_STEPS * step_seconds)
+        result = {"checkpointPauses": pauses, "checkpointStallAtDefaultCadence": round(share, 4)}
+        log(
+            f"{name}: training paused {statistics.mean(pauses):.2f}s per checkpoint ({len(pauses)}): "
+            f"{100 * share:.2f}% of the time at one checkpoint per {DEFAULT_CHECKPOINT_STEPS} steps"
+        )
+    return result | {
         "imagesPerSecond": round(rate, 3),
         "imagesPerSecondAtMedianStep": round(median, 3),
         "imagesPerCpuSecond": round(per_cpu_second, 3),
