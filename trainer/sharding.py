@@ -75,7 +75,17 @@ def blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
 class Sharded:
     """The sharded denoiser: how it is wrapped, stepped, checkpointed and gathered."""
 
-    def __init__(self, denoiser: torch.nn.Module, device: torch.device, world: int, precision: str, cpu_offload: bool):
+    def __init__(
+        self,
+        denoiser: torch.nn.Module,
+        device: torch.device,
+        world: int,
+        precision: str,
+        cpu_offload: bool,
+        from_first_process: bool = False,
+    ):
+        """`from_first_process`: only process 0's denoiser holds weights (the others' are on the
+        meta device); each process gets its shards of them."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -93,9 +103,14 @@ class Sharded:
             "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
             "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
         }
+        first = self.mesh.get_rank() == 0
+        # process 0's full weights, kept from before sharding (the same tensors: no copy)
+        full = dict(denoiser.state_dict()) if from_first_process and first else {}
         for block in blocks(denoiser):
             fully_shard(block, **settings)
         fully_shard(denoiser, **settings)
+        if from_first_process:
+            self._receive_weights(denoiser, full, device, first)
         self.denoiser = denoiser
         local = sum(p.to_local().numel() for p in denoiser.parameters())
         log.info(
@@ -106,6 +121,21 @@ class Sharded:
             sum(p.numel() for p in denoiser.parameters()),
             "; optimizer state and shards in CPU memory" if cpu_offload else "",
         )
+
+    @staticmethod
+    def _receive_weights(denoiser: torch.nn.Module, full: dict[str, torch.Tensor], device: torch.device, first: bool):
+        """Every process's shards of process 0's weights (torch's broadcast_from_rank0), and its
+        buffers (those not in the state dict too), sent from process 0."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if not first:
+            denoiser.to_empty(device=device)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(denoiser, full, options=options)
+        for buffer in denoiser.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
+        full.clear()
+        log.info("--strategy fsdp: the denoiser's weights read by process 0 only, sharded to the others")
 
     @staticmethod
     def local(tensor: torch.Tensor) -> torch.Tensor:

@@ -247,6 +247,7 @@ class Model:
     fingerprint: str
     scaling_factor: float = 0.18215
     shift_factor: float = 0.0  # the VAE's (FLUX, SD3): latents are (mean - shift) x scale
+    strategy: str = "ddp"  # or "fsdp" (sharding.choose, decided before loading)
 
     @property
     def denoiser(self) -> Any:
@@ -363,11 +364,16 @@ def load_model(cfg: TrainConfig, session: Session) -> Model:
     vae = cfg.pretrained_vae_model_name_or_path
     try:
         family.check_folder(path)
+        strategy = choose_strategy(cfg, session, family, path)
+        # FSDP: only the first process reads the denoiser's weights; the others build its shapes
+        # and receive their shards from it (host memory for one copy per node, not one per GPU)
+        on_meta = strategy == "fsdp" and session.accelerator.process_index != 0
         model = Model(
             path=path,
             family=family,
-            parts=family.load(path, cfg.variant or None, vae),
+            parts=family.load(path, cfg.variant or None, vae, denoiser_on_meta=on_meta),
             fingerprint=_weights_fingerprint(path, family.fingerprint_folders(), vae),
+            strategy=strategy,
         )
     except FamilyError as error:  # a setting this model cannot train with: the message names the flag
         raise TrainError(str(error), layout.EXIT_INVALID) from None
@@ -380,6 +386,21 @@ def load_model(cfg: TrainConfig, session: Session) -> Model:
         model.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
     log.info("model family %s (%s)", family.name, family.pipeline_class)
     return model
+
+
+def choose_strategy(cfg: TrainConfig, session: Session, family: ModelFamily, path: Path) -> str:
+    """`ddp` or `fsdp` (sharding.choose), before the weights are read: `auto` counts the
+    denoiser's parameters on the meta device (LoRA trains too few to shard)."""
+    from kubetune.trainer import sharding
+
+    if cfg.strategy != "auto":
+        return cfg.strategy
+    device, world = session.accelerator.device, session.accelerator.num_processes
+    memory = sharding.gpu_memory(device)
+    if cfg.method != "full" or memory is None or world < 2:
+        return "ddp"
+    count = sum(p.numel() for p in family.denoiser_on_meta(path).parameters())
+    return sharding.choose("auto", count, world, memory)
 
 
 def _weights_fingerprint(path: Path, folders: tuple[str, ...], vae: str | None = None) -> str:
@@ -683,16 +704,21 @@ class Trainer:
         place), else None (DDP through accelerate.prepare)."""
         from kubetune.trainer import sharding
 
-        count = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
-        strategy = sharding.choose(self.cfg.strategy, count, self.world, sharding.gpu_memory(self.device))
-        if strategy != "fsdp":
+        if self.model.strategy != "fsdp":
             return None
         conflict = fsdp_conflict(self.cfg)  # `auto` can pick FSDP only here, on the GPU
         if self.cfg.fsdp_cpu_offload and self.device.type != "cuda":
             conflict = "--fsdp_cpu_offload: needs GPUs (these processes already train on the CPU)"
         if conflict:
             raise TrainError(conflict, layout.EXIT_INVALID)
-        return sharding.Sharded(denoiser, self.device, self.world, self.cfg.precision, self.cfg.fsdp_cpu_offload)
+        return sharding.Sharded(
+            denoiser,
+            self.device,
+            self.world,
+            self.cfg.precision,
+            self.cfg.fsdp_cpu_offload,
+            from_first_process=True,
+        )
 
     # -- the loop ------------------------------------------------------------------------------
 

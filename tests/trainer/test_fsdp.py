@@ -57,6 +57,8 @@ def sharded(tiny_flux: Path, shapes_dataset: Path, tmp_path_factory: pytest.Temp
     output = tmp_path_factory.mktemp("fsdp") / "out"
     log = launch_run(2, flags(tiny_flux, shapes_dataset, output, train_batch_size=1, strategy="fsdp"))
     assert "--strategy fsdp:" in log and "sharded across 2 processes" in log
+    # process 1 built the transformer on the meta device and got its shards from process 0
+    assert "weights read by process 0 only" in log
     return output
 
 

@@ -104,14 +104,20 @@ class ModelFamily(ABC):
     def denoiser_type(self) -> Any:
         return getattr(importlib.import_module("diffusers"), self.denoiser_class)
 
-    def load(self, path: Path, variant: str | None, vae: str | None = None) -> Parts:
+    def load(self, path: Path, variant: str | None, vae: str | None = None, denoiser_on_meta: bool = False) -> Parts:
         """The denoiser, VAE (the pipeline's, or `vae`: a folder or hub id), text encoders,
-        tokenizers and the training scheduler. The VAE and text encoders are frozen."""
+        tokenizers and the training scheduler. The VAE and text encoders are frozen.
+        `denoiser_on_meta`: the denoiser's structure only, no weights read (FSDP: the processes
+        other than the first get their shards of the first's weights)."""
         import diffusers
         import transformers
 
         parts = Parts(
-            denoiser=self.denoiser_type().from_pretrained(path, subfolder=self.denoiser_folder, variant=variant),
+            denoiser=(
+                self.denoiser_on_meta(path)
+                if denoiser_on_meta
+                else self.denoiser_type().from_pretrained(path, subfolder=self.denoiser_folder, variant=variant)
+            ),
             vae=(
                 diffusers.AutoencoderKL.from_pretrained(vae)
                 if vae
@@ -128,6 +134,12 @@ class ModelFamily(ABC):
             parts.tokenizers.append(tokenizer.from_pretrained(path, subfolder=text.tokenizer_folder))
         parts.vae.requires_grad_(False)
         return parts
+
+    def denoiser_on_meta(self, path: Path) -> Any:
+        """The denoiser built from its config on the meta device: shapes, no memory."""
+        cls = self.denoiser_type()
+        with torch.device("meta"):
+            return cls.from_config(cls.load_config(path, subfolder=self.denoiser_folder))
 
     def fingerprint_folders(self) -> tuple[str, ...]:
         """Folders whose files decide the cached latents and text tensors."""

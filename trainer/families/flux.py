@@ -39,8 +39,8 @@ class Flux(FlowMatchingFamily):
     default_weighting = "none"
     default_max_sequence_length = 512
 
-    def load(self, path: Any, variant: str | None, vae: str | None = None) -> Parts:
-        parts = super().load(path, variant, vae)
+    def load(self, path: Any, variant: str | None, vae: str | None = None, denoiser_on_meta: bool = False) -> Parts:
+        parts = super().load(path, variant, vae, denoiser_on_meta)
         self.guidance_embeds = bool(parts.denoiser.config.guidance_embeds)
         # latents are packed in 2x2 patches: every trained size must be a multiple of twice the VAE's factor
         multiple = 2 ** len(parts.vae.config.block_out_channels)
