@@ -112,8 +112,6 @@ def fsdp_conflict(config: TrainConfig) -> str | None:
         return "--strategy fsdp: full fine-tunes only (LoRA fits one GPU: use --strategy ddp or auto)"
     if config.precision == "fp16":
         return "--mixed_precision fp16: not with --strategy fsdp (use bf16; sharded steps have no gradient scaler)"
-    if config.validation_prompts:
-        return "--validation_prompts: not yet with --strategy fsdp (sample the published model instead)"
     if config.compile:
         return "--compile: not with --strategy fsdp (untested with sharded blocks)"
     if config.offload_ema:

@@ -1248,13 +1248,16 @@ class Trainer:
     # -- validation and 5. publish -------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _inference_pipeline(self) -> Iterator[Any]:
-        """The pipeline with the trained (EMA, when used) denoiser, on this device, for sampling."""
-        pipeline = self.model.family.pipeline(self.model.path, self.denoiser, self.model.parts)
-        if self.ema is not None:
-            self.ema.store(self.params)
-            self.ema.copy_to(self.params)
-        self.denoiser.eval()
+    def _inference_pipeline(self, gathered: Any = None) -> Iterator[Any]:
+        """The pipeline with the trained (EMA, when used) denoiser, on this device, for sampling;
+        `gathered`: the full denoiser gathered from the shards (FSDP), its EMA weights already in."""
+        denoiser = self.denoiser if gathered is None else gathered
+        pipeline = self.model.family.pipeline(self.model.path, denoiser, self.model.parts)
+        ema = self.ema if gathered is None else None
+        if ema is not None:
+            ema.store(self.params)
+            ema.copy_to(self.params)
+        denoiser.eval()
         pipeline.to(self.device)
         autocast = torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         try:
@@ -1262,18 +1265,35 @@ class Trainer:
                 yield pipeline
         finally:
             self.model.encoders_to("cpu")
-            self.denoiser.train()
-            if self.ema is not None:
-                self.ema.restore(self.params)
+            denoiser.train()
+            if ema is not None:
+                ema.restore(self.params)
 
     def render_samples(self) -> None:
+        gathered = self._gather_for_sampling() if self.sharded is not None else None
         if self.session.is_main:
-            self._render()
+            self._render(gathered)
+        del gathered
         self.session.accelerator.wait_for_everyone()
 
-    def _render(self) -> None:
+    def _gather_for_sampling(self) -> Any:
+        """FSDP: the full denoiser (EMA weights, when used) on the main process, in the training
+        precision, for sampling (None elsewhere); collective: every process sends its shards."""
+        assert self.sharded is not None
+        if self.ema is not None:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+        try:
+            gathered = self.sharded.full_denoiser(self.model.family.denoiser_type(), self.session.is_main)
+        finally:
+            if self.ema is not None:
+                self.ema.restore(self.params)
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision)
+        return gathered.to(low) if gathered is not None and low is not None else gathered
+
+    def _render(self, gathered: Any = None) -> None:
         per_prompt = self.cfg.num_validation_images or (4 if self.cfg.method == "lora" else 1)
-        with self._inference_pipeline() as pipeline:
+        with self._inference_pipeline(gathered) as pipeline:
             images = publish.render_samples(
                 pipeline,
                 self.cfg.validation_prompts,
@@ -1316,7 +1336,7 @@ class Trainer:
             # also when this attempt resumed at the last step and so rendered nothing (the card shows them)
             if cfg.validation_prompts and (self.step % self.validation_every or self.last_render[0] != self.step):
                 self.ema = None  # the EMA weights are in the denoiser now: sample with them as they are
-                self._render()
+                self._render(denoiser if self.sharded is not None else None)  # FSDP: the gathered one
             samples = publish.sample_files(*self.last_render) if self.last_render[0] == self.step else []
             card = publish.model_card(
                 cfg,

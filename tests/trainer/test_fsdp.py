@@ -55,7 +55,8 @@ def one_process(tiny_flux: Path, shapes_dataset: Path, tmp_path_factory: pytest.
 @pytest.fixture(scope="module")
 def sharded(tiny_flux: Path, shapes_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("fsdp") / "out"
-    log = launch_run(2, flags(tiny_flux, shapes_dataset, output, train_batch_size=1, strategy="fsdp"))
+    settings = {"train_batch_size": 1, "strategy": "fsdp", "validation_prompts": "a red circle"}
+    log = launch_run(2, flags(tiny_flux, shapes_dataset, output, num_validation_images=1, **settings))
     assert "--strategy fsdp:" in log and "sharded across 2 processes" in log
     # process 1 built the transformer on the meta device and got its shards from process 0
     assert "weights read by process 0 only" in log
@@ -65,6 +66,14 @@ def sharded(tiny_flux: Path, shapes_dataset: Path, tmp_path_factory: pytest.Temp
 def test_two_sharded_processes_agree_with_one_process(sharded: Path, one_process: Path, tiny_flux: Path) -> None:
     # 2 processes x batch 1, sharded = 1 process x batch 2, unsharded (the published weights are the EMA's)
     assert relative_update_difference(sharded, one_process, tiny_flux, "transformer") < 0.01
+
+
+def test_validation_samples_are_rendered_from_the_gathered_shards(sharded: Path) -> None:
+    # every 2 steps (at each checkpoint) of 4: the full model gathered on process 0, with its EMA weights
+    samples = sharded / "samples"
+    rendered = sorted(path.relative_to(samples).as_posix() for path in samples.rglob("00.png"))
+    assert rendered == ["step-00000002/00.png", "step-00000004/00.png"]
+    assert "![a red circle](samples/step-00000004/00.png)" in (sharded / "README.md").read_text()
 
 
 def test_each_rank_writes_its_shards_and_the_manifest_lists_them(sharded: Path) -> None:
@@ -145,7 +154,6 @@ def test_a_sharded_checkpoint_is_not_resumed_unsharded(
     [
         ({"method": "lora"}, "--strategy fsdp: full fine-tunes only"),
         ({"mixed_precision": "fp16"}, "--mixed_precision fp16: not with --strategy fsdp"),
-        ({"validation_prompts": "a red circle"}, "--validation_prompts: not yet with --strategy fsdp"),
         ({"strategy": "ddp", "fsdp_cpu_offload": True}, "--fsdp_cpu_offload: needs --strategy fsdp"),
         ({"fsdp_cpu_offload": True}, "--fsdp_cpu_offload: needs GPUs"),
         (
