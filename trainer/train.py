@@ -727,6 +727,8 @@ class Trainer:
         session, cfg = self.session, self.cfg
         session.progress.state("training", step=self.step, epoch=self.order.epoch(self.samples_seen))
         accumulation = cfg.gradient_accumulation_steps
+        first_step = self.step + 1
+        started = time.monotonic()
         with torch.inference_mode(False):
             while self.step < self.max_steps:
                 losses = []
@@ -754,6 +756,9 @@ class Trainer:
                 self.step += 1
                 self.samples_seen += self.global_batch
                 self._report(loss)
+                if cfg.compile and self.step == first_step:  # what compiling costs, once per process
+                    took = time.monotonic() - started
+                    log.info("--compile: the first step took %.1fs (compiling the denoiser)", took)
                 yield self.step
 
     def _no_sync(self, sync: bool) -> Any:
