@@ -187,10 +187,13 @@ def duration(seconds: float) -> str:
 
 
 def images_per_step(spec: FineTuneJobSpec) -> int:
-    """Images one optimizer step consumes: the batch per process, accumulated, on every process
-    (one per GPU, or one per node on CPU)."""
+    """Images one optimizer step trains (as the trainer counts its images/s): the batch per
+    process, accumulated, on every process (one per GPU, or one per node on CPU); twice that with
+    DreamBooth's prior preservation (a class image beside each instance image)."""
     processes = spec.trainer.nodes * max(spec.trainer.gpus_per_node, 1)
-    return spec.training.batch_size * spec.training.gradient_accumulation_steps * processes
+    dreambooth = spec.training.dreambooth
+    pairs = 2 if dreambooth is not None and dreambooth.prior_preservation else 1
+    return spec.training.batch_size * spec.training.gradient_accumulation_steps * processes * pairs
 
 
 def eta_seconds(progress: TrainingProgress, step_images: int = 0) -> float | None:

@@ -914,7 +914,9 @@ class Trainer:
                 self.writer.add_scalar("train_loss", values["loss"], self.step)
                 self.writer.add_scalar("lr", values["learningRate"], self.step)
         if self.session.is_main:
-            self.session.progress.step(self.step, self.samples_seen, **values)
+            # images trained: with prior preservation each sample brings its class image along
+            images = self.samples_seen * (1 if self.samples.prior_start is None else 2)
+            self.session.progress.step(self.step, images, **values)
             if "loss" in values and trackers.selected(self.cfg.report_to):
                 rate = self.session.progress.values.get("imagesPerSecond")
                 logged = {"train_loss": values["loss"], "lr": values["learningRate"]}

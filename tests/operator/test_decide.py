@@ -1015,6 +1015,17 @@ def test_without_the_trainers_estimate_the_eta_comes_from_images_per_second_and_
     assert "eta" not in world.status["training"] or world.status["training"]["eta"] == ""
 
 
+def test_with_prior_preservation_a_step_trains_a_class_image_beside_each_instance_image() -> None:
+    # batch 2 on 1 node x 2 GPUs: 4 instance + 4 class images a step; 60 steps left at 8 images/s
+    dreambooth = {"instancePrompt": "a photo of sks dog", "classPrompt": "a dog", "priorPreservation": True}
+    training = {"batchSize": 2, "gradientAccumulationSteps": 1, "dreambooth": dreambooth}
+    world = World(trainer={"nodes": 1, "gpusPerNode": 2}, training=training)
+    to_training(world)
+    world.progress = {"state": "training", "step": 40, "maxSteps": 100, "imagesPerSecond": 8.0}
+    world.step()
+    assert world.status["training"]["etaSeconds"] == 60
+
+
 def test_a_succeeded_job_has_no_time_left() -> None:
     world = world_in_training(step=90, maxSteps=100, etaSeconds=30)
     world.step()
