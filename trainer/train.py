@@ -97,6 +97,7 @@ def run(cfg: TrainConfig) -> int:
             trainer.render_samples()
     instances = len(samples) if samples.prior_start is None else samples.prior_start
     trainer.publish(data, instances, samples.skipped, len(samples) - instances)  # 5. publish
+    session.close()
     return layout.EXIT_OK
 
 
@@ -164,6 +165,13 @@ class Session:
     def preempted(self) -> int:
         self.progress.state("preempted")
         return layout.EXIT_PREEMPTED
+
+    def close(self) -> None:
+        """End the process group once every process is done with it: left to interpreter exit, its
+        threads (gloo's, NCCL's watchdog) can abort the process after a successful run."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
     def resume_point(self) -> CheckpointRef | None:
         """The checkpoint to continue from, and the seed (the checkpoint's, the flag's or a new one)."""
