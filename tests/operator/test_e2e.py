@@ -20,7 +20,7 @@ import pytest
 from kubetune.dev.testing import condition as true_condition
 from kubetune.dev.testing import job_manifest, kueue_queue, kueue_workloads, rbac, wait_for
 
-MAX_STEPS = 16  # long enough to interrupt between two checkpoints, short enough to finish fast
+MAX_STEPS = 40  # room for three interruptions (each runs on a few steps before it lands), yet quick
 EVERY = 4
 
 
@@ -45,33 +45,9 @@ def checkpoint_steps(e2e: Any, name: str) -> list[int]:
     return sorted(int(k.split("/")[0]) for k in e2e.keys("jobs", name, "checkpoint-") if k.endswith("/manifest.json"))
 
 
-def wait_for_checkpoint_mid_run(e2e: Any, name: str) -> int:
-    """Wait until the first attempt has a complete checkpoint in S3 and is still training."""
-
-    def ready() -> int:
-        steps = checkpoint_steps(e2e, name)
-        return steps[-1] if steps and steps[-1] < MAX_STEPS else 0
-
-    step = wait_for(ready, timeout=180, interval=0.1)
-    assert e2e.status(name).get("phase") == "Training"
-    return int(step)
-
-
 def trainer_pods(e2e: Any, name: str, job: str) -> list[dict[str, Any]]:
     pods = [p for p in e2e.list("pods", name) if p["metadata"]["labels"].get("batch.kubernetes.io/job-name") == job]
     return sorted(pods, key=lambda p: p["metadata"]["labels"].get("batch.kubernetes.io/job-completion-index", ""))
-
-
-def resumed_from(e2e: Any, name: str, job: str) -> str:
-    """The 'resuming from ...' line of rank 0 of a trainer Job."""
-    rank0 = next(
-        p
-        for p in trainer_pods(e2e, name, job)
-        if p["metadata"]["labels"].get("batch.kubernetes.io/job-completion-index") == "0"
-    )
-    return next(
-        (line for line in e2e.pod_log(rank0["metadata"]["name"], tail=2000).splitlines() if "resuming from" in line), ""
-    )
 
 
 # -- rejected before anything runs -------------------------------------------------------------
@@ -232,68 +208,77 @@ def recovery_spec(e2e: Any, name: str, **overrides: Any) -> dict[str, Any]:
     return e2e.spec(name, training={"maxTrainSteps": MAX_STEPS, "checkpointEverySteps": EVERY}, **overrides)
 
 
-@pytest.mark.slow
-def test_a_killed_trainer_is_replaced_by_an_attempt_that_resumes_and_finishes(e2e: Any) -> None:
-    name = "killed"
-    e2e.create(name, recovery_spec(e2e, name, runPolicy={"backoffLimit": 2}))
-    step = wait_for_checkpoint_mid_run(e2e, name)
-    rank0 = trainer_pods(e2e, name, "killed-train")[0]
-    os.kill(e2e.trainer_process(rank0), signal.SIGKILL)  # as the OOM killer would
+def resumed_lines(e2e: Any, name: str, job: str) -> str:
+    """The 'resuming from ...' lines of every rank 0 pod of a trainer Job still listed."""
+    lines = []
+    for pod in trainer_pods(e2e, name, job):
+        if pod["metadata"]["labels"].get("batch.kubernetes.io/job-completion-index") == "0":
+            log = e2e.pod_log(pod["metadata"]["name"], tail=2000)
+            lines += [line for line in log.splitlines() if "resuming from" in line]
+    return "\n".join(lines) or f"no 'resuming from' line; pods:\n{e2e.pod_summary()}"
 
-    status = e2e.wait_phase(name, "Succeeded", timeout=300)
-    first, second = status["attempts"]
-    assert first["reason"] == "Failed" and second["reason"] == "Succeeded"
-    assert second["startStep"] >= step > 0
-    assert second["endStep"] == status["training"]["step"] == MAX_STEPS
-    assert status["restarts"] == 1 and status["preemptions"] == 0
-    assert e2e.names("jobs", name) == ["killed-collect", "killed-train", "killed-train-r1"]
-    assert f"/checkpoint-{second['startStep']} " in resumed_from(e2e, name, "killed-train-r1")
-    assert {"AttemptFailed", "AttemptStarted", "Succeeded"} <= set(reasons(e2e, name))
-    assert e2e.progress(name)["step"] == MAX_STEPS
+
+def wait_for_checkpoint_after(e2e: Any, name: str, after: int, below: int) -> int:
+    def ready() -> int:
+        steps = [s for s in checkpoint_steps(e2e, name) if after < s < below]
+        return steps[-1] if steps else 0
+
+    return int(wait_for(ready, timeout=240, interval=0.1))
 
 
 @pytest.mark.slow
-def test_a_preempted_pod_does_not_use_the_backoff_budget(e2e: Any) -> None:
-    name = "evicted"
-    e2e.create(name, recovery_spec(e2e, name, runPolicy={"backoffLimit": 0}))  # one failure would end it
-    step = wait_for_checkpoint_mid_run(e2e, name)
-    rank1 = trainer_pods(e2e, name, "evicted-train")[1]["metadata"]["name"]
-    eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": rank1, "namespace": e2e.namespace}}
-    e2e.api.ok(e2e.api.post(e2e.path("pods", rank1) + "/eviction", eviction))
+def test_a_job_survives_suspension_a_preemption_and_a_failure_resuming_from_checkpoints(e2e: Any) -> None:
+    """One job, three interruptions, each resumed from the newest checkpoint in S3: spec.suspend (the
+    pods checkpoint on SIGTERM; not an attempt, the same Job resumes), an evicted pod (a preemption:
+    a new attempt that does not use the backoff budget), a killed trainer (a failure: a new attempt)."""
+    name, steps = "recovered", MAX_STEPS
+    # backoffLimit 1: were the preemption counted as a failure, the failure after it would end the job
+    e2e.create(name, recovery_spec(e2e, name, runPolicy={"backoffLimit": 1}))
+    first = wait_for_checkpoint_after(e2e, name, 0, steps)
+    assert e2e.status(name).get("phase") == "Training"
 
-    status = e2e.wait_phase(name, "Succeeded", timeout=300)
-    first, second = status["attempts"]
-    assert first["reason"] == "Preempted" and second["reason"] == "Succeeded"
-    assert status["preemptions"] == 1 and status["restarts"] == 0
-    assert second["startStep"] >= step > 0 and second["endStep"] == MAX_STEPS
-    assert f"/checkpoint-{second['startStep']} " in resumed_from(e2e, name, "evicted-train-r1")
-    assert "PodPreempted" in reasons(e2e, name)
-
-
-@pytest.mark.slow
-def test_suspend_then_resume_finishes_from_the_checkpoint(e2e: Any) -> None:
-    name = "paused"
-    e2e.create(name, recovery_spec(e2e, name))
-    wait_for_checkpoint_mid_run(e2e, name)
+    # spec.suspend: the pods get SIGTERM, save a checkpoint and exit; resuming continues in the same Job
     e2e.patch_spec(name, {"suspend": True})
     status = e2e.wait_phase(name, "Suspended", timeout=60)
     assert condition(status, "Suspended")["status"] == "True"
-    # the pods get SIGTERM, save a checkpoint and exit (terminating pods still run until then)
-    wait_for(
-        lambda: not [p for p in trainer_pods(e2e, name, "paused-train") if p["status"].get("phase") == "Running"],
+    wait_for(  # terminating pods still run until they have saved
+        lambda: not [p for p in trainer_pods(e2e, name, f"{name}-train") if p["status"].get("phase") == "Running"],
         timeout=90,
     )
-    stopped_at = checkpoint_steps(e2e, name)[-1]
-    assert e2e.progress(name)["state"] == "preempted"
-
+    suspended_at = checkpoint_steps(e2e, name)[-1]
+    assert suspended_at >= first and e2e.progress(name)["state"] == "preempted"
     e2e.patch_spec(name, {"suspend": False})
+    wait_for(lambda: len(e2e.running_trainer_pods(name)) == 2, timeout=60)
+    second = wait_for_checkpoint_after(e2e, name, suspended_at, steps)
+    assert f"/checkpoint-{suspended_at} " in resumed_lines(e2e, name, f"{name}-train")
+    assert [a.get("reason") for a in e2e.status(name)["attempts"]] == [""]  # a suspension is not an attempt
+
+    # an evicted pod: the attempt ends as Preempted and the next one resumes in a fresh Job
+    rank1 = next(
+        p["metadata"]["name"]
+        for p in e2e.running_trainer_pods(name)
+        if p["metadata"]["labels"].get("batch.kubernetes.io/job-completion-index") == "1"
+    )
+    eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": rank1, "namespace": e2e.namespace}}
+    e2e.api.ok(e2e.api.post(e2e.path("pods", rank1) + "/eviction", eviction))
+    e2e.wait(name, lambda s: len(s.get("attempts") or []) == 2, 120, "a second attempt after the eviction")
+    preempted = e2e.status(name)["attempts"][1]["startStep"]
+    assert preempted >= second
+    third = wait_for_checkpoint_after(e2e, name, preempted, steps)  # written by the new attempt
+    assert f"/checkpoint-{preempted} " in resumed_lines(e2e, name, f"{name}-train-r1")
+
+    # a killed trainer (as the OOM killer would): a failed attempt, the next one resumes and finishes
+    rank0 = next(p for p in e2e.running_trainer_pods(name) if p["metadata"]["name"].startswith(f"{name}-train-r1-0-"))
+    os.kill(e2e.trainer_process(rank0), signal.SIGKILL)
     status = e2e.wait_phase(name, "Succeeded", timeout=300)
-    assert [a["reason"] for a in status["attempts"]] == ["Succeeded"]  # a suspension is not an attempt
-    assert status["restarts"] == 0 and status["preemptions"] == 0
-    assert status["training"]["step"] == MAX_STEPS
-    assert e2e.names("jobs", name) == ["paused-collect", "paused-train"]
-    assert f"/checkpoint-{stopped_at} " in resumed_from(e2e, name, "paused-train")
-    assert {"Suspended", "Resumed"} <= set(reasons(e2e, name))
+    assert [a["reason"] for a in status["attempts"]] == ["Preempted", "Failed", "Succeeded"]
+    assert status["preemptions"] == 1 and status["restarts"] == 1
+    last = status["attempts"][2]
+    assert last["startStep"] >= third and last["endStep"] == status["training"]["step"] == steps
+    assert f"/checkpoint-{last['startStep']} " in resumed_lines(e2e, name, f"{name}-train-r2")
+    assert e2e.names("jobs", name) == [f"{name}-collect", f"{name}-train", f"{name}-train-r1", f"{name}-train-r2"]
+    assert {"Suspended", "Resumed", "PodPreempted", "AttemptFailed", "Succeeded"} <= set(reasons(e2e, name))
+    assert e2e.progress(name)["step"] == steps
 
 
 @pytest.mark.slow
@@ -368,38 +353,18 @@ def test_a_flux_lora_job_runs_to_succeeded_and_its_lora_loads(e2e: Any, tmp_path
 # -- Kueue ---------------------------------------------------------------------------------------
 
 
-def resumed_lines(e2e: Any, name: str, job: str) -> str:
-    """The 'resuming from ...' lines of every rank 0 pod of a trainer Job still listed."""
-    lines = []
-    for pod in trainer_pods(e2e, name, job):
-        if pod["metadata"]["labels"].get("batch.kubernetes.io/job-completion-index") == "0":
-            log = e2e.pod_log(pod["metadata"]["name"], tail=2000)
-            lines += [line for line in log.splitlines() if "resuming from" in line]
-    return "\n".join(lines) or f"no 'resuming from' line; pods:\n{e2e.pod_summary()}"
-
-
-def wait_for_checkpoint_after(e2e: Any, name: str, after: int, below: int) -> int:
-    def ready() -> int:
-        steps = [s for s in checkpoint_steps(e2e, name) if after < s < below]
-        return steps[-1] if steps else 0
-
-    return int(wait_for(ready, timeout=240, interval=0.1))
-
-
 @pytest.mark.slow
 def test_a_kueue_queued_job_survives_preemption_suspension_and_a_failure_resuming_from_checkpoints(e2e: Any) -> None:
     """Kueue owns the queued Jobs' `suspend`: the local cluster's Kueue admits the trainer gang as one
     Workload, preempts it for a higher-priority Job (the same Job resumes from its checkpoint when
     readmitted), spec.suspend goes through the Workload's spec.active, and a new attempt gets a fresh
     Job while the failed one's is deleted."""
-    name, steps = "queued", 24
+    name, steps = "queued", MAX_STEPS
     queue, urgent = f"{e2e.namespace}-q", f"{e2e.namespace}-urgent"
     kueue_queue(e2e.api, e2e.namespace, queue, {"cpu": "64", "memory": "1Ti", "pods": 2}, preemption="LowerPriority")
     priority = {"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "WorkloadPriorityClass", "metadata": {"name": urgent}}
     e2e.api.ok(e2e.api.post("/apis/kueue.x-k8s.io/v1beta1/workloadpriorityclasses", {**priority, "value": 1000}))
-    spec = recovery_spec(e2e, name, runPolicy={"queueName": queue, "backoffLimit": 1})
-    spec["training"]["maxTrainSteps"] = steps
-    e2e.create(name, spec)
+    e2e.create(name, recovery_spec(e2e, name, runPolicy={"queueName": queue, "backoffLimit": 1}))
     first = wait_for_checkpoint_after(e2e, name, 0, steps)
     job = e2e.api.ok(e2e.api.get(e2e.path("jobs", "queued-train")))
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == queue
