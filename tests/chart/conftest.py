@@ -123,6 +123,9 @@ class Rendered:
 
 RenderFn = Callable[..., Rendered]
 
+# libyaml's loader when PyYAML has it: the pure-Python one takes seconds over the CRD in every render
+SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 @pytest.fixture(scope="session")
 def render(tools: Tools) -> RenderFn:
@@ -130,7 +133,7 @@ def render(tools: Tools) -> RenderFn:
 
     def _render(values_file: str | None = None, *sets: str) -> Rendered:
         text = _template(tools.helm, values_file, tuple(sets))
-        return Rendered(text=text, objects=[o for o in yaml.safe_load_all(text) if o])
+        return Rendered(text=text, objects=[o for o in yaml.load_all(text, Loader=SafeLoader) if o])
 
     return _render
 

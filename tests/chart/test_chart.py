@@ -19,6 +19,8 @@ from kubetune.api.crd import render_crd_yaml
 from kubetune.api.load import parse_finetunejob
 from kubetune.cli import COMMANDS
 
+from .conftest import SafeLoader
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "kubetune"
 VALUES = Path(__file__).resolve().parent / "values"
@@ -81,7 +83,7 @@ def test_chart_crd_is_the_generated_crd() -> None:
 
 def test_crd_is_installed_with_the_chart(render: Any) -> None:
     crd = render().one("CustomResourceDefinition")
-    assert crd == yaml.safe_load(render_crd_yaml())
+    assert crd == yaml.load(render_crd_yaml(), Loader=SafeLoader)
 
 
 # --- values.schema.json -----------------------------------------------------------------------
@@ -497,7 +499,7 @@ def test_helm_test_finetunejob_is_accepted_by_the_crd(render: Any) -> None:
     job = yaml.safe_load(configmap["data"]["finetunejob.yaml"])
     assert job["kind"] == "FineTuneJob" and job["metadata"]["generateName"]
     parse_finetunejob(job)
-    crd = yaml.safe_load(render_crd_yaml())
+    crd = yaml.load(render_crd_yaml(), Loader=SafeLoader)
     schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     result = validate_custom_resource(schema, job)
     assert not result.errors and not result.unknown_fields
