@@ -164,10 +164,11 @@ class ModelFamily(ABC):
         """Captions to named tensors (one row per caption, on the CPU, float32), cached once."""
 
     @staticmethod
-    def token_ids(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
+    def token_ids(tokenizer: Any, captions: Sequence[str], max_length: int | None = None) -> torch.Tensor:
+        """Token ids padded to `max_length` (default: the tokenizer's own limit, CLIP's 77)."""
         return tokenizer(
             list(captions),
-            max_length=tokenizer.model_max_length,
+            max_length=max_length or tokenizer.model_max_length,
             padding="max_length",
             truncation=True,
             return_tensors="pt",

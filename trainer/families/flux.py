@@ -52,13 +52,7 @@ class Flux(FlowMatchingFamily):
     def encode(self, parts: Parts, captions: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
         (clip_tokenizer, t5_tokenizer), (clip, t5) = parts.tokenizers, parts.text_encoders
         pooled = clip(self.token_ids(clip_tokenizer, captions).to(device), output_hidden_states=False).pooler_output
-        ids = t5_tokenizer(
-            list(captions),
-            max_length=self.max_sequence_length,
-            padding="max_length",
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        ids = self.token_ids(t5_tokenizer, captions, self.max_sequence_length)
         states = t5(ids.to(device), output_hidden_states=False)[0]
         return {"states": states.float().cpu(), "pooled": pooled.float().cpu()}
 

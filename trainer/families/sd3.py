@@ -37,14 +37,7 @@ class StableDiffusion3(FlowMatchingFamily):
             out = encoder(self.token_ids(tokenizer, captions).to(device), output_hidden_states=True)
             pooled.append(out[0])  # text_embeds: the projected pooled output
             clip_states.append(out.hidden_states[-2])
-        ids = parts.tokenizers[2](
-            list(captions),
-            max_length=self.max_sequence_length,
-            padding="max_length",
-            truncation=True,
-            add_special_tokens=True,
-            return_tensors="pt",
-        ).input_ids
+        ids = self.token_ids(parts.tokenizers[2], captions, self.max_sequence_length)
         t5 = parts.text_encoders[2](ids.to(device))[0]
         clip = torch.cat(clip_states, dim=-1)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
