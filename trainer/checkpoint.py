@@ -324,6 +324,9 @@ class Checkpointer:
         self.latest: str | None = None  # newest checkpoint known complete in the output
         # another run's checkpoints (--resume_mismatch restart): deleted once this run's first is complete
         self.superseded: list[CheckpointRef] = []
+        # called in the upload thread with each checkpoint's local folder once it is stored; what it
+        # raises is logged, never a failed checkpoint (the Hub copy of checkpoints: --hub_push_checkpoints)
+        self.on_stored: Callable[[Path], None] | None = None
 
     def folder(self, step: int) -> Path:
         """A fresh, empty local folder for the checkpoint of `step` (files go in, then `commit`)."""
@@ -356,7 +359,13 @@ class Checkpointer:
             started = time.monotonic()
             write()
             log.info("%s written in %.1fs in the background", path.name, time.monotonic() - started)
-        return self._publish_with_retries(path, state, uploaded)
+        name = self._publish_with_retries(path, state, uploaded)
+        if self.on_stored is not None:
+            try:
+                self.on_stored(path)
+            except Exception as error:  # the checkpoint itself is stored; the extra copy is not worth a failure
+                log.warning("checkpoint %s: %s", name, str(error) or type(error).__name__)
+        return name
 
     def _settle(self) -> None:
         """Wait for the publishes in flight; remember (and log) the ones that failed."""

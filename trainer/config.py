@@ -126,6 +126,8 @@ def _check_hub(config: TrainConfig) -> None:
 
     if config.push_to_hub and not config.hub_model_id:
         raise OneLineError("--push_to_hub: needs --hub_model_id ORG/NAME (spec.output.hub.repo)")
+    if config.hub_push_checkpoints and not config.push_to_hub:
+        raise OneLineError("--hub_push_checkpoints: needs --push_to_hub")
     repo = config.hub_model_id
     if repo is not None and (len(repo) > 193 or not re.fullmatch(HUB_REPO, repo) or "--" in repo or ".." in repo):
         raise OneLineError(

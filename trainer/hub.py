@@ -16,9 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from kubetune.api.layout import MANIFEST_FILE, checkpoint_step
 
 log = logging.getLogger("kubetune.trainer.hub")
 TOKEN_ENV = "KUBETUNE_HUB_TOKEN"
@@ -50,10 +53,12 @@ def push(
     revision: str | None = None,
     token: str | None = None,
     message: str = "kubetune: fine-tuned model",
+    delete_folders: Callable[[list[str]], list[str]] | None = None,
 ) -> str:
     """Create `repo` if missing, then commit `files` to `revision` (main if None); the commit URL.
-    Transient failures (connection errors, 408/429/5xx) are retried with backoff."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    `delete_folders`: given the names of the top-level folders in the repository, those the same
+    commit deletes. Transient failures (connection errors, 408/429/5xx) are retried with backoff."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, RepoFolder
 
     api = HfApi(token=token or os.environ.get(TOKEN_ENV) or None)
     operations = [CommitOperationAdd(f.path_in_repo, f.content) for f in files]
@@ -63,7 +68,11 @@ def push(
         if revision and revision != "main":
             api.create_branch(repo, branch=revision, exist_ok=True)
         # CommitOperationAdd objects are single-use: fresh ones for every attempt
-        fresh = [CommitOperationAdd(o.path_in_repo, o.path_or_fileobj) for o in operations]
+        fresh: list[Any] = [CommitOperationAdd(o.path_in_repo, o.path_or_fileobj) for o in operations]
+        if delete_folders is not None:
+            tree = api.list_repo_tree(repo, revision=revision or None)
+            folders = [entry.path for entry in tree if isinstance(entry, RepoFolder)]
+            fresh += [CommitOperationDelete(f"{name}/", is_folder=True) for name in delete_folders(folders)]
         info = api.create_commit(repo, fresh, commit_message=message, revision=revision or None)
         return str(info.commit_url)
 
@@ -80,6 +89,39 @@ def push(
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
+
+
+# what a checkpoint holds besides the trained weights: resuming state, not a model anyone loads
+_RESUME_STATE = ("optimizer.pt", "optimizer.bin", "scheduler.bin", "scaler.pt", MANIFEST_FILE)
+
+
+def checkpoint_weights(folder: Path) -> list[str]:
+    """The files of a stored checkpoint worth pushing: the trained weights and their configs
+    (`unet/`, `unet_ema/`, `transformer/`, `pytorch_lora_weights.safetensors`), not the optimizer
+    state, the manifest or FSDP shards (which load only into the same sharded run)."""
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return [
+        name
+        for name in names
+        if name not in _RESUME_STATE
+        and not name.startswith("random_states")
+        and not name.split("/")[0].endswith("_sharded")
+    ]
+
+
+def checkpoints_beyond(keep: int | None, new: str) -> Callable[[list[str]], list[str]]:
+    """For `push(delete_folders=...)`: the `checkpoint-N` folders beyond the newest `keep` once
+    `new` is added (none with no limit)."""
+
+    def stale(folders: list[str]) -> list[str]:
+        if keep is None:
+            return []
+        ours = {name for name in folders if name.startswith("checkpoint-")}  # never a folder kubetune did not name
+        steps = {name: step for name in {*ours, new} if (step := checkpoint_step(name)) is not None}
+        newest_first = sorted(steps, key=lambda name: steps[name], reverse=True)
+        return sorted(name for name in newest_first[keep:] if name != new)
+
+    return stale
 
 
 def _status(error: Exception) -> int | None:

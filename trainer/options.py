@@ -769,6 +769,8 @@ class TrainConfig:
     report_to: str = opt(
         "tensorboard",
         group=OUTPUT,
+        spec="output.reportTo",
+        convert=lambda value: value or "tensorboard",
         choices=("tensorboard", "wandb", "mlflow", "all", "none"),
         help="TensorBoard logs under 'logs/' in --output_dir unless none; wandb or mlflow (kubetune[trackers]) "
         "as well record the settings, loss, learning rate, images/s and validation images; all: TensorBoard and "
@@ -776,7 +778,11 @@ class TrainConfig:
     )
     logging_dir: str = opt("logs", group=OUTPUT, help="local TensorBoard folder (and wandb's, unless $WANDB_DIR)")
     tracker_project_name: str = opt(
-        "text2image-fine-tune", group=OUTPUT, help="the wandb project or mlflow experiment name"
+        "text2image-fine-tune",
+        group=OUTPUT,
+        spec="output.trackerProjectName",
+        convert=lambda value: value or "text2image-fine-tune",
+        help="the wandb project or mlflow experiment name",
     )
     progress_interval: float = opt(
         5.0, group=OUTPUT, kubetune=True, type=float, help="seconds between progress.json updates"
@@ -808,6 +814,16 @@ class TrainConfig:
         spec="output.hub.revision",
         convert=_or_none,
         help="the branch to push to, created from main when missing; unset: main",
+    )
+    hub_push_checkpoints: bool = opt(
+        False,
+        group=HUB,
+        kubetune=True,
+        spec="output.hub.pushCheckpoints",
+        convert=bool,
+        help="with --push_to_hub, also push each checkpoint's trained weights (not the optimizer state) to "
+        "checkpoint-N/ in the repository once it is stored, keeping --checkpoints_total_limit of them; a failed "
+        "checkpoint push is logged and training goes on",
     )
     hub_token: str | None = opt(
         None,

@@ -704,6 +704,8 @@ class Trainer:
             found = resume_mismatches(self.resume.manifest, {"cache_key": self.samples.key})
             self.resume = self.session.check_resume(self.resume, found)
         self.checkpointer.superseded = list(self.session.superseded)
+        if cfg.hub_push_checkpoints and self.session.is_main:
+            self.checkpointer.on_stored = self._push_checkpoint_to_hub
         if self.resume:
             self._load_checkpoint(self.resume)
 
@@ -1398,6 +1400,35 @@ class Trainer:
         except hub.HubError as error:
             raise TrainError(str(error), layout.EXIT_INVALID if error.permanent else layout.EXIT_FAILED) from None
         log.info("pushed to the Hub: %s", url)
+
+    def _push_checkpoint_to_hub(self, folder: Path) -> None:
+        """In the upload thread, once the checkpoint is stored: its trained weights to
+        `checkpoint-N/` of the Hub repository, deleting the ones beyond --checkpoints_total_limit in
+        the same commit. Not when the pod is stopping (its grace period is the store's)."""
+        from kubetune.trainer import hub
+
+        cfg = self.cfg
+        assert cfg.hub_model_id
+        if self.session.stop_requested:
+            log.info("%s: not pushed to the Hub (the pod is stopping)", folder.name)
+            return
+        names = hub.checkpoint_weights(folder)
+        if not names:
+            log.info("%s: not pushed to the Hub (a sharded checkpoint loads only into its own run)", folder.name)
+            return
+        try:
+            url = hub.push(
+                cfg.hub_model_id,
+                [hub.HubFile(f"{folder.name}/{name}", folder / name) for name in names],
+                private=cfg.hub_private_repo,
+                revision=cfg.hub_revision,
+                token=cfg.hub_token,
+                message=f"kubetune: {folder.name}",
+                delete_folders=hub.checkpoints_beyond(cfg.checkpoints_total_limit, folder.name),
+            )
+        except hub.HubError as error:
+            raise RuntimeError(f"not pushed to the Hub: {error}") from None
+        log.info("%s pushed to the Hub: %s", folder.name, url)
 
     def _tensorboard(self) -> Any:
         if not self.session.is_main or self.cfg.report_to == "none":

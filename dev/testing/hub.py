@@ -3,9 +3,10 @@
 Built from the requests huggingface_hub's HfApi sends and the answers it parses (see its
 hf_api.py / _commit_api.py): `GET /api/whoami-v2`, `POST /api/repos/create` (409 with the repo's
 `url` when it exists), `GET /api/models/{repo}` (repo_info), `POST /api/models/{repo}/branch/{name}`,
-`POST /api/validate-yaml` (a README.md in a commit), `POST /api/models/{repo}/preupload/{revision}`
-and `POST /api/models/{repo}/commit/{revision}` (ndjson: a header line, then `file` lines with
-base64 content). Preupload answers "regular" for every file, so commits carry the files inline
+`POST /api/validate-yaml` (a README.md in a commit), `POST /api/models/{repo}/preupload/{revision}`,
+`POST /api/models/{repo}/commit/{revision}` (ndjson: a header line, then `file` lines with
+base64 content, `deletedFile` and `deletedFolder` lines) and `GET /api/models/{repo}/tree/{revision}`
+(list_repo_tree). Preupload answers "regular" for every file, so commits carry the files inline
 and no LFS or Xet storage is needed. Tokens: `Authorization: Bearer <token>`; an unknown token gets
 401, a read-only token 403 on writes, as the Hub answers.
 
@@ -72,10 +73,12 @@ class Hub:
             return self._validate_yaml(json.loads(request.body)["content"])
         if path == "/api/repos/create" and request.method == "POST":
             return self._create(request, user)
-        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/(preupload|commit|branch)/(.+))?", path)
+        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/(preupload|commit|branch|tree)/([^/]+)(/.+)?)?", path)
         if not match:
             return _error(404, "Sorry, we can't find the page you are looking for.")
         repo_id, action, revision = match.group(1), match.group(2), unquote(match.group(3) or "main")
+        if match.group(4) and action != "tree":
+            return _error(404, "Sorry, we can't find the page you are looking for.")
         repo = self.repos.get(repo_id)
         if repo is None or (repo.private and (user is None or not repo_id.startswith(user[0] + "/"))):
             if user is None:
@@ -83,6 +86,8 @@ class Hub:
             return _error(404, "Repository not found", {"X-Error-Code": "RepoNotFound"})
         if action is None:
             return Reply.json({"id": repo_id, "private": repo.private, "sha": (repo.commits or ["0" * 40])[-1]})
+        if action == "tree":
+            return self._tree(repo, revision, unquote((match.group(4) or "/")[1:]), request)
         if user is None:
             return _error(401, "Invalid credentials in Authorization header")
         if not user[1] or not repo_id.startswith(user[0] + "/"):
@@ -143,12 +148,37 @@ class Hub:
                 branch[value["path"]] = base64.b64decode(value["content"])
             elif line["key"] == "deletedFile":
                 branch.pop(value["path"], None)
+            elif line["key"] == "deletedFolder":
+                for name in [name for name in branch if name.startswith(value["path"].rstrip("/") + "/")]:
+                    del branch[name]
             else:  # lfsFile and the like: this stand-in never asked for LFS
                 return _error(400, f"unexpected commit operation {line['key']}")
         oid = hashlib.sha1(request.body + str(len(repo.commits)).encode()).hexdigest()
         repo.commits.append(oid)
         url = f"{self.base}/{repo.repo_id}/commit/{oid}"
         return Reply.json({"commitUrl": url, "commitOid": oid, "pullRequestUrl": None})
+
+    def _tree(self, repo: Repo, revision: str, folder: str, request: Request) -> Reply:
+        """`GET .../tree/{revision}[/{path}]` (list_repo_tree): the entries under `folder`, one level
+        (or all files with `recursive=True`), as {type, path, oid[, size]}; one page, no Link header."""
+        if revision not in repo.branches:
+            return _error(404, "Invalid rev id", {"X-Error-Code": "RevisionNotFound"})
+        prefix = folder.strip("/") + "/" if folder.strip("/") else ""
+        recursive = request.query.get("recursive", "").lower() == "true"
+        entries: dict[str, dict[str, Any]] = {}
+        for name, content in sorted(repo.branches[revision].items()):
+            if not name.startswith(prefix):
+                continue
+            rest = name[len(prefix) :]
+            if recursive or "/" not in rest:
+                entries[name] = {"type": "file", "path": name, "oid": hashlib.sha1(content).hexdigest()}
+                entries[name]["size"] = len(content)
+            else:
+                directory = prefix + rest.split("/")[0]
+                entries[directory] = {"type": "directory", "path": directory, "oid": "0" * 40}
+        if prefix and not entries:
+            return _error(404, f"{folder} does not exist on {revision}", {"X-Error-Code": "EntryNotFound"})
+        return Reply.json(list(entries.values()))
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Reply:

@@ -675,13 +675,25 @@ class HubPush(ApiModel):
     """Create the repository private (an existing repository's visibility is kept)."""
     revision: Annotated[str, StringConstraints(max_length=255, pattern=REVISION)] = ""
     """Branch to push to, created from main when missing; empty means main."""
+    push_checkpoints: bool = False
+    """Also push each checkpoint's trained weights (not the optimizer state) to `checkpoint-N/` in
+    the repository as it is stored, keeping as many as `training.checkpointsToKeep`."""
 
 
 class Output(ApiModel):
-    """Where the model goes besides `storage.uri`."""
+    """Where the model and the run's metrics go besides `storage.uri`."""
 
     hub: HubPush | None = None
     """Push the model to the Hugging Face Hub."""
+    report_to: Literal["tensorboard", "wandb", "mlflow", "all", "none"] = "tensorboard"
+    """Experiment trackers (`--report_to`): TensorBoard logs under `logs/` in storage unless `none`;
+    `wandb` or `mlflow` also record the settings, loss, learning rate, images/s and validation
+    images, configured by their own variables (`WANDB_API_KEY`, `MLFLOW_TRACKING_URI`, ...) set
+    through `trainer.podTemplate`; `all`: TensorBoard and those configured."""
+    tracker_project_name: Annotated[
+        str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")
+    ] = "text2image-fine-tune"
+    """The wandb project or MLflow experiment the run is recorded in."""
 
 
 class RunPolicy(ApiModel):

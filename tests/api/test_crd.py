@@ -380,6 +380,18 @@ BOUNDS += [
         f"{CO}.affinity.podAntiAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].weight",
     ),
 ]
+# spec.output: trackers and the Hub push (#18)
+BOUNDS += [
+    ("output-reportTo-neptune", "spec.output", {"reportTo": "neptune"}, "spec.output.reportTo"),
+    ("output-project-slash", "spec.output", {"trackerProjectName": "team/run"}, "spec.output.trackerProjectName"),
+    ("output-project-129", "spec.output", {"trackerProjectName": "p" * 129}, "spec.output.trackerProjectName"),
+    (
+        "output-hub-pushCheckpoints-string",
+        "spec.output",
+        {"hub": {"repo": "o/n", "tokenSecretRef": {"name": "hf", "key": "t"}, "pushCheckpoints": "yes"}},
+        "spec.output.hub.pushCheckpoints",
+    ),
+]
 INVALID += [(case, path, value, field or path) for case, path, value, field in BOUNDS]
 
 

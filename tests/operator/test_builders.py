@@ -203,6 +203,7 @@ def test_a_hub_push_token_reaches_the_trainer_by_reference_only() -> None:
         "tokenSecretRef": {"name": "hf-write", "key": "t"},
         "private": False,
         "revision": "",
+        "pushCheckpoints": False,
     }
 
 

@@ -91,6 +91,17 @@ def test_spec_maps_training_model_and_storage(tmp_path: Path) -> None:
     assert cfg.validation_guidance_scale == 1.0
     assert cfg.train_batch_size == 2 and cfg.gradient_accumulation_steps == 4 and cfg.use_ema
     assert cfg.max_train_steps == 12  # a flag given on the command line wins over the spec
+    assert (cfg.report_to, cfg.tracker_project_name, cfg.push_to_hub) == ("tensorboard", "text2image-fine-tune", False)
+
+    spec["spec"]["output"] = {
+        "reportTo": "mlflow",
+        "trackerProjectName": "lighthouses",
+        "hub": {"repo": "org/shapes", "tokenSecretRef": {"name": "hf", "key": "token"}, "pushCheckpoints": True},
+    }
+    path.write_text(json.dumps(spec))
+    cfg = parse_config(["--spec", str(path)], "kubetune train")
+    assert (cfg.report_to, cfg.tracker_project_name) == ("mlflow", "lighthouses")
+    assert (cfg.push_to_hub, cfg.hub_model_id, cfg.hub_push_checkpoints) == (True, "org/shapes", True)
 
 
 def test_spec_from_environment_with_imagefolder_source(monkeypatch: pytest.MonkeyPatch) -> None:

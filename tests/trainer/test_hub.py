@@ -207,3 +207,64 @@ def test_a_push_that_keeps_failing_exits_1_and_the_retry_pushes(tiny_model: Path
     assert "resuming from" in retried.stderr
     files = hub.files("alice/flaky")
     assert "unet/diffusion_pytorch_model.safetensors" in files and "samples/step-00000002/00.png" in files
+
+
+def test_checkpoints_are_pushed_as_they_are_stored_keeping_the_limit(
+    tiny_model: Path, hub: Hub, tmp_path: Path
+) -> None:
+    """`--hub_push_checkpoints`: each stored checkpoint's weights go to `checkpoint-N/` (not the
+    optimizer state); the folders beyond --checkpoints_total_limit are deleted, never a folder
+    kubetune did not name; a checkpoint push that keeps failing is a warning and training goes on."""
+    from huggingface_hub import HfApi
+
+    data = write_imagefolder(tmp_path / "dataset", 4)
+    output = tmp_path / "out"
+    HfApi(endpoint=hub.base, token=WRITE_TOKEN).create_repo("alice/ckpt")
+    hub.repos["alice/ckpt"].branches["main"]["step-1/notes.txt"] = b"the user's own folder"
+    hub.failures = [500] * 4  # every attempt of the first commit: checkpoint-2's
+    flags = core_flags(
+        tiny_model,
+        data,
+        output,
+        max_train_steps=8,
+        checkpointing_steps=2,
+        checkpoints_total_limit=2,
+        push_to_hub=True,
+        hub_push_checkpoints=True,
+        hub_model_id="alice/ckpt",
+    )
+    result = train(flags, **hub_env(hub, WRITE_TOKEN))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        "checkpoint checkpoint-2: not pushed to the Hub: --hub_model_id (spec.output.hub): pushing to alice/ckpt "
+        "failed: HTTP 500" in result.stderr
+    )
+    assert WRITE_TOKEN not in result.stdout + result.stderr
+
+    files = hub.files("alice/ckpt")
+    pushed = sorted(name for name in files if name.startswith("checkpoint-"))
+    weights = "diffusion_pytorch_model.safetensors"
+    assert pushed == [
+        f"checkpoint-{step}/{part}"
+        for step in (6, 8)
+        for part in ("unet/config.json", f"unet/{weights}", "unet_ema/config.json", f"unet_ema/{weights}")
+    ], "the newest two, weights and configs only"
+    assert files[f"checkpoint-8/unet/{weights}"] == (output / f"checkpoint-8/unet/{weights}").read_bytes()
+    assert files["step-1/notes.txt"] == b"the user's own folder"
+    assert "model_index.json" in files and "README.md" in files, "the final push as well"
+    assert len(hub.repos["alice/ckpt"].commits) == 4, "checkpoint-4, -6, -8 (deleting checkpoint-4), the model"
+
+
+def test_checkpoint_weights_are_what_loads_without_the_run(tmp_path: Path) -> None:
+    from kubetune.trainer.hub import checkpoint_weights, checkpoints_beyond
+
+    for name in ("pytorch_lora_weights.safetensors", "optimizer.pt", "manifest.json", "unet_sharded/__0_0.distcp"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert checkpoint_weights(tmp_path) == ["pytorch_lora_weights.safetensors"]
+    stale = checkpoints_beyond(2, "checkpoint-30")
+    assert stale(["checkpoint-10", "checkpoint-20", "checkpoint-5", "samples", "step-1"]) == [
+        "checkpoint-10",
+        "checkpoint-5",
+    ]
+    assert checkpoints_beyond(None, "checkpoint-30")(["checkpoint-10"]) == []
