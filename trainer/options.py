@@ -17,6 +17,7 @@ here: `--help` stays instant.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -314,7 +315,6 @@ class TrainConfig:
         kubetune=True,
         choices=("replace", "append", "prefix"),
         spec="dataset.captioning.mode",
-        convert=lambda mode: mode or "replace",
         help="what training reads: the generated caption (replace), the original text then it (append), or "
         "--caption_trigger then it (prefix)",
     )
@@ -323,7 +323,6 @@ class TrainConfig:
         group=DATA,
         kubetune=True,
         spec="dataset.captioning.prompt",
-        convert=lambda prompt: prompt or "",
         help="instruction given to the captioning model (instruction models; BLIP takes it as the caption's start)",
     )
     caption_trigger: str = opt(
@@ -331,7 +330,6 @@ class TrainConfig:
         group=DATA,
         kubetune=True,
         spec="dataset.captioning.trigger",
-        convert=lambda trigger: trigger or "",
         help="the word or phrase put before each caption in --caption_mode prefix",
     )
     caption_max_new_tokens: int = opt(
@@ -340,7 +338,6 @@ class TrainConfig:
         kubetune=True,
         type=_positive_int,
         spec="dataset.captioning.maxNewTokens",
-        convert=lambda n: n or 30,
         help="longest generated caption, in tokens",
     )
     caption_batch_size: int = opt(
@@ -349,7 +346,6 @@ class TrainConfig:
         kubetune=True,
         type=_positive_int,
         spec="dataset.captioning.batchSize",
-        convert=lambda n: n or 8,
         help="images captioned at once per process",
     )
     min_clip_score: float | None = opt(
@@ -366,7 +362,6 @@ class TrainConfig:
         group=DATA,
         kubetune=True,
         spec="dataset.filter.model",
-        convert=lambda model: model or "openai/clip-vit-base-patch32",
         help="the CLIP model of --min_clip_score (hub id, local or s3:// folder)",
     )
     image_interpolation_mode: str = opt(
@@ -422,7 +417,6 @@ class TrainConfig:
         False,
         group=DREAMBOOTH,
         spec="training.dreambooth.priorPreservation",
-        convert=bool,
         help="add the prior-preservation loss: each batch also holds as many class images, whose loss is "
         "weighted by --prior_loss_weight",
     )
@@ -431,7 +425,6 @@ class TrainConfig:
         group=DREAMBOOTH,
         type=_non_negative_float,
         spec="training.dreambooth.priorLossWeight",
-        convert=lambda weight: 1.0 if weight is None else weight,
         help="weight of the class images' loss",
     )
     num_class_images: int = opt(
@@ -439,7 +432,6 @@ class TrainConfig:
         group=DREAMBOOTH,
         type=_positive_int,
         spec="training.dreambooth.numClassImages",
-        convert=lambda count: count or 100,
         help="class images wanted for prior preservation; those missing in --class_data_dir are generated "
         "from --class_prompt with the base model, split over the processes",
     )
@@ -448,7 +440,6 @@ class TrainConfig:
         group=DREAMBOOTH,
         type=_positive_int,
         spec="training.dreambooth.sampleBatchSize",
-        convert=lambda count: count or 4,
         help="class images generated at once per process",
     )
     prior_generation_precision: str | None = opt(
@@ -770,7 +761,6 @@ class TrainConfig:
         "tensorboard",
         group=OUTPUT,
         spec="output.reportTo",
-        convert=lambda value: value or "tensorboard",
         choices=("tensorboard", "wandb", "mlflow", "all", "none"),
         help="TensorBoard logs under 'logs/' in --output_dir unless none; wandb or mlflow (kubetune[trackers]) "
         "as well record the settings, loss, learning rate, images/s and validation images; all: TensorBoard and "
@@ -781,7 +771,6 @@ class TrainConfig:
         "text2image-fine-tune",
         group=OUTPUT,
         spec="output.trackerProjectName",
-        convert=lambda value: value or "text2image-fine-tune",
         help="the wandb project or mlflow experiment name",
     )
     progress_interval: float = opt(
@@ -804,7 +793,6 @@ class TrainConfig:
         False,
         group=HUB,
         spec="output.hub.private",
-        convert=bool,
         help="create the repository private (an existing one is kept as is)",
     )
     hub_revision: str | None = opt(
@@ -820,7 +808,6 @@ class TrainConfig:
         group=HUB,
         kubetune=True,
         spec="output.hub.pushCheckpoints",
-        convert=bool,
         help="with --push_to_hub, also push each checkpoint's trained weights (not the optimizer state) to "
         "checkpoint-N/ in the repository once it is stored, keeping --checkpoints_total_limit of them; a failed "
         "checkpoint push is logged and training goes on",
@@ -955,16 +942,25 @@ def spec_config_values(spec: FineTuneJobSpec) -> dict[str, Any]:
             values[option.name] = option.derive(spec)
         elif option.spec:
             value = spec_value(spec, option.spec)
-            values[option.name] = option.convert(value) if option.convert else value
+            if value is SECTION_UNSET:  # the flag's default: the spec field's own (test_options checks they agree)
+                values[option.name] = copy.copy(option.default)
+            else:
+                values[option.name] = option.convert(value) if option.convert else value
     return values
 
 
+SECTION_UNSET = object()
+"""What `spec_value` gives for a field of an optional section the spec leaves out (`output.hub`,
+`dataset.captioning`, `training.dreambooth`)."""
+
+
 def spec_value(spec: Any, path: str) -> Any:
-    """The value at a camelCase path (`training.loraRank`) of a parsed spec."""
+    """The value at a camelCase path (`training.loraRank`) of a parsed spec; SECTION_UNSET when a
+    section on the way is unset."""
     value = spec
     for part in path.split("."):
         if value is None:
-            return None
+            return SECTION_UNSET
         value = getattr(value, _field_name(type(value), part))
     return value
 
