@@ -91,22 +91,18 @@ def push(
     raise AssertionError("unreachable")
 
 
-# what a checkpoint holds besides the trained weights: resuming state, not a model anyone loads
-_RESUME_STATE = ("optimizer.pt", "optimizer.bin", "scheduler.bin", "scaler.pt", MANIFEST_FILE)
+# what kubetune's checkpoints hold besides the trained weights: resuming state, not a model anyone loads
+_RESUME_STATE = ("optimizer.pt", MANIFEST_FILE)
 
 
 def checkpoint_weights(folder: Path) -> list[str]:
     """The files of a stored checkpoint worth pushing: the trained weights and their configs
     (`unet/`, `unet_ema/`, `transformer/`, `pytorch_lora_weights.safetensors`), not the optimizer
     state, the manifest or FSDP shards (which load only into the same sharded run)."""
+    from kubetune.trainer.sharding import SHARDED_SUFFIX
+
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    return [
-        name
-        for name in names
-        if name not in _RESUME_STATE
-        and not name.startswith("random_states")
-        and not name.split("/")[0].endswith("_sharded")
-    ]
+    return [name for name in names if name not in _RESUME_STATE and not name.split("/")[0].endswith(SHARDED_SUFFIX)]
 
 
 def checkpoints_beyond(keep: int | None, new: str) -> Callable[[list[str]], list[str]]:

@@ -171,8 +171,8 @@ class Hub:
                 continue
             rest = name[len(prefix) :]
             if recursive or "/" not in rest:
-                entries[name] = {"type": "file", "path": name, "oid": hashlib.sha1(content).hexdigest()}
-                entries[name]["size"] = len(content)
+                oid = hashlib.sha1(content).hexdigest()
+                entries[name] = {"type": "file", "path": name, "oid": oid, "size": len(content)}
             else:
                 directory = prefix + rest.split("/")[0]
                 entries[directory] = {"type": "directory", "path": directory, "oid": "0" * 40}
