@@ -40,7 +40,7 @@ def main(argv: Sequence[str], prog: str = "kubetune train") -> int:
     from kubetune.trainer.train import TrainError, cuda_oom_message, run
 
     try:
-        return _finish(prog, run(cfg))
+        return _end_process(_finish(prog, run(cfg)))
     except StorageOwnedError as error:  # another job's prefix: nothing is written there, progress neither
         return _finish(prog, layout.EXIT_STORAGE_OWNED, str(error))
     except TrainError as error:
@@ -79,6 +79,20 @@ def _finish(prog: str, code: int, message: str = "", output_dir: str | None = No
             (Path(exit_dir) / f"message-{rank}").write_text(message)
         (Path(exit_dir) / f"exit-{rank}").write_text(str(code))
     return code
+
+
+def _end_process(code: int) -> int:
+    """After a successful run of several processes (accelerate launch sets WORLD_SIZE), exit now:
+    the run ended its process group (Session.close), but in the interpreter's teardown a c10d/gloo
+    C++ thread still joinable could abort the finished process ("terminate called without an active
+    exception", exit -6, seen with FSDP on gloo) and fail the launch. Everything is written by now
+    (outputs, progress, the exit file); the logs and streams are flushed first."""
+    if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        return code
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _is_main() -> bool:
