@@ -171,7 +171,8 @@ def build_or_load(
             else:
                 part_captions = captions[chunk * CAPTIONS_PER_CHUNK : (chunk + 1) * CAPTIONS_PER_CHUNK]
                 encoded = _encode_captions(loaded, part_captions, batch_size * 4)
-                tensors = {name: t.to(getattr(torch, settings["dtype"])) for name, t in encoded.items()}
+                dtype = getattr(torch, settings["dtype"])  # token ids stay integers
+                tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in encoded.items()}
             root.write_bytes(name, save_tensors({k: v.contiguous() for k, v in tensors.items()}))
             log.info(
                 "cached %s (%d of %d chunks for this process)",

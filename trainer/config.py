@@ -116,6 +116,8 @@ def fsdp_conflict(config: TrainConfig) -> str | None:
         return "--compile: not with --strategy fsdp (untested with sharded blocks)"
     if config.offload_ema:
         return "--offload_ema: not with --strategy fsdp (the EMA is sharded with the weights)"
+    if config.train_text_encoder:
+        return "--train_text_encoder: not with --strategy fsdp (only the denoiser is sharded; use --strategy ddp)"
     return None
 
 

@@ -577,6 +577,21 @@ class TrainConfig:
         help="with --strategy fsdp: keep the weight shards, gradients and optimizer state in CPU memory "
         "(the optimizer steps on the CPU); less GPU memory, slower",
     )
+    train_text_encoder: bool = opt(
+        False,
+        group=OPTIMISATION,
+        spec="training.trainTextEncoder",
+        help="train the text encoders too, as the stock DreamBooth and LoRA scripts choose them: SD's CLIP, "
+        "both of SDXL's, FLUX's CLIP, SD3's two CLIPs (T5 stays frozen, its output cached); full weights, or "
+        "LoRA adapters on their attention (q, k, v, out) with --method lora; not with --strategy fsdp",
+    )
+    text_encoder_lr: float | None = opt(
+        None,
+        group=OPTIMISATION,
+        type=_positive_float,
+        spec="training.textEncoderLearningRate",
+        help="with --train_text_encoder: the text encoders' peak learning rate; unset: --learning_rate",
+    )
     # loss
     snr_gamma: float | None = opt(
         None,
@@ -843,13 +858,18 @@ EXTRA_OPTIONS = (
     Option("local_rank", -1, type=int, group=STOCK, help="accepted; unused (accelerate sets it)"),
     # train_dreambooth.py's flags that are not settings
     Option("set_grads_to_none", False, group=STOCK, help="accepted; gradients are always set to None"),
-    Option("pre_compute_text_embeddings", False, group=STOCK, help="accepted; text embeddings are always cached"),
-    Option("skip_save_text_encoder", False, group=STOCK, help="accepted; the text encoder is not trained"),
     Option(
-        "train_text_encoder",
+        "pre_compute_text_embeddings",
         False,
         group=STOCK,
-        refused="training the text encoder is not supported (its outputs are cached once)",
+        help="accepted; text embeddings are always cached (with --train_text_encoder, the token ids instead for the "
+        "encoders it trains)",
+    ),
+    Option(
+        "skip_save_text_encoder",
+        False,
+        group=STOCK,
+        help="accepted; a text encoder trained with --train_text_encoder is always published with the model",
     ),
     Option(
         "tokenizer_name",

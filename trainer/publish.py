@@ -3,6 +3,7 @@ output, and a model card with the training settings and the dataset's sources an
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections import Counter
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from kubetune.storage import Store
 from kubetune.trainer.config import TrainConfig
 from kubetune.trainer.data import TrainingData
 from kubetune.trainer.families import ModelFamily
+
+log = logging.getLogger("kubetune.trainer")
 
 
 @torch.no_grad()
@@ -99,12 +102,17 @@ def _pipeline_files(folder: Path) -> list[str]:
     return files
 
 
-def write_lora(family: ModelFamily, denoiser: Any, output: Store, staging: Path) -> tuple[Path, list[str]]:
-    """pytorch_lora_weights.safetensors, loadable with `pipe.load_lora_weights(output)`, and the
-    family's extra formats. Returns the local folder and those files' names."""
+def write_lora(
+    family: ModelFamily, denoiser: Any, output: Store, staging: Path, text_encoders: dict[str, Any] | None = None
+) -> tuple[Path, list[str]]:
+    """pytorch_lora_weights.safetensors (with `text_encoders`' adapters, when trained), loadable
+    with `pipe.load_lora_weights(output)`, and the family's extra formats. Returns the local folder
+    and those files' names."""
     folder = Path(output.uri) if not output.is_s3 else staging / "publish-lora"
-    family.save_lora(denoiser, folder)
-    extras = family.publish_lora_extras(denoiser, folder)
+    family.save_lora(denoiser, folder, text_encoders)
+    extras = family.publish_lora_extras(denoiser, folder) if not text_encoders else []
+    if text_encoders:  # a kohya file of the denoiser's adapters alone would load as another LoRA
+        log.info("no kohya-format LoRA file: the text encoders' adapters are only in %s", LORA_WEIGHTS)
     if output.is_s3:
         output.upload_tree(folder)
     return folder, [LORA_WEIGHTS, *extras]
@@ -180,6 +188,9 @@ def model_card(
     its front matter is the Hub's model card metadata."""
     pipeline = family.pipeline_class
     what = f"LoRA rank {cfg.rank}" if cfg.method == "lora" else f"full fine-tune of the {family.denoiser_folder}"
+    if cfg.train_text_encoder:
+        encoders = " and ".join(family.text_encoders[i].folder for i in family.trained_text_encoders)
+        what += f", with the {encoders}" if cfg.method == "full" else f", also on the {encoders}"
     tags = [*family.tags, "text-to-image", "diffusers", "kubetune", *(["lora"] if cfg.method == "lora" else [])]
     if cfg.instance_prompt:
         tags.append("dreambooth")
@@ -219,6 +230,12 @@ def model_card(
             "```",
             "",
         ]
+        if cfg.train_text_encoder:
+            lines += [
+                "The file holds the text encoders' adapters too; with transformers 5, loading them needs "
+                "peft 0.22 or newer.",
+                "",
+            ]
     else:
         lines += [
             "```python",
@@ -241,6 +258,9 @@ def model_card(
         "batch size per process": cfg.train_batch_size,
         "gradient accumulation": cfg.gradient_accumulation_steps,
         "learning rate": cfg.learning_rate,
+        "text encoders": (
+            f"trained, learning rate {cfg.text_encoder_lr or cfg.learning_rate}" if cfg.train_text_encoder else "frozen"
+        ),
         "lr scheduler": cfg.lr_scheduler,
         "warm-up steps": cfg.lr_warmup_steps,
         "max grad norm": cfg.max_grad_norm,

@@ -21,7 +21,7 @@ import os
 import pickle
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,10 +59,12 @@ from kubetune.trainer.data import (
     select,
 )
 from kubetune.trainer.families import FamilyError, ModelFamily, Parts, family_for
+from kubetune.trainer.families.base import add_text_encoder_lora
 from kubetune.trainer.progress import Progress
 
 log = logging.getLogger("kubetune.trainer")
 LOSS_EVERY = 10  # steps between loss read-outs (see Trainer._report)
+TEXT_ENCODER_WEIGHTS = "model.safetensors"  # transformers' save_pretrained name
 
 
 class TrainError(Exception):
@@ -210,6 +212,7 @@ class Session:
             "resolution": cfg.resolution,
             "lora_rank": cfg.rank if cfg.method == "lora" else 0,
             "optimizer": cfg.optimizer,  # its state in the checkpoint is only another optimizer's
+            "text_encoders": "trained" if cfg.train_text_encoder else "frozen",
         }
 
     def check_resume(self, ref: CheckpointRef, mismatches: list[str]) -> CheckpointRef | None:
@@ -256,6 +259,7 @@ class Model:
     scaling_factor: float = 0.18215
     shift_factor: float = 0.0  # the VAE's (FLUX, SD3): latents are (mean - shift) x scale
     strategy: str = "ddp"  # or "fsdp" (sharding.choose, decided before loading)
+    trained_text_encoders: tuple[int, ...] = ()  # --train_text_encoder: the family's; kept in fp32 on the device
 
     @property
     def denoiser(self) -> Any:
@@ -270,18 +274,28 @@ class Model:
         return self.parts.noise_scheduler
 
     def encoders_to(
-        self, device: Any, vae_dtype: torch.dtype | None = None, text_dtype: torch.dtype | None = None
+        self,
+        device: Any,
+        vae_dtype: torch.dtype | None = None,
+        text_dtype: torch.dtype | None = None,
+        frozen_only: bool = False,
     ) -> None:
+        """Move the VAE and the text encoders; a trained text encoder keeps its fp32 weights (and,
+        `frozen_only`, its place: the training device)."""
         self.parts.vae.to(device, vae_dtype)
-        for encoder in self.parts.text_encoders:
-            encoder.to(device, text_dtype)
+        for index, encoder in enumerate(self.parts.text_encoders):
+            if index not in self.trained_text_encoders:
+                encoder.to(device, text_dtype)
+            elif not frozen_only:
+                encoder.to(device)
 
     def release_encoders(self, keep_on_cpu: bool) -> None:
-        """Free the accelerator's memory of the VAE and text encoders once the cache is built."""
+        """Free the accelerator's memory of the VAE and the frozen text encoders once the cache is built."""
         if keep_on_cpu:
-            self.encoders_to("cpu", torch.float32, torch.float32)
+            self.encoders_to("cpu", torch.float32, torch.float32, frozen_only=True)
         else:
-            self.parts.text_encoders = []
+            trained = self.trained_text_encoders
+            self.parts.text_encoders = [e if i in trained else None for i, e in enumerate(self.parts.text_encoders)]
             # a separate VAE is published with the model: keep it (on the CPU)
             self.parts.vae = self.parts.vae.to("cpu", torch.float32) if self.parts.vae_source else None
         if torch.cuda.is_available():
@@ -382,6 +396,7 @@ def load_model(cfg: TrainConfig, session: Session) -> Model:
             parts=family.load(path, cfg.variant or None, vae, denoiser_on_meta=on_meta),
             fingerprint=_weights_fingerprint(path, family.fingerprint_folders(), vae),
             strategy=strategy,
+            trained_text_encoders=family.trained_text_encoders if cfg.train_text_encoder else (),
         )
     except FamilyError as error:  # a setting this model cannot train with: the message names the flag
         raise TrainError(str(error), layout.EXIT_INVALID) from None
@@ -545,6 +560,8 @@ def load_cache(
 
     if cfg.proportion_empty_prompts:
         settings["emptyCaption"] = True
+    if cfg.train_text_encoder:  # the trained encoders' token ids are cached too
+        settings["tokenIds"] = list(model.trained_text_encoders)
     settings.update(model.family.cache_settings())
 
     def encoders() -> latent_cache.Encoders:
@@ -668,6 +685,8 @@ class Trainer:
             denoiser.to(memory_format=torch.channels_last)
         self.channels_last = self.channels_last and self.sharded is None
         self.params = [p for p in denoiser.parameters() if p.requires_grad]
+        self.text_encoders = self._trained_text_encoders()  # folder -> encoder; {} unless --train_text_encoder
+        self.text_params = [p for e in self.text_encoders.values() for p in e.parameters() if p.requires_grad]
         self.ema = None
         if cfg.use_ema and cfg.method == "full":
             from diffusers.training_utils import EMAModel
@@ -681,7 +700,13 @@ class Trainer:
             if cfg.offload_ema:
                 self.ema.to("cpu")
         lr = cfg.learning_rate * (self.global_batch if cfg.scale_lr else 1)
-        optimizer = make_optimizer(cfg, self.params, lr, self.device)
+        # the text encoders' weights after the denoiser's, in one group as train_dreambooth(_lora).py
+        # has them; in a second group at its own learning rate with --text_encoder_lr
+        groups: list[Any] = self.params + self.text_params
+        if self.text_params and cfg.text_encoder_lr:
+            text_lr = cfg.text_encoder_lr * (self.global_batch if cfg.scale_lr else 1)
+            groups = [{"params": self.params}, {"params": self.text_params, "lr": text_lr}]
+        optimizer = make_optimizer(cfg, groups, lr, self.device)
         from diffusers.optimization import get_scheduler
 
         self.lr_scheduler = get_scheduler(
@@ -708,6 +733,59 @@ class Trainer:
             self.checkpointer.on_stored = self._push_checkpoint_to_hub
         if self.resume:
             self._load_checkpoint(self.resume)
+
+    def _trained_text_encoders(self) -> dict[str, Any]:
+        """--train_text_encoder: the family's trained encoders (folder -> module), trainable on this
+        device: all their weights in fp32, or (LoRA) adapters on their attention over frozen weights
+        in the autocast dtype, as train_dreambooth(_lora).py set them up. Their gradients are
+        averaged over the processes by `_reduce_text_gradients`, not by DDP."""
+        cfg, family, parts = self.cfg, self.model.family, self.model.parts
+        out: dict[str, Any] = {}
+        for index in self.model.trained_text_encoders:
+            encoder = parts.text_encoders[index]
+            if cfg.method == "lora":
+                from peft import LoraConfig
+
+                encoder.requires_grad_(False)
+                if cfg.precision in ("fp16", "bf16"):
+                    encoder.to(dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(self.session.seed + 1 + index)
+                    add_text_encoder_lora(
+                        encoder,
+                        LoraConfig(
+                            r=cfg.rank,
+                            lora_alpha=cfg.lora_alpha or cfg.rank,
+                            init_lora_weights="gaussian",
+                            target_modules=list(family.text_lora_targets),
+                        ),
+                    )
+            else:
+                encoder.requires_grad_(True)
+            if cfg.gradient_checkpointing:
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for p in encoder.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+            out[family.text_encoders[index].folder] = encoder.to(self.device).train()
+        return out
+
+    def _reduce_text_gradients(self) -> None:
+        """Average the trained text encoders' gradients over the processes, once per optimizer
+        step (after the accumulated micro-batches). Not DDP: SDXL and SD3 read a CLIP encoder's
+        penultimate layer, so its last layer gets no gradient, which DDP's reducer refuses (it
+        would need find_unused_parameters and its extra pass); an unused weight has no gradient on
+        any process, so the same tensors are reduced everywhere."""
+        grads = [p.grad for p in self.text_params if p.grad is not None]
+        if self.world == 1 or not grads:
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        flat = _flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+            grad.copy_(reduced)
 
     def _shard(self, denoiser: Any) -> Any:
         """kubetune.trainer.sharding.Sharded when the strategy is FSDP (the denoiser is sharded in
@@ -750,6 +828,7 @@ class Trainer:
                         self.session.accelerator.backward(loss / accumulation)
                     losses.append(loss.detach())
                 loss = torch.stack(losses).mean()
+                self._reduce_text_gradients()
                 finite = torch.isfinite(loss)
                 if cfg.max_grad_norm > 0:
                     norm = self._clip_grad_norm(cfg.max_grad_norm)
@@ -779,7 +858,7 @@ class Trainer:
     def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         if self.sharded is not None:
             return self.sharded.clip_grad_norm(self.params, max_norm)
-        return self.session.accelerator.clip_grad_norm_(self.params, max_norm)
+        return self.session.accelerator.clip_grad_norm_(self.params + self.text_params, max_norm)
 
     def _finite_everywhere(self, finite: torch.Tensor) -> bool:
         """Whether every process's step was finite (all processes skip or step together)."""
@@ -808,6 +887,7 @@ class Trainer:
         are checked: a huge learning rate can overflow them while every loss was still finite."""
         self._raise_if_nonfinite_seen()
         local = [p.to_local() if self.sharded is not None else p for p in self.params]  # DTensor: this shard
+        local += self.text_params
         finite = torch.stack([p.detach().isfinite().all() for p in local]).all()
         if not (self._finite_everywhere(finite) if self.sharded is not None else bool(finite)):
             raise self._nonfinite_error("(weights)")
@@ -877,7 +957,8 @@ class Trainer:
         }
         rows_of = torch.tensor(captions)
         for name, tensor in cache.text.items():
-            batch[f"text.{name}"] = tensor[rows_of].to(self.device).float()
+            rows = tensor[rows_of].to(self.device)
+            batch[f"text.{name}"] = rows.float() if rows.is_floating_point() else rows  # token ids stay integers
         if geometry:
             sizes, crops, targets = (torch.stack(c).float().to(self.device) for c in zip(*geometry, strict=True))
             batch.update(original_size=sizes, crop_top_left=crops, target_size=targets)
@@ -892,6 +973,9 @@ class Trainer:
         (DreamBooth's prior preservation) the instance loss plus --prior_loss_weight times theirs."""
         is_class = batch.pop("is_class", None)
         family, scheduler = self.model.family, self.model.noise_scheduler
+        if self.text_encoders:  # run again on the token ids, with gradients, under the step's autocast
+            with self.session.accelerator.autocast():
+                batch.update(family.encode_trained(self.model.parts, batch))
         if is_class is None:
             return family.loss(self.ddp, scheduler, batch, self.channels_last)
         losses = family.example_losses(self.ddp, scheduler, batch, self.channels_last)
@@ -1019,8 +1103,13 @@ class Trainer:
             "scaler": scaler.state_dict() if scaler is not None else None,
         }
         if self.cfg.method == "lora":
-            self.model.family.save_lora(self.denoiser, folder)
+            self.model.family.save_lora(self.denoiser, folder, self.text_encoders)
             return files
+        for name, encoder in self.text_encoders.items():  # as train_dreambooth.py's save hook: save_pretrained's
+            encoder.config.save_pretrained(folder / name)
+            files[f"{name}/{TEXT_ENCODER_WEIGHTS}"] = {
+                k: v.detach().contiguous() for k, v in encoder.state_dict().items()
+            }
         if self.sharded is not None:
             return files  # in <denoiser>_sharded/, written by every process (_save_shards)
         weights, main = "diffusion_pytorch_model.safetensors", self.model.family.denoiser_folder
@@ -1093,6 +1182,7 @@ class Trainer:
             self._load_lora(folder / "pytorch_lora_weights.safetensors")
         elif self.cfg.method == "full" and weights_file in files:
             self._load_denoiser(_load_tensors(folder / weights_file))
+            self._load_text_encoders(folder, ref.store.uri, lambda name: name in files)
         elif "trainable.safetensors" in files:  # the earlier layout (checkpoints/step-N)
             self._load_trainable_legacy(_load_tensors(folder / "trainable.safetensors"))
         else:
@@ -1160,6 +1250,7 @@ class Trainer:
             self._load_lora(folder / "pytorch_lora_weights.safetensors")
         else:
             self._load_denoiser(self._stock_state(folder / main, where))
+            self._load_text_encoders(folder, where, lambda name: (folder / name).is_file())
         if self.ema is not None:
             if (folder / f"{main}_ema").is_dir():
                 config = json.loads((folder / f"{main}_ema" / "config.json").read_text())
@@ -1215,6 +1306,17 @@ class Trainer:
         except RuntimeError as error:
             raise CheckpointError(f"the checkpoint's weights do not fit this model: {str(error)[:300]}") from None
 
+    def _load_text_encoders(self, folder: Path, where: str, exists: Callable[[str], bool]) -> None:
+        """The trained text encoders' full weights (`<folder>/model.safetensors`, save_pretrained's)."""
+        for name, encoder in self.text_encoders.items():
+            path = f"{name}/{TEXT_ENCODER_WEIGHTS}"
+            if not exists(path):
+                raise CheckpointError(f"{where}: no {path} (written without --train_text_encoder)")
+            try:
+                encoder.load_state_dict(_load_tensors(folder / path))
+            except RuntimeError as error:
+                raise CheckpointError(f"{where}/{path}: does not fit this model: {str(error)[:300]}") from None
+
     def _load_ema(self, state: dict[str, torch.Tensor], optimization_step: int) -> None:
         assert self.ema is not None
         names = [name for name, p in self.denoiser.named_parameters() if p.requires_grad]
@@ -1226,7 +1328,7 @@ class Trainer:
 
     def _load_lora(self, path: Path) -> None:
         """diffusers' LoRA format (what save_lora_weights writes) back into the peft adapter."""
-        found, unexpected = self.model.family.load_lora(self.denoiser, _load_tensors(path))
+        found, unexpected = self.model.family.load_lora(self.denoiser, _load_tensors(path), self.text_encoders)
         if unexpected or not found:
             raise CheckpointError(f"{path.name}: not LoRA weights of this model and --rank ({(unexpected or [''])[0]})")
 
@@ -1274,15 +1376,17 @@ class Trainer:
         if ema is not None:
             ema.store(self.params)
             ema.copy_to(self.params)
-        denoiser.eval()
+        for module in (denoiser, *self.text_encoders.values()):
+            module.eval()
         pipeline.to(self.device)
         autocast = torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         try:
             with autocast:
                 yield pipeline
         finally:
-            self.model.encoders_to("cpu")
-            denoiser.train()
+            self.model.encoders_to("cpu", frozen_only=True)
+            for module in (denoiser, *self.text_encoders.values()):
+                module.train()
             if ema is not None:
                 ema.restore(self.params)
 
@@ -1343,12 +1447,16 @@ class Trainer:
             denoiser.to(memory_format=torch.contiguous_format)
             family = self.model.family
             if cfg.method == "lora":
-                folder, files = publish.write_lora(family, self.denoiser, session.output, session.staging)
+                folder, files = publish.write_lora(
+                    family, self.denoiser, session.output, session.staging, self.text_encoders
+                )
             else:
                 if self.ema is not None and self.sharded is None:
                     self.ema.copy_to(self.params)
                 vae = self.model.vae if self.model.parts.vae_source else None
-                pipeline = family.pipeline(self.model.path, denoiser, variant=cfg.variant or None, vae=vae)
+                pipeline = family.pipeline(
+                    self.model.path, denoiser, variant=cfg.variant or None, vae=vae, text_encoders=self.text_encoders
+                )
                 folder, files = publish.write_pipeline(pipeline, session.output, session.staging)
             # also when this attempt resumed at the last step and so rendered nothing (the card shows them)
             if cfg.validation_prompts and (self.step % self.validation_every or self.last_render[0] != self.step):

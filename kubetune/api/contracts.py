@@ -189,6 +189,7 @@ class CheckpointState(Contract):
     resolution: int = 0
     lora_rank: int = 0  # 0 for a full fine-tune
     optimizer: str = ""  # --optimizer
+    text_encoders: str = ""  # "trained" (--train_text_encoder) or "frozen"
 
 
 # what a resume compares (field of CheckpointState -> how an error names it); cacheKey last: it is
@@ -201,6 +202,7 @@ RESUME_SETTINGS: dict[str, str] = {
     "resolution": "resolution",
     "lora_rank": "LoRA rank",
     "optimizer": "optimizer",
+    "text_encoders": "text encoders",
     "cache_key": "data/cache key",
 }
 

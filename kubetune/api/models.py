@@ -421,6 +421,12 @@ class Training(ApiModel):
     """Aspect-ratio buckets (off by default: every image is cropped to a square)."""
     dreambooth: DreamBooth | None = None
     """DreamBooth subject training on the dataset's images (unset: text-to-image fine-tuning on their captions)."""
+    train_text_encoder: bool = False
+    """Train the text encoders too (`--train_text_encoder`): SD's CLIP, both of SDXL's, FLUX's CLIP,
+    SD3's two CLIPs; T5 stays frozen. Full weights, or LoRA adapters on their attention with method
+    `lora`. Not with `trainer.strategy: fsdp`."""
+    text_encoder_learning_rate: float | None = Field(default=None, gt=0, le=1)
+    """The text encoders' peak learning rate with `trainTextEncoder`; unset: `learningRate`."""
     batch_size: int = Field(default=1, ge=1, le=4096)
     """Images per process per step (`--train_batch_size`)."""
     gradient_accumulation_steps: int = Field(default=4, ge=1, le=4096)

@@ -95,7 +95,6 @@ def _argv(flag: str, value: str | None) -> list[str]:
 def test_every_train_dreambooth_flag_parses_or_is_refused_with_its_reason() -> None:
     refused = {name for name in UNSUPPORTED if f"--{name}" in dict(TRAIN_DREAMBOOTH_FLAGS)}
     assert refused == {
-        "train_text_encoder",
         "tokenizer_name",
         "tokenizer_max_length",
         "text_encoder_use_attention_mask",
@@ -118,6 +117,7 @@ def test_every_train_dreambooth_flag_parses_or_is_refused_with_its_reason() -> N
     assert (cfg.lr_num_cycles, cfg.lr_power, cfg.prior_generation_precision) == (3, 2.0, "fp16")
     assert cfg.noise_offset == 0.1, "--offset_noise is train_dreambooth.py's offset of 0.1"
     assert cfg.validation_prompts == ["a photo of sks dog in a bucket"]
+    assert cfg.train_text_encoder, "--train_text_encoder trains the text encoders (tests/trainer/test_text_encoder.py)"
     try:
         eight_bit = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p"]
         assert parse_config([*eight_bit, "--use_8bit_adam"], "x").optimizer == "adamw_8bit"

@@ -124,7 +124,6 @@ def test_parser_is_generated_from_the_declaration() -> None:
     assert defaults_only == options.TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d")
     assert set(options.UNSUPPORTED) == {
         "dream_training",
-        "train_text_encoder",
         "tokenizer_name",
         "tokenizer_max_length",
         "text_encoder_use_attention_mask",

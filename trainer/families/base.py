@@ -10,6 +10,8 @@ A family's methods, in the order a run calls them:
   encoders, tokenizers, the training scheduler)
 - `fingerprint_folders()`, `cache_settings()`: what decides the cached latents and text tensors
 - `encode(parts, captions, device)`: captions to named tensors, cached once per caption
+  (`tokenize`, then `encode_ids`); with --train_text_encoder also the token ids of the encoders
+  it trains (`trained_text_encoders`), which `encode_trained` runs again every step, with gradients
 - `draw_timestep(scheduler, generator)`: one sample's timestep, from the sample's own generator
 - `example_losses(denoiser, scheduler, batch)`: noise the latents, `predict`, weigh the error,
   one loss per example (here: the DDPM objective, epsilon or v-prediction, min-SNR; flow.py:
@@ -82,6 +84,11 @@ class ModelFamily(ABC):
     text_encoders: ClassVar[tuple[TextEncoder, ...]]
     lora_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
     """LoRA target modules (peft's suffix match), as the stock LoRA scripts choose them."""
+    text_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    """LoRA target modules of a trained text encoder (its attention), as the stock LoRA scripts choose them."""
+    trained_text_encoders: ClassVar[tuple[int, ...]] = (0,)
+    """The text encoders --train_text_encoder trains (indices into `text_encoders`), as the stock
+    scripts choose them: the CLIP encoders; T5 stays frozen and its output cached."""
     lora_in_diffusers_keys: ClassVar[bool] = True
     """UNet LoRA files hold diffusers' key names (`to_k.lora.down.weight`); transformer LoRA files
     hold peft's (`to_k.lora_A.weight`), as the stock scripts save them."""
@@ -159,9 +166,37 @@ class ModelFamily(ABC):
 
     # -- encode --------------------------------------------------------------------------------
 
-    @abstractmethod
+    @property
+    def trains_text_encoders(self) -> bool:
+        return bool(self.cfg is not None and self.cfg.train_text_encoder)
+
+    def tokenize(self, parts: Parts, captions: Sequence[str]) -> list[torch.Tensor]:
+        """Each text encoder's token ids for the captions (its tokenizer's length)."""
+        return [self.token_ids(tokenizer, captions) for tokenizer in parts.tokenizers]
+
     def encode(self, parts: Parts, captions: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
-        """Captions to named tensors (one row per caption, on the CPU, float32), cached once."""
+        """Captions to named tensors (one row per caption, on the CPU, float32), cached once; with
+        --train_text_encoder also `ids<k>`, the token ids of each trained encoder k (int64)."""
+        ids = self.tokenize(parts, captions)
+        out = {k: v.float().cpu() for k, v in self.encode_ids(parts, [i.to(device) for i in ids]).items()}
+        if self.trains_text_encoders:
+            out.update({f"ids{k}": ids[k] for k in self.trained_text_encoders})
+        return out
+
+    @abstractmethod
+    def encode_ids(
+        self, parts: Parts, ids: Sequence[torch.Tensor | None], cached: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Token ids (`tokenize`'s, one per text encoder, on its device) to `encode`'s named
+        tensors. An encoder whose ids are None is not run: its part comes from `cached` (the
+        batch's cached tensors by name), as when only the trained encoders run."""
+
+    def encode_trained(self, parts: Parts, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch's text tensors (`text.<name>`) with the trained encoders run again on its
+        token ids (`text.ids<k>`), so that gradients reach them; the frozen encoders' parts as cached."""
+        ids = [batch.get(f"text.ids{k}") for k in range(len(self.text_encoders))]
+        cached = {k.removeprefix("text."): v for k, v in batch.items() if k.startswith("text.")}
+        return {f"text.{k}": v for k, v in self.encode_ids(parts, ids, cached).items()}
 
     @staticmethod
     def token_ids(tokenizer: Any, captions: Sequence[str], max_length: int | None = None) -> torch.Tensor:
@@ -231,12 +266,19 @@ class ModelFamily(ABC):
         return getattr(importlib.import_module("diffusers"), self.pipeline_class)
 
     def pipeline(
-        self, path: Path, denoiser: Any, parts: Parts | None = None, variant: str | None = None, vae: Any = None
+        self,
+        path: Path,
+        denoiser: Any,
+        parts: Parts | None = None,
+        variant: str | None = None,
+        vae: Any = None,
+        text_encoders: dict[str, Any] | None = None,
     ) -> Any:
         """The pipeline at `path` with `denoiser`. With `parts` (sampling): its loaded VAE and text
         encoders, no safety checker. Without (publishing): the rest as the base pipeline has it,
-        but `vae` when given (a separate VAE the run trained with)."""
-        components: dict[str, Any] = {self.denoiser_folder: denoiser}
+        but `vae` when given (a separate VAE the run trained with) and `text_encoders` (folder ->
+        the trained encoder)."""
+        components: dict[str, Any] = {self.denoiser_folder: denoiser, **(text_encoders or {})}
         if vae is not None:
             components["vae"] = vae
         if parts is not None:
@@ -259,33 +301,49 @@ class ModelFamily(ABC):
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
-    def save_lora(self, denoiser: Any, folder: Path) -> None:
+    def save_lora(self, denoiser: Any, folder: Path, text_encoders: dict[str, Any] | None = None) -> None:
         """`folder/pytorch_lora_weights.safetensors` as the pipeline's save_lora_weights writes it
-        (the stock LoRA scripts' format), loadable with `pipe.load_lora_weights(folder)`."""
+        (the stock LoRA scripts' format), loadable with `pipe.load_lora_weights(folder)`; with
+        `text_encoders` (folder -> encoder with adapters) their adapters too (`text_encoder.` keys)."""
         from diffusers.utils import convert_state_dict_to_diffusers
 
-        layers = lora_state(denoiser)
-        if self.lora_in_diffusers_keys:
-            layers = convert_state_dict_to_diffusers(layers)
-        layers = {k: v.detach().contiguous().float() for k, v in layers.items()}
-        config = denoiser.peft_config["default"].to_dict()  # rank, alpha, targets: load_lora_weights reads them
-        self.pipeline_type().save_lora_weights(
-            folder,
-            **{f"{self.denoiser_folder}_lora_layers": layers, f"{self.denoiser_folder}_lora_adapter_metadata": config},
-            safe_serialization=True,
-        )
+        adapted = {self.denoiser_folder: denoiser, **(text_encoders or {})}
+        arguments: dict[str, Any] = {}
+        for name, module in adapted.items():
+            layers = lora_state(module)
+            if self.lora_in_diffusers_keys:
+                layers = convert_state_dict_to_diffusers(layers)
+            arguments[f"{name}_lora_layers"] = {k: v.detach().contiguous().float() for k, v in layers.items()}
+            # rank, alpha, targets: load_lora_weights reads them
+            arguments[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+        self.pipeline_type().save_lora_weights(folder, **arguments, safe_serialization=True)
 
-    def load_lora(self, denoiser: Any, saved: dict[str, torch.Tensor]) -> tuple[int, list[str]]:
-        """A `save_lora` file's weights back into the denoiser's adapter; (weights found, unexpected keys)."""
-        from diffusers.utils import convert_unet_state_dict_to_peft
+    def load_lora(
+        self, denoiser: Any, saved: dict[str, torch.Tensor], text_encoders: dict[str, Any] | None = None
+    ) -> tuple[int, list[str]]:
+        """A `save_lora` file's weights back into the adapters of the denoiser and `text_encoders`
+        (folder -> encoder); (the fewest weights found for one of them, unexpected keys)."""
+        from diffusers.utils import (
+            convert_state_dict_to_diffusers,
+            convert_state_dict_to_peft,
+            convert_unet_state_dict_to_peft,
+        )
         from peft.utils import set_peft_model_state_dict
 
-        prefix = f"{self.denoiser_folder}."
-        state = {k.removeprefix(prefix): v for k, v in saved.items() if k.startswith(prefix)}
-        if self.lora_in_diffusers_keys:
-            state = convert_unet_state_dict_to_peft(state)
-        result = set_peft_model_state_dict(denoiser, state, adapter_name="default")
-        return len(state), list(getattr(result, "unexpected_keys", None) or [])
+        found, unexpected = [], []
+        for name, module in {self.denoiser_folder: denoiser, **(text_encoders or {})}.items():
+            state = {k.removeprefix(f"{name}."): v for k, v in saved.items() if k.startswith(f"{name}.")}
+            if self.lora_in_diffusers_keys:
+                is_denoiser = module is denoiser
+                state = (
+                    convert_unet_state_dict_to_peft(state)
+                    if is_denoiser
+                    else convert_state_dict_to_peft(convert_state_dict_to_diffusers(state))
+                )
+            result = set_peft_model_state_dict(module, state, adapter_name="default")
+            found.append(len(state))
+            unexpected += list(getattr(result, "unexpected_keys", None) or [])
+        return min(found), unexpected
 
     def publish_lora_extras(self, denoiser: Any, folder: Path) -> list[str]:
         """Files written beside the LoRA weights when publishing (none by default); their names."""
@@ -303,3 +361,14 @@ def lora_state(denoiser: Any, scaled: bool = False) -> dict[str, torch.Tensor]:
         scale = config.lora_alpha / config.r
         state = {k: v * scale if ".lora_B." in k else v for k, v in state.items()}
     return state
+
+
+def add_text_encoder_lora(encoder: Any, config: Any) -> None:
+    """LoRA adapters (peft's `default`) on a transformers text encoder, recorded in `peft_config`
+    as transformers' `add_adapter` records them, so that peft's state-dict helpers read them.
+    Not `add_adapter` itself: transformers 5 refuses peft releases before 0.22 by version number
+    alone, and peft's own injection is what it calls."""
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, encoder, adapter_name="default")
+    encoder.peft_config = {"default": config}

@@ -49,12 +49,22 @@ class Flux(FlowMatchingFamily):
                 raise FamilyError(f"{flag} {value}: the flux family needs a multiple of {multiple}")
         return parts
 
-    def encode(self, parts: Parts, captions: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
-        (clip_tokenizer, t5_tokenizer), (clip, t5) = parts.tokenizers, parts.text_encoders
-        pooled = clip(self.token_ids(clip_tokenizer, captions).to(device), output_hidden_states=False).pooler_output
-        ids = self.token_ids(t5_tokenizer, captions, self.max_sequence_length)
-        states = t5(ids.to(device), output_hidden_states=False)[0]
-        return {"states": states.float().cpu(), "pooled": pooled.float().cpu()}
+    def tokenize(self, parts: Parts, captions: Sequence[str]) -> list[torch.Tensor]:
+        clip_tokenizer, t5_tokenizer = parts.tokenizers
+        return [
+            self.token_ids(clip_tokenizer, captions),
+            self.token_ids(t5_tokenizer, captions, self.max_sequence_length),
+        ]
+
+    def encode_ids(
+        self, parts: Parts, ids: Sequence[torch.Tensor | None], cached: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        clip, t5 = parts.text_encoders
+        pooled = clip(ids[0], output_hidden_states=False).pooler_output
+        if ids[1] is None:  # T5 is frozen: its states as cached
+            assert cached is not None
+            return {"states": cached["states"], "pooled": pooled}
+        return {"states": t5(ids[1], output_hidden_states=False)[0], "pooled": pooled}
 
     def condition(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         states = batch["text.states"]

@@ -18,9 +18,10 @@ class StableDiffusion(ModelFamily):
     pipeline_extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     tags = ("stable-diffusion",)
 
-    def encode(self, parts: Parts, captions: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
-        ids = self.token_ids(parts.tokenizers[0], captions)
-        return {"states": parts.text_encoders[0](ids.to(device), return_dict=False)[0].float().cpu()}
+    def encode_ids(
+        self, parts: Parts, ids: Sequence[torch.Tensor | None], cached: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        return {"states": parts.text_encoders[0](ids[0], return_dict=False)[0]}
 
     def condition(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {"encoder_hidden_states": batch["text.states"]}

@@ -31,20 +31,28 @@ class StableDiffusion3(FlowMatchingFamily):
     default_max_sequence_length = 77
     precondition = True
 
-    def encode(self, parts: Parts, captions: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+    trained_text_encoders = (0, 1)
+
+    def tokenize(self, parts: Parts, captions: Sequence[str]) -> list[torch.Tensor]:
+        *clips, t5 = parts.tokenizers
+        return [*(self.token_ids(t, captions) for t in clips), self.token_ids(t5, captions, self.max_sequence_length)]
+
+    def encode_ids(
+        self, parts: Parts, ids: Sequence[torch.Tensor | None], cached: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         clip_states, pooled = [], []
-        for tokenizer, encoder in zip(parts.tokenizers[:2], parts.text_encoders[:2], strict=True):
-            out = encoder(self.token_ids(tokenizer, captions).to(device), output_hidden_states=True)
+        for token_ids, encoder in zip(ids[:2], parts.text_encoders[:2], strict=True):
+            out = encoder(token_ids, output_hidden_states=True)
             pooled.append(out[0])  # text_embeds: the projected pooled output
             clip_states.append(out.hidden_states[-2])
-        ids = self.token_ids(parts.tokenizers[2], captions, self.max_sequence_length)
-        t5 = parts.text_encoders[2](ids.to(device))[0]
         clip = torch.cat(clip_states, dim=-1)
+        if ids[2] is None:  # T5 is frozen: its states are the cached sequence's last tokens
+            assert cached is not None
+            t5 = cached["states"][:, -self.max_sequence_length :].to(clip.dtype)
+        else:
+            t5 = parts.text_encoders[2](ids[2])[0]
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        return {
-            "states": torch.cat([clip, t5], dim=-2).float().cpu(),
-            "pooled": torch.cat(pooled, dim=-1).float().cpu(),
-        }
+        return {"states": torch.cat([clip, t5.to(clip.dtype)], dim=-2), "pooled": torch.cat(pooled, dim=-1)}
 
     def condition(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {"encoder_hidden_states": batch["text.states"], "pooled_projections": batch["text.pooled"]}

@@ -25,14 +25,18 @@ class StableDiffusionXL(ModelFamily):
     )
     tags = ("stable-diffusion-xl",)
 
-    def encode(self, parts: Parts, captions: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+    trained_text_encoders = (0, 1)
+
+    def encode_ids(
+        self, parts: Parts, ids: Sequence[torch.Tensor | None], cached: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         states, pooled = [], None
-        for tokenizer, encoder in zip(parts.tokenizers, parts.text_encoders, strict=True):
-            out = encoder(self.token_ids(tokenizer, captions).to(device), output_hidden_states=True, return_dict=False)
+        for token_ids, encoder in zip(ids, parts.text_encoders, strict=True):
+            out = encoder(token_ids, output_hidden_states=True, return_dict=False)
             pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
             states.append(out[-1][-2])  # the penultimate layer's hidden states
         assert pooled is not None
-        return {"states": torch.cat(states, dim=-1).float().cpu(), "pooled": pooled.float().cpu()}
+        return {"states": torch.cat(states, dim=-1), "pooled": pooled}
 
     def condition(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         states = batch["text.states"]
