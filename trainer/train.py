@@ -646,34 +646,16 @@ class Trainer:
         family = self.model.family
         self.denoiser = denoiser = self.model.denoiser  # the plain module; self.ddp is what runs forward
         if cfg.method == "lora":
-            from peft import LoraConfig
-
-            denoiser.requires_grad_(False)
-            if cfg.precision in ("fp16", "bf16"):
-                # the frozen weights in the autocast dtype, as the stock LoRA scripts keep them: half the
-                # memory (FLUX.1-dev: 24 GB, not 48); the adapters are trained in fp32 (below)
-                denoiser.to(dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
-            # the adapter's gaussian init from the seed: the same run twice starts the same
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.session.seed)
-                denoiser.add_adapter(
-                    LoraConfig(
-                        r=cfg.rank,
-                        lora_alpha=cfg.lora_alpha or cfg.rank,
-                        init_lora_weights="gaussian",
-                        target_modules=(
-                            [m.strip() for m in cfg.lora_layers.split(",") if m.strip()]
-                            if cfg.lora_layers
-                            else list(family.lora_targets)
-                        ),
-                    )
-                )
+            targets = (
+                [m.strip() for m in cfg.lora_layers.split(",") if m.strip()]
+                if cfg.lora_layers
+                else list(family.lora_targets)
+            )
+            self._add_lora(denoiser, targets, self.session.seed, type(denoiser).add_adapter)
         denoiser.train()
         if cfg.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
-        for p in denoiser.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # fp32 master weights; autocast does the low-precision math
+        _trainable_in_fp32(denoiser)
         # FSDP2 moves only this process's shards to the device: no GPU ever holds the whole model
         self.sharded = self._shard(denoiser)
         if self.sharded is None:
@@ -744,31 +726,33 @@ class Trainer:
         for index in self.model.trained_text_encoders:
             encoder = parts.text_encoders[index]
             if cfg.method == "lora":
-                from peft import LoraConfig
-
-                encoder.requires_grad_(False)
-                if cfg.precision in ("fp16", "bf16"):
-                    encoder.to(dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(self.session.seed + 1 + index)
-                    add_text_encoder_lora(
-                        encoder,
-                        LoraConfig(
-                            r=cfg.rank,
-                            lora_alpha=cfg.lora_alpha or cfg.rank,
-                            init_lora_weights="gaussian",
-                            target_modules=list(family.text_lora_targets),
-                        ),
-                    )
+                seed = self.session.seed + 1 + index
+                self._add_lora(encoder, list(family.text_lora_targets), seed, add_text_encoder_lora)
             else:
                 encoder.requires_grad_(True)
             if cfg.gradient_checkpointing:
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            for p in encoder.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()
+            _trainable_in_fp32(encoder)
             out[family.text_encoders[index].folder] = encoder.to(self.device).train()
         return out
+
+    def _add_lora(self, module: Any, targets: list[str], seed: int, add: Callable[[Any, Any], None]) -> None:
+        """Freeze `module` and `add` (module, LoraConfig) adapters of --rank on `targets`. With
+        fp16/bf16 the frozen weights are in the autocast dtype, as the stock LoRA scripts keep them:
+        half the memory (FLUX.1-dev: 24 GB, not 48); the adapters train in fp32."""
+        from peft import LoraConfig
+
+        cfg = self.cfg
+        module.requires_grad_(False)
+        if cfg.precision in ("fp16", "bf16"):
+            module.to(dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
+        # the adapters' gaussian init from the seed: the same run twice starts the same
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            config = LoraConfig(
+                r=cfg.rank, lora_alpha=cfg.lora_alpha or cfg.rank, init_lora_weights="gaussian", target_modules=targets
+            )
+            add(module, config)
 
     def _reduce_text_gradients(self) -> None:
         """Average the trained text encoders' gradients over the processes, once per optimizer
@@ -1550,6 +1534,13 @@ class Trainer:
             self.writer.flush()
             if self.session.output.is_s3:
                 self.session.output.upload_tree(self.session.staging / self.cfg.logging_dir, layout.LOGS_DIR)
+
+
+def _trainable_in_fp32(module: Any) -> None:
+    """fp32 master weights for what trains; autocast does the low-precision math."""
+    for p in module.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
 
 
 def _stream_length(cache: Any) -> int:
